@@ -1,0 +1,87 @@
+"""Deciding which features an event counts for, from a per-process cache of the rules."""
+
+import threading
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from segment_ingest.models import EventStatus, UnmappedReason
+
+from .models import Feature, MappingRule
+from .rules import CompiledRule, default_amount
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """A workspace's features and active rules at one ``rules_version``."""
+
+    version: int
+    feature_ids: dict[str, int]
+    rules: tuple[CompiledRule, ...]
+
+
+@dataclass
+class Decision:
+    status: str
+    reason: str = ""
+    # (feature_id, amount, rule_id or None): at most one entry per feature.
+    usages: list[tuple[int, Decimal, int | None]] = field(default_factory=list)
+
+
+_cache: dict[int, RuleSet] = {}
+_cache_lock = threading.Lock()
+
+
+def load_rule_set(workspace_id: int, version: int) -> RuleSet:
+    """The workspace's rules at ``version``: cached, reloaded (2 queries) when it moves.
+
+    Call it with the version read under the rules lock, in the same transaction, so the
+    rules loaded are the ones committed at that version.
+    """
+    cached = _cache.get(workspace_id)
+    if cached is not None and cached.version == version:
+        return cached
+    feature_ids = dict(Feature.objects.for_workspace(workspace_id).values_list("key", "id"))
+    rules = tuple(
+        CompiledRule(
+            rule_id=r.pk,
+            feature_id=r.feature_id,
+            event_name=r.event_name,
+            conditions=tuple(r.conditions or ()),
+            amount_property=r.amount_property,
+        )
+        for r in MappingRule.objects.for_workspace(workspace_id).filter(active=True).order_by("pk")
+    )
+    rule_set = RuleSet(version=version, feature_ids=feature_ids, rules=rules)
+    with _cache_lock:
+        _cache[workspace_id] = rule_set
+    return rule_set
+
+
+def decide(rule_set: RuleSet, event_name: str, properties: dict) -> Decision:
+    """Which features one event counts for, and how much; or why it maps to none.
+
+    ``featureId`` maps straight to that feature and rules are not consulted. Otherwise every
+    matching active rule counts (the oldest rule wins when two name the same feature). An
+    invalid amount leaves the whole event unmapped, so it is never partly counted.
+    """
+    feature_key = properties.get("featureId")
+    if feature_key is not None and feature_key != "":
+        feature_id = rule_set.feature_ids.get(str(feature_key))
+        if feature_id is None:
+            return Decision(EventStatus.UNMAPPED, UnmappedReason.UNKNOWN_FEATURE)
+        amount = default_amount(properties)
+        if amount is None:
+            return Decision(EventStatus.UNMAPPED, UnmappedReason.INVALID_DELTA)
+        return Decision(EventStatus.MAPPED, usages=[(feature_id, amount, None)])
+
+    usages: dict[int, tuple[int, Decimal, int | None]] = {}
+    for rule in rule_set.rules:
+        if rule.feature_id in usages or not rule.matches(event_name, properties):
+            continue
+        amount = rule.amount(properties)
+        if amount is None:
+            return Decision(EventStatus.UNMAPPED, UnmappedReason.INVALID_DELTA)
+        usages[rule.feature_id] = (rule.feature_id, amount, rule.rule_id)
+    if not usages:
+        return Decision(EventStatus.UNMAPPED, UnmappedReason.NO_MATCHING_RULE)
+    return Decision(EventStatus.MAPPED, usages=list(usages.values()))

@@ -1,0 +1,221 @@
+"""Features and mapping rules: creating them, changing them, and starting reprocessing.
+
+Creating a rule or a feature takes the workspace's rules lock exclusively (see
+``kana.locks.lock_rules_shared``): in-flight ingest transactions finish first, so every
+event is either already committed (and the job below will scan it) or arrives after the
+rule is committed (and ingest maps it with the rule). Nothing is counted zero times or twice.
+"""
+
+import logging
+import re
+from dataclasses import dataclass
+from functools import partial
+
+from django.db import transaction
+from django.db.models import F, Max
+
+from kana.locks import lock_rules_exclusive
+from kana.models import Workspace
+from segment_ingest.models import Event
+
+from .models import Feature, FeatureType, JobStatus, MappingRule, ReprocessingJob, Usage
+from .rules import InvalidRule, clean_conditions
+
+logger = logging.getLogger(__name__)
+
+_FEATURE_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
+
+
+class FeatureError(Exception):
+    def __init__(self, code: str, message: str, field: str | None = None):
+        super().__init__(message)
+        self.code, self.message, self.field = code, message, field
+
+
+def _bump_rules_version(workspace: Workspace) -> None:
+    Workspace.objects.filter(pk=workspace.pk).update(rules_version=F("rules_version") + 1)
+
+
+def _start_job(
+    *, workspace: Workspace, rule: MappingRule | None = None, feature: Feature | None = None
+) -> ReprocessingJob:
+    """Create a job covering every event committed so far and enqueue it after commit.
+
+    Must be called under the exclusive rules lock: events after ``last_event_id`` are
+    ingested with the new rule or feature already visible.
+    """
+    last_event_id = Event.objects.for_workspace(workspace).aggregate(last=Max("id"))["last"] or 0
+    job = ReprocessingJob.objects.create(workspace=workspace, rule=rule, feature=feature, last_event_id=last_event_id)
+    transaction.on_commit(partial(enqueue_job, job_id=job.pk))
+    return job
+
+
+def enqueue_job(*, job_id: int) -> None:
+    """Send a job to the workers. If the broker is down the job stays queued and the
+    sweeper sends it once the broker is back; the caller's request still succeeds."""
+    from .tasks import run_reprocessing_job
+
+    try:
+        run_reprocessing_job.delay(job_id=job_id)
+    except Exception as exc:  # kombu/redis raise many types when the broker is unreachable
+        if run_reprocessing_job.app.conf.task_always_eager:
+            raise
+        logger.warning(
+            "reprocessing job not enqueued; the sweeper will retry", extra={"job_id": job_id, "error": repr(exc)}
+        )
+
+
+def feature_create(*, workspace: Workspace, key: str, name: str = "", type: str = FeatureType.CONSUMABLE) -> Feature:
+    """Create a feature. Events that named it as featureId before it existed get mapped."""
+    key = (key or "").strip()
+    if not _FEATURE_KEY.match(key):
+        raise FeatureError("invalid_feature_id", "a feature id is 1-100 letters, digits, _ . : -", "id")
+    if type not in FeatureType.values:
+        raise FeatureError("invalid_feature_type", "type must be BINARY or CONSUMABLE", "type")
+    with transaction.atomic():
+        lock_rules_exclusive(workspace.pk)
+        if Feature.objects.for_workspace(workspace).filter(key=key).exists():
+            raise FeatureError("feature_exists", f"a feature with id {key!r} already exists", "id")
+        feature = Feature.objects.create(workspace=workspace, key=key, name=name or key, type=type)
+        _bump_rules_version(workspace)
+        _start_job(workspace=workspace, feature=feature)
+    return feature
+
+
+def feature_update(
+    *, workspace: Workspace, feature: Feature, name: str | None = None, type: str | None = None
+) -> Feature:
+    if type is not None and type not in FeatureType.values:
+        raise FeatureError("invalid_feature_type", "type must be BINARY or CONSUMABLE", "type")
+    if name is not None:
+        feature.name = name
+    if type is not None:
+        feature.type = type
+    feature.save(update_fields=["name", "type"])
+    return feature
+
+
+def feature_delete(*, workspace: Workspace, feature: Feature) -> None:
+    if feature.rules.exists():
+        raise FeatureError("feature_in_use", "delete or re-point the rules of this feature first", "id")
+    with transaction.atomic():
+        lock_rules_exclusive(workspace.pk)
+        Feature.objects.for_workspace(workspace).filter(pk=feature.pk).delete()
+        _bump_rules_version(workspace)
+
+
+@dataclass
+class RuleDefinition:
+    name: str
+    feature_key: str
+    event_name: str | None = None
+    conditions: list | None = None
+    amount_property: str | None = None
+    active: bool = True
+
+
+def _clean_definition(workspace: Workspace, definition: RuleDefinition) -> tuple[Feature, list[dict]]:
+    if not (definition.name or "").strip():
+        raise FeatureError("invalid_rule", "a rule needs a name", "name")
+    feature = Feature.objects.for_workspace(workspace).filter(key=definition.feature_key).first()
+    if feature is None:
+        raise FeatureError("unknown_feature", f"no feature with id {definition.feature_key!r}", "feature")
+    try:
+        conditions = clean_conditions(definition.conditions)
+    except InvalidRule as exc:
+        raise FeatureError("invalid_rule", exc.message, exc.field) from None
+    if definition.event_name is None and not conditions:
+        raise FeatureError("invalid_rule", "a rule needs an event name or at least one condition", "conditions")
+    return feature, conditions
+
+
+def rule_create(*, workspace: Workspace, definition: RuleDefinition) -> MappingRule:
+    """Create a rule and reprocess the workspace's stored unmapped events against it."""
+    feature, conditions = _clean_definition(workspace, definition)
+    event_name = (definition.event_name or "").strip() or None
+    amount_property = (definition.amount_property or "").strip() or None
+    with transaction.atomic():
+        lock_rules_exclusive(workspace.pk)
+        rule = MappingRule.objects.create(
+            workspace=workspace,
+            name=definition.name.strip(),
+            feature=feature,
+            event_name=event_name,
+            conditions=conditions,
+            amount_property=amount_property,
+            active=definition.active,
+        )
+        _bump_rules_version(workspace)
+        if rule.active:
+            _start_job(workspace=workspace, rule=rule)
+    return rule
+
+
+def rule_is_used(rule: MappingRule) -> bool:
+    return Usage.objects.filter(rule=rule).exists()
+
+
+def rule_update(
+    *,
+    workspace: Workspace,
+    rule: MappingRule,
+    name: str | None = None,
+    active: bool | None = None,
+    definition: RuleDefinition | None = None,
+) -> MappingRule:
+    """Rename, (de)activate, or, while it has mapped nothing, redefine a rule.
+
+    A rule that has mapped events is immutable but for name and active flag, so that the
+    usage it recorded keeps meaning what it meant. Re-activating reprocesses the events
+    that arrived while it was off.
+    """
+    with transaction.atomic():
+        lock_rules_exclusive(workspace.pk)
+        rule = MappingRule.objects.for_workspace(workspace).select_for_update().get(pk=rule.pk)
+        reactivated = active is True and not rule.active
+        redefined = False
+        if definition is not None:
+            if rule_is_used(rule):
+                raise FeatureError(
+                    "rule_in_use", "this rule has mapped events: only its name and active flag can change", "conditions"
+                )
+            feature, conditions = _clean_definition(workspace, definition)
+            rule.feature, rule.conditions = feature, conditions
+            rule.event_name = (definition.event_name or "").strip() or None
+            rule.amount_property = (definition.amount_property or "").strip() or None
+            redefined = True
+        if name is not None:
+            if not name.strip():
+                raise FeatureError("invalid_rule", "a rule needs a name", "name")
+            rule.name = name.strip()
+        if active is not None:
+            rule.active = active
+        rule.save()
+        _bump_rules_version(workspace)
+        if rule.active and (reactivated or redefined):
+            _start_job(workspace=workspace, rule=rule)
+    return rule
+
+
+def rule_delete(*, workspace: Workspace, rule: MappingRule) -> None:
+    if rule_is_used(rule):
+        raise FeatureError("rule_in_use", "this rule has mapped events: deactivate it instead", "id")
+    with transaction.atomic():
+        lock_rules_exclusive(workspace.pk)
+        MappingRule.objects.for_workspace(workspace).filter(pk=rule.pk).delete()
+        _bump_rules_version(workspace)
+
+
+__all__ = [
+    "FeatureError",
+    "RuleDefinition",
+    "feature_create",
+    "feature_update",
+    "feature_delete",
+    "rule_create",
+    "rule_update",
+    "rule_delete",
+    "rule_is_used",
+    "enqueue_job",
+    "JobStatus",
+]

@@ -1,0 +1,63 @@
+"""Celery tasks for reprocessing. Tasks take ids and call the services."""
+
+import logging
+import time
+
+from celery import shared_task
+from celery.signals import worker_ready
+from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections
+
+from . import reprocessing
+
+logger = logging.getLogger(__name__)
+
+# A task gives the worker back after this long and re-enqueues itself, so one huge job
+# cannot starve the others (Saleor's habit).
+TIME_SLICE_SECONDS = 30
+
+
+@shared_task(
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=(OperationalError, InterfaceError),
+    retry_backoff=True,
+    max_retries=10,
+)
+def run_reprocessing_job(job_id: int) -> None:
+    if not reprocessing.claim_job(job_id):
+        return
+    started = time.monotonic()
+    try:
+        while True:
+            result = reprocessing.process_chunk(job_id)
+            if result.finished:
+                return
+            if time.monotonic() - started > TIME_SLICE_SECONDS and not run_reprocessing_job.app.conf.task_always_eager:
+                run_reprocessing_job.delay(job_id=job_id)
+                return
+    except (OperationalError, InterfaceError):
+        raise  # transient: autoretry; the cursor keeps what was done
+    except DatabaseError as exc:
+        logger.exception("reprocessing job failed", extra={"job_id": job_id})
+        reprocessing.fail_job(job_id, repr(exc))
+        raise
+
+
+@shared_task(acks_late=True, ignore_result=True)
+def sweep_stalled_jobs() -> int:
+    """Re-enqueue jobs whose message was never sent or whose worker died."""
+    ids = reprocessing.stalled_job_ids()
+    for job_id in ids:
+        logger.info("re-enqueueing stalled reprocessing job", extra={"job_id": job_id})
+        run_reprocessing_job.delay(job_id=job_id)
+    return len(ids)
+
+
+@worker_ready.connect
+def _sweep_on_start(**_kwargs) -> None:
+    # A fresh worker picks up what a dead one left, without waiting for beat.
+    close_old_connections()
+    try:
+        sweep_stalled_jobs.delay()
+    except Exception:  # the broker may be unreachable right at start: beat will sweep later
+        logger.warning("initial sweep not enqueued")

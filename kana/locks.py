@@ -1,0 +1,58 @@
+"""Transaction-scoped locks that order concurrent writers.
+
+PostgreSQL: advisory locks released at commit. SQLite needs none: the embedded database runs
+every transaction with BEGIN IMMEDIATE, so writers are already serialised.
+"""
+
+import hashlib
+
+from django.db import connection
+
+# Namespaces for two-key advisory locks (PostgreSQL keeps the two-key space apart from the
+# one-key space, so these never collide with the identity-key locks below).
+RULES_LOCK_NAMESPACE = 1
+
+
+def _is_postgres() -> bool:
+    return connection.vendor == "postgresql"
+
+
+def lock_rules_shared(workspace_id: int) -> int:
+    """Taken by every ingest transaction that maps events: returns the rules version.
+
+    Rule and feature creation take the same lock exclusively, so they wait for in-flight
+    ingest transactions to commit, and ingest that starts afterwards waits for the rule to
+    commit and then sees it. One round trip: the lock and the version together.
+    """
+    with connection.cursor() as cursor:
+        if _is_postgres():
+            cursor.execute(
+                "SELECT pg_advisory_xact_lock_shared(%s, %s), rules_version FROM kana_workspace WHERE id = %s",
+                [RULES_LOCK_NAMESPACE, workspace_id, workspace_id],
+            )
+            return cursor.fetchone()[1]
+        cursor.execute("SELECT rules_version FROM kana_workspace WHERE id = %s", [workspace_id])
+        return cursor.fetchone()[0]
+
+
+def lock_rules_exclusive(workspace_id: int) -> None:
+    if _is_postgres():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [RULES_LOCK_NAMESPACE, workspace_id])
+
+
+def _key_to_bigint(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+def lock_keys(keys: list[str]) -> None:
+    """Exclusive locks on arbitrary string keys, taken in sorted order to avoid deadlocks.
+
+    Used by identity resolution to serialise messages naming the same userId or email.
+    """
+    if not keys or not _is_postgres():
+        return
+    ids = sorted({_key_to_bigint(k) for k in keys})
+    with connection.cursor() as cursor:
+        # Target-list items are evaluated left to right: the locks are taken in sorted order.
+        cursor.execute("SELECT " + ", ".join(["pg_advisory_xact_lock(%s)"] * len(ids)), ids)

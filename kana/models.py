@@ -1,0 +1,51 @@
+"""Workspaces (one per Kana customer) and their API keys.
+
+Every other table carries ``workspace`` and is read through ``WorkspaceQuerySet.for_workspace``
+so a query cannot forget its tenant; every table can be sharded by workspace.
+"""
+
+from django.conf import settings
+from django.db import models
+
+
+class WorkspaceQuerySet(models.QuerySet):
+    def for_workspace(self, workspace):
+        """Rows of one workspace: the entry point for every tenant-owned query."""
+        workspace_id = workspace if isinstance(workspace, int) else workspace.pk
+        return self.filter(workspace_id=workspace_id)
+
+
+class Workspace(models.Model):
+    name = models.CharField(max_length=200)
+    # Optional shared secret: when set, ingest requests must carry X-Signature, the hex
+    # HMAC-SHA1 of the raw body (Segment's webhook signature).
+    signing_secret = models.CharField(max_length=200, blank=True, default="")
+    # Bumped whenever a feature or mapping rule changes: ingest caches the compiled rules
+    # per process and reloads them when this number moves.
+    rules_version = models.PositiveBigIntegerField(default=0)
+    members = models.ManyToManyField(settings.AUTH_USER_MODEL, related_name="kana_workspaces", blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ApiKey(models.Model):
+    """An "Admin API (Backend) Key". Only a SHA-256 of the key is stored.
+
+    A plain (unsalted, fast) hash is enough: keys are 32 random characters, so there is no
+    dictionary to try, and a fast hash keeps the per-request lookup cheap.
+    """
+
+    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="api_keys")
+    name = models.CharField(max_length=200, blank=True, default="")
+    # The first characters, enough to recognise a key in a list without revealing it.
+    prefix = models.CharField(max_length=20)
+    key_hash = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    objects = WorkspaceQuerySet.as_manager()
+
+    def __str__(self) -> str:
+        return f"{self.prefix}…"

@@ -1,0 +1,76 @@
+"""Workspace and API key services."""
+
+import hashlib
+import secrets
+import string
+import time
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from .models import ApiKey, Workspace
+
+API_KEY_PREFIX = "prv_live_"
+_KEY_ALPHABET = string.ascii_letters + string.digits
+_KEY_BODY_LENGTH = 32
+
+
+def hash_api_key(raw_key: str) -> str:
+    return hashlib.sha256(raw_key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    api_key: ApiKey
+    raw_key: str  # shown once, never stored
+
+
+def workspace_create(*, name: str) -> Workspace:
+    return Workspace.objects.create(name=name)
+
+
+def api_key_issue(*, workspace: Workspace, name: str = "") -> IssuedKey:
+    """Create a new key; the raw key is returned once and only its hash is kept."""
+    raw_key = API_KEY_PREFIX + "".join(secrets.choice(_KEY_ALPHABET) for _ in range(_KEY_BODY_LENGTH))
+    api_key = ApiKey.objects.create(
+        workspace=workspace, name=name, prefix=raw_key[: len(API_KEY_PREFIX) + 4], key_hash=hash_api_key(raw_key)
+    )
+    return IssuedKey(api_key=api_key, raw_key=raw_key)
+
+
+def api_key_revoke(*, api_key: ApiKey) -> None:
+    ApiKey.objects.filter(pk=api_key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+    _key_cache.clear()
+
+
+# Per-process cache of key hash -> (workspace, expiry). Only positive answers are cached, for
+# KANA_API_KEY_CACHE_SECONDS, so a revoked key stops working within that time on every
+# process (at once on the process that revoked it).
+_key_cache: dict[str, tuple[Workspace, float]] = {}
+
+
+def workspace_for_api_key(raw_key: str) -> Workspace | None:
+    """The workspace of a live key, or None for an unknown or revoked one."""
+    if not raw_key or len(raw_key) > 200:
+        return None
+    key_hash = hash_api_key(raw_key)
+    now = time.monotonic()
+    cached = _key_cache.get(key_hash)
+    if cached and cached[1] > now:
+        return cached[0]
+    api_key = ApiKey.objects.select_related("workspace").filter(key_hash=key_hash, revoked_at__isnull=True).first()
+    if api_key is None:
+        _key_cache.pop(key_hash, None)
+        return None
+    if len(_key_cache) > 10_000:
+        _key_cache.clear()
+    _key_cache[key_hash] = (api_key.workspace, now + settings.KANA_API_KEY_CACHE_SECONDS)
+    return api_key.workspace
+
+
+@transaction.atomic
+def workspace_create_with_key(*, name: str, key_name: str = "default") -> IssuedKey:
+    workspace = workspace_create(name=name)
+    return api_key_issue(workspace=workspace, name=key_name)

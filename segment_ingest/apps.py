@@ -1,0 +1,5 @@
+from django.apps import AppConfig
+
+
+class SegmentIngestConfig(AppConfig):
+    name = "segment_ingest"

@@ -1,0 +1,236 @@
+"""Parsing and validating Segment messages (Segment spec, HTTP Tracking API).
+
+Pure functions: no database. A message either becomes a ``Message`` or raises
+``MessageError`` with the code, text and field the client gets back.
+"""
+
+import json
+import math
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+
+from .models import MessageType
+
+MAX_MESSAGE_BYTES = 32 * 1024
+MAX_BATCH_BYTES = 500 * 1024
+MAX_BATCH_MESSAGES = 2500
+MAX_MESSAGE_ID_LENGTH = 100
+MAX_ID_LENGTH = 255
+MAX_EVENT_NAME_LENGTH = 200
+
+# Identifiers that mean "nobody": treated as absent (analytics libraries send them for
+# logged-out visitors, and template bugs produce the rest).
+NOBODY_IDS = frozenset(
+    {
+        "",
+        "null",
+        "undefined",
+        "none",
+        "nan",
+        "0",
+        "-1",
+        "anonymous",
+        "guest",
+        "[object object]",
+        "distinct_id",
+        "true",
+        "false",
+        "nil",
+    }
+)
+
+
+class MessageError(Exception):
+    def __init__(self, code: str, message: str, field: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.code, self.message, self.field, self.status = code, message, field, status
+
+    def as_dict(self) -> dict[str, Any]:
+        body = {"code": self.code, "message": self.message}
+        if self.field:
+            body["field"] = self.field
+        return body
+
+
+@dataclass
+class Message:
+    type: str
+    message_id: str
+    payload: dict
+    occurred_at: datetime
+    received_at: datetime
+    user_id: str | None = None
+    name: str = ""  # track event name or "Viewed X Page"
+    properties: dict = field(default_factory=dict)
+    traits: dict = field(default_factory=dict)
+    previous_id: str | None = None
+    group_id: str | None = None
+    warnings: list[dict] = field(default_factory=list)
+
+
+def clean_identifier(value: Any, field_name: str) -> str | None:
+    """A userId/previousId/groupId as text, None for absent or "nobody" values."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        value = int(value) if value.is_integer() else value
+    if isinstance(value, (int, float)):
+        value = str(value)
+    if not isinstance(value, str):
+        raise MessageError("invalid_type", f"{field_name} must be a string", field_name)
+    value = value.strip()
+    if value.lower() in NOBODY_IDS:
+        return None
+    if len(value) > MAX_ID_LENGTH:
+        raise MessageError("invalid_value", f"{field_name} is longer than {MAX_ID_LENGTH} characters", field_name)
+    return value
+
+
+def _parse_time(payload: dict, name: str) -> datetime | None:
+    raw = payload.get(name)
+    if raw is None or raw == "":
+        return None
+    parsed = None
+    if isinstance(raw, str):
+        try:
+            parsed = parse_datetime(raw.strip())
+        except ValueError:
+            parsed = None
+    if parsed is None:
+        raise MessageError("invalid_timestamp", f"{name} must be an ISO 8601 date-time", name)
+    if timezone.is_naive(parsed):
+        parsed = timezone.make_aware(parsed, timezone.utc)
+    return parsed
+
+
+def occurred_at(payload: dict, received_at: datetime) -> datetime:
+    """When the event happened (Segment's rules): ``timestamp``; else the device time
+    corrected for its clock skew, ``receivedAt - (sentAt - originalTimestamp)``; else
+    ``originalTimestamp``; else when Kana received it."""
+    timestamp = _parse_time(payload, "timestamp")
+    if timestamp:
+        return timestamp
+    original = _parse_time(payload, "originalTimestamp")
+    sent = _parse_time(payload, "sentAt")
+    if original and sent:
+        segment_received = _parse_time(payload, "receivedAt") or received_at
+        corrected = segment_received - (sent - original)
+        if abs(corrected - received_at) < timedelta(days=365 * 50):
+            return corrected
+    return original or received_at
+
+
+def _object(payload: dict, name: str) -> dict:
+    value = payload.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MessageError("invalid_type", f"{name} must be an object", name)
+    return value
+
+
+def _required_user(payload: dict, code: str, what: str) -> str:
+    user_id = clean_identifier(payload.get("userId"), "userId")
+    if user_id is None:
+        raise MessageError(code, f"{what} needs a userId (anonymous events are not accepted)", "userId")
+    return user_id
+
+
+def parse_message(
+    payload: Any, *, received_at: datetime, forced_type: str | None = None, size: int | None = None
+) -> Message:
+    """Validate one message. ``forced_type`` is the type the endpoint path names."""
+    if not isinstance(payload, dict):
+        raise MessageError("invalid_message", "a message must be a JSON object")
+    if size is None:
+        size = len(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > MAX_MESSAGE_BYTES:
+        raise MessageError("message_too_large", f"a message may be at most {MAX_MESSAGE_BYTES // 1024} KB", status=413)
+    message_type = forced_type or payload.get("type")
+    if not isinstance(message_type, str) or message_type not in MessageType.values:
+        raise MessageError(
+            "unsupported_type",
+            "type must be one of identify, track, page, screen, group, alias",
+            "type",
+        )
+    raw_id = payload.get("messageId")
+    if raw_id is None or raw_id == "":
+        message_id = f"kana-{uuid.uuid4()}"
+        payload["messageId"] = message_id
+    elif not isinstance(raw_id, str):
+        raise MessageError("invalid_type", "messageId must be a string", "messageId")
+    elif len(raw_id) > MAX_MESSAGE_ID_LENGTH:
+        raise MessageError("invalid_value", f"messageId is longer than {MAX_MESSAGE_ID_LENGTH} characters", "messageId")
+    else:
+        message_id = raw_id
+    if forced_type:
+        payload["type"] = forced_type
+    message = Message(
+        type=message_type,
+        message_id=message_id,
+        payload=payload,
+        occurred_at=occurred_at(payload, received_at),
+        received_at=received_at,
+    )
+    if message_type == MessageType.IDENTIFY:
+        message.user_id = _required_user(payload, "missing_user_id", "an identify")
+        message.traits = _object(payload, "traits")
+        _object(payload, "context")
+    elif message_type == MessageType.TRACK:
+        message.user_id = _required_user(payload, "anonymous_event", "a track event")
+        name = payload.get("event")
+        if not isinstance(name, str) or not name.strip():
+            raise MessageError("missing_event", "a track call needs an event name", "event")
+        if len(name) > MAX_EVENT_NAME_LENGTH:
+            raise MessageError("invalid_value", f"event is longer than {MAX_EVENT_NAME_LENGTH} characters", "event")
+        message.name = name.strip()
+        message.properties = _object(payload, "properties")
+    elif message_type in (MessageType.PAGE, MessageType.SCREEN):
+        message.user_id = _required_user(payload, "anonymous_event", f"a {message_type} call")
+        message.properties = _object(payload, "properties")
+        label = payload.get("name") or message.properties.get("name") or ""
+        if not isinstance(label, str):
+            raise MessageError("invalid_type", "name must be a string", "name")
+        label = label.strip()[:150]
+        # Kissmetrics' convention, so rules can map page and screen views by name.
+        suffix = "Page" if message_type == MessageType.PAGE else "Screen"
+        message.name = f"Viewed {label} {suffix}" if label else f"Viewed {suffix}"
+    elif message_type == MessageType.GROUP:
+        message.user_id = _required_user(payload, "missing_user_id", "a group call")
+        message.group_id = clean_identifier(payload.get("groupId"), "groupId")
+        if message.group_id is None:
+            raise MessageError("missing_group_id", "a group call needs a groupId", "groupId")
+        message.traits = _object(payload, "traits")
+    elif message_type == MessageType.ALIAS:
+        message.user_id = _required_user(payload, "missing_user_id", "an alias call")
+        message.previous_id = clean_identifier(payload.get("previousId"), "previousId")
+        if message.previous_id is None:
+            raise MessageError("missing_previous_id", "an alias call needs a previousId", "previousId")
+        if message.previous_id == message.user_id:
+            raise MessageError("invalid_value", "previousId and userId are the same", "previousId")
+    return message
+
+
+def with_batch_context(message: Any, batch: dict) -> Any:
+    """Batch-level ``context`` and ``integrations`` fill what a message lacks."""
+    if not isinstance(message, dict):
+        return message
+    for key in ("context", "integrations"):
+        shared = batch.get(key)
+        if isinstance(shared, dict):
+            own = message.get(key)
+            if own is None:
+                message[key] = dict(shared)
+            elif isinstance(own, dict):
+                message[key] = {**shared, **own}
+    for key in ("sentAt", "receivedAt"):
+        if key in batch and key not in message:
+            message[key] = batch[key]
+    return message

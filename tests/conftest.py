@@ -1,0 +1,188 @@
+"""Shared fixtures: workspaces with keys, a client that speaks Segment, a real Celery worker.
+
+The suite runs against whatever DATABASE_URL / REDIS_URL say: PostgreSQL + Redis in CI,
+SQLite with in-process tasks by default.
+"""
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.db import connection
+from django.test import Client
+
+from kana.models import Workspace
+from kana.services import _key_cache, api_key_issue
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def is_postgres() -> bool:
+    return connection.vendor == "postgresql"
+
+
+requires_postgres = pytest.mark.skipif(
+    "postgresql" not in settings.DATABASES["default"]["ENGINE"],
+    reason="needs PostgreSQL (row locks and real parallel connections); set DATABASE_URL",
+)
+requires_broker = pytest.mark.skipif(
+    not settings.REDIS_URL or "postgresql" not in settings.DATABASES["default"]["ENGINE"],
+    reason="needs Redis and PostgreSQL for a real Celery worker; set REDIS_URL and DATABASE_URL",
+)
+
+
+@dataclass
+class Tenant:
+    workspace: Workspace
+    key: str
+
+    def basic(self) -> str:
+        return "Basic " + base64.b64encode(f"{self.key}:".encode()).decode()
+
+
+def make_tenant(name: str = "Acme") -> Tenant:
+    workspace = Workspace.objects.create(name=name)
+    return Tenant(workspace=workspace, key=api_key_issue(workspace=workspace).raw_key)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_key_cache():
+    _key_cache.clear()
+    yield
+    _key_cache.clear()
+
+
+@pytest.fixture
+def tenant(db) -> Tenant:
+    return make_tenant("Acme")
+
+
+@pytest.fixture
+def other_tenant(db) -> Tenant:
+    return make_tenant("Other Co")
+
+
+class SegmentClient:
+    """Posts Segment messages the way Segment's libraries do (Basic auth, JSON)."""
+
+    def __init__(self, tenant: Tenant):
+        self.tenant = tenant
+        self.client = Client()
+
+    def post(self, path: str, body, *, auth: str | None = None, **headers):
+        data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        headers.setdefault("HTTP_AUTHORIZATION", auth if auth is not None else self.tenant.basic())
+        return self.client.post(path, data=data, content_type="application/json", **headers)
+
+    def identify(self, user_id, traits=None, **fields):
+        return self.post("/v1/identify", {"userId": user_id, "traits": traits or {}, **fields})
+
+    def track(self, user_id, event, properties=None, **fields):
+        return self.post("/v1/track", {"userId": user_id, "event": event, "properties": properties or {}, **fields})
+
+    def batch(self, messages, **fields):
+        return self.post("/v1/batch", {"batch": messages, **fields})
+
+
+@pytest.fixture
+def segment(tenant) -> SegmentClient:
+    return SegmentClient(tenant)
+
+
+def database_url_for_subprocess() -> str:
+    """The URL of the database the tests are using right now (the test database)."""
+    db = connection.settings_dict
+    if connection.vendor != "postgresql":
+        return f"sqlite:///{db['NAME']}"
+    user = db.get("USER") or "root"
+    password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
+    return f"postgres://{user}{password}@{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}/{db['NAME']}"
+
+
+class WorkerProcess:
+    """A real ``celery worker`` (with beat, for the sweeper) in its own process."""
+
+    def __init__(self, redis_url: str, extra_env: dict | None = None):
+        self.redis_url = redis_url
+        self.extra_env = extra_env or {}
+        self.process: subprocess.Popen | None = None
+        self.log_path = ROOT / "var" / f"test-worker-{os.getpid()}-{time.monotonic_ns()}.log"
+
+    def start(self) -> "WorkerProcess":
+        self.log_path.parent.mkdir(exist_ok=True)
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url_for_subprocess(),
+            "REDIS_URL": self.redis_url,
+            "KANA_JOB_STALE_SECONDS": "3",
+            "KANA_SWEEP_INTERVAL_SECONDS": "1",
+            "DB_CONN_MAX_AGE": "0",
+            **self.extra_env,
+        }
+        schedule = ROOT / "var" / f"beat-schedule-{os.getpid()}-{time.monotonic_ns()}"
+        self.log = open(self.log_path, "w")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "kana",
+                "worker",
+                "-B",
+                "--pool=solo",
+                "--concurrency=1",
+                "--loglevel=INFO",
+                "-s",
+                str(schedule),
+                "--without-gossip",
+                "--without-mingle",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM if self.process and self.process.poll() is None else signal.SIGKILL)
+        if getattr(self, "log", None):
+            self.log.close()
+
+    def output(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+
+@pytest.fixture
+def celery_worker(transactional_db):
+    """Start a real worker against the test database; the broker queue is purged first."""
+    import redis
+
+    redis.Redis.from_url(settings.REDIS_URL).flushdb()
+    worker = WorkerProcess(settings.REDIS_URL).start()
+    yield worker
+    worker.stop()
+
+
+def wait_until(predicate, timeout: float = 60, interval: float = 0.2, message: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}")

@@ -1,0 +1,140 @@
+"""Kana users (the SaaS company's end users), their userIds, groups and the merge ledger."""
+
+from django.db import models
+from django.utils import timezone
+
+from kana.models import Workspace, WorkspaceQuerySet
+
+
+class BillingProvider(models.TextChoices):
+    STRIPE = "stripe", "Stripe"
+    CHARGEBEE = "chargebee", "Chargebee"
+
+
+class UserFlag(models.TextChoices):
+    NO_BILLING_ID = "no_billing_id", "Not connected to a billing provider"
+    SAME_EMAIL = "same_email", "Shares its email with another user"
+
+
+class EndUser(models.Model):
+    """One person of a Kana customer. Called EndUser to keep it apart from dashboard logins.
+
+    ``user_id`` is the canonical Segment userId (null for a "bare" user imported from Stripe
+    or CSV); every userId that resolves to the user, canonical included, is a UserIdentity.
+    Each profile field remembers when it was last set so that an older message, arriving
+    late, never overwrites a newer value.
+    """
+
+    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+")
+    user_id = models.CharField(max_length=255, null=True, blank=True)
+    name = models.CharField(max_length=255, blank=True, default="")
+    name_set_at = models.DateTimeField(null=True, blank=True)
+    email = models.CharField(max_length=320, blank=True, default="")
+    # Lower-cased, trimmed email: what "same email" means. Empty when there is none.
+    email_key = models.CharField(max_length=320, blank=True, default="")
+    email_set_at = models.DateTimeField(null=True, blank=True)
+    billing_id = models.CharField(max_length=50, blank=True, default="")
+    billing_provider = models.CharField(max_length=20, choices=BillingProvider.choices, blank=True, default="")
+    billing_set_at = models.DateTimeField(null=True, blank=True)
+    # Engage audiences and computed traits: {name: {"value": ..., "set_at": iso8601}}.
+    audiences = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = WorkspaceQuerySet.as_manager()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["workspace", "user_id"],
+                condition=models.Q(user_id__isnull=False),
+                name="enduser_unique_canonical_user_id",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["workspace", "email_key"], name="enduser_ws_email_idx"),
+            models.Index(fields=["workspace", "created_at", "id"], name="enduser_ws_created_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return self.user_id or self.email or f"user {self.pk}"
+
+    @property
+    def is_bare(self) -> bool:
+        return not self.user_id
+
+    def audience_values(self) -> dict:
+        return {name: entry.get("value") for name, entry in sorted(self.audiences.items())}
+
+
+class UserIdentity(models.Model):
+    """A userId that resolves to a user: its canonical id, aliases and absorbed users' ids."""
+
+    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+")
+    user = models.ForeignKey(EndUser, on_delete=models.CASCADE, related_name="identities")
+    external_id = models.CharField(max_length=255)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    objects = WorkspaceQuerySet.as_manager()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["workspace", "external_id"], name="identity_unique_external_id"),
+        ]
+
+
+class Group(models.Model):
+    """A Segment group (an account or company) with its latest traits."""
+
+    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+")
+    group_id = models.CharField(max_length=255)
+    traits = models.JSONField(default=dict, blank=True)
+    traits_set_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    objects = WorkspaceQuerySet.as_manager()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["workspace", "group_id"], name="group_unique_group_id")]
+
+
+class GroupMembership(models.Model):
+    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+")
+    group = models.ForeignKey(Group, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(EndUser, on_delete=models.CASCADE, related_name="group_memberships")
+    joined_at = models.DateTimeField(default=timezone.now)
+
+    objects = WorkspaceQuerySet.as_manager()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["group", "user"], name="membership_unique_group_user")]
+
+
+class MergeReason(models.TextChoices):
+    IDENTIFY = "identify", "Identify call"
+    ALIAS = "alias", "Alias call"
+    ADMIN = "admin", "Admin"
+    CSV = "csv", "CSV import"
+
+
+class MergeRecord(models.Model):
+    """The merge ledger: one row per absorbed user.
+
+    ``absorbed_id`` is unique, so a user can be absorbed only once: replaying the same merge
+    (a retried request, a replayed message) finds the row and changes nothing.
+    """
+
+    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+")
+    survivor = models.ForeignKey(EndUser, null=True, on_delete=models.SET_NULL, related_name="merges")
+    survivor_key = models.BigIntegerField()  # survivor's id, kept if the survivor is later deleted
+    absorbed_id = models.BigIntegerField(unique=True)
+    absorbed_snapshot = models.JSONField()
+    reason = models.CharField(max_length=20, choices=MergeReason.choices)
+    actor = models.CharField(max_length=255, blank=True, default="")
+    source = models.CharField(max_length=255, blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    objects = WorkspaceQuerySet.as_manager()
+
+    class Meta:
+        indexes = [models.Index(fields=["workspace", "-created_at"], name="merge_ws_created_idx")]

@@ -1,0 +1,179 @@
+"""The profile fields Kana keeps on a user, their validation and "newest wins" updates."""
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.core.validators import validate_email
+
+from .models import BillingProvider, EndUser
+
+
+class _Unset:
+    """A trait that was not sent: the field is left as it is (``None`` clears it)."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+UNSET: Any = _Unset()
+
+_STRIPE_CUSTOMER = re.compile(r"^cus_[A-Za-z0-9]+$")
+_CHARGEBEE_CUSTOMER = re.compile(r"^[A-Za-z0-9_.@-]{1,50}$")
+
+
+class InvalidProfileValue(ValueError):
+    def __init__(self, code: str, message: str, field: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+def normalize_email(email: str) -> str:
+    """What "the same email" means: case-insensitive, surrounding spaces ignored."""
+    return email.strip().lower()
+
+
+def clean_email(raw: str) -> str:
+    email = raw.strip()
+    try:
+        validate_email(email)
+    except ValidationError:
+        raise InvalidProfileValue("invalid_email", f"{raw!r} is not a valid email address", "email") from None
+    return email
+
+
+def billing_provider_for(billing_id: str) -> str:
+    """The provider a billing id belongs to; raises InvalidProfileValue when it is neither's."""
+    if _STRIPE_CUSTOMER.match(billing_id):
+        return BillingProvider.STRIPE
+    if _CHARGEBEE_CUSTOMER.match(billing_id):
+        return BillingProvider.CHARGEBEE
+    raise InvalidProfileValue(
+        "invalid_billing_id",
+        f"{billing_id!r} is not a Stripe (cus_…) or Chargebee customer id "
+        "(letters, digits, _ - . @, at most 50 characters)",
+        "billing_id",
+    )
+
+
+@dataclass
+class ProfileChanges:
+    """Values a message or CSV row sets. UNSET leaves a field alone, None clears it."""
+
+    name: Any = UNSET
+    email: Any = UNSET
+    billing_id: Any = UNSET
+    audiences: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def email_key(self) -> str:
+        return normalize_email(self.email) if isinstance(self.email, str) else ""
+
+
+def validated_changes(
+    *, name: Any = UNSET, email: Any = UNSET, billing_id: Any = UNSET, audiences: dict[str, Any] | None = None
+) -> tuple[ProfileChanges, list[InvalidProfileValue]]:
+    """Drop invalid values (reported back) and keep the rest: an identify applies what it can."""
+    problems: list[InvalidProfileValue] = []
+    changes = ProfileChanges(audiences=dict(audiences or {}))
+    if name is not UNSET:
+        changes.name = None if name is None else str(name).strip()[:255] or None
+    if email is not UNSET:
+        if email is None or (isinstance(email, str) and not email.strip()):
+            changes.email = None
+        else:
+            try:
+                changes.email = clean_email(str(email))
+            except InvalidProfileValue as problem:
+                problems.append(problem)
+    if billing_id is not UNSET:
+        if billing_id is None or (isinstance(billing_id, str) and not billing_id.strip()):
+            changes.billing_id = None
+        else:
+            try:
+                value = str(billing_id).strip()
+                billing_provider_for(value)
+                changes.billing_id = value
+            except InvalidProfileValue as problem:
+                problems.append(problem)
+    return changes, problems
+
+
+def apply_changes(user: EndUser, changes: ProfileChanges, occurred_at: datetime) -> bool:
+    """Set each sent field unless the field was last set by a newer message. True if changed."""
+    changed = False
+
+    def newer(set_at: datetime | None) -> bool:
+        return set_at is None or occurred_at >= set_at
+
+    if changes.name is not UNSET and newer(user.name_set_at):
+        value = changes.name or ""
+        changed |= value != user.name
+        user.name, user.name_set_at = value, occurred_at
+    if changes.email is not UNSET and newer(user.email_set_at):
+        value = changes.email or ""
+        changed |= value != user.email
+        user.email, user.email_key, user.email_set_at = value, normalize_email(value), occurred_at
+    if changes.billing_id is not UNSET and newer(user.billing_set_at):
+        value = changes.billing_id or ""
+        changed |= value != user.billing_id
+        user.billing_id = value
+        user.billing_provider = billing_provider_for(value) if value else ""
+        user.billing_set_at = occurred_at
+    if changes.audiences:
+        audiences = dict(user.audiences)
+        for audience, value in changes.audiences.items():
+            current = audiences.get(audience)
+            if current is None or current.get("set_at", "") <= occurred_at.isoformat():
+                changed |= current is None or current.get("value") != value
+                audiences[audience] = {"value": value, "set_at": occurred_at.isoformat()}
+        user.audiences = audiences
+    return changed
+
+
+_FIELD_GROUPS = (
+    ("name_set_at", ("name",)),
+    ("email_set_at", ("email", "email_key")),
+    ("billing_set_at", ("billing_id", "billing_provider")),
+)
+
+
+def combine_profiles(survivor: EndUser, absorbed: EndUser) -> None:
+    """Give the survivor, per field, the most recently set non-empty value of the two."""
+    for stamp, fields in _FIELD_GROUPS:
+        mine, theirs = getattr(survivor, fields[0]), getattr(absorbed, fields[0])
+        if not theirs:
+            continue
+        my_time, their_time = getattr(survivor, stamp), getattr(absorbed, stamp)
+        take_theirs = not mine or (their_time is not None and (my_time is None or their_time > my_time))
+        if take_theirs:
+            for name in fields:
+                setattr(survivor, name, getattr(absorbed, name))
+            setattr(survivor, stamp, their_time)
+    audiences = dict(absorbed.audiences)
+    for audience, entry in survivor.audiences.items():
+        if audience not in audiences or audiences[audience].get("set_at", "") <= entry.get("set_at", ""):
+            audiences[audience] = entry
+    survivor.audiences = audiences
+
+
+def snapshot(user: EndUser, user_ids: list[str]) -> dict[str, Any]:
+    """What the ledger keeps of an absorbed user."""
+    return {
+        "id": user.pk,
+        "user_id": user.user_id,
+        "user_ids": user_ids,
+        "name": user.name,
+        "email": user.email,
+        "billing_id": user.billing_id,
+        "billing_provider": user.billing_provider,
+        "audiences": user.audience_values(),
+        "created_at": user.created_at.isoformat(),
+    }
