@@ -1,0 +1,134 @@
+"""Reads of usage, events, rules' reprocessing progress and the unmapped-events explorer."""
+
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+from django.db.models import QuerySet, Sum
+
+from kana.models import Workspace
+from segment_ingest.models import Event, EventStatus
+
+from .models import Feature, MappingRule, ReprocessingJob, Usage
+
+
+def usage_totals(
+    workspace: Workspace,
+    *,
+    user_pk: int | None = None,
+    feature_key: str | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+) -> list[dict]:
+    """Total usage per (user, feature): ``[{"user_pk", "feature", "total"}]``.
+
+    ``start`` is inclusive and ``end`` exclusive, on the events' original times.
+    """
+    usage = Usage.objects.for_workspace(workspace)
+    if user_pk is not None:
+        usage = usage.filter(user_id=user_pk)
+    if feature_key is not None:
+        usage = usage.filter(feature__key=feature_key)
+    if start is not None:
+        usage = usage.filter(occurred_at__gte=start)
+    if end is not None:
+        usage = usage.filter(occurred_at__lt=end)
+    rows = usage.values("user_id", "feature__key").annotate(total=Sum("amount")).order_by("user_id", "feature__key")
+    return [
+        {"user_pk": r["user_id"], "feature": r["feature__key"], "total": Decimal(r["total"] or 0).normalize()}
+        for r in rows
+    ]
+
+
+def user_usage(workspace: Workspace, *, user_pk: int, start=None, end=None) -> list[dict]:
+    """One row per feature of the workspace for one user (0 for features never used)."""
+    totals = {r["feature"]: r["total"] for r in usage_totals(workspace, user_pk=user_pk, start=start, end=end)}
+    return [
+        {"feature": key, "name": name, "type": type_, "total": totals.get(key, Decimal(0))}
+        for key, name, type_ in Feature.objects.for_workspace(workspace)
+        .order_by("key")
+        .values_list("key", "name", "type")
+    ]
+
+
+def event_list(
+    workspace: Workspace, *, status: str | None = None, event: str | None = None, user_pk: int | None = None
+) -> QuerySet[Event]:
+    events = Event.objects.for_workspace(workspace)
+    if status:
+        events = events.filter(status=status)
+    if event:
+        events = events.filter(name=event)
+    if user_pk is not None:
+        events = events.filter(user_id=user_pk)
+    return events.order_by("-received_at", "-pk")
+
+
+@dataclass
+class Progress:
+    status: str
+    scanned: int
+    mapped: int
+    job_id: int | None = None
+
+
+def reprocessing_of(rule: MappingRule) -> Progress:
+    """The progress of a rule's latest reprocessing job ("done" with zeros if it had none)."""
+    job = ReprocessingJob.objects.filter(rule=rule).order_by("-pk").first()
+    if job is None:
+        return Progress(status="done", scanned=0, mapped=0)
+    return Progress(status=job.status, scanned=job.scanned, mapped=job.mapped, job_id=job.pk)
+
+
+# The explorer looks at the newest unmapped events only: enough to see what to write a rule
+# for, and bounded in time and memory however many events are stored.
+EXPLORER_SAMPLE = 5000
+_MAX_VALUE_LENGTH = 80
+
+
+def unmapped_by_event(workspace: Workspace, *, limit: int = 100) -> list[dict]:
+    """Unmapped events grouped by event name with counts (all of them, not a sample)."""
+    rows = (
+        Event.objects.for_workspace(workspace)
+        .filter(status=EventStatus.UNMAPPED)
+        .values("name", "unmapped_reason")
+        .annotate(count=Sum(1))
+        .order_by("-count", "name")[:limit]
+    )
+    return [{"event": r["name"], "reason": r["unmapped_reason"], "count": r["count"]} for r in rows]
+
+
+def _flatten(value, prefix: str = ""):
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield from _flatten(inner, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(value, list):
+        for inner in value:
+            yield from _flatten(inner, prefix)
+    else:
+        yield prefix, value
+
+
+def unmapped_by_property(workspace: Workspace, *, event: str | None = None, limit: int = 100) -> dict:
+    """Property paths and values of recent unmapped events, with counts, most common first.
+
+    Paths use the rules' dot notation, so a row can become a rule condition as it is.
+    """
+    events = Event.objects.for_workspace(workspace).filter(status=EventStatus.UNMAPPED)
+    if event:
+        events = events.filter(name=event)
+    sample = list(events.order_by("-pk").values_list("payload__properties", flat=True)[:EXPLORER_SAMPLE])
+    counts: Counter = Counter()
+    for properties in sample:
+        if not isinstance(properties, dict):
+            continue
+        seen = set()
+        for path, value in _flatten(properties):
+            shown = value if isinstance(value, (int, float, bool)) or value is None else str(value)[:_MAX_VALUE_LENGTH]
+            key = (path, repr(shown), shown)
+            if key[:2] not in seen:
+                seen.add(key[:2])
+                counts[key] += 1
+    rows = [{"property": path, "value": shown, "count": n} for (path, _r, shown), n in counts.most_common(limit)]
+    return {"sampled_events": len(sample), "rows": rows}
