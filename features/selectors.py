@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
-from django.db.models import QuerySet, Sum
+from django.db.models import Count, QuerySet, Sum
 
 from kana.models import Workspace
 from segment_ingest.models import Event, EventStatus
@@ -93,7 +93,7 @@ def unmapped_by_event(workspace: Workspace, *, limit: int = 100) -> list[dict]:
         Event.objects.for_workspace(workspace)
         .filter(status=EventStatus.UNMAPPED)
         .values("name", "unmapped_reason")
-        .annotate(count=Sum(1))
+        .annotate(count=Count("id"))
         .order_by("-count", "name")[:limit]
     )
     return [{"event": r["name"], "reason": r["unmapped_reason"], "count": r["count"]} for r in rows]
