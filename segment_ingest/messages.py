@@ -8,7 +8,7 @@ import json
 import math
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.utils import timezone
@@ -106,8 +106,9 @@ def _parse_time(payload: dict, name: str) -> datetime | None:
     if parsed is None:
         raise MessageError("invalid_timestamp", f"{name} must be an ISO 8601 date-time", name)
     if timezone.is_naive(parsed):
-        parsed = timezone.make_aware(parsed, timezone.utc)
-    return parsed
+        parsed = timezone.make_aware(parsed, UTC)
+    # Kept in UTC so that times from different clients compare (and sort as text) alike.
+    return parsed.astimezone(UTC)
 
 
 def occurred_at(payload: dict, received_at: datetime) -> datetime:
