@@ -1,7 +1,7 @@
 """REST endpoints. Each translates HTTP to one selector or service call and back."""
 
 from django.db.models import Prefetch
-from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema, extend_schema_view
+from drf_spectacular.utils import OpenApiExample, extend_schema, extend_schema_view
 from rest_framework import mixins
 from rest_framework.decorators import action
 from rest_framework.response import Response
@@ -165,7 +165,6 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Destr
 
     @extend_schema(
         summary="Groups of users sharing an email",
-        parameters=[OpenApiParameter("page", int), OpenApiParameter("page_size", int)],
         responses=s.DuplicateGroupSerializer(many=True),
         examples=[
             OpenApiExample(
@@ -175,7 +174,7 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Destr
             )
         ],
     )
-    @action(detail=False, methods=["get"], pagination_class=WorkspaceViewSet.pagination_class)
+    @action(detail=False, methods=["get"])
     def duplicates(self, request):
         groups = user_selectors.duplicate_groups(self.workspace)
 
@@ -186,7 +185,7 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Destr
 
     @extend_schema(
         summary="A user's usage, one row per feature",
-        parameters=[s.RangeSerializer, OpenApiParameter("page", int), OpenApiParameter("page_size", int)],
+        parameters=[s.RangeSerializer],
         responses=s.UserUsageRowSerializer(many=True),
         examples=[
             OpenApiExample(
@@ -205,7 +204,7 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Destr
             )
         ],
     )
-    @action(detail=True, methods=["get"], pagination_class=WorkspaceViewSet.pagination_class)
+    @action(detail=True, methods=["get"])
     def usage(self, request, pk=None):
         user = self.get_object()
         rows = feature_selectors.user_usage(self.workspace, user_pk=user.pk, **self.query(s.RangeSerializer))
