@@ -23,7 +23,8 @@ class _Unset:
 
 UNSET: Any = _Unset()
 
-_STRIPE_CUSTOMER = re.compile(r"^cus_[A-Za-z0-9]+$")
+# Both kinds are stored in a 50-character column.
+_STRIPE_CUSTOMER = re.compile(r"^cus_[A-Za-z0-9]{1,46}$")
 _CHARGEBEE_CUSTOMER = re.compile(r"^[A-Za-z0-9_.@-]{1,50}$")
 
 
