@@ -8,6 +8,7 @@ from users.models import EndUser, UserIdentity
 from users.services import alias_user
 
 from .api_support import ApiClient, assert_error, assert_page, at, bare_user, feature, identify, track
+from .conftest import SegmentClient
 
 
 def test_it_lists_users_in_the_spec_shape(tenant):
@@ -135,10 +136,20 @@ def test_an_invalid_value_is_a_400_naming_the_field_and_changes_nothing(tenant):
     api = ApiClient(tenant)
     assert_error(api.patch(f"users/{user.pk}", {"name": "Bob", "email": "not-an-email"}), 400, "invalid_email", "email")
     assert_error(api.patch(f"users/{user.pk}", {"billing_id": "has spaces!"}), 400, "invalid_billing_id", "billing_id")
+    too_long = "cus_" + "a" * 60
+    assert_error(api.patch(f"users/{user.pk}", {"billing_id": too_long}), 400, "invalid_billing_id", "billing_id")
     assert_error(api.patch(f"users/{user.pk}", {"user_id": "other"}), 400, "invalid_request", "user_id")
     assert_error(api.patch(f"users/{user.pk}", {"name": "x" * 300}), 400, "invalid_request", "name")
     user.refresh_from_db()
     assert (user.name, user.email) == ("Ada", "ada@example.com")
+
+
+def test_an_over_long_stripe_id_from_segment_is_a_warning_not_a_crash(tenant):
+    response = SegmentClient(tenant).identify("u1", {"name": "Ada", "billingUserId": "cus_" + "a" * 60})
+    assert response.status_code == 200, response.content
+    assert response.json()["warnings"][0]["code"] == "invalid_billing_id"
+    body = ApiClient(tenant).get("users", {"user_id": "u1"}).json()["results"][0]
+    assert (body["name"], body["billing_id"]) == ("Ada", "")
 
 
 def test_it_deletes_a_user_and_keeps_its_events(tenant):

@@ -63,7 +63,8 @@ class UserUpdateSerializer(serializers.Serializer):
 
     name = serializers.CharField(required=False, allow_null=True, allow_blank=True, max_length=255)
     email = serializers.CharField(required=False, allow_null=True, allow_blank=True, max_length=320)
-    billing_id = serializers.CharField(required=False, allow_null=True, allow_blank=True, max_length=50)
+    # No max_length: the profile rules say what a billing id may be (code invalid_billing_id).
+    billing_id = serializers.CharField(required=False, allow_null=True, allow_blank=True)
 
     def validate(self, attrs):
         if isinstance(self.initial_data, dict):
