@@ -113,6 +113,8 @@ def test_rule_creation_errors_name_the_field(tenant):
     bad_operator = {**RULE, "conditions": [{"property": "plan", "operator": "like", "value": 1}]}
     assert_error(api.post("rules", bad_operator), 400, "invalid_rule", "conditions[0].operator")
     assert_error(api.post("rules", {**RULE, "conditions": "plan=pro"}), 400, "invalid_rule", "conditions")
+    nul = {**RULE, "conditions": [{"property": "plan", "operator": "equals", "value": "a\u0000b"}]}
+    assert_error(api.post("rules", nul), 400, "invalid_rule", "conditions[0]")
     assert_error(api.post("rules", {**RULE, "event": None, "conditions": []}), 400, "invalid_rule", "conditions")
     assert_error(api.post("rules", {**RULE, "name": ""}), 400, "invalid_request", "name")
     assert MappingRule.objects.for_workspace(tenant.workspace).count() == 0
