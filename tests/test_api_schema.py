@@ -6,6 +6,7 @@ from contextlib import contextmanager
 import schemathesis
 from django.core.signals import request_finished, request_started
 from django.db import close_old_connections
+from django.urls import Resolver404, resolve
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
@@ -93,6 +94,16 @@ def test_the_docs_page_uses_local_swagger_ui(client, db):
 def test_unknown_api_paths_answer_json_404(client, db):
     response = client.get("/api/v1/nothing-here")
     assert response.status_code == 404 and response.json()["code"] == "not_found"
+
+
+def test_user_routes_leave_the_csv_paths_free():
+    for path in ("/api/v1/users/export", "/api/v1/users/import"):
+        try:
+            match = resolve(path)
+        except Resolver404:
+            continue  # not routed yet: free for the CSV endpoints
+        assert match.url_name not in ("user-detail", "user-list"), f"{path} is taken by the users router"
+    assert resolve("/api/v1/users/12").url_name == "user-detail"
 
 
 CHECKS = [

@@ -349,6 +349,8 @@ class RuleViewSet(
             "amount_property": rule.amount_property,
         }
         wanted = {**current, **{name: body[name] for name in _DEFINITION if name in body}}
+        for name in ("event_name", "amount_property"):
+            wanted[name] = (wanted[name] or "").strip() or None  # as the service stores them
         definition = None
         # Resending a used rule's definition unchanged is not a change: only a different one is refused.
         if wanted != current:
