@@ -108,6 +108,16 @@ def condition_matches(properties: dict, condition: dict) -> bool:
     return _compare(actual, expected, op)
 
 
+def _contains_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, list):
+        return any(_contains_nul(item) for item in value)
+    if isinstance(value, dict):
+        return any(_contains_nul(key) or _contains_nul(item) for key, item in value.items())
+    return False
+
+
 def clean_conditions(conditions: Any) -> list[dict]:
     """Validate rule conditions as an admin or API client sent them; raise InvalidRule."""
     if conditions is None:
@@ -119,6 +129,9 @@ def clean_conditions(conditions: Any) -> list[dict]:
         where = f"conditions[{index}]"
         if not isinstance(condition, dict):
             raise InvalidRule(f"{where} must be an object", where)
+        if _contains_nul(condition):
+            # PostgreSQL's jsonb cannot store U+0000: refuse it here rather than fail on save.
+            raise InvalidRule(f"{where} must not contain NUL characters", where)
         path = condition.get("property")
         if not isinstance(path, str) or not path.strip() or len(path) > 255:
             raise InvalidRule(f"{where}.property must be a dot path such as plan.tier", f"{where}.property")

@@ -13,6 +13,33 @@ from segment_ingest.models import Event, EventStatus
 from .models import Feature, MappingRule, ReprocessingJob, Usage
 
 
+def usage_total_rows(
+    workspace: Workspace,
+    *,
+    usage: QuerySet[Usage] | None = None,
+    user_pk: int | None = None,
+    feature_key: str | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+) -> QuerySet:
+    """Total usage per (user, feature) as a query of ``{"user_id", "feature__key", "total"}``
+    rows, ordered by user then feature, so a caller can page through it without loading all.
+
+    ``start`` is inclusive and ``end`` exclusive, on the events' original times. ``usage`` is
+    where to start (the REST API's workspace-scoped queryset); default: the workspace's usage.
+    """
+    usage = usage if usage is not None else Usage.objects.for_workspace(workspace)
+    if user_pk is not None:
+        usage = usage.filter(user_id=user_pk)
+    if feature_key is not None:
+        usage = usage.filter(feature__key=feature_key)
+    if start is not None:
+        usage = usage.filter(occurred_at__gte=start)
+    if end is not None:
+        usage = usage.filter(occurred_at__lt=end)
+    return usage.values("user_id", "feature__key").annotate(total=Sum("amount")).order_by("user_id", "feature__key")
+
+
 def usage_totals(
     workspace: Workspace,
     *,
@@ -25,20 +52,13 @@ def usage_totals(
 
     ``start`` is inclusive and ``end`` exclusive, on the events' original times.
     """
-    usage = Usage.objects.for_workspace(workspace)
-    if user_pk is not None:
-        usage = usage.filter(user_id=user_pk)
-    if feature_key is not None:
-        usage = usage.filter(feature__key=feature_key)
-    if start is not None:
-        usage = usage.filter(occurred_at__gte=start)
-    if end is not None:
-        usage = usage.filter(occurred_at__lt=end)
-    rows = usage.values("user_id", "feature__key").annotate(total=Sum("amount")).order_by("user_id", "feature__key")
-    return [
-        {"user_pk": r["user_id"], "feature": r["feature__key"], "total": Decimal(r["total"] or 0).normalize()}
-        for r in rows
-    ]
+    rows = usage_total_rows(workspace, user_pk=user_pk, feature_key=feature_key, start=start, end=end)
+    return [total_row(r) for r in rows]
+
+
+def total_row(row: dict) -> dict:
+    """A ``usage_total_rows`` row as ``{"user_pk", "feature", "total"}``."""
+    return {"user_pk": row["user_id"], "feature": row["feature__key"], "total": Decimal(row["total"] or 0).normalize()}
 
 
 def user_usage(workspace: Workspace, *, user_pk: int, start=None, end=None) -> list[dict]:
@@ -53,9 +73,15 @@ def user_usage(workspace: Workspace, *, user_pk: int, start=None, end=None) -> l
 
 
 def event_list(
-    workspace: Workspace, *, status: str | None = None, event: str | None = None, user_pk: int | None = None
+    workspace: Workspace,
+    *,
+    events: QuerySet[Event] | None = None,
+    status: str | None = None,
+    event: str | None = None,
+    user_pk: int | None = None,
 ) -> QuerySet[Event]:
-    events = Event.objects.for_workspace(workspace)
+    """Events newest first. ``events`` is where to start (default: the workspace's events)."""
+    events = events if events is not None else Event.objects.for_workspace(workspace)
     if status:
         events = events.filter(status=status)
     if event:
@@ -79,6 +105,20 @@ def reprocessing_of(rule: MappingRule) -> Progress:
     if job is None:
         return Progress(status="done", scanned=0, mapped=0)
     return Progress(status=job.status, scanned=job.scanned, mapped=job.mapped, job_id=job.pk)
+
+
+def reprocessing_by_rule(workspace: Workspace, rule_pks: list[int]) -> dict[int, Progress]:
+    """``reprocessing_of`` for a page of rules, in one query."""
+    latest: dict[int, Progress] = {}
+    jobs = (
+        ReprocessingJob.objects.for_workspace(workspace)
+        .filter(rule_id__in=rule_pks)
+        .order_by("rule_id", "-pk")
+        .values_list("rule_id", "pk", "status", "scanned", "mapped")
+    )
+    for rule_pk, job_pk, status, scanned, mapped in jobs:
+        latest.setdefault(rule_pk, Progress(status=status, scanned=scanned, mapped=mapped, job_id=job_pk))
+    return {pk: latest.get(pk, Progress(status="done", scanned=0, mapped=0)) for pk in rule_pks}
 
 
 # The explorer looks at the newest unmapped events only: enough to see what to write a rule

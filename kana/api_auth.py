@@ -1,8 +1,8 @@
 """REST API authentication by API key, tenant permission and the error format."""
 
 from rest_framework import exceptions, permissions
+from rest_framework import views as drf_views
 from rest_framework.authentication import BaseAuthentication
-from rest_framework.views import exception_handler as drf_exception_handler
 
 from .request_auth import api_key_from_authorization
 from .services import workspace_for_api_key
@@ -58,7 +58,9 @@ _CODES = {
 
 def exception_handler(exc, context):
     """Every API error as ``{"code", "message", "field"?}`` (plus ``errors`` for forms)."""
-    response = drf_exception_handler(exc, context)
+    # Looked up at call time: rest_framework.views reads the authentication setting while it
+    # is being imported, which imports this module; a module-level import would be circular.
+    response = drf_views.exception_handler(exc, context)
     if response is None:
         return None
     data = response.data

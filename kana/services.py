@@ -17,6 +17,11 @@ _KEY_ALPHABET = string.ascii_letters + string.digits
 _KEY_BODY_LENGTH = 32
 
 
+def key_prefix(raw_key: str) -> str:
+    """The first characters of a key, enough to recognise it in a list without revealing it."""
+    return raw_key[: len(API_KEY_PREFIX) + 4]
+
+
 def hash_api_key(raw_key: str) -> str:
     return hashlib.sha256(raw_key.encode()).hexdigest()
 
@@ -35,7 +40,7 @@ def api_key_issue(*, workspace: Workspace, name: str = "") -> IssuedKey:
     """Create a new key; the raw key is returned once and only its hash is kept."""
     raw_key = API_KEY_PREFIX + "".join(secrets.choice(_KEY_ALPHABET) for _ in range(_KEY_BODY_LENGTH))
     api_key = ApiKey.objects.create(
-        workspace=workspace, name=name, prefix=raw_key[: len(API_KEY_PREFIX) + 4], key_hash=hash_api_key(raw_key)
+        workspace=workspace, name=name, prefix=key_prefix(raw_key), key_hash=hash_api_key(raw_key)
     )
     return IssuedKey(api_key=api_key, raw_key=raw_key)
 

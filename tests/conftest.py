@@ -60,6 +60,18 @@ def _fresh_key_cache():
     _key_cache.clear()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_rule_cache():
+    # The per-process rule cache is keyed by (workspace id, rules_version). A rolled-back test
+    # database hands the next test the same ids and versions (SQLite reuses them), so a
+    # stale rule set would be taken for the current one.
+    from features.mapping import _cache
+
+    _cache.clear()
+    yield
+    _cache.clear()
+
+
 @pytest.fixture
 def tenant(db) -> Tenant:
     return make_tenant("Acme")

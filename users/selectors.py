@@ -45,6 +45,7 @@ def flags_of(user: EndUser) -> list[str]:
 def user_list(
     workspace: Workspace,
     *,
+    users: QuerySet[EndUser] | None = None,
     user_id: str | None = None,
     email: str | None = None,
     flag: str | None = None,
@@ -54,8 +55,12 @@ def user_list(
 
     ``user_id`` matches any userId of a user (aliases and absorbed users' ids too);
     ``email`` is case-insensitive; ``search`` looks in userIds, name, email and billing id.
+    ``users`` is where to start (the REST API's workspace-scoped queryset); default: all of
+    the workspace's users.
     """
-    users = users_with_flags(workspace)
+    users = (users if users is not None else EndUser.objects.for_workspace(workspace)).annotate(
+        has_same_email=_same_email_exists()
+    )
     if user_id:
         users = users.filter(identities__external_id=user_id)
     if email:
@@ -122,8 +127,11 @@ def duplicate_groups(workspace: Workspace, *, limit: int = 200) -> list[Duplicat
     return [DuplicateGroup(email=key, users=grouped[key]) for key in keys if len(grouped[key]) > 1]
 
 
-def merge_history(workspace: Workspace, *, user_pk: int | None = None) -> QuerySet[MergeRecord]:
-    records = MergeRecord.objects.for_workspace(workspace)
+def merge_history(
+    workspace: Workspace, *, records: QuerySet[MergeRecord] | None = None, user_pk: int | None = None
+) -> QuerySet[MergeRecord]:
+    """The ledger, newest first; ``user_pk`` keeps the merges into that user."""
+    records = records if records is not None else MergeRecord.objects.for_workspace(workspace)
     if user_pk is not None:
         records = records.filter(survivor_key=user_pk)
     return records.order_by("-created_at", "-pk")

@@ -1,0 +1,68 @@
+"""OpenAPI extras: the API key security scheme and the error responses of every operation."""
+
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.openapi import AutoSchema
+from rest_framework import serializers
+
+from .ids import ID_PATTERN, MAX_ID
+
+
+class ErrorSerializer(serializers.Serializer):
+    code = serializers.CharField(help_text="Machine-readable reason, e.g. `not_found`, `invalid_email`.")
+    message = serializers.CharField()
+    field = serializers.CharField(required=False, help_text="The field at fault, when there is one.")
+    errors = serializers.DictField(required=False, help_text="Every invalid field, for form-like bodies.")
+
+    class Meta:
+        ref_name = "Error"
+
+
+class ApiKeyScheme(OpenApiAuthenticationExtension):
+    target_class = "kana.api_auth.ApiKeyAuthentication"
+    name = "ApiKey"
+
+    def get_security_definition(self, auto_schema):
+        return {
+            "type": "http",
+            "scheme": "bearer",
+            "bearerFormat": "prv_live_…",
+            "description": (
+                "A workspace API key (`prv_live_` + 32 letters and digits): `Authorization: Bearer <key>`. "
+                "`Basic base64(<key>:)` and the bare key are accepted too."
+            ),
+        }
+
+
+_ERRORS = {
+    "400": "Invalid query, body or a request the rules refuse: `code` says which, `field` where.",
+    "401": "Missing, unknown or revoked API key.",
+    "404": "No such object in this workspace (objects of other workspaces included), or no such page.",
+    "405": "Method not allowed on this path.",
+    "415": "Unsupported request body media type.",
+}
+
+
+class KanaAutoSchema(AutoSchema):
+    """drf-spectacular's schema plus the ``{"code", "message", "field"?}`` errors each operation
+    can answer, so clients (and schemathesis) know every status the API may send."""
+
+    def get_tags(self) -> list[str]:
+        # /api/v1/<resource>/...: one group per resource on the docs page.
+        parts = self.path.strip("/").split("/")
+        return [parts[2]] if len(parts) > 2 and parts[:2] == ["api", "v1"] else super().get_tags()
+
+    def get_operation(self, path, path_regex, path_prefix, method, registry):
+        operation = super().get_operation(path, path_regex, path_prefix, method, registry)
+        if operation is None:
+            return None
+        for parameter in operation.get("parameters", []):
+            # Kana ids in paths are integers; the URL pattern only keeps words like "merge" out.
+            if parameter["in"] == "path" and parameter["schema"].get("pattern") == f"^{ID_PATTERN}$":
+                parameter["schema"] = {"type": "integer", "format": "int64", "minimum": 1, "maximum": MAX_ID}
+        error = {"content": {"application/json": {"schema": self.resolve_serializer(ErrorSerializer, "response").ref}}}
+        statuses = ["400", "401", "404", "405"]
+        if "requestBody" in operation:
+            statuses.append("415")
+        for status in statuses:
+            operation["responses"].setdefault(status, {"description": _ERRORS[status], **error})
+        return operation

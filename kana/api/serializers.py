@@ -1,0 +1,264 @@
+"""JSON shapes of the REST API (SPEC §9): models out, validated service arguments in.
+
+Serializers only translate. Rules about the data (valid emails, billing ids, feature ids,
+rule conditions) live in the services, which report them as ``{"code", "message", "field"}``.
+"""
+
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from features.models import FeatureType
+from features.rules import OPERATORS
+from features.selectors import reprocessing_of
+from segment_ingest.models import EventStatus
+from users.models import MergeReason, UserFlag
+from users.selectors import flags_of, user_ids_of
+
+from .ids import MAX_ID
+
+# --- Users ------------------------------------------------------------------------------
+
+
+class UserSerializer(serializers.Serializer):
+    """A user. Expects users from ``user_list`` (flags annotated, identities prefetched)."""
+
+    id = serializers.IntegerField(read_only=True, help_text="Kana's id of the user.")
+    user_id = serializers.CharField(allow_null=True, help_text="The canonical Segment userId (null: a bare user).")
+    user_ids = serializers.SerializerMethodField()
+    name = serializers.CharField()
+    email = serializers.CharField()
+    billing_id = serializers.CharField()
+    billing_provider = serializers.CharField(help_text='"stripe", "chargebee" or "".')
+    created_at = serializers.DateTimeField()
+    updated_at = serializers.DateTimeField()
+    flags = serializers.SerializerMethodField()
+    audiences = serializers.SerializerMethodField()
+
+    @extend_schema_field(serializers.ListField(child=serializers.CharField()))
+    def get_user_ids(self, user) -> list[str]:
+        """Every userId resolving to the user, canonical first."""
+        known = self.context.get("user_ids", {}).get(user.pk)
+        if known is None and "identities" in getattr(user, "_prefetched_objects_cache", {}):
+            known = [identity.external_id for identity in user.identities.all()]
+        return user_ids_of(user, known)
+
+    @extend_schema_field(serializers.ListField(child=serializers.ChoiceField(choices=UserFlag.values)))
+    def get_flags(self, user) -> list[str]:
+        return flags_of(user)
+
+    @extend_schema_field(serializers.DictField(child=serializers.JSONField(), help_text="Engage audience -> value."))
+    def get_audiences(self, user) -> dict:
+        return user.audience_values()
+
+
+class UserFilterSerializer(serializers.Serializer):
+    user_id = serializers.CharField(required=False, max_length=255, help_text="Any userId of the user (aliases too).")
+    email = serializers.CharField(required=False, max_length=320, help_text="Case-insensitive.")
+    flag = serializers.ChoiceField(required=False, choices=UserFlag.values)
+    search = serializers.CharField(required=False, max_length=255, help_text="In userIds, name, email, billing id.")
+
+
+class UserUpdateSerializer(serializers.Serializer):
+    """Fields an admin may set; ``null`` or ``""`` clears one, an absent one is left alone."""
+
+    name = serializers.CharField(required=False, allow_null=True, allow_blank=True, max_length=255)
+    email = serializers.CharField(required=False, allow_null=True, allow_blank=True, max_length=320)
+    # No max_length: the profile rules say what a billing id may be (code invalid_billing_id).
+    billing_id = serializers.CharField(required=False, allow_null=True, allow_blank=True)
+
+    def validate(self, attrs):
+        if isinstance(self.initial_data, dict):
+            other = sorted(set(self.initial_data) - set(self.fields))
+            if other:
+                raise serializers.ValidationError({other[0]: "not editable: only name, email and billing_id are"})
+        return attrs
+
+
+class MergeRequestSerializer(serializers.Serializer):
+    user_ids = serializers.ListField(
+        child=serializers.IntegerField(min_value=1, max_value=MAX_ID),
+        max_length=100,
+        help_text="Kana ids of the users to merge (at least two, counting the survivor).",
+    )
+    survivor = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        min_value=1,
+        max_value=MAX_ID,
+        help_text="Kana id of the user to keep; default: the user created first.",
+    )
+
+
+class MergeResultSerializer(serializers.Serializer):
+    survivor = UserSerializer()
+    absorbed_ids = serializers.ListField(child=serializers.IntegerField(), help_text="Users merged by this request.")
+    already_merged = serializers.BooleanField(help_text="True when a previous request had already merged them.")
+
+
+class DuplicateGroupSerializer(serializers.Serializer):
+    email = serializers.CharField(help_text="The shared email (lower-cased).")
+    users = UserSerializer(many=True)
+
+
+class MergeRecordSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    survivor = serializers.IntegerField(source="survivor_key", help_text="Kana id of the user that absorbed.")
+    absorbed_id = serializers.IntegerField(help_text="Kana id the absorbed user had.")
+    absorbed = serializers.JSONField(source="absorbed_snapshot", help_text="The absorbed user as it was.")
+    reason = serializers.ChoiceField(choices=MergeReason.values)
+    actor = serializers.CharField()
+    source = serializers.CharField()
+    created_at = serializers.DateTimeField()
+
+
+class MergeFilterSerializer(serializers.Serializer):
+    user = serializers.IntegerField(
+        required=False, min_value=1, max_value=MAX_ID, help_text="Kana id of a survivor: its merges only."
+    )
+
+
+# --- Usage ------------------------------------------------------------------------------
+
+
+class RangeSerializer(serializers.Serializer):
+    start = serializers.DateTimeField(required=False, help_text="Inclusive, ISO 8601.")
+    end = serializers.DateTimeField(required=False, help_text="Exclusive, ISO 8601.")
+
+    def validate(self, attrs):
+        if attrs.get("start") and attrs.get("end") and attrs["start"] > attrs["end"]:
+            raise serializers.ValidationError({"end": "end is before start"})
+        return attrs
+
+
+class UsageFilterSerializer(RangeSerializer):
+    user_id = serializers.CharField(required=False, max_length=255, help_text="A userId (any of the user's).")
+    feature = serializers.CharField(required=False, max_length=100, help_text="A feature id.")
+
+
+class _Total(serializers.DecimalField):
+    def __init__(self, **kwargs):
+        super().__init__(max_digits=None, decimal_places=None, coerce_to_string=False, **kwargs)
+
+
+class UsageRowSerializer(serializers.Serializer):
+    user = serializers.IntegerField(help_text="Kana id of the user.")
+    user_id = serializers.CharField(allow_null=True, help_text="The user's canonical userId (null: a bare user).")
+    feature = serializers.CharField(help_text="Feature id.")
+    total = _Total(help_text="Sum of the usage amounts.")
+
+
+class UserUsageRowSerializer(UsageRowSerializer):
+    name = serializers.CharField(help_text="Feature name.")
+    type = serializers.ChoiceField(choices=FeatureType.values)
+
+
+# --- Features and rules -----------------------------------------------------------------
+
+
+class FeatureSerializer(serializers.Serializer):
+    id = serializers.CharField(source="key", max_length=100, help_text="The featureId events name.")
+    name = serializers.CharField(required=False, allow_blank=True, max_length=255)
+    type = serializers.ChoiceField(choices=FeatureType.values, default=FeatureType.CONSUMABLE)
+    created_at = serializers.DateTimeField(read_only=True)
+
+
+class FeatureUpdateSerializer(serializers.Serializer):
+    name = serializers.CharField(required=False, allow_blank=True, max_length=255)
+    type = serializers.ChoiceField(required=False, choices=FeatureType.values)
+
+
+class ConditionSerializer(serializers.Serializer):
+    property = serializers.CharField(max_length=255, help_text="Dot path into the properties, e.g. plan.tier.")
+    operator = serializers.ChoiceField(choices=OPERATORS)
+    value = serializers.JSONField(required=False, help_text="A list for `in`; a number for gt/gte/lt/lte.")
+
+
+@extend_schema_field(ConditionSerializer(many=True))
+class ConditionsField(serializers.JSONField):
+    """Conditions pass through as JSON: the rules service validates them and names the
+    offending one (``conditions[1].operator``) in its error."""
+
+
+class ProgressSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["queued", "running", "done", "failed"])
+    scanned = serializers.IntegerField()
+    mapped = serializers.IntegerField()
+
+
+class RuleSerializer(serializers.Serializer):
+    """A mapping rule as read, and (``id``, ``created_at``, ``reprocessing`` aside) as written."""
+
+    id = serializers.IntegerField(read_only=True)
+    name = serializers.CharField(max_length=255)
+    feature = serializers.CharField(source="feature.key", max_length=100, help_text="The feature's id.")
+    event = serializers.CharField(
+        source="event_name",
+        required=False,
+        allow_null=True,
+        allow_blank=True,
+        max_length=255,
+        help_text="Event name the rule needs, or null for any event.",
+    )
+    conditions = ConditionsField(required=False, default=list)
+    amount_property = serializers.CharField(
+        required=False,
+        allow_null=True,
+        allow_blank=True,
+        max_length=255,
+        help_text="Property holding the amount (default: `delta`, else 1).",
+    )
+    active = serializers.BooleanField(required=False, default=True)
+    created_at = serializers.DateTimeField(read_only=True)
+    reprocessing = serializers.SerializerMethodField()
+
+    @extend_schema_field(ProgressSerializer)
+    def get_reprocessing(self, rule) -> dict:
+        progress = self.context.get("reprocessing", {}).get(rule.pk) or reprocessing_of(rule)
+        return {"status": progress.status, "scanned": progress.scanned, "mapped": progress.mapped}
+
+
+# --- Events -----------------------------------------------------------------------------
+
+
+class EventSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    message_id = serializers.CharField()
+    type = serializers.CharField()
+    event = serializers.CharField(source="name", help_text='Track event name, or "Viewed <name> Page".')
+    user = serializers.IntegerField(source="user_id", allow_null=True, help_text="Kana id of the user now.")
+    user_id = serializers.CharField(source="external_user_id", help_text="The userId as sent.")
+    properties = serializers.DictField(child=serializers.JSONField())
+    status = serializers.ChoiceField(choices=EventStatus.values)
+    unmapped_reason = serializers.CharField()
+    warnings = serializers.JSONField()
+    occurred_at = serializers.DateTimeField()
+    received_at = serializers.DateTimeField()
+    payload = serializers.JSONField(help_text="The message as received (batch context applied).")
+
+
+class EventFilterSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(required=False, choices=EventStatus.values)
+    event = serializers.CharField(required=False, max_length=255, help_text="Event name.")
+    user_id = serializers.CharField(required=False, max_length=255, help_text="A userId (any of the user's).")
+
+
+class UnmappedFilterSerializer(serializers.Serializer):
+    event = serializers.CharField(required=False, max_length=255, help_text="Property counts for this event only.")
+
+
+class UnmappedEventSerializer(serializers.Serializer):
+    event = serializers.CharField()
+    reason = serializers.CharField()
+    count = serializers.IntegerField()
+
+
+class UnmappedPropertySerializer(serializers.Serializer):
+    property = serializers.CharField(help_text="Dot path, usable as a rule condition as it is.")
+    value = serializers.JSONField(allow_null=True)
+    count = serializers.IntegerField()
+
+
+class UnmappedSummarySerializer(serializers.Serializer):
+    events = UnmappedEventSerializer(many=True, help_text="Unmapped events by name and reason (all of them).")
+    sampled_events = serializers.IntegerField(help_text="How many recent unmapped events the properties cover.")
+    properties = UnmappedPropertySerializer(many=True)

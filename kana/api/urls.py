@@ -1,0 +1,21 @@
+"""``/api/v1/`` routes.
+
+Object ids in paths are digits only (feature ids excepted: they are feature keys), so the
+router's ``users/{id}`` never takes ``users/export`` or ``users/import``: the CSV endpoints can
+be routed next to these, before or after them, in ``kana/urls.py``.
+"""
+
+from rest_framework.routers import SimpleRouter
+
+from . import views
+
+router = SimpleRouter(trailing_slash=False)
+router.register("users", views.UserViewSet, basename="user")
+router.register("features", views.FeatureViewSet, basename="feature")
+router.register("rules", views.RuleViewSet, basename="rule")
+router.register("events", views.EventViewSet, basename="event")
+router.register("usage", views.UsageViewSet, basename="usage")
+router.register("merges", views.MergeViewSet, basename="merge")
+
+app_name = "api"
+urlpatterns = router.urls

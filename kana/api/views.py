@@ -1,0 +1,470 @@
+"""REST endpoints. Each translates HTTP to one selector or service call and back."""
+
+from django.db.models import Prefetch
+from drf_spectacular.utils import OpenApiExample, extend_schema, extend_schema_view
+from rest_framework import mixins
+from rest_framework.decorators import action
+from rest_framework.response import Response
+
+from features import selectors as feature_selectors
+from features.models import Feature, MappingRule, Usage
+from features.services import (
+    RuleDefinition,
+    feature_create,
+    feature_delete,
+    feature_update,
+    rule_create,
+    rule_delete,
+    rule_update,
+)
+from kana.services import key_prefix
+from segment_ingest.models import Event
+from users import selectors as user_selectors
+from users.models import EndUser, MergeReason, MergeRecord, UserIdentity
+from users.profile import validated_changes
+from users.services import delete_user, merge_users, update_user
+
+from . import serializers as s
+from .base import WorkspaceViewSet
+
+# --- Examples shown on the docs page ------------------------------------------------------
+
+USER_EXAMPLE = {
+    "id": 42,
+    "user_id": "u_123",
+    "user_ids": ["u_123", "anon-7f3a"],
+    "name": "Ada Lovelace",
+    "email": "ada@example.com",
+    "billing_id": "cus_NffrFeUfNV2Hib",
+    "billing_provider": "stripe",
+    "created_at": "2025-01-05T10:00:00Z",
+    "updated_at": "2025-02-01T08:30:00Z",
+    "flags": ["same_email"],
+    "audiences": {"power_users": True},
+}
+RULE_REQUEST = {
+    "name": "Pro exports",
+    "feature": "exports",
+    "event": "Report Exported",
+    "conditions": [{"property": "plan.tier", "operator": "equals", "value": "pro"}],
+    "amount_property": None,
+    "active": True,
+}
+RULE_EXAMPLE = {
+    "id": 7,
+    **RULE_REQUEST,
+    "created_at": "2025-02-01T08:30:00Z",
+    "reprocessing": {"status": "running", "scanned": 5000, "mapped": 312},
+}
+FEATURE_EXAMPLE = {
+    "id": "exports",
+    "name": "Report exports",
+    "type": "CONSUMABLE",
+    "created_at": "2025-02-01T08:30:00Z",
+}
+
+
+def page_of(example: dict) -> dict:
+    return {"count": 1, "next": None, "previous": None, "results": [example]}
+
+
+def resolve_user_id(workspace, user_id: str) -> int | None:
+    """The Kana id a userId (canonical, alias or absorbed user's) resolves to."""
+    return (
+        UserIdentity.objects.for_workspace(workspace)
+        .filter(external_id=user_id)
+        .values_list("user_id", flat=True)
+        .first()
+    )
+
+
+# --- Users -----------------------------------------------------------------------------
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="List users",
+        parameters=[s.UserFilterSerializer],
+        examples=[OpenApiExample("A page of users", value=page_of(USER_EXAMPLE), response_only=True)],
+    ),
+    retrieve=extend_schema(
+        summary="Get a user", examples=[OpenApiExample("A user", value=USER_EXAMPLE, response_only=True)]
+    ),
+    destroy=extend_schema(summary="Delete a user (its events stay, detached)"),
+)
+class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, WorkspaceViewSet):
+    model = EndUser
+    serializer_class = s.UserSerializer
+    http_method_names = ["get", "patch", "post", "delete", "head", "options"]
+
+    def scope(self, users):
+        filters = self.query(s.UserFilterSerializer) if self.action == "list" else {}
+        identities = UserIdentity.objects.order_by("created_at", "pk")
+        return user_selectors.user_list(self.workspace, users=users, **filters).prefetch_related(
+            Prefetch("identities", queryset=identities)
+        )
+
+    @extend_schema(
+        summary="Update a user's name, email or billing id",
+        request=s.UserUpdateSerializer,
+        responses=s.UserSerializer,
+        examples=[
+            OpenApiExample(
+                "Set email and billing id",
+                value={"email": "ada@example.com", "billing_id": "cus_NffrFeUfNV2Hib"},
+                request_only=True,
+            ),
+            OpenApiExample("Clear the name", value={"name": None}, request_only=True),
+            OpenApiExample("Updated user", value=USER_EXAMPLE, response_only=True),
+        ],
+    )
+    def partial_update(self, request, pk=None):
+        user = self.get_object()
+        changes, problems = validated_changes(**self.body(s.UserUpdateSerializer))
+        if problems:
+            raise problems[0]
+        update_user(workspace=self.workspace, user_pk=user.pk, changes=changes)
+        return Response(self.get_serializer(self.get_queryset().get(pk=user.pk)).data)
+
+    def perform_destroy(self, user):
+        delete_user(workspace=self.workspace, user_pk=user.pk)
+
+    @extend_schema(
+        summary="Merge users into one",
+        description=(
+            "Merges the named users (Kana ids) into the one created first, or into `survivor`. "
+            "Idempotent: repeating a request finds the users already merged, changes nothing and "
+            "answers the same survivor. Every absorbed user is recorded in the ledger (`merges`)."
+        ),
+        request=s.MergeRequestSerializer,
+        responses=s.MergeResultSerializer,
+        examples=[
+            OpenApiExample("Merge into the oldest", value={"user_ids": [42, 57]}, request_only=True),
+            OpenApiExample("Pick the survivor", value={"user_ids": [42, 57, 60], "survivor": 57}, request_only=True),
+            OpenApiExample(
+                "Merged",
+                value={"survivor": USER_EXAMPLE, "absorbed_ids": [57], "already_merged": False},
+                response_only=True,
+            ),
+        ],
+    )
+    @action(detail=False, methods=["post"])
+    def merge(self, request):
+        body = self.body(s.MergeRequestSerializer)
+        result = merge_users(
+            workspace=self.workspace,
+            user_pks=body["user_ids"],
+            survivor_pk=body.get("survivor"),
+            reason=MergeReason.ADMIN,
+            actor=f"api-key:{key_prefix(request.auth)}",
+            source="api:users/merge",
+        )
+        survivor = self.get_queryset().get(pk=result.survivor.pk)
+        data = {"survivor": survivor, "absorbed_ids": result.absorbed_ids, "already_merged": result.already_merged}
+        return Response(s.MergeResultSerializer(data, context=self.get_serializer_context()).data)
+
+    @extend_schema(
+        summary="Groups of users sharing an email",
+        responses=s.DuplicateGroupSerializer(many=True),
+        examples=[
+            OpenApiExample(
+                "Two users with one email",
+                value=page_of({"email": "ada@example.com", "users": [USER_EXAMPLE]}),
+                response_only=True,
+            )
+        ],
+    )
+    @action(detail=False, methods=["get"])
+    def duplicates(self, request):
+        groups = user_selectors.duplicate_groups(self.workspace)
+
+        def user_ids(page):
+            return {"user_ids": user_selectors.user_ids_by_user([u.pk for group in page for u in group.users])}
+
+        return self.paginated(groups, s.DuplicateGroupSerializer, context_for_page=user_ids)
+
+    @extend_schema(
+        summary="A user's usage, one row per feature",
+        parameters=[s.RangeSerializer],
+        responses=s.UserUsageRowSerializer(many=True),
+        examples=[
+            OpenApiExample(
+                "Usage of one user",
+                value=page_of(
+                    {
+                        "user": 42,
+                        "user_id": "u_123",
+                        "feature": "exports",
+                        "name": "Exports",
+                        "type": "CONSUMABLE",
+                        "total": 12,
+                    }
+                ),
+                response_only=True,
+            )
+        ],
+    )
+    @action(detail=True, methods=["get"])
+    def usage(self, request, pk=None):
+        user = self.get_object()
+        rows = feature_selectors.user_usage(self.workspace, user_pk=user.pk, **self.query(s.RangeSerializer))
+        rows = [{**row, "user": user.pk, "user_id": user.user_id} for row in rows]
+        return self.paginated(rows, s.UserUsageRowSerializer)
+
+
+# --- Features and rules ---------------------------------------------------------------------
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="List features",
+        examples=[OpenApiExample("Features", value=page_of(FEATURE_EXAMPLE), response_only=True)],
+    ),
+    retrieve=extend_schema(summary="Get a feature by its id"),
+    create=extend_schema(
+        summary="Create a feature",
+        description="Events that named this featureId before it existed are reprocessed and mapped.",
+        examples=[
+            OpenApiExample(
+                "A consumable feature",
+                value={"id": "exports", "name": "Report exports", "type": "CONSUMABLE"},
+                request_only=True,
+            ),
+            OpenApiExample("Created", value=FEATURE_EXAMPLE, response_only=True),
+        ],
+    ),
+    partial_update=extend_schema(summary="Rename a feature or change its type", request=s.FeatureUpdateSerializer),
+    destroy=extend_schema(summary="Delete a feature that no rule uses"),
+)
+class FeatureViewSet(
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.CreateModelMixin,
+    mixins.DestroyModelMixin,
+    WorkspaceViewSet,
+):
+    model = Feature
+    serializer_class = s.FeatureSerializer
+    lookup_field = "key"
+    lookup_url_kwarg = "id"
+    lookup_value_regex = "[A-Za-z0-9_.:-]{1,100}"
+    http_method_names = ["get", "patch", "post", "delete", "head", "options"]
+
+    def scope(self, features):
+        return features.order_by("key")
+
+    def perform_create(self, serializer):
+        data = serializer.validated_data
+        serializer.instance = feature_create(
+            workspace=self.workspace, key=data["key"], name=data.get("name", ""), type=data["type"]
+        )
+
+    def partial_update(self, request, id=None):
+        feature = feature_update(
+            workspace=self.workspace, feature=self.get_object(), **self.body(s.FeatureUpdateSerializer)
+        )
+        return Response(self.get_serializer(feature).data)
+
+    def perform_destroy(self, feature):
+        feature_delete(workspace=self.workspace, feature=feature)
+
+
+_DEFINITION = ("feature", "event_name", "conditions", "amount_property")
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="List mapping rules",
+        examples=[OpenApiExample("Rules", value=page_of(RULE_EXAMPLE), response_only=True)],
+    ),
+    retrieve=extend_schema(
+        summary="Get a rule and its reprocessing progress",
+        examples=[OpenApiExample("A rule being applied to stored events", value=RULE_EXAMPLE, response_only=True)],
+    ),
+    create=extend_schema(
+        summary="Create a rule",
+        description="The workspace's stored unmapped events are reprocessed against it in workers.",
+        examples=[
+            OpenApiExample("Pro users' exports", value=RULE_REQUEST, request_only=True),
+            OpenApiExample(
+                "Any 'Seat Added', amount from properties.seats",
+                value={"name": "Seats", "feature": "seats", "event": "Seat Added", "amount_property": "seats"},
+                request_only=True,
+            ),
+            OpenApiExample(
+                "Created",
+                value={**RULE_EXAMPLE, "reprocessing": {"status": "queued", "scanned": 0, "mapped": 0}},
+                response_only=True,
+            ),
+        ],
+    ),
+    partial_update=extend_schema(
+        summary="Change a rule",
+        description="A rule that has mapped events only accepts `name` and `active` (else 400 `rule_in_use`).",
+        examples=[OpenApiExample("Deactivate", value={"active": False}, request_only=True)],
+    ),
+    destroy=extend_schema(summary="Delete a rule that has mapped nothing"),
+)
+class RuleViewSet(
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.CreateModelMixin,
+    mixins.DestroyModelMixin,
+    WorkspaceViewSet,
+):
+    model = MappingRule
+    serializer_class = s.RuleSerializer
+    http_method_names = ["get", "patch", "post", "delete", "head", "options"]
+
+    def scope(self, rules):
+        return rules.select_related("feature").order_by("-created_at", "-pk")
+
+    def list(self, request):
+        def progress(page):
+            return {"reprocessing": feature_selectors.reprocessing_by_rule(self.workspace, [r.pk for r in page])}
+
+        return self.paginated(self.get_queryset(), s.RuleSerializer, context_for_page=progress)
+
+    def perform_create(self, serializer):
+        data = serializer.validated_data
+        serializer.instance = rule_create(
+            workspace=self.workspace,
+            definition=RuleDefinition(
+                name=data["name"],
+                feature_key=data["feature"]["key"],
+                event_name=data.get("event_name"),
+                conditions=data.get("conditions"),
+                amount_property=data.get("amount_property"),
+                active=data.get("active", True),
+            ),
+        )
+
+    def partial_update(self, request, pk=None):
+        rule = self.get_object()
+        body = self.body(s.RuleSerializer, partial=True)
+        current = {
+            "feature": {"key": rule.feature.key},
+            "event_name": rule.event_name,
+            "conditions": rule.conditions,
+            "amount_property": rule.amount_property,
+        }
+        wanted = {**current, **{name: body[name] for name in _DEFINITION if name in body}}
+        for name in ("event_name", "amount_property"):
+            wanted[name] = (wanted[name] or "").strip() or None  # as the service stores them
+        definition = None
+        # Resending a used rule's definition unchanged is not a change: only a different one is refused.
+        if wanted != current:
+            definition = RuleDefinition(
+                name=body.get("name", rule.name),
+                feature_key=wanted["feature"]["key"],
+                event_name=wanted["event_name"],
+                conditions=wanted["conditions"],
+                amount_property=wanted["amount_property"],
+            )
+        rule = rule_update(
+            workspace=self.workspace, rule=rule, name=body.get("name"), active=body.get("active"), definition=definition
+        )
+        return Response(self.get_serializer(rule).data)
+
+    def perform_destroy(self, rule):
+        rule_delete(workspace=self.workspace, rule=rule)
+
+
+# --- Events, usage, merges ---------------------------------------------------------------
+
+
+@extend_schema_view(
+    list=extend_schema(summary="List events, newest first", parameters=[s.EventFilterSerializer]),
+    retrieve=extend_schema(summary="Get an event"),
+)
+class EventViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, WorkspaceViewSet):
+    model = Event
+    serializer_class = s.EventSerializer
+
+    def scope(self, events):
+        if self.action != "list":
+            return events
+        filters = self.query(s.EventFilterSerializer)
+        user_id = filters.pop("user_id", None)
+        if user_id is not None:
+            filters["user_pk"] = resolve_user_id(self.workspace, user_id)
+            if filters["user_pk"] is None:
+                return events.none()
+        return feature_selectors.event_list(self.workspace, events=events, **filters)
+
+    @extend_schema(
+        summary="Unmapped events grouped by name and by property value",
+        parameters=[s.UnmappedFilterSerializer],
+        responses=s.UnmappedSummarySerializer,
+        examples=[
+            OpenApiExample(
+                "What to write a rule for",
+                value={
+                    "events": [{"event": "Report Exported", "reason": "no_matching_rule", "count": 1250}],
+                    "sampled_events": 1250,
+                    "properties": [{"property": "plan.tier", "value": "pro", "count": 700}],
+                },
+                response_only=True,
+            )
+        ],
+    )
+    @action(detail=False, methods=["get"], url_path="unmapped/summary", pagination_class=None)
+    def unmapped_summary(self, request):
+        event = self.query(s.UnmappedFilterSerializer).get("event")
+        by_property = feature_selectors.unmapped_by_property(self.workspace, event=event)
+        summary = {
+            "events": feature_selectors.unmapped_by_event(self.workspace),
+            "sampled_events": by_property["sampled_events"],
+            "properties": by_property["rows"],
+        }
+        return Response(s.UnmappedSummarySerializer(summary).data)
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="Usage totals per user and feature",
+        parameters=[s.UsageFilterSerializer],
+        examples=[
+            OpenApiExample(
+                "Totals",
+                value=page_of({"user": 42, "user_id": "u_123", "feature": "exports", "total": 12}),
+                response_only=True,
+            )
+        ],
+    )
+)
+class UsageViewSet(mixins.ListModelMixin, WorkspaceViewSet):
+    model = Usage
+    serializer_class = s.UsageRowSerializer
+
+    def list(self, request):
+        filters = self.query(s.UsageFilterSerializer)
+        user_id = filters.pop("user_id", None)
+        if user_id is not None:
+            filters["user_pk"] = resolve_user_id(self.workspace, user_id)
+            if filters["user_pk"] is None:
+                return self.paginated([], s.UsageRowSerializer)
+        if "feature" in filters:
+            filters["feature_key"] = filters.pop("feature")
+        rows = feature_selectors.usage_total_rows(self.workspace, usage=self.get_queryset(), **filters)
+        page = [feature_selectors.total_row(row) for row in self.paginate_queryset(rows)]
+        canonical = dict(
+            EndUser.objects.for_workspace(self.workspace)
+            .filter(pk__in={row["user_pk"] for row in page})
+            .values_list("pk", "user_id")
+        )
+        results = [{**row, "user": row["user_pk"], "user_id": canonical.get(row["user_pk"])} for row in page]
+        return self.get_paginated_response(s.UsageRowSerializer(results, many=True).data)
+
+
+@extend_schema_view(
+    list=extend_schema(summary="The merge ledger, newest first", parameters=[s.MergeFilterSerializer]),
+    retrieve=extend_schema(summary="One merge"),
+)
+class MergeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, WorkspaceViewSet):
+    model = MergeRecord
+    serializer_class = s.MergeRecordSerializer
+
+    def scope(self, records):
+        filters = self.query(s.MergeFilterSerializer) if self.action == "list" else {}
+        return user_selectors.merge_history(self.workspace, records=records, user_pk=filters.get("user"))
