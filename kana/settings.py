@@ -60,6 +60,7 @@ INSTALLED_APPS = [
     "users",
     "features",
     "segment_ingest",
+    "dashboard",
 ]
 
 MIDDLEWARE = [

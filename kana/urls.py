@@ -8,4 +8,5 @@ urlpatterns = [
     path("readyz", health.readyz, name="readyz"),
     path("django-admin/", admin.site.urls),
     path("", include("segment_ingest.urls")),
+    path("", include("dashboard.urls")),
 ]

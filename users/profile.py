@@ -1,6 +1,8 @@
 """The profile fields Kana keeps on a user, their validation and "newest wins" updates."""
 
+import copy
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -162,6 +164,38 @@ def combine_profiles(survivor: EndUser, absorbed: EndUser) -> None:
         if audience not in audiences or audiences[audience].get("set_at", "") <= entry.get("set_at", ""):
             audiences[audience] = entry
     survivor.audiences = audiences
+
+
+def oldest_first(users: Iterable[EndUser]) -> list[EndUser]:
+    """Users in merge order: the first is the survivor Kana picks (created first, tie: lowest id)."""
+    return sorted(users, key=lambda u: (u.created_at, u.pk))
+
+
+def absorb_profile(survivor: EndUser, absorbed: EndUser) -> None:
+    """What a merge does to the survivor's row: combined fields, and a userId if it had none."""
+    combine_profiles(survivor, absorbed)
+    if not survivor.user_id and absorbed.user_id:
+        survivor.user_id = absorbed.user_id
+
+
+@dataclass
+class MergePreview:
+    survivor: EndUser  # as it is now
+    absorbed: list[EndUser]  # in the order the merge absorbs them
+    result: EndUser  # an unsaved copy of the survivor as the merge would leave it
+
+
+def merge_preview(users: Iterable[EndUser], *, survivor_pk: int | None = None) -> MergePreview:
+    """The outcome of merging ``users`` without saving anything, by the merge's own steps."""
+    ordered = oldest_first(users)
+    survivor = next((u for u in ordered if u.pk == survivor_pk), None) if survivor_pk is not None else None
+    survivor = survivor or ordered[0]
+    absorbed = [u for u in ordered if u.pk != survivor.pk]
+    result = copy.copy(survivor)
+    result.audiences = dict(survivor.audiences)
+    for user in absorbed:
+        absorb_profile(result, user)
+    return MergePreview(survivor=survivor, absorbed=absorbed, result=result)
 
 
 def snapshot(user: EndUser, user_ids: list[str]) -> dict[str, Any]:

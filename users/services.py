@@ -29,7 +29,7 @@ from kana.models import Workspace
 from segment_ingest.models import Event
 
 from .models import EndUser, Group, GroupMembership, MergeReason, MergeRecord, UserIdentity
-from .profile import ProfileChanges, apply_changes, combine_profiles, snapshot
+from .profile import ProfileChanges, absorb_profile, apply_changes, oldest_first, snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +111,7 @@ def _owner_of(workspace: Workspace, external_id: str) -> int | None:
 
 
 def _oldest_first(users: Iterable[EndUser]) -> list[EndUser]:
-    # Survivor = created first; ties broken by the lower id.
-    return sorted(users, key=lambda u: (u.created_at, u.pk))
+    return oldest_first(users)
 
 
 def _create_user(workspace: Workspace, user_id: str | None, changes: ProfileChanges, occurred_at: datetime) -> EndUser:
@@ -144,9 +143,7 @@ def _absorb(
         actor=actor,
         source=source[:255],
     )
-    combine_profiles(survivor, absorbed)
-    if not survivor.user_id and absorbed.user_id:
-        survivor.user_id = absorbed.user_id
+    absorb_profile(survivor, absorbed)
     UserIdentity.objects.filter(user=absorbed).update(user=survivor)
     Event.objects.filter(user=absorbed).update(user=survivor)
     Usage.objects.filter(user=absorbed).update(user=survivor)
