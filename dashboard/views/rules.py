@@ -19,6 +19,11 @@ from ..forms import CONDITION_ROWS, ConditionFormSet, FeatureForm, RuleForm, for
 
 # Rules are few per workspace; the list shows the newest this many.
 RULES_SHOWN = 200
+REASON_LABELS = {
+    UnmappedReason.NO_MATCHING_RULE: "no rule matches",
+    UnmappedReason.UNKNOWN_FEATURE: "names an unknown featureId",
+    UnmappedReason.INVALID_DELTA: "amount is not a number",
+}
 _CONDITION_FIELD = re.compile(r"^conditions\[(\d+)\]")
 
 
@@ -165,7 +170,7 @@ def unmapped(request):
     by_event = unmapped_by_event(request.workspace)
     for row in by_event:
         row["rule_url"] = _rule_link(event=row["event"])
-        row["reason_label"] = UnmappedReason(row["reason"]).label if row["reason"] in UnmappedReason.values else ""
+        row["reason_label"] = REASON_LABELS.get(row["reason"], row["reason"])
     by_property = unmapped_by_property(request.workspace, event=event)
     for row in by_property["rows"]:
         text = format_value(row["value"])

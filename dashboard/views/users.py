@@ -63,10 +63,10 @@ def user_detail(request, pk: int):
         {**row, "chart": bar_chart(by_day.get(row["feature"], []))} for row in user_usage(workspace, user_pk=user.pk)
     ]
     context = {
-        "user": user,
+        "end_user": user,  # "user" is the signed-in admin in templates
         "usage": usage,
         "chart_days": CHART_DAYS,
-        "events": list(event_list(workspace, user_pk=user.pk)[:RECENT_EVENTS]),
+        "events": list(event_list(workspace, user_pk=user.pk).order_by("-occurred_at", "-pk")[:RECENT_EVENTS]),
         "merges": list(merge_history(workspace, user_pk=user.pk)[:50]),
         "memberships": list(user.group_memberships.select_related("group").order_by("group__group_id")),
     }
@@ -78,7 +78,7 @@ def user_detail(request, pk: int):
 def user_delete(request, pk: int):
     user = _user_or_404(request, pk)
     if request.method == "GET":
-        return render(request, "dashboard/user_delete.html", {"user": user})
+        return render(request, "dashboard/user_delete.html", {"end_user": user})
     try:
         delete_user(workspace=request.workspace, user_pk=user.pk)
     except IdentityError as exc:  # deleted meanwhile by someone else
