@@ -109,7 +109,12 @@ def validated_changes(
 
 
 def apply_changes(user: EndUser, changes: ProfileChanges, occurred_at: datetime) -> bool:
-    """Set each sent field unless the field was last set by a newer message. True if changed."""
+    """Set each sent field unless the field was last set by a newer message. True if changed.
+
+    A field's ``*_set_at`` moves only when its value changes: a message (or a re-imported CSV
+    row, whose time is the import's) repeating the current value leaves the field untouched,
+    so it neither counts as an update nor makes older, late messages lose to it.
+    """
     changed = False
 
     def newer(set_at: datetime | None) -> bool:
@@ -117,18 +122,21 @@ def apply_changes(user: EndUser, changes: ProfileChanges, occurred_at: datetime)
 
     if changes.name is not UNSET and newer(user.name_set_at):
         value = changes.name or ""
-        changed |= value != user.name
-        user.name, user.name_set_at = value, occurred_at
+        if value != user.name:
+            changed = True
+            user.name, user.name_set_at = value, occurred_at
     if changes.email is not UNSET and newer(user.email_set_at):
         value = changes.email or ""
-        changed |= value != user.email
-        user.email, user.email_key, user.email_set_at = value, normalize_email(value), occurred_at
+        if value != user.email:
+            changed = True
+            user.email, user.email_key, user.email_set_at = value, normalize_email(value), occurred_at
     if changes.billing_id is not UNSET and newer(user.billing_set_at):
         value = changes.billing_id or ""
-        changed |= value != user.billing_id
-        user.billing_id = value
-        user.billing_provider = billing_provider_for(value) if value else ""
-        user.billing_set_at = occurred_at
+        if value != user.billing_id:
+            changed = True
+            user.billing_id = value
+            user.billing_provider = billing_provider_for(value) if value else ""
+            user.billing_set_at = occurred_at
     if changes.audiences:
         audiences = dict(user.audiences)
         for audience, value in changes.audiences.items():
