@@ -24,8 +24,11 @@ urlpatterns = [
     path("rules/<int:pk>/progress/", rules.rule_progress, name="rule_progress"),
     path("rules/<int:pk>/active/", rules.rule_toggle, name="rule_toggle"),
     path("unmapped/", rules.unmapped, name="unmapped"),
-]
-urlpatterns += [
     path("csv/", csv.csv_page, name="csv"),
     path("csv/export/", csv.csv_export, name="csv_export"),
+    path("csv/import/", csv.csv_import, name="csv_import"),
+    path("csv/imports/<int:pk>/", csv.csv_job, name="csv_job"),
+    path("csv/imports/<int:pk>/progress/", csv.csv_job_progress, name="csv_job_progress"),
+    path("csv/imports/<int:pk>/report/", csv.csv_job_report, name="csv_job_report"),
+    path("csv/imports/<int:pk>/apply/", csv.csv_job_apply, name="csv_job_apply"),
 ]

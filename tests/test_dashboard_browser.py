@@ -19,7 +19,8 @@ from features.tasks import run_reprocessing_job
 from kana.celery import app as celery_app
 from segment_ingest.models import Event, EventStatus
 from tests.conftest import ADMIN_PASSWORD, ROOT, WorkerProcess, make_member, make_tenant, wait_until
-from users.models import EndUser, MergeRecord
+from users.models import EndUser, ImportJob, MergeRecord
+from users.tasks import run_import
 
 pytestmark = pytest.mark.browser
 
@@ -243,3 +244,71 @@ def test_an_admin_of_one_workspace_gets_404_for_another_s(page, live_server, ten
     page.goto("/rules/")
     assert "theirs" not in page.inner_text("#rules-table")
     wait_until(lambda: EndUser.objects.filter(workspace=other).count() == 2, timeout=1)
+
+
+def test_import_a_csv_with_an_error_then_a_clean_one(page, live_server, tenant, admin, settings, tmp_path):
+    settings.MEDIA_ROOT = tmp_path
+    analytics = segment_library(live_server, tenant)
+    analytics.identify("ann", {"email": "ann@example.com", "name": "Ann"})
+    analytics.identify("bob", {"email": "bob@example.com", "name": "Bob"})
+
+    def users() -> list[tuple]:
+        rows = EndUser.objects.for_workspace(tenant.workspace).order_by("pk")
+        return list(rows.values_list("user_id", "name", "email", "billing_id"))
+
+    before = users()
+    broken = tmp_path / "billing.csv"
+    broken.write_text(
+        "kana_id,user_id,name,email,billing_id\n"
+        ",ann,,,cus_ANN\n"
+        ",bob,,,not a billing id!\n"
+        ",,Cara,cara@example.com,cus_CARA\n"
+    )
+    sign_in(page)
+    page.click("text=CSV")
+    page.set_input_files("#id_file", str(broken))
+    page.click("#import-form button[type=submit]")
+    page.wait_for_url(re.compile(r"/csv/imports/\d+/$"))
+    assert "1 row with errors: nothing was changed" in page.inner_text("#import-outcome")
+    error_row = page.locator("#import-rows tr[data-row='3']")
+    assert "error" in error_row.inner_text() and "not a billing id!" in error_row.inner_text()
+    assert page.locator("#apply-import").count() == 0
+    shot(page, "csv_report_error")
+    assert users() == before
+
+    fixed = tmp_path / "billing-fixed.csv"
+    fixed.write_text(broken.read_text().replace("not a billing id!", "cus_BOB"))
+    page.click("text=CSV")
+    page.set_input_files("#id_file", str(fixed))
+    # Forced through a worker (any file above one row), to watch the progress page.
+    settings.KANA_CSV_INLINE_MAX_ROWS = 1
+    with jobs_wait_for_a_runner():
+        page.click("#import-form button[type=submit]")
+        page.wait_for_url(re.compile(r"/csv/imports/\d+/$"))
+        assert page.inner_text("#import-status") == "queued"
+        assert page.locator("#import-progress progress").count() == 1
+        shot(page, "csv_progress")
+        job = ImportJob.objects.get(workspace=tenant.workspace, dry_run=True, status="queued")
+        worker = None
+        if settings.REDIS_URL:
+            worker = WorkerProcess(settings.REDIS_URL, extra_env={"KANA_MEDIA_ROOT": str(tmp_path)}).start()
+        else:
+            run_import(job_id=job.pk)  # what a worker runs, in this process
+        try:
+            page.locator("#import-outcome").wait_for(timeout=60_000)  # the page reloads itself when done
+        finally:
+            if worker:
+                worker.stop()
+    settings.KANA_CSV_INLINE_MAX_ROWS = 2000
+    assert "Dry run: nothing was changed yet." in page.inner_text("#import-outcome")
+    counts = page.inner_text("#import-counts")
+    assert re.search(r"1\s+created", counts) and re.search(r"2\s+updated", counts)
+    assert users() == before
+    shot(page, "csv_dry_run")
+
+    page.click("#apply-import")
+    page.wait_for_url(re.compile(r"/csv/imports/\d+/$"))
+    assert "Applied" in page.inner_text("#import-outcome")
+    shot(page, "csv_applied")
+    after = {row[0] or row[2]: row[3] for row in users()}
+    assert after == {"ann": "cus_ANN", "bob": "cus_BOB", "cara@example.com": "cus_CARA"}
