@@ -242,7 +242,11 @@ def browser():
 
 
 @pytest.fixture
-def page(browser, live_server):
+def page(transactional_db, browser, live_server, monkeypatch):
+    # The live server answers a keep-alive browser connection in one long-lived thread; with
+    # persistent connections that thread would still hold a database session when the test
+    # database is dropped. Close it after every request instead.
+    monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", 0)
     context = browser.new_context(viewport={"width": 1366, "height": 900}, base_url=live_server.url)
     context.set_default_timeout(15_000)
     opened = context.new_page()
