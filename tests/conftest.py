@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,3 +253,17 @@ def page(transactional_db, browser, live_server, monkeypatch):
     opened = context.new_page()
     yield opened
     context.close()
+    _wait_for_request_threads()
+
+
+def _wait_for_request_threads(timeout: float = 5) -> None:
+    """Let the live server's request threads end while the test database is still theirs.
+
+    Each kept-alive connection has its own thread, which ends once the client closes it; one
+    outliving its test would touch the database of the next (or a dropped) one.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any("process_request_thread" in thread.name for thread in threading.enumerate()):
+            return
+        time.sleep(0.05)

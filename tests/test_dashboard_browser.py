@@ -12,6 +12,7 @@ import pytest
 import redis
 from django.conf import settings
 from segment.analytics import Client as SegmentLibrary
+from segment.analytics import request as segment_http
 
 from features.models import MappingRule, ReprocessingJob
 from features.services import RuleDefinition, feature_create, rule_create
@@ -27,9 +28,9 @@ pytestmark = pytest.mark.browser
 SCREENSHOTS = ROOT / "docs" / "screenshots"
 
 
-def shot(page, name: str) -> None:
+def shot(page, name: str, mask: list | None = None) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True, mask=mask or [])
 
 
 def sign_in(page, username: str = "ada") -> None:
@@ -40,9 +41,12 @@ def sign_in(page, username: str = "ada") -> None:
     page.wait_for_url(re.compile(r"/$"))
 
 
-def segment_library(live_server, tenant) -> SegmentLibrary:
+@pytest.fixture
+def analytics(live_server, tenant):
     """Segment's own library, sending synchronously to the live server."""
-    return SegmentLibrary(write_key=tenant.key, host=live_server.url, sync_mode=True, max_retries=0)
+    yield SegmentLibrary(write_key=tenant.key, host=live_server.url, sync_mode=True, max_retries=0)
+    # Its HTTP session keeps a connection alive, and with it a live-server thread waiting.
+    segment_http._session.close()
 
 
 @pytest.fixture
@@ -55,12 +59,11 @@ def admin(tenant):
     return make_member(tenant.workspace, "ada")
 
 
-def test_sign_in_and_see_the_segment_boxes_count_what_was_sent(page, live_server, tenant, admin):
+def test_sign_in_and_see_the_segment_boxes_count_what_was_sent(page, live_server, tenant, admin, analytics):
     page.goto("/users/")
     page.wait_for_url(re.compile(r"/login/\?next=/users/$"))
     shot(page, "login")
 
-    analytics = segment_library(live_server, tenant)
     analytics.identify("u1", {"email": "Jo@Example.com", "name": "Jo", "billingUserId": "cus_JO1"})
     analytics.identify("u2", {"email": "jo@example.com", "name": "Jo Work"})
     analytics.identify("u3", {"email": "sam@example.com", "name": "Sam"})
@@ -79,7 +82,7 @@ def test_sign_in_and_see_the_segment_boxes_count_what_was_sent(page, live_server
     page.click("#create-key")
     raw_key = page.inner_text("#new-key .secret").strip()
     assert raw_key.startswith("prv_live_")
-    shot(page, "segment")
+    shot(page, "segment", mask=[page.locator("#new-key .secret")])  # no key in a committed image
 
     page.click("#box-no-billing")
     page.wait_for_url(re.compile(r"/users/\?flag=no_billing_id$"))
@@ -94,9 +97,8 @@ def test_sign_in_and_see_the_segment_boxes_count_what_was_sent(page, live_server
     assert "Viewed Pricing Page" in page.inner_text("#by-event")
 
 
-def test_merge_two_duplicates_from_the_review_page(page, live_server, tenant, admin):
+def test_merge_two_duplicates_from_the_review_page(page, live_server, tenant, admin, analytics):
     feature_create(workspace=tenant.workspace, key="exports", name="Exports")
-    analytics = segment_library(live_server, tenant)
     analytics.identify("kim-laptop", {"email": "kim@example.com", "name": "Kim"})
     analytics.identify("kim-phone", {"email": "KIM@example.com", "billingUserId": "cus_KIM"})
     now = datetime.now(UTC)
@@ -150,10 +152,9 @@ def jobs_wait_for_a_runner():
         celery_app.conf.task_always_eager = eager
 
 
-def test_create_a_rule_from_the_unmapped_explorer_and_watch_it_reprocess(page, live_server, tenant, admin):
+def test_create_a_rule_from_the_unmapped_explorer_and_watch_it_reprocess(page, live_server, tenant, admin, analytics):
     if settings.REDIS_URL and "postgresql" not in settings.DATABASES["default"]["ENGINE"]:
         pytest.skip("a worker needs PostgreSQL when REDIS_URL is set")
-    analytics = segment_library(live_server, tenant)
     for fmt in ("pdf", "pdf", "pdf", "csv"):
         analytics.track("u1", "Report Exported", {"format": fmt, "pages": 3})
     analytics.track("u2", "Invite Sent", {"format": "pdf"})
@@ -207,9 +208,8 @@ def test_create_a_rule_from_the_unmapped_explorer_and_watch_it_reprocess(page, l
     assert mapped.count() == 3
 
 
-def test_an_admin_of_one_workspace_gets_404_for_another_s(page, live_server, tenant, admin):
+def test_an_admin_of_one_workspace_gets_404_for_another_s(page, live_server, tenant, admin, analytics):
     other = make_tenant("Other Co").workspace
-    analytics = segment_library(live_server, tenant)
     analytics.identify("mine", {"email": "shared@example.com"})
     feature_create(workspace=other, key="theirs")
     rule = rule_create(workspace=other, definition=RuleDefinition(name="theirs", feature_key="theirs", event_name="X"))
@@ -246,9 +246,8 @@ def test_an_admin_of_one_workspace_gets_404_for_another_s(page, live_server, ten
     wait_until(lambda: EndUser.objects.filter(workspace=other).count() == 2, timeout=1)
 
 
-def test_import_a_csv_with_an_error_then_a_clean_one(page, live_server, tenant, admin, settings, tmp_path):
+def test_import_a_csv_with_an_error_then_a_clean_one(page, live_server, tenant, admin, analytics, settings, tmp_path):
     settings.MEDIA_ROOT = tmp_path
-    analytics = segment_library(live_server, tenant)
     analytics.identify("ann", {"email": "ann@example.com", "name": "Ann"})
     analytics.identify("bob", {"email": "bob@example.com", "name": "Bob"})
 
