@@ -2,10 +2,12 @@
 
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 from django.db.models import Count, QuerySet, Sum
+from django.db.models.functions import TruncDate
+from django.utils import timezone
 
 from kana.models import Workspace
 from segment_ingest.models import Event, EventStatus
@@ -70,6 +72,31 @@ def user_usage(workspace: Workspace, *, user_pk: int, start=None, end=None) -> l
         .order_by("key")
         .values_list("key", "name", "type")
     ]
+
+
+def user_usage_by_day(
+    workspace: Workspace, *, user_pk: int, days: int = 30, today: date | None = None
+) -> dict[str, list[tuple[date, Decimal]]]:
+    """Daily usage totals (UTC days) of one user over the last ``days`` days, today included.
+
+    One entry per feature of the workspace, each with every day of the range (0 when unused).
+    """
+    today = today or timezone.now().astimezone(UTC).date()
+    first = today - timedelta(days=days - 1)
+    start = datetime(first.year, first.month, first.day, tzinfo=UTC)
+    rows = (
+        Usage.objects.for_workspace(workspace)
+        .filter(user_id=user_pk, occurred_at__gte=start, occurred_at__lt=start + timedelta(days=days))
+        .annotate(day=TruncDate("occurred_at", tzinfo=UTC))
+        .values("feature__key", "day")
+        .annotate(total=Sum("amount"))
+    )
+    totals = {(r["feature__key"], r["day"]): Decimal(r["total"] or 0).normalize() for r in rows}
+    span = [first + timedelta(days=n) for n in range(days)]
+    return {
+        key: [(day, totals.get((key, day), Decimal(0))) for day in span]
+        for key in Feature.objects.for_workspace(workspace).order_by("key").values_list("key", flat=True)
+    }
 
 
 def event_list(

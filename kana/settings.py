@@ -60,6 +60,7 @@ INSTALLED_APPS = [
     "users",
     "features",
     "segment_ingest",
+    "dashboard",
 ]
 
 MIDDLEWARE = [
@@ -136,6 +137,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "features.tasks.sweep_stalled_jobs",
         "schedule": float(env_int("KANA_SWEEP_INTERVAL_SECONDS", 15)),
     },
+    "sweep-stalled-imports": {
+        "task": "users.tasks.sweep_stalled_imports",
+        "schedule": float(env_int("KANA_SWEEP_INTERVAL_SECONDS", 15)),
+    },
 }
 # A running job whose heartbeat is older than this is presumed dead and re-enqueued.
 KANA_JOB_STALE_SECONDS = env_int("KANA_JOB_STALE_SECONDS", 60)
@@ -147,6 +152,9 @@ KANA_API_KEY_CACHE_SECONDS = env_int("KANA_API_KEY_CACHE_SECONDS", 5)
 KANA_REPROCESS_CHUNK_SIZE = env_int("KANA_REPROCESS_CHUNK_SIZE", 5000)
 # CSV imports with more rows than this run in a Celery worker instead of the request.
 KANA_CSV_INLINE_MAX_ROWS = env_int("KANA_CSV_INLINE_MAX_ROWS", 2000)
+# CSV files waiting for a worker and import reports are kept in the default storage (here a
+# directory). Workers on other machines need it shared: point STORAGES["default"] at it.
+MEDIA_ROOT = Path(os.environ.get("KANA_MEDIA_ROOT") or BASE_DIR / "var" / "media")
 
 # --- Auth, i18n, static ---------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [

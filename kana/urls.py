@@ -12,6 +12,7 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     path("", include("segment_ingest.urls")),
+    path("", include("dashboard.urls")),
 ]
 
 handler404 = "kana.api.errors.not_found"

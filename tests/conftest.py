@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,3 +199,83 @@ def wait_until(predicate, timeout: float = 60, interval: float = 0.2, message: s
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+# --- Dashboard: admins (Django users that are workspace members) and a real browser ------
+
+CHROMIUM = Path("/usr/bin/chromium")
+ADMIN_PASSWORD = "correct horse battery staple"
+
+
+def make_member(workspace: Workspace, username: str = "ada"):
+    from django.contrib.auth import get_user_model
+
+    user = get_user_model().objects.create_user(username=username, password=ADMIN_PASSWORD)
+    workspace.members.add(user)
+    return user
+
+
+@pytest.fixture
+def member(tenant):
+    """A dashboard login that belongs to ``tenant``'s workspace only."""
+    return make_member(tenant.workspace)
+
+
+@pytest.fixture
+def member_client(member) -> Client:
+    client = Client()
+    client.force_login(member)
+    return client
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's chromium driven by Playwright (never a downloaded browser)."""
+    if not CHROMIUM.exists():
+        pytest.skip("chromium is not installed (apt-get install chromium): browser tests skipped")
+    from playwright.sync_api import sync_playwright
+
+    # Playwright's sync API runs an event loop in this thread; Django's ORM calls made by the
+    # test itself are still synchronous and safe.
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(transactional_db, browser, live_server, monkeypatch):
+    # The live server answers a keep-alive browser connection in one long-lived thread; with
+    # persistent connections that thread would still hold a database session when the test
+    # database is dropped. Close it after every request instead.
+    monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", 0)
+    context = browser.new_context(viewport={"width": 1366, "height": 900}, base_url=live_server.url)
+    context.set_default_timeout(15_000)
+    opened = context.new_page()
+    yield opened
+    context.close()
+    _wait_for_request_threads()
+
+
+def _wait_for_request_threads(timeout: float = 5) -> None:
+    """Let the live server's request threads end while the test database is still theirs.
+
+    Each kept-alive connection has its own thread, which ends once the client closes it; one
+    outliving its test would touch the database of the next (or a dropped) one.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any("process_request_thread" in thread.name for thread in threading.enumerate()):
+            return
+        time.sleep(0.05)

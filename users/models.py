@@ -138,3 +138,57 @@ class MergeRecord(models.Model):
 
     class Meta:
         indexes = [models.Index(fields=["workspace", "-created_at"], name="merge_ws_created_idx")]
+
+
+class ImportStatus(models.TextChoices):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class ImportJob(models.Model):
+    """A CSV import of users: its file, progress, counts and where its per-row report is.
+
+    ``done`` with ``applied`` false means the file was read to the end but nothing was
+    changed: a dry run, or an apply that found row errors (all or nothing).
+    """
+
+    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+")
+    status = models.CharField(max_length=16, choices=ImportStatus.choices, default=ImportStatus.QUEUED)
+    dry_run = models.BooleanField(default=False)
+    applied = models.BooleanField(default=False)
+    actor = models.CharField(max_length=255, blank=True, default="")
+    file_name = models.CharField(max_length=255, blank=True, default="")
+    # Names in the default storage: the uploaded file (kept for the worker) and the report.
+    source_path = models.CharField(max_length=255, blank=True, default="")
+    report_path = models.CharField(max_length=255, blank=True, default="")
+    rows_total = models.PositiveIntegerField(default=0)
+    rows_processed = models.PositiveIntegerField(default=0)
+    created = models.PositiveIntegerField(default=0)
+    updated = models.PositiveIntegerField(default=0)
+    merged = models.PositiveIntegerField(default=0)
+    unchanged = models.PositiveIntegerField(default=0)
+    errors = models.PositiveIntegerField(default=0)
+    # The report's first rows (errors first), bounded so a huge file never lands in one row.
+    sample = models.JSONField(default=list, blank=True)
+    error_code = models.CharField(max_length=50, blank=True, default="")
+    error = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    objects = WorkspaceQuerySet.as_manager()
+
+    class Meta:
+        indexes = [models.Index(fields=["status", "heartbeat_at"], name="import_status_heartbeat_idx")]
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "created": self.created,
+            "updated": self.updated,
+            "merged": self.merged,
+            "unchanged": self.unchanged,
+            "error": self.errors,
+        }

@@ -1,6 +1,8 @@
 """The profile fields Kana keeps on a user, their validation and "newest wins" updates."""
 
+import copy
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -108,7 +110,12 @@ def validated_changes(
 
 
 def apply_changes(user: EndUser, changes: ProfileChanges, occurred_at: datetime) -> bool:
-    """Set each sent field unless the field was last set by a newer message. True if changed."""
+    """Set each sent field unless the field was last set by a newer message. True if changed.
+
+    A field's ``*_set_at`` moves only when its value changes: a message (or a re-imported CSV
+    row, whose time is the import's) repeating the current value leaves the field untouched,
+    so it neither counts as an update nor makes older, late messages lose to it.
+    """
     changed = False
 
     def newer(set_at: datetime | None) -> bool:
@@ -116,18 +123,21 @@ def apply_changes(user: EndUser, changes: ProfileChanges, occurred_at: datetime)
 
     if changes.name is not UNSET and newer(user.name_set_at):
         value = changes.name or ""
-        changed |= value != user.name
-        user.name, user.name_set_at = value, occurred_at
+        if value != user.name:
+            changed = True
+            user.name, user.name_set_at = value, occurred_at
     if changes.email is not UNSET and newer(user.email_set_at):
         value = changes.email or ""
-        changed |= value != user.email
-        user.email, user.email_key, user.email_set_at = value, normalize_email(value), occurred_at
+        if value != user.email:
+            changed = True
+            user.email, user.email_key, user.email_set_at = value, normalize_email(value), occurred_at
     if changes.billing_id is not UNSET and newer(user.billing_set_at):
         value = changes.billing_id or ""
-        changed |= value != user.billing_id
-        user.billing_id = value
-        user.billing_provider = billing_provider_for(value) if value else ""
-        user.billing_set_at = occurred_at
+        if value != user.billing_id:
+            changed = True
+            user.billing_id = value
+            user.billing_provider = billing_provider_for(value) if value else ""
+            user.billing_set_at = occurred_at
     if changes.audiences:
         audiences = dict(user.audiences)
         # Stamps are compared as text, which is only right when all are written in UTC.
@@ -165,6 +175,38 @@ def combine_profiles(survivor: EndUser, absorbed: EndUser) -> None:
         if audience not in audiences or audiences[audience].get("set_at", "") <= entry.get("set_at", ""):
             audiences[audience] = entry
     survivor.audiences = audiences
+
+
+def oldest_first(users: Iterable[EndUser]) -> list[EndUser]:
+    """Users in merge order: the first is the survivor Kana picks (created first, tie: lowest id)."""
+    return sorted(users, key=lambda u: (u.created_at, u.pk))
+
+
+def absorb_profile(survivor: EndUser, absorbed: EndUser) -> None:
+    """What a merge does to the survivor's row: combined fields, and a userId if it had none."""
+    combine_profiles(survivor, absorbed)
+    if not survivor.user_id and absorbed.user_id:
+        survivor.user_id = absorbed.user_id
+
+
+@dataclass
+class MergePreview:
+    survivor: EndUser  # as it is now
+    absorbed: list[EndUser]  # in the order the merge absorbs them
+    result: EndUser  # an unsaved copy of the survivor as the merge would leave it
+
+
+def merge_preview(users: Iterable[EndUser], *, survivor_pk: int | None = None) -> MergePreview:
+    """The outcome of merging ``users`` without saving anything, by the merge's own steps."""
+    ordered = oldest_first(users)
+    survivor = next((u for u in ordered if u.pk == survivor_pk), None) if survivor_pk is not None else None
+    survivor = survivor or ordered[0]
+    absorbed = [u for u in ordered if u.pk != survivor.pk]
+    result = copy.copy(survivor)
+    result.audiences = dict(survivor.audiences)
+    for user in absorbed:
+        absorb_profile(result, user)
+    return MergePreview(survivor=survivor, absorbed=absorbed, result=result)
 
 
 def snapshot(user: EndUser, user_ids: list[str]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ SQLite runs each transaction with BEGIN IMMEDIATE, which serialises them outrigh
 import logging
 import random
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,7 +30,7 @@ from kana.models import Workspace
 from segment_ingest.models import Event
 
 from .models import EndUser, Group, GroupMembership, MergeReason, MergeRecord, UserIdentity
-from .profile import ProfileChanges, apply_changes, combine_profiles, snapshot
+from .profile import ProfileChanges, absorb_profile, apply_changes, oldest_first, snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +112,7 @@ def _owner_of(workspace: Workspace, external_id: str) -> int | None:
 
 
 def _oldest_first(users: Iterable[EndUser]) -> list[EndUser]:
-    # Survivor = created first; ties broken by the lower id.
-    return sorted(users, key=lambda u: (u.created_at, u.pk))
+    return oldest_first(users)
 
 
 def _create_user(workspace: Workspace, user_id: str | None, changes: ProfileChanges, occurred_at: datetime) -> EndUser:
@@ -144,9 +144,7 @@ def _absorb(
         actor=actor,
         source=source[:255],
     )
-    combine_profiles(survivor, absorbed)
-    if not survivor.user_id and absorbed.user_id:
-        survivor.user_id = absorbed.user_id
+    absorb_profile(survivor, absorbed)
     UserIdentity.objects.filter(user=absorbed).update(user=survivor)
     Event.objects.filter(user=absorbed).update(user=survivor)
     Usage.objects.filter(user=absorbed).update(user=survivor)
@@ -184,6 +182,27 @@ def identify_user(
     return run_with_retries(lambda: _identify_once(workspace, user_id, changes, occurred_at, reason, actor, source))
 
 
+@dataclass
+class _IdentifyPlan:
+    action: str  # "claim", "merge", "create" or "update"
+    target: EndUser | None = None  # the bare user claimed or merged
+    ambiguous: bool = False
+
+
+def _plan_identify(user: EndUser | None, others: list[EndUser]) -> _IdentifyPlan:
+    """Kana's rules as a decision, shared by ``identify_user`` and ``apply_profile_rows``.
+
+    ``user`` is U (None when the userId is new), ``others`` is C. Merge (or claim, when there
+    is no U) only when C is exactly one user and it is bare; several users with a bare one
+    among them is ambiguous: nothing is merged, the users stay flagged (cases 9 and 10).
+    """
+    bare_others = [u for u in others if u.is_bare]
+    if len(others) == 1 and bare_others:
+        return _IdentifyPlan("claim" if user is None else "merge", target=others[0])
+    ambiguous = len(others) > 1 and bool(bare_others)
+    return _IdentifyPlan("create" if user is None else "update", ambiguous=ambiguous)
+
+
 @transaction.atomic
 def _identify_once(workspace, user_id, changes, occurred_at, reason, actor, source) -> IdentifyResult:
     email_key = changes.email_key
@@ -196,38 +215,47 @@ def _identify_once(workspace, user_id, changes, occurred_at, reason, actor, sour
     user = next((u for u in locked if u.pk == owner_id), None)
     if owner_id and user is None:
         raise _StaleRead()
-    others = [u for u in locked if u.pk != owner_id]
-    bare_others = [u for u in others if u.is_bare]
+    plan = _plan_identify(user, [u for u in locked if u.pk != owner_id])
 
-    if len(others) == 1 and bare_others:
-        target = others[0]
-        if user is None:
-            # Kana case 8: the bare user (a Stripe import) is claimed by this userId.
-            target.user_id = user_id
-            UserIdentity.objects.create(workspace=workspace, user=target, external_id=user_id)
-            apply_changes(target, changes, occurred_at)
-            target.save()
-            return IdentifyResult(user=target, outcome=IdentifyOutcome.CLAIMED)
+    if plan.action == "claim":
+        # Kana case 8: the bare user (a Stripe import) is claimed by this userId.
+        target = plan.target
+        target.user_id = user_id
+        UserIdentity.objects.create(workspace=workspace, user=target, external_id=user_id)
+        apply_changes(target, changes, occurred_at)
+        target.save()
+        return IdentifyResult(user=target, outcome=IdentifyOutcome.CLAIMED)
+    if plan.action == "merge":
         # Kana case 7: merge into the oldest; the payload's userId becomes canonical.
-        survivor, absorbed = _oldest_first([user, target])
+        survivor, absorbed = _oldest_first([user, plan.target])
         _absorb(workspace=workspace, survivor=survivor, absorbed=absorbed, reason=reason, actor=actor, source=source)
         _make_canonical(survivor, user_id)
         apply_changes(survivor, changes, occurred_at)
         survivor.save()
         return IdentifyResult(user=survivor, outcome=IdentifyOutcome.MERGED, absorbed_ids=[absorbed.pk])
-
-    ambiguous = len(others) > 1 and bool(bare_others)  # Kana cases 9 and 10
-    if user is None:
+    if plan.action == "create":
         user = _create_user(workspace, user_id, changes, occurred_at)
-        return IdentifyResult(user=user, outcome=IdentifyOutcome.CREATED, ambiguous=ambiguous)
+        return IdentifyResult(user=user, outcome=IdentifyOutcome.CREATED, ambiguous=plan.ambiguous)
     changed = apply_changes(user, changes, occurred_at)
     if changed:
         user.save()
     outcome = IdentifyOutcome.UPDATED if changed else IdentifyOutcome.UNCHANGED
-    return IdentifyResult(user=user, outcome=outcome, ambiguous=ambiguous)
+    return IdentifyResult(user=user, outcome=outcome, ambiguous=plan.ambiguous)
 
 
 # --- Users without a userId (CSV rows, Stripe imports) ---------------------------------
+
+
+def _missing_identifier() -> IdentityError:
+    return IdentityError("missing_identifier", "a row needs a kana_id, a user_id or an email", "email")
+
+
+def _ambiguous_email(count: int, changes: ProfileChanges) -> IdentityError:
+    return IdentityError(
+        "ambiguous_email",
+        f"{count} users have the email {changes.email!r}: give the kana_id of the one to update",
+        "email",
+    )
 
 
 def upsert_user_by_email(*, workspace: Workspace, changes: ProfileChanges, occurred_at: datetime) -> IdentifyResult:
@@ -236,7 +264,7 @@ def upsert_user_by_email(*, workspace: Workspace, changes: ProfileChanges, occur
     Several users with the email is an error: the row must name the user by its kana_id.
     """
     if not changes.email_key:
-        raise IdentityError("missing_identifier", "a row needs a kana_id, a user_id or an email", "email")
+        raise _missing_identifier()
 
     @transaction.atomic
     def once() -> IdentifyResult:
@@ -248,11 +276,7 @@ def upsert_user_by_email(*, workspace: Workspace, changes: ProfileChanges, occur
             .select_for_update()
         )
         if len(matches) > 1:
-            raise IdentityError(
-                "ambiguous_email",
-                f"{len(matches)} users have the email {changes.email!r}: give the kana_id of the one to update",
-                "email",
-            )
+            raise _ambiguous_email(len(matches), changes)
         if not matches:
             return IdentifyResult(
                 user=_create_user(workspace, None, changes, occurred_at), outcome=IdentifyOutcome.CREATED
@@ -283,6 +307,343 @@ def update_user(
         return IdentifyResult(user=user, outcome=IdentifyOutcome.UPDATED if changed else IdentifyOutcome.UNCHANGED)
 
     return run_with_retries(once)
+
+
+# --- Rows naming users by kana_id, userId or email (CSV import) -----------------------
+
+
+@dataclass
+class ProfileRow:
+    """One user's changes, named by Kana id (``user_pk``), by userId, or only by email.
+
+    ``user_pk`` rows go to ``update_user`` (a ``user_id`` beside it must resolve to that very
+    user), ``user_id`` rows to ``identify_user``, the rest to ``upsert_user_by_email``.
+    """
+
+    changes: ProfileChanges
+    user_pk: int | None = None
+    user_id: str | None = None
+    label: str = ""  # where the row comes from ("row 12"): ledger source and error messages
+
+
+RowOutcome = IdentifyResult | IdentityError
+
+
+def _user_id_mismatch(row: ProfileRow) -> IdentityError:
+    return IdentityError(
+        "user_id_mismatch",
+        f"user_id {row.user_id!r} is not a userId of kana_id {row.user_pk}; to give a user without a userId "
+        "one, leave kana_id empty (the row then claims the bare user with the same email)",
+        "user_id",
+    )
+
+
+def _duplicate_row(first_label: str) -> IdentityError:
+    return IdentityError("duplicate_row", f"the same user is already named by {first_label}", "kana_id")
+
+
+def _touched_by(result: IdentifyResult) -> list[int]:
+    return [result.user.pk, *result.absorbed_ids]
+
+
+def apply_profile_row(
+    *,
+    workspace: Workspace,
+    row: ProfileRow,
+    occurred_at: datetime,
+    reason: str = MergeReason.CSV,
+    actor: str = "",
+    source: str = "",
+) -> IdentifyResult:
+    """Apply one row with the per-message services (advisory locks, a transaction of its own)."""
+    if row.user_pk is not None:
+        if (
+            row.user_id is not None
+            and _owner_of(workspace, row.user_id) != row.user_pk
+            and EndUser.objects.for_workspace(workspace).filter(pk=row.user_pk).exists()
+        ):
+            raise _user_id_mismatch(row)
+        return update_user(workspace=workspace, user_pk=row.user_pk, changes=row.changes, occurred_at=occurred_at)
+    if row.user_id is not None:
+        return identify_user(
+            workspace=workspace,
+            user_id=row.user_id,
+            changes=row.changes,
+            occurred_at=occurred_at,
+            reason=reason,
+            actor=actor,
+            source=source or row.label,
+        )
+    return upsert_user_by_email(workspace=workspace, changes=row.changes, occurred_at=occurred_at)
+
+
+def apply_profile_rows_singly(
+    *,
+    workspace: Workspace,
+    rows: list[ProfileRow],
+    occurred_at: datetime,
+    touched: dict[int, str],
+    reason: str = MergeReason.CSV,
+    actor: str = "",
+) -> list[RowOutcome]:
+    """Rows one at a time through ``apply_profile_row``: the reference for ``apply_profile_rows``.
+
+    A row naming a user that an earlier row (``touched``: user pk -> row label, kept by the
+    caller across calls) already changed, claimed, merged or left unchanged is a
+    ``duplicate_row`` error and leaves no trace (its savepoint is rolled back).
+    """
+    outcomes: list[RowOutcome] = []
+    for row in rows:
+        try:
+            with transaction.atomic():
+                result = apply_profile_row(
+                    workspace=workspace, row=row, occurred_at=occurred_at, reason=reason, actor=actor
+                )
+                seen = next((touched[pk] for pk in _touched_by(result) if pk in touched), None)
+                if seen is not None:
+                    raise _duplicate_row(seen)
+        except IdentityError as error:
+            outcomes.append(error)
+            continue
+        touched.update((pk, row.label) for pk in _touched_by(result))
+        outcomes.append(result)
+    return outcomes
+
+
+def apply_profile_rows(
+    *,
+    workspace: Workspace,
+    rows: list[ProfileRow],
+    occurred_at: datetime,
+    touched: dict[int, str],
+    reason: str = MergeReason.CSV,
+    actor: str = "",
+) -> list[RowOutcome]:
+    """Set-based twin of ``apply_profile_rows_singly``: same outcomes, a few queries per call.
+
+    Reads every user the rows can concern in two queries (locking them in id order), applies
+    the rows in order to those objects with the same decision (``_plan_identify``), field
+    rules (``apply_changes``) and merge step (``_absorb``) as the per-row services, then
+    writes creations, claims and updates in bulk. Runs in a savepoint, retried as a whole.
+
+    It takes no advisory locks: a file names far more userIds and emails than PostgreSQL's
+    lock table holds, and the import's transaction keeps its locks to the end. Row locks and
+    the unique constraints still order it against concurrent identifies; what is lost is
+    only that an identify naming an email this call is setting at the same moment may not
+    see it, leaving two users flagged ``same_email`` instead of merged.
+    """
+    outcomes, newly_touched = run_with_retries(
+        lambda: _apply_rows_once(workspace, rows, occurred_at, touched, reason, actor)
+    )
+    touched.update(newly_touched)
+    return outcomes
+
+
+class _RowState:
+    """The users a batch of rows concerns, indexed by userId and email, changed in memory."""
+
+    def __init__(self, workspace: Workspace, rows: list[ProfileRow]):
+        self.workspace = workspace
+        user_ids = {row.user_id for row in rows if row.user_id is not None}
+        owners = dict(
+            UserIdentity.objects.for_workspace(workspace)
+            .filter(external_id__in=user_ids)
+            .values_list("external_id", "user_id")
+        )
+        pks = {row.user_pk for row in rows if row.user_pk is not None} | set(owners.values())
+        emails = {row.changes.email_key for row in rows} - {""}
+        match = Q(pk__in=pks)
+        if emails:
+            match |= Q(email_key__in=emails)
+        locked = EndUser.objects.for_workspace(workspace).filter(match).order_by("pk").select_for_update()
+        self.by_pk: dict[int, EndUser] = {user.pk: user for user in locked}
+        if any(pk not in self.by_pk for pk in owners.values()):
+            raise _StaleRead()  # a user deleted since its identity was read
+        self.owner: dict[str, EndUser] = {uid: self.by_pk[pk] for uid, pk in owners.items()}
+        self.by_email: dict[str, list[EndUser]] = defaultdict(list)
+        for user in self.by_pk.values():
+            if user.email_key:
+                self.by_email[user.email_key].append(user)
+        self.merged_into: dict[int, EndUser] = {}  # id(absorbed) -> survivor
+        self.created: list[EndUser] = []
+        self.identities: list[tuple[EndUser, str]] = []
+        self.dirty: dict[int, EndUser] = {}  # existing users to write back, by id()
+
+    def owner_of(self, user_id: str) -> EndUser | None:
+        user = self.owner.get(user_id)
+        while user is not None and id(user) in self.merged_into:
+            user = self.merged_into[id(user)]
+        return user
+
+    def with_email(self, email_key: str) -> list[EndUser]:
+        return list(self.by_email.get(email_key, ())) if email_key else []
+
+    def changed(self, user: EndUser, old_email_key: str) -> None:
+        if user.email_key != old_email_key:
+            if old_email_key:
+                self.by_email[old_email_key].remove(user)
+            if user.email_key:
+                self.by_email[user.email_key].append(user)
+        if user.pk is not None:
+            self.dirty[id(user)] = user
+
+    def create(self, user_id: str | None, changes: ProfileChanges, occurred_at: datetime) -> EndUser:
+        user = EndUser(workspace=self.workspace, user_id=user_id)
+        apply_changes(user, changes, occurred_at)
+        self.created.append(user)
+        if user.email_key:
+            self.by_email[user.email_key].append(user)
+        if user_id:
+            self.owner[user_id] = user
+            self.identities.append((user, user_id))
+        return user
+
+    def forget(self, absorbed: EndUser, survivor: EndUser) -> None:
+        if absorbed.email_key:
+            self.by_email[absorbed.email_key].remove(absorbed)
+        self.merged_into[id(absorbed)] = survivor
+        self.dirty.pop(id(absorbed), None)
+
+
+_BULK_FIELDS = [
+    "user_id",
+    "name",
+    "name_set_at",
+    "email",
+    "email_key",
+    "email_set_at",
+    "billing_id",
+    "billing_provider",
+    "billing_set_at",
+    "audiences",
+    "updated_at",
+]
+
+
+def _apply_rows_once(workspace, rows, occurred_at, touched, reason, actor):
+    with transaction.atomic():
+        state = _RowState(workspace, rows)
+        planned: list[tuple[ProfileRow, RowOutcome]] = []
+        touched_here: dict[int, str] = {}  # id(user) -> label, for users of this batch
+
+        def seen_by(users) -> str | None:
+            for user in users:
+                if user.pk is not None and user.pk in touched:
+                    return touched[user.pk]
+                if id(user) in touched_here:
+                    return touched_here[id(user)]
+            return None
+
+        for row in rows:
+            try:
+                result = _apply_row_in_memory(state, row, occurred_at, reason, actor, seen_by)
+            except IdentityError as error:
+                planned.append((row, error))
+                continue
+            for user in (result.user, *result.absorbed_users):
+                touched_here[id(user)] = row.label
+            planned.append((row, result.as_result()))
+
+        _write_back(state, occurred_at)
+        newly_touched: dict[int, str] = {}
+        outcomes: list[RowOutcome] = []
+        for row, outcome in planned:
+            if isinstance(outcome, IdentifyResult):
+                newly_touched.update((pk, row.label) for pk in _touched_by(outcome))
+            outcomes.append(outcome)
+        return outcomes, newly_touched
+
+
+@dataclass
+class _InMemoryResult:
+    user: EndUser
+    outcome: str
+    ambiguous: bool = False
+    absorbed_users: tuple[EndUser, ...] = ()
+
+    def as_result(self) -> IdentifyResult:
+        # An absorbed user's row is deleted, but the instance keeps its pk.
+        absorbed_ids = [u.pk for u in self.absorbed_users]
+        return IdentifyResult(user=self.user, outcome=self.outcome, ambiguous=self.ambiguous, absorbed_ids=absorbed_ids)
+
+
+def _apply_row_in_memory(state: _RowState, row: ProfileRow, occurred_at, reason, actor, seen_by) -> _InMemoryResult:
+    """One row against the batch's users, in the order and with the checks of the per-row path."""
+    changes = row.changes
+
+    def update(user: EndUser, ambiguous: bool = False) -> _InMemoryResult:
+        first = seen_by([user])
+        if first is not None:
+            raise _duplicate_row(first)
+        old_key = user.email_key
+        if not apply_changes(user, changes, occurred_at):
+            return _InMemoryResult(user, IdentifyOutcome.UNCHANGED, ambiguous)
+        state.changed(user, old_key)
+        return _InMemoryResult(user, IdentifyOutcome.UPDATED, ambiguous)
+
+    if row.user_pk is not None:
+        user = state.by_pk.get(row.user_pk)
+        if user is None or id(user) in state.merged_into:
+            raise IdentityError("unknown_user", f"no user with id {row.user_pk}", "id")
+        if row.user_id is not None and state.owner_of(row.user_id) is not user:
+            raise _user_id_mismatch(row)
+        return update(user)
+
+    if row.user_id is None:
+        if not changes.email_key:
+            raise _missing_identifier()
+        matches = state.with_email(changes.email_key)
+        if len(matches) > 1:
+            raise _ambiguous_email(len(matches), changes)
+        if not matches:
+            return _InMemoryResult(state.create(None, changes, occurred_at), IdentifyOutcome.CREATED)
+        return update(matches[0])
+
+    user = state.owner_of(row.user_id)
+    plan = _plan_identify(user, [u for u in state.with_email(changes.email_key) if u is not user])
+    if plan.action == "create":
+        created = state.create(row.user_id, changes, occurred_at)
+        return _InMemoryResult(created, IdentifyOutcome.CREATED, plan.ambiguous)
+    if plan.action == "update":
+        return update(user, plan.ambiguous)
+    first = seen_by([u for u in (user, plan.target) if u is not None])
+    if first is not None:
+        raise _duplicate_row(first)
+    target = plan.target
+    if plan.action == "claim":
+        old_key = target.email_key
+        target.user_id = row.user_id
+        state.owner[row.user_id] = target
+        state.identities.append((target, row.user_id))
+        apply_changes(target, changes, occurred_at)
+        state.changed(target, old_key)
+        return _InMemoryResult(target, IdentifyOutcome.CLAIMED)
+    survivor, absorbed = _oldest_first([user, target])
+    old_key = survivor.email_key
+    _absorb(
+        workspace=state.workspace, survivor=survivor, absorbed=absorbed, reason=reason, actor=actor, source=row.label
+    )
+    state.forget(absorbed, survivor)
+    _make_canonical(survivor, row.user_id)
+    apply_changes(survivor, changes, occurred_at)
+    state.changed(survivor, old_key)
+    return _InMemoryResult(survivor, IdentifyOutcome.MERGED, absorbed_users=(absorbed,))
+
+
+def _write_back(state: _RowState, occurred_at: datetime) -> None:
+    """Creations, claims and updates of one batch: a few statements whatever its size."""
+    now = timezone.now()
+    if state.created:
+        EndUser.objects.bulk_create(state.created, batch_size=1000)
+    if state.identities:
+        UserIdentity.objects.bulk_create(
+            [UserIdentity(workspace=state.workspace, user=user, external_id=uid) for user, uid in state.identities],
+            batch_size=1000,
+        )
+    if state.dirty:
+        for user in state.dirty.values():
+            user.updated_at = now  # bulk_update skips auto_now
+        EndUser.objects.bulk_update(list(state.dirty.values()), _BULK_FIELDS, batch_size=500)
 
 
 # --- Track: resolving userIds in bulk --------------------------------------------------

@@ -1,0 +1,34 @@
+"""Small display filters for the dashboard templates."""
+
+import json
+
+from django import template
+
+from users.models import UserFlag
+
+from ..forms import OPERATOR_LABELS, format_value
+
+register = template.Library()
+
+_FLAG_SHORT = {UserFlag.NO_BILLING_ID.value: "no billing id", UserFlag.SAME_EMAIL.value: "same email"}
+
+
+@register.filter
+def flag_label(flag: str) -> str:
+    return _FLAG_SHORT.get(flag, flag)
+
+
+@register.filter
+def condition_text(condition: dict) -> str:
+    """``plan.tier equals pro`` for a stored rule condition."""
+    operator = OPERATOR_LABELS.get(condition.get("operator"), condition.get("operator"))
+    if "value" not in condition:
+        return f"{condition.get('property')} {operator}"
+    value = condition["value"]
+    shown = ", ".join(format_value(v) for v in value) if isinstance(value, list) else format_value(value)
+    return f"{condition.get('property')} {operator} {shown}"
+
+
+@register.filter
+def as_json(value) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, default=str)

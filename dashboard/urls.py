@@ -1,0 +1,34 @@
+from django.contrib.auth import views as auth_views
+from django.urls import path
+
+from .views import csv, duplicates, rules, segment, users
+
+app_name = "dashboard"
+
+urlpatterns = [
+    path("login/", auth_views.LoginView.as_view(template_name="dashboard/login.html"), name="login"),
+    path("logout/", auth_views.LogoutView.as_view(next_page="dashboard:login"), name="logout"),
+    path("", segment.segment, name="segment"),
+    path("workspaces/", segment.workspaces, name="workspaces"),
+    path("keys/", segment.key_create, name="key_create"),
+    path("keys/<int:pk>/revoke/", segment.key_revoke, name="key_revoke"),
+    path("users/", users.user_list_page, name="users"),
+    path("users/<int:pk>/", users.user_detail, name="user"),
+    path("users/<int:pk>/delete/", users.user_delete, name="user_delete"),
+    path("duplicates/", duplicates.duplicates, name="duplicates"),
+    path("duplicates/preview/", duplicates.merge_preview_page, name="merge_preview"),
+    path("duplicates/merge/", duplicates.merge, name="merge"),
+    path("features/", rules.features, name="features"),
+    path("rules/", rules.rules, name="rules"),
+    path("rules/new/", rules.rule_new, name="rule_new"),
+    path("rules/<int:pk>/progress/", rules.rule_progress, name="rule_progress"),
+    path("rules/<int:pk>/active/", rules.rule_toggle, name="rule_toggle"),
+    path("unmapped/", rules.unmapped, name="unmapped"),
+    path("csv/", csv.csv_page, name="csv"),
+    path("csv/export/", csv.csv_export, name="csv_export"),
+    path("csv/import/", csv.csv_import, name="csv_import"),
+    path("csv/imports/<int:pk>/", csv.csv_job, name="csv_job"),
+    path("csv/imports/<int:pk>/progress/", csv.csv_job_progress, name="csv_job_progress"),
+    path("csv/imports/<int:pk>/report/", csv.csv_job_report, name="csv_job_report"),
+    path("csv/imports/<int:pk>/apply/", csv.csv_job_apply, name="csv_job_apply"),
+]

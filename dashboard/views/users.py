@@ -1,0 +1,87 @@
+"""Users: search and list with flags, detail (usage charts, events, merges), delete."""
+
+from django.contrib import messages
+from django.core.paginator import Paginator
+from django.http import Http404
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_GET, require_http_methods
+
+from features.selectors import event_list, user_usage, user_usage_by_day
+from users.models import UserFlag
+from users.selectors import flags_of, merge_history, user_ids_by_user, user_ids_of, user_list, users_with_flags
+from users.services import IdentityError, delete_user
+
+from ..access import workspace_view
+from ..charts import bar_chart
+
+PAGE_SIZE = 50
+RECENT_EVENTS = 25
+CHART_DAYS = 30
+
+
+def with_flags_and_ids(users) -> list:
+    """Attach ``flags`` and ``user_ids`` to each user of a page (one query for the ids)."""
+    users = list(users)
+    ids = user_ids_by_user([u.pk for u in users])
+    for user in users:
+        user.flags = flags_of(user)
+        user.user_ids = user_ids_of(user, ids.get(user.pk, []))
+    return users
+
+
+@require_GET
+@workspace_view
+def user_list_page(request):
+    query = request.GET.get("q", "").strip()
+    flag = request.GET.get("flag", "")
+    if flag not in UserFlag.values:
+        flag = ""
+    page = Paginator(user_list(request.workspace, search=query or None, flag=flag or None), PAGE_SIZE).get_page(
+        request.GET.get("page")
+    )
+    context = {
+        "page": page,
+        "users": with_flags_and_ids(page.object_list),
+        "query": query,
+        "flag": flag,
+        "flag_choices": UserFlag.choices,
+    }
+    return render(request, "dashboard/users.html", context)
+
+
+def _user_or_404(request, pk: int):
+    return get_object_or_404(users_with_flags(request.workspace), pk=pk)
+
+
+@require_GET
+@workspace_view
+def user_detail(request, pk: int):
+    workspace = request.workspace
+    user = with_flags_and_ids([_user_or_404(request, pk)])[0]
+    by_day = user_usage_by_day(workspace, user_pk=user.pk, days=CHART_DAYS)
+    usage = [
+        {**row, "chart": bar_chart(by_day.get(row["feature"], []))} for row in user_usage(workspace, user_pk=user.pk)
+    ]
+    context = {
+        "end_user": user,  # "user" is the signed-in admin in templates
+        "usage": usage,
+        "chart_days": CHART_DAYS,
+        "events": list(event_list(workspace, user_pk=user.pk).order_by("-occurred_at", "-pk")[:RECENT_EVENTS]),
+        "merges": list(merge_history(workspace, user_pk=user.pk)[:50]),
+        "memberships": list(user.group_memberships.select_related("group").order_by("group__group_id")),
+    }
+    return render(request, "dashboard/user_detail.html", context)
+
+
+@require_http_methods(["GET", "POST"])
+@workspace_view
+def user_delete(request, pk: int):
+    user = _user_or_404(request, pk)
+    if request.method == "GET":
+        return render(request, "dashboard/user_delete.html", {"end_user": user})
+    try:
+        delete_user(workspace=request.workspace, user_pk=user.pk)
+    except IdentityError as exc:  # deleted meanwhile by someone else
+        raise Http404(exc.message) from None
+    messages.success(request, f"User {user} deleted.")
+    return redirect("dashboard:users")

@@ -1,0 +1,598 @@
+"""CSV import of users, through the identity service (``users.services``) like Identify calls.
+
+Services (what the dashboard, the REST API and ``manage.py import_users`` call):
+
+    import_users_csv(*, workspace: Workspace, file: BinaryIO, dry_run: bool, actor: str,
+                     file_name: str = "", run_inline: bool | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> ImportJob
+        Checks the file (encoding, header; raises CsvFileError, nothing stored), records an
+        ImportJob, and runs it: in this process when it has at most
+        settings.KANA_CSV_INLINE_MAX_ROWS rows (or ``run_inline`` is True), else in a Celery
+        worker, enqueued on commit (eager in the embedded default: it has then run already).
+        The returned job is ``done``/``failed`` when it ran here, else ``queued``.
+
+    run_import_job(*, job_id: int, progress: Callable[[int, int], None] | None = None) -> ImportJob
+        Runs a queued job (the Celery task and the management command call it).
+
+    import_report(job: ImportJob) -> dict
+        SPEC §9's import report: {"id", "status", "dry_run", "applied", "counts", "rows",
+        "rows_total", "rows_processed", "error"}; ``rows`` holds at most REPORT_SAMPLE_ROWS
+        rows, errors first. The full report is a file: ``open_import_report(job)``.
+
+    open_import_report(job: ImportJob) -> BinaryIO | None
+        The full per-row report, CSV ``row,result,error,code,kana_id,note`` (UTF-8).
+
+Rows: ``kana_id`` -> ``update_user``; else ``user_id`` -> ``identify_user``; else the email ->
+``upsert_user_by_email`` (set-based twins in ``apply_profile_rows``). Only kana_id, user_id,
+name, email and billing_id are read; an empty cell leaves the field as it is. The row time
+(``occurred_at``) is the import's start. Results: created, updated (claims included, noted),
+merged, unchanged, or error. A user named by two rows is an error on the second.
+
+All or nothing: the whole file is applied in one transaction; a dry run, or any row error,
+rolls it back, so a dry run reports exactly what applying would do. Nothing is held per row
+beyond the set of users already named (for duplicate rows): the file is read twice as a
+stream (a check, then the import), counts and a bounded sample are kept, the full report is
+streamed to a temporary file and then to storage.
+"""
+
+import codecs
+import csv
+import io
+import logging
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import partial
+from typing import BinaryIO
+
+from django.conf import settings
+from django.core.files import File
+from django.core.files.storage import default_storage
+from django.db import DatabaseError, connection, transaction
+from django.utils import timezone
+
+from kana.locks import lock_keys
+from kana.models import Workspace
+from segment_ingest.messages import MessageError, clean_identifier
+
+from .csv_format import COLUMNS, READ_COLUMNS, unescape_cell
+from .models import ImportJob, ImportStatus
+from .profile import UNSET, validated_changes
+from .services import (
+    IdentifyOutcome,
+    IdentifyResult,
+    IdentityError,
+    MergeReason,
+    ProfileRow,
+    apply_profile_rows,
+    apply_profile_rows_singly,
+)
+
+logger = logging.getLogger(__name__)
+
+# Rows per call of the identity service: its reads and writes are a few statements per
+# chunk, and a chunk's rows and users are in memory at once (~1 MB for 1,000 rows).
+IMPORT_CHUNK_ROWS = 1000
+# Report rows kept in the job (and answered by the API); the full report is a file.
+REPORT_SAMPLE_ROWS = 1000
+REPORT_COLUMNS = ("row", "result", "error", "code", "kana_id", "note")
+_READ_BLOCK_BYTES = 1 << 20
+_PROGRESS_SECONDS = 1.0
+_HEADER_HINT = ",".join(COLUMNS)
+
+_RESULTS = {
+    IdentifyOutcome.CREATED: "created",
+    IdentifyOutcome.UPDATED: "updated",
+    IdentifyOutcome.CLAIMED: "updated",
+    IdentifyOutcome.MERGED: "merged",
+    IdentifyOutcome.UNCHANGED: "unchanged",
+}
+_ERROR_CODES = {"unknown_user": "unknown_kana_id"}
+
+
+class CsvFileError(Exception):
+    """The file as a whole cannot be imported (encoding, header, empty): nothing is changed."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+# --- Reading the file ------------------------------------------------------------------
+
+
+class _Utf8Lines:
+    """A binary file as text lines for ``csv.reader``: strict UTF-8, a leading BOM skipped.
+
+    Splits on CR, LF and CRLF only (what ``csv`` expects with ``newline=""``), so quoted
+    newlines reach the parser intact. Anything that is not UTF-8 stops with a CsvFileError
+    naming the byte offset and line.
+    """
+
+    def __init__(self, binary: BinaryIO):
+        self.binary = binary
+        self.bytes_read = 0
+        self.newlines = 0  # LFs decoded before the current block, for line numbers
+
+    def __iter__(self) -> Iterator[str]:
+        decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        carry = ""
+        first = True
+        while True:
+            block = self.binary.read(_READ_BLOCK_BYTES)
+            final = not block
+            if first:
+                block = self._check_start(block)
+                first = False
+            nul = block.find(b"\x00")
+            if nul >= 0:
+                raise CsvFileError(
+                    "unsupported_encoding",
+                    f"the file has a NUL byte at byte {self.bytes_read + nul} (line {self._line_at(block, nul)}): "
+                    "it looks like UTF-16 or a binary file; save it as CSV UTF-8",
+                )
+            pending = len(decoder.getstate()[0])
+            try:
+                text = decoder.decode(block, final=final)
+            except UnicodeDecodeError as exc:
+                raise self._decode_error(exc, pending) from None
+            self.bytes_read += len(block)
+            self.newlines += text.count("\n")
+            text = carry + text
+            if final:
+                if text:
+                    yield from io.StringIO(text, newline="")
+                return
+            lines = io.StringIO(text, newline="").readlines()
+            # The last line may continue in the next block (a CR may be the first half of CRLF).
+            carry = lines.pop() if lines and not lines[-1].endswith("\n") else ""
+            yield from lines
+
+    def _check_start(self, block: bytes) -> bytes:
+        if block.startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise CsvFileError(
+                "unsupported_encoding", "the file is UTF-16 encoded; save it as CSV UTF-8 (with or without BOM)"
+            )
+        if block.startswith(codecs.BOM_UTF8):
+            self.bytes_read = len(codecs.BOM_UTF8)
+            return block[len(codecs.BOM_UTF8) :]
+        return block
+
+    def _line_at(self, block: bytes, index: int) -> int:
+        return self.newlines + block[:index].count(b"\n") + 1
+
+    def _decode_error(self, exc: UnicodeDecodeError, pending: int) -> CsvFileError:
+        offset = self.bytes_read - pending + exc.start
+        line = self.newlines + exc.object[: exc.start].count(b"\n") + 1
+        byte = exc.object[exc.start]
+        return CsvFileError(
+            "unsupported_encoding",
+            f"the file is not UTF-8: byte 0x{byte:02X} at byte {offset} (line {line}) is not valid UTF-8 "
+            "(Latin-1 or Windows-1252?); save the file as CSV UTF-8",
+        )
+
+
+@dataclass
+class _Header:
+    width: int
+    index: dict[str, int]  # read column -> position
+
+
+def _read_header(reader) -> _Header:
+    try:
+        first = next(reader, None)
+    except csv.Error as exc:
+        raise CsvFileError("malformed_csv", f"the header is not valid CSV: {exc}") from None
+    if first is None or not any(cell.strip() for cell in first):
+        raise CsvFileError("empty_file", f"the file is empty; the first row must be the header {_HEADER_HINT}")
+    names = [cell.strip().lower() for cell in first]
+    known = set(COLUMNS)
+    if not known.intersection(names):
+        shown = ",".join(first)[:80]
+        raise CsvFileError("missing_header", f"the first row must be the header {_HEADER_HINT}; it is {shown!r}")
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise CsvFileError(
+            "invalid_header",
+            f"unknown column {unknown[0]!r} in the header; the columns are {_HEADER_HINT} "
+            f"(only {', '.join(READ_COLUMNS)} are read)",
+        )
+    repeated = next((name for name in names if names.count(name) > 1), None)
+    if repeated:
+        raise CsvFileError("invalid_header", f"the column {repeated!r} appears twice in the header")
+    if not {"kana_id", "user_id", "email"}.intersection(names):
+        raise CsvFileError("invalid_header", "the header needs at least one of kana_id, user_id, email")
+    return _Header(width=len(names), index={name: names.index(name) for name in READ_COLUMNS if name in names})
+
+
+def _records(binary: BinaryIO) -> tuple[_Header, Iterator[tuple[int, list[str]]]]:
+    """The header, then (row number, cells) for each non-blank record; the header is row 1."""
+    lines = _Utf8Lines(binary)
+    reader = csv.reader(lines, strict=True)
+    header = _read_header(reader)
+
+    def rows() -> Iterator[tuple[int, list[str]]]:
+        number = 1
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                raise CsvFileError("malformed_csv", f"line {reader.line_num}: {exc}") from None
+            number += 1
+            if cells and any(cells):
+                yield number, cells
+
+    return header, rows()
+
+
+def scan_csv(binary: BinaryIO) -> int:
+    """Check a whole file (encoding, header, CSV syntax) and count its data rows."""
+    _header, rows = _records(binary)
+    return sum(1 for _ in rows)
+
+
+# --- Rows ------------------------------------------------------------------------------
+
+
+@dataclass
+class _RowError:
+    code: str
+    message: str
+
+
+def _parse_row(number: int, cells: list[str], header: _Header) -> ProfileRow | _RowError:
+    if len(cells) != header.width:
+        return _RowError("wrong_field_count", f"the row has {len(cells)} fields, the header {header.width}")
+
+    def cell(name: str) -> str:
+        position = header.index.get(name)
+        return unescape_cell(cells[position]).strip() if position is not None else ""
+
+    kana_id = cell("kana_id")
+    if kana_id and not kana_id.isdigit():
+        return _RowError("invalid_kana_id", f"kana_id {kana_id!r} is not a Kana user id (a whole number)")
+    try:
+        user_id = clean_identifier(cell("user_id"), "user_id")
+    except MessageError as exc:
+        return _RowError("invalid_user_id", exc.message)
+    changes, problems = validated_changes(
+        name=cell("name") or UNSET, email=cell("email") or UNSET, billing_id=cell("billing_id") or UNSET
+    )
+    if problems:
+        return _RowError(problems[0].code, "; ".join(p.message for p in problems))
+    user_pk = int(kana_id) if kana_id else None
+    return ProfileRow(changes=changes, user_pk=user_pk, user_id=user_id, label=f"row {number}")
+
+
+# --- The report ------------------------------------------------------------------------
+
+
+class _Report:
+    """Counts, a bounded sample (errors first) and the full report streamed to a temp file."""
+
+    def __init__(self):
+        self.counts = {"created": 0, "updated": 0, "merged": 0, "unchanged": 0, "error": 0}
+        self.errors: list[dict] = []
+        self.others: list[dict] = []
+        self.file = tempfile.TemporaryFile(mode="w+b")
+        self.text = io.TextIOWrapper(self.file, encoding="utf-8", newline="")
+        self.writer = csv.writer(self.text)
+        self.writer.writerow(REPORT_COLUMNS)
+
+    def add(self, number: int, result: str, *, kana_id=None, code="", error="", note="") -> None:
+        self.counts[result] += 1
+        self.writer.writerow((number, result, error, code, kana_id or "", note))
+        kept = self.errors if result == "error" else self.others
+        if len(kept) < REPORT_SAMPLE_ROWS:
+            kept.append(
+                {
+                    "row": number,
+                    "result": result,
+                    "error": error or None,
+                    "code": code or None,
+                    "kana_id": kana_id,
+                    "note": note or None,
+                }
+            )
+
+    def add_outcome(self, number: int, outcome) -> None:
+        if isinstance(outcome, _RowError):
+            self.add(number, "error", code=outcome.code, error=outcome.message)
+        elif isinstance(outcome, IdentityError):
+            self.add(number, "error", code=_ERROR_CODES.get(outcome.code, outcome.code), error=outcome.message)
+        else:
+            self.add(number, _RESULTS[outcome.outcome], kana_id=outcome.user.pk, note=_note(outcome))
+
+    def sample(self) -> list[dict]:
+        room = REPORT_SAMPLE_ROWS - len(self.errors)
+        return sorted(self.errors + self.others[:room], key=lambda row: row["row"])
+
+    def save(self, job: ImportJob) -> str:
+        self.text.flush()
+        self.file.seek(0)
+        name = f"imports/{job.workspace_id}/report-{job.pk}-{uuid.uuid4().hex}.csv"
+        name = default_storage.save(name, File(self.file))
+        self.close()
+        return name
+
+    def close(self) -> None:
+        if not self.text.closed:
+            self.text.close()
+
+
+def _note(result: IdentifyResult) -> str:
+    notes = []
+    if result.outcome == IdentifyOutcome.CLAIMED:
+        notes.append("claimed the user without a userId that has this email")
+    if result.absorbed_ids:
+        notes.append("merged kana_id " + ", ".join(str(pk) for pk in result.absorbed_ids) + " into this user")
+    if result.ambiguous:
+        notes.append("the email matches several users, one without a userId: not merged, flagged same_email")
+    return "; ".join(notes)
+
+
+# --- Services --------------------------------------------------------------------------
+
+
+def import_users_csv(
+    *,
+    workspace: Workspace,
+    file: BinaryIO,
+    dry_run: bool,
+    actor: str,
+    file_name: str = "",
+    run_inline: bool | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    row_by_row: bool = False,
+) -> ImportJob:
+    """Check and record an import, then run it here or in a worker (see the module docstring).
+
+    ``row_by_row`` applies rows through the per-row services instead of their set-based
+    twin (same results, slower): for verification.
+    """
+    if hasattr(file, "seek"):
+        file.seek(0)
+    # A Django upload kept in a temporary file is moved into storage, not copied.
+    content = file if isinstance(file, File) else File(file)
+    source_path = default_storage.save(f"imports/{workspace.pk}/upload-{uuid.uuid4().hex}.csv", content)
+    try:
+        with default_storage.open(source_path, "rb") as stored:
+            total = scan_csv(stored)
+    except CsvFileError:
+        default_storage.delete(source_path)
+        raise
+    job = ImportJob.objects.create(
+        workspace=workspace,
+        dry_run=dry_run,
+        actor=actor[:255],
+        file_name=(file_name or getattr(file, "name", "") or "")[:255],
+        source_path=source_path,
+        rows_total=total,
+    )
+    inline = run_inline if run_inline is not None else total <= settings.KANA_CSV_INLINE_MAX_ROWS
+    if inline:
+        return run_import_job(job_id=job.pk, progress=progress, row_by_row=row_by_row)
+    transaction.on_commit(partial(enqueue_import_job, job_id=job.pk))
+    job.refresh_from_db()  # in the embedded default (eager tasks) it has run by now
+    return job
+
+
+def enqueue_import_job(*, job_id: int) -> None:
+    """Send a job to the workers; if the broker is down the sweeper sends it later."""
+    from .tasks import run_import
+
+    try:
+        run_import.delay(job_id=job_id)
+    except Exception as exc:  # kombu/redis raise many types when the broker is unreachable
+        if run_import.app.conf.task_always_eager:
+            raise
+        logger.warning("import job not enqueued; the sweeper will retry", extra={"job_id": job_id, "error": repr(exc)})
+
+
+def _claim(job_id: int) -> bool:
+    """queued -> running; a running job whose heartbeat stopped (its worker died) is re-run."""
+    now = timezone.now()
+    stale = now - timedelta(seconds=settings.KANA_JOB_STALE_SECONDS)
+    jobs = ImportJob.objects.filter(pk=job_id)
+    claimed = jobs.filter(status=ImportStatus.QUEUED).update(status=ImportStatus.RUNNING, heartbeat_at=now)
+    if not claimed:
+        claimed = jobs.filter(status=ImportStatus.RUNNING, heartbeat_at__lt=stale).update(heartbeat_at=now)
+    jobs.filter(started_at__isnull=True).update(started_at=now)
+    return claimed == 1
+
+
+def stalled_import_ids() -> list[int]:
+    """Queued jobs never picked up (the broker was down) and running ones whose worker died."""
+    cutoff = timezone.now() - timedelta(seconds=settings.KANA_JOB_STALE_SECONDS)
+    queued = ImportJob.objects.filter(status=ImportStatus.QUEUED, created_at__lt=cutoff)
+    stalled = ImportJob.objects.filter(status=ImportStatus.RUNNING, heartbeat_at__lt=cutoff)
+    return sorted(set(queued.values_list("id", flat=True)) | set(stalled.values_list("id", flat=True)))
+
+
+class _RollBack(Exception):
+    pass
+
+
+class _Heartbeat:
+    """Writes a running job's progress from its own thread and database connection.
+
+    The import's transaction stays open to the end, so its own writes are invisible until
+    then. SQLite allows one writer at a time and the import is it: there progress is only
+    written at the end.
+    """
+
+    def __init__(self, job_id: int):
+        self.job_id = job_id
+        self.processed = 0
+        self.stopped = threading.Event()
+        self.thread = None
+        if connection.vendor == "postgresql":
+            self.thread = threading.Thread(target=self._run, name=f"import-{job_id}-progress", daemon=True)
+            self.thread.start()
+
+    def _run(self) -> None:
+        from django.db import connection as thread_connection
+
+        try:
+            while not self.stopped.wait(_PROGRESS_SECONDS):
+                ImportJob.objects.filter(pk=self.job_id, status=ImportStatus.RUNNING).update(
+                    rows_processed=self.processed, heartbeat_at=timezone.now()
+                )
+        except DatabaseError:
+            logger.warning("import progress not written", extra={"job_id": self.job_id})
+        finally:
+            thread_connection.close()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.thread is not None:
+            self.thread.join()
+
+
+def run_import_job(
+    *,
+    job_id: int,
+    progress: Callable[[int, int], None] | None = None,
+    row_by_row: bool = False,
+    requeue_on: tuple[type[Exception], ...] = (),
+) -> ImportJob:
+    """Run a queued import job to done or failed; returns the job as it is afterwards.
+
+    An exception of a ``requeue_on`` type (the task's transient database errors) puts the job
+    back to queued and propagates, for the caller's retry; any other failure is final.
+    """
+    if not _claim(job_id):
+        return ImportJob.objects.get(pk=job_id)
+    job = ImportJob.objects.select_related("workspace").get(pk=job_id)
+    try:
+        _run(job, progress, row_by_row)
+    except CsvFileError as exc:
+        _fail(job_id, exc.code, exc.message)
+    except requeue_on:
+        ImportJob.objects.filter(pk=job_id, status=ImportStatus.RUNNING).update(status=ImportStatus.QUEUED)
+        raise
+    except Exception as exc:
+        logger.exception("import job failed", extra={"job_id": job_id})
+        _fail(job_id, "import_failed", f"the import failed and changed nothing ({type(exc).__name__})")
+        raise
+    job = ImportJob.objects.get(pk=job_id)
+    if job.status in (ImportStatus.DONE, ImportStatus.FAILED) and job.source_path:
+        default_storage.delete(job.source_path)
+    return job
+
+
+def _fail(job_id: int, code: str, message: str) -> None:
+    ImportJob.objects.filter(pk=job_id).exclude(status=ImportStatus.DONE).update(
+        status=ImportStatus.FAILED, error_code=code, error=message[:2000], finished_at=timezone.now()
+    )
+
+
+def _run(job: ImportJob, progress, row_by_row: bool) -> None:
+    occurred_at = timezone.now()
+    apply = apply_profile_rows_singly if row_by_row else apply_profile_rows
+    report = _Report()
+    heartbeat = _Heartbeat(job.pk)
+    touched: dict[int, str] = {}
+    processed = 0
+    try:
+        with transaction.atomic():
+            # Two runners of one job (a redelivery racing a slow worker) take turns; the
+            # second finds it done.
+            lock_keys([f"csv-import:{job.pk}"])
+            if ImportJob.objects.filter(pk=job.pk, status=ImportStatus.RUNNING).count() != 1:
+                return
+            applied = False
+            try:
+                with transaction.atomic(), default_storage.open(job.source_path, "rb") as source:
+                    header, rows = _records(source)
+                    for chunk in _chunks(rows, IMPORT_CHUNK_ROWS):
+                        parsed = [(number, _parse_row(number, cells, header)) for number, cells in chunk]
+                        to_apply = [row for _, row in parsed if isinstance(row, ProfileRow)]
+                        outcomes = iter(
+                            apply(
+                                workspace=job.workspace,
+                                rows=to_apply,
+                                occurred_at=occurred_at,
+                                touched=touched,
+                                reason=MergeReason.CSV,
+                                actor=job.actor,
+                            )
+                            if to_apply
+                            else []
+                        )
+                        for number, row in parsed:
+                            report.add_outcome(number, next(outcomes) if isinstance(row, ProfileRow) else row)
+                        processed += len(chunk)
+                        heartbeat.processed = processed
+                        if progress:
+                            progress(processed, job.rows_total)
+                    if job.dry_run or report.counts["error"]:
+                        raise _RollBack()
+                    applied = True
+            except _RollBack:
+                pass
+            heartbeat.stop()
+            report_path = report.save(job)
+            ImportJob.objects.filter(pk=job.pk).update(
+                status=ImportStatus.DONE,
+                applied=applied,
+                rows_processed=processed,
+                created=report.counts["created"],
+                updated=report.counts["updated"],
+                merged=report.counts["merged"],
+                unchanged=report.counts["unchanged"],
+                errors=report.counts["error"],
+                sample=report.sample(),
+                report_path=report_path,
+                heartbeat_at=timezone.now(),
+                finished_at=timezone.now(),
+            )
+    finally:
+        heartbeat.stop()
+        report.close()
+
+
+def _chunks(rows: Iterator, size: int) -> Iterator[list]:
+    chunk = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+# --- Reading results -------------------------------------------------------------------
+
+
+def import_report(job: ImportJob) -> dict:
+    """The import report of SPEC §9 (plus ids and progress); ``rows`` is a bounded sample."""
+    body = {
+        "id": job.pk,
+        "status": job.status,
+        "dry_run": job.dry_run,
+        "applied": job.applied,
+        "counts": job.counts(),
+        "rows": job.sample,
+        "rows_total": job.rows_total,
+        "rows_processed": job.rows_processed,
+        "file_name": job.file_name,
+        "created_at": job.created_at.isoformat(),
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+    }
+    if job.error_code:
+        body["error"] = {"code": job.error_code, "message": job.error}
+    return body
+
+
+def open_import_report(job: ImportJob) -> BinaryIO | None:
+    """The full per-row report as a binary file, or None while the job has none."""
+    if not job.report_path:
+        return None
+    return default_storage.open(job.report_path, "rb")

@@ -1,0 +1,38 @@
+from django.core.management.base import BaseCommand, CommandError
+
+from kana.models import Workspace
+from users.csv_export import EXPORT_CHUNK_ROWS, export_row_count, export_users_csv
+from users.management.progress import ProgressBar
+
+
+class Command(BaseCommand):
+    help = "Export every user of a workspace as CSV (UTF-8) to a file or stdout, with progress on stderr."
+
+    def add_arguments(self, parser):
+        parser.add_argument("workspace", type=int, help="workspace id")
+        parser.add_argument("output", nargs="?", default="-", help="file to write; '-' or nothing for stdout")
+
+    def handle(self, *args, workspace, output, **options):
+        found = Workspace.objects.filter(pk=workspace).first()
+        if found is None:
+            raise CommandError(f"no workspace with id {workspace}")
+        total = export_row_count(workspace=found)
+        bar = ProgressBar(lambda text: self.stderr.write(text, ending=""), "users")
+        target = self.stdout if output == "-" else open(output, "w", encoding="utf-8", newline="")
+        written = 0
+        try:
+            for index, piece in enumerate(export_users_csv(workspace=found)):
+                if output == "-":
+                    target.write(piece, ending="")
+                else:
+                    target.write(piece)
+                if index:  # the first piece is the header
+                    written = min(written + EXPORT_CHUNK_ROWS, total)
+                    bar.update(written, total)
+            bar.update(total, total)
+        finally:
+            bar.finish()
+            if output != "-":
+                target.close()
+        if output != "-":
+            self.stderr.write(f"exported {total:,} users to {output}")

@@ -1,0 +1,33 @@
+"""Celery tasks for CSV imports. Tasks take ids and call the services."""
+
+import logging
+
+from celery import shared_task
+from django.db import InterfaceError, OperationalError
+
+from . import csv_import
+
+logger = logging.getLogger(__name__)
+
+
+@shared_task(
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=(OperationalError, InterfaceError),
+    retry_backoff=True,
+    max_retries=5,
+)
+def run_import(job_id: int) -> None:
+    """Run an import job. All or nothing: a retry after a transient database error (or a
+    redelivery after the worker died) starts the file again from its first row."""
+    csv_import.run_import_job(job_id=job_id, requeue_on=(OperationalError, InterfaceError))
+
+
+@shared_task(acks_late=True, ignore_result=True)
+def sweep_stalled_imports() -> int:
+    """Re-enqueue imports whose message was never sent or whose worker died."""
+    ids = csv_import.stalled_import_ids()
+    for job_id in ids:
+        logger.info("re-enqueueing stalled import job", extra={"job_id": job_id})
+        run_import.delay(job_id=job_id)
+    return len(ids)
