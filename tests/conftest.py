@@ -60,6 +60,16 @@ def _fresh_key_cache():
     _key_cache.clear()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_rules_cache():
+    # Rolled-back tests reuse workspace ids and rules versions: a cached rule set would leak.
+    from features.mapping import _cache
+
+    _cache.clear()
+    yield
+    _cache.clear()
+
+
 @pytest.fixture
 def tenant(db) -> Tenant:
     return make_tenant("Acme")
@@ -186,3 +196,18 @@ def wait_until(predicate, timeout: float = 60, interval: float = 0.2, message: s
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+@pytest.fixture
+def tasks_in_process():
+    """Celery tasks run in this process when enqueued, as on SQLite, even with REDIS_URL set.
+
+    For tests of the reprocessing logic that need no worker: the job runs at enqueue, i.e. on
+    commit (use ``django_capture_on_commit_callbacks(execute=True)`` under the ``db`` fixture).
+    """
+    from kana.celery import app
+
+    saved = app.conf.task_always_eager, app.conf.task_eager_propagates
+    app.conf.task_always_eager, app.conf.task_eager_propagates = True, True
+    yield
+    app.conf.task_always_eager, app.conf.task_eager_propagates = saved
