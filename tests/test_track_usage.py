@@ -1,15 +1,17 @@
 """Track, page and screen calls recording feature usage (SPEC §5)."""
 
+import threading
 from datetime import timedelta
 from decimal import Decimal
 
 import pytest
 from django.conf import settings
+from django.db import connections
 
 from features.models import Usage
 from features.selectors import event_list, usage_totals
 from segment_ingest.models import Event, EventStatus
-from tests.conftest import SegmentClient
+from tests.conftest import SegmentClient, requires_postgres
 from tests.usage_support import T0, make_feature, make_rule, usage_count, usage_total
 from users.models import EndUser
 
@@ -214,3 +216,29 @@ def test_ingest_runs_a_fixed_number_of_queries_whatever_the_batch_size(
     with django_assert_max_num_queries(12):
         assert segment.batch(batch(500, "large")).json()["accepted"] == 500
     assert usage_count(tenant.workspace, "messages") == 1 + 5 + 250
+
+
+@requires_postgres
+def test_concurrent_copies_of_one_message_count_once(transactional_db, tenant, tasks_in_process):
+    make_feature(tenant.workspace, "messages")
+    barrier = threading.Barrier(6)
+    answers = []
+
+    def send():
+        try:
+            client = SegmentClient(tenant)
+            barrier.wait(timeout=10)
+            response = client.track("racer", "Message Sent", {"featureId": "messages"}, messageId="once")
+            answers.append((response.status_code, response.json()["status"]))
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=send) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(answers) == [(200, "duplicate")] * 5 + [(200, "mapped")]
+    assert Event.objects.filter(workspace=tenant.workspace, message_id="once").count() == 1
+    assert usage_count(tenant.workspace, "messages") == 1
+    assert EndUser.objects.filter(workspace=tenant.workspace, user_id="racer").count() == 1
