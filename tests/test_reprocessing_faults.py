@@ -62,7 +62,7 @@ def test_a_worker_killed_mid_job_is_finished_by_another_without_double_counting(
     first = workers(KANA_REPROCESS_CHUNK_SIZE=500)
     rule = make_rule(tenant.workspace, "pro-exports", conditions=PRO)
 
-    wait_until(lambda: _job(rule).scanned >= 3000, timeout=120, message="the first chunks committed")
+    wait_until(lambda: _job(rule).scanned >= 3000, timeout=120, interval=0.05, message="the first chunks committed")
     first.kill(signal.SIGKILL)
     killed = _job(rule)
     assert killed.status == JobStatus.RUNNING and killed.scanned < total, first.output()[-2000:]
