@@ -2,25 +2,30 @@
 
 A job walks the workspace's unmapped events in id order, a chunk per transaction:
 1. lock the job row (two runners of one job, e.g. after a redelivery, take turns);
-2. read the next chunk of unmapped events after ``cursor`` and up to ``last_event_id``,
-   locking them so a concurrent merge cannot move them half-way;
-3. decide each event with the same evaluator as ingest;
-4. bulk-insert usage (ON CONFLICT DO NOTHING on (event, feature)) and flip the mapped events'
-   status in one UPDATE that only touches rows still unmapped;
-5. advance the cursor and counters, and commit.
+2. take the workspace's rules lock shared, like ingest, and read the rules at that version:
+   a rule cannot change while a chunk maps with it;
+3. read the next chunk of unmapped events after ``cursor`` and up to ``last_event_id``,
+   locking them so a concurrent merge or a second job cannot change them half-way;
+4. decide each event with the same evaluator as ingest (``features.mapping.decide``);
+5. flip the mapped events' status in one UPDATE that only touches rows still unmapped, and
+   record usage for exactly the rows it flipped (ON CONFLICT DO NOTHING on (event, feature));
+6. advance the cursor and counters, and commit.
 A worker killed mid-chunk loses only that uncommitted chunk; its successor resumes at the
-cursor, and the unique (event, feature) constraint makes a repeat harmless.
+cursor, and the status check plus the unique (event, feature) constraint make a repeat harmless.
 """
 
 import logging
+from collections import defaultdict
 from dataclasses import dataclass
+from decimal import Decimal
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from kana.models import Workspace
+from kana.locks import lock_rules_shared
 from segment_ingest.models import Event, EventStatus, UnmappedReason
 
 from .mapping import decide, load_rule_set
@@ -52,51 +57,46 @@ def _candidate_events(job: ReprocessingJob):
     )
     if job.feature_id is not None:
         # A new feature only concerns events that named it as featureId.
-        events = events.filter(unmapped_reason__in=[UnmappedReason.UNKNOWN_FEATURE])
+        events = events.filter(unmapped_reason=UnmappedReason.UNKNOWN_FEATURE)
     elif job.rule is not None and job.rule.event_name is not None:
         # Narrow in SQL by the rule's event name; the evaluator decides the rest.
         events = events.filter(name=job.rule.event_name)
     return events
 
 
+# One (event_id, feature_id, rule_id or None, amount) per usage record to write.
+UsageRow = tuple[int, int, int | None, Decimal]
+
+
 def process_chunk(job_id: int, chunk_size: int | None = None) -> ChunkResult:
+    """Map one chunk of a job's events; a fixed number of queries whatever the chunk size."""
     chunk_size = chunk_size or settings.KANA_REPROCESS_CHUNK_SIZE
     with transaction.atomic():
         job = ReprocessingJob.objects.select_for_update(of=("self",)).select_related("rule").get(pk=job_id)
         if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
             return ChunkResult(0, 0, True)
+        rule_set = load_rule_set(job.workspace_id, lock_rules_shared(job.workspace_id))
+        # Only what the evaluator needs: user and time are joined in SQL when usage is written.
         rows = list(
             _candidate_events(job)
             .order_by("id")
             .select_for_update(of=("self",))
-            .values_list("id", "name", "user_id", "occurred_at", "payload__properties")[:chunk_size]
+            .values_list("id", "name", "unmapped_reason", "payload__properties")[:chunk_size]
         )
-        version = Workspace.objects.filter(pk=job.workspace_id).values_list("rules_version", flat=True).get()
-        rule_set = load_rule_set(job.workspace_id, version)
-        usages, mapped_ids = [], []
-        for event_id, name, user_id, occurred_at, properties in rows:
+        usages: list[UsageRow] = []
+        mapped_ids: list[int] = []
+        new_reasons: dict[str, list[int]] = defaultdict(list)
+        for event_id, name, reason, properties in rows:
             decision = decide(rule_set, name, properties if isinstance(properties, dict) else {})
-            if decision.status != EventStatus.MAPPED or user_id is None:
-                continue
-            mapped_ids.append(event_id)
-            usages.extend(
-                Usage(
-                    workspace_id=job.workspace_id,
-                    user_id=user_id,
-                    feature_id=feature_id,
-                    event_id=event_id,
-                    rule_id=rule_id,
-                    amount=amount,
-                    occurred_at=occurred_at,
-                )
-                for feature_id, amount, rule_id in decision.usages
-            )
-        mapped = 0
-        if usages:
-            Usage.objects.bulk_create(usages, ignore_conflicts=True, batch_size=2000)
-            mapped = Event.objects.filter(id__in=mapped_ids, status=EventStatus.UNMAPPED).update(
-                status=EventStatus.MAPPED, unmapped_reason=""
-            )
+            if decision.status == EventStatus.MAPPED:
+                mapped_ids.append(event_id)
+                usages.extend((event_id, feature, rule, amount) for feature, amount, rule in decision.usages)
+            elif decision.reason != reason:
+                # Still unmapped, for another reason now (a new feature, but an invalid delta).
+                new_reasons[decision.reason].append(event_id)
+        mapped = _map_events(job.workspace_id, mapped_ids, usages) if mapped_ids else 0
+        for reason, ids in new_reasons.items():
+            Event.objects.filter(id__in=ids, status=EventStatus.UNMAPPED).update(unmapped_reason=reason)
         finished = len(rows) < chunk_size
         updates = {
             "scanned": F("scanned") + len(rows),
@@ -111,6 +111,79 @@ def process_chunk(job_id: int, chunk_size: int | None = None) -> ChunkResult:
     return ChunkResult(len(rows), mapped, finished)
 
 
+def _map_events(workspace_id: int, event_ids: list[int], usages: list[UsageRow]) -> int:
+    """Flip still-unmapped events to mapped and record their usage; returns events flipped.
+
+    Usage is written only for the rows this UPDATE flipped, with the event's user and
+    original time, so an event can never be counted by two runs.
+    """
+    if connection.vendor == "postgresql":
+        return _map_events_postgres(workspace_id, event_ids, usages)
+    flipped = dict(
+        Event.objects.filter(id__in=event_ids, status=EventStatus.UNMAPPED, user__isnull=False).values_list(
+            "id", "user_id"
+        )
+    )
+    times = dict(Event.objects.filter(id__in=list(flipped)).values_list("id", "occurred_at"))
+    Event.objects.filter(id__in=list(flipped)).update(status=EventStatus.MAPPED, unmapped_reason="")
+    Usage.objects.bulk_create(
+        [
+            Usage(
+                workspace_id=workspace_id,
+                user_id=flipped[event_id],
+                feature_id=feature_id,
+                event_id=event_id,
+                rule_id=rule_id,
+                amount=amount,
+                occurred_at=times[event_id],
+            )
+            for event_id, feature_id, rule_id, amount in usages
+            if event_id in flipped
+        ],
+        ignore_conflicts=True,
+        batch_size=1000,
+    )
+    return len(flipped)
+
+
+# One statement, one round trip: arrays in, the count of events flipped out. Set-based, so
+# its cost is PostgreSQL's, not Python's (S4 in docs/performance).
+_MAP_EVENTS_SQL = f"""
+WITH flipped AS (
+    UPDATE {Event._meta.db_table} SET status = %(mapped)s, unmapped_reason = ''
+    WHERE id = ANY(%(event_ids)s) AND status = %(unmapped)s AND user_id IS NOT NULL
+    RETURNING id, user_id, occurred_at
+), recorded AS (
+    INSERT INTO {Usage._meta.db_table} (workspace_id, user_id, feature_id, event_id, rule_id, amount, occurred_at)
+    SELECT %(workspace_id)s, flipped.user_id, u.feature_id, u.event_id, u.rule_id, u.amount, flipped.occurred_at
+    FROM unnest(%(u_event)s::bigint[], %(u_feature)s::bigint[], %(u_rule)s::bigint[], %(u_amount)s::numeric[])
+        AS u(event_id, feature_id, rule_id, amount)
+    JOIN flipped ON flipped.id = u.event_id
+    ON CONFLICT (event_id, feature_id) DO NOTHING
+)
+SELECT count(*) FROM flipped
+"""
+
+
+def _map_events_postgres(workspace_id: int, event_ids: list[int], usages: list[UsageRow]) -> int:
+    u_event, u_feature, u_rule, u_amount = (list(column) for column in zip(*usages, strict=True))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _MAP_EVENTS_SQL,
+            {
+                "mapped": EventStatus.MAPPED.value,
+                "unmapped": EventStatus.UNMAPPED.value,
+                "workspace_id": workspace_id,
+                "event_ids": event_ids,
+                "u_event": u_event,
+                "u_feature": u_feature,
+                "u_rule": u_rule,
+                "u_amount": u_amount,
+            },
+        )
+        return cursor.fetchone()[0]
+
+
 def fail_job(job_id: int, error: str) -> None:
     ReprocessingJob.objects.filter(pk=job_id).exclude(status=JobStatus.DONE).update(
         status=JobStatus.FAILED, error=error[:2000], finished_at=timezone.now()
@@ -119,8 +192,17 @@ def fail_job(job_id: int, error: str) -> None:
 
 def stalled_job_ids() -> list[int]:
     """Jobs to send again: queued ones never picked up (the broker was down when they were
-    created) and running ones whose worker stopped sending heartbeats (it died)."""
-    cutoff = timezone.now() - timezone.timedelta(seconds=settings.KANA_JOB_STALE_SECONDS)
-    queued = ReprocessingJob.objects.filter(status=JobStatus.QUEUED, created_at__lt=cutoff)
+    created) and running ones whose worker stopped sending heartbeats (it died).
+
+    A queued job's ``heartbeat_at`` is when it was last re-sent, so a job waiting behind a
+    long queue is re-sent once per stale period, not at every sweep.
+    """
+    now = timezone.now()
+    cutoff = now - timezone.timedelta(seconds=settings.KANA_JOB_STALE_SECONDS)
+    queued = ReprocessingJob.objects.annotate(last_sent=Coalesce("heartbeat_at", "created_at")).filter(
+        status=JobStatus.QUEUED, last_sent__lt=cutoff
+    )
     stalled = ReprocessingJob.objects.filter(status=JobStatus.RUNNING, heartbeat_at__lt=cutoff)
-    return sorted(set(queued.values_list("id", flat=True)) | set(stalled.values_list("id", flat=True)))
+    ids = set(queued.values_list("id", flat=True)) | set(stalled.values_list("id", flat=True))
+    ReprocessingJob.objects.filter(id__in=ids, status=JobStatus.QUEUED).update(heartbeat_at=now)
+    return sorted(ids)

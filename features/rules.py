@@ -9,6 +9,7 @@ indexes a list (``items.0.sku``) and a name applied to a list looks into every e
 import math
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from functools import lru_cache
 from typing import Any
 
 OPERATORS = ("equals", "not_equals", "in", "contains", "exists", "gt", "gte", "lt", "lte")
@@ -26,18 +27,31 @@ class InvalidRule(ValueError):
 
 def resolve_path(data: Any, path: str) -> Any:
     """The value at a dot path, a list of values when the path crosses a list, or _MISSING."""
-    return _resolve(data, path.split(".")) if path else _MISSING
+    return _resolve(data, _parts(path)) if path else _MISSING
 
 
-def _resolve(node: Any, parts: list[str]) -> Any:
+@lru_cache(maxsize=4096)
+def _parts(path: str) -> tuple[str, ...]:
+    return tuple(path.split("."))
+
+
+@lru_cache(maxsize=4096)
+def _cuts(parts: tuple[str, ...]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(literal key, rest of the path) pairs, longest literal key first.
+
+    Computed once per path: reprocessing evaluates the same few paths millions of times.
+    """
+    return tuple((".".join(parts[:cut]), parts[cut:]) for cut in range(len(parts), 0, -1))
+
+
+def _resolve(node: Any, parts: tuple[str, ...]) -> Any:
     if not parts:
         return node
     if isinstance(node, dict):
         # Longest literal key first, so {"a.b": 1} is found by "a.b" as well as {"a": {"b": 1}}.
-        for cut in range(len(parts), 0, -1):
-            key = ".".join(parts[:cut])
+        for key, rest in _cuts(parts):
             if key in node:
-                found = _resolve(node[key], parts[cut:])
+                found = _resolve(node[key], rest)
                 if found is not _MISSING:
                     return found
         return _MISSING
@@ -68,8 +82,10 @@ def _number(value: Any) -> float | None:
 def _equal(actual: Any, expected: Any) -> bool:
     if isinstance(actual, list):
         return any(_equal(item, expected) for item in actual) or actual == expected
+    if isinstance(actual, (str, bool)) or isinstance(expected, (str, bool)):
+        return type(actual) is type(expected) and actual == expected  # "1", true and 1 all differ
     a, e = _number(actual), _number(expected)
-    if a is not None and e is not None and not isinstance(actual, str) and not isinstance(expected, str):
+    if a is not None and e is not None:
         return a == e
     return actual == expected
 
@@ -80,7 +96,13 @@ def _compare(actual: Any, expected: Any, op: str) -> bool:
     a, e = _number(actual), _number(expected)
     if a is None or e is None:
         return False
-    return {"gt": a > e, "gte": a >= e, "lt": a < e, "lte": a <= e}[op]
+    if op == "gt":
+        return a > e
+    if op == "gte":
+        return a >= e
+    if op == "lt":
+        return a < e
+    return a <= e
 
 
 def condition_matches(properties: dict, condition: dict) -> bool:

@@ -33,14 +33,24 @@ def run_reprocessing_job(job_id: int) -> None:
             if result.finished:
                 return
             if time.monotonic() - started > TIME_SLICE_SECONDS and not run_reprocessing_job.app.conf.task_always_eager:
-                run_reprocessing_job.delay(job_id=job_id)
-                return
+                if _send_again(job_id):
+                    return
+                started = time.monotonic()  # the broker is unreachable: keep the job going here
     except (OperationalError, InterfaceError):
         raise  # transient: autoretry; the cursor keeps what was done
     except DatabaseError as exc:
         logger.exception("reprocessing job failed", extra={"job_id": job_id})
         reprocessing.fail_job(job_id, repr(exc))
         raise
+
+
+def _send_again(job_id: int) -> bool:
+    try:
+        run_reprocessing_job.delay(job_id=job_id)
+    except Exception:  # kombu/redis raise many types when the broker is unreachable
+        logger.warning("reprocessing job not re-enqueued; continuing in this task", extra={"job_id": job_id})
+        return False
+    return True
 
 
 @shared_task(acks_late=True, ignore_result=True)

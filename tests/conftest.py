@@ -279,3 +279,18 @@ def _wait_for_request_threads(timeout: float = 5) -> None:
         if not any("process_request_thread" in thread.name for thread in threading.enumerate()):
             return
         time.sleep(0.05)
+
+
+@pytest.fixture
+def tasks_in_process():
+    """Celery tasks run in this process when enqueued, as on SQLite, even with REDIS_URL set.
+
+    For tests of the reprocessing logic that need no worker: the job runs at enqueue, i.e. on
+    commit (use ``django_capture_on_commit_callbacks(execute=True)`` under the ``db`` fixture).
+    """
+    from kana.celery import app
+
+    saved = app.conf.task_always_eager, app.conf.task_eager_propagates
+    app.conf.task_always_eager, app.conf.task_eager_propagates = True, True
+    yield
+    app.conf.task_always_eager, app.conf.task_eager_propagates = saved

@@ -1,0 +1,196 @@
+"""Reprocessing survives real faults: a worker SIGKILLed mid-job, and Redis down at rule creation.
+
+Real processes only: Celery workers started with ``WorkerProcess`` and, for the broker
+outage, a private ``redis-server`` on a free port (the shared Redis is never stopped).
+"""
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from contextlib import contextmanager
+
+import pytest
+import redis
+from django.conf import settings
+
+from features.models import JobStatus, ReprocessingJob, Usage
+from segment_ingest.models import Event, EventStatus
+from tests.conftest import ROOT, SegmentClient, WorkerProcess, requires_broker, wait_until
+from tests.usage_support import make_feature, make_rule, make_user, store_unmapped_events, usage_count
+
+PRO = [{"property": "plan.tier", "operator": "equals", "value": "pro"}]
+
+
+@pytest.fixture
+def workers(transactional_db):
+    """Start workers on demand (with extra environment); all are stopped at the end."""
+    started: list[WorkerProcess] = []
+
+    def start(redis_url: str = settings.REDIS_URL, **extra_env) -> WorkerProcess:
+        worker = WorkerProcess(redis_url, extra_env={k: str(v) for k, v in extra_env.items()}).start()
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def _job(rule) -> ReprocessingJob:
+    return ReprocessingJob.objects.filter(rule=rule).latest("pk")
+
+
+def _store_many(workspace, count: int) -> None:
+    """``count`` stored unmapped events, half of them on the pro plan, bulk-inserted."""
+    user = make_user(workspace, "heavy-user")
+    for start in range(0, count, 10_000):
+        specs = [
+            ("Report Exported", {"plan": {"tier": "pro" if i % 2 == 0 else "free"}, "n": i})
+            for i in range(start, min(count, start + 10_000))
+        ]
+        store_unmapped_events(workspace, user, specs, prefix=f"bulk-{start}")
+
+
+@requires_broker
+def test_a_worker_killed_mid_job_is_finished_by_another_without_double_counting(workers, tenant):
+    redis.Redis.from_url(settings.REDIS_URL).flushdb()
+    total = 40_000
+    _store_many(tenant.workspace, total)
+    make_feature(tenant.workspace, "pro-exports")
+    first = workers(KANA_REPROCESS_CHUNK_SIZE=500)
+    rule = make_rule(tenant.workspace, "pro-exports", conditions=PRO)
+
+    wait_until(lambda: _job(rule).scanned >= 3000, timeout=120, interval=0.05, message="the first chunks committed")
+    first.kill(signal.SIGKILL)
+    killed = _job(rule)
+    assert killed.status == JobStatus.RUNNING and killed.scanned < total, first.output()[-2000:]
+    # What is committed is consistent: counters and usage moved together, chunk by chunk.
+    assert usage_count(tenant.workspace, "pro-exports") == killed.mapped
+    assert killed.scanned % 500 == 0 and killed.cursor > 0
+
+    second = workers(KANA_REPROCESS_CHUNK_SIZE=500)
+    wait_until(lambda: _job(rule).status == JobStatus.DONE, timeout=240, message="the second worker finished the job")
+    job = _job(rule)
+    assert (job.scanned, job.mapped) == (total, total // 2), second.output()[-2000:]
+    assert usage_count(tenant.workspace, "pro-exports") == total // 2
+    assert Usage.objects.filter(rule=rule).values("event").distinct().count() == total // 2
+    assert Event.objects.filter(workspace=tenant.workspace, status=EventStatus.MAPPED).count() == total // 2
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class PrivateRedis:
+    """A redis-server of this test's own, stopped and started again on the same port."""
+
+    def __init__(self):
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "PrivateRedis":
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(ROOT / "var"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(self._answers, timeout=10, message="private redis-server up")
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            return redis.Redis.from_url(self.url, socket_connect_timeout=0.5).ping()
+        except redis.ConnectionError:
+            return False
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+@contextmanager
+def publishing_to(broker_url: str):
+    """Point this process's Celery app (what ``rule_create`` publishes with) at ``broker_url``."""
+    from kana.celery import app
+
+    def reset_pools():
+        app._pool = None
+        app.amqp._producer_pool = None
+
+    saved = app.conf.broker_url
+    app.conf.broker_url = broker_url
+    reset_pools()
+    try:
+        yield
+    finally:
+        app.conf.broker_url = saved
+        reset_pools()
+
+
+@pytest.fixture
+def private_redis():
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    server = PrivateRedis().start()
+    yield server
+    server.stop()
+
+
+@requires_broker
+def test_a_rule_created_while_redis_is_down_is_reprocessed_once_it_is_back(workers, tenant, private_redis):
+    segment = SegmentClient(tenant)
+    before = [
+        {"type": "track", "userId": f"u{i % 3}", "event": "Report Exported", "properties": {"plan": {"tier": t}}}
+        for i, t in enumerate(["pro", "free"] * 100)
+    ]
+    assert segment.batch(before).json()["accepted"] == 200
+    make_feature(tenant.workspace, "pro-exports")
+
+    with publishing_to(private_redis.url):
+        worker = workers(private_redis.url)
+        wait_until(lambda: "ready." in worker.output(), timeout=60, message="worker ready")
+        private_redis.stop()
+
+        started = time.monotonic()
+        rule = make_rule(tenant.workspace, "pro-exports", conditions=PRO)
+        assert time.monotonic() - started < 3, "creating a rule waited on the unreachable broker"
+        assert _job(rule).status == JobStatus.QUEUED
+
+        # Ingest does not depend on the broker: it answers, and maps with the new rule.
+        for i in range(20):
+            started = time.monotonic()
+            response = segment.track("u9", "Report Exported", {"plan": {"tier": "pro"}}, messageId=f"down-{i}")
+            assert response.status_code == 200 and response.json()["status"] == "mapped"
+            assert time.monotonic() - started < 2
+
+        private_redis.start()  # same port: the worker reconnects, its sweeper re-sends the job
+        wait_until(
+            lambda: _job(rule).status == JobStatus.DONE, timeout=120, message="reprocessing after the broker returned"
+        )
+
+    job = _job(rule)
+    assert (job.scanned, job.mapped) == (200, 100), worker.output()[-3000:]
+    assert usage_count(tenant.workspace, "pro-exports") == 100 + 20
+    assert (
+        not Event.objects.filter(workspace=tenant.workspace, payload__properties__plan__tier="pro")
+        .exclude(status=EventStatus.MAPPED)
+        .exists()
+    )
