@@ -2,7 +2,6 @@
 
 from rest_framework import exceptions, permissions
 from rest_framework.authentication import BaseAuthentication
-from rest_framework.views import exception_handler as drf_exception_handler
 
 from .request_auth import api_key_from_authorization
 from .services import workspace_for_api_key
@@ -58,6 +57,10 @@ _CODES = {
 
 def exception_handler(exc, context):
     """Every API error as ``{"code", "message", "field"?}`` (plus ``errors`` for forms)."""
+    # Imported here: rest_framework.views reads DEFAULT_AUTHENTICATION_CLASSES (this module)
+    # while it is being imported, so a module-level import is circular.
+    from rest_framework.views import exception_handler as drf_exception_handler
+
     response = drf_exception_handler(exc, context)
     if response is None:
         return None
