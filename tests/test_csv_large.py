@@ -1,8 +1,8 @@
 """Large files: 50 MB streamed with flat memory; large imports through a real worker."""
 
 import io
+import os
 import time
-import tracemalloc
 
 import pytest
 from django.core.files.uploadedfile import TemporaryUploadedFile
@@ -10,10 +10,22 @@ from django.core.files.uploadedfile import TemporaryUploadedFile
 from users.csv_import import import_users_csv
 from users.models import EndUser, ImportJob, ImportStatus
 
-from .conftest import requires_broker, wait_until
+from .conftest import requires_broker, requires_postgres, wait_until
 from .csv_helpers import csv_bytes
 
 FIFTY_MB = 50 * 1024 * 1024
+CAN_MEASURE_PEAK = os.access("/proc/self/clear_refs", os.W_OK)
+
+
+def memory_kb(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def reset_peak_memory() -> None:
+    # Linux: writing 5 resets the process's peak RSS (VmHWM) to its current RSS.
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
 
 
 def write_big_file(path, target_bytes: int) -> int:
@@ -34,6 +46,10 @@ def write_big_file(path, target_bytes: int) -> int:
     return rows
 
 
+# ~120,000 rows: about a minute on PostgreSQL (COPY paths), twice that on SQLite, whose
+# embedded use is not for files this size.
+@requires_postgres
+@pytest.mark.skipif(not CAN_MEASURE_PEAK, reason="measures peak memory through Linux's /proc/self/clear_refs")
 @pytest.mark.django_db
 def test_a_50_mb_file_is_imported_streamed(tenant, tmp_path):
     source = tmp_path / "big.csv"
@@ -46,23 +62,25 @@ def test_a_50_mb_file_is_imported_streamed(tenant, tmp_path):
             upload.write(chunk)
     upload.seek(0)
 
-    tracemalloc.start()
+    baseline = memory_kb("VmRSS")
+    reset_peak_memory()
     started = time.monotonic()
     try:
         job = import_users_csv(workspace=tenant.workspace, file=upload, dry_run=False, actor="test", run_inline=True)
-        _, peak = tracemalloc.get_traced_memory()
     finally:
-        tracemalloc.stop()
+        upload.close()  # storage moved the temporary file; closing it is what Django does after a request
     elapsed = time.monotonic() - started
+    grown_mb = (memory_kb("VmHWM") - baseline) / 1024
 
     assert job.status == ImportStatus.DONE and job.applied, job.error
     assert job.rows_total == rows and job.counts()["created"] == rows
     assert EndUser.objects.for_workspace(tenant.workspace).count() == rows
-    # Streamed: Python never held the file, the report or the rows at once. What grows with
-    # the file is the set of users already named (duplicate rows), about 100 bytes a row.
-    assert peak < 40 * 1024 * 1024 + rows * 120, f"peak {peak / 1e6:.0f} MB"
+    # Streamed: the process never held the file (50 MB as bytes, more as text), the report or
+    # all rows at once. What grows with the file is the set of users already named (to find
+    # duplicate rows), ~150 bytes a row.
+    assert grown_mb < 60, f"peak memory grew by {grown_mb:.0f} MB"
     assert len(job.sample) == 1000
-    print(f"50 MB, {rows:,} rows in {elapsed:.1f} s, peak traced memory {peak / 1e6:.1f} MB")
+    print(f"50 MB, {rows:,} rows in {elapsed:.1f} s, peak memory +{grown_mb:.0f} MB")
 
 
 @requires_broker
