@@ -8,6 +8,8 @@ urlpatterns = [
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
     path("django-admin/", admin.site.urls),
+    # CSV export/import first, so no broader api/v1/users/<id> pattern can shadow them.
+    path("api/v1/users/", include("users.api_csv")),
     path("api/v1/", include("kana.api.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),

@@ -20,9 +20,11 @@ text cells neutralised against formula injection (see ``users.csv_format``).
 import csv
 import io
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
-from django.db.models import F
+from django.db.models import F, TextField
 from django.db.models.fields.tuple_lookups import Tuple, TupleGreaterThan
+from django.db.models.functions import Cast
 
 from kana.models import Workspace
 
@@ -34,7 +36,7 @@ from .selectors import users_with_flags
 # about 1 MB, big enough that the per-query cost is noise.
 EXPORT_CHUNK_ROWS = 5000
 
-_FIELDS = ("id", "user_id", "name", "email", "billing_id", "billing_provider", "created_at", "has_same_email")
+_FIELDS = ("id", "user_id", "name", "email", "billing_id", "billing_provider", "created_text", "has_same_email")
 _NO_BILLING = UserFlag.NO_BILLING_ID.value
 _BOTH_FLAGS = FLAG_SEPARATOR.join([UserFlag.NO_BILLING_ID.value, UserFlag.SAME_EMAIL.value])
 _SAME_EMAIL = UserFlag.SAME_EMAIL.value
@@ -55,19 +57,29 @@ def export_users_csv(*, workspace: Workspace, chunk_size: int = EXPORT_CHUNK_ROW
         users = users_with_flags(workspace)
         if after is not None:
             users = users.filter(TupleGreaterThan(Tuple(F("created_at"), F("id")), after))
+        # created_at as text: Django's timestamptz loader is pure Python and took 40% of the time.
+        users = users.annotate(created_text=Cast("created_at", output_field=TextField()))
         rows = list(users.order_by("created_at", "id").values_list(*_FIELDS)[:chunk_size])
         if not rows:
             return
-        writer.writerows(_csv_row(row) for row in rows)
+        converted = [_csv_row(row) for row in rows]
+        writer.writerows(converted)
         yield _take(buffer)
-        last = rows[-1]
-        after = (last[6], last[0])
+        last = converted[-1]
+        after = (datetime.fromisoformat(last[6]), last[0])
         if len(rows) < chunk_size:
             return
 
 
+def _timestamp(text: str) -> str:
+    # PostgreSQL: "2024-01-01 10:00:00.5+00" (UTC session); SQLite: naive UTC text.
+    moment = datetime.fromisoformat(text)
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).isoformat()
+
+
 def _csv_row(row: tuple) -> tuple:
-    pk, user_id, name, email, billing_id, provider, created_at, same_email = row
+    pk, user_id, name, email, billing_id, provider, created_text, same_email = row
+    created_at = _timestamp(created_text)
     if billing_id:
         flags = _SAME_EMAIL if same_email else ""
     else:
@@ -79,7 +91,7 @@ def _csv_row(row: tuple) -> tuple:
         escape_cell(email),
         escape_cell(billing_id),
         provider,
-        created_at.isoformat(),
+        created_at,
         flags,
     )
 

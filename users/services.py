@@ -11,6 +11,7 @@ Concurrency rules (PostgreSQL):
 SQLite runs each transaction with BEGIN IMMEDIATE, which serialises them outright.
 """
 
+import json
 import logging
 import random
 import time
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TypeVar
 
-from django.db import IntegrityError, OperationalError, transaction
+from django.db import IntegrityError, OperationalError, connection, models, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -452,11 +453,7 @@ class _RowState:
         )
         pks = {row.user_pk for row in rows if row.user_pk is not None} | set(owners.values())
         emails = {row.changes.email_key for row in rows} - {""}
-        match = Q(pk__in=pks)
-        if emails:
-            match |= Q(email_key__in=emails)
-        locked = EndUser.objects.for_workspace(workspace).filter(match).order_by("pk").select_for_update()
-        self.by_pk: dict[int, EndUser] = {user.pk: user for user in locked}
+        self.by_pk: dict[int, EndUser] = {user.pk: user for user in _lock_users(workspace, pks, emails)}
         if any(pk not in self.by_pk for pk in owners.values()):
             raise _StaleRead()  # a user deleted since its identity was read
         self.owner: dict[str, EndUser] = {uid: self.by_pk[pk] for uid, pk in owners.items()}
@@ -633,17 +630,149 @@ def _apply_row_in_memory(state: _RowState, row: ProfileRow, occurred_at, reason,
 def _write_back(state: _RowState, occurred_at: datetime) -> None:
     """Creations, claims and updates of one batch: a few statements whatever its size."""
     now = timezone.now()
-    if state.created:
+    identities = [UserIdentity(workspace=state.workspace, user=user, external_id=uid) for user, uid in state.identities]
+    if connection.vendor == "postgresql":
+        for user in state.created:
+            user.updated_at = now
+        _copy_in(state.created)
+        for identity in identities:
+            identity.user_id = identity.user.pk  # the users got their ids just above
+        _copy_in(identities)
+    else:
         EndUser.objects.bulk_create(state.created, batch_size=1000)
-    if state.identities:
-        UserIdentity.objects.bulk_create(
-            [UserIdentity(workspace=state.workspace, user=user, external_id=uid) for user, uid in state.identities],
-            batch_size=1000,
-        )
+        UserIdentity.objects.bulk_create(identities, batch_size=1000)
     if state.dirty:
         for user in state.dirty.values():
-            user.updated_at = now  # bulk_update skips auto_now
-        EndUser.objects.bulk_update(list(state.dirty.values()), _BULK_FIELDS, batch_size=500)
+            user.updated_at = now
+        _update_users(list(state.dirty.values()))
+
+
+# The two helpers below bypass the ORM on PostgreSQL, measured on CSV imports: Django's
+# timestamptz loader is pure Python (~10 µs a value, five per user) and ``bulk_update``
+# builds a CASE expression per row and field (milliseconds per row). Both keep the ORM's
+# semantics: the same rows, columns and values.
+
+
+def _lock_users(workspace: Workspace, pks: set[int], email_keys: set[str]) -> list[EndUser]:
+    """The workspace's users with these ids or email keys, row-locked in id order."""
+    users = EndUser.objects.for_workspace(workspace)
+    if connection.vendor != "postgresql":
+        match = Q(pk__in=pks) | Q(email_key__in=email_keys) if email_keys else Q(pk__in=pks)
+        return list(users.filter(match).order_by("pk").select_for_update())
+    fields = EndUser._meta.concrete_fields
+    quote = connection.ops.quote_name
+    as_text = (models.DateTimeField, models.JSONField)
+    columns = ", ".join(f"{quote(f.column)}::text" if isinstance(f, as_text) else quote(f.column) for f in fields)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {columns} FROM {quote(EndUser._meta.db_table)} "
+            "WHERE workspace_id = %s AND (id = ANY(%s) OR email_key = ANY(%s)) ORDER BY id FOR UPDATE",
+            [workspace.pk, list(pks), list(email_keys)],
+        )
+        rows = cursor.fetchall()
+    parsers = [_text_parser(f) for f in fields]
+    names = [f.attname for f in fields]
+    return [
+        EndUser.from_db(
+            connection.alias,
+            names,
+            [v if parse is None or v is None else parse(v) for parse, v in zip(parsers, row, strict=True)],
+        )
+        for row in rows
+    ]
+
+
+def _text_parser(field: models.Field) -> Callable[[str], object] | None:
+    if isinstance(field, models.DateTimeField):
+        # The session's TimeZone is UTC (Django sets it): "2024-01-01 10:00:00.123+00".
+        return datetime.fromisoformat
+    if isinstance(field, models.JSONField):
+        return json.loads
+    return None
+
+
+def _copy_in(objects: list[models.Model]) -> None:
+    """Insert new rows with COPY, their ids drawn from the table's sequence first (PostgreSQL).
+
+    ``bulk_create`` prepares every value through the ORM, about 100 µs a row for a user and
+    its identity; COPY takes the values as they are. Same rows, same defaults (the objects
+    were built by their model's constructor).
+    """
+    if not objects:
+        return
+    meta = objects[0]._meta
+    table = meta.db_table
+    fields = [f for f in meta.concrete_fields]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT nextval(pg_get_serial_sequence(%s, 'id')) FROM generate_series(1, %s)", [table, len(objects)]
+        )
+        for obj, (pk,) in zip(objects, cursor.fetchall(), strict=True):
+            obj.pk = pk
+            obj._state.adding = False
+        quote = connection.ops.quote_name
+        columns = ", ".join(quote(f.column) for f in fields)
+        json_fields = {f.attname for f in fields if isinstance(f, models.JSONField)}
+        with cursor.cursor.copy(f"COPY {quote(table)} ({columns}) FROM STDIN") as copy:
+            for obj in objects:
+                copy.write_row(
+                    [
+                        json.dumps(getattr(obj, f.attname)) if f.attname in json_fields else getattr(obj, f.attname)
+                        for f in fields
+                    ]
+                )
+
+
+# Rows per UPDATE statement on SQLite: 500 rows x 12 parameters stays below its limit.
+_UPDATE_BATCH = 500
+
+
+def _update_users(users: list[EndUser]) -> None:
+    """Write back users' profile fields: one UPDATE joined to the new values per batch."""
+    fields = [EndUser._meta.get_field(name) for name in _BULK_FIELDS]
+    table = connection.ops.quote_name(EndUser._meta.db_table)
+    columns = [connection.ops.quote_name(f.column) for f in fields]
+    if connection.vendor == "postgresql":
+        # COPY the new values into a scratch table (dropped at commit), then one UPDATE joins it.
+        quote = connection.ops.quote_name
+        scratch = quote("kana_csv_user_changes")
+        json_fields = {f.attname for f in fields if isinstance(f, models.JSONField)}
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"CREATE TEMP TABLE IF NOT EXISTS {scratch} ON COMMIT DROP AS "
+                f"SELECT id, {', '.join(columns)} FROM {table} WITH NO DATA"
+            )
+            with cursor.cursor.copy(f"COPY {scratch} (id, {', '.join(columns)}) FROM STDIN") as copy:
+                for user in users:
+                    copy.write_row(
+                        [
+                            user.pk,
+                            *(
+                                json.dumps(getattr(user, f.attname))
+                                if f.attname in json_fields
+                                else getattr(user, f.attname)
+                                for f in fields
+                            ),
+                        ]
+                    )
+            assignments = ", ".join(f"{column} = v.{column}" for column in columns)
+            cursor.execute(f"UPDATE {table} SET {assignments} FROM {scratch} AS v WHERE {table}.id = v.id")
+            cursor.execute(f"TRUNCATE {scratch}")
+        return
+    placeholder = "(" + ", ".join(["%s"] * (len(fields) + 1)) + ")"
+    assignments = ", ".join(f"{column} = v.{column}" for column in columns)
+    with connection.cursor() as cursor:
+        for start in range(0, len(users), _UPDATE_BATCH):
+            batch = users[start : start + _UPDATE_BATCH]
+            params = []
+            for user in batch:
+                params.append(user.pk)
+                params.extend(f.get_db_prep_save(getattr(user, f.attname), connection) for f in fields)
+            cursor.execute(
+                f"WITH v (id, {', '.join(columns)}) AS (VALUES {', '.join([placeholder] * len(batch))}) "
+                f"UPDATE {table} SET {assignments} FROM v WHERE {table}.id = v.id",
+                params,
+            )
 
 
 # --- Track: resolving userIds in bulk --------------------------------------------------

@@ -1,0 +1,78 @@
+"""CSV export: every user of the workspace, streamed, flagged, spreadsheet-safe."""
+
+import csv
+import io
+
+import pytest
+
+from users.csv_export import export_users_csv
+from users.csv_format import escape_cell, unescape_cell
+
+from .csv_helpers import T0, bare, export_rows, export_text, identify
+
+pytestmark = pytest.mark.django_db
+
+
+def test_it_exports_every_user_oldest_first_with_flags(tenant):
+    ann = identify(tenant.workspace, "u1", name="Ann", email="ann@example.com", billing_id="cus_1", at=T0)
+    bob = identify(tenant.workspace, "u2", name="Bob", email="Shared@example.com", at=T0)
+    carl = bare(tenant.workspace, email="carl@example.com", billing_id="AB-12", at=T0)
+    dee = identify(tenant.workspace, "u4", email="shared@example.com ", billing_id="cus_4", at=T0)
+
+    text = export_text(tenant.workspace)
+
+    assert text.startswith("kana_id,user_id,name,email,billing_id,billing_provider,created_at,flags\r\n")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [(r["kana_id"], r["user_id"], r["flags"]) for r in rows] == [
+        (str(ann.pk), "u1", ""),
+        (str(bob.pk), "u2", "no_billing_id;same_email"),
+        (str(carl.pk), "", ""),
+        (str(dee.pk), "u4", "same_email"),
+    ]
+    assert rows[2]["billing_provider"] == "chargebee" and rows[0]["billing_provider"] == "stripe"
+    assert rows[0]["created_at"] == ann.created_at.isoformat()
+
+
+def test_it_never_shows_another_workspaces_users(tenant, other_tenant):
+    identify(tenant.workspace, "mine", email="x@example.com")
+    identify(other_tenant.workspace, "theirs", email="x@example.com")
+    rows = export_rows(tenant.workspace)
+    assert [(r["user_id"], r["flags"]) for r in rows] == [("mine", "no_billing_id")]  # not same_email either
+
+
+def test_it_streams_a_chunk_at_a_time_with_a_fixed_number_of_queries(tenant, django_assert_max_num_queries):
+    for i in range(25):
+        identify(tenant.workspace, f"u{i}", email=f"same{i % 2}@example.com")
+    pieces = export_users_csv(workspace=tenant.workspace, chunk_size=10)
+    with django_assert_max_num_queries(3):  # 25 users in chunks of 10: three queries, no query per user
+        chunks = list(pieces)
+    assert len(chunks) == 4  # header + three chunks
+    rows = list(csv.DictReader(io.StringIO("".join(chunks))))
+    assert [r["user_id"] for r in rows] == [f"u{i}" for i in range(25)]
+    assert {r["flags"] for r in rows} == {"no_billing_id;same_email"}
+
+
+def test_an_empty_workspace_exports_the_header(tenant):
+    header = "kana_id,user_id,name,email,billing_id,billing_provider,created_at,flags\r\n"
+    assert export_text(tenant.workspace) == header
+
+
+@pytest.mark.parametrize(
+    "value, exported",
+    [
+        ("=1+2", "'=1+2"),
+        ("+1", "'+1"),
+        ("-1", "'-1"),
+        ("@SUM(A1)", "'@SUM(A1)"),
+        ("\tx", "'\tx"),
+        ("\rx", "'\rx"),
+        ("'=x", "''=x"),
+        ("''-x", "'''-x"),
+        ("'Tis", "'Tis"),
+        ("a=b", "a=b"),
+        ("", ""),
+    ],
+)
+def test_cells_are_neutralised_and_restored_exactly(value, exported):
+    assert escape_cell(value) == exported
+    assert unescape_cell(exported) == value
