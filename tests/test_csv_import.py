@@ -37,17 +37,17 @@ def test_reimporting_an_unchanged_export_changes_nothing(tenant):
     assert snapshot(tenant.workspace) == before
 
 
-def test_identify_with_the_same_values_is_unchanged_and_keeps_the_field_times(tenant):
+def test_a_csv_row_repeating_values_keeps_the_field_times(tenant):
     ann = identify(tenant.workspace, "u1", name="Ann", email="ann@example.com", at=T0)
     changes, _ = validated_changes(name="Ann", email="ann@example.com", billing_id="cus_1")
     later = timezone.now()
-    result = services.identify_user(workspace=tenant.workspace, user_id="u1", changes=changes, occurred_at=later)
+    row = services.ProfileRow(changes=changes, user_id="u1", label="row 2")
+    result = services.apply_profile_row(workspace=tenant.workspace, row=row, occurred_at=later)
     assert result.outcome == services.IdentifyOutcome.UPDATED
     ann.refresh_from_db()
-    # Only the field that changed moved its time.
+    # A CSV row is not a message: only the field whose value changed moves its time.
     assert (ann.name_set_at, ann.email_set_at, ann.billing_set_at) == (T0, T0, later)
-    now = timezone.now()
-    again = services.identify_user(workspace=tenant.workspace, user_id="u1", changes=changes, occurred_at=now)
+    again = services.apply_profile_row(workspace=tenant.workspace, row=row, occurred_at=timezone.now())
     assert again.outcome == services.IdentifyOutcome.UNCHANGED
 
 

@@ -131,6 +131,17 @@ def test_an_older_identify_never_overwrites_newer_traits(segment, tenant):
     assert user.name_set_at == at(10)
 
 
+def test_the_newest_message_wins_even_when_it_repeats_the_current_value(segment, tenant):
+    # Sent at 1, 10 and 5; the one sent at 10 repeats the value set at 1. Arrival order must
+    # not matter: in time order the user ends with the name sent at 10.
+    ok(segment.identify("1", {"name": "Ann"}, timestamp=iso(1)))
+    ok(segment.identify("1", {"name": "Ann"}, timestamp=iso(10)))
+    ok(segment.identify("1", {"name": "Late Annie"}, timestamp=iso(5)))
+
+    user = user_for(tenant, "1")
+    assert (user.name, user.name_set_at) == ("Ann", at(10))
+
+
 def test_each_field_keeps_the_newest_value_sent_for_it(segment, tenant):
     ok(segment.identify("1", {"name": "Name at 10"}, timestamp=iso(10)))
     ok(segment.identify("1", {"email": "at5@example.com", "name": "Name at 5"}, timestamp=iso(5)))

@@ -109,12 +109,16 @@ def validated_changes(
     return changes, problems
 
 
-def apply_changes(user: EndUser, changes: ProfileChanges, occurred_at: datetime) -> bool:
-    """Set each sent field unless the field was last set by a newer message. True if changed.
+def apply_changes(
+    user: EndUser, changes: ProfileChanges, occurred_at: datetime, *, restamp_unchanged: bool = False
+) -> bool:
+    """Set each sent field unless the field was last set by a newer message. True if a value changed.
 
-    A field's ``*_set_at`` moves only when its value changes: a message (or a re-imported CSV
-    row, whose time is the import's) repeating the current value leaves the field untouched,
-    so it neither counts as an update nor makes older, late messages lose to it.
+    ``restamp_unchanged``: a sent value equal to the current one still moves the field's
+    ``*_set_at`` to ``occurred_at``. Segment messages use it, so the newest message that
+    states a value wins whatever order messages arrive in (an older, late message cannot
+    undo what a newer one confirmed). CSV rows do not: their time is the import's, and
+    re-importing an unchanged file must change nothing.
     """
     changed = False
 
@@ -123,18 +127,18 @@ def apply_changes(user: EndUser, changes: ProfileChanges, occurred_at: datetime)
 
     if changes.name is not UNSET and newer(user.name_set_at):
         value = changes.name or ""
-        if value != user.name:
-            changed = True
+        if value != user.name or restamp_unchanged:
+            changed |= value != user.name
             user.name, user.name_set_at = value, occurred_at
     if changes.email is not UNSET and newer(user.email_set_at):
         value = changes.email or ""
-        if value != user.email:
-            changed = True
+        if value != user.email or restamp_unchanged:
+            changed |= value != user.email
             user.email, user.email_key, user.email_set_at = value, normalize_email(value), occurred_at
     if changes.billing_id is not UNSET and newer(user.billing_set_at):
         value = changes.billing_id or ""
-        if value != user.billing_id:
-            changed = True
+        if value != user.billing_id or restamp_unchanged:
+            changed |= value != user.billing_id
             user.billing_id = value
             user.billing_provider = billing_provider_for(value) if value else ""
             user.billing_set_at = occurred_at
@@ -150,6 +154,8 @@ def apply_changes(user: EndUser, changes: ProfileChanges, occurred_at: datetime)
         user.audiences = audiences
     return changed
 
+
+SET_AT_FIELDS = ("name_set_at", "email_set_at", "billing_set_at")
 
 _FIELD_GROUPS = (
     ("name_set_at", ("name",)),

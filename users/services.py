@@ -31,7 +31,7 @@ from kana.models import Workspace
 from segment_ingest.models import Event
 
 from .models import EndUser, Group, GroupMembership, MergeReason, MergeRecord, UserIdentity
-from .profile import ProfileChanges, absorb_profile, apply_changes, oldest_first, snapshot
+from .profile import SET_AT_FIELDS, ProfileChanges, absorb_profile, apply_changes, oldest_first, snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -173,14 +173,18 @@ def identify_user(
     reason: str = MergeReason.IDENTIFY,
     actor: str = "segment",
     source: str = "",
+    restamp_unchanged: bool = True,
 ) -> IdentifyResult:
     """Apply an identify (userId plus profile changes) by Kana's create/update/merge rules.
 
     U = the user ``user_id`` resolves to; C = the other users with the changes' email.
     Merge (or claim, when there is no U) only when C is exactly one user and it is bare.
     When the email matches several users and one is bare, nothing is merged: flagged.
+    ``restamp_unchanged`` (see ``apply_changes``): True for messages, False for CSV rows.
     """
-    return run_with_retries(lambda: _identify_once(workspace, user_id, changes, occurred_at, reason, actor, source))
+    return run_with_retries(
+        lambda: _identify_once(workspace, user_id, changes, occurred_at, reason, actor, source, restamp_unchanged)
+    )
 
 
 @dataclass
@@ -205,7 +209,7 @@ def _plan_identify(user: EndUser | None, others: list[EndUser]) -> _IdentifyPlan
 
 
 @transaction.atomic
-def _identify_once(workspace, user_id, changes, occurred_at, reason, actor, source) -> IdentifyResult:
+def _identify_once(workspace, user_id, changes, occurred_at, reason, actor, source, restamp) -> IdentifyResult:
     email_key = changes.email_key
     lock_keys(_identity_lock_keys(workspace, [user_id], email_key))
     owner_id = _owner_of(workspace, user_id)
@@ -223,7 +227,7 @@ def _identify_once(workspace, user_id, changes, occurred_at, reason, actor, sour
         target = plan.target
         target.user_id = user_id
         UserIdentity.objects.create(workspace=workspace, user=target, external_id=user_id)
-        apply_changes(target, changes, occurred_at)
+        apply_changes(target, changes, occurred_at, restamp_unchanged=restamp)
         target.save()
         return IdentifyResult(user=target, outcome=IdentifyOutcome.CLAIMED)
     if plan.action == "merge":
@@ -231,15 +235,19 @@ def _identify_once(workspace, user_id, changes, occurred_at, reason, actor, sour
         survivor, absorbed = _oldest_first([user, plan.target])
         _absorb(workspace=workspace, survivor=survivor, absorbed=absorbed, reason=reason, actor=actor, source=source)
         _make_canonical(survivor, user_id)
-        apply_changes(survivor, changes, occurred_at)
+        apply_changes(survivor, changes, occurred_at, restamp_unchanged=restamp)
         survivor.save()
         return IdentifyResult(user=survivor, outcome=IdentifyOutcome.MERGED, absorbed_ids=[absorbed.pk])
     if plan.action == "create":
         user = _create_user(workspace, user_id, changes, occurred_at)
         return IdentifyResult(user=user, outcome=IdentifyOutcome.CREATED, ambiguous=plan.ambiguous)
-    changed = apply_changes(user, changes, occurred_at)
+    stamps = [getattr(user, name) for name in SET_AT_FIELDS]
+    changed = apply_changes(user, changes, occurred_at, restamp_unchanged=restamp)
     if changed:
         user.save()
+    elif stamps != [getattr(user, name) for name in SET_AT_FIELDS]:
+        # Same values, confirmed by a newer message: keep its time, not a profile change.
+        user.save(update_fields=SET_AT_FIELDS)
     outcome = IdentifyOutcome.UPDATED if changed else IdentifyOutcome.UNCHANGED
     return IdentifyResult(user=user, outcome=outcome, ambiguous=plan.ambiguous)
 
@@ -374,6 +382,7 @@ def apply_profile_row(
             reason=reason,
             actor=actor,
             source=source or row.label,
+            restamp_unchanged=False,
         )
     return upsert_user_by_email(workspace=workspace, changes=row.changes, occurred_at=occurred_at)
 
