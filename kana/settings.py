@@ -193,7 +193,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["kana.api_auth.HasWorkspace"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "kana.api.schema.KanaAutoSchema",
     "EXCEPTION_HANDLER": "kana.api_auth.exception_handler",
     "UNAUTHENTICATED_USER": None,
 }

@@ -37,6 +37,10 @@ ENDPOINTS = {
     "/api/v1/usage",
     "/api/v1/merges",
     "/api/v1/merges/{id}",
+    "/api/v1/users/export",
+    "/api/v1/users/import",
+    "/api/v1/users/imports/{id}",
+    "/api/v1/users/imports/{id}/report",
 }
 
 

@@ -8,7 +8,6 @@ from rest_framework.viewsets import GenericViewSet
 
 from .errors import DOMAIN_ERRORS, DomainError
 from .ids import ID_PATTERN, MAX_ID
-from .schema import KanaAutoSchema
 
 
 class Pagination(PageNumberPagination):
@@ -31,7 +30,6 @@ class WorkspaceViewSet(GenericViewSet):
     lookup_value_regex = ID_PATTERN
     pagination_class = Pagination
     parser_classes = [JSONParser]
-    schema = KanaAutoSchema()
 
     @property
     def workspace(self):
