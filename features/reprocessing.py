@@ -62,7 +62,7 @@ def _candidate_events(job: ReprocessingJob):
 def process_chunk(job_id: int, chunk_size: int | None = None) -> ChunkResult:
     chunk_size = chunk_size or settings.KANA_REPROCESS_CHUNK_SIZE
     with transaction.atomic():
-        job = ReprocessingJob.objects.select_for_update().select_related("rule").get(pk=job_id)
+        job = ReprocessingJob.objects.select_for_update(of=("self",)).select_related("rule").get(pk=job_id)
         if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
             return ChunkResult(0, 0, True)
         rows = list(
