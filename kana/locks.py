@@ -22,15 +22,16 @@ def lock_rules_shared(workspace_id: int) -> int:
 
     Rule and feature creation take the same lock exclusively, so they wait for in-flight
     ingest transactions to commit, and ingest that starts afterwards waits for the rule to
-    commit and then sees it. One round trip: the lock and the version together.
+    commit and then sees it.
+
+    Two statements on purpose: under READ COMMITTED a statement reads with the snapshot taken
+    when it started, so a version read in the same statement as a lock that had to wait
+    would be the version from before the rule committed, and the event would be mapped with
+    the old rules while falling after the new rule's reprocessing range: counted zero times.
     """
     with connection.cursor() as cursor:
         if _is_postgres():
-            cursor.execute(
-                "SELECT pg_advisory_xact_lock_shared(%s, %s), rules_version FROM kana_workspace WHERE id = %s",
-                [RULES_LOCK_NAMESPACE, workspace_id, workspace_id],
-            )
-            return cursor.fetchone()[1]
+            cursor.execute("SELECT pg_advisory_xact_lock_shared(%s, %s)", [RULES_LOCK_NAMESPACE, workspace_id])
         cursor.execute("SELECT rules_version FROM kana_workspace WHERE id = %s", [workspace_id])
         return cursor.fetchone()[0]
 
