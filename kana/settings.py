@@ -109,6 +109,11 @@ elif DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
     raise ImproperlyConfigured("DATABASE_URL must be a postgres:// or sqlite:// URL")
 else:
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    # A request that waits this long for a lock answers 429 (Segment retries it) instead of
+    # holding a server worker indefinitely.
+    DATABASES["default"].setdefault("OPTIONS", {})["options"] = (
+        f"-c lock_timeout={env_int('DB_LOCK_TIMEOUT_MS', 10000)}"
+    )
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Celery ---------------------------------------------------------------------------

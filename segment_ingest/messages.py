@@ -6,9 +6,10 @@ Pure functions: no database. A message either becomes a ``Message`` or raises
 
 import json
 import math
+import re
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.utils import timezone
@@ -22,6 +23,9 @@ MAX_BATCH_MESSAGES = 2500
 MAX_MESSAGE_ID_LENGTH = 100
 MAX_ID_LENGTH = 255
 MAX_EVENT_NAME_LENGTH = 200
+# Far deeper than any analytics payload, and far below Python's recursion limit, which the
+# JSON encoders (ours, the database driver's) hit around 900 levels: a 500, not a 400.
+MAX_NESTING_DEPTH = 64
 
 # Identifiers that mean "nobody": treated as absent (analytics libraries send them for
 # logged-out visitors, and template bugs produce the rest).
@@ -106,8 +110,12 @@ def _parse_time(payload: dict, name: str) -> datetime | None:
     if parsed is None:
         raise MessageError("invalid_timestamp", f"{name} must be an ISO 8601 date-time", name)
     if timezone.is_naive(parsed):
-        parsed = timezone.make_aware(parsed, timezone.utc)
-    return parsed
+        parsed = parsed.replace(tzinfo=UTC)
+    try:
+        # In UTC, so stored times and the "set at" stamps kept as text compare correctly.
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        raise MessageError("invalid_timestamp", f"{name} is out of range", name) from None
 
 
 def occurred_at(payload: dict, received_at: datetime) -> datetime:
@@ -121,8 +129,11 @@ def occurred_at(payload: dict, received_at: datetime) -> datetime:
     sent = _parse_time(payload, "sentAt")
     if original and sent:
         segment_received = _parse_time(payload, "receivedAt") or received_at
-        corrected = segment_received - (sent - original)
-        if abs(corrected - received_at) < timedelta(days=365 * 50):
+        try:
+            corrected = segment_received - (sent - original)
+        except OverflowError:  # absurd clocks: past year 9999 or before year 1
+            corrected = None
+        if corrected is not None and abs(corrected - received_at) < timedelta(days=365 * 50):
             return corrected
     return original or received_at
 
@@ -143,14 +154,54 @@ def _required_user(payload: dict, code: str, what: str) -> str:
     return user_id
 
 
+# An escaped NUL in JSON text: \u0000 after an even number of backslashes (an odd number
+# would make it the literal characters "\u0000", which are fine).
+_ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def _too_deep(payload: dict) -> bool:
+    stack = [(payload, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_NESTING_DEPTH:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def _storable_size(payload: dict) -> int:
+    """The message's size as compact JSON; refuses what the database cannot store.
+
+    PostgreSQL rejects NUL characters in text and jsonb, NaN and Infinity in jsonb, and no
+    database takes lone UTF-16 surrogates: checked here so such input is a 400, never a 500.
+    """
+    if _too_deep(payload):
+        raise MessageError("too_deeply_nested", f"a message may nest at most {MAX_NESTING_DEPTH} levels deep")
+    try:
+        text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        raise MessageError("invalid_number", "numbers must be finite (no NaN or Infinity)") from None
+    if "\\u0000" in text and _ESCAPED_NUL.search(text):
+        raise MessageError("invalid_character", "text may not contain NUL characters (\\u0000)")
+    try:
+        return len(text.encode())
+    except UnicodeEncodeError:
+        raise MessageError("invalid_character", "text may not contain unpaired UTF-16 surrogates") from None
+
+
 def parse_message(
     payload: Any, *, received_at: datetime, forced_type: str | None = None, size: int | None = None
 ) -> Message:
-    """Validate one message. ``forced_type`` is the type the endpoint path names."""
+    """Validate one message. ``forced_type`` is the type the endpoint path names;
+    ``size`` the raw size of a message sent alone (else its compact JSON size counts)."""
     if not isinstance(payload, dict):
         raise MessageError("invalid_message", "a message must be a JSON object")
+    if size is not None and size > MAX_MESSAGE_BYTES:
+        raise MessageError("message_too_large", f"a message may be at most {MAX_MESSAGE_BYTES // 1024} KB", status=413)
+    compact_size = _storable_size(payload)
     if size is None:
-        size = len(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode())
+        size = compact_size
     if size > MAX_MESSAGE_BYTES:
         raise MessageError("message_too_large", f"a message may be at most {MAX_MESSAGE_BYTES // 1024} KB", status=413)
     message_type = forced_type or payload.get("type")

@@ -96,7 +96,7 @@ def _authenticate(request, body: bytes, parsed):
 def _parse_json(body: bytes):
     try:
         return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
         return _INVALID
 
 

@@ -2,7 +2,7 @@
 
 import re
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from django.core.exceptions import ValidationError
@@ -23,7 +23,8 @@ class _Unset:
 
 UNSET: Any = _Unset()
 
-_STRIPE_CUSTOMER = re.compile(r"^cus_[A-Za-z0-9]+$")
+# At most 50 characters in all, like Chargebee's: the column holds 50.
+_STRIPE_CUSTOMER = re.compile(r"^cus_[A-Za-z0-9]{1,46}$")
 _CHARGEBEE_CUSTOMER = re.compile(r"^[A-Za-z0-9_.@-]{1,50}$")
 
 
@@ -129,11 +130,13 @@ def apply_changes(user: EndUser, changes: ProfileChanges, occurred_at: datetime)
         user.billing_set_at = occurred_at
     if changes.audiences:
         audiences = dict(user.audiences)
+        # Stamps are compared as text, which is only right when all are written in UTC.
+        stamp = occurred_at.astimezone(UTC).isoformat()
         for audience, value in changes.audiences.items():
             current = audiences.get(audience)
-            if current is None or current.get("set_at", "") <= occurred_at.isoformat():
+            if current is None or current.get("set_at", "") <= stamp:
                 changed |= current is None or current.get("value") != value
-                audiences[audience] = {"value": value, "set_at": occurred_at.isoformat()}
+                audiences[audience] = {"value": value, "set_at": stamp}
         user.audiences = audiences
     return changed
 

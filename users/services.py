@@ -352,8 +352,6 @@ def alias_user(
         if owner is None:
             user = locked[previous_owner]
             UserIdentity.objects.create(workspace=workspace, user=user, external_id=user_id)
-            if user.user_id != user_id:
-                EndUser.objects.filter(pk=user.pk).update(user_id=None)  # free it for the swap
             _make_canonical(user, user_id)
             user.save()
             return IdentifyResult(user=user, outcome=IdentifyOutcome.UPDATED)
