@@ -160,6 +160,17 @@ def process_cpu_seconds(pids: list[int]) -> float:
     return total / CLOCK_TICKS
 
 
+def peak_rss_kib(pid: int) -> int:
+    """A live process's resident-memory high-water mark (0 once it has exited)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def machine_cpu() -> tuple[float, float]:
     """(busy, total) jiffies of the whole machine since boot."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
