@@ -119,6 +119,7 @@ def main() -> int:
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report["json"], indent=2) + "\n")
+    output.with_suffix(".md").write_text(report["markdown"])
     print(f"\nwritten to {output.relative_to(ROOT) if output.is_relative_to(ROOT) else output}")
     return 0
 

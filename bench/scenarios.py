@@ -748,6 +748,8 @@ class Bench:
             ratio = f"{row.ratio:.2f}" if row.ratio is not None else ""
             lines.append((row.scenario, _fmt(row.value, row.unit), baseline, ratio, row.target, met))
         widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=False)]
+        markdown = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        markdown += ["| " + " | ".join(str(c) for c in line) + " |" for line in lines]
         out = [" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
         out.append("-+-".join("-" * w for w in widths))
         out += [" | ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
@@ -761,6 +763,7 @@ class Bench:
         }
         return {
             "table": "\n".join(out),
+            "markdown": "\n".join(markdown) + "\n",
             "json": {
                 "started_at": self.started_at,
                 "mode": "quick" if self.args.quick else "full",
