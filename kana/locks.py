@@ -57,3 +57,25 @@ def lock_keys(keys: list[str]) -> None:
     with connection.cursor() as cursor:
         # Target-list items are evaluated left to right: the locks are taken in sorted order.
         cursor.execute("SELECT " + ", ".join(["pg_advisory_xact_lock(%s)"] * len(ids)), ids)
+
+
+def lock_rules_shared_and_read(workspace_id: int, sql: str, params: list) -> tuple[int, list[tuple]]:
+    """``lock_rules_shared`` followed by one more read (``sql``), in a single round trip.
+
+    The hot path of ingest: the statements go in one message, and PostgreSQL runs them in
+    order, each with its own snapshot under READ COMMITTED, so the version and the read see
+    everything committed before the lock was granted, exactly as separate statements would.
+    Returns the rules version and the read's rows.
+    """
+    if not _is_postgres():
+        version = lock_rules_shared(workspace_id)
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return version, cursor.fetchall()
+    with connection.cursor() as cursor:
+        lock = "SELECT pg_advisory_xact_lock_shared(%s, %s); SELECT rules_version FROM kana_workspace WHERE id = %s; "
+        cursor.execute(lock + sql, [RULES_LOCK_NAMESPACE, workspace_id, workspace_id, *params])
+        cursor.nextset()
+        version = cursor.fetchone()[0]
+        cursor.nextset()
+        return version, cursor.fetchall()

@@ -12,7 +12,7 @@ from django.db import transaction
 
 from features.mapping import decide, load_rule_set
 from features.models import Usage
-from kana.locks import lock_rules_shared
+from kana.locks import lock_rules_shared_and_read
 from kana.models import Workspace
 from users import services as user_services
 from users.profile import UNSET, validated_changes
@@ -57,11 +57,7 @@ def ingest_usage_messages(*, workspace: Workspace, messages: list[Message]) -> l
 
 @transaction.atomic
 def _ingest_usage_once(workspace: Workspace, messages: list[Message]) -> list[Outcome]:
-    version = lock_rules_shared(workspace.pk)
-    ids = {m.message_id for m in messages}
-    replayed = set(
-        Event.objects.for_workspace(workspace).filter(message_id__in=ids).values_list("message_id", flat=True)
-    )
+    version, replayed = _lock_rules_and_find_replays(workspace, {m.message_id for m in messages})
     fresh: dict[str, Message] = {}
     for message in messages:
         if message.message_id not in replayed and message.message_id not in fresh:
@@ -116,6 +112,15 @@ def _ingest_usage_once(workspace: Workspace, messages: list[Message]) -> list[Ou
         else:
             outcomes.append(Outcome(message.message_id, "duplicate"))
     return outcomes
+
+
+def _lock_rules_and_find_replays(workspace: Workspace, message_ids: set[str]) -> tuple[int, set[str]]:
+    """The rules version (under the shared rules lock) and which messageIds are stored
+    already, in one round trip: this runs for every message Segment sends one at a time."""
+    placeholders = ", ".join(["%s"] * len(message_ids))
+    sql = f"SELECT message_id FROM {Event._meta.db_table} WHERE workspace_id = %s AND message_id IN ({placeholders})"
+    version, rows = lock_rules_shared_and_read(workspace.pk, sql, [workspace.pk, *message_ids])
+    return version, {message_id for (message_id,) in rows}
 
 
 def ingest_profile_message(*, workspace: Workspace, message: Message) -> Outcome:

@@ -1,0 +1,308 @@
+"""The load generator: a standard-library asyncio HTTP/1.1 client, run as its own process.
+
+    python bench/load.py < spec.json > result.json
+
+The spec names the target, the number of connections, a warm-up and a measured window, and
+the kind of messages to send (``track``, ``identify_mix``, ``batch``). Every request carries
+a fresh messageId derived from ``prefix`` and a sequence number, so the harness can check
+afterwards that each message sent was stored exactly once.
+
+Connections are kept alive when the server allows it (HTTP/1.1); gunicorn's sync workers
+close after every response, and the client then reconnects, as any client of such a server
+must. Latency runs from the first byte written (connecting included) to the last byte read.
+Requests are not retried: a connection error is counted and makes the scenario fail.
+"""
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections import Counter
+
+# --- Message factories: each returns (body, tag) for sequence number n, or None when done. ---
+
+
+def _template(message: dict) -> str:
+    return json.dumps(message, separators=(",", ":"))
+
+
+class TrackFactory:
+    """One track message per request, mapped straight by ``properties.featureId``."""
+
+    def __init__(self, prefix: str, params: dict):
+        self.users = params.get("users", 1000)
+        self.template = _template(
+            {
+                "type": "track",
+                "event": "Report Exported",
+                "userId": "@UID@",
+                "messageId": "@MID@",
+                "timestamp": "2026-01-15T10:00:00.000Z",
+                "properties": {"featureId": params.get("feature", "reports"), "delta": 1, "format": "pdf"},
+                "context": {
+                    "library": {"name": "analytics-node", "version": "6.2.0"},
+                    "ip": "203.0.113.7",
+                    "userAgent": "Mozilla/5.0 (X11; Linux x86_64) Bench",
+                },
+            }
+        )
+        self.prefix = prefix
+
+    def __call__(self, n: int):
+        body = self.template.replace("@MID@", f"{self.prefix}-{n}").replace("@UID@", f"u{n % self.users}")
+        return body.encode(), "track"
+
+
+class IdentifyMixFactory:
+    """Identify calls cycling through create, update, claim and merge (Kana cases 1/5, 8, 7).
+
+    The harness seeds the users these need: ``upd-K`` (userId and email) to update,
+    bare users ``claim-K@`` to be claimed, and pairs ``mrg-K`` (no email) + bare ``mrgbare-K@``
+    to be merged. Each claim and merge target is used once; when a pool is used up the
+    factory stops (the harness sizes the pools well beyond what a run can use).
+    """
+
+    KINDS = ("create", "update", "claim", "merge")
+
+    def __init__(self, prefix: str, params: dict):
+        self.prefix = prefix
+        self.update_pool = params["update_pool"]
+        self.claim_pool = params["claim_pool"]
+        self.merge_pool = params["merge_pool"]
+        self.next = Counter()
+
+    def __call__(self, n: int):
+        kind = self.KINDS[n % 4]
+        k = self.next[kind]
+        self.next[kind] += 1
+        if kind == "create":
+            user_id = f"{self.prefix}-new-{k}"
+            traits = {"name": f"New {k}", "email": f"{user_id}@example.com"}
+        elif kind == "update":
+            j = k % self.update_pool
+            user_id, traits = f"upd-{j}", {"name": f"Updated {k}", "email": f"upd-{j}@example.com"}
+        elif kind == "claim":
+            if k >= self.claim_pool:
+                return None
+            user_id, traits = f"{self.prefix}-claim-{k}", {"name": f"Claimer {k}", "email": f"claim-{k}@example.com"}
+        else:
+            if k >= self.merge_pool:
+                return None
+            user_id, traits = f"mrg-{k}", {"email": f"mrgbare-{k}@example.com"}
+        message = {"type": "identify", "userId": user_id, "messageId": f"{self.prefix}-{n}", "traits": traits}
+        return json.dumps(message, separators=(",", ":")).encode(), kind
+
+
+class BatchFactory:
+    """``/v1/batch`` bodies of ``size`` track messages; rules map half of them.
+
+    Per four messages: one matched by an event-name rule, one by a property rule, one that
+    only misses the property condition, one no rule names.
+    """
+
+    def __init__(self, prefix: str, params: dict):
+        self.size = params.get("size", 100)
+        self.users = params.get("users", 1000)
+        shapes = [
+            ("Report Exported", {"format": "pdf", "plan": {"tier": "pro"}}),
+            ("Dashboard Viewed", {"plan": {"tier": "enterprise"}, "widgets": 4}),
+            ("Dashboard Viewed", {"plan": {"tier": "free"}, "widgets": 2}),
+            ("Page Scrolled", {"depth": 0.5}),
+        ]
+        # Every "@X@" is a slot filled per request: per message its userId, then the batch
+        # number in its messageId (dict order). A body then costs a join, not a JSON encoding.
+        batch = [
+            {
+                "type": "track",
+                "event": shapes[i % 4][0],
+                "userId": "@X@",
+                "messageId": f"{prefix}-@X@-{i}",
+                "timestamp": "2026-01-15T10:00:00.000Z",
+                "properties": shapes[i % 4][1],
+            }
+            for i in range(self.size)
+        ]
+        body = _template({"batch": batch, "context": {"library": {"name": "analytics-python", "version": "2.3.3"}}})
+        self.parts = body.split("@X@")
+
+    def __call__(self, n: int):
+        batch_number = str(n)
+        base = n * self.size
+        values = []
+        for i in range(self.size):
+            values.append(f"u{(base + i) % self.users}")
+            values.append(batch_number)
+        body = self.parts[0] + "".join(v + p for v, p in zip(values, self.parts[1:], strict=True))
+        return body.encode(), "batch"
+
+
+FACTORIES = {"track": TrackFactory, "identify_mix": IdentifyMixFactory, "batch": BatchFactory}
+
+
+# --- The HTTP client ---------------------------------------------------------------------
+
+
+class _ResponseProtocol(asyncio.Protocol):
+    """Reads one response at a time: status, Content-Length body, and whether it closes."""
+
+    def __init__(self):
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future | None = None
+        self.closed = False
+        self.transport = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.buffer += data
+        self._check()
+
+    def connection_lost(self, exc):
+        self.closed = True
+        if self.waiter and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError("connection closed before the response ended"))
+
+    def _check(self):
+        if self.waiter is None or self.waiter.done():
+            return
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = bytes(self.buffer[:end]).decode("latin-1").split("\r\n")
+        status = int(head[0].split(" ", 2)[1])
+        length, close = 0, False
+        for line in head[1:]:
+            name, _, value = line.partition(":")
+            name = name.strip().lower()
+            if name == "content-length":
+                length = int(value)
+            elif name == "connection":
+                close = value.strip().lower() == "close"
+        if len(self.buffer) < end + 4 + length:
+            return
+        del self.buffer[: end + 4 + length]
+        self.waiter.set_result((status, close))
+
+    async def request(self, data: bytes):
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(data)
+        self._check()
+        return await self.waiter
+
+
+class Run:
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.factory = FACTORIES[spec["kind"]](spec["prefix"], spec.get("params", {}))
+        self.head = (
+            f"POST {spec['path']} HTTP/1.1\r\nHost: {spec['host']}:{spec['port']}\r\n"
+            + (f"Authorization: {spec['auth']}\r\n" if spec.get("auth") else "")
+            + "Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+        ).encode()
+        self.seq = 0
+        self.issued = 0
+        self.stop = False
+        self.exhausted = False
+        self.status_counts = Counter()
+        self.ok_tags = Counter()
+        self.errors = Counter()
+        self.latencies: list[float] = []
+        self.completed_in_window = 0
+        self.window_start = self.window_end = 0.0
+        self.max_requests = spec.get("max_requests")
+
+    def next_body(self):
+        if self.max_requests is not None and self.seq >= self.max_requests:
+            return None
+        made = self.factory(self.seq)
+        if made is None:
+            self.exhausted = True
+            return None
+        self.seq += 1
+        return made
+
+    async def connection(self):
+        loop = asyncio.get_running_loop()
+        protocol = None
+        while not self.stop:
+            made = self.next_body()
+            if made is None:
+                return
+            body, tag = made
+            self.issued += 1
+            started = time.perf_counter()
+            try:
+                if protocol is None or protocol.closed:
+                    _, protocol = await loop.create_connection(_ResponseProtocol, self.spec["host"], self.spec["port"])
+                status, close = await protocol.request(self.head % len(body) + body)
+            except (OSError, ConnectionError) as exc:
+                self.errors[type(exc).__name__] += 1
+                if protocol is not None and protocol.transport is not None:
+                    protocol.transport.close()
+                protocol = None
+                continue
+            finished = time.perf_counter()
+            self.status_counts[status] += 1
+            if 200 <= status < 300:
+                self.ok_tags[tag] += 1
+            if self.window_start <= started and finished <= self.window_end:
+                self.completed_in_window += 1
+                self.latencies.append(finished - started)
+            if close:
+                protocol.transport.close()
+                protocol = None
+        if protocol is not None and protocol.transport is not None:
+            protocol.transport.close()
+
+    async def main(self) -> dict:
+        now = time.perf_counter()
+        self.window_start = now + self.spec.get("warmup", 0)
+        self.window_end = self.window_start + self.spec["duration"]
+        tasks = [asyncio.create_task(self.connection()) for _ in range(self.spec["connections"])]
+
+        async def timer():
+            await asyncio.sleep(self.window_end - time.perf_counter())
+            self.stop = True
+
+        stopper = asyncio.create_task(timer())
+        await asyncio.gather(*tasks)
+        stopper.cancel()
+        return self.report()
+
+    def report(self) -> dict:
+        latencies = sorted(self.latencies)
+
+        def pct(q: float) -> float | None:
+            if not latencies:
+                return None
+            return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000, 2)
+
+        window = self.window_end - self.window_start
+        cpu = os.times()
+        return {
+            "issued": self.issued,
+            "ok": sum(self.ok_tags.values()),
+            "ok_by_kind": dict(self.ok_tags),
+            "status_counts": {str(k): v for k, v in sorted(self.status_counts.items())},
+            "connection_errors": dict(self.errors),
+            "exhausted": self.exhausted,
+            "window_seconds": round(window, 3),
+            "completed_in_window": self.completed_in_window,
+            "requests_per_second": round(self.completed_in_window / window, 1) if window else None,
+            "p50_ms": pct(0.50),
+            "p99_ms": pct(0.99),
+            "max_ms": round(latencies[-1] * 1000, 2) if latencies else None,
+            "client_cpu_seconds": round(cpu.user + cpu.system, 2),
+        }
+
+
+def main() -> None:
+    spec = json.load(sys.stdin)
+    result = asyncio.run(Run(spec).main())
+    json.dump(result, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Kana's benchmark: baselines and scenarios in one run, on one server, as ratios.
+
+    python bench/run.py            # full run (1M events for S4, 1M users for the export)
+    python bench/run.py --quick    # one- to two-minute smoke with smaller sizes
+
+It creates its own PostgreSQL database (dropped at the end), migrates, creates workspaces and
+keys, starts gunicorn (sync workers) and a Celery worker, measures the baselines (B-insert,
+B-copy, B-update) and the scenarios (S1-S5) of /work/shared/BENCH.md, checks after every
+scenario that each message sent was stored exactly once, prints one table and writes it as
+JSON to bench/results/latest.json. See docs/performance.md for what the figures mean.
+"""
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _use_project_python() -> None:
+    """``python bench/run.py`` works with any python: re-run under the project's venv."""
+    try:
+        import django  # noqa: F401
+    except ImportError:
+        venv_python = ROOT / ".venv" / "bin" / "python"
+        if venv_python.exists() and Path(sys.executable).resolve() != venv_python.resolve():
+            os.execv(str(venv_python), [str(venv_python), *sys.argv])
+        raise SystemExit("Django is not installed: run scripts/bootstrap.sh first") from None
+
+
+_use_project_python()
+sys.path.insert(0, str(ROOT))
+
+SIZES = {
+    # warm-up and measured seconds per HTTP scenario; rows for S4 and S5; pools for S2.
+    "quick": {"warmup": 2, "duration": 8, "events": 100_000, "import_rows": 10_000, "export_rows": 100_000},
+    "full": {"warmup": 5, "duration": 30, "events": 1_000_000, "import_rows": 100_000, "export_rows": 1_000_000},
+}
+REDIS_DB_URL = "redis://127.0.0.1:6379/10"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke run with smaller sizes")
+    parser.add_argument("--only", default="", help="comma-separated scenario ids to run, e.g. S4,S5")
+    parser.add_argument("--workers", type=int, default=4, help="gunicorn sync workers (default 4)")
+    parser.add_argument("--connections", type=int, default=16, help="client connections (default 16)")
+    parser.add_argument("--duration", type=float, help="measured seconds per HTTP scenario")
+    parser.add_argument("--events", type=int, help="stored unmapped events for S4 (and rows for B-copy/B-update)")
+    parser.add_argument("--import-rows", type=int, help="CSV rows imported in S5")
+    parser.add_argument("--export-rows", type=int, help="users exported in S5")
+    parser.add_argument("--redis-url", default=os.environ.get("KANA_BENCH_REDIS_URL", REDIS_DB_URL))
+    parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "latest.json"))
+    parser.add_argument("--pause", action="store_true", help="wait for Enter before the scenarios (to profile)")
+    parser.add_argument("--profile", metavar="DIR", help="record py-spy profiles of each scenario into DIR")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the server and worker logs")
+    return parser.parse_args()
+
+
+def configure(args) -> dict:
+    sizes = dict(SIZES["quick" if args.quick else "full"])
+    for name in ("duration", "events", "import_rows", "export_rows"):
+        if getattr(args, name) is not None:
+            sizes[name] = getattr(args, name)
+    sizes["duration"] = float(sizes["duration"])
+    return sizes
+
+
+def main() -> int:
+    args = parse_args()
+    sizes = configure(args)
+    from bench import stack
+
+    database = f"kana_bench_{os.getpid()}"
+    log_dir = Path(tempfile.mkdtemp(prefix="kana-bench-"))
+    env = {
+        "DATABASE_URL": stack.server_url(database),
+        "REDIS_URL": args.redis_url,
+        # Generated per run, only ever in the environment of the processes started here.
+        "SECRET_KEY": secrets.token_urlsafe(50),
+        "KANA_DEBUG": "0",
+        "ALLOWED_HOSTS": "127.0.0.1,localhost",
+        "SECURE_COOKIES": "0",
+        "LOG_LEVEL": "WARNING",
+        "DJANGO_SETTINGS_MODULE": "bench.settings",
+    }
+    os.environ.update(env)
+    stack.create_database(database)
+    failed = True
+    bench = None
+    try:
+        import django
+
+        django.setup()
+        from bench.scenarios import Bench
+
+        bench = Bench(args=args, sizes=sizes, env={**os.environ}, log_dir=log_dir)
+        bench.run()
+        failed = False
+    finally:
+        if bench is not None:
+            bench.close()
+        from django.db import connections
+
+        connections.close_all()
+        stack.drop_database(database)
+        _flush_redis(args.redis_url)
+        if failed or args.keep_logs:
+            print(f"logs kept in {log_dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(log_dir, ignore_errors=True)
+    report = bench.report()
+    print(report["table"])
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report["json"], indent=2) + "\n")
+    output.with_suffix(".md").write_text(report["markdown"])
+    print(f"\nwritten to {output.relative_to(ROOT) if output.is_relative_to(ROOT) else output}")
+    return 0
+
+
+def _flush_redis(url: str) -> None:
+    import redis
+
+    try:
+        redis.Redis.from_url(url).flushdb()
+    except redis.RedisError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

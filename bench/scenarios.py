@@ -1,0 +1,776 @@
+"""The baselines and scenarios of BENCH.md, each verified before its figure counts.
+
+Runs inside the harness process (Django set up on the benchmark's own database): it seeds
+data, drives the load client process against gunicorn, and checks the stored rows.
+"""
+
+import base64
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+from django.core.management import call_command, get_commands, load_command_class
+from django.db import connection
+
+from features.models import JobStatus, ReprocessingJob, Usage
+from features.services import RuleDefinition, feature_create, rule_create
+from kana.services import workspace_create_with_key
+from segment_ingest.models import Event, EventStatus
+from users.models import EndUser, MergeRecord
+
+from . import bulk, stack
+
+S1_USERS = 1000
+S4_USERS = 10_000
+BATCH_SIZE = 100
+# Identify scenario pools: comfortably more than a run can use at any plausible rate.
+S2_POOL_PER_SECOND = 600
+
+
+def basic_auth(key: str) -> str:
+    return "Basic " + base64.b64encode(f"{key}:".encode()).decode()
+
+
+@dataclass
+class Tenant:
+    workspace: object
+    key: str
+
+    @property
+    def pk(self) -> int:
+        return self.workspace.pk
+
+    @property
+    def auth(self) -> str:
+        return basic_auth(self.key)
+
+
+@dataclass
+class Row:
+    """One line of the result table."""
+
+    id: str
+    scenario: str
+    unit: str
+    value: float | None = None
+    baseline: str = ""
+    baseline_value: float | None = None
+    target: str = ""
+    target_ratio: float | None = None  # ratio to the baseline required
+    target_max: float | None = None  # absolute ceiling (latency, memory)
+    target_min: float | None = None  # absolute floor (CSV rows/s)
+    verified: bool | None = None
+    problems: list[str] = field(default_factory=list)
+    details: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float | None:
+        if self.value is None or not self.baseline_value:
+            return None
+        return self.value / self.baseline_value
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None or self.verified is False:
+            return None
+        if self.target_ratio is not None:
+            return self.ratio is not None and self.ratio >= self.target_ratio
+        if self.target_max is not None:
+            return self.value <= self.target_max
+        if self.target_min is not None:
+            return self.value >= self.target_min
+        return None
+
+    def as_json(self) -> dict:
+        return {
+            "id": self.id,
+            "scenario": self.scenario,
+            "value": None if self.value is None else round(self.value, 2),
+            "unit": self.unit,
+            "baseline": self.baseline or None,
+            "baseline_value": None if self.baseline_value is None else round(self.baseline_value, 2),
+            "ratio": None if self.ratio is None else round(self.ratio, 3),
+            "target": self.target or None,
+            "met": self.met,
+            "verified": self.verified,
+            "problems": self.problems,
+            "details": self.details,
+        }
+
+
+def _fmt(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    text = f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.1f}"
+    return f"{text} {unit}".strip()
+
+
+class Bench:
+    def __init__(self, *, args, sizes: dict, env: dict, log_dir: Path):
+        self.args, self.sizes, self.env, self.log_dir = args, sizes, env, log_dir
+        self.only = {s.strip().upper() for s in args.only.split(",") if s.strip()}
+        self.rows: list[Row] = []
+        self.services: dict[str, stack.Service] = {}
+        self.port = stack.free_port()
+        self.started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.bulk_conn: psycopg.Connection | None = None
+
+    def wanted(self, *ids: str) -> bool:
+        return not self.only or any(i in self.only for i in ids)
+
+    # --- Lifecycle ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.log("migrating a fresh database")
+        call_command("migrate", verbosity=0)
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW server_version")
+            self.server_version = cursor.fetchone()[0]
+        self.bulk_conn = psycopg.connect(self.env["DATABASE_URL"].replace("postgres://", "postgresql://"))
+        self.seed()
+        self.log(f"starting gunicorn ({self.args.workers} sync workers) and a Celery worker")
+        self.services["app"] = stack.gunicorn(self.env, self.port, self.args.workers, self.log_dir)
+        self.services["worker"] = stack.celery_worker(self.env, self.log_dir)
+        stack.wait_for_http(self.port)
+        self.wait_for_jobs(timeout=120)
+        if self.args.pause:
+            input(f"gunicorn pids {self.services['app'].pids()}; press Enter to start the scenarios ")
+        if self.wanted("B-INSERT", "S1", "S2"):
+            self.b_insert(1)
+        if self.wanted("S1"):
+            self.s1()
+        if self.wanted("S2"):
+            self.s2()
+        if self.wanted("B-INSERT", "S1", "S2"):
+            self.b_insert(2)
+        if self.wanted("S3", "B-COPY"):
+            self.s3()
+        if self.wanted("S4", "B-COPY", "B-UPDATE", "S3"):
+            self.s4_and_set_baselines()
+        if self.wanted("S5"):
+            self.s5()
+        self.link_baselines()
+
+    def close(self) -> None:
+        for service in self.services.values():
+            service.stop()
+        if self.bulk_conn is not None:
+            self.bulk_conn.close()
+
+    def log(self, text: str) -> None:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+    def check_services(self) -> None:
+        for name, service in self.services.items():
+            if not service.alive():
+                raise RuntimeError(f"{name} died:\n{service.tail()}")
+
+    # --- Data -----------------------------------------------------------------------------
+
+    def tenant(self, name: str) -> Tenant:
+        issued = workspace_create_with_key(name=f"bench {name}")
+        return Tenant(issued.api_key.workspace, issued.raw_key)
+
+    def seed(self) -> None:
+        self.log("seeding workspaces, features, rules and users")
+        self.t_base = self.tenant("baseline")
+        self.t1, self.t2, self.t3 = self.tenant("s1"), self.tenant("s2"), self.tenant("s3")
+        self.t4 = self.tenant("s4")
+        feature_create(workspace=self.t1.workspace, key="reports")
+        feature_create(workspace=self.t3.workspace, key="reports")
+        feature_create(workspace=self.t3.workspace, key="dashboards")
+        rule_create(
+            workspace=self.t3.workspace,
+            definition=RuleDefinition(name="Exports", feature_key="reports", event_name="Report Exported"),
+        )
+        rule_create(
+            workspace=self.t3.workspace,
+            definition=RuleDefinition(
+                name="Enterprise dashboards",
+                feature_key="dashboards",
+                event_name="Dashboard Viewed",
+                conditions=[{"property": "plan.tier", "operator": "equals", "value": "enterprise"}],
+            ),
+        )
+        feature_create(workspace=self.t4.workspace, key="exports")
+        for tenant in (self.t1, self.t3):
+            bulk.load_users(self.bulk_conn, tenant.pk, ((tenant.pk, f"u{i}", "", "", "") for i in range(S1_USERS)))
+        self.s2_pool = int(S2_POOL_PER_SECOND * (self.sizes["warmup"] + self.sizes["duration"]))
+        ws, pool = self.t2.pk, self.s2_pool
+        bulk.load_users(
+            self.bulk_conn,
+            ws,
+            (
+                *((ws, f"mrg-{k}", f"Merging {k}", "", "") for k in range(pool)),
+                *((ws, f"upd-{k}", f"User {k}", f"upd-{k}@example.com", "") for k in range(1000)),
+                *((ws, None, f"Bare {k}", f"claim-{k}@example.com", f"cus_C{k}") for k in range(pool)),
+                *((ws, None, f"Bare {k}", f"mrgbare-{k}@example.com", f"cus_M{k}") for k in range(pool)),
+            ),
+        )
+        bulk.load_users(self.bulk_conn, self.t4.pk, ((self.t4.pk, f"s4-u{i}", "", "", "") for i in range(S4_USERS)))
+        for table in ("users_enduser", "users_useridentity"):
+            bulk.vacuum_analyze(self.bulk_conn, table)
+
+    def wait_for_jobs(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while ReprocessingJob.objects.exclude(status__in=[JobStatus.DONE, JobStatus.FAILED]).exists():
+            self.check_services()
+            if time.monotonic() > deadline:
+                raise RuntimeError("set-up reprocessing jobs did not finish")
+            time.sleep(0.2)
+
+    # --- HTTP load ------------------------------------------------------------------------
+
+    def load(self, *, path: str, kind: str, prefix: str, auth: str = "", params: dict | None = None) -> dict:
+        self.check_services()
+        spec = {
+            "host": "127.0.0.1",
+            "port": self.port,
+            "path": path,
+            "auth": auth,
+            "connections": self.args.connections,
+            "warmup": self.sizes["warmup"],
+            "duration": self.sizes["duration"],
+            "kind": kind,
+            "prefix": prefix,
+            "params": params or {},
+        }
+        started = time.monotonic()
+        with self.cpu_meter() as meter, self.profiled("app", prefix):
+            done = subprocess.run(
+                [sys.executable, str(Path(__file__).with_name("load.py"))],
+                input=json.dumps(spec),
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+        result = json.loads(done.stdout)
+        elapsed = time.monotonic() - started
+        result["cpu_cores"] = {**meter.cores, "load_client": round(result["client_cpu_seconds"] / elapsed, 2)}
+        result["machine_busy_cores"] = meter.machine_busy
+        # CPU per request is much less sensitive to a busy machine than requests per second.
+        if result["issued"]:
+            result["cpu_ms_per_request"] = {
+                name: round(used / result["issued"] * 1000, 2) for name, used in meter.seconds.items() if used
+            }
+        return result
+
+    def cpu_meter(self) -> stack.CpuMeter:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            harness = {cursor.fetchone()[0], self.bulk_conn.info.backend_pid}
+        return stack.CpuMeter(self.services, self.env["DATABASE_URL"], harness)
+
+    def profiled(self, service: str, name: str):
+        """py-spy on a service for the duration of the block, when --profile is given."""
+        if not self.args.profile:
+            return contextlib.nullcontext()
+        directory = Path(self.args.profile)
+        directory.mkdir(parents=True, exist_ok=True)
+        pid = self.services[service].process.pid
+        return stack.Profiler(pid, directory / f"{name}.txt", subprocesses=service == "app")
+
+    @staticmethod
+    def http_problems(result: dict) -> list[str]:
+        problems = []
+        bad = {k: v for k, v in result["status_counts"].items() if not k.startswith("2")}
+        if bad:
+            problems.append(f"non-2xx responses: {bad}")
+        if result["connection_errors"]:
+            problems.append(f"connection errors: {result['connection_errors']}")
+        if result["exhausted"]:
+            problems.append("the seeded pools ran out before the end of the window")
+        return problems
+
+    def events_of(self, tenant: Tenant, prefix: str):
+        return Event.objects.for_workspace(tenant.workspace).filter(message_id__startswith=f"{prefix}-")
+
+    def exactly_once(self, tenant: Tenant, prefix: str, expected: int) -> list[str]:
+        events = self.events_of(tenant, prefix)
+        stored = events.count()
+        distinct = events.values("message_id").distinct().count()
+        problems = []
+        if stored != expected or distinct != expected:
+            problems.append(f"{expected} messages sent, {stored} events stored ({distinct} distinct messageIds)")
+        return problems
+
+    def usage_of(self, tenant: Tenant, prefix: str) -> int:
+        return Usage.objects.for_workspace(tenant.workspace).filter(event__message_id__startswith=f"{prefix}-").count()
+
+    # --- Baselines ------------------------------------------------------------------------
+
+    def b_insert(self, round_number: int) -> None:
+        prefix = f"b{round_number}"
+        self.log(f"B-insert (round {round_number}): one INSERT per POST")
+        result = self.load(path=f"/bench/insert/{self.t_base.pk}", kind="track", prefix=prefix)
+        problems = self.http_problems(result) + self.exactly_once(self.t_base, prefix, result["issued"])
+        self.rows.append(
+            Row(
+                id=f"B-insert#{round_number}",
+                scenario="B-insert: minimal view, 1 INSERT per POST",
+                unit="req/s",
+                value=result["requests_per_second"] if not problems else None,
+                verified=not problems,
+                problems=problems,
+                details=result,
+            )
+        )
+
+    # --- S1-S3: ingest over HTTP ----------------------------------------------------------
+
+    def s1(self) -> None:
+        self.log("S1: track, one per POST to /segment/events, mapped by featureId")
+        result = self.load(
+            path="/segment/events", kind="track", prefix="s1", auth=self.t1.auth, params={"users": S1_USERS}
+        )
+        sent = result["issued"]
+        problems = self.http_problems(result) + self.exactly_once(self.t1, "s1", sent)
+        mapped = self.events_of(self.t1, "s1").filter(status=EventStatus.MAPPED).count()
+        usage = self.usage_of(self.t1, "s1")
+        if mapped != sent or usage != sent:
+            problems.append(f"{sent} sent, {mapped} mapped events, {usage} usage rows")
+        ok = not problems
+        self.rows.append(
+            Row(
+                id="S1",
+                scenario="S1 track, 1 msg/POST, featureId",
+                unit="req/s",
+                value=result["requests_per_second"] if ok else None,
+                baseline="B-insert",
+                target="≥ 0.6 × B-insert",
+                target_ratio=0.6,
+                verified=ok,
+                problems=problems,
+                details=result,
+            )
+        )
+        self.rows.append(
+            Row(
+                id="S1-p99",
+                scenario="S1 p99 latency",
+                unit="ms",
+                value=result["p99_ms"] if ok else None,
+                target="≤ 50 ms",
+                target_max=50,
+                verified=ok,
+                details={"p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"], "max_ms": result["max_ms"]},
+            )
+        )
+
+    def s2(self) -> None:
+        self.log("S2: identify, one per POST: creates, updates, claims, merges")
+        pool = self.s2_pool
+        result = self.load(
+            path="/segment/events",
+            kind="identify_mix",
+            prefix="s2",
+            auth=self.t2.auth,
+            params={"update_pool": 1000, "claim_pool": pool, "merge_pool": pool},
+        )
+        kinds = result["ok_by_kind"]
+        problems = self.http_problems(result) + self.exactly_once(self.t2, "s2", result["issued"])
+        users = EndUser.objects.for_workspace(self.t2.workspace)
+        checks = {
+            "created": (users.filter(user_id__startswith="s2-new-").count(), kinds.get("create", 0)),
+            "claimed": (
+                users.filter(user_id__startswith="s2-claim-", email__startswith="claim-").count(),
+                kinds.get("claim", 0),
+            ),
+            "merged": (MergeRecord.objects.for_workspace(self.t2.workspace).count(), kinds.get("merge", 0)),
+            "bare users left": (
+                users.filter(user_id__isnull=True).count(),
+                2 * pool - kinds.get("claim", 0) - kinds.get("merge", 0),
+            ),
+        }
+        for name, (found, expected) in checks.items():
+            if found != expected:
+                problems.append(f"{name}: expected {expected}, found {found}")
+        ok = not problems
+        result["outcomes"] = {name: found for name, (found, _) in checks.items()}
+        self.rows.append(
+            Row(
+                id="S2",
+                scenario="S2 identify mix, 1 msg/POST",
+                unit="req/s",
+                value=result["requests_per_second"] if ok else None,
+                baseline="B-insert",
+                target="≥ 0.5 × B-insert",
+                target_ratio=0.5,
+                verified=ok,
+                problems=problems,
+                details=result,
+            )
+        )
+
+    def s3(self) -> None:
+        self.log(f"S3: /v1/batch, {BATCH_SIZE} track messages per batch, rules map half")
+        result = self.load(
+            path="/v1/batch",
+            kind="batch",
+            prefix="s3",
+            auth=self.t3.auth,
+            params={"size": BATCH_SIZE, "users": S1_USERS},
+        )
+        sent = result["issued"] * BATCH_SIZE
+        problems = self.http_problems(result) + self.exactly_once(self.t3, "s3", sent)
+        usage = self.usage_of(self.t3, "s3")
+        mapped = self.events_of(self.t3, "s3").filter(status=EventStatus.MAPPED).count()
+        if usage != sent // 2 or mapped != sent // 2:
+            problems.append(f"{sent} sent: expected {sent // 2} mapped, found {mapped} mapped and {usage} usage rows")
+        ok = not problems
+        result["events_per_second"] = result["requests_per_second"] * BATCH_SIZE
+        self.rows.append(
+            Row(
+                id="S3",
+                scenario=f"S3 /v1/batch of {BATCH_SIZE}, rules map half",
+                unit="events/s",
+                value=result["events_per_second"] if ok else None,
+                baseline="B-copy",
+                target="≥ 0.15 × B-copy",
+                target_ratio=0.15,
+                verified=ok,
+                problems=problems,
+                details=result,
+            )
+        )
+
+    # --- B-copy, B-update and S4: set-based work ------------------------------------------
+
+    def s4_and_set_baselines(self) -> None:
+        n = self.sizes["events"]
+        conn = self.bulk_conn
+        self.log(f"rendering {n:,} event rows for COPY")
+        users = bulk.user_keys(conn, self.t4.pk)
+        chunks = bulk.unmapped_event_chunks(workspace_id=self.t4.pk, prefix="s4", count=n, users=users)
+
+        self.log(f"B-copy: COPY {n:,} rows into an events-shaped table")
+        conn.execute("CREATE TABLE bench_copy_event (LIKE segment_ingest_event INCLUDING ALL)")
+        conn.commit()
+        seconds = bulk.copy_chunks(conn, "bench_copy_event", bulk.EVENT_COLUMNS, chunks)
+        copied = conn.execute("SELECT count(*) FROM bench_copy_event").fetchone()[0]
+        self.rows.append(
+            Row(
+                id="B-copy",
+                scenario="B-copy: psycopg COPY of event rows",
+                unit="rows/s",
+                value=n / seconds if copied == n else None,
+                verified=copied == n,
+                details={"rows": n, "seconds": round(seconds, 2)},
+            )
+        )
+        bulk.vacuum_analyze(conn, "bench_copy_event")
+
+        self.log(f"B-update: one UPDATE flipping the status of {n:,} rows")
+        started = time.perf_counter()
+        updated = conn.execute(
+            "UPDATE bench_copy_event SET status = 'mapped', unmapped_reason = '' "
+            "WHERE workspace_id = %s AND status = 'unmapped'",
+            [self.t4.pk],
+        ).rowcount
+        conn.commit()
+        seconds = time.perf_counter() - started
+        self.rows.append(
+            Row(
+                id="B-update",
+                scenario="B-update: 1 UPDATE flipping status",
+                unit="rows/s",
+                value=n / seconds if updated == n else None,
+                verified=updated == n,
+                details={"rows": n, "seconds": round(seconds, 2)},
+            )
+        )
+        conn.execute("DROP TABLE bench_copy_event")
+        conn.commit()
+        if not self.wanted("S4"):
+            return
+
+        self.log(f"S4: loading {n:,} unmapped events (COPY), then creating a rule over them")
+        load_seconds = bulk.copy_chunks(conn, "segment_ingest_event", bulk.EVENT_COLUMNS, chunks)
+        del chunks
+        bulk.vacuum_analyze(conn, "segment_ingest_event")
+        bulk.vacuum_analyze(conn, "features_usage")
+        self.check_services()
+        with self.cpu_meter() as meter, self.profiled("worker", "s4"):
+            started = time.monotonic()
+            rule = rule_create(
+                workspace=self.t4.workspace,
+                definition=RuleDefinition(
+                    name="Pro exports",
+                    feature_key="exports",
+                    event_name="Report Exported",
+                    conditions=[{"property": "plan.tier", "operator": "equals", "value": "pro"}],
+                ),
+            )
+            job = self.wait_for_job(rule, timeout=max(600, n / 500))
+            seconds = time.monotonic() - started
+        usage = Usage.objects.for_workspace(self.t4.workspace).count()
+        left = Event.objects.for_workspace(self.t4.workspace).filter(status=EventStatus.UNMAPPED).count()
+        problems = []
+        if job.status != JobStatus.DONE:
+            problems.append(f"job ended {job.status}: {job.error}")
+        if (job.scanned, job.mapped, usage, left) != (n, n, n, 0):
+            problems.append(f"{n} events: job scanned {job.scanned}, mapped {job.mapped}; {usage} usage, {left} left")
+        ok = not problems
+        self.rows.append(
+            Row(
+                id="S4",
+                scenario=f"S4 rule over {n:,} stored events",
+                unit="events/s",
+                value=n / seconds if ok else None,
+                baseline="B-update",
+                target="≥ 0.25 × B-update",
+                target_ratio=0.25,
+                verified=ok,
+                problems=problems,
+                details={
+                    "events": n,
+                    "seconds": round(seconds, 2),
+                    "job_seconds": round((job.finished_at - job.created_at).total_seconds(), 2),
+                    "load_copy_rows_per_second": round(n / load_seconds),
+                    "cpu_cores": meter.cores,
+                    "cpu_ms_per_1000_events": {
+                        name: round(used / n * 1e6, 1) for name, used in meter.seconds.items() if used
+                    },
+                    "machine_busy_cores": meter.machine_busy,
+                },
+            )
+        )
+
+    def wait_for_job(self, rule, timeout: float) -> ReprocessingJob:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = ReprocessingJob.objects.filter(rule=rule).order_by("-pk").first()
+            if job is not None and job.status in (JobStatus.DONE, JobStatus.FAILED):
+                return job
+            self.check_services()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"reprocessing did not finish within {timeout:.0f}s")
+            time.sleep(0.05)
+
+    # --- S5: CSV import and export --------------------------------------------------------
+
+    def s5(self) -> None:
+        commands = get_commands()
+        if "import_users" not in commands or "export_users" not in commands:
+            self.log("S5: the import_users/export_users commands are not in this tree: not available")
+            for row_id, scenario in (("S5-import", "S5 CSV import"), ("S5-export", "S5 CSV export")):
+                self.rows.append(
+                    Row(
+                        id=row_id,
+                        scenario=scenario,
+                        unit="rows/s",
+                        verified=None,
+                        problems=["not available: users/management/commands/import_users.py and export_users.py"],
+                    )
+                )
+            return
+        # What every command run pays before its first row: Python, Django and the app imports.
+        self.command_startup = self.run_command(["export_users", "--help"])["seconds"]
+        self.s5_import()
+        self.s5_export()
+
+    def run_command(self, argv: list[str], stdout_path: Path | None = None) -> dict:
+        """Run ``manage.py`` in its own process; wall time and peak resident memory.
+
+        Peak memory is the process's own high-water mark (VmHWM), read while it runs: the
+        rusage of a child also counts the memory of the parent it was forked from.
+        """
+        out = open(stdout_path, "w") if stdout_path else subprocess.DEVNULL
+        peak_kib = 0
+        with tempfile.TemporaryFile() as err:
+            started = time.monotonic()
+            process = subprocess.Popen(
+                [sys.executable, "manage.py", *argv], cwd=stack.ROOT, env=self.env, stdout=out, stderr=err
+            )
+            while process.poll() is None:
+                peak_kib = max(peak_kib, stack.peak_rss_kib(process.pid))
+                time.sleep(0.05)
+            seconds = time.monotonic() - started
+            err.seek(0)
+            stderr = err.read().decode(errors="replace")[-2000:]
+        if stdout_path:
+            out.close()
+        return {
+            "exit_code": process.returncode,
+            "seconds": round(seconds, 2),
+            "peak_rss_mb": round(peak_kib / 1024, 1),
+            "stderr_tail": stderr if process.returncode else "",
+        }
+
+    @staticmethod
+    def command_argv(name: str, *, workspace_id: int, path: Path, role: str) -> tuple[list[str], bool]:
+        """Arguments for the CSV commands, read from their own parsers: (argv, writes to stdout)."""
+        parser = load_command_class("users", name).create_parser("manage.py", name)
+        argv, path_given = [name], False
+        for action in parser._actions:
+            dest, options = action.dest, action.option_strings
+            if "workspace" in dest:
+                argv += [*options[:1], str(workspace_id)]
+            elif not options and not path_given:
+                argv.append(str(path))
+                path_given = True
+            elif options and dest in ("output", "out", "file", "path", "input", "csv") and not path_given:
+                argv += [options[0], str(path)]
+                path_given = True
+            elif role == "import" and options and any(w in dest for w in ("apply", "commit", "no_dry_run")):
+                argv.append(options[0])
+        return argv, not path_given
+
+    def s5_import(self) -> None:
+        rows = self.sizes["import_rows"]
+        tenant = self.tenant("s5 import")
+        self.log(f"S5: CSV import of {rows:,} users")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "users.csv"
+            with open(path, "w", newline="") as f:
+                f.write("kana_id,user_id,name,email,billing_id,billing_provider,created_at,flags\n")
+                for i in range(rows):
+                    billing = f"cus_I{i:08d}" if i % 2 else ""
+                    f.write(f",imp-{i},Imported {i},imp-{i}@example.com,{billing},,,\n")
+            argv, _ = self.command_argv("import_users", workspace_id=tenant.pk, path=path, role="import")
+            result = self.run_command(argv)
+        stored = EndUser.objects.for_workspace(tenant.workspace).count()
+        problems = []
+        if result["exit_code"] != 0:
+            problems.append(f"import_users exited {result['exit_code']}: {result['stderr_tail']}")
+        if stored != rows:
+            problems.append(f"{rows} rows imported, {stored} users stored")
+        ok = not problems
+        self.rows.append(
+            Row(
+                id="S5-import",
+                scenario=f"S5 CSV import, {rows:,} users",
+                unit="rows/s",
+                value=rows / result["seconds"] if ok else None,
+                target="≥ 20,000 rows/s",
+                target_min=20_000,
+                verified=ok,
+                problems=problems,
+                details={**result, "rows": rows, "startup_seconds": self.command_startup},
+            )
+        )
+        self.rows.append(
+            Row(
+                id="S5-import-memory",
+                scenario="S5 import peak memory",
+                unit="MB",
+                value=result["peak_rss_mb"] if ok else None,
+                verified=ok,
+                details={"peak_rss_mb": result["peak_rss_mb"]},
+            )
+        )
+
+    def s5_export(self) -> None:
+        rows = self.sizes["export_rows"]
+        tenant = self.tenant("s5 export")
+        self.log(f"S5: loading {rows:,} users (COPY), then exporting them")
+        bulk.load_users(
+            self.bulk_conn,
+            tenant.pk,
+            (
+                (tenant.pk, f"ex-{i}", f"Exported {i}", f"ex-{i}@example.com", f"cus_E{i:08d}" if i % 2 else "")
+                for i in range(rows)
+            ),
+        )
+        bulk.vacuum_analyze(self.bulk_conn, "users_enduser")
+        bulk.vacuum_analyze(self.bulk_conn, "users_useridentity")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "export.csv"
+            argv, to_stdout = self.command_argv("export_users", workspace_id=tenant.pk, path=path, role="export")
+            result = self.run_command(argv, stdout_path=path if to_stdout else None)
+            lines = 0
+            if path.exists():
+                with open(path, "rb") as f:
+                    lines = sum(1 for _ in f)
+        problems = []
+        if result["exit_code"] != 0:
+            problems.append(f"export_users exited {result['exit_code']}: {result['stderr_tail']}")
+        if lines != rows + 1:
+            problems.append(f"{rows} users, {lines} CSV lines (header included)")
+        ok = not problems
+        details = {**result, "rows": rows, "startup_seconds": self.command_startup}
+        self.rows.append(
+            Row(
+                id="S5-export",
+                scenario=f"S5 CSV export, {rows:,} users",
+                unit="rows/s",
+                value=rows / result["seconds"] if ok else None,
+                target="≥ 100,000 rows/s",
+                target_min=100_000,
+                verified=ok,
+                problems=problems,
+                details=details,
+            )
+        )
+        self.rows.append(
+            Row(
+                id="S5-export-memory",
+                scenario="S5 export peak memory",
+                unit="MB",
+                value=result["peak_rss_mb"] if ok else None,
+                target="≤ 150 MB",
+                target_max=150,
+                verified=ok,
+                details=details,
+            )
+        )
+
+    # --- The table ------------------------------------------------------------------------
+
+    def link_baselines(self) -> None:
+        """Each scenario's baseline figure; B-insert is the better of its two rounds."""
+        inserts = [r.value for r in self.rows if r.id.startswith("B-insert#") and r.value]
+        figures = {r.id: r.value for r in self.rows if r.value}
+        if inserts:
+            figures["B-insert"] = max(inserts)
+        for row in self.rows:
+            if row.baseline:
+                row.baseline_value = figures.get(row.baseline)
+
+    def report(self) -> dict:
+        header = ("scenario", "figure", "baseline", "ratio", "target", "met")
+        lines = []
+        for row in self.rows:
+            if row.verified is False and row.value is None:
+                met = "NO RESULT"
+            elif row.verified is None and row.value is None:
+                met = "not available"
+            else:
+                met = {True: "yes", False: "NO", None: ""}[row.met]
+            baseline = f"{row.baseline} {_fmt(row.baseline_value)}" if row.baseline else ""
+            ratio = f"{row.ratio:.2f}" if row.ratio is not None else ""
+            lines.append((row.scenario, _fmt(row.value, row.unit), baseline, ratio, row.target, met))
+        widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=False)]
+        markdown = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        markdown += ["| " + " | ".join(str(c) for c in line) + " |" for line in lines]
+        out = [" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+        out.append("-+-".join("-" * w for w in widths))
+        out += [" | ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
+        for row in self.rows:
+            for problem in row.problems:
+                out.append(f"  {row.id}: {problem}")
+        machine = {
+            "cores": os.cpu_count(),
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
+            "postgresql": getattr(self, "server_version", None),
+        }
+        return {
+            "table": "\n".join(out),
+            "markdown": "\n".join(markdown) + "\n",
+            "json": {
+                "started_at": self.started_at,
+                "mode": "quick" if self.args.quick else "full",
+                "sizes": self.sizes,
+                "workers": self.args.workers,
+                "connections": self.args.connections,
+                "machine": machine,
+                "rows": [row.as_json() for row in self.rows],
+            },
+        }
