@@ -1,5 +1,6 @@
 """Set up (once) and print the demo workspace, API key and dashboard login for a local run."""
 
+import os
 import secrets
 from pathlib import Path
 
@@ -33,9 +34,10 @@ class Command(BaseCommand):
             CREDENTIALS.write_text(f"api_key={issued.raw_key}\nusername=admin\npassword={password}\n")
             CREDENTIALS.chmod(0o600)
         values = dict(line.split("=", 1) for line in CREDENTIALS.read_text().split())
+        address = os.environ.get("KANA_ADDR", "127.0.0.1:8000")
         self.stdout.write(
             "\n  Kana demo workspace ready\n"
             f"  API key:          {values['api_key']}\n"
-            f"  Dashboard login:  {values['username']} / {values['password']}  at http://127.0.0.1:8000/\n"
+            f"  Dashboard login:  {values['username']} / {values['password']}  at http://{address}/\n"
             f"  (kept in {CREDENTIALS.relative_to(settings.BASE_DIR)}; delete it to issue new ones)\n"
         )
