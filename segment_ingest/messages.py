@@ -26,6 +26,8 @@ MAX_EVENT_NAME_LENGTH = 200
 # Far deeper than any analytics payload, and far below Python's recursion limit, which the
 # JSON encoders (ours, the database driver's) hit around 900 levels: a 500, not a 400.
 MAX_NESTING_DEPTH = 64
+# ``MessageType.values`` builds a new list on every access: this runs once per message.
+_MESSAGE_TYPES = frozenset(MessageType.values)
 
 # Identifiers that mean "nobody": treated as absent (analytics libraries send them for
 # logged-out visitors, and template bugs produce the rest).
@@ -226,7 +228,7 @@ def parse_message(
     if size > MAX_MESSAGE_BYTES:
         raise MessageError("message_too_large", f"a message may be at most {MAX_MESSAGE_BYTES // 1024} KB", status=413)
     message_type = forced_type or payload.get("type")
-    if not isinstance(message_type, str) or message_type not in MessageType.values:
+    if not isinstance(message_type, str) or message_type not in _MESSAGE_TYPES:
         raise MessageError(
             "unsupported_type",
             "type must be one of identify, track, page, screen, group, alias",

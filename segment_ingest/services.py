@@ -131,7 +131,7 @@ def _copy_events_and_usage(workspace: Workspace, decided: list[tuple[Message, De
                 m.received_at,
                 str(d.status),
                 str(d.reason),
-                json.dumps(m.warnings),
+                json.dumps(m.warnings) if m.warnings else "[]",
             )
             for event_id, (m, d, user_pk) in zip(event_ids, decided, strict=True)
         ),

@@ -205,3 +205,14 @@ def test_a_copy_colliding_with_an_uncommitted_insert_retries_and_answers_duplica
     assert Event.objects.filter(message_id__startswith="held-").count() == 20
     assert Usage.objects.count() == 0
     assert any(r.getMessage() == "identity transaction retried" and r.error == "IntegrityError" for r in caplog.records)
+
+
+def test_a_generated_message_id_is_in_the_stored_payload(segment, tenant):
+    batch = [{"type": "track", "userId": "anon-id", "event": "Clicked", "properties": {"n": i}} for i in range(10)]
+
+    assert segment.batch(batch).json()["accepted"] == 10
+
+    events = Event.objects.filter(external_user_id="anon-id")
+    assert len(events) == 10
+    for event in events:
+        assert event.message_id.startswith("kana-") and event.payload["messageId"] == event.message_id
