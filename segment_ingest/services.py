@@ -2,7 +2,8 @@
 
 Usage messages (track, page, screen) are handled in bulk, one transaction per run of
 consecutive usage messages, with a fixed number of queries whatever the run's length:
-rules lock + version, replay check, userId resolution, event insert, usage insert.
+rules lock + version, replay check, userId resolution, event insert, usage insert (on
+PostgreSQL, runs of COPY_MIN_EVENTS or more: event ids, then COPY of events and usage).
 Identify, alias and group are applied one at a time, in order, by the identity service.
 """
 
