@@ -26,6 +26,8 @@ MAX_EVENT_NAME_LENGTH = 200
 # Far deeper than any analytics payload, and far below Python's recursion limit, which the
 # JSON encoders (ours, the database driver's) hit around 900 levels: a 500, not a 400.
 MAX_NESTING_DEPTH = 64
+# ``MessageType.values`` builds a new list on every access: this runs once per message.
+_MESSAGE_TYPES = frozenset(MessageType.values)
 
 # Identifiers that mean "nobody": treated as absent (analytics libraries send them for
 # logged-out visitors, and template bugs produce the rest).
@@ -75,6 +77,11 @@ class Message:
     previous_id: str | None = None
     group_id: str | None = None
     warnings: list[dict] = field(default_factory=list)
+    # ``payload`` as compact JSON when parsing produced it ("" if not): stored as is.
+    payload_json: str = ""
+
+    def payload_text(self) -> str:
+        return self.payload_json or _compact_json(self.payload)
 
 
 def clean_identifier(value: Any, field_name: str) -> str | None:
@@ -170,20 +177,35 @@ def _too_deep(payload: dict) -> bool:
     return False
 
 
-def _storable_size(payload: dict) -> int:
-    """The message's size as compact JSON; refuses what the database cannot store.
+def _compact_json(payload: dict) -> str:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _storable_json(payload: dict) -> str:
+    """The message as compact JSON; refuses what the database cannot store.
 
     PostgreSQL rejects NUL characters in text and jsonb, NaN and Infinity in jsonb, and no
     database takes lone UTF-16 surrogates: checked here so such input is a 400, never a 500.
+    The text is what PostgreSQL ingest stores (jsonb), so it is encoded once per message.
     """
-    if _too_deep(payload):
-        raise MessageError("too_deeply_nested", f"a message may nest at most {MAX_NESTING_DEPTH} levels deep")
+    too_deep = MessageError("too_deeply_nested", f"a message may nest at most {MAX_NESTING_DEPTH} levels deep")
     try:
-        text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = _compact_json(payload)
+    except RecursionError:
+        raise too_deep from None
     except ValueError:
+        if _too_deep(payload):  # the depth error comes first, as if checked before encoding
+            raise too_deep from None
         raise MessageError("invalid_number", "numbers must be finite (no NaN or Infinity)") from None
+    # Fewer brackets than the limit cannot nest deeper than it: the walk is for the rest.
+    if text.count("{") + text.count("[") > MAX_NESTING_DEPTH and _too_deep(payload):
+        raise too_deep
     if "\\u0000" in text and _ESCAPED_NUL.search(text):
         raise MessageError("invalid_character", "text may not contain NUL characters (\\u0000)")
+    return text
+
+
+def _storable_size(text: str) -> int:
     try:
         return len(text.encode())
     except UnicodeEncodeError:
@@ -199,13 +221,14 @@ def parse_message(
         raise MessageError("invalid_message", "a message must be a JSON object")
     if size is not None and size > MAX_MESSAGE_BYTES:
         raise MessageError("message_too_large", f"a message may be at most {MAX_MESSAGE_BYTES // 1024} KB", status=413)
-    compact_size = _storable_size(payload)
+    text = _storable_json(payload)
+    compact_size = _storable_size(text)
     if size is None:
         size = compact_size
     if size > MAX_MESSAGE_BYTES:
         raise MessageError("message_too_large", f"a message may be at most {MAX_MESSAGE_BYTES // 1024} KB", status=413)
     message_type = forced_type or payload.get("type")
-    if not isinstance(message_type, str) or message_type not in MessageType.values:
+    if not isinstance(message_type, str) or message_type not in _MESSAGE_TYPES:
         raise MessageError(
             "unsupported_type",
             "type must be one of identify, track, page, screen, group, alias",
@@ -215,18 +238,21 @@ def parse_message(
     if raw_id is None or raw_id == "":
         message_id = f"kana-{uuid.uuid4()}"
         payload["messageId"] = message_id
+        text = ""  # stale: encoded again if needed
     elif not isinstance(raw_id, str):
         raise MessageError("invalid_type", "messageId must be a string", "messageId")
     elif len(raw_id) > MAX_MESSAGE_ID_LENGTH:
         raise MessageError("invalid_value", f"messageId is longer than {MAX_MESSAGE_ID_LENGTH} characters", "messageId")
     else:
         message_id = raw_id
-    if forced_type:
+    if forced_type and payload.get("type") != forced_type:
         payload["type"] = forced_type
+        text = ""
     message = Message(
         type=message_type,
         message_id=message_id,
         payload=payload,
+        payload_json=text,
         occurred_at=occurred_at(payload, received_at),
         received_at=received_at,
     )

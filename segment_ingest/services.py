@@ -2,16 +2,19 @@
 
 Usage messages (track, page, screen) are handled in bulk, one transaction per run of
 consecutive usage messages, with a fixed number of queries whatever the run's length:
-rules lock + version, replay check, userId resolution, event insert, usage insert.
+rules lock + version, replay check, userId resolution, event insert, usage insert (on
+PostgreSQL, runs of COPY_MIN_EVENTS or more: event ids, then COPY of events and usage).
 Identify, alias and group are applied one at a time, in order, by the identity service.
 """
 
+import json
 from dataclasses import dataclass, field
 
-from django.db import transaction
+from django.db import connection, transaction
 
-from features.mapping import decide, load_rule_set
+from features.mapping import Decision, decide, load_rule_set
 from features.models import Usage
+from kana.copy_rows import copy_rows, next_ids
 from kana.locks import lock_rules_shared_and_read
 from kana.models import Workspace
 from users import services as user_services
@@ -67,26 +70,100 @@ def _ingest_usage_once(workspace: Workspace, messages: list[Message]) -> list[Ou
 
     rule_set = load_rule_set(workspace.pk, version)
     user_pks = user_services.resolve_users(workspace=workspace, external_ids={m.user_id for m in fresh.values()})
-    events, decisions = [], []
-    for message in fresh.values():
-        decision = decide(rule_set, message.name, message.properties)
-        decisions.append(decision)
-        events.append(
-            Event(
-                workspace=workspace,
-                message_id=message.message_id,
-                type=message.type,
-                name=message.name,
-                user_id=user_pks[message.user_id],
-                external_user_id=message.user_id,
-                payload=message.payload,
-                occurred_at=message.occurred_at,
-                received_at=message.received_at,
-                status=decision.status,
-                unmapped_reason=decision.reason,
-                warnings=message.warnings,
+    decided = [(m, decide(rule_set, m.name, m.properties), user_pks[m.user_id]) for m in fresh.values()]
+    if connection.vendor == "postgresql" and len(decided) >= COPY_MIN_EVENTS:
+        _copy_events_and_usage(workspace, decided)
+    else:
+        _insert_events_and_usage(workspace, decided)
+    by_id = {m.message_id: Outcome(m.message_id, d.status, d.reason, user_pk) for m, d, user_pk in decided}
+    outcomes, seen = [], set()
+    for message in messages:
+        if message.message_id in by_id and message.message_id not in seen:
+            outcomes.append(by_id[message.message_id])
+            seen.add(message.message_id)
+        else:
+            outcomes.append(Outcome(message.message_id, "duplicate"))
+    return outcomes
+
+
+# Fewer events go in with INSERT: COPY costs two round trips and the ids one more query.
+COPY_MIN_EVENTS = 8
+_EVENT_COLUMNS = (
+    "id",
+    "workspace_id",
+    "message_id",
+    "type",
+    "name",
+    "user_id",
+    "external_user_id",
+    "payload",
+    "occurred_at",
+    "received_at",
+    "status",
+    "unmapped_reason",
+    "warnings",
+)
+_USAGE_COLUMNS = ("workspace_id", "user_id", "feature_id", "event_id", "rule_id", "amount", "occurred_at")
+
+
+def _copy_events_and_usage(workspace: Workspace, decided: list[tuple[Message, Decision, int]]) -> None:
+    """The same rows as ``_insert_events_and_usage``, written with COPY (PostgreSQL).
+
+    The events' ids are drawn first so the usage rows can name them. A messageId stored
+    concurrently makes the COPY fail with IntegrityError: the caller retries the whole
+    transaction, and the retry's replay check then finds it.
+    """
+    event_ids = next_ids(Event._meta.db_table, len(decided))
+    ws = workspace.pk
+    copy_rows(
+        Event._meta.db_table,
+        _EVENT_COLUMNS,
+        (
+            (
+                event_id,
+                ws,
+                m.message_id,
+                str(m.type),
+                m.name,
+                user_pk,
+                m.user_id,
+                m.payload_text(),
+                m.occurred_at,
+                m.received_at,
+                str(d.status),
+                str(d.reason),
+                json.dumps(m.warnings) if m.warnings else "[]",
             )
+            for event_id, (m, d, user_pk) in zip(event_ids, decided, strict=True)
+        ),
+    )
+    usages = [
+        (ws, user_pk, feature_id, event_id, rule_id, amount, m.occurred_at)
+        for event_id, (m, d, user_pk) in zip(event_ids, decided, strict=True)
+        for feature_id, amount, rule_id in d.usages
+    ]
+    if usages:
+        copy_rows(Usage._meta.db_table, _USAGE_COLUMNS, usages)
+
+
+def _insert_events_and_usage(workspace: Workspace, decided: list[tuple[Message, Decision, int]]) -> None:
+    events = [
+        Event(
+            workspace=workspace,
+            message_id=m.message_id,
+            type=m.type,
+            name=m.name,
+            user_id=user_pk,
+            external_user_id=m.user_id,
+            payload=m.payload,
+            occurred_at=m.occurred_at,
+            received_at=m.received_at,
+            status=d.status,
+            unmapped_reason=d.reason,
+            warnings=m.warnings,
         )
+        for m, d, user_pk in decided
+    ]
     Event.objects.bulk_create(events)
     usages = [
         Usage(
@@ -98,20 +175,11 @@ def _ingest_usage_once(workspace: Workspace, messages: list[Message]) -> list[Ou
             amount=amount,
             occurred_at=event.occurred_at,
         )
-        for event, decision in zip(events, decisions, strict=True)
-        for feature_id, amount, rule_id in decision.usages
+        for event, (_m, d, _u) in zip(events, decided, strict=True)
+        for feature_id, amount, rule_id in d.usages
     ]
     if usages:
         Usage.objects.bulk_create(usages)
-    by_id = {e.message_id: Outcome(e.message_id, e.status, e.unmapped_reason, e.user_id) for e in events}
-    outcomes, seen = [], set()
-    for message in messages:
-        if message.message_id in by_id and message.message_id not in seen:
-            outcomes.append(by_id[message.message_id])
-            seen.add(message.message_id)
-        else:
-            outcomes.append(Outcome(message.message_id, "duplicate"))
-    return outcomes
 
 
 def _lock_rules_and_find_replays(workspace: Workspace, message_ids: set[str]) -> tuple[int, set[str]]:

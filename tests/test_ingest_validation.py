@@ -4,8 +4,9 @@ import gzip
 import json
 
 import pytest
+from django.utils import timezone
 
-from segment_ingest.messages import MAX_NESTING_DEPTH
+from segment_ingest.messages import MAX_NESTING_DEPTH, MessageError, parse_message
 from segment_ingest.models import Event, EventStatus
 
 from .identity_support import counts, ok, user_for
@@ -233,3 +234,31 @@ def test_nesting_deep_enough_to_break_json_encoders_is_a_400(segment, tenant):
 
     refused(segment, tenant, "/v1/track", deep, code="too_deeply_nested")
     refused(segment, tenant, "/v1/batch", deeper, code="invalid_json")
+
+
+def _nest(levels: int) -> list:
+    value: list = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        ({"x": [float("nan"), *([[]] * 70)]}, None),  # many brackets, shallow: only the NaN counts
+        ({"x": [float("nan")], "y": _nest(MAX_NESTING_DEPTH + 1)}, "too_deeply_nested"),  # depth is reported first
+        ({"type": "track", "note": "{[" * 100, "y": _nest(MAX_NESTING_DEPTH - 1)}, "ok"),  # brackets in text
+        ({"type": "track", "y": _nest(MAX_NESTING_DEPTH)}, "too_deeply_nested"),
+    ],
+    ids=["nan-shallow", "nan-and-deep", "brackets-in-strings", "one-level-too-deep"],
+)
+def test_the_depth_limit_is_exact_whatever_else_the_message_holds(payload, code):
+    payload = {"userId": "1", "event": "E", "messageId": "m", **payload}
+    if code == "ok":
+        message = parse_message(payload, received_at=timezone.now(), forced_type="track")
+        assert json.loads(message.payload_text()) == payload
+        return
+    with pytest.raises(MessageError) as raised:
+        parse_message(payload, received_at=timezone.now(), forced_type="track")
+    assert raised.value.code == (code or "invalid_number")

@@ -1,0 +1,33 @@
+"""Bulk inserts with PostgreSQL COPY, for hot paths where the ORM's INSERT costs too much.
+
+``bulk_create`` prepares every value through its field and psycopg then renders the
+statement's arrays in Python: about 180 µs a row for an event. COPY takes the values as
+they are. The callers keep the ORM path for SQLite and for small inserts.
+"""
+
+from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
+
+from django.db import connection
+
+
+def next_ids(table: str, count: int) -> list[int]:
+    """``count`` ids drawn from ``table``'s id sequence, in one query (PostgreSQL)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT nextval(pg_get_serial_sequence(%s, 'id')) FROM generate_series(1, %s)", [table, count])
+        return [pk for (pk,) in cursor.fetchall()]
+
+
+def copy_rows(table: str, columns: Sequence[str], rows: Iterable[Sequence]) -> None:
+    """COPY ``rows`` into ``table`` (PostgreSQL). Values go as text: JSON already encoded.
+
+    Database errors surface as Django's (a unique violation is an ``IntegrityError``, which
+    the ingest retry understands), and the statement is logged like any other query, so
+    query-count tests and debug tooling still see it.
+    """
+    sql = f"COPY {connection.ops.quote_name(table)} ({', '.join(columns)}) FROM STDIN"
+    with connection.cursor() as cursor:
+        log = cursor.debug_sql(sql) if hasattr(cursor, "debug_sql") else nullcontext()
+        with log, connection.wrap_database_errors, cursor.cursor.copy(sql) as copy:
+            for row in rows:
+                copy.write_row(row)

@@ -1,0 +1,218 @@
+"""Batches of usage messages: on PostgreSQL they are written with COPY, the rest with INSERT.
+
+The two paths must store the same rows, and COPY must be as safe under concurrent
+duplicates as INSERT: the unique violation makes the whole transaction retry.
+"""
+
+import json
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+from django.db import connections, transaction
+
+from features.models import Usage
+from features.services import RuleDefinition, feature_create, rule_create
+from segment_ingest.models import Event
+from segment_ingest.services import COPY_MIN_EVENTS
+from users.models import EndUser
+
+from .conftest import requires_postgres
+from .test_identify_concurrency import assert_all_ok, in_parallel
+
+# Text COPY must escape: backslashes, tabs, newlines, carriage returns, "\N", non-ASCII.
+AWKWARD = 'tab\there\nline\r\\N back\\slash é 🎉 "quoted"'
+
+
+def setup_rules(workspace):
+    feature_create(workspace=workspace, key="exports")
+    feature_create(workspace=workspace, key="seats")
+    rule = rule_create(
+        workspace=workspace,
+        definition=RuleDefinition(
+            name="Pro exports",
+            feature_key="exports",
+            event_name="Report Exported",
+            conditions=[{"property": "plan.tier", "operator": "equals", "value": "pro"}],
+            amount_property="pages",
+        ),
+    )
+    return rule
+
+
+def messages(prefix: str, count: int) -> list[dict]:
+    shapes = [
+        ("Report Exported", {"plan": {"tier": "pro"}, "pages": 3, "note": AWKWARD}),  # mapped by the rule
+        ("Report Exported", {"plan": {"tier": "free"}}),  # no matching rule
+        ("Seat Added", {"featureId": "seats", "delta": 2.5}),  # featureId
+        ("Seat Added", {"featureId": "nope"}),  # unknown feature
+        ("Report Exported", {"plan": {"tier": "pro"}, "pages": "many"}),  # invalid amount
+    ]
+    return [
+        {
+            "type": "track",
+            "userId": f"{prefix}-user-{i % 3}",
+            "messageId": f"{prefix}-{i}",
+            "event": shapes[i % len(shapes)][0],
+            "properties": shapes[i % len(shapes)][1],
+            "timestamp": f"2026-01-15T10:{i // 60:02d}:{i % 60:02d}Z",
+        }
+        for i in range(count)
+    ]
+
+
+def stored(prefix: str) -> list[tuple]:
+    rows = []
+    for event in Event.objects.filter(message_id__startswith=f"{prefix}-").order_by("occurred_at"):
+        payload = dict(event.payload)
+        payload["messageId"] = payload["messageId"].removeprefix(prefix)
+        payload["userId"] = payload["userId"].removeprefix(prefix)
+        usage = sorted(
+            (u.feature.key, u.amount, u.rule_id, u.occurred_at, u.user_id == event.user_id)
+            for u in Usage.objects.filter(event=event)
+        )
+        rows.append(
+            (
+                event.type,
+                event.name,
+                event.external_user_id.removeprefix(prefix),
+                event.user.user_id.removeprefix(prefix),
+                payload,
+                event.occurred_at,
+                event.status,
+                event.unmapped_reason,
+                event.warnings,
+                usage,
+            )
+        )
+    return rows
+
+
+def test_a_large_batch_stores_the_same_rows_as_single_messages(segment, tenant):
+    rule = setup_rules(tenant.workspace)
+    count = max(COPY_MIN_EVENTS, 10)
+    for message in messages("single", count):
+        assert segment.post("/v1/track", message).status_code == 200
+    response = segment.batch(messages("batch", count), context={"library": {"name": "analytics-python"}})
+    assert response.status_code == 200 and response.json()["accepted"] == count
+
+    singles, batched = stored("single"), stored("batch")
+    assert len(batched) == count
+    # The batch context is the only difference in the payloads.
+    for row in batched:
+        assert row[4].pop("context") == {"library": {"name": "analytics-python"}}
+    assert batched == singles
+
+    first = batched[0]
+    assert first[4]["properties"]["note"] == AWKWARD
+    assert first[5] == datetime(2026, 1, 15, 10, 0, 0, tzinfo=UTC)
+    assert (first[6], first[7]) == ("mapped", "")
+    assert first[9] == [("exports", Decimal(3), rule.pk, first[5], True)]
+    assert [(row[6], row[7]) for row in batched[:5]] == [
+        ("mapped", ""),
+        ("unmapped", "no_matching_rule"),
+        ("mapped", ""),
+        ("unmapped", "unknown_feature"),
+        ("unmapped", "invalid_delta"),
+    ]
+    assert batched[2][9] == [("seats", Decimal("2.5"), None, batched[2][5], True)]
+    assert EndUser.objects.filter(user_id__startswith="batch-").count() == 3
+
+
+def test_a_replayed_large_batch_changes_nothing(segment, tenant):
+    setup_rules(tenant.workspace)
+    batch = messages("again", 20)
+    assert segment.batch(batch).json()["accepted"] == 20
+    usage = Usage.objects.count()
+
+    body = segment.batch(batch).json()
+
+    assert (body["accepted"], body["duplicates"]) == (0, 20)
+    assert Event.objects.filter(message_id__startswith="again-").count() == 20
+    assert Usage.objects.count() == usage
+
+
+@requires_postgres
+@pytest.mark.postgres
+@pytest.mark.parametrize("users", ["new", "known"])
+def test_parallel_copies_of_one_batch_store_each_message_once(transactional_db, tenant, segment, users):
+    setup_rules(tenant.workspace)
+    if users == "known":
+        assert segment.batch(messages("race", 3)[:3]).status_code == 200  # creates the three users
+    batch = messages("race", 100)[3:] if users == "known" else messages("race", 100)
+
+    results = in_parallel(tenant, [lambda c: c.batch(batch)] * 4)
+
+    assert_all_ok(results)
+    bodies = [json.loads(content) for _, content in results]
+    assert all(b["rejected"] == [] for b in bodies)
+    assert sum(b["accepted"] for b in bodies) == len(batch)  # each stored by exactly one request
+    assert sum(b["duplicates"] for b in bodies) == len(batch) * 3
+    assert Event.objects.filter(message_id__startswith="race-").count() == 100
+    mapped = Event.objects.filter(message_id__startswith="race-", status="mapped").count()
+    assert Usage.objects.count() == mapped == 40
+    assert EndUser.objects.count() == 3
+
+
+@requires_postgres
+@pytest.mark.postgres
+def test_a_copy_colliding_with_an_uncommitted_insert_retries_and_answers_duplicates(transactional_db, tenant, caplog):
+    """Deterministic version of the race: the batch's replay check cannot see rows another
+    transaction has not committed, so its COPY waits on the unique index, then fails when
+    they commit; the retry finds them and answers duplicates, not a 500."""
+    setup_rules(tenant.workspace)
+    batch = messages("held", 20)
+    caplog.set_level(logging.INFO, logger="users.services")
+    inserted, release = threading.Event(), threading.Event()
+
+    def hold_rows():  # another connection, its transaction open until released
+        try:
+            now = datetime.now(UTC)
+            with transaction.atomic():
+                Event.objects.bulk_create(
+                    Event(
+                        workspace=tenant.workspace,
+                        message_id=m["messageId"],
+                        type="track",
+                        payload=m,
+                        occurred_at=now,
+                        received_at=now,
+                        status="unmapped",
+                    )
+                    for m in batch
+                )
+                inserted.set()
+                assert release.wait(timeout=30)
+        finally:
+            connections.close_all()
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        holder = pool.submit(hold_rows)
+        assert inserted.wait(timeout=30)
+        pending = pool.submit(in_parallel, tenant, [lambda c: c.batch(batch)])
+        time.sleep(1)  # the batch's COPY now waits on the uncommitted rows
+        assert not pending.done()
+        release.set()
+        holder.result(timeout=30)
+        [(status, content)] = pending.result(timeout=30)
+
+    assert status == 200, content
+    assert (json.loads(content)["accepted"], json.loads(content)["duplicates"]) == (0, 20)
+    assert Event.objects.filter(message_id__startswith="held-").count() == 20
+    assert Usage.objects.count() == 0
+    assert any(r.getMessage() == "identity transaction retried" and r.error == "IntegrityError" for r in caplog.records)
+
+
+def test_a_generated_message_id_is_in_the_stored_payload(segment, tenant):
+    batch = [{"type": "track", "userId": "anon-id", "event": "Clicked", "properties": {"n": i}} for i in range(10)]
+
+    assert segment.batch(batch).json()["accepted"] == 10
+
+    events = Event.objects.filter(external_user_id="anon-id")
+    assert len(events) == 10
+    for event in events:
+        assert event.message_id.startswith("kana-") and event.payload["messageId"] == event.message_id
