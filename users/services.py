@@ -23,6 +23,7 @@ from typing import TypeVar
 
 from django.db import IntegrityError, OperationalError, connection, models, transaction
 from django.db.models import Q
+from django.db.models.base import ModelState
 from django.utils import timezone
 
 from features.models import Usage
@@ -455,11 +456,7 @@ class _RowState:
     def __init__(self, workspace: Workspace, rows: list[ProfileRow]):
         self.workspace = workspace
         user_ids = {row.user_id for row in rows if row.user_id is not None}
-        owners = dict(
-            UserIdentity.objects.for_workspace(workspace)
-            .filter(external_id__in=user_ids)
-            .values_list("external_id", "user_id")
-        )
+        owners = _owners(workspace, user_ids)
         pks = {row.user_pk for row in rows if row.user_pk is not None} | set(owners.values())
         emails = {row.changes.email_key for row in rows} - {""}
         self.by_pk: dict[int, EndUser] = {user.pk: user for user in _lock_users(workspace, pks, emails)}
@@ -474,6 +471,23 @@ class _RowState:
         self.created: list[EndUser] = []
         self.identities: list[tuple[EndUser, str]] = []
         self.dirty: dict[int, EndUser] = {}  # existing users to write back, by id()
+        self._blank: dict | None = None
+
+    def _new_user(self, user_id: str | None) -> EndUser:
+        """``EndUser(workspace=..., user_id=...)`` at a tenth of the cost.
+
+        The model's constructor walks every field per call (~70 µs, the largest per-row cost
+        of an import creating users); this copies the attributes of one constructed instance
+        and sets the per-instance defaults (``created_at``, ``audiences``) as it would.
+        """
+        if self._blank is None:
+            self._blank = vars(EndUser(workspace=self.workspace)).copy()
+            del self._blank["_state"]
+        user = EndUser.__new__(EndUser)
+        state = ModelState()
+        state.fields_cache["workspace"] = self.workspace
+        user.__dict__.update(self._blank, _state=state, user_id=user_id, audiences={}, created_at=timezone.now())
+        return user
 
     def owner_of(self, user_id: str) -> EndUser | None:
         user = self.owner.get(user_id)
@@ -494,7 +508,7 @@ class _RowState:
             self.dirty[id(user)] = user
 
     def create(self, user_id: str | None, changes: ProfileChanges, occurred_at: datetime) -> EndUser:
-        user = EndUser(workspace=self.workspace, user_id=user_id)
+        user = self._new_user(user_id)
         apply_changes(user, changes, occurred_at)
         self.created.append(user)
         if user.email_key:
@@ -639,15 +653,21 @@ def _apply_row_in_memory(state: _RowState, row: ProfileRow, occurred_at, reason,
 def _write_back(state: _RowState, occurred_at: datetime) -> None:
     """Creations, claims and updates of one batch: a few statements whatever its size."""
     now = timezone.now()
-    identities = [UserIdentity(workspace=state.workspace, user=user, external_id=uid) for user, uid in state.identities]
     if connection.vendor == "postgresql":
         for user in state.created:
             user.updated_at = now
         _copy_in(state.created)
-        for identity in identities:
-            identity.user_id = identity.user.pk  # the users got their ids just above
-        _copy_in(identities)
+        # Identities as plain rows (the users got their ids just above): what
+        # UserIdentity(workspace=..., user=..., external_id=...) would insert, one timestamp.
+        _copy_rows(
+            UserIdentity._meta.db_table,
+            ("workspace_id", "user_id", "external_id", "created_at"),
+            [(state.workspace.pk, user.pk, uid, now) for user, uid in state.identities],
+        )
     else:
+        identities = [
+            UserIdentity(workspace=state.workspace, user=user, external_id=uid) for user, uid in state.identities
+        ]
         EndUser.objects.bulk_create(state.created, batch_size=1000)
         UserIdentity.objects.bulk_create(identities, batch_size=1000)
     if state.dirty:
@@ -660,6 +680,21 @@ def _write_back(state: _RowState, occurred_at: datetime) -> None:
 # timestamptz loader is pure Python (~10 µs a value, five per user) and ``bulk_update``
 # builds a CASE expression per row and field (milliseconds per row). Both keep the ORM's
 # semantics: the same rows, columns and values.
+
+
+def _owners(workspace: Workspace, user_ids: set[str]) -> dict[str, int]:
+    """userId -> user pk for those of ``user_ids`` the workspace knows."""
+    if connection.vendor != "postgresql":
+        identities = UserIdentity.objects.for_workspace(workspace).filter(external_id__in=user_ids)
+        return dict(identities.values_list("external_id", "user_id"))
+    # One array parameter: an IN list of 1,000 placeholders costs psycopg ~25 ms to parse.
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT external_id, user_id FROM {connection.ops.quote_name(UserIdentity._meta.db_table)} "
+            "WHERE workspace_id = %s AND external_id = ANY(%s)",
+            [workspace.pk, list(user_ids)],
+        )
+        return dict(cursor.fetchall())
 
 
 def _lock_users(workspace: Workspace, pks: set[int], email_keys: set[str]) -> list[EndUser]:
@@ -730,6 +765,17 @@ def _copy_in(objects: list[models.Model]) -> None:
                         for f in fields
                     ]
                 )
+
+
+def _copy_rows(table: str, columns: tuple[str, ...], rows: list[tuple]) -> None:
+    """COPY plain rows into ``table`` (PostgreSQL); ids come from the column default."""
+    if not rows:
+        return
+    quote = connection.ops.quote_name
+    with connection.cursor() as cursor:
+        with cursor.cursor.copy(f"COPY {quote(table)} ({', '.join(map(quote, columns))}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
 
 
 # Rows per UPDATE statement on SQLite: 500 rows x 12 parameters stays below its limit.
