@@ -356,6 +356,60 @@ def _touched_by(result: IdentifyResult) -> list[int]:
     return [result.user.pk, *result.absorbed_ids]
 
 
+class TouchedUsers:
+    """The users earlier rows of one import named (user pk -> row label), for ``duplicate_row``.
+
+    On PostgreSQL the pairs live in a temporary table of the import's transaction, not in
+    this process: memory stays flat whatever the file's size (a dict costs ~140 bytes a row).
+    Use it inside one transaction. Elsewhere it is a dict. ``apply_profile_rows`` and its
+    per-row twin also accept a plain dict.
+    """
+
+    _TABLE = "kana_csv_touched_users"
+
+    def __init__(self):
+        self._memory: dict[int, str] | None = None if connection.vendor == "postgresql" else {}
+        self._created = False
+
+    def labels_of(self, pks: Iterable[int]) -> dict[int, str]:
+        pks = [pk for pk in pks if pk is not None]
+        if self._memory is not None:
+            return {pk: self._memory[pk] for pk in pks if pk in self._memory}
+        if not self._created or not pks:
+            return {}
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT user_pk, label FROM {self._TABLE} WHERE user_pk = ANY(%s)", [pks])
+            return dict(cursor.fetchall())
+
+    def update(self, pairs: Iterable[tuple[int, str]]) -> None:
+        pairs = dict(pairs)
+        if self._memory is not None:
+            self._memory.update(pairs)
+            return
+        if not pairs:
+            return
+        with connection.cursor() as cursor:
+            if not self._created:
+                # An earlier import in the same transaction (tests) may have left one.
+                cursor.execute(
+                    f"CREATE TEMP TABLE IF NOT EXISTS {self._TABLE} (user_pk bigint PRIMARY KEY, label text NOT NULL) "
+                    "ON COMMIT DROP"
+                )
+                cursor.execute(f"TRUNCATE {self._TABLE}")
+                self._created = True
+            cursor.execute(
+                f"INSERT INTO {self._TABLE} (user_pk, label) SELECT * FROM unnest(%s::bigint[], %s::text[]) "
+                "ON CONFLICT (user_pk) DO UPDATE SET label = EXCLUDED.label",
+                [list(pairs), list(pairs.values())],
+            )
+
+
+def _labels_of(touched: "dict[int, str] | TouchedUsers", pks: Iterable[int]) -> dict[int, str]:
+    if isinstance(touched, TouchedUsers):
+        return touched.labels_of(pks)
+    return {pk: touched[pk] for pk in pks if pk in touched}
+
+
 def apply_profile_row(
     *,
     workspace: Workspace,
@@ -393,7 +447,7 @@ def apply_profile_rows_singly(
     workspace: Workspace,
     rows: list[ProfileRow],
     occurred_at: datetime,
-    touched: dict[int, str],
+    touched: "dict[int, str] | TouchedUsers",
     reason: str = MergeReason.CSV,
     actor: str = "",
 ) -> list[RowOutcome]:
@@ -410,7 +464,8 @@ def apply_profile_rows_singly(
                 result = apply_profile_row(
                     workspace=workspace, row=row, occurred_at=occurred_at, reason=reason, actor=actor
                 )
-                seen = next((touched[pk] for pk in _touched_by(result) if pk in touched), None)
+                earlier = _labels_of(touched, _touched_by(result))
+                seen = next((earlier[pk] for pk in _touched_by(result) if pk in earlier), None)
                 if seen is not None:
                     raise _duplicate_row(seen)
         except IdentityError as error:
@@ -426,7 +481,7 @@ def apply_profile_rows(
     workspace: Workspace,
     rows: list[ProfileRow],
     occurred_at: datetime,
-    touched: dict[int, str],
+    touched: "dict[int, str] | TouchedUsers",
     reason: str = MergeReason.CSV,
     actor: str = "",
 ) -> list[RowOutcome]:
@@ -545,11 +600,13 @@ def _apply_rows_once(workspace, rows, occurred_at, touched, reason, actor):
         state = _RowState(workspace, rows)
         planned: list[tuple[ProfileRow, RowOutcome]] = []
         touched_here: dict[int, str] = {}  # id(user) -> label, for users of this batch
+        # Every existing user a row can name is one of the batch's users, read above.
+        earlier = _labels_of(touched, state.by_pk)
 
         def seen_by(users) -> str | None:
             for user in users:
-                if user.pk is not None and user.pk in touched:
-                    return touched[user.pk]
+                if user.pk is not None and user.pk in earlier:
+                    return earlier[user.pk]
                 if id(user) in touched_here:
                     return touched_here[id(user)]
             return None
