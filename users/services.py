@@ -378,7 +378,9 @@ class TouchedUsers:
         if not self._created or not pks:
             return {}
         with connection.cursor() as cursor:
-            cursor.execute(f"SELECT user_pk, label FROM {self._TABLE} WHERE user_pk = ANY(%s)", [pks])
+            cursor.execute(
+                f"SELECT user_pk, label FROM {self._TABLE} WHERE user_pk = ANY(%s::bigint[])", [_int_array(pks)]
+            )
             return dict(cursor.fetchall())
 
     def update(self, pairs: Iterable[tuple[int, str]]) -> None:
@@ -400,7 +402,7 @@ class TouchedUsers:
             cursor.execute(
                 f"INSERT INTO {self._TABLE} (user_pk, label) SELECT * FROM unnest(%s::bigint[], %s::text[]) "
                 "ON CONFLICT (user_pk) DO UPDATE SET label = EXCLUDED.label",
-                [list(pairs), list(pairs.values())],
+                [_int_array(pairs), _text_array(pairs.values())],
             )
 
 
@@ -748,10 +750,20 @@ def _owners(workspace: Workspace, user_ids: set[str]) -> dict[str, int]:
     with connection.cursor() as cursor:
         cursor.execute(
             f"SELECT external_id, user_id FROM {connection.ops.quote_name(UserIdentity._meta.db_table)} "
-            "WHERE workspace_id = %s AND external_id = ANY(%s)",
-            [workspace.pk, list(user_ids)],
+            "WHERE workspace_id = %s AND external_id = ANY(%s::text[])",
+            [workspace.pk, _text_array(user_ids)],
         )
         return dict(cursor.fetchall())
+
+
+def _int_array(values: Iterable[int]) -> str:
+    """A PostgreSQL array literal (cast it: ``%s::bigint[]``); psycopg's list dumper costs ~3 µs an item."""
+    return "{" + ",".join(str(int(value)) for value in values) + "}"
+
+
+def _text_array(values: Iterable[str]) -> str:
+    """A PostgreSQL array literal of strings, each quoted (cast it: ``%s::text[]``)."""
+    return "{" + ",".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values) + "}"
 
 
 def _lock_users(workspace: Workspace, pks: set[int], email_keys: set[str]) -> list[EndUser]:
@@ -767,20 +779,26 @@ def _lock_users(workspace: Workspace, pks: set[int], email_keys: set[str]) -> li
     with connection.cursor() as cursor:
         cursor.execute(
             f"SELECT {columns} FROM {quote(EndUser._meta.db_table)} "
-            "WHERE workspace_id = %s AND (id = ANY(%s) OR email_key = ANY(%s)) ORDER BY id FOR UPDATE",
-            [workspace.pk, list(pks), list(email_keys)],
+            "WHERE workspace_id = %s AND (id = ANY(%s::bigint[]) OR email_key = ANY(%s::text[])) "
+            "ORDER BY id FOR UPDATE",
+            [workspace.pk, _int_array(pks), _text_array(email_keys)],
         )
         rows = cursor.fetchall()
-    parsers = [_text_parser(f) for f in fields]
-    names = [f.attname for f in fields]
-    return [
-        EndUser.from_db(
-            connection.alias,
-            names,
-            [v if parse is None or v is None else parse(v) for parse, v in zip(parsers, row, strict=True)],
+    parsed = [(f.attname, _text_parser(f)) for f in fields]
+    users = []
+    for row in rows:
+        # What EndUser.from_db() builds (attributes by field, a saved _state) without the
+        # model constructor's walk over every field (~30 µs a user).
+        user = EndUser.__new__(EndUser)
+        state = ModelState()
+        state.adding, state.db = False, connection.alias
+        user._state = state
+        user.__dict__.update(
+            (name, value if parse is None or value is None else parse(value))
+            for (name, parse), value in zip(parsed, row, strict=True)
         )
-        for row in rows
-    ]
+        users.append(user)
+    return users
 
 
 def _text_parser(field: models.Field) -> Callable[[str], object] | None:
