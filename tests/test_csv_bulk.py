@@ -3,6 +3,7 @@
 import re
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 
 from kana.models import Workspace
@@ -11,7 +12,7 @@ from users.models import EndUser, MergeRecord, UserIdentity
 from users.profile import validated_changes
 from users.services import ProfileRow
 
-from .conftest import is_postgres
+from .conftest import is_postgres, requires_postgres
 from .csv_helpers import T0, bare, identify
 
 pytestmark = pytest.mark.django_db
@@ -149,3 +150,26 @@ def test_bulk_path_uses_a_fixed_number_of_queries(tenant, django_assert_max_num_
     assert {o.outcome for o in outcomes[:200]} == {"updated"} and {o.outcome for o in outcomes[200:]} == {"created"}
     assert EndUser.objects.for_workspace(tenant.workspace).filter(billing_provider="stripe").count() == 200
     assert UserIdentity.objects.for_workspace(tenant.workspace).filter(external_id__startswith="new").count() == 200
+
+
+@requires_postgres
+def test_array_literals_carry_any_text_and_id_to_postgresql():
+    texts = ['a"b', "back\\slash", "tail\\", "{braces},commas", " spaced ", "", "NULL", "ünï\tcode\n", "'quote'"]
+    ids = [1, 2**62, 0, 42]
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT %s::text[], %s::bigint[]", [services._text_array(texts), services._int_array(ids)])
+        assert cursor.fetchone() == (texts, ids)
+
+
+def test_user_ids_with_quotes_and_backslashes_are_found_again(tenant):
+    odd = ['q"uote', "back\\slash", "{x,y}", "NULL"]
+    for user_id in odd:
+        identify(tenant.workspace, user_id, name="before", at=T0)
+    rows = [ProfileRow(changes=validated_changes(name="after")[0], user_id=u, label=u) for u in odd]
+
+    outcomes = services.apply_profile_rows(
+        workspace=tenant.workspace, rows=rows, occurred_at=timezone.now(), touched={}, actor="t"
+    )
+
+    assert [o.outcome for o in outcomes] == ["updated"] * len(odd)
+    assert EndUser.objects.for_workspace(tenant.workspace).filter(name="after").count() == len(odd)

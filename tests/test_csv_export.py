@@ -2,11 +2,13 @@
 
 import csv
 import io
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
 from users.csv_export import export_users_csv
 from users.csv_format import escape_cell, unescape_cell
+from users.models import EndUser
 
 from .csv_helpers import T0, bare, export_rows, export_text, identify
 
@@ -76,3 +78,20 @@ def test_an_empty_workspace_exports_the_header(tenant):
 def test_cells_are_neutralised_and_restored_exactly(value, exported):
     assert escape_cell(value) == exported
     assert unescape_cell(exported) == value
+
+
+def test_created_at_is_written_as_isoformat_with_and_without_microseconds(tenant):
+    """PostgreSQL formats created_at in SQL: it must match ``datetime.isoformat()`` exactly."""
+    moments = [
+        datetime(2020, 1, 1, 12, 0, 0, tzinfo=UTC),
+        datetime(2020, 1, 1, 12, 0, 0, 500000, tzinfo=UTC),
+        datetime(1999, 12, 31, 23, 59, 59, 1, tzinfo=UTC),
+        datetime(2024, 2, 29, 7, 5, 9, 123456, tzinfo=timezone(timedelta(hours=5, minutes=30))),
+    ]
+    users = [identify(tenant.workspace, f"t{i}") for i in range(len(moments))]
+    for user, moment in zip(users, moments, strict=True):
+        EndUser.objects.filter(pk=user.pk).update(created_at=moment)
+
+    exported = {row["kana_id"]: row["created_at"] for row in export_rows(tenant.workspace)}
+
+    assert exported == {str(u.pk): m.astimezone(UTC).isoformat() for u, m in zip(users, moments, strict=True)}

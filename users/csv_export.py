@@ -22,13 +22,14 @@ import io
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
-from django.db.models import F, TextField
+from django.db import connection
+from django.db.models import F, Func, TextField
 from django.db.models.fields.tuple_lookups import Tuple, TupleGreaterThan
 from django.db.models.functions import Cast
 
 from kana.models import Workspace
 
-from .csv_format import COLUMNS, FLAG_SEPARATOR, escape_cell
+from .csv_format import COLUMNS, FLAG_SEPARATOR, FORMULA_TRIGGERS, escape_cell
 from .models import EndUser, UserFlag
 from .selectors import users_with_flags
 
@@ -53,16 +54,18 @@ def export_users_csv(*, workspace: Workspace, chunk_size: int = EXPORT_CHUNK_ROW
     writer.writerow(COLUMNS)
     yield _take(buffer)
     after = None
+    iso_in_sql = connection.vendor == "postgresql"
     while True:
         users = users_with_flags(workspace)
         if after is not None:
             users = users.filter(TupleGreaterThan(Tuple(F("created_at"), F("id")), after))
         # created_at as text: Django's timestamptz loader is pure Python and took 40% of the time.
-        users = users.annotate(created_text=Cast("created_at", output_field=TextField()))
+        # PostgreSQL writes it as the file has it (datetime.isoformat() took another 15%).
+        users = users.annotate(created_text=_IsoUtc("created_at") if iso_in_sql else Cast("created_at", TextField()))
         rows = list(users.order_by("created_at", "id").values_list(*_FIELDS)[:chunk_size])
         if not rows:
             return
-        converted = [_csv_row(row) for row in rows]
+        converted = _csv_rows(rows, iso_in_sql)
         writer.writerows(converted)
         yield _take(buffer)
         last = converted[-1]
@@ -77,23 +80,43 @@ def _timestamp(text: str) -> str:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).isoformat()
 
 
-def _csv_row(row: tuple) -> tuple:
-    pk, user_id, name, email, billing_id, provider, created_text, same_email = row
-    created_at = _timestamp(created_text)
-    if billing_id:
-        flags = _SAME_EMAIL if same_email else ""
-    else:
-        flags = _BOTH_FLAGS if same_email else _NO_BILLING
-    return (
-        pk,
-        escape_cell(user_id) if user_id else "",
-        escape_cell(name),
-        escape_cell(email),
-        escape_cell(billing_id),
-        provider,
-        created_at,
-        flags,
+class _IsoUtc(Func):
+    """PostgreSQL: a timestamptz as ``datetime.isoformat()`` writes it in UTC
+    (``2024-01-01T10:00:00+00:00``, ``2024-01-01T10:00:00.500000+00:00``)."""
+
+    output_field = TextField()
+    template = (
+        "to_char(%(expressions)s AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS') || "
+        "CASE WHEN date_trunc('second', %(expressions)s) = %(expressions)s THEN '' "
+        "ELSE to_char(%(expressions)s AT TIME ZONE 'UTC', '.US') END || '+00:00'"
     )
+
+
+def _csv_rows(rows: list[tuple], iso_in_sql: bool) -> list[tuple]:
+    # One loop with its names bound locally: a function call per row and cell was a fifth of the time.
+    escape, triggers, timestamp = escape_cell, FORMULA_TRIGGERS, _timestamp
+    converted = []
+    append = converted.append
+    for pk, user_id, name, email, billing_id, provider, created_text, same_email in rows:
+        if billing_id:
+            flags = _SAME_EMAIL if same_email else ""
+            if billing_id[0] in triggers:
+                billing_id = escape(billing_id)
+        else:
+            flags = _BOTH_FLAGS if same_email else _NO_BILLING
+        append(
+            (
+                pk,
+                (escape(user_id) if user_id[0] in triggers else user_id) if user_id else "",
+                escape(name) if name and name[0] in triggers else name,
+                escape(email) if email and email[0] in triggers else email,
+                billing_id,
+                provider,
+                created_text if iso_in_sql else timestamp(created_text),
+                flags,
+            )
+        )
+    return converted
 
 
 def _take(buffer: io.StringIO) -> str:

@@ -20,14 +20,14 @@ READ_COLUMNS = ("kana_id", "user_id", "name", "email", "billing_id")
 # What the flags cell joins the user's flags with (e.g. "no_billing_id;same_email").
 FLAG_SEPARATOR = ";"
 
-_TRIGGERS = frozenset("=+-@\t\r'")
+FORMULA_TRIGGERS = frozenset("=+-@\t\r'")
 _NEEDS_QUOTE = re.compile(r"'*[=+\-@\t\r]")
 _QUOTED = re.compile(r"'+[=+\-@\t\r]")
 
 
 def escape_cell(value: str) -> str:
     """A text cell as exported: neutralised for spreadsheets, reversible by ``unescape_cell``."""
-    if value and value[0] in _TRIGGERS and _NEEDS_QUOTE.match(value):
+    if value and value[0] in FORMULA_TRIGGERS and _NEEDS_QUOTE.match(value):
         return "'" + value
     return value
 

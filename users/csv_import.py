@@ -30,7 +30,7 @@ merged, unchanged, or error. A user named by two rows is an error on the second.
 
 All or nothing: the whole file is applied in one transaction; a dry run, or any row error,
 rolls it back, so a dry run reports exactly what applying would do. Nothing is held per row
-beyond the set of users already named (for duplicate rows): the file is read twice as a
+(the users already named, for duplicate rows, are a temporary table on PostgreSQL): the file is read twice as a
 stream (a check, then the import), counts and a bounded sample are kept, the full report is
 streamed to a temporary file and then to storage.
 """
@@ -67,6 +67,7 @@ from .services import (
     IdentityError,
     MergeReason,
     ProfileRow,
+    TouchedUsers,
     apply_profile_rows,
     apply_profile_rows_singly,
 )
@@ -497,7 +498,7 @@ def _run(job: ImportJob, progress, row_by_row: bool) -> None:
     apply = apply_profile_rows_singly if row_by_row else apply_profile_rows
     report = _Report()
     heartbeat = _Heartbeat(job.pk)
-    touched: dict[int, str] = {}
+    touched = TouchedUsers()
     processed = 0
     try:
         with transaction.atomic():

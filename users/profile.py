@@ -43,12 +43,39 @@ def normalize_email(email: str) -> str:
     return email.strip().lower()
 
 
-def clean_email(raw: str) -> str:
-    email = raw.strip()
+# A strict subset of what Django's ``validate_email`` accepts (ASCII dot-atom local part,
+# dotted hostname labels, alphabetic TLD), checked first because the validator costs ~40 µs
+# an address and a CSV import checks one per row. Anything it does not match goes to
+# ``validate_email``, so the accepted set is exactly Django's (tests/test_csv_email_fast_path.py).
+_PLAIN_EMAIL = re.compile(
+    r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*"
+    r"@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+    r"\.[A-Za-z]{2,63}"
+)
+_MAX_EMAIL_LENGTH = 320  # validate_email's limit (RFC 3696)
+
+
+def is_plain_email(email: str) -> bool:
+    """The fast path: True only for addresses ``validate_email`` accepts."""
+    return len(email) <= _MAX_EMAIL_LENGTH and _PLAIN_EMAIL.fullmatch(email) is not None
+
+
+def is_valid_email(email: str) -> bool:
+    """Django's ``validate_email`` as a predicate, with a fast path for plain addresses."""
+    if is_plain_email(email):
+        return True
     try:
         validate_email(email)
     except ValidationError:
-        raise InvalidProfileValue("invalid_email", f"{raw!r} is not a valid email address", "email") from None
+        return False
+    return True
+
+
+def clean_email(raw: str) -> str:
+    email = raw.strip()
+    if not is_valid_email(email):
+        raise InvalidProfileValue("invalid_email", f"{raw!r} is not a valid email address", "email")
     return email
 
 
