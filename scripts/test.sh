@@ -14,6 +14,10 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "chromium is not installed: browser tests will skip (apt-get install chromium)"
   fi
 fi
-.venv/bin/python manage.py makemigrations --check --dry-run >/dev/null \
-  || { echo "models changed without a migration: run manage.py makemigrations"; exit 1; }
+# Models and migrations must agree (development settings: no secrets needed for the check).
+if ! out=$(KANA_DEBUG=1 .venv/bin/python manage.py makemigrations --check --dry-run 2>&1); then
+  echo "$out"
+  echo "models changed without a migration (or the check failed): run manage.py makemigrations"
+  exit 1
+fi
 exec .venv/bin/python -m pytest "$@"
