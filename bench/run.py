@@ -5,7 +5,7 @@
 
 It creates its own PostgreSQL database (dropped at the end), migrates, creates workspaces and
 keys, starts gunicorn (sync workers) and a Celery worker, measures the baselines (B-insert,
-B-copy, B-update) and the scenarios (S1-S5) of /work/shared/BENCH.md, checks after every
+B-copy, B-update) and the scenarios (S1-S5) of BENCH.md (the project's benchmark plan), checks after every
 scenario that each message sent was stored exactly once, prints one table and writes it as
 JSON to bench/results/latest.json. See docs/performance.md for what the figures mean.
 """
