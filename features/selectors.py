@@ -128,13 +128,10 @@ class Progress:
 
 def reprocessing_of(rule: MappingRule) -> Progress:
     """The progress of a rule's latest reprocessing job ("done" with zeros if it had none)."""
-    job = ReprocessingJob.objects.filter(rule=rule).order_by("-pk").first()
-    if job is None:
-        return Progress(status="done", scanned=0, mapped=0)
-    return Progress(status=job.status, scanned=job.scanned, mapped=job.mapped, job_id=job.pk)
+    return reprocessing_by_rule(rule.workspace_id, [rule.pk])[rule.pk]
 
 
-def reprocessing_by_rule(workspace: Workspace, rule_pks: list[int]) -> dict[int, Progress]:
+def reprocessing_by_rule(workspace: Workspace | int, rule_pks: list[int]) -> dict[int, Progress]:
     """``reprocessing_of`` for a page of rules, in one query."""
     latest: dict[int, Progress] = {}
     jobs = (

@@ -346,3 +346,23 @@ def test_bar_chart_scales_to_the_largest_magnitude():
     assert zero.height == 0
     assert (down.y, down.height) == (40.0, 20.0)
     assert [b.x for b in chart.bars] == [0.0, 10.0, 20.0]
+
+
+def test_the_rules_page_reads_progress_in_one_query_whatever_the_number_of_rules(member_client, tenant):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from tests.usage_support import make_feature, make_rule
+
+    make_feature(tenant.workspace, "exports")
+
+    def queries_for_page() -> int:
+        with CaptureQueriesContext(connection) as captured:
+            assert member_client.get("/rules/").status_code == 200
+        return len(captured)
+
+    make_rule(tenant.workspace, "exports", event="Report Exported", name="first")
+    with_one = queries_for_page()
+    for n in range(5):
+        make_rule(tenant.workspace, "exports", event=f"Event {n}", name=f"rule {n}")
+    assert queries_for_page() == with_one

@@ -84,6 +84,16 @@ def user_list(
     return users.order_by("-created_at", "-pk")
 
 
+def user_pk_for(workspace: Workspace | int, external_id: str) -> int | None:
+    """The id of the user a userId resolves to (canonical, alias or absorbed user's), or None."""
+    return (
+        UserIdentity.objects.for_workspace(workspace)
+        .filter(external_id=external_id)
+        .values_list("user_id", flat=True)
+        .first()
+    )
+
+
 def user_ids_by_user(user_pks: list[int]) -> dict[int, list[str]]:
     """Every userId of each user, oldest first (the canonical one is put first by callers)."""
     ids: dict[int, list[str]] = defaultdict(list)

@@ -33,6 +33,7 @@ from segment_ingest.models import Event
 
 from .models import EndUser, Group, GroupMembership, MergeReason, MergeRecord, UserIdentity
 from .profile import SET_AT_FIELDS, ProfileChanges, absorb_profile, apply_changes, oldest_first, snapshot
+from .selectors import user_pk_for
 
 logger = logging.getLogger(__name__)
 
@@ -102,19 +103,6 @@ def _identity_lock_keys(workspace: Workspace, user_ids: Iterable[str] = (), emai
     if email_key:
         keys.append(f"email:{workspace.pk}:{email_key}")
     return keys
-
-
-def _owner_of(workspace: Workspace, external_id: str) -> int | None:
-    return (
-        UserIdentity.objects.for_workspace(workspace)
-        .filter(external_id=external_id)
-        .values_list("user_id", flat=True)
-        .first()
-    )
-
-
-def _oldest_first(users: Iterable[EndUser]) -> list[EndUser]:
-    return oldest_first(users)
 
 
 def _create_user(workspace: Workspace, user_id: str | None, changes: ProfileChanges, occurred_at: datetime) -> EndUser:
@@ -213,7 +201,7 @@ def _plan_identify(user: EndUser | None, others: list[EndUser]) -> _IdentifyPlan
 def _identify_once(workspace, user_id, changes, occurred_at, reason, actor, source, restamp) -> IdentifyResult:
     email_key = changes.email_key
     lock_keys(_identity_lock_keys(workspace, [user_id], email_key))
-    owner_id = _owner_of(workspace, user_id)
+    owner_id = user_pk_for(workspace, user_id)
     match = Q(pk=owner_id) if owner_id else Q(pk__in=[])
     if email_key:
         match |= Q(email_key=email_key)
@@ -233,7 +221,7 @@ def _identify_once(workspace, user_id, changes, occurred_at, reason, actor, sour
         return IdentifyResult(user=target, outcome=IdentifyOutcome.CLAIMED)
     if plan.action == "merge":
         # Kana case 7: merge into the oldest; the payload's userId becomes canonical.
-        survivor, absorbed = _oldest_first([user, plan.target])
+        survivor, absorbed = oldest_first([user, plan.target])
         _absorb(workspace=workspace, survivor=survivor, absorbed=absorbed, reason=reason, actor=actor, source=source)
         _make_canonical(survivor, user_id)
         apply_changes(survivor, changes, occurred_at, restamp_unchanged=restamp)
@@ -425,7 +413,7 @@ def apply_profile_row(
     if row.user_pk is not None:
         if (
             row.user_id is not None
-            and _owner_of(workspace, row.user_id) != row.user_pk
+            and user_pk_for(workspace, row.user_id) != row.user_pk
             and EndUser.objects.for_workspace(workspace).filter(pk=row.user_pk).exists()
         ):
             raise _user_id_mismatch(row)
@@ -697,7 +685,7 @@ def _apply_row_in_memory(state: _RowState, row: ProfileRow, occurred_at, reason,
         apply_changes(target, changes, occurred_at)
         state.changed(target, old_key)
         return _InMemoryResult(target, IdentifyOutcome.CLAIMED)
-    survivor, absorbed = _oldest_first([user, target])
+    survivor, absorbed = oldest_first([user, target])
     old_key = survivor.email_key
     _absorb(
         workspace=state.workspace, survivor=survivor, absorbed=absorbed, reason=reason, actor=actor, source=row.label
@@ -955,7 +943,7 @@ def alias_user(
     @transaction.atomic
     def once() -> IdentifyResult:
         lock_keys(_identity_lock_keys(workspace, [previous_id, user_id]))
-        previous_owner, owner = _owner_of(workspace, previous_id), _owner_of(workspace, user_id)
+        previous_owner, owner = user_pk_for(workspace, previous_id), user_pk_for(workspace, user_id)
         ids = [i for i in (previous_owner, owner) if i]
         locked = {
             u.pk: u
@@ -979,7 +967,7 @@ def alias_user(
             user = locked[owner]
             UserIdentity.objects.create(workspace=workspace, user=user, external_id=previous_id)
             return IdentifyResult(user=user, outcome=IdentifyOutcome.UPDATED)
-        survivor, absorbed = _oldest_first([locked[previous_owner], locked[owner]])
+        survivor, absorbed = oldest_first([locked[previous_owner], locked[owner]])
         _absorb(
             workspace=workspace,
             survivor=survivor,
@@ -1037,11 +1025,11 @@ def merge_users(
         if len(users) != len(targets):
             raise _StaleRead()
         chosen = current[int(survivor_pk)] if survivor_pk is not None else None
-        survivor = next(u for u in users if u.pk == chosen) if chosen else _oldest_first(users)[0]
+        survivor = next(u for u in users if u.pk == chosen) if chosen else oldest_first(users)[0]
         if len(users) == 1:
             return MergeResult(survivor=survivor, absorbed_ids=[], already_merged=True)
         absorbed_ids = []
-        for user in _oldest_first(users):
+        for user in oldest_first(users):
             if user.pk == survivor.pk:
                 continue
             _absorb(workspace=workspace, survivor=survivor, absorbed=user, reason=reason, actor=actor, source=source)

@@ -10,7 +10,7 @@ from django.utils.http import urlencode
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from features.models import Feature, MappingRule
-from features.selectors import reprocessing_of, unmapped_by_event, unmapped_by_property
+from features.selectors import reprocessing_by_rule, reprocessing_of, unmapped_by_event, unmapped_by_property
 from features.services import FeatureError, RuleDefinition, feature_create, rule_create, rule_update
 from segment_ingest.models import UnmappedReason
 
@@ -55,8 +55,12 @@ def features(request):
 
 
 def _with_progress(rules: list[MappingRule]) -> list[MappingRule]:
+    """Attach each rule's reprocessing progress, in one query for the whole list."""
+    if not rules:
+        return rules
+    progress = reprocessing_by_rule(rules[0].workspace_id, [rule.pk for rule in rules])
     for rule in rules:
-        rule.progress = reprocessing_of(rule)
+        rule.progress = progress[rule.pk]
     return rules
 
 

@@ -68,16 +68,6 @@ def page_of(example: dict) -> dict:
     return {"count": 1, "next": None, "previous": None, "results": [example]}
 
 
-def resolve_user_id(workspace, user_id: str) -> int | None:
-    """The Kana id a userId (canonical, alias or absorbed user's) resolves to."""
-    return (
-        UserIdentity.objects.for_workspace(workspace)
-        .filter(external_id=user_id)
-        .values_list("user_id", flat=True)
-        .first()
-    )
-
-
 # --- Users -----------------------------------------------------------------------------
 
 
@@ -387,7 +377,7 @@ class EventViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, WorkspaceVi
         filters = self.query(s.EventFilterSerializer)
         user_id = filters.pop("user_id", None)
         if user_id is not None:
-            filters["user_pk"] = resolve_user_id(self.workspace, user_id)
+            filters["user_pk"] = user_selectors.user_pk_for(self.workspace, user_id)
             if filters["user_pk"] is None:
                 return events.none()
         return feature_selectors.event_list(self.workspace, events=events, **filters)
@@ -441,7 +431,7 @@ class UsageViewSet(mixins.ListModelMixin, WorkspaceViewSet):
         filters = self.query(s.UsageFilterSerializer)
         user_id = filters.pop("user_id", None)
         if user_id is not None:
-            filters["user_pk"] = resolve_user_id(self.workspace, user_id)
+            filters["user_pk"] = user_selectors.user_pk_for(self.workspace, user_id)
             if filters["user_pk"] is None:
                 return self.paginated([], s.UsageRowSerializer)
         if "feature" in filters:
