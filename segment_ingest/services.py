@@ -3,7 +3,8 @@
 Usage messages (track, page, screen) are handled in bulk, one transaction per run of
 consecutive usage messages, with a fixed number of queries whatever the run's length:
 rules lock + version, replay check, userId resolution, event insert, usage insert (on
-PostgreSQL, runs of COPY_MIN_EVENTS or more: event ids, then COPY of events and usage).
+PostgreSQL: one INSERT … ON CONFLICT DO NOTHING for events and their usage, or for runs of
+COPY_MIN_EVENTS or more, COPY into staging tables and one statement moving them).
 Identify, alias and group are applied one at a time, in order, by the identity service.
 """
 
@@ -14,9 +15,10 @@ from django.db import connection, transaction
 
 from features.mapping import Decision, decide, load_rule_set
 from features.models import Usage
-from kana.copy_rows import copy_rows, next_ids
+from kana.copy_rows import copy_rows
 from kana.locks import lock_rules_shared_and_read
 from kana.models import Workspace
+from kana.retries import run_with_retries
 from users import services as user_services
 from users.profile import UNSET, validated_changes
 
@@ -55,7 +57,7 @@ def ingest_messages(*, workspace: Workspace, messages: list[Message]) -> list[Ou
 
 
 def ingest_usage_messages(*, workspace: Workspace, messages: list[Message]) -> list[Outcome]:
-    return user_services.run_with_retries(lambda: _ingest_usage_once(workspace, messages))
+    return run_with_retries(lambda: _ingest_usage_once(workspace, messages))
 
 
 @transaction.atomic
@@ -70,15 +72,23 @@ def _ingest_usage_once(workspace: Workspace, messages: list[Message]) -> list[Ou
 
     rule_set = load_rule_set(workspace.pk, version)
     user_pks = user_services.resolve_users(workspace=workspace, external_ids={m.user_id for m in fresh.values()})
-    decided = [(m, decide(rule_set, m.name, m.properties), user_pks[m.user_id]) for m in fresh.values()]
-    if connection.vendor == "postgresql" and len(decided) >= COPY_MIN_EVENTS:
-        _copy_events_and_usage(workspace, decided)
-    else:
+    # Sorted by messageId: concurrent batches replaying the same messages then wait on each
+    # other's rows in one order, which cannot deadlock.
+    decided = sorted(
+        ((m, decide(rule_set, m.name, m.properties), user_pks[m.user_id]) for m in fresh.values()),
+        key=lambda item: item[0].message_id,
+    )
+    if connection.vendor != "postgresql":
         _insert_events_and_usage(workspace, decided)
+        stored = set(fresh)
+    elif len(decided) >= COPY_MIN_EVENTS:
+        stored = _copy_events_and_usage(workspace, decided)
+    else:
+        stored = _insert_events_and_usage_returning(workspace, decided)
     by_id = {m.message_id: Outcome(m.message_id, d.status, d.reason, user_pk) for m, d, user_pk in decided}
     outcomes, seen = [], set()
     for message in messages:
-        if message.message_id in by_id and message.message_id not in seen:
+        if message.message_id in stored and message.message_id not in seen:
             outcomes.append(by_id[message.message_id])
             seen.add(message.message_id)
         else:
@@ -86,10 +96,10 @@ def _ingest_usage_once(workspace: Workspace, messages: list[Message]) -> list[Ou
     return outcomes
 
 
-# Fewer events go in with INSERT: COPY costs two round trips and the ids one more query.
+# Fewer events go in with one INSERT statement; more are COPYed into a staging table first
+# (COPY costs two round trips more, but no per-value rendering in Python).
 COPY_MIN_EVENTS = 8
 _EVENT_COLUMNS = (
-    "id",
     "workspace_id",
     "message_id",
     "type",
@@ -103,50 +113,129 @@ _EVENT_COLUMNS = (
     "unmapped_reason",
     "warnings",
 )
-_USAGE_COLUMNS = ("workspace_id", "user_id", "feature_id", "event_id", "rule_id", "amount", "occurred_at")
+_EVENT_VALUE_TYPES = (
+    "bigint",
+    "text",
+    "text",
+    "text",
+    "bigint",
+    "text",
+    "jsonb",
+    "timestamptz",
+    "timestamptz",
+    "text",
+    "text",
+    "jsonb",
+)
+# Usage rows are matched to their event by messageId: only events that were really inserted
+# (not skipped as a concurrent replay) get usage.
+_USAGE_STAGE_COLUMNS = ("message_id", "user_id", "feature_id", "rule_id", "amount", "occurred_at")
+_USAGE_VALUE_TYPES = ("text", "bigint", "bigint", "bigint", "numeric", "timestamptz")
+_EVENT_TABLE = Event._meta.db_table
+_USAGE_TABLE = Usage._meta.db_table
+_INSERT_USAGE_FOR = f"""
+    INSERT INTO {_USAGE_TABLE} (workspace_id, user_id, feature_id, event_id, rule_id, amount, occurred_at)
+    SELECT %(ws)s, u.user_id, u.feature_id, ev.id, u.rule_id, u.amount, u.occurred_at
+    FROM {{source}} AS u ({", ".join(_USAGE_STAGE_COLUMNS)}) JOIN ev USING (message_id)
+    ON CONFLICT (event_id, feature_id) DO NOTHING"""
 
 
-def _copy_events_and_usage(workspace: Workspace, decided: list[tuple[Message, Decision, int]]) -> None:
-    """The same rows as ``_insert_events_and_usage``, written with COPY (PostgreSQL).
-
-    The events' ids are drawn first so the usage rows can name them. A messageId stored
-    concurrently makes the COPY fail with IntegrityError: the caller retries the whole
-    transaction, and the retry's replay check then finds it.
-    """
-    event_ids = next_ids(Event._meta.db_table, len(decided))
-    ws = workspace.pk
-    copy_rows(
-        Event._meta.db_table,
-        _EVENT_COLUMNS,
-        (
-            (
-                event_id,
-                ws,
-                m.message_id,
-                str(m.type),
-                m.name,
-                user_pk,
-                m.user_id,
-                m.payload_text(),
-                m.occurred_at,
-                m.received_at,
-                str(d.status),
-                str(d.reason),
-                json.dumps(m.warnings) if m.warnings else "[]",
-            )
-            for event_id, (m, d, user_pk) in zip(event_ids, decided, strict=True)
-        ),
+def _event_row(
+    workspace: Workspace, m: Message, d: Decision, user_pk: int, warnings: list[dict] | None = None
+) -> tuple:
+    warnings = m.warnings if warnings is None else warnings
+    return (
+        workspace.pk,
+        m.message_id,
+        str(m.type),
+        m.name,
+        user_pk,
+        m.user_id or "",
+        m.payload_text(),
+        m.occurred_at,
+        m.received_at,
+        str(d.status),
+        str(d.reason),
+        json.dumps(warnings) if warnings else "[]",
     )
-    usages = [
-        (ws, user_pk, feature_id, event_id, rule_id, amount, m.occurred_at)
-        for event_id, (m, d, user_pk) in zip(event_ids, decided, strict=True)
+
+
+def _usage_rows(decided: list[tuple[Message, Decision, int]]) -> list[tuple]:
+    return [
+        (m.message_id, user_pk, feature_id, rule_id, amount, m.occurred_at)
+        for m, d, user_pk in decided
         for feature_id, amount, rule_id in d.usages
     ]
+
+
+def _values_sql(rows: list[tuple], types: tuple[str, ...]) -> tuple[str, list]:
+    """``VALUES (…), (…)`` with the first row's values cast, so PostgreSQL knows the types."""
+    first = "(" + ", ".join(f"%s::{t}" for t in types) + ")"
+    rest = "(" + ", ".join(["%s"] * len(types)) + ")"
+    sql = "VALUES " + ", ".join([first] + [rest] * (len(rows) - 1))
+    return sql, [value for row in rows for value in row]
+
+
+def _insert_events_and_usage_returning(workspace: Workspace, decided: list[tuple[Message, Decision, int]]) -> set[str]:
+    """Events and their usage in one statement (PostgreSQL); returns the messageIds stored.
+
+    A messageId stored meanwhile by a concurrent request is skipped by the insert itself
+    (``ON CONFLICT DO NOTHING``, which waits for that request to commit), so a replay race
+    is decided by the database, not by retrying.
+    """
+    events_sql, params = _values_sql([_event_row(workspace, m, d, u) for m, d, u in decided], _EVENT_VALUE_TYPES)
+    sql = (
+        f"WITH ev AS (INSERT INTO {_EVENT_TABLE} ({', '.join(_EVENT_COLUMNS)}) {events_sql}"
+        " ON CONFLICT (workspace_id, message_id) DO NOTHING RETURNING id, message_id)"
+    )
+    usages = _usage_rows(decided)
     if usages:
-        copy_rows(Usage._meta.db_table, _USAGE_COLUMNS, usages)
+        usage_sql, usage_params = _values_sql(usages, _USAGE_VALUE_TYPES)
+        sql += ", used AS (" + _INSERT_USAGE_FOR.format(source=f"({usage_sql})").replace("%(ws)s", "%s") + ")"
+        params += [workspace.pk, *usage_params]  # the workspace comes first in the usage SELECT
+    with connection.cursor() as cursor:
+        cursor.execute(sql + " SELECT message_id FROM ev", params)
+        return {message_id for (message_id,) in cursor.fetchall()}
+
+
+_STAGE_SQL = f"""
+CREATE TEMP TABLE IF NOT EXISTS kana_event_stage ON COMMIT DELETE ROWS
+    AS SELECT {", ".join(_EVENT_COLUMNS)} FROM {_EVENT_TABLE} WITH NO DATA;
+CREATE TEMP TABLE IF NOT EXISTS kana_usage_stage
+    (message_id text, user_id bigint, feature_id bigint, rule_id bigint, amount numeric, occurred_at timestamptz)
+    ON COMMIT DELETE ROWS
+"""
+_UNSTAGE_SQL = f"""
+WITH staged AS (DELETE FROM kana_event_stage RETURNING {", ".join(_EVENT_COLUMNS)}),
+ev AS (
+    INSERT INTO {_EVENT_TABLE} ({", ".join(_EVENT_COLUMNS)})
+    SELECT {", ".join(_EVENT_COLUMNS)} FROM staged ORDER BY message_id
+    ON CONFLICT (workspace_id, message_id) DO NOTHING
+    RETURNING id, message_id
+),
+staged_usage AS (DELETE FROM kana_usage_stage RETURNING *),
+used AS ({_INSERT_USAGE_FOR.format(source="staged_usage")})
+SELECT message_id FROM ev
+"""
+
+
+def _copy_events_and_usage(workspace: Workspace, decided: list[tuple[Message, Decision, int]]) -> set[str]:
+    """The same as ``_insert_events_and_usage_returning`` for larger runs (PostgreSQL): the
+    rows are COPYed into per-connection staging tables, then moved by one statement that
+    skips stored messageIds. Returns the messageIds stored."""
+    with connection.cursor() as cursor:
+        cursor.execute(_STAGE_SQL)
+    copy_rows("kana_event_stage", _EVENT_COLUMNS, (_event_row(workspace, m, d, u) for m, d, u in decided))
+    usages = _usage_rows(decided)
+    if usages:
+        copy_rows("kana_usage_stage", _USAGE_STAGE_COLUMNS, usages)
+    with connection.cursor() as cursor:
+        cursor.execute(_UNSTAGE_SQL, {"ws": workspace.pk})
+        return {message_id for (message_id,) in cursor.fetchall()}
 
 
 def _insert_events_and_usage(workspace: Workspace, decided: list[tuple[Message, Decision, int]]) -> None:
+    """SQLite: plain inserts. Its writers are serialised, so the replay check cannot race."""
     events = [
         Event(
             workspace=workspace,
@@ -192,7 +281,7 @@ def _lock_rules_and_find_replays(workspace: Workspace, message_ids: set[str]) ->
 
 
 def ingest_profile_message(*, workspace: Workspace, message: Message) -> Outcome:
-    return user_services.run_with_retries(lambda: _ingest_profile_once(workspace, message))
+    return run_with_retries(lambda: _ingest_profile_once(workspace, message))
 
 
 def engage_values(message: Message) -> dict:
@@ -207,8 +296,19 @@ def engage_values(message: Message) -> dict:
     return {k: v for k, v in message.traits.items() if k not in PROFILE_TRAITS}
 
 
-@transaction.atomic
+class _ReplayedMeanwhile(Exception):
+    """A concurrent request stored the same messageId first: undo this one's changes."""
+
+
 def _ingest_profile_once(workspace: Workspace, message: Message) -> Outcome:
+    try:
+        with transaction.atomic():
+            return _apply_profile_message(workspace, message)
+    except _ReplayedMeanwhile:
+        return Outcome(message.message_id, "duplicate")
+
+
+def _apply_profile_message(workspace: Workspace, message: Message) -> Outcome:
     if Event.objects.for_workspace(workspace).filter(message_id=message.message_id).exists():
         return Outcome(message.message_id, "duplicate")
     warnings = list(message.warnings)
@@ -260,16 +360,33 @@ def _ingest_profile_once(workspace: Workspace, message: Message) -> Outcome:
             traits=message.traits,
             occurred_at=message.occurred_at,
         )
-    Event.objects.create(
-        workspace=workspace,
-        message_id=message.message_id,
-        type=message.type,
-        user_id=user_pk,
-        external_user_id=message.user_id or "",
-        payload=message.payload,
-        occurred_at=message.occurred_at,
-        received_at=message.received_at,
-        status=EventStatus.PROCESSED,
-        warnings=warnings,
-    )
+    if not _store_profile_event(workspace, message, user_pk, warnings):
+        raise _ReplayedMeanwhile()
     return Outcome(message.message_id, EventStatus.PROCESSED, user_pk=user_pk, warnings=warnings)
+
+
+def _store_profile_event(workspace: Workspace, message: Message, user_pk: int, warnings: list[dict]) -> bool:
+    """Store an applied identify/alias/group; False when its messageId was stored meanwhile."""
+    if connection.vendor != "postgresql":  # serialised writers: the check above cannot race
+        Event.objects.create(
+            workspace=workspace,
+            message_id=message.message_id,
+            type=message.type,
+            user_id=user_pk,
+            external_user_id=message.user_id or "",
+            payload=message.payload,
+            occurred_at=message.occurred_at,
+            received_at=message.received_at,
+            status=EventStatus.PROCESSED,
+            warnings=warnings,
+        )
+        return True
+    row = _event_row(workspace, message, Decision(EventStatus.PROCESSED), user_pk, warnings=warnings)
+    values, params = _values_sql([row], _EVENT_VALUE_TYPES)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {_EVENT_TABLE} ({', '.join(_EVENT_COLUMNS)}) {values}"
+            " ON CONFLICT (workspace_id, message_id) DO NOTHING RETURNING id",
+            params,
+        )
+        return cursor.fetchone() is not None

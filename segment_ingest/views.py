@@ -17,6 +17,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
 from kana.request_auth import api_key_from_authorization
+from kana.retries import RetriesExhausted
 from kana.services import workspace_for_api_key
 
 from .messages import (
@@ -122,6 +123,8 @@ def _database_guard(view):
             return view(request, *args, **kwargs)
         except _Rejected as rejected:
             return rejected.response
+        except RetriesExhausted:
+            return error_response("conflict_retry", "Kana is busy with concurrent changes; retry shortly", 503)
         except (OperationalError, InterfaceError) as exc:
             sqlstate = getattr(exc.__cause__, "sqlstate", None)
             if sqlstate in _OVERLOADED_SQLSTATES:
