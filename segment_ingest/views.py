@@ -16,6 +16,7 @@ from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
+from features.ingest import ingest_messages
 from kana.request_auth import api_key_from_authorization
 from kana.retries import RetriesExhausted
 from kana.services import workspace_for_api_key
@@ -28,7 +29,6 @@ from .messages import (
     parse_message,
     with_batch_context,
 )
-from .services import ingest_messages
 
 logger = logging.getLogger(__name__)
 

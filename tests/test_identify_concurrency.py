@@ -14,9 +14,7 @@ import pytest
 from django.db import connections
 from django.db.models import Sum
 
-from features.models import Feature, Usage
-
-from segment_ingest.models import Event
+from features.models import Event, Feature, Usage
 from users.models import EndUser, MergeRecord, UserIdentity
 
 from .conftest import SegmentClient, requires_postgres

@@ -15,10 +15,9 @@ from decimal import Decimal
 import pytest
 from django.db import connections, transaction
 
-from features.models import Usage
+from features.ledger import COPY_MIN_EVENTS
+from features.models import Event, Usage
 from features.services import RuleDefinition, feature_create, rule_create
-from segment_ingest.models import Event
-from segment_ingest.services import COPY_MIN_EVENTS
 from users.models import EndUser
 
 from .conftest import requires_postgres

@@ -54,6 +54,7 @@ from django.core.files.storage import default_storage
 from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 
+from kana.errors import DomainError
 from kana.locks import lock_keys
 from kana.models import Workspace
 from segment_ingest.messages import MessageError, clean_identifier
@@ -94,12 +95,8 @@ _RESULTS = {
 _ERROR_CODES = {"unknown_user": "unknown_kana_id"}
 
 
-class CsvFileError(Exception):
+class CsvFileError(DomainError):
     """The file as a whole cannot be imported (encoding, header, empty): nothing is changed."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 # --- Reading the file ------------------------------------------------------------------

@@ -23,25 +23,21 @@ from django.db.models import Q
 from django.db.models.base import ModelState
 from django.utils import timezone
 
-from features.models import Usage
+from kana.errors import DomainError
 from kana.locks import lock_keys
 from kana.models import Workspace
 from kana.retries import ConcurrentChange, run_with_retries
-from segment_ingest.models import Event
 
 from .models import EndUser, Group, GroupMembership, MergeReason, MergeRecord, UserIdentity
 from .profile import SET_AT_FIELDS, ProfileChanges, absorb_profile, apply_changes, oldest_first, snapshot
 from .selectors import user_pk_for
+from .signals import user_absorbed
 
 logger = logging.getLogger(__name__)
 
 
-class IdentityError(Exception):
-    """A request the identity rules refuse; ``code`` is what the edges report."""
-
-    def __init__(self, code: str, message: str, field: str | None = None):
-        super().__init__(message)
-        self.code, self.message, self.field = code, message, field
+class IdentityError(DomainError):
+    """A request the identity rules refuse."""
 
 
 class IdentifyOutcome:
@@ -100,8 +96,7 @@ def _absorb(
     )
     absorb_profile(survivor, absorbed)
     UserIdentity.objects.filter(user=absorbed).update(user=survivor)
-    Event.objects.filter(user=absorbed).update(user=survivor)
-    Usage.objects.filter(user=absorbed).update(user=survivor)
+    user_absorbed.send(EndUser, workspace_id=workspace.pk, absorbed_pk=absorbed.pk, survivor_pk=survivor.pk)
     survivor_groups = GroupMembership.objects.filter(user=survivor).values("group_id")
     GroupMembership.objects.filter(user=absorbed, group_id__in=survivor_groups).delete()
     GroupMembership.objects.filter(user=absorbed).update(user=survivor)
