@@ -9,12 +9,12 @@ urlpatterns = [
     path("readyz", health.readyz, name="readyz"),
     path("django-admin/", admin.site.urls),
     # CSV export/import first, so no broader api/v1/users/<id> pattern can shadow them.
-    path("api/v1/users/", include("users.api_csv")),
-    path("api/v1/", include("kana.api.urls")),
+    path("api/v1/users/", include("api.csv")),
+    path("api/v1/", include("api.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     path("", include("segment_ingest.urls")),
     path("", include("dashboard.urls")),
 ]
 
-handler404 = "kana.api.errors.not_found"
+handler404 = "api.errors.not_found"

@@ -4,7 +4,6 @@ Pure functions: no database. A message either becomes a ``Message`` or raises
 ``MessageError`` with the code, text and field the client gets back.
 """
 
-import math
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -16,12 +15,12 @@ from django.utils.dateparse import parse_datetime
 from features.incoming import Message, compact_json
 from features.models import MessageType
 from kana.errors import DomainError
+from users.identifiers import clean_identifier
 
 MAX_MESSAGE_BYTES = 32 * 1024
 MAX_BATCH_BYTES = 500 * 1024
 MAX_BATCH_MESSAGES = 2500
 MAX_MESSAGE_ID_LENGTH = 100
-MAX_ID_LENGTH = 255
 MAX_EVENT_NAME_LENGTH = 200
 # Far deeper than any analytics payload, and far below Python's recursion limit, which the
 # JSON encoders (ours, the database driver's) hit around 900 levels: a 500, not a 400.
@@ -29,50 +28,8 @@ MAX_NESTING_DEPTH = 64
 # ``MessageType.values`` builds a new list on every access: this runs once per message.
 _MESSAGE_TYPES = frozenset(MessageType.values)
 
-# Identifiers that mean "nobody": treated as absent (analytics libraries send them for
-# logged-out visitors, and template bugs produce the rest).
-NOBODY_IDS = frozenset(
-    {
-        "",
-        "null",
-        "undefined",
-        "none",
-        "nan",
-        "0",
-        "-1",
-        "anonymous",
-        "guest",
-        "[object object]",
-        "distinct_id",
-        "true",
-        "false",
-        "nil",
-    }
-)
-
-
 class MessageError(DomainError):
     """A Segment message Kana refuses (4xx: Segment does not retry it)."""
-
-
-def clean_identifier(value: Any, field_name: str) -> str | None:
-    """A userId/previousId/groupId as text, None for absent or "nobody" values."""
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return None
-        value = int(value) if value.is_integer() else value
-    if isinstance(value, (int, float)):
-        value = str(value)
-    if not isinstance(value, str):
-        raise MessageError("invalid_type", f"{field_name} must be a string", field_name)
-    value = value.strip()
-    if value.lower() in NOBODY_IDS:
-        return None
-    if len(value) > MAX_ID_LENGTH:
-        raise MessageError("invalid_value", f"{field_name} is longer than {MAX_ID_LENGTH} characters", field_name)
-    return value
 
 
 def _parse_time(payload: dict, name: str) -> datetime | None:

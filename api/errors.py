@@ -4,16 +4,14 @@ from django.http import JsonResponse
 from django.views import defaults
 from rest_framework.exceptions import APIException
 
-from features.services import FeatureError
-from users.profile import InvalidProfileValue
-from users.services import IdentityError
+from kana import errors
 
-# The service errors the API reports as 400 with their own code, message and field.
-DOMAIN_ERRORS = (IdentityError, FeatureError, InvalidProfileValue)
+# The service errors the API reports with their own code, message and field.
+DOMAIN_ERRORS = (errors.DomainError,)
 
 
 class DomainError(APIException):
-    """A request the services refused; ``kana.api_auth.exception_handler`` renders it."""
+    """A request the services refused; ``api.auth.exception_handler`` renders it."""
 
     status_code = 400
     default_code = "invalid_request"
@@ -24,8 +22,10 @@ class DomainError(APIException):
         self.kana_code, self.kana_field = code, field
 
     @classmethod
-    def from_service(cls, error: Exception) -> "DomainError":
-        return cls(code=error.code, message=error.message, field=error.field)
+    def from_service(cls, error: errors.DomainError) -> "DomainError":
+        refusal = cls(code=error.code, message=error.message, field=error.field)
+        refusal.status_code = error.status
+        return refusal
 
 
 def not_found(request, exception=None):
