@@ -2,7 +2,7 @@ from django.core.management.base import BaseCommand
 
 from kana.management.workspaces import WORKSPACE_HELP, workspace_from_argument
 from users.csv_export import EXPORT_CHUNK_ROWS, export_row_count, export_users_csv
-from users.management.progress import ProgressBar
+from users.management.progress import Progress
 
 
 class Command(BaseCommand):
@@ -15,7 +15,7 @@ class Command(BaseCommand):
     def handle(self, *args, workspace, output, **options):
         found = workspace_from_argument(workspace)
         total = export_row_count(workspace=found)
-        bar = ProgressBar(lambda text: self.stderr.write(text, ending=""), "users")
+        bar = Progress(self.stderr._out, "users")
         target = self.stdout if output == "-" else open(output, "w", encoding="utf-8", newline="")
         written = 0
         try:

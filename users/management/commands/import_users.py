@@ -2,7 +2,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from kana.management.workspaces import WORKSPACE_HELP, workspace_from_argument
 from users.csv_import import CsvFileError, import_users_csv
-from users.management.progress import ProgressBar
+from users.management.progress import Progress
 from users.models import ImportStatus
 
 _SHOWN_ROWS = 20
@@ -21,7 +21,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, workspace, file, dry_run, **options):
         found = workspace_from_argument(workspace)
-        bar = ProgressBar(lambda text: self.stderr.write(text, ending=""), "rows")
+        bar = Progress(self.stderr._out, "rows")
         try:
             with open(file, "rb") as source:
                 # Run here whatever the size: a command does not need a worker.
