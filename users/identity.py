@@ -416,7 +416,9 @@ def identify_user(
     When the email matches several users and one is bare, nothing is merged: flagged.
     """
     row = ProfileRow(changes=changes, user_id=user_id, label=source)
-    return _apply_one(workspace, row, occurred_at, reason=reason, actor=actor, restamp=restamp_unchanged)
+    return apply_profile_row(
+        workspace=workspace, row=row, occurred_at=occurred_at, reason=reason, actor=actor, restamp=restamp_unchanged
+    )
 
 
 def upsert_user_by_email(*, workspace: Workspace, changes: ProfileChanges, occurred_at: datetime) -> IdentifyResult:
@@ -426,7 +428,7 @@ def upsert_user_by_email(*, workspace: Workspace, changes: ProfileChanges, occur
     """
     if not changes.email_key:
         raise _missing_identifier()
-    return _apply_one(workspace, ProfileRow(changes=changes), occurred_at)
+    return apply_profile_row(workspace=workspace, row=ProfileRow(changes=changes), occurred_at=occurred_at)
 
 
 def update_user(
@@ -434,7 +436,7 @@ def update_user(
 ) -> IdentifyResult:
     """Set fields of one user named by its Kana id (REST update, CSV rows with kana_id)."""
     row = ProfileRow(changes=changes, user_pk=user_pk)
-    return _apply_one(workspace, row, occurred_at or timezone.now())
+    return apply_profile_row(workspace=workspace, row=row, occurred_at=occurred_at or timezone.now())
 
 
 def apply_profile_row(
@@ -444,20 +446,10 @@ def apply_profile_row(
     occurred_at: datetime,
     reason: str = MergeReason.CSV,
     actor: str = "",
-) -> IdentifyResult:
-    """One row in a transaction of its own, with the advisory locks of a message."""
-    return _apply_one(workspace, row, occurred_at, reason=reason, actor=actor)
-
-
-def _apply_one(
-    workspace: Workspace,
-    row: ProfileRow,
-    occurred_at: datetime,
-    *,
-    reason: str = MergeReason.CSV,
-    actor: str = "",
     restamp: bool = False,
 ) -> IdentifyResult:
+    """One row in a transaction of its own, with the advisory locks of a message."""
+
     def once() -> IdentifyResult:
         with transaction.atomic():
             lock_keys(_identity_lock_keys(workspace, [row.user_id] if row.user_id else [], row.changes.email_key))

@@ -20,9 +20,7 @@ from .profile import absorb_profile, oldest_first, snapshot
 from .signals import user_absorbed
 
 
-def absorb(
-    *, workspace: Workspace, survivor: EndUser, absorbed: EndUser, reason: str, actor: str, source: str
-) -> None:
+def absorb(*, workspace: Workspace, survivor: EndUser, absorbed: EndUser, reason: str, actor: str, source: str) -> None:
     """Move everything of ``absorbed`` to ``survivor``, record it, delete ``absorbed``.
 
     The caller holds row locks on both users and saves the survivor afterwards.
