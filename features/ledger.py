@@ -230,32 +230,50 @@ def lock_rules_and_find_replays(workspace: Workspace, message_ids: set[str]) -> 
     return version, {message_id for (message_id,) in rows}
 
 
-
-def record_processed_event(workspace: Workspace, message: Message, user_pk: int, warnings: list[dict]) -> bool:
-    """Store an applied identify/alias/group; False when its messageId was stored meanwhile."""
-    if connection.vendor != "postgresql":  # serialised writers: the check above cannot race
-        Event.objects.create(
-            workspace=workspace,
-            message_id=message.message_id,
-            type=message.type,
-            user_id=user_pk,
-            external_user_id=message.user_id or "",
-            payload=message.payload,
-            occurred_at=message.occurred_at,
-            received_at=message.received_at,
-            status=EventStatus.PROCESSED,
-            warnings=warnings,
+def record_processed_events(workspace: Workspace, applied: list[tuple[Message, int, list[dict]]]) -> set[str]:
+    """Store applied identify/alias/group messages (message, user id, warnings) as processed
+    events; returns the messageIds stored (one stored meanwhile by a concurrent request is not)."""
+    if not applied:
+        return set()
+    if connection.vendor != "postgresql":  # serialised writers: the caller's check cannot race
+        Event.objects.bulk_create(
+            Event(
+                workspace=workspace,
+                message_id=message.message_id,
+                type=message.type,
+                user_id=user_pk,
+                external_user_id=message.user_id or "",
+                payload=message.payload,
+                occurred_at=message.occurred_at,
+                received_at=message.received_at,
+                status=EventStatus.PROCESSED,
+                warnings=warnings,
+            )
+            for message, user_pk, warnings in applied
         )
-        return True
-    row = _event_row(workspace, message, Decision(EventStatus.PROCESSED), user_pk, warnings=warnings)
-    values, params = _values_sql([row], _EVENT_VALUE_TYPES)
+        return {message.message_id for message, _, _ in applied}
+    processed = Decision(EventStatus.PROCESSED)
+    rows = [_event_row(workspace, m, processed, user_pk, warnings=w) for m, user_pk, w in applied]
+    values, params = _values_sql(sorted(rows, key=lambda row: row[1]), _EVENT_VALUE_TYPES)  # messageId order
     with connection.cursor() as cursor:
         cursor.execute(
             f"INSERT INTO {_EVENT_TABLE} ({', '.join(_EVENT_COLUMNS)}) {values}"
-            " ON CONFLICT (workspace_id, message_id) DO NOTHING RETURNING id",
+            " ON CONFLICT (workspace_id, message_id) DO NOTHING RETURNING message_id",
             params,
         )
-        return cursor.fetchone() is not None
+        return {message_id for (message_id,) in cursor.fetchall()}
+
+
+def stored_message_ids(workspace: Workspace, message_ids: set[str]) -> set[str]:
+    """Which of these messageIds are stored already (replays)."""
+    return set(
+        Event.objects.for_workspace(workspace).filter(message_id__in=message_ids).values_list("message_id", flat=True)
+    )
+
+
+def record_processed_event(workspace: Workspace, message: Message, user_pk: int, warnings: list[dict]) -> bool:
+    """Store one applied alias/group; False when its messageId was stored meanwhile."""
+    return bool(record_processed_events(workspace, [(message, user_pk, warnings)]))
 
 
 # --- Reprocessing: mapping stored events -------------------------------------------------

@@ -106,9 +106,7 @@ def feature_delete(*, workspace: Workspace, feature: Feature) -> None:
         # Checked under the lock: a rule or a reprocessing job cannot add usage meanwhile.
         lock_rules_exclusive(workspace.pk)
         if MappingRule.objects.for_workspace(workspace).filter(feature=feature).exists():
-            raise FeatureError(
-                "feature_in_use", "delete or re-point the rules of this feature first", "id", status=409
-            )
+            raise FeatureError("feature_in_use", "delete or re-point the rules of this feature first", "id", status=409)
         if Usage.objects.for_workspace(workspace).filter(feature=feature).exists():
             raise FeatureError(
                 "feature_in_use", "this feature has recorded usage: archive it instead of deleting it", "id", status=409

@@ -192,6 +192,10 @@ def _labels_of(touched: "dict[int, str] | TouchedUsers", pks: Iterable[int]) -> 
     return {pk: touched[pk] for pk in pks if pk in touched}
 
 
+class _CreatedInThisPass(Exception):
+    """A merge would absorb, or survive into, a user this pass created and has not written."""
+
+
 # --- The engine --------------------------------------------------------------------------
 
 
@@ -345,6 +349,8 @@ def _apply_row(
         state.changed(target, old_key)
         return _InMemoryResult(target, IdentifyOutcome.CLAIMED)
     survivor, absorbed = oldest_first([user, target])
+    if survivor.pk is None or absorbed.pk is None:
+        raise _CreatedInThisPass()  # only a pass of several messages meets it: see identify_users
     old_key = survivor.email_key
     absorb(
         workspace=state.workspace, survivor=survivor, absorbed=absorbed, reason=reason, actor=actor, source=row.label
@@ -419,6 +425,35 @@ def identify_user(
     return apply_profile_row(
         workspace=workspace, row=row, occurred_at=occurred_at, reason=reason, actor=actor, restamp=restamp_unchanged
     )
+
+
+def identify_users(
+    *, workspace: Workspace, identifies: list[tuple[ProfileRow, datetime]], actor: str = "segment"
+) -> list[IdentifyResult]:
+    """Identify messages in order, in one pass of the engine (a batch's run of identifies).
+
+    The same rules and the same result as ``identify_user`` message after message, in a few
+    statements for the whole run: the advisory locks of every userId and email it names
+    (sorted, so concurrent runs cannot deadlock), one read of the users, one write back. Runs
+    in the caller's transaction. Returns the results of a prefix of the run: it stops before
+    a message that would merge a user created earlier in the same pass (that user must be
+    written first); the caller applies the rest in another pass.
+    """
+    rows = [row for row, _ in identifies]
+    keys = []
+    for row in rows:
+        keys.extend(_identity_lock_keys(workspace, [row.user_id], row.changes.email_key))
+    lock_keys(keys)
+    state = _Batch(workspace, rows)
+    results = []
+    for row, occurred_at in identifies:
+        try:
+            applied = _apply_row(state, row, occurred_at, MergeReason.IDENTIFY, actor, True, seen_by=lambda users: None)
+        except _CreatedInThisPass:
+            break
+        results.append(applied)
+    _write_back(state)
+    return [applied.as_result() for applied in results]
 
 
 def upsert_user_by_email(*, workspace: Workspace, changes: ProfileChanges, occurred_at: datetime) -> IdentifyResult:
