@@ -1,7 +1,5 @@
-"""API errors: domain errors as 400s and JSON 404s for unknown API paths."""
+"""API errors: the services' domain errors as 400s (HTTP errors in general: ``kana.http_errors``)."""
 
-from django.http import JsonResponse
-from django.views import defaults
 from rest_framework.exceptions import APIException
 
 from features.services import FeatureError
@@ -27,12 +25,3 @@ class DomainError(APIException):
     def from_service(cls, error: Exception) -> "DomainError":
         return cls(code=error.code, message=error.message, field=error.field)
 
-
-def not_found(request, exception=None):
-    """Django's 404 for a path no URL matches: JSON under /api/, the usual page elsewhere.
-
-    An API client asking for ``/api/v1/users/abc`` gets the same body as for an unknown id.
-    """
-    if request.path.startswith("/api/"):
-        return JsonResponse({"code": "not_found", "message": "no such API path or object"}, status=404)
-    return defaults.page_not_found(request, exception)
