@@ -127,7 +127,7 @@ class SegmentMessage(_SegmentMessage):
 
 
 class SegmentBatch(serializers.Serializer):
-    batch = SegmentMessage(many=True, max_length=MAX_BATCH_MESSAGES)
+    batch = serializers.ListField(child=SegmentMessage(), max_length=MAX_BATCH_MESSAGES)
     context = serializers.DictField(required=False, help_text="Fills what each message's context lacks.")
     integrations = serializers.DictField(required=False)
     sentAt = serializers.DateTimeField(required=False)
