@@ -24,4 +24,3 @@ class DomainError(APIException):
     @classmethod
     def from_service(cls, error: Exception) -> "DomainError":
         return cls(code=error.code, message=error.message, field=error.field)
-
