@@ -12,7 +12,7 @@ from django.http import JsonResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
-from segment_ingest.models import Event, EventStatus, UnmappedReason
+from features.models import Event, EventStatus, UnmappedReason
 
 
 @csrf_exempt

@@ -19,10 +19,9 @@ import psycopg
 from django.core.management import call_command, get_commands, load_command_class
 from django.db import connection
 
-from features.models import JobStatus, ReprocessingJob, Usage
+from features.models import Event, EventStatus, JobStatus, ReprocessingJob, Usage
 from features.services import RuleDefinition, feature_create, rule_create
 from kana.services import workspace_create_with_key
-from segment_ingest.models import Event, EventStatus
 from users.models import EndUser, MergeRecord
 
 from . import bulk, stack
@@ -451,7 +450,7 @@ class Bench:
         chunks = bulk.unmapped_event_chunks(workspace_id=self.t4.pk, prefix="s4", count=n, users=users)
 
         self.log(f"B-copy: COPY {n:,} rows into an events-shaped table")
-        conn.execute("CREATE TABLE bench_copy_event (LIKE segment_ingest_event INCLUDING ALL)")
+        conn.execute("CREATE TABLE bench_copy_event (LIKE features_event INCLUDING ALL)")
         conn.commit()
         seconds = bulk.copy_chunks(conn, "bench_copy_event", bulk.EVENT_COLUMNS, chunks)
         copied = conn.execute("SELECT count(*) FROM bench_copy_event").fetchone()[0]
@@ -492,9 +491,9 @@ class Bench:
             return
 
         self.log(f"S4: loading {n:,} unmapped events (COPY), then creating a rule over them")
-        load_seconds = bulk.copy_chunks(conn, "segment_ingest_event", bulk.EVENT_COLUMNS, chunks)
+        load_seconds = bulk.copy_chunks(conn, "features_event", bulk.EVENT_COLUMNS, chunks)
         del chunks
-        bulk.vacuum_analyze(conn, "segment_ingest_event")
+        bulk.vacuum_analyze(conn, "features_event")
         bulk.vacuum_analyze(conn, "features_usage")
         self.check_services()
         with self.cpu_meter() as meter, self.profiled("worker", "s4"):

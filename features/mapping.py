@@ -4,7 +4,7 @@ import threading
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from segment_ingest.models import EventStatus, UnmappedReason
+from features.models import EventStatus, UnmappedReason
 
 from .models import Feature, MappingRule
 from .rules import CompiledRule, default_amount

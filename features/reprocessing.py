@@ -17,19 +17,18 @@ cursor, and the status check plus the unique (event, feature) constraint make a 
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
-from decimal import Decimal
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import F
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from kana.locks import lock_rules_shared
-from segment_ingest.models import Event, EventStatus, UnmappedReason
 
+from . import ledger
 from .mapping import decide, load_rule_set
-from .models import JobStatus, ReprocessingJob, Usage
+from .models import Event, EventStatus, JobStatus, ReprocessingJob, UnmappedReason
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +63,6 @@ def _candidate_events(job: ReprocessingJob):
     return events
 
 
-# One (event_id, feature_id, rule_id or None, amount) per usage record to write.
-UsageRow = tuple[int, int, int | None, Decimal]
-
-
 def process_chunk(job_id: int, chunk_size: int | None = None) -> ChunkResult:
     """Map one chunk of a job's events; a fixed number of queries whatever the chunk size."""
     chunk_size = chunk_size or settings.KANA_REPROCESS_CHUNK_SIZE
@@ -83,7 +78,7 @@ def process_chunk(job_id: int, chunk_size: int | None = None) -> ChunkResult:
             .select_for_update(of=("self",))
             .values_list("id", "name", "unmapped_reason", "payload__properties")[:chunk_size]
         )
-        usages: list[UsageRow] = []
+        usages: list[ledger.UsageRow] = []
         mapped_ids: list[int] = []
         new_reasons: dict[str, list[int]] = defaultdict(list)
         for event_id, name, reason, properties in rows:
@@ -94,9 +89,8 @@ def process_chunk(job_id: int, chunk_size: int | None = None) -> ChunkResult:
             elif decision.reason != reason:
                 # Still unmapped, for another reason now (a new feature, but an invalid delta).
                 new_reasons[decision.reason].append(event_id)
-        mapped = _map_events(job.workspace_id, mapped_ids, usages) if mapped_ids else 0
-        for reason, ids in new_reasons.items():
-            Event.objects.filter(id__in=ids, status=EventStatus.UNMAPPED).update(unmapped_reason=reason)
+        mapped = ledger.map_events(job.workspace_id, mapped_ids, usages) if mapped_ids else 0
+        ledger.set_unmapped_reasons(new_reasons)
         finished = len(rows) < chunk_size
         updates = {
             "scanned": F("scanned") + len(rows),
@@ -109,79 +103,6 @@ def process_chunk(job_id: int, chunk_size: int | None = None) -> ChunkResult:
             updates.update(status=JobStatus.DONE, finished_at=timezone.now())
         ReprocessingJob.objects.filter(pk=job_id).update(**updates)
     return ChunkResult(len(rows), mapped, finished)
-
-
-def _map_events(workspace_id: int, event_ids: list[int], usages: list[UsageRow]) -> int:
-    """Flip still-unmapped events to mapped and record their usage; returns events flipped.
-
-    Usage is written only for the rows this UPDATE flipped, with the event's user and
-    original time, so an event can never be counted by two runs.
-    """
-    if connection.vendor == "postgresql":
-        return _map_events_postgres(workspace_id, event_ids, usages)
-    flipped = dict(
-        Event.objects.filter(id__in=event_ids, status=EventStatus.UNMAPPED, user__isnull=False).values_list(
-            "id", "user_id"
-        )
-    )
-    times = dict(Event.objects.filter(id__in=list(flipped)).values_list("id", "occurred_at"))
-    Event.objects.filter(id__in=list(flipped)).update(status=EventStatus.MAPPED, unmapped_reason="")
-    Usage.objects.bulk_create(
-        [
-            Usage(
-                workspace_id=workspace_id,
-                user_id=flipped[event_id],
-                feature_id=feature_id,
-                event_id=event_id,
-                rule_id=rule_id,
-                amount=amount,
-                occurred_at=times[event_id],
-            )
-            for event_id, feature_id, rule_id, amount in usages
-            if event_id in flipped
-        ],
-        ignore_conflicts=True,
-        batch_size=1000,
-    )
-    return len(flipped)
-
-
-# One statement, one round trip: arrays in, the count of events flipped out. Set-based, so
-# its cost is PostgreSQL's, not Python's (S4 in docs/performance).
-_MAP_EVENTS_SQL = f"""
-WITH flipped AS (
-    UPDATE {Event._meta.db_table} SET status = %(mapped)s, unmapped_reason = ''
-    WHERE id = ANY(%(event_ids)s) AND status = %(unmapped)s AND user_id IS NOT NULL
-    RETURNING id, user_id, occurred_at
-), recorded AS (
-    INSERT INTO {Usage._meta.db_table} (workspace_id, user_id, feature_id, event_id, rule_id, amount, occurred_at)
-    SELECT %(workspace_id)s, flipped.user_id, u.feature_id, u.event_id, u.rule_id, u.amount, flipped.occurred_at
-    FROM unnest(%(u_event)s::bigint[], %(u_feature)s::bigint[], %(u_rule)s::bigint[], %(u_amount)s::numeric[])
-        AS u(event_id, feature_id, rule_id, amount)
-    JOIN flipped ON flipped.id = u.event_id
-    ON CONFLICT (event_id, feature_id) DO NOTHING
-)
-SELECT count(*) FROM flipped
-"""
-
-
-def _map_events_postgres(workspace_id: int, event_ids: list[int], usages: list[UsageRow]) -> int:
-    u_event, u_feature, u_rule, u_amount = (list(column) for column in zip(*usages, strict=True))
-    with connection.cursor() as cursor:
-        cursor.execute(
-            _MAP_EVENTS_SQL,
-            {
-                "mapped": EventStatus.MAPPED.value,
-                "unmapped": EventStatus.UNMAPPED.value,
-                "workspace_id": workspace_id,
-                "event_ids": event_ids,
-                "u_event": u_event,
-                "u_feature": u_feature,
-                "u_rule": u_rule,
-                "u_amount": u_amount,
-            },
-        )
-        return cursor.fetchone()[0]
 
 
 def fail_job(job_id: int, error: str) -> None:

@@ -9,8 +9,10 @@ from django.db.models import Count, QuerySet, Sum
 from django.db.models.functions import TruncDate
 from django.utils import timezone
 
+from features.models import Event, EventStatus
 from kana.models import Workspace
-from segment_ingest.models import Event, EventStatus
+from users.models import EndUser
+from users.selectors import users_with_flags
 
 from .models import Feature, MappingRule, ReprocessingJob, Usage
 
@@ -196,3 +198,22 @@ def unmapped_by_property(workspace: Workspace, *, event: str | None = None, limi
                 counts[key] += 1
     rows = [{"property": path, "value": shown, "count": n} for (path, _r, shown), n in counts.most_common(limit)]
     return {"sampled_events": len(sample), "rows": rows}
+
+
+@dataclass
+class SegmentStatus:
+    last_event_at: object
+    unmapped_events: int
+    users_without_billing_id: int
+    users_with_same_email: int
+
+
+def segment_status(workspace: Workspace) -> SegmentStatus:
+    """The Segment page's boxes: unmapped events, users without billing id, shared emails."""
+    last = Event.objects.for_workspace(workspace).order_by("-received_at").values_list("received_at", flat=True).first()
+    return SegmentStatus(
+        last_event_at=last,
+        unmapped_events=Event.objects.for_workspace(workspace).filter(status=EventStatus.UNMAPPED).count(),
+        users_without_billing_id=EndUser.objects.for_workspace(workspace).filter(billing_id="").count(),
+        users_with_same_email=users_with_flags(workspace).filter(has_same_email=True).count(),
+    )

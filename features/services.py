@@ -14,9 +14,10 @@ from functools import partial
 from django.db import transaction
 from django.db.models import F, Max
 
+from features.models import Event
+from kana.errors import DomainError
 from kana.locks import lock_rules_exclusive
 from kana.models import Workspace
-from segment_ingest.models import Event
 
 from .models import Feature, FeatureType, JobStatus, MappingRule, ReprocessingJob, Usage
 from .rules import InvalidRule, clean_conditions
@@ -26,10 +27,8 @@ logger = logging.getLogger(__name__)
 _FEATURE_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
 
 
-class FeatureError(Exception):
-    def __init__(self, code: str, message: str, field: str | None = None):
-        super().__init__(message)
-        self.code, self.message, self.field = code, message, field
+class FeatureError(DomainError):
+    """A feature or rule change the services refuse."""
 
 
 def _bump_rules_version(workspace: Workspace) -> None:

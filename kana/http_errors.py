@@ -25,6 +25,8 @@ from django.views.decorators.csrf import csrf_exempt
 from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
+from .errors import error_body
+
 # Paths whose errors are JSON (also for paths under them that match nothing).
 JSON_PREFIXES = ("/api/", "/v1/", "/segment/")
 # Segment's endpoints answer their own errors with ``"success": false``; so do these.
@@ -50,9 +52,8 @@ _KEPT_HEADERS = ("Allow", "Retry-After", "WWW-Authenticate", "Vary")
 
 def error_response(request, status: int, *, code: str | None = None, message: str | None = None) -> JsonResponse:
     default_code, default_message = STATUS_CODES.get(status, ("error", "the request failed"))
-    body = {"success": False} if request.path.startswith(SEGMENT_PREFIXES) else {}
-    body.update(code=code or default_code, message=message or default_message)
-    return JsonResponse(body, status=status)
+    extra = {"success": False} if request.path.startswith(SEGMENT_PREFIXES) else {}
+    return JsonResponse({**extra, **error_body(code or default_code, message or default_message)}, status=status)
 
 
 def _is_json(response) -> bool:

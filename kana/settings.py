@@ -60,6 +60,7 @@ INSTALLED_APPS = [
     "users",
     "features",
     "segment_ingest",
+    "api",
     "dashboard",
 ]
 
@@ -189,12 +190,12 @@ if not DEBUG:
     CSRF_COOKIE_SECURE = env_bool("SECURE_COOKIES", True)
 
 REST_FRAMEWORK = {
-    "DEFAULT_AUTHENTICATION_CLASSES": ["kana.api_auth.ApiKeyAuthentication"],
-    "DEFAULT_PERMISSION_CLASSES": ["kana.api_auth.HasWorkspace"],
+    "DEFAULT_AUTHENTICATION_CLASSES": ["api.auth.ApiKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["api.auth.HasWorkspace"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
-    "DEFAULT_SCHEMA_CLASS": "kana.api.schema.KanaAutoSchema",
-    "EXCEPTION_HANDLER": "kana.api_auth.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "api.schema.KanaAutoSchema",
+    "EXCEPTION_HANDLER": "api.auth.exception_handler",
     "UNAUTHENTICATED_USER": None,
 }
 SPECTACULAR_SETTINGS = {

@@ -2,8 +2,9 @@ from django.contrib import admin
 from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from api.schema import KanaSchemaGenerator
+
 from . import health
-from .api.schema import KanaSchemaGenerator
 from .http_errors import json_errors, no_such_path
 
 urlpatterns = [
@@ -14,8 +15,8 @@ urlpatterns = [
     *json_errors(
         [
             # CSV export/import first, so no broader api/v1/users/<id> pattern can shadow them.
-            path("api/v1/users/", include("users.api_csv")),
-            path("api/v1/", include("kana.api.urls")),
+            path("api/v1/users/", include("api.csv")),
+            path("api/v1/", include("api.urls")),
             path("api/schema/", SpectacularAPIView.as_view(generator_class=KanaSchemaGenerator), name="api-schema"),
             path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
             re_path(r"^api/", no_such_path),

@@ -4,24 +4,23 @@ Pure functions: no database. A message either becomes a ``Message`` or raises
 ``MessageError`` with the code, text and field the client gets back.
 """
 
-import json
-import math
 import re
 import uuid
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from .models import MessageType
+from features.incoming import Message, compact_json
+from features.models import MessageType
+from kana.errors import DomainError
+from users.identifiers import clean_identifier
 
 MAX_MESSAGE_BYTES = 32 * 1024
 MAX_BATCH_BYTES = 500 * 1024
 MAX_BATCH_MESSAGES = 2500
 MAX_MESSAGE_ID_LENGTH = 100
-MAX_ID_LENGTH = 255
 MAX_EVENT_NAME_LENGTH = 200
 # Far deeper than any analytics payload, and far below Python's recursion limit, which the
 # JSON encoders (ours, the database driver's) hit around 900 levels: a 500, not a 400.
@@ -29,79 +28,8 @@ MAX_NESTING_DEPTH = 64
 # ``MessageType.values`` builds a new list on every access: this runs once per message.
 _MESSAGE_TYPES = frozenset(MessageType.values)
 
-# Identifiers that mean "nobody": treated as absent (analytics libraries send them for
-# logged-out visitors, and template bugs produce the rest).
-NOBODY_IDS = frozenset(
-    {
-        "",
-        "null",
-        "undefined",
-        "none",
-        "nan",
-        "0",
-        "-1",
-        "anonymous",
-        "guest",
-        "[object object]",
-        "distinct_id",
-        "true",
-        "false",
-        "nil",
-    }
-)
-
-
-class MessageError(Exception):
-    def __init__(self, code: str, message: str, field: str | None = None, status: int = 400):
-        super().__init__(message)
-        self.code, self.message, self.field, self.status = code, message, field, status
-
-    def as_dict(self) -> dict[str, Any]:
-        body = {"code": self.code, "message": self.message}
-        if self.field:
-            body["field"] = self.field
-        return body
-
-
-@dataclass
-class Message:
-    type: str
-    message_id: str
-    payload: dict
-    occurred_at: datetime
-    received_at: datetime
-    user_id: str | None = None
-    name: str = ""  # track event name or "Viewed X Page"
-    properties: dict = field(default_factory=dict)
-    traits: dict = field(default_factory=dict)
-    previous_id: str | None = None
-    group_id: str | None = None
-    warnings: list[dict] = field(default_factory=list)
-    # ``payload`` as compact JSON when parsing produced it ("" if not): stored as is.
-    payload_json: str = ""
-
-    def payload_text(self) -> str:
-        return self.payload_json or _compact_json(self.payload)
-
-
-def clean_identifier(value: Any, field_name: str) -> str | None:
-    """A userId/previousId/groupId as text, None for absent or "nobody" values."""
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return None
-        value = int(value) if value.is_integer() else value
-    if isinstance(value, (int, float)):
-        value = str(value)
-    if not isinstance(value, str):
-        raise MessageError("invalid_type", f"{field_name} must be a string", field_name)
-    value = value.strip()
-    if value.lower() in NOBODY_IDS:
-        return None
-    if len(value) > MAX_ID_LENGTH:
-        raise MessageError("invalid_value", f"{field_name} is longer than {MAX_ID_LENGTH} characters", field_name)
-    return value
+class MessageError(DomainError):
+    """A Segment message Kana refuses (4xx: Segment does not retry it)."""
 
 
 def _parse_time(payload: dict, name: str) -> datetime | None:
@@ -177,10 +105,6 @@ def _too_deep(payload: dict) -> bool:
     return False
 
 
-def _compact_json(payload: dict) -> str:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
 def _storable_json(payload: dict) -> str:
     """The message as compact JSON; refuses what the database cannot store.
 
@@ -190,7 +114,7 @@ def _storable_json(payload: dict) -> str:
     """
     too_deep = MessageError("too_deeply_nested", f"a message may nest at most {MAX_NESTING_DEPTH} levels deep")
     try:
-        text = _compact_json(payload)
+        text = compact_json(payload)
     except RecursionError:
         raise too_deep from None
     except ValueError:

@@ -3,7 +3,7 @@
 The endpoints are plain Django views (the hot path skips DRF; see ``views.py``), which
 drf-spectacular cannot inspect. Each is described here by a stand-in ``APIView`` that is
 never routed: ``INGEST_DOCS`` maps the URL name of a real endpoint to its stand-in, and the
-project's schema generator (``kana.api.schema.KanaSchemaGenerator``) documents the real path
+project's schema generator (``api.schema.KanaSchemaGenerator``) documents the real path
 with it. Shapes follow ``messages.py`` (requests) and ``views.py`` (answers).
 """
 
@@ -15,8 +15,10 @@ from rest_framework.authentication import BaseAuthentication
 from rest_framework.parsers import JSONParser
 from rest_framework.views import APIView
 
-from .messages import MAX_BATCH_MESSAGES, MAX_EVENT_NAME_LENGTH, MAX_ID_LENGTH, MAX_MESSAGE_ID_LENGTH
-from .models import MessageType
+from features.models import MessageType
+from users.identifiers import MAX_ID_LENGTH
+
+from .messages import MAX_BATCH_MESSAGES, MAX_EVENT_NAME_LENGTH, MAX_MESSAGE_ID_LENGTH
 
 TAG = "Segment ingest"
 

@@ -16,18 +16,19 @@ from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
+from features.ingest import ingest_messages
+from kana.errors import DomainError
 from kana.request_auth import api_key_from_authorization
+from kana.retries import RetriesExhausted
 from kana.services import workspace_for_api_key
 
 from .messages import (
     MAX_BATCH_BYTES,
     MAX_BATCH_MESSAGES,
     MAX_MESSAGE_BYTES,
-    MessageError,
     parse_message,
     with_batch_context,
 )
-from .services import ingest_messages
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +123,8 @@ def _database_guard(view):
             return view(request, *args, **kwargs)
         except _Rejected as rejected:
             return rejected.response
+        except RetriesExhausted:
+            return error_response("conflict_retry", "Kana is busy with concurrent changes; retry shortly", 503)
         except (OperationalError, InterfaceError) as exc:
             sqlstate = getattr(exc.__cause__, "sqlstate", None)
             if sqlstate in _OVERLOADED_SQLSTATES:
@@ -139,7 +142,7 @@ def _single(request, forced_type: str | None):
     payload.pop("writeKey", None)
     try:
         message = parse_message(payload, received_at=timezone.now(), forced_type=forced_type, size=size)
-    except MessageError as exc:
+    except DomainError as exc:
         return error_response(exc.code, exc.message, exc.status, exc.field)
     outcome = ingest_messages(workspace=workspace, messages=[message])[0]
     body = {"success": True, "message_id": outcome.message_id, "status": outcome.status}
@@ -185,7 +188,7 @@ def batch(request):
             if isinstance(item, dict):
                 item.pop("writeKey", None)
             messages.append(parse_message(item, received_at=received_at))
-        except MessageError as exc:
+        except DomainError as exc:
             rejected.append({"index": index, **exc.as_dict()})
     if not messages and rejected:
         return error_response("invalid_batch", "no message in the batch is valid", 400, "batch", rejected=rejected)

@@ -6,7 +6,7 @@ assertions read the database, so every test sees what a client of Kana would see
 
 from datetime import UTC, datetime, timedelta
 
-from segment_ingest.models import Event
+from features.models import Event
 from users.models import EndUser, MergeRecord, UserIdentity
 from users.profile import validated_changes
 from users.selectors import flags_of, users_with_flags

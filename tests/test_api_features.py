@@ -1,8 +1,7 @@
 """REST API: features and mapping rules, with reprocessing progress."""
 
-from features.models import Feature, MappingRule, ReprocessingJob, Usage
+from features.models import Event, Feature, MappingRule, ReprocessingJob, Usage
 from features.tasks import run_reprocessing_job
-from segment_ingest.models import Event
 
 from .api_support import ApiClient, assert_error, assert_page, feature, identify, rule, track
 

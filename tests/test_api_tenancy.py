@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from features.models import Feature, MappingRule
-from segment_ingest.models import Event
+from features.models import Event, Feature, MappingRule
 from users.models import EndUser, MergeRecord
 
 from .api_support import ApiClient, assert_error, feature, identify, rule, track

@@ -3,7 +3,7 @@
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from segment_ingest.models import Event
+from features.models import Event
 from users.models import EndUser, UserIdentity
 from users.services import alias_user
 

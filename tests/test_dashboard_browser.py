@@ -17,11 +17,10 @@ from django.conf import settings
 from segment.analytics import Client as SegmentLibrary
 from segment.analytics import request as segment_http
 
-from features.models import MappingRule, ReprocessingJob
+from features.models import Event, EventStatus, MappingRule, ReprocessingJob
 from features.services import RuleDefinition, feature_create, rule_create
 from features.tasks import run_reprocessing_job
 from kana.celery import app as celery_app
-from segment_ingest.models import Event, EventStatus
 from tests.conftest import ADMIN_PASSWORD, ROOT, WorkerProcess, make_member, make_tenant, wait_until
 from users.models import EndUser, ImportJob, MergeRecord
 from users.tasks import run_import

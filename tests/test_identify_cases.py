@@ -6,7 +6,7 @@ In cases 9 and 10, C gets x@ by a direct update (REST, CSV row with kana_id): an
 would already have claimed the bare B.
 """
 
-from segment_ingest.models import Event
+from features.models import Event
 from users.models import EndUser, MergeReason, MergeRecord
 
 from .identity_support import all_users, bare_user, flags, identities_of, ok, set_email, user_for

@@ -8,9 +8,8 @@ from decimal import Decimal
 
 import pytest
 
-from features.models import Usage
+from features.models import Event, EventStatus, Usage
 from features.services import feature_create
-from segment_ingest.models import Event, EventStatus
 from users.models import BillingProvider, EndUser, Group, GroupMembership, MergeReason, MergeRecord
 from users.services import merge_users
 

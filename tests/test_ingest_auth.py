@@ -8,9 +8,9 @@ import json
 
 import pytest
 
+from features.models import Event
 from kana.models import ApiKey
 from kana.services import api_key_issue, api_key_revoke
-from segment_ingest.models import Event
 
 from .conftest import SegmentClient
 from .identity_support import bare_user, counts, flags, ok, user_for

@@ -9,10 +9,9 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from features.models import Usage
+from features.ledger import COPY_MIN_EVENTS
+from features.models import Event, Usage
 from features.services import RuleDefinition, feature_create, rule_create
-from segment_ingest.models import Event
-from segment_ingest.services import COPY_MIN_EVENTS
 
 from .conftest import is_postgres
 

@@ -5,7 +5,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from django.utils import timezone
 
-from segment_ingest.models import Event
+from features.models import Event
 
 from .identity_support import ok
 

@@ -6,8 +6,8 @@ import json
 import pytest
 from django.utils import timezone
 
+from features.models import Event, EventStatus
 from segment_ingest.messages import MAX_NESTING_DEPTH, MessageError, parse_message
-from segment_ingest.models import Event, EventStatus
 
 from .identity_support import counts, ok, user_for
 

@@ -15,8 +15,7 @@ import pytest
 import redis
 from django.conf import settings
 
-from features.models import JobStatus, ReprocessingJob, Usage
-from segment_ingest.models import Event, EventStatus
+from features.models import Event, EventStatus, JobStatus, ReprocessingJob, Usage
 from tests.conftest import ROOT, SegmentClient, WorkerProcess, requires_broker, wait_until
 from tests.usage_support import make_feature, make_rule, make_user, store_unmapped_events, usage_count
 

@@ -5,11 +5,10 @@ from decimal import Decimal
 
 import pytest
 
-from features.models import ReprocessingJob, Usage
+from features.models import Event, EventStatus, ReprocessingJob, UnmappedReason, Usage
 from features.rules import CompiledRule, InvalidRule, clean_conditions, condition_matches, parse_amount
 from features.selectors import reprocessing_of
 from features.services import FeatureError, RuleDefinition, rule_create, rule_delete, rule_update
-from segment_ingest.models import Event, EventStatus, UnmappedReason
 from tests.usage_support import T0, make_feature, make_rule, make_user, store_unmapped_events, usage_count, usage_total
 
 # Rules created over stored events reprocess them in-process, at commit.

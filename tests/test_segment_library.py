@@ -10,9 +10,8 @@ from segment.analytics import Client
 from segment.analytics import request as segment_request
 from segment.analytics.request import APIError
 
-from features.models import Usage
+from features.models import Event, EventStatus, Usage
 from features.services import feature_create
-from segment_ingest.models import Event, EventStatus
 from users.models import Group, GroupMembership, MergeReason, MergeRecord
 
 from .identity_support import all_users, bare_user, identities_of, user_for

@@ -8,9 +8,8 @@ import pytest
 from django.conf import settings
 from django.db import connections
 
-from features.models import Usage
+from features.models import Event, EventStatus, Usage
 from features.selectors import event_list, usage_totals
-from segment_ingest.models import Event, EventStatus
 from tests.conftest import SegmentClient, requires_postgres
 from tests.usage_support import T0, make_feature, make_rule, usage_count, usage_total
 from users.models import EndUser

@@ -5,10 +5,9 @@ from decimal import Decimal
 
 from django.db.models import Sum
 
-from features.models import Feature, MappingRule, Usage
+from features.models import Event, EventStatus, Feature, MappingRule, MessageType, UnmappedReason, Usage
 from features.services import RuleDefinition, feature_create, rule_create
 from kana.models import Workspace
-from segment_ingest.models import Event, EventStatus, MessageType, UnmappedReason
 from users.models import EndUser, UserIdentity
 
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)

@@ -56,11 +56,12 @@ from django.core.files.storage import default_storage
 from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 
+from kana.errors import DomainError
 from kana.locks import lock_keys
 from kana.models import Workspace
-from segment_ingest.messages import MessageError, clean_identifier
 
 from .csv_format import COLUMNS, READ_COLUMNS, unescape_cell
+from .identifiers import InvalidIdentifier, clean_identifier
 from .models import ImportJob, ImportStatus
 from .profile import UNSET, validated_changes
 from .services import (
@@ -96,12 +97,8 @@ _RESULTS = {
 _ERROR_CODES = {"unknown_user": "unknown_kana_id"}
 
 
-class CsvFileError(Exception):
+class CsvFileError(DomainError):
     """The file as a whole cannot be imported (encoding, header, empty): nothing is changed."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 # --- Reading the file ------------------------------------------------------------------
@@ -261,7 +258,7 @@ def _parse_row(number: int, cells: list[str], header: _Header) -> ProfileRow | _
         return _RowError("invalid_kana_id", f"kana_id {kana_id!r} is not a Kana user id (a whole number)")
     try:
         user_id = clean_identifier(cell("user_id"), "user_id")
-    except MessageError as exc:
+    except InvalidIdentifier as exc:
         return _RowError("invalid_user_id", exc.message)
     changes, problems = validated_changes(
         name=cell("name") or UNSET, email=cell("email") or UNSET, billing_id=cell("billing_id") or UNSET

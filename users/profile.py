@@ -10,6 +10,8 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
 
+from kana.errors import DomainError
+
 from .models import BillingProvider, EndUser
 
 
@@ -30,12 +32,8 @@ _STRIPE_CUSTOMER = re.compile(r"^cus_[A-Za-z0-9]{1,46}$")
 _CHARGEBEE_CUSTOMER = re.compile(r"^[A-Za-z0-9_.@-]{1,50}$")
 
 
-class InvalidProfileValue(ValueError):
-    def __init__(self, code: str, message: str, field: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.field = field
+class InvalidProfileValue(DomainError, ValueError):
+    """A profile field value Kana refuses (a bad email or billing id)."""
 
 
 def normalize_email(email: str) -> str:

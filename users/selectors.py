@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from django.db.models import Count, Exists, OuterRef, Q, QuerySet
 
 from kana.models import Workspace
-from segment_ingest.models import Event, EventStatus
 
 from .models import EndUser, MergeRecord, UserFlag, UserIdentity
 
@@ -145,22 +144,3 @@ def merge_history(
     if user_pk is not None:
         records = records.filter(survivor_key=user_pk)
     return records.order_by("-created_at", "-pk")
-
-
-@dataclass
-class SegmentStatus:
-    last_event_at: object
-    unmapped_events: int
-    users_without_billing_id: int
-    users_with_same_email: int
-
-
-def segment_status(workspace: Workspace) -> SegmentStatus:
-    """The Segment page's boxes: unmapped events, users without billing id, shared emails."""
-    last = Event.objects.for_workspace(workspace).order_by("-received_at").values_list("received_at", flat=True).first()
-    return SegmentStatus(
-        last_event_at=last,
-        unmapped_events=Event.objects.for_workspace(workspace).filter(status=EventStatus.UNMAPPED).count(),
-        users_without_billing_id=EndUser.objects.for_workspace(workspace).filter(billing_id="").count(),
-        users_with_same_email=users_with_flags(workspace).filter(has_same_email=True).count(),
-    )

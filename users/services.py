@@ -13,71 +13,31 @@ SQLite runs each transaction with BEGIN IMMEDIATE, which serialises them outrigh
 
 import json
 import logging
-import random
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TypeVar
 
-from django.db import IntegrityError, OperationalError, connection, models, transaction
+from django.db import connection, models, transaction
 from django.db.models import Q
 from django.db.models.base import ModelState
 from django.utils import timezone
 
-from features.models import Usage
+from kana.errors import DomainError
 from kana.locks import lock_keys
 from kana.models import Workspace
-from segment_ingest.models import Event
+from kana.retries import ConcurrentChange, run_with_retries
 
 from .models import EndUser, Group, GroupMembership, MergeReason, MergeRecord, UserIdentity
 from .profile import SET_AT_FIELDS, ProfileChanges, absorb_profile, apply_changes, oldest_first, snapshot
 from .selectors import user_pk_for
+from .signals import user_absorbed
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
-# SQLSTATEs worth a retry: serialization failure, deadlock detected, lock not available.
-_RETRYABLE_SQLSTATES = {"40001", "40P01"}
-MAX_ATTEMPTS = 6
-
-
-class IdentityError(Exception):
-    """A request the identity rules refuse; ``code`` is what the edges report."""
-
-    def __init__(self, code: str, message: str, field: str | None = None):
-        super().__init__(message)
-        self.code, self.message, self.field = code, message, field
-
-
-class _StaleRead(Exception):
-    """What we read changed under us (e.g. a user deleted concurrently): start again."""
-
-
-def _is_retryable(exc: Exception) -> bool:
-    if isinstance(exc, (IntegrityError, _StaleRead)):
-        return True
-    cause = getattr(exc, "__cause__", None)
-    return isinstance(exc, OperationalError) and getattr(cause, "sqlstate", None) in _RETRYABLE_SQLSTATES
-
-
-def run_with_retries(operation: Callable[[], T]) -> T:
-    """Run a transactional operation, retrying it on races the database detected.
-
-    Inside an outer transaction the inner ``atomic`` is a savepoint, so a retry rolls back
-    only this operation's work.
-    """
-    for attempt in range(1, MAX_ATTEMPTS + 1):
-        try:
-            return operation()
-        except (IntegrityError, OperationalError, _StaleRead) as exc:
-            if attempt == MAX_ATTEMPTS or not _is_retryable(exc):
-                raise
-            logger.info("identity transaction retried", extra={"attempt": attempt, "error": type(exc).__name__})
-            time.sleep(random.uniform(0, 0.01 * attempt))
-    raise AssertionError("unreachable")
+class IdentityError(DomainError):
+    """A request the identity rules refuse."""
 
 
 class IdentifyOutcome:
@@ -136,8 +96,7 @@ def _absorb(
     )
     absorb_profile(survivor, absorbed)
     UserIdentity.objects.filter(user=absorbed).update(user=survivor)
-    Event.objects.filter(user=absorbed).update(user=survivor)
-    Usage.objects.filter(user=absorbed).update(user=survivor)
+    user_absorbed.send(EndUser, workspace_id=workspace.pk, absorbed_pk=absorbed.pk, survivor_pk=survivor.pk)
     survivor_groups = GroupMembership.objects.filter(user=survivor).values("group_id")
     GroupMembership.objects.filter(user=absorbed, group_id__in=survivor_groups).delete()
     GroupMembership.objects.filter(user=absorbed).update(user=survivor)
@@ -208,7 +167,7 @@ def _identify_once(workspace, user_id, changes, occurred_at, reason, actor, sour
     locked = list(EndUser.objects.for_workspace(workspace).filter(match).order_by("pk").select_for_update())
     user = next((u for u in locked if u.pk == owner_id), None)
     if owner_id and user is None:
-        raise _StaleRead()
+        raise ConcurrentChange()
     plan = _plan_identify(user, [u for u in locked if u.pk != owner_id])
 
     if plan.action == "claim":
@@ -506,7 +465,7 @@ class _RowState:
         emails = {row.changes.email_key for row in rows} - {""}
         self.by_pk: dict[int, EndUser] = {user.pk: user for user in _lock_users(workspace, pks, emails)}
         if any(pk not in self.by_pk for pk in owners.values()):
-            raise _StaleRead()  # a user deleted since its identity was read
+            raise ConcurrentChange()  # a user deleted since its identity was read
         self.owner: dict[str, EndUser] = {uid: self.by_pk[pk] for uid, pk in owners.items()}
         self.by_email: dict[str, list[EndUser]] = defaultdict(list)
         for user in self.by_pk.values():
@@ -899,9 +858,11 @@ def _update_users(users: list[EndUser]) -> None:
 def resolve_users(*, workspace: Workspace, external_ids: Iterable[str]) -> dict[str, int]:
     """Map each userId to its user's id, creating a user (with only that id) for unknown ones.
 
-    Two queries when every id is known, four otherwise. Must run inside the caller's
-    transaction; a concurrent creation of the same userId raises IntegrityError, which the
-    caller's retry handles.
+    One query when every id is known, two otherwise. Must run inside the caller's
+    transaction. On PostgreSQL a userId created concurrently by another transaction is not
+    an error: the insert skips it (``ON CONFLICT DO NOTHING`` waits for that transaction)
+    and it is read back. Only an alias racing with the creation (the userId became another
+    user's identity meanwhile) makes the caller's transaction run again.
     """
     wanted = set(external_ids)
     if not wanted:
@@ -911,9 +872,11 @@ def resolve_users(*, workspace: Workspace, external_ids: Iterable[str]) -> dict[
         .filter(external_id__in=wanted)
         .values_list("external_id", "user_id")
     )
-    missing = sorted(wanted - resolved.keys())
-    if missing:
-        now = timezone.now()
+    missing = sorted(wanted - resolved.keys())  # sorted: concurrent creators wait in one order
+    if not missing:
+        return resolved
+    now = timezone.now()
+    if connection.vendor != "postgresql":  # SQLite serialises writers: nobody can race us
         created = EndUser.objects.bulk_create(
             [EndUser(workspace=workspace, user_id=uid, created_at=now) for uid in missing]
         )
@@ -921,7 +884,43 @@ def resolve_users(*, workspace: Workspace, external_ids: Iterable[str]) -> dict[
             [UserIdentity(workspace=workspace, user=u, external_id=u.user_id, created_at=now) for u in created]
         )
         resolved.update((u.user_id, u.pk) for u in created)
+        return resolved
+    with connection.cursor() as cursor:
+        cursor.execute(_CREATE_BARE_IDENTITIES_SQL, {"ws": workspace.pk, "now": now, "user_ids": missing})
+        rows = cursor.fetchall()
+    if not all(has_identity for _, _, has_identity in rows):
+        raise ConcurrentChange()  # an alias claimed one of these userIds meanwhile
+    resolved.update((user_id, pk) for user_id, pk, _ in rows)
+    created_elsewhere = [uid for uid in missing if uid not in resolved]
+    if created_elsewhere:
+        resolved.update(
+            UserIdentity.objects.for_workspace(workspace)
+            .filter(external_id__in=created_elsewhere)
+            .values_list("external_id", "user_id")
+        )
+        if any(uid not in resolved for uid in created_elsewhere):
+            raise ConcurrentChange()
     return resolved
+
+
+_CREATE_BARE_IDENTITIES_SQL = f"""
+WITH new_users AS (
+    INSERT INTO {EndUser._meta.db_table}
+        (workspace_id, user_id, name, email, email_key, billing_id, billing_provider, audiences, created_at, updated_at)
+    SELECT %(ws)s, uid, '', '', '', '', '', '{{}}'::jsonb, %(now)s, %(now)s
+    FROM unnest(%(user_ids)s::text[]) AS uid
+    ORDER BY uid
+    ON CONFLICT (workspace_id, user_id) WHERE user_id IS NOT NULL DO NOTHING
+    RETURNING id, user_id
+), new_identities AS (
+    INSERT INTO {UserIdentity._meta.db_table} (workspace_id, user_id, external_id, created_at)
+    SELECT %(ws)s, id, user_id, %(now)s FROM new_users
+    ON CONFLICT (workspace_id, external_id) DO NOTHING
+    RETURNING external_id
+)
+SELECT n.user_id, n.id, i.external_id IS NOT NULL
+FROM new_users n LEFT JOIN new_identities i ON i.external_id = n.user_id
+"""
 
 
 # --- Alias -----------------------------------------------------------------------------
@@ -950,7 +949,7 @@ def alias_user(
             for u in EndUser.objects.for_workspace(workspace).filter(pk__in=ids).order_by("pk").select_for_update()
         }
         if any(i not in locked for i in ids):
-            raise _StaleRead()
+            raise ConcurrentChange()
         if not ids:
             user = _create_user(workspace, user_id, ProfileChanges(), occurred_at)
             UserIdentity.objects.create(workspace=workspace, user=user, external_id=previous_id)
@@ -1023,7 +1022,7 @@ def merge_users(
         targets = sorted(set(current.values()))
         users = list(EndUser.objects.for_workspace(workspace).filter(pk__in=targets).order_by("pk").select_for_update())
         if len(users) != len(targets):
-            raise _StaleRead()
+            raise ConcurrentChange()
         chosen = current[int(survivor_pk)] if survivor_pk is not None else None
         survivor = next(u for u in users if u.pk == chosen) if chosen else oldest_first(users)[0]
         if len(users) == 1:

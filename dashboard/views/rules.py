@@ -10,10 +10,9 @@ from django.urls import reverse
 from django.utils.http import urlencode
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from features.models import Feature, MappingRule
+from features.models import Feature, MappingRule, UnmappedReason
 from features.selectors import reprocessing_by_rule, reprocessing_of, unmapped_by_event, unmapped_by_property
 from features.services import FeatureError, RuleDefinition, feature_create, rule_create, rule_update
-from segment_ingest.models import UnmappedReason
 
 from ..access import workspace_view
 from ..forms import (

@@ -9,9 +9,9 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from features.selectors import segment_status
 from kana.models import ApiKey
 from kana.services import api_key_issue, api_key_revoke
-from users.selectors import segment_status
 
 from ..access import choose_workspace, current_workspace, workspace_view, workspaces_of
 from ..forms import ApiKeyForm

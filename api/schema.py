@@ -21,7 +21,7 @@ class ErrorSerializer(serializers.Serializer):
 
 
 class ApiKeyScheme(OpenApiAuthenticationExtension):
-    target_class = "kana.api_auth.ApiKeyAuthentication"
+    target_class = "api.auth.ApiKeyAuthentication"
     name = "ApiKey"
 
     def get_security_definition(self, auto_schema):

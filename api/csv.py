@@ -22,9 +22,9 @@ from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from .csv_export import export_users_csv
-from .csv_import import CsvFileError, import_report, import_users_csv, open_import_report
-from .models import ImportJob, ImportStatus
+from users.csv_export import export_users_csv
+from users.csv_import import CsvFileError, import_report, import_users_csv, open_import_report
+from users.models import ImportJob, ImportStatus
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}

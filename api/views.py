@@ -7,7 +7,7 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from features import selectors as feature_selectors
-from features.models import Feature, MappingRule, Usage
+from features.models import Event, Feature, MappingRule, Usage
 from features.services import (
     RuleDefinition,
     feature_create,
@@ -18,7 +18,6 @@ from features.services import (
     rule_update,
 )
 from kana.services import key_prefix
-from segment_ingest.models import Event
 from users import selectors as user_selectors
 from users.models import EndUser, MergeReason, MergeRecord, UserIdentity
 from users.profile import validated_changes

@@ -4,8 +4,8 @@ from rest_framework import exceptions, permissions
 from rest_framework import views as drf_views
 from rest_framework.authentication import BaseAuthentication
 
-from .request_auth import api_key_from_authorization
-from .services import workspace_for_api_key
+from kana.request_auth import api_key_from_authorization
+from kana.services import workspace_for_api_key
 
 
 class WorkspacePrincipal:

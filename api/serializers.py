@@ -7,10 +7,9 @@ rule conditions) live in the services, which report them as ``{"code", "message"
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from features.models import FeatureType
+from features.models import EventStatus, FeatureType
 from features.rules import OPERATORS
 from features.selectors import reprocessing_of
-from segment_ingest.models import EventStatus
 from users.models import MergeReason, UserFlag
 from users.selectors import flags_of, user_ids_of
 

@@ -1,0 +1,35 @@
+"""A validated message, as the recording services take it.
+
+The Segment edge (``segment_ingest.messages``) parses and validates what arrives and builds
+these; ``features.ingest`` records them. Kept here, below the edge, so the services need
+nothing from it.
+"""
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+def compact_json(payload: dict) -> str:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+@dataclass
+class Message:
+    type: str
+    message_id: str
+    payload: dict
+    occurred_at: datetime
+    received_at: datetime
+    user_id: str | None = None
+    name: str = ""  # track event name or "Viewed X Page"
+    properties: dict = field(default_factory=dict)
+    traits: dict = field(default_factory=dict)
+    previous_id: str | None = None
+    group_id: str | None = None
+    warnings: list[dict] = field(default_factory=list)
+    # ``payload`` as compact JSON when parsing produced it ("" if not): stored as is.
+    payload_json: str = ""
+
+    def payload_text(self) -> str:
+        return self.payload_json or compact_json(self.payload)

@@ -1,0 +1,357 @@
+"""The only writer of events and usage: every path that stores, maps, moves or removes them.
+
+Ingest records messages here; reprocessing maps stored events here; a merge moves a user's
+events and usage here (through the hook ``users.hooks`` calls, registered in
+``FeaturesConfig.ready``). Keeping the writes in one module is what lets the usage totals
+(and the counters SPEC §11 keeps on them) stay exact whichever path changed them.
+
+Idempotency is the database's: ``(workspace, message_id)`` is unique on events and
+``(event, feature)`` on usage, and every insert here skips what is stored already
+(``ON CONFLICT DO NOTHING``) rather than checking first and racing.
+"""
+
+import json
+from decimal import Decimal
+
+from django.db import connection
+from django.dispatch import receiver
+
+from kana.copy_rows import copy_rows
+from kana.locks import lock_rules_shared_and_read
+from kana.models import Workspace
+from users.signals import user_absorbed
+
+from .incoming import Message
+from .mapping import Decision
+from .models import Event, EventStatus, Usage
+
+# One decided usage message: the message, its mapping decision, its user's id.
+Decided = tuple[Message, Decision, int]
+
+
+def record_usage_events(workspace: Workspace, decided: list[Decided]) -> set[str]:
+    """Store track/page/screen events and their usage; returns the messageIds stored.
+
+    A messageId that another request stored meanwhile is skipped by the insert itself (it
+    waits for that request to commit) and is not returned: its message is a replay. Rows go
+    in messageId order, so concurrent batches replaying the same messages wait on each
+    other in one order, which cannot deadlock.
+    """
+    decided = sorted(decided, key=lambda item: item[0].message_id)
+    if connection.vendor != "postgresql":
+        _insert_serialised(workspace, decided)
+        return {m.message_id for m, _, _ in decided}
+    if len(decided) >= COPY_MIN_EVENTS:
+        return _copy_and_move(workspace, decided)
+    return _insert_returning(workspace, decided)
+
+
+# Fewer events go in with one INSERT statement; more are COPYed into a staging table first
+# (COPY costs two round trips more, but no per-value rendering in Python).
+COPY_MIN_EVENTS = 8
+_EVENT_COLUMNS = (
+    "workspace_id",
+    "message_id",
+    "type",
+    "name",
+    "user_id",
+    "external_user_id",
+    "payload",
+    "occurred_at",
+    "received_at",
+    "status",
+    "unmapped_reason",
+    "warnings",
+)
+_EVENT_VALUE_TYPES = (
+    "bigint",
+    "text",
+    "text",
+    "text",
+    "bigint",
+    "text",
+    "jsonb",
+    "timestamptz",
+    "timestamptz",
+    "text",
+    "text",
+    "jsonb",
+)
+# Usage rows are matched to their event by messageId: only events that were really inserted
+# (not skipped as a concurrent replay) get usage.
+_USAGE_STAGE_COLUMNS = ("message_id", "user_id", "feature_id", "rule_id", "amount", "occurred_at")
+_USAGE_VALUE_TYPES = ("text", "bigint", "bigint", "bigint", "numeric", "timestamptz")
+_EVENT_TABLE = Event._meta.db_table
+_USAGE_TABLE = Usage._meta.db_table
+_INSERT_USAGE_FOR = f"""
+    INSERT INTO {_USAGE_TABLE} (workspace_id, user_id, feature_id, event_id, rule_id, amount, occurred_at)
+    SELECT %(ws)s, u.user_id, u.feature_id, ev.id, u.rule_id, u.amount, u.occurred_at
+    FROM {{source}} AS u ({", ".join(_USAGE_STAGE_COLUMNS)}) JOIN ev USING (message_id)
+    ON CONFLICT (event_id, feature_id) DO NOTHING"""
+
+
+def _event_row(
+    workspace: Workspace, m: Message, d: Decision, user_pk: int, warnings: list[dict] | None = None
+) -> tuple:
+    warnings = m.warnings if warnings is None else warnings
+    return (
+        workspace.pk,
+        m.message_id,
+        str(m.type),
+        m.name,
+        user_pk,
+        m.user_id or "",
+        m.payload_text(),
+        m.occurred_at,
+        m.received_at,
+        str(d.status),
+        str(d.reason),
+        json.dumps(warnings) if warnings else "[]",
+    )
+
+
+def _usage_rows(decided: list[Decided]) -> list[tuple]:
+    return [
+        (m.message_id, user_pk, feature_id, rule_id, amount, m.occurred_at)
+        for m, d, user_pk in decided
+        for feature_id, amount, rule_id in d.usages
+    ]
+
+
+def _values_sql(rows: list[tuple], types: tuple[str, ...]) -> tuple[str, list]:
+    """``VALUES (…), (…)`` with the first row's values cast, so PostgreSQL knows the types."""
+    first = "(" + ", ".join(f"%s::{t}" for t in types) + ")"
+    rest = "(" + ", ".join(["%s"] * len(types)) + ")"
+    sql = "VALUES " + ", ".join([first] + [rest] * (len(rows) - 1))
+    return sql, [value for row in rows for value in row]
+
+
+def _insert_returning(workspace: Workspace, decided: list[Decided]) -> set[str]:
+    """Events and their usage in one statement (PostgreSQL); returns the messageIds stored.
+
+    A messageId stored meanwhile by a concurrent request is skipped by the insert itself
+    (``ON CONFLICT DO NOTHING``, which waits for that request to commit), so a replay race
+    is decided by the database, not by retrying.
+    """
+    events_sql, params = _values_sql([_event_row(workspace, m, d, u) for m, d, u in decided], _EVENT_VALUE_TYPES)
+    sql = (
+        f"WITH ev AS (INSERT INTO {_EVENT_TABLE} ({', '.join(_EVENT_COLUMNS)}) {events_sql}"
+        " ON CONFLICT (workspace_id, message_id) DO NOTHING RETURNING id, message_id)"
+    )
+    usages = _usage_rows(decided)
+    if usages:
+        usage_sql, usage_params = _values_sql(usages, _USAGE_VALUE_TYPES)
+        sql += ", used AS (" + _INSERT_USAGE_FOR.format(source=f"({usage_sql})").replace("%(ws)s", "%s") + ")"
+        params += [workspace.pk, *usage_params]  # the workspace comes first in the usage SELECT
+    with connection.cursor() as cursor:
+        cursor.execute(sql + " SELECT message_id FROM ev", params)
+        return {message_id for (message_id,) in cursor.fetchall()}
+
+
+_STAGE_SQL = f"""
+CREATE TEMP TABLE IF NOT EXISTS kana_event_stage ON COMMIT DELETE ROWS
+    AS SELECT {", ".join(_EVENT_COLUMNS)} FROM {_EVENT_TABLE} WITH NO DATA;
+CREATE TEMP TABLE IF NOT EXISTS kana_usage_stage
+    (message_id text, user_id bigint, feature_id bigint, rule_id bigint, amount numeric, occurred_at timestamptz)
+    ON COMMIT DELETE ROWS
+"""
+_UNSTAGE_SQL = f"""
+WITH staged AS (DELETE FROM kana_event_stage RETURNING {", ".join(_EVENT_COLUMNS)}),
+ev AS (
+    INSERT INTO {_EVENT_TABLE} ({", ".join(_EVENT_COLUMNS)})
+    SELECT {", ".join(_EVENT_COLUMNS)} FROM staged ORDER BY message_id
+    ON CONFLICT (workspace_id, message_id) DO NOTHING
+    RETURNING id, message_id
+),
+staged_usage AS (DELETE FROM kana_usage_stage RETURNING *),
+used AS ({_INSERT_USAGE_FOR.format(source="staged_usage")})
+SELECT message_id FROM ev
+"""
+
+
+def _copy_and_move(workspace: Workspace, decided: list[Decided]) -> set[str]:
+    """The same as ``_insert_returning`` for larger runs (PostgreSQL): the
+    rows are COPYed into per-connection staging tables, then moved by one statement that
+    skips stored messageIds. Returns the messageIds stored."""
+    with connection.cursor() as cursor:
+        cursor.execute(_STAGE_SQL)
+    copy_rows("kana_event_stage", _EVENT_COLUMNS, (_event_row(workspace, m, d, u) for m, d, u in decided))
+    usages = _usage_rows(decided)
+    if usages:
+        copy_rows("kana_usage_stage", _USAGE_STAGE_COLUMNS, usages)
+    with connection.cursor() as cursor:
+        cursor.execute(_UNSTAGE_SQL, {"ws": workspace.pk})
+        return {message_id for (message_id,) in cursor.fetchall()}
+
+
+def _insert_serialised(workspace: Workspace, decided: list[Decided]) -> None:
+    """SQLite: plain inserts. Its writers are serialised, so the replay check cannot race."""
+    events = [
+        Event(
+            workspace=workspace,
+            message_id=m.message_id,
+            type=m.type,
+            name=m.name,
+            user_id=user_pk,
+            external_user_id=m.user_id,
+            payload=m.payload,
+            occurred_at=m.occurred_at,
+            received_at=m.received_at,
+            status=d.status,
+            unmapped_reason=d.reason,
+            warnings=m.warnings,
+        )
+        for m, d, user_pk in decided
+    ]
+    Event.objects.bulk_create(events)
+    usages = [
+        Usage(
+            workspace=workspace,
+            user_id=event.user_id,
+            feature_id=feature_id,
+            event_id=event.pk,
+            rule_id=rule_id,
+            amount=amount,
+            occurred_at=event.occurred_at,
+        )
+        for event, (_m, d, _u) in zip(events, decided, strict=True)
+        for feature_id, amount, rule_id in d.usages
+    ]
+    if usages:
+        Usage.objects.bulk_create(usages)
+
+
+def lock_rules_and_find_replays(workspace: Workspace, message_ids: set[str]) -> tuple[int, set[str]]:
+    """The rules version (under the shared rules lock) and which messageIds are stored
+    already, in one round trip: this runs for every message Segment sends one at a time."""
+    placeholders = ", ".join(["%s"] * len(message_ids))
+    sql = f"SELECT message_id FROM {Event._meta.db_table} WHERE workspace_id = %s AND message_id IN ({placeholders})"
+    version, rows = lock_rules_shared_and_read(workspace.pk, sql, [workspace.pk, *message_ids])
+    return version, {message_id for (message_id,) in rows}
+
+
+
+def record_processed_event(workspace: Workspace, message: Message, user_pk: int, warnings: list[dict]) -> bool:
+    """Store an applied identify/alias/group; False when its messageId was stored meanwhile."""
+    if connection.vendor != "postgresql":  # serialised writers: the check above cannot race
+        Event.objects.create(
+            workspace=workspace,
+            message_id=message.message_id,
+            type=message.type,
+            user_id=user_pk,
+            external_user_id=message.user_id or "",
+            payload=message.payload,
+            occurred_at=message.occurred_at,
+            received_at=message.received_at,
+            status=EventStatus.PROCESSED,
+            warnings=warnings,
+        )
+        return True
+    row = _event_row(workspace, message, Decision(EventStatus.PROCESSED), user_pk, warnings=warnings)
+    values, params = _values_sql([row], _EVENT_VALUE_TYPES)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {_EVENT_TABLE} ({', '.join(_EVENT_COLUMNS)}) {values}"
+            " ON CONFLICT (workspace_id, message_id) DO NOTHING RETURNING id",
+            params,
+        )
+        return cursor.fetchone() is not None
+
+
+# --- Reprocessing: mapping stored events -------------------------------------------------
+
+# One (event_id, feature_id, rule_id or None, amount) per usage record to write.
+UsageRow = tuple[int, int, int | None, Decimal]
+
+
+def map_events(workspace_id: int, event_ids: list[int], usages: list[UsageRow]) -> int:
+    """Flip still-unmapped events to mapped and record their usage; returns events flipped.
+
+    Usage is written only for the rows this UPDATE flipped, with the event's user and
+    original time, so an event can never be counted by two runs.
+    """
+    if connection.vendor == "postgresql":
+        return _map_events_postgres(workspace_id, event_ids, usages)
+    flipped = dict(
+        Event.objects.filter(id__in=event_ids, status=EventStatus.UNMAPPED, user__isnull=False).values_list(
+            "id", "user_id"
+        )
+    )
+    times = dict(Event.objects.filter(id__in=list(flipped)).values_list("id", "occurred_at"))
+    Event.objects.filter(id__in=list(flipped)).update(status=EventStatus.MAPPED, unmapped_reason="")
+    Usage.objects.bulk_create(
+        [
+            Usage(
+                workspace_id=workspace_id,
+                user_id=flipped[event_id],
+                feature_id=feature_id,
+                event_id=event_id,
+                rule_id=rule_id,
+                amount=amount,
+                occurred_at=times[event_id],
+            )
+            for event_id, feature_id, rule_id, amount in usages
+            if event_id in flipped
+        ],
+        ignore_conflicts=True,
+        batch_size=1000,
+    )
+    return len(flipped)
+
+
+# One statement, one round trip: arrays in, the count of events flipped out. Set-based, so
+# its cost is PostgreSQL's, not Python's (S4 in docs/performance).
+_MAP_EVENTS_SQL = f"""
+WITH flipped AS (
+    UPDATE {Event._meta.db_table} SET status = %(mapped)s, unmapped_reason = ''
+    WHERE id = ANY(%(event_ids)s) AND status = %(unmapped)s AND user_id IS NOT NULL
+    RETURNING id, user_id, occurred_at
+), recorded AS (
+    INSERT INTO {Usage._meta.db_table} (workspace_id, user_id, feature_id, event_id, rule_id, amount, occurred_at)
+    SELECT %(workspace_id)s, flipped.user_id, u.feature_id, u.event_id, u.rule_id, u.amount, flipped.occurred_at
+    FROM unnest(%(u_event)s::bigint[], %(u_feature)s::bigint[], %(u_rule)s::bigint[], %(u_amount)s::numeric[])
+        AS u(event_id, feature_id, rule_id, amount)
+    JOIN flipped ON flipped.id = u.event_id
+    ON CONFLICT (event_id, feature_id) DO NOTHING
+)
+SELECT count(*) FROM flipped
+"""
+
+
+def _map_events_postgres(workspace_id: int, event_ids: list[int], usages: list[UsageRow]) -> int:
+    u_event, u_feature, u_rule, u_amount = (list(column) for column in zip(*usages, strict=True))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _MAP_EVENTS_SQL,
+            {
+                "mapped": EventStatus.MAPPED.value,
+                "unmapped": EventStatus.UNMAPPED.value,
+                "workspace_id": workspace_id,
+                "event_ids": event_ids,
+                "u_event": u_event,
+                "u_feature": u_feature,
+                "u_rule": u_rule,
+                "u_amount": u_amount,
+            },
+        )
+        return cursor.fetchone()[0]
+
+
+def set_unmapped_reasons(event_ids_by_reason: dict[str, list[int]]) -> None:
+    """Events still unmapped, but now for another reason (a new feature, an invalid delta)."""
+    for reason, ids in event_ids_by_reason.items():
+        Event.objects.filter(id__in=ids, status=EventStatus.UNMAPPED).update(unmapped_reason=reason)
+
+
+# --- Merges: a user's events and usage follow it into the survivor -----------------------
+
+
+def reassign_user(*, workspace_id: int, absorbed_pk: int, survivor_pk: int) -> None:
+    """Move the absorbed user's events and usage to the survivor."""
+    Event.objects.for_workspace(workspace_id).filter(user_id=absorbed_pk).update(user_id=survivor_pk)
+    Usage.objects.for_workspace(workspace_id).filter(user_id=absorbed_pk).update(user_id=survivor_pk)
+
+
+@receiver(user_absorbed, dispatch_uid="features.ledger.reassign_user")
+def _on_user_absorbed(sender, *, workspace_id: int, absorbed_pk: int, survivor_pk: int, **kwargs) -> None:
+    reassign_user(workspace_id=workspace_id, absorbed_pk=absorbed_pk, survivor_pk=survivor_pk)

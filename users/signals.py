@@ -1,0 +1,11 @@
+"""What users tells the layers above about a user, without importing them.
+
+A merge moves the absorbed user's events and usage, which belong to ``features`` (the one
+writer of both): ``features`` connects its receiver in ``FeaturesConfig.ready``. Receivers
+run inside the merge's transaction, so the move commits or rolls back with it.
+"""
+
+from django.dispatch import Signal
+
+# Sent once per absorbed user, before its row is deleted: kwargs workspace_id, absorbed_pk, survivor_pk.
+user_absorbed = Signal()
