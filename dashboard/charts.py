@@ -105,7 +105,10 @@ def bar_chart(points: list[tuple[date, Decimal]], *, width: int = 320, height: i
                 value=value,
             )
         )
-    y_values = [v for v in (top_value, top_value / 2) if v] + [0.0] + ([bottom_value] if bottom_value else [])
+    # No half-way tick between whole numbers for whole-number usage (a BINARY feature's 0.5).
+    whole = all(value == value.to_integral_value() for value in values)
+    middle = top_value / 2 if not whole or float(top_value / 2).is_integer() else 0.0
+    y_values = [v for v in (top_value, middle) if v] + [0.0] + ([bottom_value] if bottom_value else [])
     y_ticks = [Tick(round(y_of(v), 2), short_number(v)) for v in y_values]
     x_ticks = [
         Tick(round(left + (index + 0.5) * slot, 2), day_label(points[index][0]))

@@ -39,7 +39,7 @@ def test_the_y_axis_goes_up_to_a_round_number_and_labels_it():
 
 def test_negative_usage_hangs_below_the_zero_line():
     chart = bar_chart(series(4, -2))
-    assert [t.label for t in chart.y_ticks] == ["5", "2.5", "0", "-2"]
+    assert [t.label for t in chart.y_ticks] == ["5", "0", "-2"]  # no 2.5 for whole numbers
     assert chart.top < chart.baseline < chart.bottom
     up, down = chart.bars[-2:]
     assert up.y + up.height == pytest.approx(chart.baseline, abs=0.01)
@@ -51,6 +51,12 @@ def test_the_x_axis_labels_a_day_a_week_up_to_the_last_one():
     assert [t.label for t in chart.x_ticks] == ["Jan 2", "Jan 9", "Jan 16", "Jan 23", "Jan 30"]
     assert chart.x_ticks[-1].position == chart.right and chart.x_ticks[-1].anchor == "end"
     assert all(chart.left < t.position <= chart.right for t in chart.x_ticks)
+
+
+def test_fractional_usage_gets_a_half_way_tick_and_whole_usage_a_whole_one():
+    assert [t.label for t in bar_chart(series("0.4", 1)).y_ticks] == ["1", "0.5", "0"]
+    assert [t.label for t in bar_chart(series(1)).y_ticks] == ["1", "0"]  # a BINARY feature
+    assert [t.label for t in bar_chart(series(7)).y_ticks] == ["10", "5", "0"]
 
 
 def test_a_tiny_day_stays_visible():
