@@ -1,10 +1,17 @@
-.PHONY: run test bench lint
+.PHONY: run test bench lint lock smoke
 
-run:  ## run Kana embedded (SQLite, in-process tasks, demo workspace) on :8000
+run:  ## run Kana embedded (SQLite, in-process tasks, demo workspace) on :8000; installs the runtime lock only
 	scripts/run.sh
 
-test:  ## run the test suite (PostgreSQL + Redis when DATABASE_URL/REDIS_URL are set)
+test:  ## run the test suite (PostgreSQL + Redis when DATABASE_URL/REDIS_URL are set); adds the dev lock
 	scripts/test.sh
 
 lint:
-	scripts/bootstrap.sh && .venv/bin/ruff check .
+	scripts/bootstrap.sh --dev && .venv/bin/ruff check .
+
+lock:  ## re-resolve requirements*.in into the hashed locks requirements*.txt (keeps pins; ARGS=--upgrade)
+	scripts/lock.sh $(ARGS)
+
+smoke:  ## the install smokes CI runs after the tests: `make run` + README CLI, then production
+	scripts/run_smoke.sh
+	scripts/prod_smoke.sh

@@ -158,12 +158,17 @@ class FeatureSerializer(serializers.Serializer):
     id = serializers.CharField(source="key", max_length=100, help_text="The featureId events name.")
     name = serializers.CharField(required=False, allow_blank=True, max_length=255)
     type = serializers.ChoiceField(choices=FeatureType.values, default=FeatureType.CONSUMABLE)
+    archived = serializers.SerializerMethodField(help_text="Archived: no new usage is recorded; history is kept.")
     created_at = serializers.DateTimeField(read_only=True)
+
+    def get_archived(self, feature) -> bool:
+        return feature.archived_at is not None
 
 
 class FeatureUpdateSerializer(serializers.Serializer):
     name = serializers.CharField(required=False, allow_blank=True, max_length=255)
     type = serializers.ChoiceField(required=False, choices=FeatureType.values)
+    archived = serializers.BooleanField(required=False)
 
 
 class ConditionSerializer(serializers.Serializer):

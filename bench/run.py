@@ -23,17 +23,24 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _use_project_python() -> None:
-    """``python bench/run.py`` works with any python: re-run under the project's venv."""
+    """``python bench/run.py`` works with any python: re-run under the project's venv.
+
+    Whether this process runs in the venv is told by ``sys.prefix``, not by the executable: a
+    venv's ``bin/python`` is a symlink to the very interpreter it was made from, so resolved
+    executables are equal inside and outside it.
+    """
+    venv = ROOT / ".venv"
+    venv_python = venv / "bin" / "python"
+    if venv_python.exists() and Path(sys.prefix).resolve() != venv.resolve():
+        os.execv(str(venv_python), [str(venv_python), *sys.argv])
     try:
         import django  # noqa: F401
     except ImportError:
-        venv_python = ROOT / ".venv" / "bin" / "python"
-        if venv_python.exists() and Path(sys.executable).resolve() != venv_python.resolve():
-            os.execv(str(venv_python), [str(venv_python), *sys.argv])
         raise SystemExit("Django is not installed: run scripts/bootstrap.sh first") from None
 
 
-_use_project_python()
+if __name__ == "__main__":  # imported (by a test), it runs where it is
+    _use_project_python()
 sys.path.insert(0, str(ROOT))
 
 SIZES = {

@@ -19,8 +19,9 @@ import psycopg
 from django.core.management import call_command, get_commands, load_command_class
 from django.db import connection
 
-from features.models import Event, EventStatus, JobStatus, ReprocessingJob, Usage
+from features.models import Event, EventStatus, ReprocessingJob, Usage
 from features.services import RuleDefinition, feature_create, rule_create
+from kana.jobs import JobStatus
 from kana.services import workspace_create_with_key
 from users.models import EndUser, MergeRecord
 

@@ -5,6 +5,7 @@ class FeaturesConfig(AppConfig):
     name = "features"
 
     def ready(self):
-        # Importing the ledger connects its receivers: a merge in users moves the absorbed
-        # user's events and usage through it. (Models cannot be imported before ready().)
-        from . import ledger  # noqa: F401
+        # Models cannot be imported before ready(). The ledger connects its receivers (a merge
+        # in users moves the absorbed user's events and usage through it); the tasks register
+        # with Celery, so a job can be sent by name from any process (kana.jobs).
+        from . import ledger, tasks  # noqa: F401

@@ -17,6 +17,8 @@ class RuleSet:
     version: int
     feature_ids: dict[str, int]
     rules: tuple[CompiledRule, ...]
+    # featureIds of archived features: events naming them are unmapped, with that reason.
+    archived_keys: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -40,7 +42,14 @@ def load_rule_set(workspace_id: int, version: int) -> RuleSet:
     cached = _cache.get(workspace_id)
     if cached is not None and cached.version == version:
         return cached
-    feature_ids = dict(Feature.objects.for_workspace(workspace_id).values_list("key", "id"))
+    features = Feature.objects.for_workspace(workspace_id).values_list("key", "id", "archived_at")
+    feature_ids, archived = {}, set()
+    for key, feature_id, archived_at in features:
+        if archived_at is None:
+            feature_ids[key] = feature_id
+        else:
+            archived.add(key)
+    archived_keys = frozenset(archived)
     rules = tuple(
         CompiledRule(
             rule_id=r.pk,
@@ -49,9 +58,11 @@ def load_rule_set(workspace_id: int, version: int) -> RuleSet:
             conditions=tuple(r.conditions or ()),
             amount_property=r.amount_property,
         )
-        for r in MappingRule.objects.for_workspace(workspace_id).filter(active=True).order_by("pk")
+        for r in MappingRule.objects.for_workspace(workspace_id)
+        .filter(active=True, feature__archived_at__isnull=True)
+        .order_by("pk")
     )
-    rule_set = RuleSet(version=version, feature_ids=feature_ids, rules=rules)
+    rule_set = RuleSet(version=version, feature_ids=feature_ids, rules=rules, archived_keys=archived_keys)
     with _cache_lock:
         _cache[workspace_id] = rule_set
     return rule_set
@@ -68,6 +79,8 @@ def decide(rule_set: RuleSet, event_name: str, properties: dict) -> Decision:
     if feature_key is not None and feature_key != "":
         feature_id = rule_set.feature_ids.get(str(feature_key))
         if feature_id is None:
+            if str(feature_key) in rule_set.archived_keys:
+                return Decision(EventStatus.UNMAPPED, UnmappedReason.FEATURE_ARCHIVED)
             return Decision(EventStatus.UNMAPPED, UnmappedReason.UNKNOWN_FEATURE)
         amount = default_amount(properties)
         if amount is None:

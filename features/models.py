@@ -6,6 +6,7 @@
 from django.db import models
 from django.utils import timezone
 
+from kana.jobs import Job
 from kana.models import Workspace, WorkspaceQuerySet
 from users.models import EndUser
 
@@ -34,6 +35,7 @@ class UnmappedReason(models.TextChoices):
     NO_MATCHING_RULE = "no_matching_rule"
     UNKNOWN_FEATURE = "unknown_feature"
     INVALID_DELTA = "invalid_delta"
+    FEATURE_ARCHIVED = "feature_archived"
 
 
 class Event(models.Model):
@@ -82,6 +84,9 @@ class Feature(models.Model):
     name = models.CharField(max_length=255, blank=True, default="")
     type = models.CharField(max_length=16, choices=FeatureType.choices, default=FeatureType.CONSUMABLE)
     created_at = models.DateTimeField(default=timezone.now)
+    # An archived feature records no new usage; its history stays. (A feature with usage
+    # cannot be deleted: that would delete the usage.)
+    archived_at = models.DateTimeField(null=True, blank=True)
 
     objects = WorkspaceQuerySet.as_manager()
 
@@ -119,7 +124,8 @@ class Usage(models.Model):
 
     workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+")
     user = models.ForeignKey(EndUser, on_delete=models.CASCADE, related_name="usage")
-    feature = models.ForeignKey(Feature, on_delete=models.CASCADE, related_name="usage")
+    # PROTECT: recorded usage is never deleted as a side effect of deleting its feature.
+    feature = models.ForeignKey(Feature, on_delete=models.PROTECT, related_name="usage")
     event = models.ForeignKey(Event, on_delete=models.CASCADE, related_name="usage")
     rule = models.ForeignKey(MappingRule, null=True, blank=True, on_delete=models.SET_NULL, related_name="usage")
     amount = models.DecimalField(max_digits=30, decimal_places=9)
@@ -135,14 +141,7 @@ class Usage(models.Model):
         ]
 
 
-class JobStatus(models.TextChoices):
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-
-
-class ReprocessingJob(models.Model):
+class ReprocessingJob(Job):
     """Retroactive mapping of stored unmapped events after a rule or feature is created.
 
     The job walks unmapped events with ids up to ``last_event_id`` (the newest event when the
@@ -150,21 +149,12 @@ class ReprocessingJob(models.Model):
     ``cursor`` is the last id handled, so a killed worker's successor resumes after it.
     """
 
-    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+")
     rule = models.ForeignKey(MappingRule, null=True, blank=True, on_delete=models.CASCADE, related_name="jobs")
     feature = models.ForeignKey(Feature, null=True, blank=True, on_delete=models.CASCADE, related_name="jobs")
-    status = models.CharField(max_length=16, choices=JobStatus.choices, default=JobStatus.QUEUED)
     last_event_id = models.BigIntegerField(default=0)
     cursor = models.BigIntegerField(default=0)
     scanned = models.BigIntegerField(default=0)
     mapped = models.BigIntegerField(default=0)
-    error = models.TextField(blank=True, default="")
-    created_at = models.DateTimeField(default=timezone.now)
-    started_at = models.DateTimeField(null=True, blank=True)
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
-
-    objects = WorkspaceQuerySet.as_manager()
 
     class Meta:
         indexes = [models.Index(fields=["status", "heartbeat_at"], name="job_status_heartbeat_idx")]

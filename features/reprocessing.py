@@ -21,14 +21,15 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.db import transaction
 from django.db.models import F
-from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from kana import jobs
+from kana.jobs import JobStatus
 from kana.locks import lock_rules_shared
 
 from . import ledger
 from .mapping import decide, load_rule_set
-from .models import Event, EventStatus, JobStatus, ReprocessingJob, UnmappedReason
+from .models import Event, EventStatus, ReprocessingJob, UnmappedReason
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +42,8 @@ class ChunkResult:
 
 
 def claim_job(job_id: int) -> bool:
-    """Mark a queued (or stalled running) job as running; False when it is finished."""
-    now = timezone.now()
-    claimed = ReprocessingJob.objects.filter(pk=job_id, status__in=[JobStatus.QUEUED, JobStatus.RUNNING]).update(
-        status=JobStatus.RUNNING, heartbeat_at=now
-    )
-    ReprocessingJob.objects.filter(pk=job_id, started_at__isnull=True).update(started_at=now)
-    return claimed == 1
+    """Mark a queued (or running: chunks lock the job row, so runners take turns) job as running."""
+    return jobs.claim(ReprocessingJob, job_id, take_over_running=True)
 
 
 def _candidate_events(job: ReprocessingJob):
@@ -106,24 +102,4 @@ def process_chunk(job_id: int, chunk_size: int | None = None) -> ChunkResult:
 
 
 def fail_job(job_id: int, error: str) -> None:
-    ReprocessingJob.objects.filter(pk=job_id).exclude(status=JobStatus.DONE).update(
-        status=JobStatus.FAILED, error=error[:2000], finished_at=timezone.now()
-    )
-
-
-def stalled_job_ids() -> list[int]:
-    """Jobs to send again: queued ones never picked up (the broker was down when they were
-    created) and running ones whose worker stopped sending heartbeats (it died).
-
-    A queued job's ``heartbeat_at`` is when it was last re-sent, so a job waiting behind a
-    long queue is re-sent once per stale period, not at every sweep.
-    """
-    now = timezone.now()
-    cutoff = now - timezone.timedelta(seconds=settings.KANA_JOB_STALE_SECONDS)
-    queued = ReprocessingJob.objects.annotate(last_sent=Coalesce("heartbeat_at", "created_at")).filter(
-        status=JobStatus.QUEUED, last_sent__lt=cutoff
-    )
-    stalled = ReprocessingJob.objects.filter(status=JobStatus.RUNNING, heartbeat_at__lt=cutoff)
-    ids = set(queued.values_list("id", flat=True)) | set(stalled.values_list("id", flat=True))
-    ReprocessingJob.objects.filter(id__in=ids, status=JobStatus.QUEUED).update(heartbeat_at=now)
-    return sorted(ids)
+    jobs.fail(ReprocessingJob, job_id, error)

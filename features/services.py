@@ -9,22 +9,28 @@ rule is committed (and ingest maps it with the rule). Nothing is counted zero ti
 import logging
 import re
 from dataclasses import dataclass
-from functools import partial
 
 from django.db import transaction
 from django.db.models import F, Max
+from django.utils import timezone
 
 from features.models import Event
+from kana import jobs
 from kana.errors import DomainError
+from kana.jobs import JobStatus
 from kana.locks import lock_rules_exclusive
 from kana.models import Workspace
 
-from .models import Feature, FeatureType, JobStatus, MappingRule, ReprocessingJob, Usage
+from .models import Feature, FeatureType, MappingRule, ReprocessingJob, Usage
 from .rules import InvalidRule, clean_conditions
 
 logger = logging.getLogger(__name__)
 
 _FEATURE_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
+
+
+# The Celery task that runs a ReprocessingJob (features/tasks.py), by name.
+REPROCESSING_TASK = "features.tasks.run_reprocessing_job"
 
 
 class FeatureError(DomainError):
@@ -45,23 +51,8 @@ def _start_job(
     """
     last_event_id = Event.objects.for_workspace(workspace).aggregate(last=Max("id"))["last"] or 0
     job = ReprocessingJob.objects.create(workspace=workspace, rule=rule, feature=feature, last_event_id=last_event_id)
-    transaction.on_commit(partial(enqueue_job, job_id=job.pk))
+    jobs.enqueue_on_commit(REPROCESSING_TASK, job.pk)
     return job
-
-
-def enqueue_job(*, job_id: int) -> None:
-    """Send a job to the workers. If the broker is down the job stays queued and the
-    sweeper sends it once the broker is back; the caller's request still succeeds."""
-    from .tasks import run_reprocessing_job
-
-    try:
-        run_reprocessing_job.delay(job_id=job_id)
-    except Exception as exc:  # kombu/redis raise many types when the broker is unreachable
-        if run_reprocessing_job.app.conf.task_always_eager:
-            raise
-        logger.warning(
-            "reprocessing job not enqueued; the sweeper will retry", extra={"job_id": job_id, "error": repr(exc)}
-        )
 
 
 def feature_create(*, workspace: Workspace, key: str, name: str = "", type: str = FeatureType.CONSUMABLE) -> Feature:
@@ -82,23 +73,46 @@ def feature_create(*, workspace: Workspace, key: str, name: str = "", type: str 
 
 
 def feature_update(
-    *, workspace: Workspace, feature: Feature, name: str | None = None, type: str | None = None
+    *,
+    workspace: Workspace,
+    feature: Feature,
+    name: str | None = None,
+    type: str | None = None,
+    archived: bool | None = None,
 ) -> Feature:
+    """Rename, retype, archive (no new usage, history kept) or unarchive a feature."""
     if type is not None and type not in FeatureType.values:
         raise FeatureError("invalid_feature_type", "type must be BINARY or CONSUMABLE", "type")
-    if name is not None:
-        feature.name = name
-    if type is not None:
-        feature.type = type
-    feature.save(update_fields=["name", "type"])
+    with transaction.atomic():
+        if archived is not None:
+            # What ingest maps to changes: ordered against in-flight ingest like a new rule.
+            lock_rules_exclusive(workspace.pk)
+        feature = Feature.objects.for_workspace(workspace).select_for_update().get(pk=feature.pk)
+        if name is not None:
+            feature.name = name
+        if type is not None:
+            feature.type = type
+        if archived is not None and archived != (feature.archived_at is not None):
+            feature.archived_at = timezone.now() if archived else None
+            _bump_rules_version(workspace)
+        feature.save(update_fields=["name", "type", "archived_at"])
     return feature
 
 
 def feature_delete(*, workspace: Workspace, feature: Feature) -> None:
-    if feature.rules.exists():
-        raise FeatureError("feature_in_use", "delete or re-point the rules of this feature first", "id")
+    """Delete a feature that nothing uses. One with rules or recorded usage is refused (409
+    ``feature_in_use``): deleting it would delete usage; archive it instead."""
     with transaction.atomic():
+        # Checked under the lock: a rule or a reprocessing job cannot add usage meanwhile.
         lock_rules_exclusive(workspace.pk)
+        if MappingRule.objects.for_workspace(workspace).filter(feature=feature).exists():
+            raise FeatureError(
+                "feature_in_use", "delete or re-point the rules of this feature first", "id", status=409
+            )
+        if Usage.objects.for_workspace(workspace).filter(feature=feature).exists():
+            raise FeatureError(
+                "feature_in_use", "this feature has recorded usage: archive it instead of deleting it", "id", status=409
+            )
         Feature.objects.for_workspace(workspace).filter(pk=feature.pk).delete()
         _bump_rules_version(workspace)
 
@@ -197,10 +211,11 @@ def rule_update(
 
 
 def rule_delete(*, workspace: Workspace, rule: MappingRule) -> None:
-    if rule_is_used(rule):
-        raise FeatureError("rule_in_use", "this rule has mapped events: deactivate it instead", "id")
     with transaction.atomic():
+        # Checked under the lock, as in rule_update: a job cannot map with it meanwhile.
         lock_rules_exclusive(workspace.pk)
+        if rule_is_used(rule):
+            raise FeatureError("rule_in_use", "this rule has mapped events: deactivate it instead", "id")
         MappingRule.objects.for_workspace(workspace).filter(pk=rule.pk).delete()
         _bump_rules_version(workspace)
 
@@ -215,6 +230,5 @@ __all__ = [
     "rule_update",
     "rule_delete",
     "rule_is_used",
-    "enqueue_job",
     "JobStatus",
 ]

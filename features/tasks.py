@@ -7,7 +7,11 @@ from celery import shared_task
 from celery.signals import worker_ready
 from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections
 
+from kana import jobs
+
 from . import reprocessing
+from .models import ReprocessingJob
+from .services import REPROCESSING_TASK
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +60,7 @@ def _send_again(job_id: int) -> bool:
 @shared_task(acks_late=True, ignore_result=True)
 def sweep_stalled_jobs() -> int:
     """Re-enqueue jobs whose message was never sent or whose worker died."""
-    ids = reprocessing.stalled_job_ids()
-    for job_id in ids:
-        logger.info("re-enqueueing stalled reprocessing job", extra={"job_id": job_id})
-        run_reprocessing_job.delay(job_id=job_id)
-    return len(ids)
+    return jobs.sweep(ReprocessingJob, REPROCESSING_TASK)
 
 
 @worker_ready.connect

@@ -3,9 +3,10 @@
 import hashlib
 import secrets
 import string
-import time
+import threading
 from dataclasses import dataclass
 
+from cachetools import TTLCache
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
@@ -47,13 +48,16 @@ def api_key_issue(*, workspace: Workspace, name: str = "") -> IssuedKey:
 
 def api_key_revoke(*, api_key: ApiKey) -> None:
     ApiKey.objects.filter(pk=api_key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
-    _key_cache.clear()
+    with _key_cache_lock:
+        _key_cache.clear()
 
 
-# Per-process cache of key hash -> (workspace, expiry). Only positive answers are cached, for
+# Per-process cache of key hash -> workspace. Only positive answers are cached, for
 # KANA_API_KEY_CACHE_SECONDS, so a revoked key stops working within that time on every
-# process (at once on the process that revoked it).
-_key_cache: dict[str, tuple[Workspace, float]] = {}
+# process (at once on the process that revoked it). TTLCache is not thread-safe: gthread
+# workers share it, hence the lock.
+_key_cache: TTLCache = TTLCache(maxsize=10_000, ttl=settings.KANA_API_KEY_CACHE_SECONDS)
+_key_cache_lock = threading.Lock()
 
 
 def workspace_for_api_key(raw_key: str) -> Workspace | None:
@@ -61,17 +65,15 @@ def workspace_for_api_key(raw_key: str) -> Workspace | None:
     if not raw_key or len(raw_key) > 200:
         return None
     key_hash = hash_api_key(raw_key)
-    now = time.monotonic()
-    cached = _key_cache.get(key_hash)
-    if cached and cached[1] > now:
-        return cached[0]
+    with _key_cache_lock:
+        cached = _key_cache.get(key_hash)
+    if cached is not None:
+        return cached
     api_key = ApiKey.objects.select_related("workspace").filter(key_hash=key_hash, revoked_at__isnull=True).first()
     if api_key is None:
-        _key_cache.pop(key_hash, None)
         return None
-    if len(_key_cache) > 10_000:
-        _key_cache.clear()
-    _key_cache[key_hash] = (api_key.workspace, now + settings.KANA_API_KEY_CACHE_SECONDS)
+    with _key_cache_lock:
+        _key_cache[key_hash] = api_key.workspace
     return api_key.workspace
 
 

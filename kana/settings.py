@@ -9,11 +9,22 @@ import os
 from pathlib import Path
 
 import dj_database_url
+import environ
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
+# `make run` writes .env (KANA_DEBUG=1 and a generated SECRET_KEY) so that every manage.py
+# command works in that checkout as the README writes it. A variable set in the environment
+# wins over the file. Production sets the environment and has no .env; KANA_ENV_FILE names
+# another file (or /dev/null for none).
+ENV_FILE = Path(os.environ.get("KANA_ENV_FILE") or BASE_DIR / ".env")
+if ENV_FILE.is_file():
+    environ.Env.read_env(ENV_FILE)
 
+
+# Strict on purpose, unlike environ.Env.bool (which reads "maybe" as False) and Env.int
+# (whose error does not name the variable): a typo must stop the start-up.
 def env_bool(name: str, default: bool) -> bool:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -211,7 +222,13 @@ SPECTACULAR_SETTINGS = {
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"json": {"()": "kana.logs.JsonFormatter"}},
+    "formatters": {
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s",
+            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+        }
+    },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "json"}},
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}},

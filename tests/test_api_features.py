@@ -21,7 +21,8 @@ def test_it_creates_a_feature_keyed_by_its_id(tenant):
     response = ApiClient(tenant).post("features", {"id": "exports", "name": "Exports", "type": "BINARY"})
     assert response.status_code == 201, response.content
     body = response.json()
-    assert set(body) == {"id", "name", "type", "created_at"}
+    assert set(body) == {"id", "name", "type", "archived", "created_at"}
+    assert body["archived"] is False
     assert (body["id"], body["name"], body["type"]) == ("exports", "Exports", "BINARY")
     assert Feature.objects.for_workspace(tenant.workspace).get(key="exports").type == "BINARY"
 
@@ -62,7 +63,7 @@ def test_it_lists_retrieves_updates_and_deletes_features(tenant):
 def test_a_feature_with_rules_cannot_be_deleted(tenant):
     feature(tenant, "exports")
     rule(tenant, "exports", "Exported")
-    assert_error(ApiClient(tenant).delete("features/exports"), 400, "feature_in_use", "id")
+    assert_error(ApiClient(tenant).delete("features/exports"), 409, "feature_in_use", "id")
 
 
 # --- Rules ---------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ import pytest
 from django.conf import settings
 from django.db import connection, connections, transaction
 
-from features.models import Event, EventStatus, JobStatus, ReprocessingJob, Usage
+from features.models import Event, EventStatus, ReprocessingJob, Usage
 from features.reprocessing import process_chunk
+from kana.jobs import JobStatus
 from tests.conftest import SegmentClient, requires_broker, requires_postgres, wait_until
 from tests.usage_support import T0, make_feature, make_rule, make_user, store_unmapped_events, usage_count
 

@@ -15,7 +15,8 @@ import pytest
 import redis
 from django.conf import settings
 
-from features.models import Event, EventStatus, JobStatus, ReprocessingJob, Usage
+from features.models import Event, EventStatus, ReprocessingJob, Usage
+from kana.jobs import JobStatus
 from tests.conftest import ROOT, SegmentClient, WorkerProcess, requires_broker, wait_until
 from tests.usage_support import make_feature, make_rule, make_user, store_unmapped_events, usage_count
 

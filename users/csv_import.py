@@ -46,8 +46,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from functools import partial
+from datetime import datetime
 from typing import BinaryIO
 
 from django.conf import settings
@@ -56,6 +55,7 @@ from django.core.files.storage import default_storage
 from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 
+from kana import jobs
 from kana.errors import DomainError
 from kana.locks import lock_keys
 from kana.models import Workspace
@@ -95,6 +95,10 @@ _RESULTS = {
     IdentifyOutcome.UNCHANGED: "unchanged",
 }
 _ERROR_CODES = {"unknown_user": "unknown_kana_id"}
+
+
+# The Celery task that runs an ImportJob (users/tasks.py), by name.
+IMPORT_TASK = "users.tasks.run_import"
 
 
 class CsvFileError(DomainError):
@@ -390,41 +394,15 @@ def import_users_csv(
     inline = run_inline if run_inline is not None else total <= settings.KANA_CSV_INLINE_MAX_ROWS
     if inline:
         return run_import_job(job_id=job.pk, progress=progress, row_by_row=row_by_row)
-    transaction.on_commit(partial(enqueue_import_job, job_id=job.pk))
+    jobs.enqueue_on_commit(IMPORT_TASK, job.pk)
     job.refresh_from_db()  # in the embedded default (eager tasks) it has run by now
     return job
 
 
-def enqueue_import_job(*, job_id: int) -> None:
-    """Send a job to the workers; if the broker is down the sweeper sends it later."""
-    from .tasks import run_import
-
-    try:
-        run_import.delay(job_id=job_id)
-    except Exception as exc:  # kombu/redis raise many types when the broker is unreachable
-        if run_import.app.conf.task_always_eager:
-            raise
-        logger.warning("import job not enqueued; the sweeper will retry", extra={"job_id": job_id, "error": repr(exc)})
-
-
 def _claim(job_id: int) -> bool:
-    """queued -> running; a running job whose heartbeat stopped (its worker died) is re-run."""
-    now = timezone.now()
-    stale = now - timedelta(seconds=settings.KANA_JOB_STALE_SECONDS)
-    jobs = ImportJob.objects.filter(pk=job_id)
-    claimed = jobs.filter(status=ImportStatus.QUEUED).update(status=ImportStatus.RUNNING, heartbeat_at=now)
-    if not claimed:
-        claimed = jobs.filter(status=ImportStatus.RUNNING, heartbeat_at__lt=stale).update(heartbeat_at=now)
-    jobs.filter(started_at__isnull=True).update(started_at=now)
-    return claimed == 1
-
-
-def stalled_import_ids() -> list[int]:
-    """Queued jobs never picked up (the broker was down) and running ones whose worker died."""
-    cutoff = timezone.now() - timedelta(seconds=settings.KANA_JOB_STALE_SECONDS)
-    queued = ImportJob.objects.filter(status=ImportStatus.QUEUED, created_at__lt=cutoff)
-    stalled = ImportJob.objects.filter(status=ImportStatus.RUNNING, heartbeat_at__lt=cutoff)
-    return sorted(set(queued.values_list("id", flat=True)) | set(stalled.values_list("id", flat=True)))
+    """queued -> running; a running job whose heartbeat stopped (its worker died) is re-run.
+    Never two runners at once: an import is one transaction from its first row to its last."""
+    return jobs.claim(ImportJob, job_id, take_over_running=False)
 
 
 class _RollBack(Exception):

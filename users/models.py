@@ -3,6 +3,7 @@
 from django.db import models
 from django.utils import timezone
 
+from kana.jobs import Job, JobStatus
 from kana.models import Workspace, WorkspaceQuerySet
 
 
@@ -140,22 +141,17 @@ class MergeRecord(models.Model):
         indexes = [models.Index(fields=["workspace", "-created_at"], name="merge_ws_created_idx")]
 
 
-class ImportStatus(models.TextChoices):
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
+# The CSV import job shares its statuses with every job.
+ImportStatus = JobStatus
 
 
-class ImportJob(models.Model):
+class ImportJob(Job):
     """A CSV import of users: its file, progress, counts and where its per-row report is.
 
     ``done`` with ``applied`` false means the file was read to the end but nothing was
     changed: a dry run, or an apply that found row errors (all or nothing).
     """
 
-    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+")
-    status = models.CharField(max_length=16, choices=ImportStatus.choices, default=ImportStatus.QUEUED)
     dry_run = models.BooleanField(default=False)
     applied = models.BooleanField(default=False)
     actor = models.CharField(max_length=255, blank=True, default="")
@@ -173,13 +169,6 @@ class ImportJob(models.Model):
     # The report's first rows (errors first), bounded so a huge file never lands in one row.
     sample = models.JSONField(default=list, blank=True)
     error_code = models.CharField(max_length=50, blank=True, default="")
-    error = models.TextField(blank=True, default="")
-    created_at = models.DateTimeField(default=timezone.now)
-    started_at = models.DateTimeField(null=True, blank=True)
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
-
-    objects = WorkspaceQuerySet.as_manager()
 
     class Meta:
         indexes = [models.Index(fields=["status", "heartbeat_at"], name="import_status_heartbeat_idx")]

@@ -5,7 +5,10 @@ import logging
 from celery import shared_task
 from django.db import InterfaceError, OperationalError
 
+from kana import jobs
+
 from . import csv_import
+from .models import ImportJob
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +29,4 @@ def run_import(job_id: int) -> None:
 @shared_task(acks_late=True, ignore_result=True)
 def sweep_stalled_imports() -> int:
     """Re-enqueue imports whose message was never sent or whose worker died."""
-    ids = csv_import.stalled_import_ids()
-    for job_id in ids:
-        logger.info("re-enqueueing stalled import job", extra={"job_id": job_id})
-        run_import.delay(job_id=job_id)
-    return len(ids)
+    return jobs.sweep(ImportJob, csv_import.IMPORT_TASK)

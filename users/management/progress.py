@@ -1,31 +1,31 @@
-"""A text progress bar for long management commands, drawn on stderr (stdlib only)."""
+"""Progress for long management commands: a tqdm bar fed with (done, total) callbacks."""
 
-import time
 from collections.abc import Callable
+from typing import TextIO
 
-_WIDTH = 30
+from tqdm import tqdm
 
 
-class ProgressBar:
-    """``[#########.....]  60%  60,000/100,000 rows``, redrawn at most ten times a second."""
+class Progress:
+    """A tqdm bar driven by ``update(done, total)``, the shape the CSV services report in.
 
-    def __init__(self, write: Callable[[str], None], label: str = "rows"):
-        self.write = write
-        self.label = label
-        self.last_draw = 0.0
-        self.drawn = False
+    ``stream`` is the command's stderr (``self.stderr._out``: Django's wrapper would append a
+    newline to every redraw).
+    """
 
-    def update(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if done < total and now - self.last_draw < 0.1:
-            return
-        self.last_draw = now
-        fraction = min(done / total, 1.0) if total else 1.0
-        filled = int(fraction * _WIDTH)
-        bar = "#" * filled + "." * (_WIDTH - filled)
-        self.write(f"\r[{bar}] {fraction:4.0%}  {done:,}/{total:,} {self.label}")
-        self.drawn = True
+    def __init__(self, stream: TextIO, unit: str):
+        self.bar = tqdm(
+            total=0, file=stream, mininterval=0.1, bar_format="{l_bar}{bar:30}| {n_fmt}/{total_fmt} " + unit
+        )
+
+    @property
+    def update(self) -> Callable[[int, int], None]:
+        def update(done: int, total: int) -> None:
+            if self.bar.total != total:
+                self.bar.reset(total=total)
+            self.bar.update(done - self.bar.n)
+
+        return update
 
     def finish(self) -> None:
-        if self.drawn:
-            self.write("\n")
+        self.bar.close()

@@ -37,6 +37,7 @@ class Command(BaseCommand):
         address = os.environ.get("KANA_ADDR", "127.0.0.1:8000")
         self.stdout.write(
             "\n  Kana demo workspace ready\n"
+            f"  Workspace:        {workspace.pk} ({workspace.name}); manage.py commands take either\n"
             f"  API key:          {values['api_key']}\n"
             f"  Dashboard login:  {values['username']} / {values['password']}  at http://{address}/\n"
             f"  (kept in {CREDENTIALS.relative_to(settings.BASE_DIR)}; delete it to issue new ones)\n"

@@ -1,23 +1,21 @@
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand
 
-from kana.models import Workspace
+from kana.management.workspaces import WORKSPACE_HELP, workspace_from_argument
 from users.csv_export import EXPORT_CHUNK_ROWS, export_row_count, export_users_csv
-from users.management.progress import ProgressBar
+from users.management.progress import Progress
 
 
 class Command(BaseCommand):
     help = "Export every user of a workspace as CSV (UTF-8) to a file or stdout, with progress on stderr."
 
     def add_arguments(self, parser):
-        parser.add_argument("workspace", type=int, help="workspace id")
+        parser.add_argument("workspace", help=WORKSPACE_HELP)
         parser.add_argument("output", nargs="?", default="-", help="file to write; '-' or nothing for stdout")
 
     def handle(self, *args, workspace, output, **options):
-        found = Workspace.objects.filter(pk=workspace).first()
-        if found is None:
-            raise CommandError(f"no workspace with id {workspace}")
+        found = workspace_from_argument(workspace)
         total = export_row_count(workspace=found)
-        bar = ProgressBar(lambda text: self.stderr.write(text, ending=""), "users")
+        bar = Progress(self.stderr._out, "users")
         target = self.stdout if output == "-" else open(output, "w", encoding="utf-8", newline="")
         written = 0
         try:

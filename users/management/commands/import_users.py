@@ -1,8 +1,8 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from kana.models import Workspace
+from kana.management.workspaces import WORKSPACE_HELP, workspace_from_argument
 from users.csv_import import CsvFileError, import_users_csv
-from users.management.progress import ProgressBar
+from users.management.progress import Progress
 from users.models import ImportStatus
 
 _SHOWN_ROWS = 20
@@ -15,15 +15,13 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("workspace", type=int, help="workspace id")
+        parser.add_argument("workspace", help=WORKSPACE_HELP)
         parser.add_argument("file", help="CSV file (UTF-8, with or without BOM)")
         parser.add_argument("--dry-run", action="store_true", help="report what would happen, change nothing")
 
     def handle(self, *args, workspace, file, dry_run, **options):
-        found = Workspace.objects.filter(pk=workspace).first()
-        if found is None:
-            raise CommandError(f"no workspace with id {workspace}")
-        bar = ProgressBar(lambda text: self.stderr.write(text, ending=""), "rows")
+        found = workspace_from_argument(workspace)
+        bar = Progress(self.stderr._out, "rows")
         try:
             with open(file, "rb") as source:
                 # Run here whatever the size: a command does not need a worker.

@@ -1,0 +1,131 @@
+"""Background jobs: one status model and one set of moves for every kind of job.
+
+A job is a row (``Job`` subclasses: reprocessing, CSV imports) and a Celery task that takes
+its id. The row is the truth; the broker is only a doorbell:
+- a job is created ``queued`` and its task is sent after the transaction commits
+  (``enqueue_on_commit``); if the broker is down the job simply stays queued;
+- a worker claims it with a conditional UPDATE (``claim``: healthchecks' habit), so two
+  deliveries of one message cannot both run it, and writes ``heartbeat_at`` as it goes;
+- the sweeper (Celery beat, and once when a worker starts) re-sends queued jobs whose
+  message was lost and running jobs whose worker stopped beating (``stalled_job_ids``); it
+  stamps every job it re-sends, so a job waiting behind a busy queue is re-sent once per
+  stale period, not at every sweep.
+Tasks are found by name in Celery's registry, so a service that enqueues a job does not
+import the module of its task (which imports the service).
+"""
+
+import logging
+from functools import partial
+
+from celery import current_app
+from django.conf import settings
+from django.db import models, transaction
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+
+from .models import Workspace, WorkspaceQuerySet
+
+logger = logging.getLogger(__name__)
+
+
+class JobStatus(models.TextChoices):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+class Job(models.Model):
+    """The columns every job has. ``heartbeat_at`` of a queued job is when it was last sent."""
+
+    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+")
+    status = models.CharField(max_length=16, choices=JobStatus.choices, default=JobStatus.QUEUED)
+    error = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    objects = WorkspaceQuerySet.as_manager()
+
+    class Meta:
+        abstract = True
+
+
+def enqueue(task_name: str, job_id: int) -> bool:
+    """Send a job's task now. False (logged) when the broker is unreachable: the job stays
+    queued and the sweeper sends it once the broker is back. In the embedded default
+    (eager tasks) the task runs here and its errors propagate."""
+    task = current_app.tasks[task_name]
+    try:
+        task.delay(job_id=job_id)
+    except Exception:  # kombu/redis raise many types when the broker is unreachable
+        if task.app.conf.task_always_eager:
+            raise
+        logger.warning("job not enqueued; the sweeper will retry", extra={"task": task_name, "job_id": job_id})
+        return False
+    return True
+
+
+def enqueue_on_commit(task_name: str, job_id: int) -> None:
+    """Send the task once the job's row is committed (a worker could not see it before)."""
+    transaction.on_commit(partial(enqueue, task_name, job_id))
+
+
+def claim(model: type[Job], job_id: int, *, take_over_running: bool) -> bool:
+    """queued -> running, in one conditional UPDATE; False when someone else has it or it ended.
+
+    ``take_over_running``: a running job may be claimed again whatever its heartbeat. For jobs
+    whose every step locks the job row (reprocessing chunks) and which hand themselves over
+    to a fresh task; otherwise only a running job whose worker stopped beating is taken over.
+    """
+    now = timezone.now()
+    jobs = model.objects.filter(pk=job_id)
+    claimed = jobs.filter(status=JobStatus.QUEUED).update(status=JobStatus.RUNNING, heartbeat_at=now)
+    if not claimed:
+        running = jobs.filter(status=JobStatus.RUNNING)
+        if not take_over_running:
+            running = running.filter(heartbeat_at__lt=now - _stale_after())
+        claimed = running.update(heartbeat_at=now)
+    if claimed:
+        jobs.filter(started_at__isnull=True).update(started_at=now)
+    return claimed == 1
+
+
+def fail(model: type[Job], job_id: int, error: str, **fields) -> None:
+    """End an unfinished job as failed with the reason (kept short for the API and dashboard)."""
+    model.objects.filter(pk=job_id, status__in=UNFINISHED).update(
+        status=JobStatus.FAILED, error=error[:2000], finished_at=timezone.now(), **fields
+    )
+
+
+def stalled_job_ids(model: type[Job]) -> list[int]:
+    """Jobs to send again, stamped as sent now: queued ones whose message was lost (never
+    sent, or sent longer ago than the stale period) and running ones whose worker died."""
+    now = timezone.now()
+    cutoff = now - _stale_after()
+    queued = model.objects.annotate(last_sent=Coalesce("heartbeat_at", "created_at")).filter(
+        status=JobStatus.QUEUED, last_sent__lt=cutoff
+    )
+    stalled = model.objects.filter(status=JobStatus.RUNNING, heartbeat_at__lt=cutoff)
+    ids = set(queued.values_list("id", flat=True)) | set(stalled.values_list("id", flat=True))
+    # A queued job's heartbeat is when it was last sent; a running one's is its worker's, and
+    # the re-sent task's claim stamps it.
+    model.objects.filter(id__in=ids, status=JobStatus.QUEUED).update(heartbeat_at=now)
+    return sorted(ids)
+
+
+def sweep(model: type[Job], task_name: str) -> int:
+    """Re-send every stalled job of ``model``; returns how many were sent."""
+    ids = stalled_job_ids(model)
+    for job_id in ids:
+        logger.info("re-sending stalled job", extra={"task": task_name, "job_id": job_id})
+        enqueue(task_name, job_id)
+    return len(ids)
+
+
+def _stale_after():
+    return timezone.timedelta(seconds=settings.KANA_JOB_STALE_SECONDS)
