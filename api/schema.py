@@ -72,32 +72,29 @@ class KanaAutoSchema(AutoSchema):
         return operation
 
 
-def _plain_view_docs() -> dict:
-    # Imported when a schema is generated, not with this module: DRF loads this module while
-    # its own settings are being read, before the apps' modules can be imported.
-    from segment_ingest.schema import INGEST_DOCS
-
-    return INGEST_DOCS
+# The attribute by which a plain Django view names the APIView that describes it.
+OPENAPI_VIEW_ATTRIBUTE = "openapi_view"
 
 
 class KanaEndpointEnumerator(EndpointEnumerator):
-    """DRF's endpoints, plus the plain Django views that a stand-in ``APIView`` describes
-    (``segment_ingest.schema.INGEST_DOCS``: URL name -> stand-in), at their real paths."""
+    """DRF's endpoints, plus plain Django views that carry a stand-in ``APIView`` describing
+    them (``view.openapi_view``; Segment's endpoints, see ``segment_ingest/schema.py``), at
+    their real paths. The stand-in is never routed: only its schema is read."""
 
     def get_api_endpoints(self, patterns=None, prefix=""):
         endpoints = super().get_api_endpoints(patterns, prefix)
         if patterns is None:  # the whole URL tree, not a nested call
-            endpoints += self._documented_plain_views(self.patterns, "", _plain_view_docs())
+            endpoints += self._described_plain_views(self.patterns, "")
         return endpoints
 
-    def _documented_plain_views(self, patterns, prefix: str, docs: dict) -> list:
+    def _described_plain_views(self, patterns, prefix: str) -> list:
         found = []
         for pattern in patterns:
             regex = prefix + str(pattern.pattern)
             if isinstance(pattern, URLResolver):
-                found += self._documented_plain_views(pattern.url_patterns, regex, docs)
-            elif isinstance(pattern, URLPattern) and pattern.name in docs:
-                stand_in = docs[pattern.name].as_view()
+                found += self._described_plain_views(pattern.url_patterns, regex)
+            elif isinstance(pattern, URLPattern) and getattr(pattern.callback, OPENAPI_VIEW_ATTRIBUTE, None):
+                stand_in = getattr(pattern.callback, OPENAPI_VIEW_ATTRIBUTE).as_view()
                 path = self.get_path_from_regex(regex)
                 found += [(path, regex, method, stand_in) for method in self.get_allowed_methods(stand_in)]
         return found

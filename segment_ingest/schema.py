@@ -2,9 +2,9 @@
 
 The endpoints are plain Django views (the hot path skips DRF; see ``views.py``), which
 drf-spectacular cannot inspect. Each is described here by a stand-in ``APIView`` that is
-never routed: ``INGEST_DOCS`` maps the URL name of a real endpoint to its stand-in, and the
-project's schema generator (``api.schema.KanaSchemaGenerator``) documents the real path
-with it. Shapes follow ``messages.py`` (requests) and ``views.py`` (answers).
+never routed: ``describe(urlpatterns)`` (called by ``urls.py``) hangs it on the real view as
+``view.openapi_view``, and the project's schema generator (``api.schema``) documents the real
+path with it. Shapes follow ``messages.py`` (requests) and ``views.py`` (answers).
 """
 
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
@@ -128,7 +128,7 @@ class SegmentMessage(_SegmentMessage):
     previousId = serializers.CharField(required=False, help_text="alias")
 
 
-class SegmentBatch(serializers.Serializer):
+class SegmentBatchBody(serializers.Serializer):
     batch = serializers.ListField(child=SegmentMessage(), max_length=MAX_BATCH_MESSAGES)
     context = serializers.DictField(required=False, help_text="Fills what each message's context lacks.")
     integrations = serializers.DictField(required=False)
@@ -277,39 +277,41 @@ INGEST_DOCS: dict[str, type[APIView]] = {
 }
 
 
-def _batch(name: str, description: str):
-    class StandIn(_IngestStandIn):
-        @extend_schema(
-            operation_id=f"segment_{name}",
-            summary=f"Segment {name}: up to {MAX_BATCH_MESSAGES:,} messages",
-            description=description,
-            tags=[TAG],
-            request=SegmentBatch,
-            responses={
-                200: OpenApiResponse(
-                    IngestBatchAccepted, "The valid messages were applied; `rejected` lists the others."
-                ),
-                **_errors("The body is over 500 KB."),
-            },
-            parameters=[_RETRY_AFTER],
-            examples=[
-                OpenApiExample(
-                    name,
-                    value={"batch": [{"type": "identify", **_IDENTIFY}, {"type": "track", **_TRACK}]},
-                    request_only=True,
-                )
-            ],
-        )
-        def post(self, request):  # pragma: no cover - never routed
-            raise NotImplementedError
+class SegmentBatch(_IngestStandIn):
+    """``/v1/batch`` and ``/v1/import`` (one view): operation ids come from the paths."""
 
-    StandIn.__name__ = StandIn.__qualname__ = f"Segment{name.title()}"
-    return StandIn
+    @extend_schema(
+        summary=f"Segment batch: up to {MAX_BATCH_MESSAGES:,} messages (/v1/import is the same)",
+        description=(
+            "Valid messages are applied, each invalid one is listed in `rejected` by index (nothing is dropped "
+            "silently); a batch with no valid message is a 400. At most 500 KB, 32 KB a message. Batch-level "
+            "`context` fills what each message's context lacks."
+        ),
+        tags=[TAG],
+        request=SegmentBatchBody,
+        responses={
+            200: OpenApiResponse(IngestBatchAccepted, "The valid messages were applied; `rejected` lists the others."),
+            **_errors("The body is over 500 KB."),
+        },
+        parameters=[_RETRY_AFTER],
+        examples=[
+            OpenApiExample(
+                "batch",
+                value={"batch": [{"type": "identify", **_IDENTIFY}, {"type": "track", **_TRACK}]},
+                request_only=True,
+            )
+        ],
+    )
+    def post(self, request):  # pragma: no cover - never routed
+        raise NotImplementedError
 
 
-_BATCH_DESCRIPTION = (
-    "Valid messages are applied, each invalid one is listed in `rejected` by index (nothing is dropped "
-    "silently); a batch with no valid message is a 400. At most 500 KB, 32 KB a message."
-)
-INGEST_DOCS["segment-batch"] = _batch("batch", _BATCH_DESCRIPTION)
-INGEST_DOCS["segment-import"] = _batch("import", f"The same as `/v1/batch`. {_BATCH_DESCRIPTION}")
+INGEST_DOCS["segment-batch"] = INGEST_DOCS["segment-import"] = SegmentBatch
+
+
+def describe(urlpatterns: list) -> list:
+    """Give each Segment endpoint its stand-in, as the ``openapi_view`` attribute that the
+    project's schema generator reads (``api.schema.KanaEndpointEnumerator``)."""
+    for pattern in urlpatterns:
+        pattern.callback.openapi_view = INGEST_DOCS[pattern.name]
+    return urlpatterns

@@ -2,6 +2,8 @@
 
     python manage.py demo_data [--workspace Demo]
 
+It lives with Segment's endpoints because it is Segment's messages that it replays.
+
 Everything goes through the services Segment's messages and the dashboard use: messages are
 parsed (``segment_ingest.messages.parse_message``) and applied (``features.ingest``) as
 ``/v1/batch`` would apply them, features and the rule come from ``features.services``, the
