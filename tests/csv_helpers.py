@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 from django.utils import timezone
 
-from users import services
+from users import bulk, services
 from users.csv_export import export_users_csv
 from users.csv_format import COLUMNS
 from users.csv_import import import_users_csv
@@ -58,22 +58,7 @@ def bare(workspace, *, at=None, **fields):
 def snapshot(workspace) -> dict:
     """Everything the import may change, to compare before and after."""
     users = {
-        u["id"]: u
-        for u in EndUser.objects.for_workspace(workspace).values(
-            "id",
-            "user_id",
-            "name",
-            "name_set_at",
-            "email",
-            "email_key",
-            "email_set_at",
-            "billing_id",
-            "billing_provider",
-            "billing_set_at",
-            "audiences",
-            "created_at",
-            "updated_at",
-        )
+        u["id"]: u for u in EndUser.objects.for_workspace(workspace).values("id", "created_at", *bulk.PROFILE_COLUMNS)
     }
     identities = sorted(UserIdentity.objects.for_workspace(workspace).values_list("external_id", "user_id"))
     merges = MergeRecord.objects.for_workspace(workspace).count()

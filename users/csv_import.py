@@ -61,19 +61,18 @@ from kana.locks import lock_keys
 from kana.models import Workspace
 
 from .csv_format import COLUMNS, READ_COLUMNS, unescape_cell
+from .errors import IdentityError
 from .identifiers import InvalidIdentifier, clean_identifier
-from .models import ImportJob, ImportStatus
-from .profile import UNSET, validated_changes
-from .services import (
+from .identity import (
     IdentifyOutcome,
     IdentifyResult,
-    IdentityError,
-    MergeReason,
     ProfileRow,
     TouchedUsers,
     apply_profile_rows,
     apply_profile_rows_singly,
 )
+from .models import ImportJob, ImportStatus, MergeReason
+from .profile import UNSET, validated_changes
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,6 @@ NOBODY_IDS = frozenset(
 )
 
 
-
 class InvalidIdentifier(DomainError):
     """An id of the wrong type or length."""
 

@@ -1,0 +1,687 @@
+"""The identity engine: the one place where Kana's identify rules create, update, claim and
+merge users, for a Segment message and for a CSV batch alike.
+
+Every entry point (``identify_user``, ``upsert_user_by_email``, ``update_user``,
+``apply_profile_rows``) turns its input into ``ProfileRow``s and runs the same three steps:
+1. read every user the rows can concern, row-locked in id order (``users.bulk.lock_users``);
+2. apply the rows in order to those objects in memory (``_apply_row``: the decision
+   ``_plan_identify``, the field rules ``apply_changes``, the merge step ``absorb``);
+3. write back what changed, set-based (``_write_back``).
+A message and a file differ only in size, in ``restamp`` (a message restamps values it
+repeats, a file row does not) and in locking: a message first takes advisory locks on its
+userId and email, so messages about one person apply one at a time and see each other's
+commits; a file takes none (it names more keys than PostgreSQL's lock table holds), and its
+row locks and the unique constraints order it against concurrent messages.
+
+What still races (a user deleted between read and lock, a unique violation) re-runs the
+whole transaction (``kana.retries``). SQLite runs each transaction with BEGIN IMMEDIATE,
+which serialises them outright.
+"""
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from django.db import connection, transaction
+from django.db.models.base import ModelState
+from django.utils import timezone
+
+from kana.copy_rows import copy_rows
+from kana.locks import lock_keys
+from kana.models import Workspace
+from kana.retries import ConcurrentChange, run_with_retries
+
+from . import bulk
+from .errors import IdentityError
+from .merges import absorb
+from .models import EndUser, MergeReason, UserIdentity
+from .profile import SET_AT_FIELDS, ProfileChanges, apply_changes, oldest_first
+from .selectors import user_pk_for
+
+logger = logging.getLogger(__name__)
+
+
+class IdentifyOutcome:
+    CREATED = "created"
+    UPDATED = "updated"
+    UNCHANGED = "unchanged"
+    CLAIMED = "claimed"
+    MERGED = "merged"
+
+
+@dataclass
+class IdentifyResult:
+    user: EndUser
+    outcome: str
+    # Set when the email matched several users and one of them is bare: nothing was merged,
+    # the users are flagged (same_email) for an admin to review.
+    ambiguous: bool = False
+    absorbed_ids: list[int] = field(default_factory=list)
+
+
+def _identity_lock_keys(workspace: Workspace, user_ids: Iterable[str] = (), email_key: str = "") -> list[str]:
+    keys = [f"uid:{workspace.pk}:{uid}" for uid in user_ids]
+    if email_key:
+        keys.append(f"email:{workspace.pk}:{email_key}")
+    return keys
+
+
+@dataclass
+class _IdentifyPlan:
+    action: str  # "claim", "merge", "create" or "update"
+    target: EndUser | None = None  # the bare user claimed or merged
+    ambiguous: bool = False
+
+
+def _plan_identify(user: EndUser | None, others: list[EndUser]) -> _IdentifyPlan:
+    """Kana's rules as a decision.
+
+    ``user`` is U (None when the userId is new), ``others`` is C. Merge (or claim, when there
+    is no U) only when C is exactly one user and it is bare; several users with a bare one
+    among them is ambiguous: nothing is merged, the users stay flagged (cases 9 and 10).
+    """
+    bare_others = [u for u in others if u.is_bare]
+    if len(others) == 1 and bare_others:
+        return _IdentifyPlan("claim" if user is None else "merge", target=others[0])
+    ambiguous = len(others) > 1 and bool(bare_others)
+    return _IdentifyPlan("create" if user is None else "update", ambiguous=ambiguous)
+
+
+def _missing_identifier() -> IdentityError:
+    return IdentityError("missing_identifier", "a row needs a kana_id, a user_id or an email", "email")
+
+
+def _ambiguous_email(count: int, changes: ProfileChanges) -> IdentityError:
+    return IdentityError(
+        "ambiguous_email",
+        f"{count} users have the email {changes.email!r}: give the kana_id of the one to update",
+        "email",
+    )
+
+
+def _user_id_mismatch(row: "ProfileRow") -> IdentityError:
+    return IdentityError(
+        "user_id_mismatch",
+        f"user_id {row.user_id!r} is not a userId of kana_id {row.user_pk}; to give a user without a userId "
+        "one, leave kana_id empty (the row then claims the bare user with the same email)",
+        "user_id",
+    )
+
+
+def _duplicate_row(first_label: str) -> IdentityError:
+    return IdentityError("duplicate_row", f"the same user is already named by {first_label}", "kana_id")
+
+
+def _touched_by(result: IdentifyResult) -> list[int]:
+    return [result.user.pk, *result.absorbed_ids]
+
+
+@dataclass
+class ProfileRow:
+    """One user's changes, named by Kana id (``user_pk``), by userId, or only by email.
+
+    A ``user_pk`` row updates that user (a ``user_id`` beside it must resolve to that very
+    user); a ``user_id`` row follows the identify rules; an email-only row updates the one
+    user with that email or creates a bare one.
+    """
+
+    changes: ProfileChanges
+    user_pk: int | None = None
+    user_id: str | None = None
+    label: str = ""  # where the row comes from ("row 12", "message:<id>"): ledger source, errors
+
+
+RowOutcome = IdentifyResult | IdentityError
+
+
+class TouchedUsers:
+    """The users earlier rows of one import named (user pk -> row label), for ``duplicate_row``.
+
+    On PostgreSQL the pairs live in a temporary table of the import's transaction, not in
+    this process: memory stays flat whatever the file's size (a dict costs ~140 bytes a row).
+    Use it inside one transaction. Elsewhere it is a dict. ``apply_profile_rows`` and
+    ``apply_profile_rows_singly`` also accept a plain dict.
+    """
+
+    _TABLE = "kana_csv_touched_users"
+
+    def __init__(self):
+        self._memory: dict[int, str] | None = None if connection.vendor == "postgresql" else {}
+        self._created = False
+
+    def labels_of(self, pks: Iterable[int]) -> dict[int, str]:
+        pks = [pk for pk in pks if pk is not None]
+        if self._memory is not None:
+            return {pk: self._memory[pk] for pk in pks if pk in self._memory}
+        if not self._created or not pks:
+            return {}
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"SELECT user_pk, label FROM {self._TABLE} WHERE user_pk = ANY(%s::bigint[])", [bulk.int_array(pks)]
+            )
+            return dict(cursor.fetchall())
+
+    def update(self, pairs: Iterable[tuple[int, str]]) -> None:
+        pairs = dict(pairs)
+        if self._memory is not None:
+            self._memory.update(pairs)
+            return
+        if not pairs:
+            return
+        with connection.cursor() as cursor:
+            if not self._created:
+                # An earlier import in the same transaction (tests) may have left one.
+                cursor.execute(
+                    f"CREATE TEMP TABLE IF NOT EXISTS {self._TABLE} (user_pk bigint PRIMARY KEY, label text NOT NULL) "
+                    "ON COMMIT DROP"
+                )
+                cursor.execute(f"TRUNCATE {self._TABLE}")
+                self._created = True
+            cursor.execute(
+                f"INSERT INTO {self._TABLE} (user_pk, label) SELECT * FROM unnest(%s::bigint[], %s::text[]) "
+                "ON CONFLICT (user_pk) DO UPDATE SET label = EXCLUDED.label",
+                [bulk.int_array(pairs), bulk.text_array(pairs.values())],
+            )
+
+
+def _labels_of(touched: "dict[int, str] | TouchedUsers", pks: Iterable[int]) -> dict[int, str]:
+    if isinstance(touched, TouchedUsers):
+        return touched.labels_of(pks)
+    return {pk: touched[pk] for pk in pks if pk in touched}
+
+
+# --- The engine --------------------------------------------------------------------------
+
+
+class _Batch:
+    """The users a batch of rows concerns, indexed by userId and email, changed in memory."""
+
+    def __init__(self, workspace: Workspace, rows: list[ProfileRow]):
+        self.workspace = workspace
+        user_ids = {row.user_id for row in rows if row.user_id is not None}
+        owners = bulk.owners_of(workspace, user_ids)
+        pks = {row.user_pk for row in rows if row.user_pk is not None} | set(owners.values())
+        emails = {row.changes.email_key for row in rows} - {""}
+        self.by_pk: dict[int, EndUser] = {user.pk: user for user in bulk.lock_users(workspace, pks, emails)}
+        if any(pk not in self.by_pk for pk in owners.values()):
+            raise ConcurrentChange()  # a user deleted since its identity was read
+        self.owner: dict[str, EndUser] = {uid: self.by_pk[pk] for uid, pk in owners.items()}
+        self.by_email: dict[str, list[EndUser]] = defaultdict(list)
+        for user in self.by_pk.values():
+            if user.email_key:
+                self.by_email[user.email_key].append(user)
+        self.merged_into: dict[int, EndUser] = {}  # id(absorbed) -> survivor
+        self.created: list[EndUser] = []
+        self.identities: list[tuple[EndUser, str]] = []
+        self.dirty: dict[int, EndUser] = {}  # existing users to write back, by id()
+        self._blank: dict | None = None
+
+    def _new_user(self, user_id: str | None) -> EndUser:
+        """``EndUser(workspace=..., user_id=...)`` at a tenth of the cost.
+
+        The model's constructor walks every field per call (~70 µs, the largest per-row cost
+        of an import creating users); this copies the attributes of one constructed instance
+        and sets the per-instance defaults (``created_at``, ``audiences``) as it would.
+        """
+        if self._blank is None:
+            self._blank = vars(EndUser(workspace=self.workspace)).copy()
+            del self._blank["_state"]
+        user = EndUser.__new__(EndUser)
+        state = ModelState()
+        state.fields_cache["workspace"] = self.workspace
+        user.__dict__.update(self._blank, _state=state, user_id=user_id, audiences={}, created_at=timezone.now())
+        return user
+
+    def owner_of(self, user_id: str) -> EndUser | None:
+        user = self.owner.get(user_id)
+        while user is not None and id(user) in self.merged_into:
+            user = self.merged_into[id(user)]
+        return user
+
+    def with_email(self, email_key: str) -> list[EndUser]:
+        return list(self.by_email.get(email_key, ())) if email_key else []
+
+    def changed(self, user: EndUser, old_email_key: str) -> None:
+        if user.email_key != old_email_key:
+            if old_email_key:
+                self.by_email[old_email_key].remove(user)
+            if user.email_key:
+                self.by_email[user.email_key].append(user)
+        if user.pk is not None:
+            self.dirty[id(user)] = user
+
+    def create(self, user_id: str | None, changes: ProfileChanges, occurred_at: datetime, restamp: bool) -> EndUser:
+        user = self._new_user(user_id)
+        apply_changes(user, changes, occurred_at, restamp_unchanged=restamp)
+        self.created.append(user)
+        if user.email_key:
+            self.by_email[user.email_key].append(user)
+        if user_id:
+            self.owner[user_id] = user
+            self.identities.append((user, user_id))
+        return user
+
+    def forget(self, absorbed: EndUser, survivor: EndUser) -> None:
+        if absorbed.email_key:
+            self.by_email[absorbed.email_key].remove(absorbed)
+        self.merged_into[id(absorbed)] = survivor
+        self.dirty.pop(id(absorbed), None)
+
+
+@dataclass
+class _InMemoryResult:
+    user: EndUser
+    outcome: str
+    ambiguous: bool = False
+    absorbed_users: tuple[EndUser, ...] = ()
+
+    def as_result(self) -> IdentifyResult:
+        # An absorbed user's row is deleted, but the instance keeps its pk.
+        absorbed_ids = [u.pk for u in self.absorbed_users]
+        return IdentifyResult(user=self.user, outcome=self.outcome, ambiguous=self.ambiguous, absorbed_ids=absorbed_ids)
+
+
+def _apply_row(
+    state: _Batch, row: ProfileRow, occurred_at: datetime, reason: str, actor: str, restamp: bool, seen_by
+) -> _InMemoryResult:
+    """Kana's identify rules for one row, against the batch's users as earlier rows left them.
+
+    ``restamp`` (see ``apply_changes``): True for Segment messages, False for CSV rows.
+    ``seen_by(users)``: the label of an earlier row that touched one of ``users``, if any.
+    """
+    changes = row.changes
+
+    def update(user: EndUser, ambiguous: bool = False) -> _InMemoryResult:
+        first = seen_by([user])
+        if first is not None:
+            raise _duplicate_row(first)
+        old_key = user.email_key
+        stamps = [getattr(user, name) for name in SET_AT_FIELDS]
+        if apply_changes(user, changes, occurred_at, restamp_unchanged=restamp):
+            state.changed(user, old_key)
+            return _InMemoryResult(user, IdentifyOutcome.UPDATED, ambiguous)
+        if stamps != [getattr(user, name) for name in SET_AT_FIELDS]:
+            # Same values, confirmed by a newer message: keep its time, not a profile change.
+            state.changed(user, old_key)
+        return _InMemoryResult(user, IdentifyOutcome.UNCHANGED, ambiguous)
+
+    if row.user_pk is not None:
+        user = state.by_pk.get(row.user_pk)
+        if user is None or id(user) in state.merged_into:
+            raise IdentityError("unknown_user", f"no user with id {row.user_pk}", "id")
+        if row.user_id is not None and state.owner_of(row.user_id) is not user:
+            raise _user_id_mismatch(row)
+        return update(user)
+
+    if row.user_id is None:
+        if not changes.email_key:
+            raise _missing_identifier()
+        matches = state.with_email(changes.email_key)
+        if len(matches) > 1:
+            raise _ambiguous_email(len(matches), changes)
+        if not matches:
+            return _InMemoryResult(state.create(None, changes, occurred_at, restamp), IdentifyOutcome.CREATED)
+        return update(matches[0])
+
+    user = state.owner_of(row.user_id)
+    plan = _plan_identify(user, [u for u in state.with_email(changes.email_key) if u is not user])
+    if plan.action == "create":
+        created = state.create(row.user_id, changes, occurred_at, restamp)
+        return _InMemoryResult(created, IdentifyOutcome.CREATED, plan.ambiguous)
+    if plan.action == "update":
+        return update(user, plan.ambiguous)
+    first = seen_by([u for u in (user, plan.target) if u is not None])
+    if first is not None:
+        raise _duplicate_row(first)
+    target = plan.target
+    if plan.action == "claim":
+        old_key = target.email_key
+        target.user_id = row.user_id
+        state.owner[row.user_id] = target
+        state.identities.append((target, row.user_id))
+        apply_changes(target, changes, occurred_at, restamp_unchanged=restamp)
+        state.changed(target, old_key)
+        return _InMemoryResult(target, IdentifyOutcome.CLAIMED)
+    survivor, absorbed = oldest_first([user, target])
+    old_key = survivor.email_key
+    absorb(
+        workspace=state.workspace, survivor=survivor, absorbed=absorbed, reason=reason, actor=actor, source=row.label
+    )
+    state.forget(absorbed, survivor)
+    survivor.user_id = row.user_id  # the payload's userId becomes canonical
+    apply_changes(survivor, changes, occurred_at, restamp_unchanged=restamp)
+    state.changed(survivor, old_key)
+    return _InMemoryResult(survivor, IdentifyOutcome.MERGED, absorbed_users=(absorbed,))
+
+
+# Fewer rows than this are written with plain INSERTs and UPDATEs: COPY and the scratch
+# table cost more round trips than they save (an identify message writes one user).
+_BULK_MIN_ROWS = 8
+
+
+def _write_back(state: _Batch) -> None:
+    """Creations, claims and updates of one batch: a few statements whatever its size."""
+    now = timezone.now()
+    for user in state.created:
+        user.updated_at = now
+    if connection.vendor == "postgresql" and len(state.created) >= _BULK_MIN_ROWS:
+        bulk.copy_in(state.created)
+    else:
+        EndUser.objects.bulk_create(state.created, batch_size=1000)
+    if connection.vendor == "postgresql" and len(state.identities) >= _BULK_MIN_ROWS:
+        # Plain rows (the users got their ids above); their own ids come from the column default.
+        copy_rows(
+            UserIdentity._meta.db_table,
+            ("workspace_id", "user_id", "external_id", "created_at"),
+            ((state.workspace.pk, user.pk, uid, now) for user, uid in state.identities),
+        )
+    else:
+        UserIdentity.objects.bulk_create(
+            [
+                UserIdentity(workspace=state.workspace, user=u, external_id=uid, created_at=now)
+                for u, uid in state.identities
+            ],
+            batch_size=1000,
+        )
+    dirty = list(state.dirty.values())
+    if len(dirty) >= _BULK_MIN_ROWS:
+        for user in dirty:
+            user.updated_at = now
+        bulk.update_users(dirty)
+    else:
+        for user in dirty:
+            user.save(update_fields=bulk.PROFILE_COLUMNS)  # updated_at: auto_now
+
+
+# --- Entry points ---------------------------------------------------------------------
+
+
+def identify_user(
+    *,
+    workspace: Workspace,
+    user_id: str,
+    changes: ProfileChanges,
+    occurred_at: datetime,
+    reason: str = MergeReason.IDENTIFY,
+    actor: str = "segment",
+    source: str = "",
+    restamp_unchanged: bool = True,
+) -> IdentifyResult:
+    """Apply an identify (userId plus profile changes) by Kana's create/update/merge rules.
+
+    U = the user ``user_id`` resolves to; C = the other users with the changes' email.
+    Merge (or claim, when there is no U) only when C is exactly one user and it is bare.
+    When the email matches several users and one is bare, nothing is merged: flagged.
+    """
+    row = ProfileRow(changes=changes, user_id=user_id, label=source)
+    return apply_profile_row(
+        workspace=workspace, row=row, occurred_at=occurred_at, reason=reason, actor=actor, restamp=restamp_unchanged
+    )
+
+
+def upsert_user_by_email(*, workspace: Workspace, changes: ProfileChanges, occurred_at: datetime) -> IdentifyResult:
+    """A row with an email and no userId: update the one user with it, or create a bare one.
+
+    Several users with the email is an error: the row must name the user by its kana_id.
+    """
+    if not changes.email_key:
+        raise _missing_identifier()
+    return apply_profile_row(workspace=workspace, row=ProfileRow(changes=changes), occurred_at=occurred_at)
+
+
+def update_user(
+    *, workspace: Workspace, user_pk: int, changes: ProfileChanges, occurred_at: datetime | None = None
+) -> IdentifyResult:
+    """Set fields of one user named by its Kana id (REST update, CSV rows with kana_id)."""
+    row = ProfileRow(changes=changes, user_pk=user_pk)
+    return apply_profile_row(workspace=workspace, row=row, occurred_at=occurred_at or timezone.now())
+
+
+def apply_profile_row(
+    *,
+    workspace: Workspace,
+    row: ProfileRow,
+    occurred_at: datetime,
+    reason: str = MergeReason.CSV,
+    actor: str = "",
+    restamp: bool = False,
+) -> IdentifyResult:
+    """One row in a transaction of its own, with the advisory locks of a message."""
+
+    def once() -> IdentifyResult:
+        with transaction.atomic():
+            lock_keys(_identity_lock_keys(workspace, [row.user_id] if row.user_id else [], row.changes.email_key))
+            state = _Batch(workspace, [row])
+            result = _apply_row(state, row, occurred_at, reason, actor, restamp, seen_by=lambda users: None)
+            _write_back(state)
+            return result.as_result()
+
+    return run_with_retries(once)
+
+
+def apply_profile_rows_singly(
+    *,
+    workspace: Workspace,
+    rows: list[ProfileRow],
+    occurred_at: datetime,
+    touched: "dict[int, str] | TouchedUsers",
+    reason: str = MergeReason.CSV,
+    actor: str = "",
+) -> list[RowOutcome]:
+    """Rows one at a time, each in a savepoint with a message's locks: the reference that
+    ``apply_profile_rows`` (the whole batch in one pass) is tested against.
+
+    A row naming a user that an earlier row (``touched``: user pk -> row label, kept by the
+    caller across calls) already changed, claimed, merged or left unchanged is a
+    ``duplicate_row`` error and leaves no trace (its savepoint is rolled back).
+    """
+    outcomes: list[RowOutcome] = []
+    for row in rows:
+        try:
+            with transaction.atomic():
+                result = apply_profile_row(
+                    workspace=workspace, row=row, occurred_at=occurred_at, reason=reason, actor=actor
+                )
+                earlier = _labels_of(touched, _touched_by(result))
+                seen = next((earlier[pk] for pk in _touched_by(result) if pk in earlier), None)
+                if seen is not None:
+                    raise _duplicate_row(seen)
+        except IdentityError as error:
+            outcomes.append(error)
+            continue
+        touched.update((pk, row.label) for pk in _touched_by(result))
+        outcomes.append(result)
+    return outcomes
+
+
+def apply_profile_rows(
+    *,
+    workspace: Workspace,
+    rows: list[ProfileRow],
+    occurred_at: datetime,
+    touched: "dict[int, str] | TouchedUsers",
+    reason: str = MergeReason.CSV,
+    actor: str = "",
+) -> list[RowOutcome]:
+    """A batch of rows in one pass of the engine: a few queries per call, whatever its size.
+
+    Same outcomes as ``apply_profile_rows_singly``. Runs in a savepoint, retried as a whole.
+    It takes no advisory locks (see the module's docstring): what is lost is only that an
+    identify naming an email this call is setting at the same moment may not see it,
+    leaving two users flagged ``same_email`` instead of merged.
+    """
+    outcomes, newly_touched = run_with_retries(
+        lambda: _apply_rows_once(workspace, rows, occurred_at, touched, reason, actor)
+    )
+    touched.update(newly_touched)
+    return outcomes
+
+
+def _apply_rows_once(workspace, rows, occurred_at, touched, reason, actor):
+    with transaction.atomic():
+        state = _Batch(workspace, rows)
+        planned: list[tuple[ProfileRow, RowOutcome]] = []
+        touched_here: dict[int, str] = {}  # id(user) -> label, for users of this batch
+        # Every existing user a row can name is one of the batch's users, read above.
+        earlier = _labels_of(touched, state.by_pk)
+
+        def seen_by(users) -> str | None:
+            for user in users:
+                if user.pk is not None and user.pk in earlier:
+                    return earlier[user.pk]
+                if id(user) in touched_here:
+                    return touched_here[id(user)]
+            return None
+
+        for row in rows:
+            try:
+                result = _apply_row(state, row, occurred_at, reason, actor, False, seen_by)
+            except IdentityError as error:
+                planned.append((row, error))
+                continue
+            for user in (result.user, *result.absorbed_users):
+                touched_here[id(user)] = row.label
+            planned.append((row, result.as_result()))
+
+        _write_back(state)
+        newly_touched: dict[int, str] = {}
+        outcomes: list[RowOutcome] = []
+        for row, outcome in planned:
+            if isinstance(outcome, IdentifyResult):
+                newly_touched.update((pk, row.label) for pk in _touched_by(outcome))
+            outcomes.append(outcome)
+        return outcomes, newly_touched
+
+
+# --- Track: resolving userIds in bulk --------------------------------------------------
+
+
+def resolve_users(*, workspace: Workspace, external_ids: Iterable[str]) -> dict[str, int]:
+    """Map each userId to its user's id, creating a user (with only that id) for unknown ones.
+
+    One query when every id is known, two otherwise. Must run inside the caller's
+    transaction. On PostgreSQL a userId created concurrently by another transaction is not
+    an error: the insert skips it (``ON CONFLICT DO NOTHING`` waits for that transaction)
+    and it is read back. Only an alias racing with the creation (the userId became another
+    user's identity meanwhile) makes the caller's transaction run again.
+    """
+    wanted = set(external_ids)
+    if not wanted:
+        return {}
+    resolved = dict(
+        UserIdentity.objects.for_workspace(workspace)
+        .filter(external_id__in=wanted)
+        .values_list("external_id", "user_id")
+    )
+    missing = sorted(wanted - resolved.keys())  # sorted: concurrent creators wait in one order
+    if not missing:
+        return resolved
+    now = timezone.now()
+    if connection.vendor != "postgresql":  # SQLite serialises writers: nobody can race us
+        created = EndUser.objects.bulk_create(
+            [EndUser(workspace=workspace, user_id=uid, created_at=now) for uid in missing]
+        )
+        UserIdentity.objects.bulk_create(
+            [UserIdentity(workspace=workspace, user=u, external_id=u.user_id, created_at=now) for u in created]
+        )
+        resolved.update((u.user_id, u.pk) for u in created)
+        return resolved
+    with connection.cursor() as cursor:
+        cursor.execute(_CREATE_BARE_IDENTITIES_SQL, {"ws": workspace.pk, "now": now, "user_ids": missing})
+        rows = cursor.fetchall()
+    if not all(has_identity for _, _, has_identity in rows):
+        raise ConcurrentChange()  # an alias claimed one of these userIds meanwhile
+    resolved.update((user_id, pk) for user_id, pk, _ in rows)
+    created_elsewhere = [uid for uid in missing if uid not in resolved]
+    if created_elsewhere:
+        resolved.update(
+            UserIdentity.objects.for_workspace(workspace)
+            .filter(external_id__in=created_elsewhere)
+            .values_list("external_id", "user_id")
+        )
+        if any(uid not in resolved for uid in created_elsewhere):
+            raise ConcurrentChange()
+    return resolved
+
+
+_CREATE_BARE_IDENTITIES_SQL = f"""
+WITH new_users AS (
+    INSERT INTO {EndUser._meta.db_table}
+        (workspace_id, user_id, name, email, email_key, billing_id, billing_provider, audiences, created_at, updated_at)
+    SELECT %(ws)s, uid, '', '', '', '', '', '{{}}'::jsonb, %(now)s, %(now)s
+    FROM unnest(%(user_ids)s::text[]) AS uid
+    ORDER BY uid
+    ON CONFLICT (workspace_id, user_id) WHERE user_id IS NOT NULL DO NOTHING
+    RETURNING id, user_id
+), new_identities AS (
+    INSERT INTO {UserIdentity._meta.db_table} (workspace_id, user_id, external_id, created_at)
+    SELECT %(ws)s, id, user_id, %(now)s FROM new_users
+    ON CONFLICT (workspace_id, external_id) DO NOTHING
+    RETURNING external_id
+)
+SELECT n.user_id, n.id, i.external_id IS NOT NULL
+FROM new_users n LEFT JOIN new_identities i ON i.external_id = n.user_id
+"""
+
+
+# --- Alias -----------------------------------------------------------------------------
+
+
+def alias_user(
+    *,
+    workspace: Workspace,
+    previous_id: str,
+    user_id: str,
+    occurred_at: datetime,
+    actor: str = "segment",
+    source: str = "",
+) -> IdentifyResult:
+    """Make previousId and userId one user: userId is canonical, previousId an alias."""
+    if previous_id == user_id:
+        raise IdentityError("invalid_alias", "previousId and userId are the same", "previousId")
+
+    @transaction.atomic
+    def once() -> IdentifyResult:
+        lock_keys(_identity_lock_keys(workspace, [previous_id, user_id]))
+        previous_owner, owner = user_pk_for(workspace, previous_id), user_pk_for(workspace, user_id)
+        ids = [i for i in (previous_owner, owner) if i]
+        locked = {
+            u.pk: u
+            for u in EndUser.objects.for_workspace(workspace).filter(pk__in=ids).order_by("pk").select_for_update()
+        }
+        if any(i not in locked for i in ids):
+            raise ConcurrentChange()
+        if not ids:
+            user = EndUser.objects.create(workspace=workspace, user_id=user_id)
+            UserIdentity.objects.bulk_create(
+                [UserIdentity(workspace=workspace, user=user, external_id=uid) for uid in (user_id, previous_id)]
+            )
+            return IdentifyResult(user=user, outcome=IdentifyOutcome.CREATED)
+        if previous_owner == owner:
+            return IdentifyResult(user=locked[owner], outcome=IdentifyOutcome.UNCHANGED)
+        if owner is None:
+            user = locked[previous_owner]
+            UserIdentity.objects.create(workspace=workspace, user=user, external_id=user_id)
+            user.user_id = user_id
+            user.save()
+            return IdentifyResult(user=user, outcome=IdentifyOutcome.UPDATED)
+        if previous_owner is None:
+            user = locked[owner]
+            UserIdentity.objects.create(workspace=workspace, user=user, external_id=previous_id)
+            return IdentifyResult(user=user, outcome=IdentifyOutcome.UPDATED)
+        survivor, absorbed = oldest_first([locked[previous_owner], locked[owner]])
+        absorb(
+            workspace=workspace,
+            survivor=survivor,
+            absorbed=absorbed,
+            reason=MergeReason.ALIAS,
+            actor=actor,
+            source=source,
+        )
+        survivor.user_id = user_id
+        survivor.save()
+        return IdentifyResult(user=survivor, outcome=IdentifyOutcome.MERGED, absorbed_ids=[absorbed.pk])
+
+    return run_with_retries(once)

@@ -1,0 +1,122 @@
+"""Merging users: the one step every merge takes (``absorb``), and admin merges.
+
+A merge keeps one user (the survivor) and absorbs the others: their userIds, profile
+values (newest wins, ``users.profile``), group memberships and, through the
+``user_absorbed`` signal, their events and usage (``features`` owns those). Every absorbed
+user leaves one ledger row (``MergeRecord``, unique per absorbed user, so a replayed merge
+is a no-op) with a snapshot of what it was.
+"""
+
+from dataclasses import dataclass
+
+from django.db import transaction
+
+from kana.models import Workspace
+from kana.retries import ConcurrentChange, run_with_retries
+
+from .errors import IdentityError
+from .models import EndUser, GroupMembership, MergeReason, MergeRecord, UserIdentity
+from .profile import absorb_profile, oldest_first, snapshot
+from .signals import user_absorbed
+
+
+def absorb(*, workspace: Workspace, survivor: EndUser, absorbed: EndUser, reason: str, actor: str, source: str) -> None:
+    """Move everything of ``absorbed`` to ``survivor``, record it, delete ``absorbed``.
+
+    The caller holds row locks on both users and saves the survivor afterwards.
+    """
+    absorbed_ids = list(
+        UserIdentity.objects.filter(user=absorbed).order_by("created_at", "pk").values_list("external_id", flat=True)
+    )
+    MergeRecord.objects.create(
+        workspace=workspace,
+        survivor=survivor,
+        survivor_key=survivor.pk,
+        absorbed_id=absorbed.pk,
+        absorbed_snapshot=snapshot(absorbed, absorbed_ids),
+        reason=reason,
+        actor=actor,
+        source=source[:255],
+    )
+    absorb_profile(survivor, absorbed)
+    UserIdentity.objects.filter(user=absorbed).update(user=survivor)
+    user_absorbed.send(EndUser, workspace_id=workspace.pk, absorbed_pk=absorbed.pk, survivor_pk=survivor.pk)
+    survivor_groups = GroupMembership.objects.filter(user=survivor).values("group_id")
+    GroupMembership.objects.filter(user=absorbed, group_id__in=survivor_groups).delete()
+    GroupMembership.objects.filter(user=absorbed).update(user=survivor)
+    MergeRecord.objects.filter(survivor=absorbed).update(survivor=survivor, survivor_key=survivor.pk)
+    # Deleting first frees the absorbed user's canonical userId for the survivor.
+    EndUser.objects.filter(pk=absorbed.pk).delete()
+
+
+@dataclass
+class MergeResult:
+    survivor: EndUser
+    absorbed_ids: list[int]
+    # True when every named user had already been merged into the survivor: nothing changed.
+    already_merged: bool = False
+
+
+def merge_users(
+    *,
+    workspace: Workspace,
+    user_pks: list[int],
+    survivor_pk: int | None = None,
+    reason: str = MergeReason.ADMIN,
+    actor: str = "",
+    source: str = "",
+) -> MergeResult:
+    """Merge users (by Kana id) into one: the oldest, or ``survivor_pk`` when given.
+
+    Idempotent: ids already absorbed are followed through the ledger to their survivor, so
+    repeating a merge request finds one user and changes nothing.
+    """
+    wanted = list(dict.fromkeys(int(pk) for pk in user_pks))
+    if survivor_pk is not None and int(survivor_pk) not in wanted:
+        wanted.append(int(survivor_pk))
+    if len(wanted) < 2:
+        raise IdentityError("too_few_users", "name at least two users to merge", "user_ids")
+
+    @transaction.atomic
+    def once() -> MergeResult:
+        current = {pk: current_user_pk(workspace, pk) for pk in wanted}
+        unknown = [pk for pk, now in current.items() if now is None]
+        if unknown:
+            raise IdentityError("unknown_user", f"no user with id {unknown[0]} in this workspace", "user_ids")
+        targets = sorted(set(current.values()))
+        users = list(EndUser.objects.for_workspace(workspace).filter(pk__in=targets).order_by("pk").select_for_update())
+        if len(users) != len(targets):
+            raise ConcurrentChange()
+        chosen = current[int(survivor_pk)] if survivor_pk is not None else None
+        survivor = next(u for u in users if u.pk == chosen) if chosen else oldest_first(users)[0]
+        if len(users) == 1:
+            return MergeResult(survivor=survivor, absorbed_ids=[], already_merged=True)
+        absorbed_ids = []
+        for user in oldest_first(users):
+            if user.pk == survivor.pk:
+                continue
+            absorb(workspace=workspace, survivor=survivor, absorbed=user, reason=reason, actor=actor, source=source)
+            absorbed_ids.append(user.pk)
+        survivor.save()
+        return MergeResult(survivor=survivor, absorbed_ids=absorbed_ids)
+
+    return run_with_retries(once)
+
+
+def current_user_pk(workspace: Workspace, user_pk: int) -> int | None:
+    """The id a user has now: itself, or the survivor it was merged into (followed)."""
+    seen = set()
+    while user_pk not in seen:
+        seen.add(user_pk)
+        if EndUser.objects.for_workspace(workspace).filter(pk=user_pk).exists():
+            return user_pk
+        record = (
+            MergeRecord.objects.for_workspace(workspace)
+            .filter(absorbed_id=user_pk)
+            .values_list("survivor_key", flat=True)
+            .first()
+        )
+        if record is None:
+            return None
+        user_pk = record
+    return None
