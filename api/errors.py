@@ -1,7 +1,5 @@
-"""API errors: domain errors as 400s and JSON 404s for unknown API paths."""
+"""API errors: the services' domain errors with their own status (HTTP errors in general: ``kana.http_errors``)."""
 
-from django.http import JsonResponse
-from django.views import defaults
 from rest_framework.exceptions import APIException
 
 from kana import errors
@@ -26,13 +24,3 @@ class DomainError(APIException):
         refusal = cls(code=error.code, message=error.message, field=error.field)
         refusal.status_code = error.status
         return refusal
-
-
-def not_found(request, exception=None):
-    """Django's 404 for a path no URL matches: JSON under /api/, the usual page elsewhere.
-
-    An API client asking for ``/api/v1/users/abc`` gets the same body as for an unknown id.
-    """
-    if request.path.startswith("/api/"):
-        return JsonResponse({"code": "not_found", "message": "no such API path or object"}, status=404)
-    return defaults.page_not_found(request, exception)

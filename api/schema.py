@@ -1,6 +1,9 @@
-"""OpenAPI extras: the API key security scheme and the error responses of every operation."""
+"""OpenAPI extras: the API key security scheme, the error responses of every operation, and a
+generator that also documents Segment's endpoints (plain Django views)."""
 
+from django.urls import URLPattern, URLResolver
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.generators import EndpointEnumerator, SchemaGenerator
 from drf_spectacular.openapi import AutoSchema
 from rest_framework import serializers
 
@@ -60,9 +63,42 @@ class KanaAutoSchema(AutoSchema):
             if parameter["in"] == "path" and parameter["schema"].get("pattern") == f"^{ID_PATTERN}$":
                 parameter["schema"] = {"type": "integer", "format": "int64", "minimum": 1, "maximum": MAX_ID}
         error = {"content": {"application/json": {"schema": self.resolve_serializer(ErrorSerializer, "response").ref}}}
-        statuses = ["400", "401", "404", "405"]
-        if "requestBody" in operation:
-            statuses.append("415")
+        # A view may say which generic errors apply to it (Segment's endpoints list their own).
+        statuses = getattr(self.view, "kana_error_statuses", None)
+        if statuses is None:
+            statuses = ["400", "401", "404", "405"] + (["415"] if "requestBody" in operation else [])
         for status in statuses:
             operation["responses"].setdefault(status, {"description": _ERRORS[status], **error})
         return operation
+
+
+# The attribute by which a plain Django view names the APIView that describes it.
+OPENAPI_VIEW_ATTRIBUTE = "openapi_view"
+
+
+class KanaEndpointEnumerator(EndpointEnumerator):
+    """DRF's endpoints, plus plain Django views that carry a stand-in ``APIView`` describing
+    them (``view.openapi_view``; Segment's endpoints, see ``segment_ingest/schema.py``), at
+    their real paths. The stand-in is never routed: only its schema is read."""
+
+    def get_api_endpoints(self, patterns=None, prefix=""):
+        endpoints = super().get_api_endpoints(patterns, prefix)
+        if patterns is None:  # the whole URL tree, not a nested call
+            endpoints += self._described_plain_views(self.patterns, "")
+        return endpoints
+
+    def _described_plain_views(self, patterns, prefix: str) -> list:
+        found = []
+        for pattern in patterns:
+            regex = prefix + str(pattern.pattern)
+            if isinstance(pattern, URLResolver):
+                found += self._described_plain_views(pattern.url_patterns, regex)
+            elif isinstance(pattern, URLPattern) and getattr(pattern.callback, OPENAPI_VIEW_ATTRIBUTE, None):
+                stand_in = getattr(pattern.callback, OPENAPI_VIEW_ATTRIBUTE).as_view()
+                path = self.get_path_from_regex(regex)
+                found += [(path, regex, method, stand_in) for method in self.get_allowed_methods(stand_in)]
+        return found
+
+
+class KanaSchemaGenerator(SchemaGenerator):
+    endpoint_inspector_cls = KanaEndpointEnumerator

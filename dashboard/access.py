@@ -3,13 +3,15 @@
 Dashboard logins are Django users that are members of workspaces (``Workspace.members``).
 Every dashboard view is wrapped in ``workspace_view``: it requires a signed-in member and
 sets ``request.workspace``; views read only through that workspace, so an object of another
-workspace is simply not found (404).
+workspace is simply not found (404): Kana's own page, with the navigation, never Django's
+debug page (which would list the URL patterns to whoever follows a stale link in DEBUG).
 """
 
 from functools import wraps
 
 from django.contrib.auth.decorators import login_required
 from django.db.models import QuerySet
+from django.http import Http404
 from django.shortcuts import redirect, render
 
 from kana.models import Workspace
@@ -58,6 +60,9 @@ def workspace_view(view):
                 return redirect("dashboard:workspaces")
             return render(request, "dashboard/no_workspace.html", status=403)
         request.workspace = workspace
-        return view(request, *args, **kwargs)
+        try:
+            return view(request, *args, **kwargs)
+        except Http404:
+            return render(request, "404.html", status=404)
 
     return wrapped

@@ -1,6 +1,7 @@
 """Dashboard forms: they validate what a person typed and hand it to the services."""
 
 import json
+import re
 
 from django import forms
 from django.forms import formset_factory
@@ -53,12 +54,66 @@ class FeatureForm(forms.Form):
     type = forms.ChoiceField(choices=FeatureType.choices, initial=FeatureType.CONSUMABLE)
 
 
+COMPARISONS = ("gt", "gte", "lt", "lte")
+
+
+def operator_text(operator: str) -> str:
+    """How the builder shows an operator in a sentence: ``“>”``, ``“is one of”``."""
+    return f"“{OPERATOR_LABELS.get(operator, operator)}”"
+
+
+_API_OPERATOR = re.compile(r"'(" + "|".join(OPERATORS) + r")'")
+_API_FIELD = re.compile(r"^conditions\[\d+\]\.?(\w+)?\s*")
+
+
+def in_dashboard_words(message: str) -> str:
+    """A rules-service message as the builder's words: its operator symbols and words rather
+    than the API's codes (``'gt'`` -> ``“>”``), and no ``conditions[0].value`` prefix (the
+    message is shown on the row it is about)."""
+    message = _API_OPERATOR.sub(lambda m: operator_text(m.group(1)), message)
+    match = _API_FIELD.match(message)
+    if match:
+        message = f"the {match.group(1)} {message[match.end() :]}" if match.group(1) else message[match.end() :]
+    return message[:1].upper() + message[1:]
+
+
 class ConditionForm(forms.Form):
+    # Placeholders start with "e.g." and are styled as hints: they must not pass for values.
     property = forms.CharField(
-        max_length=255, required=False, widget=forms.TextInput(attrs={"placeholder": "plan.tier"})
+        max_length=255,
+        required=False,
+        widget=forms.TextInput(attrs={"placeholder": "e.g. plan.tier", "aria-label": "Property"}),
     )
-    operator = forms.ChoiceField(choices=[(op, OPERATOR_LABELS[op]) for op in OPERATORS], initial="equals")
-    value = forms.CharField(max_length=1000, required=False, widget=forms.TextInput(attrs={"placeholder": "pro"}))
+    operator = forms.ChoiceField(
+        choices=[(op, OPERATOR_LABELS[op]) for op in OPERATORS],
+        initial="equals",
+        widget=forms.Select(attrs={"aria-label": "Operator"}),
+    )
+    value = forms.CharField(
+        max_length=1000,
+        required=False,
+        widget=forms.TextInput(attrs={"placeholder": "e.g. pro", "aria-label": "Value"}),
+    )
+
+    def clean(self):
+        """What the rules service would refuse, said with the operator the admin picked."""
+        data = super().clean()
+        path = (data.get("property") or "").strip()
+        operator, raw = data.get("operator"), (data.get("value") or "").strip()
+        if not path:
+            if raw:
+                raise forms.ValidationError("Type the property this value is for, such as plan.tier.")
+            return data
+        value = parse_value(raw)
+        if operator in COMPARISONS and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise forms.ValidationError(f"{operator_text(operator)} compares numbers: type one, such as 3.")
+        if operator == "in" and not raw:
+            raise forms.ValidationError(f"{operator_text(operator)} needs a comma-separated list, such as pro, team.")
+        if operator in ("equals", "not_equals", "contains") and not raw:
+            raise forms.ValidationError(f"{operator_text(operator)} needs a value.")
+        if operator == "exists" and value not in (None, True, False):
+            raise forms.ValidationError(f"{operator_text(operator)} takes no value (or true / false).")
+        return data
 
     def condition(self) -> dict | None:
         """The condition as the rules service takes it, or None for a blank row."""
@@ -79,8 +134,9 @@ class ConditionForm(forms.Form):
         return condition
 
 
-ConditionFormSet = formset_factory(ConditionForm, extra=0, max_num=20)
-CONDITION_ROWS = 4
+MAX_CONDITIONS = 20
+ConditionFormSet = formset_factory(ConditionForm, extra=0, max_num=MAX_CONDITIONS)
+NEW_FEATURE = "__new__"  # the feature choice that creates one with the rule
 
 
 class RuleForm(forms.Form):
@@ -88,17 +144,49 @@ class RuleForm(forms.Form):
     event_name = forms.CharField(
         max_length=255, required=False, label="Event name", help_text="Leave empty to match any event"
     )
-    feature = forms.ChoiceField(label="Records usage of")
+    feature = forms.ChoiceField(label="Records usage of", required=False)
     amount_property = forms.CharField(
         max_length=255, required=False, label="Amount property", help_text="Default: properties.delta, else 1"
+    )
+    # A feature created with the rule, when it does not exist yet.
+    new_feature_key = forms.CharField(
+        max_length=100,
+        required=False,
+        label="New feature id",
+        help_text="What events send as properties.featureId",
+        widget=forms.TextInput(attrs={"placeholder": "e.g. pdf-exports"}),
+    )
+    new_feature_name = forms.CharField(
+        max_length=255, required=False, label="Name", widget=forms.TextInput(attrs={"placeholder": "e.g. PDF exports"})
+    )
+    new_feature_type = forms.ChoiceField(
+        choices=FeatureType.choices, initial=FeatureType.CONSUMABLE, required=False, label="Type"
     )
 
     def __init__(self, *args, workspace, **kwargs):
         super().__init__(*args, **kwargs)
         features = Feature.objects.for_workspace(workspace).order_by("key").values_list("key", "name")
-        self.fields["feature"].choices = [("", "— choose a feature —")] + [
-            (key, f"{name} ({key})" if name and name != key else key) for key, name in features
-        ]
+        self.fields["feature"].choices = (
+            [("", "— choose a feature —")]
+            + [(key, f"{name} ({key})" if name and name != key else key) for key, name in features]
+            + [(NEW_FEATURE, "+ Create a new feature…")]
+        )
+
+    def clean(self):
+        data = super().clean()
+        feature, new_key = data.get("feature"), (data.get("new_feature_key") or "").strip()
+        data["new_feature_type"] = data.get("new_feature_type") or FeatureType.CONSUMABLE
+        if feature == "" and new_key:
+            data["feature"] = feature = NEW_FEATURE  # typed a new feature without picking the option
+        if feature == NEW_FEATURE and not new_key:
+            self.add_error("new_feature_key", "Type the id of the feature to create.")
+        elif not feature and "feature" not in self.errors:
+            self.add_error("feature", "Choose the feature this rule records usage of, or create one.")
+        return data
+
+    @property
+    def creates_feature(self) -> bool:
+        return self.cleaned_data.get("feature") == NEW_FEATURE
 
 
 class CsvUploadForm(forms.Form):

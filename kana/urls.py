@@ -1,20 +1,26 @@
 from django.contrib import admin
-from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from django.urls import include, path, re_path
 
 from . import health
+from .http_errors import json_errors, no_such_path
 
 urlpatterns = [
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
     path("django-admin/", admin.site.urls),
-    # CSV export/import first, so no broader api/v1/users/<id> pattern can shadow them.
-    path("api/v1/users/", include("api.csv")),
-    path("api/v1/", include("api.urls")),
-    path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
-    path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
-    path("", include("segment_ingest.urls")),
+    # Machine-facing sections: every error is JSON, unknown paths under them included.
+    *json_errors(
+        [
+            # CSV export/import first, so no broader api/v1/users/<id> pattern can shadow them.
+            path("api/v1/users/", include("api.csv")),
+            path("api/v1/", include("api.urls")),
+            path("api/", include("api.schema_urls")),  # api/schema/, api/docs/
+            re_path(r"^api/", no_such_path),
+        ]
+    ),
+    *json_errors([path("", include("segment_ingest.urls")), re_path(r"^(?:v1|segment)/", no_such_path)]),
     path("", include("dashboard.urls")),
 ]
 
-handler404 = "api.errors.not_found"
+handler404 = "kana.http_errors.page_not_found"
+handler500 = "kana.http_errors.server_error"

@@ -28,6 +28,7 @@ MAX_NESTING_DEPTH = 64
 # ``MessageType.values`` builds a new list on every access: this runs once per message.
 _MESSAGE_TYPES = frozenset(MessageType.values)
 
+
 class MessageError(DomainError):
     """A Segment message Kana refuses (4xx: Segment does not retry it)."""
 

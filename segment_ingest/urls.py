@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views
+from . import schema, views
 
 urlpatterns = [
     path("segment/events", views.segment_events, name="segment-events"),
@@ -11,3 +11,4 @@ urlpatterns = [
         for message_type in ("identify", "track", "page", "screen", "group", "alias")
     ],
 ]
+schema.describe(urlpatterns)  # the OpenAPI description of each endpoint (segment_ingest/schema.py)

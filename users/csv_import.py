@@ -17,7 +17,9 @@ Services (what the dashboard, the REST API and ``manage.py import_users`` call):
     import_report(job: ImportJob) -> dict
         SPEC §9's import report: {"id", "status", "dry_run", "applied", "counts", "rows",
         "rows_total", "rows_processed", "error"}; ``rows`` holds at most REPORT_SAMPLE_ROWS
-        rows, errors first. The full report is a file: ``open_import_report(job)``.
+        rows, errors first; a row is {"row", "result", "error", "code", "kana_id", "note",
+        "changes"} (``changes``: the fields an updated or merged row changed). The full
+        report is a file: ``open_import_report(job)``.
 
     open_import_report(job: ImportJob) -> BinaryIO | None
         The full per-row report, CSV ``row,result,error,code,kana_id,note`` (UTF-8).
@@ -44,6 +46,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import BinaryIO
 
 from django.conf import settings
@@ -284,7 +287,7 @@ class _Report:
         self.writer = csv.writer(self.text)
         self.writer.writerow(REPORT_COLUMNS)
 
-    def add(self, number: int, result: str, *, kana_id=None, code="", error="", note="") -> None:
+    def add(self, number: int, result: str, *, kana_id=None, code="", error="", note="", changes=()) -> None:
         self.counts[result] += 1
         self.writer.writerow((number, result, error, code, kana_id or "", note))
         kept = self.errors if result == "error" else self.others
@@ -297,16 +300,18 @@ class _Report:
                     "code": code or None,
                     "kana_id": kana_id,
                     "note": note or None,
+                    "changes": list(changes),
                 }
             )
 
-    def add_outcome(self, number: int, outcome) -> None:
+    def add_outcome(self, number: int, outcome, occurred_at: datetime) -> None:
         if isinstance(outcome, _RowError):
             self.add(number, "error", code=outcome.code, error=outcome.message)
         elif isinstance(outcome, IdentityError):
             self.add(number, "error", code=_ERROR_CODES.get(outcome.code, outcome.code), error=outcome.message)
         else:
-            self.add(number, _RESULTS[outcome.outcome], kana_id=outcome.user.pk, note=_note(outcome))
+            changes = _changed_fields(outcome, occurred_at)
+            self.add(number, _RESULTS[outcome.outcome], kana_id=outcome.user.pk, note=_note(outcome), changes=changes)
 
     def sample(self) -> list[dict]:
         room = REPORT_SAMPLE_ROWS - len(self.errors)
@@ -323,6 +328,17 @@ class _Report:
     def close(self) -> None:
         if not self.text.closed:
             self.text.close()
+
+
+# A CSV row stamps a field (``*_set_at`` = the import's time) only when it changes its value.
+_STAMPED_FIELDS = (("name", "name_set_at"), ("email", "email_set_at"), ("billing_id", "billing_set_at"))
+
+
+def _changed_fields(result: IdentifyResult, occurred_at: datetime) -> list[str]:
+    """The profile fields a row changed on an existing user (created users: none listed)."""
+    if result.outcome in (IdentifyOutcome.CREATED, IdentifyOutcome.UNCHANGED):
+        return []
+    return [name for name, stamp in _STAMPED_FIELDS if getattr(result.user, stamp) == occurred_at]
 
 
 def _note(result: IdentifyResult) -> str:
@@ -500,7 +516,8 @@ def _run(job: ImportJob, progress, row_by_row: bool) -> None:
                             else []
                         )
                         for number, row in parsed:
-                            report.add_outcome(number, next(outcomes) if isinstance(row, ProfileRow) else row)
+                            outcome = next(outcomes) if isinstance(row, ProfileRow) else row
+                            report.add_outcome(number, outcome, occurred_at)
                         processed += len(chunk)
                         heartbeat.processed = processed
                         if progress:

@@ -1,8 +1,11 @@
 """Small display filters for the dashboard templates."""
 
 import json
+from datetime import datetime, timedelta
 
 from django import template
+from django.utils import timezone
+from django.utils.timesince import timesince
 
 from users.models import UserFlag
 
@@ -11,6 +14,7 @@ from ..forms import OPERATOR_LABELS, format_value
 register = template.Library()
 
 _FLAG_SHORT = {UserFlag.NO_BILLING_ID.value: "no billing id", UserFlag.SAME_EMAIL.value: "same email"}
+_FIELD_LABELS = {"name": "Name", "email": "Email", "billing_id": "Billing id"}
 
 
 @register.filter
@@ -32,3 +36,19 @@ def condition_text(condition: dict) -> str:
 @register.filter
 def as_json(value) -> str:
     return json.dumps(value, indent=2, sort_keys=True, default=str)
+
+
+@register.filter
+def field_label(field: str) -> str:
+    """``billing_id`` -> ``Billing id``: a user field as the pages name it."""
+    return _FIELD_LABELS.get(field, field)
+
+
+@register.filter
+def ago(moment: datetime | None) -> str:
+    """``just now`` under a minute (Django's timesince says "0 minutes"), else ``3 hours ago``."""
+    if moment is None:
+        return ""
+    if timezone.now() - moment < timedelta(minutes=1):
+        return "just now"
+    return f"{timesince(moment, depth=1)} ago"

@@ -5,6 +5,7 @@ from django.http import Http404
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
+from users.conflicts import merge_conflicts
 from users.models import MergeReason
 from users.profile import merge_preview
 from users.selectors import duplicate_groups, user_ids_by_user, users_with_flags
@@ -50,6 +51,7 @@ def merge_preview_page(request):
     if survivor_pk is not None and survivor_pk not in {u.pk for u in users}:
         raise Http404("the survivor must be one of the selected users")
     preview = merge_preview(users, survivor_pk=survivor_pk)
+    conflicts = merge_conflicts(preview.survivor, preview.absorbed, preview.result)
     ordered = with_flags_and_ids([preview.survivor, *preview.absorbed])
     ids = user_ids_by_user([u.pk for u in ordered])
     result_ids = [uid for user in ordered for uid in ids.get(user.pk, [])]
@@ -61,6 +63,8 @@ def merge_preview_page(request):
         "default_survivor_pk": merge_preview(users).survivor.pk,
         "result": preview.result,
         "result_user_ids": result_ids,
+        "conflicts": conflicts,
+        "conflict_fields": {c.field for c in conflicts},
         "selected_pks": [u.pk for u in ordered],
     }
     return render(request, "dashboard/merge_preview.html", context)
@@ -90,5 +94,6 @@ def merge(request):
     if result.already_merged:
         messages.info(request, "These users were already merged.")
     else:
-        messages.success(request, f"Merged {len(result.absorbed_ids)} user(s) into {result.survivor}.")
+        absorbed = len(result.absorbed_ids)
+        messages.success(request, f"Merged {absorbed} {'user' if absorbed == 1 else 'users'} into {result.survivor}.")
     return redirect("dashboard:user", pk=result.survivor.pk)

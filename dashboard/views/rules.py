@@ -3,6 +3,7 @@
 import re
 
 from django.contrib import messages
+from django.db import transaction
 from django.http import JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
@@ -14,7 +15,15 @@ from features.selectors import reprocessing_by_rule, reprocessing_of, unmapped_b
 from features.services import FeatureError, RuleDefinition, feature_create, rule_create, rule_update
 
 from ..access import workspace_view
-from ..forms import CONDITION_ROWS, ConditionFormSet, FeatureForm, RuleForm, format_value
+from ..forms import (
+    MAX_CONDITIONS,
+    NEW_FEATURE,
+    ConditionFormSet,
+    FeatureForm,
+    RuleForm,
+    format_value,
+    in_dashboard_words,
+)
 
 # Rules are few per workspace; the list shows the newest this many.
 RULES_SHOWN = 200
@@ -87,19 +96,45 @@ def _prefill(request) -> tuple[dict, list[dict]]:
 
 def _builder(request, form, formset, status_code=200):
     has_features = Feature.objects.for_workspace(request.workspace).exists()
-    context = {"form": form, "formset": formset, "has_features": has_features}
+    context = {"form": form, "formset": formset, "has_features": has_features, "max_conditions": MAX_CONDITIONS}
     return render(request, "dashboard/rule_new.html", context, status=status_code)
 
 
-def _place_error(form, condition_forms: list, exc: FeatureError) -> None:
-    """Show a service error next to what caused it (the condition row, or the field)."""
+def _place_error(form, condition_forms: list, exc: FeatureError, *, new_feature: bool) -> None:
+    """Show a service error next to what caused it (the condition row, or the field), in the
+    builder's words."""
+    message = in_dashboard_words(exc.message)
     match = _CONDITION_FIELD.match(exc.field or "")
     if match and int(match.group(1)) < len(condition_forms):
-        condition_forms[int(match.group(1))].add_error(None, exc.message)
+        condition_forms[int(match.group(1))].add_error(None, message)
+    elif new_feature and exc.field in ("id", "type"):  # feature_create's fields
+        form.add_error("new_feature_key" if exc.field == "id" else "new_feature_type", message)
     elif exc.field in form.fields:
-        form.add_error(exc.field, exc.message)
+        form.add_error(exc.field, message)
     else:
-        form.add_error(None, exc.message)
+        form.add_error(None, message)
+
+
+def _posted_rows(formset) -> list[dict]:
+    return [
+        {name: form.data.get(form.add_prefix(name), "") for name in ("property", "operator", "value")}
+        for form in formset.forms
+    ]
+
+
+def _edit_rows(request):
+    """Without JavaScript, "Add a condition" and "Remove" submit the form: the builder comes
+    back with a row more or less, and nothing is saved."""
+    rows = _posted_rows(ConditionFormSet(request.POST, prefix="conditions"))
+    if "add_condition" in request.POST:
+        rows = rows[: MAX_CONDITIONS - 1] + [{}]
+    else:
+        try:
+            del rows[int(request.POST["remove_condition"])]
+        except (ValueError, IndexError):
+            pass
+    form = RuleForm(workspace=request.workspace, initial=request.POST.dict())
+    return _builder(request, form, ConditionFormSet(prefix="conditions", initial=rows))
 
 
 @require_http_methods(["GET", "POST"])
@@ -107,12 +142,20 @@ def _place_error(form, condition_forms: list, exc: FeatureError) -> None:
 def rule_new(request):
     if request.method == "GET":
         initial, conditions = _prefill(request)
-        rows = conditions + [{} for _ in range(max(CONDITION_ROWS - len(conditions), 1))]
+        keys = set(Feature.objects.for_workspace(request.workspace).values_list("key", flat=True))
+        wanted = initial["feature"]
+        if wanted and wanted not in keys:  # a featureId seen in events, not created yet
+            initial.update(feature=NEW_FEATURE, new_feature_key=wanted)
+        elif not keys:  # nothing to choose from: the rule creates its feature
+            initial["feature"] = NEW_FEATURE
+        rows = conditions or [{}]
         return _builder(
             request,
             RuleForm(workspace=request.workspace, initial=initial),
             ConditionFormSet(prefix="conditions", initial=rows),
         )
+    if "add_condition" in request.POST or "remove_condition" in request.POST:
+        return _edit_rows(request)
     form = RuleForm(request.POST, workspace=request.workspace)
     formset = ConditionFormSet(request.POST, prefix="conditions")
     if form.is_valid() and formset.is_valid():
@@ -120,19 +163,30 @@ def rule_new(request):
         # Blank rows are skipped; the service numbers errors by the filled rows.
         filled = [(f, f.condition()) for f in formset.forms]
         filled = [(f, c) for f, c in filled if c is not None]
+        new_feature = form.creates_feature
         definition = RuleDefinition(
             name=data["name"],
-            feature_key=data["feature"],
+            feature_key=data["new_feature_key"].strip() if new_feature else data["feature"],
             event_name=data["event_name"].strip() or None,
             conditions=[c for _f, c in filled],
             amount_property=data["amount_property"] or None,
         )
         try:
-            rule = rule_create(workspace=request.workspace, definition=definition)
+            # The feature and its rule are created together or not at all.
+            with transaction.atomic():
+                if new_feature:
+                    feature_create(
+                        workspace=request.workspace,
+                        key=definition.feature_key,
+                        name=data["new_feature_name"].strip(),
+                        type=data["new_feature_type"],
+                    )
+                rule = rule_create(workspace=request.workspace, definition=definition)
         except FeatureError as exc:
-            _place_error(form, [f for f, _c in filled], exc)
+            _place_error(form, [f for f, _c in filled], exc, new_feature=new_feature)
         else:
-            messages.success(request, f"Rule “{rule.name}” created; stored unmapped events are being reprocessed.")
+            created = f"Feature {definition.feature_key} and rule" if new_feature else "Rule"
+            messages.success(request, f"{created} “{rule.name}” created; stored unmapped events are being reprocessed.")
             return redirect(f"{reverse('dashboard:rules')}#rule-{rule.pk}")
     return _builder(request, form, formset, status_code=400)
 
