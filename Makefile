@@ -1,7 +1,10 @@
-.PHONY: run test bench lint lock smoke
+.PHONY: run demo test bench lint lock smoke
 
 run:  ## run Kana embedded (SQLite, in-process tasks, demo workspace) on :8000; installs the runtime lock only
 	scripts/run.sh
+
+demo:  ## `make run` with sample data: users with duplicates, events (some unmapped), features, a rule
+	KANA_DEMO_DATA=1 scripts/run.sh
 
 test:  ## run the test suite (PostgreSQL + Redis when DATABASE_URL/REDIS_URL are set); adds the dev lock
 	scripts/test.sh

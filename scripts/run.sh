@@ -14,4 +14,8 @@ print(f"SECRET_KEY={secrets.token_urlsafe(50)}")' > .env)
 fi
 .venv/bin/python manage.py migrate --no-input -v0
 .venv/bin/python manage.py demo
+if [ "${KANA_DEMO_DATA:-0}" = 1 ]; then
+  # Sample users (with duplicates to review), events (some unmapped), features and a rule.
+  .venv/bin/python manage.py demo_data
+fi
 exec .venv/bin/python manage.py runserver "${KANA_ADDR:-127.0.0.1:8000}"

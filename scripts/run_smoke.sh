@@ -71,6 +71,12 @@ grep -q ",u-123,John Doe,john@example.com," users.csv || fail "the export lacks 
 .venv/bin/python manage.py export_users "$workspace" by-id.csv
 cmp -s users.csv by-id.csv || fail "export by id and by name differ"
 
+step "make demo's sample data (the command it adds to make run), twice: idempotent"
+.venv/bin/python manage.py demo_data
+.venv/bin/python manage.py demo_data
+users=$(curl -fsS --max-time 10 -H "Authorization: Bearer $KEY" "http://127.0.0.1:$port/api/v1/users" | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["count"])')
+[ "$users" -ge 8 ] || fail "demo data made $users users"
+
 step "python3 bench/run.py --help with the system python (re-runs under .venv)"
 PATH=$(echo "$PATH" | tr ':' '\n' | grep -v "/.venv/bin" | paste -sd:) "$PYTHON" bench/run.py --help >"$work/bench-help.txt"
 grep -q -- "--quick" "$work/bench-help.txt" || fail "bench/run.py --help printed no usage"
