@@ -17,7 +17,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
 from features.ingest import ingest_messages
-from kana.errors import DomainError
+from kana.errors import DomainError, error_body
 from kana.request_auth import api_key_from_authorization
 from kana.retries import RetriesExhausted
 from kana.services import workspace_for_api_key
@@ -39,10 +39,7 @@ RETRY_AFTER_SECONDS = "5"
 
 
 def error_response(code: str, message: str, status: int, field: str | None = None, **extra) -> JsonResponse:
-    body = {"success": False, "code": code, "message": message, **extra}
-    if field:
-        body["field"] = field
-    response = JsonResponse(body, status=status)
+    response = JsonResponse({"success": False, **error_body(code, message, field, **extra)}, status=status)
     if status in (429, 503):
         response["Retry-After"] = RETRY_AFTER_SECONDS
     return response
