@@ -20,13 +20,7 @@ logger = logging.getLogger(__name__)
 TIME_SLICE_SECONDS = 30
 
 
-@shared_task(
-    acks_late=True,
-    reject_on_worker_lost=True,
-    autoretry_for=(OperationalError, InterfaceError),
-    retry_backoff=True,
-    max_retries=10,
-)
+@shared_task(**jobs.JOB_TASK_OPTIONS, max_retries=10)
 def run_reprocessing_job(job_id: int) -> None:
     if not reprocessing.claim_job(job_id):
         return

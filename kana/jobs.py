@@ -19,7 +19,7 @@ from functools import partial
 
 from celery import current_app
 from django.conf import settings
-from django.db import models, transaction
+from django.db import InterfaceError, OperationalError, models, transaction
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -36,6 +36,16 @@ class JobStatus(models.TextChoices):
 
 
 UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+# How every job's task is delivered (PostHog's habit): acknowledged once it ran, sent again
+# if its worker dies, retried with backoff for transient database errors only (the job's
+# row keeps its progress).
+JOB_TASK_OPTIONS = {
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+    "autoretry_for": (OperationalError, InterfaceError),
+    "retry_backoff": True,
+}
 
 
 class Job(models.Model):

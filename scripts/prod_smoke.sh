@@ -22,11 +22,7 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/kana-prod-smoke.XXXXXX")
 pids=()
 failed=1
 cleanup() {
-  for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-    kill -KILL -- "-$pid" 2>/dev/null || true
-  done
+  for pid in "${pids[@]}"; do stop_process_group "$pid"; done
   wait 2>/dev/null || true
   psql -q "$PG/postgres" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true
   redis-cli -u "$SMOKE_REDIS_URL" flushdb >/dev/null 2>&1 || true
@@ -37,6 +33,8 @@ cleanup() {
     rm -rf "$work"
   fi
 }
+# shellcheck source=scripts/smoke_lib.sh
+. scripts/smoke_lib.sh  # the working directory is the project here
 trap cleanup EXIT
 fail() { echo "prod smoke: $*" >&2; exit 1; }
 step() { echo "--- $*"; }

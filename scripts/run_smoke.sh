@@ -12,9 +12,7 @@ server=
 failed=1
 cleanup() {
   if [ -n "$server" ]; then
-    kill -TERM -- "-$server" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$server" 2>/dev/null || break; sleep 0.2; done
-    kill -KILL -- "-$server" 2>/dev/null || true
+    stop_process_group "$server"
     wait 2>/dev/null || true
   fi
   if [ "$failed" = 1 ]; then
@@ -25,6 +23,8 @@ cleanup() {
     rm -rf "$work"
   fi
 }
+# shellcheck source=scripts/smoke_lib.sh
+. scripts/smoke_lib.sh  # the working directory is the project here
 trap cleanup EXIT
 fail() { echo "run smoke: $*" >&2; exit 1; }
 step() { echo "--- $*"; }

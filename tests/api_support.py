@@ -14,6 +14,33 @@ from users.services import upsert_user_by_email
 
 from .conftest import SegmentClient, Tenant
 
+# The fields of a user as the API answers it.
+USER_FIELDS = {
+    "id",
+    "user_id",
+    "user_ids",
+    "name",
+    "email",
+    "billing_id",
+    "billing_provider",
+    "created_at",
+    "updated_at",
+    "flags",
+    "audiences",
+}
+# Segment's endpoints (plain Django views, described by segment_ingest/schema.py).
+INGEST_PATHS = (
+    "/segment/events",
+    "/v1/identify",
+    "/v1/track",
+    "/v1/page",
+    "/v1/screen",
+    "/v1/group",
+    "/v1/alias",
+    "/v1/batch",
+    "/v1/import",
+)
+
 
 class ApiClient:
     """Talks to ``/api/v1/`` with ``Authorization: Bearer <the tenant's key>``."""

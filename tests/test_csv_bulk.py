@@ -1,6 +1,7 @@
 """The set-based ``apply_profile_rows`` gives exactly what the per-row services give."""
 
 import re
+from functools import partial
 
 import pytest
 from django.db import connection
@@ -104,7 +105,7 @@ def test_bulk_and_per_row_paths_give_identical_results(chunk):
             )
         return [described(o) for o in outcomes]
 
-    expected = run(services.apply_profile_rows_singly, per_row_ws, per_row_pks)
+    expected = run(partial(services.apply_profile_rows, one_at_a_time=True), per_row_ws, per_row_pks)
     got = run(services.apply_profile_rows, bulk_ws, bulk_pks)
 
     # Messages may name kana_ids, which differ between the two workspaces.

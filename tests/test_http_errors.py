@@ -4,17 +4,7 @@ produced the error; friendly HTML pages in the dashboard, never Django's debug p
 import pytest
 from django.test import Client
 
-INGEST_PATHS = [
-    "/segment/events",
-    "/v1/identify",
-    "/v1/track",
-    "/v1/page",
-    "/v1/screen",
-    "/v1/group",
-    "/v1/alias",
-    "/v1/batch",
-    "/v1/import",
-]
+from .api_support import INGEST_PATHS
 
 
 def json_error(response, status: int, code: str) -> dict:

@@ -47,6 +47,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import BinaryIO
 
 from django.conf import settings
@@ -69,7 +70,6 @@ from .identity import (
     ProfileRow,
     TouchedUsers,
     apply_profile_rows,
-    apply_profile_rows_singly,
 )
 from .models import ImportJob, ImportStatus, MergeReason
 from .profile import UNSET, validated_changes
@@ -484,7 +484,7 @@ def _fail(job_id: int, code: str, message: str) -> None:
 
 def _run(job: ImportJob, progress, row_by_row: bool) -> None:
     occurred_at = timezone.now()
-    apply = apply_profile_rows_singly if row_by_row else apply_profile_rows
+    apply = partial(apply_profile_rows, one_at_a_time=row_by_row)
     report = _Report()
     heartbeat = _Heartbeat(job.pk)
     touched = TouchedUsers()

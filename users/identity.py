@@ -141,8 +141,8 @@ class TouchedUsers:
 
     On PostgreSQL the pairs live in a temporary table of the import's transaction, not in
     this process: memory stays flat whatever the file's size (a dict costs ~140 bytes a row).
-    Use it inside one transaction. Elsewhere it is a dict. ``apply_profile_rows`` and
-    ``apply_profile_rows_singly`` also accept a plain dict.
+    Use it inside one transaction. Elsewhere it is a dict. ``apply_profile_rows`` also
+    accepts a plain dict.
     """
 
     _TABLE = "kana_csv_touched_users"
@@ -496,7 +496,7 @@ def apply_profile_row(
     return run_with_retries(once)
 
 
-def apply_profile_rows_singly(
+def apply_profile_rows(
     *,
     workspace: Workspace,
     rows: list[ProfileRow],
@@ -504,14 +504,30 @@ def apply_profile_rows_singly(
     touched: "dict[int, str] | TouchedUsers",
     reason: str = MergeReason.CSV,
     actor: str = "",
+    one_at_a_time: bool = False,
 ) -> list[RowOutcome]:
-    """Rows one at a time, each in a savepoint with a message's locks: the reference that
-    ``apply_profile_rows`` (the whole batch in one pass) is tested against.
+    """A batch of rows in one pass of the engine: a few queries per call, whatever its size.
+    Runs in a savepoint, retried as a whole.
 
-    A row naming a user that an earlier row (``touched``: user pk -> row label, kept by the
-    caller across calls) already changed, claimed, merged or left unchanged is a
-    ``duplicate_row`` error and leaves no trace (its savepoint is rolled back).
+    ``one_at_a_time``: each row in a savepoint of its own, with a message's advisory locks:
+    the reference the one-pass path is tested against (same outcomes). Either way a row
+    naming a user that an earlier row (``touched``: user pk -> row label, kept by the caller
+    across calls) already changed, claimed, merged or left unchanged is a ``duplicate_row``
+    error and leaves no trace.
+    It takes no advisory locks (see the module's docstring): what is lost is only that an
+    identify naming an email this call is setting at the same moment may not see it,
+    leaving two users flagged ``same_email`` instead of merged.
     """
+    if one_at_a_time:
+        return _apply_rows_singly(workspace, rows, occurred_at, touched, reason, actor)
+    outcomes, newly_touched = run_with_retries(
+        lambda: _apply_rows_once(workspace, rows, occurred_at, touched, reason, actor)
+    )
+    touched.update(newly_touched)
+    return outcomes
+
+
+def _apply_rows_singly(workspace, rows, occurred_at, touched, reason, actor) -> list[RowOutcome]:
     outcomes: list[RowOutcome] = []
     for row in rows:
         try:
@@ -528,29 +544,6 @@ def apply_profile_rows_singly(
             continue
         touched.update((pk, row.label) for pk in _touched_by(result))
         outcomes.append(result)
-    return outcomes
-
-
-def apply_profile_rows(
-    *,
-    workspace: Workspace,
-    rows: list[ProfileRow],
-    occurred_at: datetime,
-    touched: "dict[int, str] | TouchedUsers",
-    reason: str = MergeReason.CSV,
-    actor: str = "",
-) -> list[RowOutcome]:
-    """A batch of rows in one pass of the engine: a few queries per call, whatever its size.
-
-    Same outcomes as ``apply_profile_rows_singly``. Runs in a savepoint, retried as a whole.
-    It takes no advisory locks (see the module's docstring): what is lost is only that an
-    identify naming an email this call is setting at the same moment may not see it,
-    leaving two users flagged ``same_email`` instead of merged.
-    """
-    outcomes, newly_touched = run_with_retries(
-        lambda: _apply_rows_once(workspace, rows, occurred_at, touched, reason, actor)
-    )
-    touched.update(newly_touched)
     return outcomes
 
 

@@ -13,13 +13,7 @@ from .models import ImportJob
 logger = logging.getLogger(__name__)
 
 
-@shared_task(
-    acks_late=True,
-    reject_on_worker_lost=True,
-    autoretry_for=(OperationalError, InterfaceError),
-    retry_backoff=True,
-    max_retries=5,
-)
+@shared_task(**jobs.JOB_TASK_OPTIONS, max_retries=5)
 def run_import(job_id: int) -> None:
     """Run an import job. All or nothing: a retry after a transient database error (or a
     redelivery after the worker died) starts the file again from its first row."""
