@@ -28,7 +28,9 @@ class EventStatus(models.TextChoices):
 class UnmappedReason(models.TextChoices):
     NO_MATCHING_RULE = "no_matching_rule"
     UNKNOWN_FEATURE = "unknown_feature"
-    INVALID_DELTA = "invalid_delta"
+    INVALID_DELTA = "invalid_delta"  # the amount is not a number
+    INVALID_AMOUNT = "invalid_amount"  # a number the usage column cannot hold (|x| >= 10^21)
+    INVALID_VALUE = "invalid_value"  # a value the rules could not evaluate
 
 
 class Event(models.Model):

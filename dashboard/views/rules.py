@@ -23,6 +23,8 @@ REASON_LABELS = {
     UnmappedReason.NO_MATCHING_RULE: "no rule matches",
     UnmappedReason.UNKNOWN_FEATURE: "names an unknown featureId",
     UnmappedReason.INVALID_DELTA: "amount is not a number",
+    UnmappedReason.INVALID_AMOUNT: "amount is too large to record",
+    UnmappedReason.INVALID_VALUE: "a value the rules cannot evaluate",
 }
 _CONDITION_FIELD = re.compile(r"^conditions\[(\d+)\]")
 
