@@ -93,6 +93,9 @@ class ReprocessingJob(models.Model):
     cursor = models.BigIntegerField(default=0)
     scanned = models.BigIntegerField(default=0)
     mapped = models.BigIntegerField(default=0)
+    # Failed attempts at the chunk after ``cursor`` (reset when a chunk commits): a chunk that
+    # keeps failing ends the job as failed, with ``error`` saying why, instead of looping.
+    failures = models.PositiveIntegerField(default=0)
     error = models.TextField(blank=True, default="")
     created_at = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)

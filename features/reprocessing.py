@@ -104,7 +104,7 @@ def process_chunk(job_id: int, chunk_size: int | None = None) -> ChunkResult:
             "heartbeat_at": timezone.now(),
         }
         if rows:
-            updates["cursor"] = rows[-1][0]
+            updates.update(cursor=rows[-1][0], failures=0)
         if finished:
             updates.update(status=JobStatus.DONE, finished_at=timezone.now())
         ReprocessingJob.objects.filter(pk=job_id).update(**updates)
@@ -182,6 +182,34 @@ def _map_events_postgres(workspace_id: int, event_ids: list[int], usages: list[U
             },
         )
         return cursor.fetchone()[0]
+
+
+# Attempts at one chunk before its job is failed: enough to ride out a passing fault, few
+# enough that a chunk that can never commit does not hold a worker (and the job) forever.
+MAX_CHUNK_FAILURES = 3
+
+
+def record_chunk_failure(job_id: int, error: str) -> bool:
+    """Count a failed attempt at a job's current chunk; True when the job is now failed.
+
+    Called after the chunk's transaction rolled back. The job fails (status ``failed``,
+    ``error`` shown with the rule's progress) at the MAX_CHUNK_FAILURES-th attempt in a row.
+    """
+    with transaction.atomic():
+        job = (
+            ReprocessingJob.objects.select_for_update()
+            .filter(pk=job_id, status__in=[JobStatus.QUEUED, JobStatus.RUNNING])
+            .first()
+        )
+        if job is None:
+            return True  # finished (or failed) meanwhile: nothing more to run
+        job.failures += 1
+        job.error = error[:2000]
+        job.heartbeat_at = timezone.now()
+        if job.failures >= MAX_CHUNK_FAILURES:
+            job.status, job.finished_at = JobStatus.FAILED, timezone.now()
+        job.save(update_fields=["failures", "error", "heartbeat_at", "status", "finished_at"])
+        return job.status == JobStatus.FAILED
 
 
 def fail_job(job_id: int, error: str) -> None:

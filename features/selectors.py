@@ -124,6 +124,7 @@ class Progress:
     scanned: int
     mapped: int
     job_id: int | None = None
+    error: str = ""  # why the job failed ("" unless status is "failed")
 
 
 def reprocessing_of(rule: MappingRule) -> Progress:
@@ -138,10 +139,11 @@ def reprocessing_by_rule(workspace: Workspace | int, rule_pks: list[int]) -> dic
         ReprocessingJob.objects.for_workspace(workspace)
         .filter(rule_id__in=rule_pks)
         .order_by("rule_id", "-pk")
-        .values_list("rule_id", "pk", "status", "scanned", "mapped")
+        .values_list("rule_id", "pk", "status", "scanned", "mapped", "error")
     )
-    for rule_pk, job_pk, status, scanned, mapped in jobs:
-        latest.setdefault(rule_pk, Progress(status=status, scanned=scanned, mapped=mapped, job_id=job_pk))
+    for rule_pk, job_pk, status, scanned, mapped, error in jobs:
+        error = error if status == "failed" else ""
+        latest.setdefault(rule_pk, Progress(status=status, scanned=scanned, mapped=mapped, job_id=job_pk, error=error))
     return {pk: latest.get(pk, Progress(status="done", scanned=0, mapped=0)) for pk in rule_pks}
 
 

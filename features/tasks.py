@@ -5,7 +5,7 @@ import time
 
 from celery import shared_task
 from celery.signals import worker_ready
-from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections
+from django.db import InterfaceError, OperationalError, close_old_connections
 
 from . import reprocessing
 
@@ -14,6 +14,8 @@ logger = logging.getLogger(__name__)
 # A task gives the worker back after this long and re-enqueues itself, so one huge job
 # cannot starve the others (Saleor's habit).
 TIME_SLICE_SECONDS = 30
+# A failed chunk is tried again after this long (reprocessing.MAX_CHUNK_FAILURES times in all).
+CHUNK_RETRY_SECONDS = 5
 
 
 @shared_task(
@@ -38,15 +40,17 @@ def run_reprocessing_job(job_id: int) -> None:
                 started = time.monotonic()  # the broker is unreachable: keep the job going here
     except (OperationalError, InterfaceError):
         raise  # transient: autoretry; the cursor keeps what was done
-    except DatabaseError as exc:
-        logger.exception("reprocessing job failed", extra={"job_id": job_id})
-        reprocessing.fail_job(job_id, repr(exc))
-        raise
+    except Exception as exc:  # anything else failed this chunk: count it, try again, give up at the limit
+        logger.exception("reprocessing chunk failed", extra={"job_id": job_id})
+        if reprocessing.record_chunk_failure(job_id, f"{type(exc).__name__}: {exc}"):
+            return  # failed for good: the rule's progress shows the error
+        if not _send_again(job_id, countdown=CHUNK_RETRY_SECONDS):
+            raise  # the broker is unreachable: the sweeper sends the job again later
 
 
-def _send_again(job_id: int) -> bool:
+def _send_again(job_id: int, countdown: float | None = None) -> bool:
     try:
-        run_reprocessing_job.delay(job_id=job_id)
+        run_reprocessing_job.apply_async(kwargs={"job_id": job_id}, countdown=countdown)
     except Exception:  # kombu/redis raise many types when the broker is unreachable
         logger.warning("reprocessing job not re-enqueued; continuing in this task", extra={"job_id": job_id})
         return False

@@ -145,15 +145,16 @@ def rule_new(request):
 def rule_progress(request, pk: int):
     rule = get_object_or_404(MappingRule.objects.for_workspace(request.workspace), pk=pk)
     progress = reprocessing_of(rule)
-    return JsonResponse(
-        {
-            "id": rule.pk,
-            "status": progress.status,
-            "scanned": progress.scanned,
-            "mapped": progress.mapped,
-            "finished": progress.status in ("done", "failed"),
-        }
-    )
+    body = {
+        "id": rule.pk,
+        "status": progress.status,
+        "scanned": progress.scanned,
+        "mapped": progress.mapped,
+        "finished": progress.status in ("done", "failed"),
+    }
+    if progress.error:
+        body["error"] = progress.error
+    return JsonResponse(body)
 
 
 @require_POST

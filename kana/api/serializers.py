@@ -183,6 +183,7 @@ class ProgressSerializer(serializers.Serializer):
     status = serializers.ChoiceField(choices=["queued", "running", "done", "failed"])
     scanned = serializers.IntegerField()
     mapped = serializers.IntegerField()
+    error = serializers.CharField(required=False, help_text='Why the job failed: only when status is "failed".')
 
 
 class RuleSerializer(serializers.Serializer):
@@ -214,7 +215,10 @@ class RuleSerializer(serializers.Serializer):
     @extend_schema_field(ProgressSerializer)
     def get_reprocessing(self, rule) -> dict:
         progress = self.context.get("reprocessing", {}).get(rule.pk) or reprocessing_of(rule)
-        return {"status": progress.status, "scanned": progress.scanned, "mapped": progress.mapped}
+        body = {"status": progress.status, "scanned": progress.scanned, "mapped": progress.mapped}
+        if progress.status == "failed":
+            body["error"] = progress.error
+        return body
 
 
 # --- Events -----------------------------------------------------------------------------
