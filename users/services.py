@@ -1060,10 +1060,24 @@ def _current_user_pk(workspace: Workspace, user_pk: int) -> int | None:
 
 
 def delete_user(*, workspace: Workspace, user_pk: int) -> None:
-    """Delete a user with its identities and usage; its events stay, detached, for the record."""
-    deleted, _ = EndUser.objects.for_workspace(workspace).filter(pk=user_pk).delete()
-    if not deleted:
-        raise IdentityError("unknown_user", f"no user with id {user_pk}", "id")
+    """Delete a user with its identities and usage; its events stay, detached, for the record.
+
+    Safe while events for the user arrive: the user's row is locked first. Ingest checks its
+    events' and usage's foreign key at commit with a KEY SHARE lock on this row, so every
+    insert either committed before the lock (and is detached below) or waits for this delete
+    and then fails its check, and ingest's retry resolves the userId to a new user. Detaching
+    first and locking later (the plain delete) let an event commit in between, and the delete
+    failed at COMMIT on the events' foreign key.
+    """
+
+    @transaction.atomic
+    def once() -> None:
+        users = EndUser.objects.for_workspace(workspace).filter(pk=user_pk)
+        if not users.select_for_update().values_list("pk", flat=True):
+            raise IdentityError("unknown_user", f"no user with id {user_pk}", "id")
+        users.delete()
+
+    run_with_retries(once)
 
 
 # --- Group -----------------------------------------------------------------------------
