@@ -72,6 +72,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # REST API and dashboard: database unreachable -> 503 with Retry-After, not 500.
+    "kana.middleware.DatabaseUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "kana.urls"
