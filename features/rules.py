@@ -17,6 +17,7 @@ OPERATORS = ("equals", "not_equals", "in", "contains", "exists", "gt", "gte", "l
 _MISSING = object()
 # Usage amounts are stored with 9 decimals and 21 integer digits (DecimalField(30, 9)).
 _MAX_AMOUNT = Decimal(10) ** 21
+_MAX_FLOAT_AMOUNT = 1e21
 _AMOUNT_QUANTUM = Decimal("0.000000001")
 # Beyond a float's range a number is "not a finite number", as in the rules' comparisons
 # (and as the JSON number 1e400 is): such an amount is NOT_A_NUMBER, not OUT_OF_RANGE.
@@ -232,7 +233,9 @@ def read_amount(value: Any) -> Decimal:
     if amount.copy_abs() >= _MAX_AMOUNT:
         raise AmountError(OUT_OF_RANGE)
     amount = amount.quantize(_AMOUNT_QUANTUM, context=_AMOUNT_CONTEXT)
-    if amount.copy_abs() >= _MAX_AMOUNT:  # rounded up to 10^21
+    # Rounded up to 10^21; or within a float's step of it: SQLite keeps numerics as floats,
+    # and Django could not fit 1e21 read back into the column's 30 digits.
+    if amount.copy_abs() >= _MAX_AMOUNT or abs(float(amount)) >= _MAX_FLOAT_AMOUNT:
         raise AmountError(OUT_OF_RANGE)
     return amount
 
