@@ -26,7 +26,9 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from kana.locks import lock_rules_shared
+from kana.models import Workspace
 from segment_ingest.models import Event, EventStatus, UnmappedReason
+from users import services as user_services
 
 from .mapping import decide, load_rule_set
 from .models import JobStatus, ReprocessingJob, Usage
@@ -81,19 +83,26 @@ def process_chunk(job_id: int, chunk_size: int | None = None) -> ChunkResult:
             _candidate_events(job)
             .order_by("id")
             .select_for_update(of=("self",))
-            .values_list("id", "name", "unmapped_reason", "payload__properties")[:chunk_size]
+            .values_list("id", "name", "unmapped_reason", "payload__properties", "user_id", "external_user_id")[
+                :chunk_size
+            ]
         )
         usages: list[UsageRow] = []
         mapped_ids: list[int] = []
         new_reasons: dict[str, list[int]] = defaultdict(list)
-        for event_id, name, reason, properties in rows:
+        orphans: dict[int, str] = {}
+        for event_id, name, reason, properties, user_pk, external_id in rows:
             decision = decide(rule_set, name, properties if isinstance(properties, dict) else {})
             if decision.status == EventStatus.MAPPED:
                 mapped_ids.append(event_id)
                 usages.extend((event_id, feature, rule, amount) for feature, amount, rule in decision.usages)
+                if user_pk is None and external_id:
+                    orphans[event_id] = external_id
             elif decision.reason != reason:
                 # Still unmapped, for another reason now (a new feature, but an invalid delta).
                 new_reasons[decision.reason].append(event_id)
+        if orphans:
+            _attach_users(job.workspace, orphans)
         mapped = _map_events(job.workspace_id, mapped_ids, usages) if mapped_ids else 0
         for reason, ids in new_reasons.items():
             Event.objects.filter(id__in=ids, status=EventStatus.UNMAPPED).update(unmapped_reason=reason)
@@ -109,6 +118,34 @@ def process_chunk(job_id: int, chunk_size: int | None = None) -> ChunkResult:
             updates.update(status=JobStatus.DONE, finished_at=timezone.now())
         ReprocessingJob.objects.filter(pk=job_id).update(**updates)
     return ChunkResult(len(rows), mapped, finished)
+
+
+def _attach_users(workspace: Workspace, orphans: dict[int, str]) -> None:
+    """Give events whose user was deleted (detached, ``user`` null) the user their userId
+    resolves to now, created if there is none, as a new track with that userId would get.
+
+    Without a user an event could never be mapped: it stayed unmapped for good. Only events
+    this chunk maps are attached (a few queries, only when there are such events).
+    """
+
+    def resolve() -> dict[str, int]:
+        with transaction.atomic():  # a savepoint: a userId created concurrently is retried
+            return user_services.resolve_users(workspace=workspace, external_ids=set(orphans.values()))
+
+    user_pks = user_services.run_with_retries(resolve)
+    event_ids = list(orphans)
+    owners = [user_pks[orphans[event_id]] for event_id in event_ids]
+    if connection.vendor != "postgresql":
+        for event_id, owner in zip(event_ids, owners, strict=True):
+            Event.objects.filter(id=event_id, user__isnull=True).update(user_id=owner)
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {Event._meta.db_table} AS e SET user_id = v.user_id"
+            " FROM unnest(%s::bigint[], %s::bigint[]) AS v(id, user_id)"
+            " WHERE e.id = v.id AND e.user_id IS NULL",
+            [event_ids, owners],
+        )
 
 
 def _map_events(workspace_id: int, event_ids: list[int], usages: list[UsageRow]) -> int:
