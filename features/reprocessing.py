@@ -25,7 +25,7 @@ from django.db.models import F
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from kana.locks import lock_rules_shared
+from kana.locks import lock_rules_shared, lock_workspace_jobs
 from kana.models import Workspace
 from segment_ingest.models import Event, EventStatus, UnmappedReason
 from users import services as user_services
@@ -51,6 +51,36 @@ def claim_job(job_id: int) -> bool:
     )
     ReprocessingJob.objects.filter(pk=job_id, started_at__isnull=True).update(started_at=now)
     return claimed == 1
+
+
+CLAIMED, WAIT, FINISHED = "claimed", "wait", "finished"
+
+
+def claim_job_or_wait(job_id: int, *, limit: int) -> str:
+    """``claim_job`` unless ``limit`` other jobs of the job's workspace are running now
+    (heartbeat not stale): then WAIT, and the job stays queued for a later try.
+
+    Claims of one workspace are serialised by ``lock_workspace_jobs``, so the cap is exact.
+    FINISHED when the job is done or failed (nothing to run).
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        job = ReprocessingJob.objects.filter(pk=job_id).values("workspace_id", "status").first()
+        if job is None or job["status"] not in (JobStatus.QUEUED, JobStatus.RUNNING):
+            return FINISHED
+        lock_workspace_jobs(job["workspace_id"])
+        fresh = now - timezone.timedelta(seconds=settings.KANA_JOB_STALE_SECONDS)
+        running = (
+            ReprocessingJob.objects.for_workspace(job["workspace_id"])
+            .filter(status=JobStatus.RUNNING, heartbeat_at__gte=fresh)
+            .exclude(pk=job_id)
+            .count()
+        )
+        if running >= limit:
+            # Sent again by the task itself: the sweeper need not re-send it too.
+            ReprocessingJob.objects.filter(pk=job_id, status=JobStatus.QUEUED).update(heartbeat_at=now)
+            return WAIT
+        return CLAIMED if claim_job(job_id) else FINISHED
 
 
 def _candidate_events(job: ReprocessingJob):

@@ -5,6 +5,7 @@ import time
 
 from celery import shared_task
 from celery.signals import worker_ready
+from django.conf import settings
 from django.db import InterfaceError, OperationalError, close_old_connections
 
 from . import reprocessing
@@ -18,15 +19,36 @@ TIME_SLICE_SECONDS = 30
 CHUNK_RETRY_SECONDS = 5
 
 
+# A job waiting for its workspace's running job tries again after this long.
+WAIT_SECONDS = 2
+
+
 @shared_task(
     acks_late=True,
     reject_on_worker_lost=True,
     autoretry_for=(OperationalError, InterfaceError),
     retry_backoff=True,
     max_retries=10,
+    # A message that waited this long in the queue is dropped: the sweeper re-sends jobs
+    # still queued or stalled, so nothing is lost, and duplicates do not pile up.
+    expires=15 * 60,
+    # A run gives the worker back every TIME_SLICE_SECONDS; a chunk that runs for minutes
+    # is stuck. The soft limit raises in the task (counted as a failed chunk); the hard one
+    # kills the process if even that does not return.
+    soft_time_limit=5 * 60,
+    time_limit=6 * 60,
 )
 def run_reprocessing_job(job_id: int) -> None:
-    if not reprocessing.claim_job(job_id):
+    if run_reprocessing_job.app.conf.task_always_eager:
+        state = reprocessing.CLAIMED if reprocessing.claim_job(job_id) else reprocessing.FINISHED
+    else:
+        # At most KANA_JOBS_PER_WORKSPACE jobs of a workspace at once: the others wait their
+        # turn, so one workspace's rules cannot hold every worker.
+        state = reprocessing.claim_job_or_wait(job_id, limit=settings.KANA_JOBS_PER_WORKSPACE)
+    if state == reprocessing.WAIT:
+        _send_again(job_id, countdown=WAIT_SECONDS)  # if the broker is down, the sweeper will
+        return
+    if state == reprocessing.FINISHED:
         return
     started = time.monotonic()
     try:
@@ -57,7 +79,7 @@ def _send_again(job_id: int, countdown: float | None = None) -> bool:
     return True
 
 
-@shared_task(acks_late=True, ignore_result=True)
+@shared_task(acks_late=True, ignore_result=True, expires=60, time_limit=60)
 def sweep_stalled_jobs() -> int:
     """Re-enqueue jobs whose message was never sent or whose worker died."""
     ids = reprocessing.stalled_job_ids()

@@ -54,7 +54,7 @@ from django.core.files.storage import default_storage
 from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 
-from kana.locks import lock_keys
+from kana.locks import lock_keys, lock_workspace_jobs
 from kana.models import Workspace
 from segment_ingest.messages import MessageError, clean_identifier
 
@@ -395,11 +395,28 @@ def enqueue_import_job(*, job_id: int) -> None:
         logger.warning("import job not enqueued; the sweeper will retry", extra={"job_id": job_id, "error": repr(exc)})
 
 
-def _claim(job_id: int) -> bool:
-    """queued -> running; a running job whose heartbeat stopped (its worker died) is re-run."""
+def _claim(job_id: int, workspace_limit: int | None = None) -> bool:
+    """queued -> running; a running job whose heartbeat stopped (its worker died) is re-run.
+
+    With ``workspace_limit``, not while that many other imports of the workspace are running
+    (claims of a workspace are serialised by ``lock_workspace_jobs``): the job stays queued.
+    """
     now = timezone.now()
     stale = now - timedelta(seconds=settings.KANA_JOB_STALE_SECONDS)
     jobs = ImportJob.objects.filter(pk=job_id)
+    if workspace_limit is not None:
+        with transaction.atomic():
+            workspace_id = jobs.values_list("workspace_id", flat=True).first()
+            if workspace_id is None:
+                return False
+            lock_workspace_jobs(workspace_id)
+            running = (
+                ImportJob.objects.for_workspace(workspace_id)
+                .filter(status=ImportStatus.RUNNING, heartbeat_at__gte=stale)
+                .exclude(pk=job_id)
+                .count()
+            )
+            return running < workspace_limit and _claim(job_id)
     claimed = jobs.filter(status=ImportStatus.QUEUED).update(status=ImportStatus.RUNNING, heartbeat_at=now)
     if not claimed:
         claimed = jobs.filter(status=ImportStatus.RUNNING, heartbeat_at__lt=stale).update(heartbeat_at=now)
@@ -461,13 +478,16 @@ def run_import_job(
     progress: Callable[[int, int], None] | None = None,
     row_by_row: bool = False,
     requeue_on: tuple[type[Exception], ...] = (),
+    workspace_limit: int | None = None,
 ) -> ImportJob:
     """Run a queued import job to done or failed; returns the job as it is afterwards.
 
     An exception of a ``requeue_on`` type (the task's transient database errors) puts the job
     back to queued and propagates, for the caller's retry; any other failure is final.
+    With ``workspace_limit``, a job whose workspace already runs that many imports is left
+    queued (returned as such) for the caller to send again later.
     """
-    if not _claim(job_id):
+    if not _claim(job_id, workspace_limit):
         return ImportJob.objects.get(pk=job_id)
     job = ImportJob.objects.select_related("workspace").get(pk=job_id)
     try:
