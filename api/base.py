@@ -56,8 +56,13 @@ class WorkspaceViewSet(GenericViewSet):
         return super().handle_exception(exc)
 
     def query(self, serializer_class) -> dict:
-        """The request's query parameters, validated: a bad one is a 400 naming it."""
-        params = serializer_class(data=self.request.query_params)
+        """The request's query parameters, validated: a bad one is a 400 naming it.
+
+        A plain dict, not the QueryDict: DRF reads a QueryDict like an HTML form, where an
+        empty optional field counts as absent, so ``?user_id=`` (documented as a non-empty
+        string) listed everyone instead of being refused.
+        """
+        params = serializer_class(data=self.request.query_params.dict())
         params.is_valid(raise_exception=True)
         return {name: value for name, value in params.validated_data.items() if value not in (None, "")}
 

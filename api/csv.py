@@ -27,7 +27,7 @@ from users.csv_import import CsvFileError, import_report, import_users_csv, open
 from users.models import ImportJob, ImportStatus
 
 _TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"", "0", "false", "no", "off"}
+_FALSE = {"0", "false", "no", "off"}
 
 
 class CsvRenderer(BaseRenderer):
@@ -39,6 +39,17 @@ class CsvRenderer(BaseRenderer):
 
     def render(self, data, accepted_media_type=None, renderer_context=None):
         return data if isinstance(data, bytes | str) else json.dumps(data).encode()
+
+
+class JsonErrorsMixin:
+    """Errors are JSON whatever the request asked for: content negotiation picked the CSV
+    renderer for ``Accept: text/csv`` or ``?format=csv``, and a 401 went out as JSON text
+    labelled ``text/csv``."""
+
+    def finalize_response(self, request, response, *args, **kwargs):
+        if isinstance(response, Response) and response.status_code >= 400:
+            request.accepted_renderer, request.accepted_media_type = JSONRenderer(), JSONRenderer.media_type
+        return super().finalize_response(request, response, *args, **kwargs)
 
 
 class CsvFileRejected(exceptions.APIException):
@@ -64,7 +75,7 @@ def _job_or_404(request, pk: int) -> ImportJob:
     return job
 
 
-class UserExportView(APIView):
+class UserExportView(JsonErrorsMixin, APIView):
     renderer_classes = [JSONRenderer, CsvRenderer]
 
     @extend_schema(
@@ -102,8 +113,8 @@ class UserImportView(APIView):
         upload = request.FILES.get("file")
         if upload is None:
             raise CsvFileRejected("missing_file", "send the CSV file as the multipart field 'file'")
-        raw = request.query_params.get("dry_run", "").strip().lower()
-        if raw not in _TRUE | _FALSE:
+        raw = request.query_params.get("dry_run", "false").strip().lower()
+        if raw not in _TRUE | _FALSE:  # "dry_run=" too: the schema says boolean
             raise CsvFileRejected("invalid_dry_run", "dry_run must be true or false", "dry_run")
         try:
             job = import_users_csv(
@@ -121,7 +132,7 @@ class UserImportDetailView(APIView):
         return Response(_import_body(request, _job_or_404(request, pk)))
 
 
-class UserImportReportView(APIView):
+class UserImportReportView(JsonErrorsMixin, APIView):
     renderer_classes = [JSONRenderer, CsvRenderer]
 
     @extend_schema(

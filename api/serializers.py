@@ -15,6 +15,33 @@ from users.selectors import flags_of, user_ids_of
 
 from .ids import MAX_ID
 
+# --- Request fields that take only the JSON type the schema documents ----------------------
+# DRF's fields coerce: CharField turns 0 into "0", IntegerField "12" into 12, BooleanField 1
+# or "yes" into True. The schema says string, integer, boolean; a request body that sends
+# another type violates it and is refused (400), as schemathesis expects.
+
+
+class StrictCharField(serializers.CharField):
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictIntegerField(serializers.IntegerField):
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictBooleanField(serializers.BooleanField):
+    def to_internal_value(self, data):
+        if not isinstance(data, bool):
+            self.fail("invalid", input=data)
+        return data
+
+
 # --- Users ------------------------------------------------------------------------------
 
 
@@ -60,10 +87,10 @@ class UserFilterSerializer(serializers.Serializer):
 class UserUpdateSerializer(serializers.Serializer):
     """Fields an admin may set; ``null`` or ``""`` clears one, an absent one is left alone."""
 
-    name = serializers.CharField(required=False, allow_null=True, allow_blank=True, max_length=255)
-    email = serializers.CharField(required=False, allow_null=True, allow_blank=True, max_length=320)
+    name = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=255)
+    email = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=320)
     # No max_length: the profile rules say what a billing id may be (code invalid_billing_id).
-    billing_id = serializers.CharField(required=False, allow_null=True, allow_blank=True)
+    billing_id = StrictCharField(required=False, allow_null=True, allow_blank=True)
 
     def validate(self, attrs):
         if isinstance(self.initial_data, dict):
@@ -75,11 +102,11 @@ class UserUpdateSerializer(serializers.Serializer):
 
 class MergeRequestSerializer(serializers.Serializer):
     user_ids = serializers.ListField(
-        child=serializers.IntegerField(min_value=1, max_value=MAX_ID),
+        child=StrictIntegerField(min_value=1, max_value=MAX_ID),
         max_length=100,
         help_text="Kana ids of the users to merge (at least two, counting the survivor).",
     )
-    survivor = serializers.IntegerField(
+    survivor = StrictIntegerField(
         required=False,
         allow_null=True,
         min_value=1,
@@ -155,8 +182,8 @@ class UserUsageRowSerializer(UsageRowSerializer):
 
 
 class FeatureSerializer(serializers.Serializer):
-    id = serializers.CharField(source="key", max_length=100, help_text="The featureId events name.")
-    name = serializers.CharField(required=False, allow_blank=True, max_length=255)
+    id = StrictCharField(source="key", max_length=100, help_text="The featureId events name.")
+    name = StrictCharField(required=False, allow_blank=True, max_length=255)
     type = serializers.ChoiceField(choices=FeatureType.values, default=FeatureType.CONSUMABLE)
     archived = serializers.SerializerMethodField(help_text="Archived: no new usage is recorded; history is kept.")
     created_at = serializers.DateTimeField(read_only=True)
@@ -166,7 +193,7 @@ class FeatureSerializer(serializers.Serializer):
 
 
 class FeatureUpdateSerializer(serializers.Serializer):
-    name = serializers.CharField(required=False, allow_blank=True, max_length=255)
+    name = StrictCharField(required=False, allow_blank=True, max_length=255)
     type = serializers.ChoiceField(required=False, choices=FeatureType.values)
     archived = serializers.BooleanField(required=False)
 
@@ -187,15 +214,16 @@ class ProgressSerializer(serializers.Serializer):
     status = serializers.ChoiceField(choices=["queued", "running", "done", "failed"])
     scanned = serializers.IntegerField()
     mapped = serializers.IntegerField()
+    error = serializers.CharField(required=False, help_text='Why the job failed: only when status is "failed".')
 
 
 class RuleSerializer(serializers.Serializer):
     """A mapping rule as read, and (``id``, ``created_at``, ``reprocessing`` aside) as written."""
 
     id = serializers.IntegerField(read_only=True)
-    name = serializers.CharField(max_length=255)
-    feature = serializers.CharField(source="feature.key", max_length=100, help_text="The feature's id.")
-    event = serializers.CharField(
+    name = StrictCharField(max_length=255)
+    feature = StrictCharField(source="feature.key", max_length=100, help_text="The feature's id.")
+    event = StrictCharField(
         source="event_name",
         required=False,
         allow_null=True,
@@ -204,21 +232,24 @@ class RuleSerializer(serializers.Serializer):
         help_text="Event name the rule needs, or null for any event.",
     )
     conditions = ConditionsField(required=False, default=list)
-    amount_property = serializers.CharField(
+    amount_property = StrictCharField(
         required=False,
         allow_null=True,
         allow_blank=True,
         max_length=255,
         help_text="Property holding the amount (default: `delta`, else 1).",
     )
-    active = serializers.BooleanField(required=False, default=True)
+    active = StrictBooleanField(required=False, default=True)
     created_at = serializers.DateTimeField(read_only=True)
     reprocessing = serializers.SerializerMethodField()
 
     @extend_schema_field(ProgressSerializer)
     def get_reprocessing(self, rule) -> dict:
         progress = self.context.get("reprocessing", {}).get(rule.pk) or reprocessing_of(rule)
-        return {"status": progress.status, "scanned": progress.scanned, "mapped": progress.mapped}
+        body = {"status": progress.status, "scanned": progress.scanned, "mapped": progress.mapped}
+        if progress.status == "failed":
+            body["error"] = progress.error
+        return body
 
 
 # --- Events -----------------------------------------------------------------------------

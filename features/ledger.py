@@ -355,6 +355,21 @@ def _map_events_postgres(workspace_id: int, event_ids: list[int], usages: list[U
         return cursor.fetchone()[0]
 
 
+def attach_detached_events(user_by_event: dict[int, int]) -> None:
+    """Give detached events (their user was deleted) a user again: ``{event id: user id}``."""
+    if connection.vendor != "postgresql":
+        for event_id, user_pk in user_by_event.items():
+            Event.objects.filter(id=event_id, user__isnull=True).update(user_id=user_pk)
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {_EVENT_TABLE} AS e SET user_id = v.user_id"
+            " FROM unnest(%s::bigint[], %s::bigint[]) AS v(id, user_id)"
+            " WHERE e.id = v.id AND e.user_id IS NULL",
+            [list(user_by_event), list(user_by_event.values())],
+        )
+
+
 def set_unmapped_reasons(event_ids_by_reason: dict[str, list[int]]) -> None:
     """Events still unmapped, but now for another reason (a new feature, an invalid delta)."""
     for reason, ids in event_ids_by_reason.items():

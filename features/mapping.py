@@ -1,5 +1,6 @@
 """Deciding which features an event counts for, from a per-process cache of the rules."""
 
+import logging
 import threading
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -7,7 +8,9 @@ from decimal import Decimal
 from features.models import EventStatus, UnmappedReason
 
 from .models import Feature, MappingRule
-from .rules import CompiledRule, default_amount
+from .rules import AmountError, CompiledRule, read_default_amount
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,21 @@ def decide(rule_set: RuleSet, event_name: str, properties: dict) -> Decision:
     ``featureId`` maps straight to that feature and rules are not consulted. Otherwise every
     matching active rule counts (the oldest rule wins when two name the same feature). An
     invalid amount leaves the whole event unmapped, so it is never partly counted.
+
+    Never raises: ingest and reprocessing both call it, and one event that cannot be decided
+    must neither fail a request (and the batch with it) nor stop a reprocessing job for good.
+    Such an event is left unmapped with reason ``invalid_value``.
     """
+    try:
+        return _decide(rule_set, event_name, properties)
+    except AmountError as exc:
+        return Decision(EventStatus.UNMAPPED, exc.reason)
+    except Exception as exc:  # see the docstring: whatever the evaluator raises concerns this event only
+        logger.warning("event could not be decided", extra={"event": event_name, "error": type(exc).__name__})
+        return Decision(EventStatus.UNMAPPED, UnmappedReason.INVALID_VALUE)
+
+
+def _decide(rule_set: RuleSet, event_name: str, properties: dict) -> Decision:
     feature_key = properties.get("featureId")
     if feature_key is not None and feature_key != "":
         feature_id = rule_set.feature_ids.get(str(feature_key))
@@ -82,19 +99,13 @@ def decide(rule_set: RuleSet, event_name: str, properties: dict) -> Decision:
             if str(feature_key) in rule_set.archived_keys:
                 return Decision(EventStatus.UNMAPPED, UnmappedReason.FEATURE_ARCHIVED)
             return Decision(EventStatus.UNMAPPED, UnmappedReason.UNKNOWN_FEATURE)
-        amount = default_amount(properties)
-        if amount is None:
-            return Decision(EventStatus.UNMAPPED, UnmappedReason.INVALID_DELTA)
-        return Decision(EventStatus.MAPPED, usages=[(feature_id, amount, None)])
+        return Decision(EventStatus.MAPPED, usages=[(feature_id, read_default_amount(properties), None)])
 
     usages: dict[int, tuple[int, Decimal, int | None]] = {}
     for rule in rule_set.rules:
         if rule.feature_id in usages or not rule.matches(event_name, properties):
             continue
-        amount = rule.amount(properties)
-        if amount is None:
-            return Decision(EventStatus.UNMAPPED, UnmappedReason.INVALID_DELTA)
-        usages[rule.feature_id] = (rule.feature_id, amount, rule.rule_id)
+        usages[rule.feature_id] = (rule.feature_id, rule.read_amount(properties), rule.rule_id)
     if not usages:
         return Decision(EventStatus.UNMAPPED, UnmappedReason.NO_MATCHING_RULE)
     return Decision(EventStatus.MAPPED, usages=list(usages.values()))

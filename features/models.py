@@ -34,7 +34,9 @@ class EventStatus(models.TextChoices):
 class UnmappedReason(models.TextChoices):
     NO_MATCHING_RULE = "no_matching_rule"
     UNKNOWN_FEATURE = "unknown_feature"
-    INVALID_DELTA = "invalid_delta"
+    INVALID_DELTA = "invalid_delta"  # the amount is not a number
+    INVALID_AMOUNT = "invalid_amount"  # a number the usage column cannot hold (|x| >= 10^21)
+    INVALID_VALUE = "invalid_value"  # a value the rules could not evaluate
     FEATURE_ARCHIVED = "feature_archived"
 
 
@@ -155,6 +157,9 @@ class ReprocessingJob(Job):
     cursor = models.BigIntegerField(default=0)
     scanned = models.BigIntegerField(default=0)
     mapped = models.BigIntegerField(default=0)
+    # Failed attempts at the chunk after ``cursor`` (reset when a chunk commits): a chunk that
+    # keeps failing ends the job as failed, with ``error`` saying why, instead of looping.
+    failures = models.PositiveIntegerField(default=0)
 
     class Meta:
         indexes = [models.Index(fields=["status", "heartbeat_at"], name="job_status_heartbeat_idx")]

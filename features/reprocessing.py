@@ -26,6 +26,9 @@ from django.utils import timezone
 from kana import jobs
 from kana.jobs import JobStatus
 from kana.locks import lock_rules_shared
+from kana.models import Workspace
+from kana.retries import run_with_retries
+from users import services as user_services
 
 from . import ledger
 from .mapping import decide, load_rule_set
@@ -44,6 +47,12 @@ class ChunkResult:
 def claim_job(job_id: int) -> bool:
     """Mark a queued (or running: chunks lock the job row, so runners take turns) job as running."""
     return jobs.claim(ReprocessingJob, job_id, take_over_running=True)
+
+
+def claim_job_or_wait(job_id: int, *, limit: int) -> jobs.Claim:
+    """``claim_job`` unless ``limit`` other jobs of the job's workspace are running now: then
+    WAIT, and the job stays queued for a later try (the task sends it again)."""
+    return jobs.claim_within_limit(ReprocessingJob, job_id, take_over_running=True, workspace_limit=limit)
 
 
 def _candidate_events(job: ReprocessingJob):
@@ -72,19 +81,26 @@ def process_chunk(job_id: int, chunk_size: int | None = None) -> ChunkResult:
             _candidate_events(job)
             .order_by("id")
             .select_for_update(of=("self",))
-            .values_list("id", "name", "unmapped_reason", "payload__properties")[:chunk_size]
+            .values_list("id", "name", "unmapped_reason", "payload__properties", "user_id", "external_user_id")[
+                :chunk_size
+            ]
         )
         usages: list[ledger.UsageRow] = []
         mapped_ids: list[int] = []
         new_reasons: dict[str, list[int]] = defaultdict(list)
-        for event_id, name, reason, properties in rows:
+        orphans: dict[int, str] = {}
+        for event_id, name, reason, properties, user_pk, external_id in rows:
             decision = decide(rule_set, name, properties if isinstance(properties, dict) else {})
             if decision.status == EventStatus.MAPPED:
                 mapped_ids.append(event_id)
                 usages.extend((event_id, feature, rule, amount) for feature, amount, rule in decision.usages)
+                if user_pk is None and external_id:
+                    orphans[event_id] = external_id
             elif decision.reason != reason:
                 # Still unmapped, for another reason now (a new feature, but an invalid delta).
                 new_reasons[decision.reason].append(event_id)
+        if orphans:
+            _attach_users(job.workspace, orphans)
         mapped = ledger.map_events(job.workspace_id, mapped_ids, usages) if mapped_ids else 0
         ledger.set_unmapped_reasons(new_reasons)
         finished = len(rows) < chunk_size
@@ -94,11 +110,55 @@ def process_chunk(job_id: int, chunk_size: int | None = None) -> ChunkResult:
             "heartbeat_at": timezone.now(),
         }
         if rows:
-            updates["cursor"] = rows[-1][0]
+            updates.update(cursor=rows[-1][0], failures=0)
         if finished:
             updates.update(status=JobStatus.DONE, finished_at=timezone.now())
         ReprocessingJob.objects.filter(pk=job_id).update(**updates)
     return ChunkResult(len(rows), mapped, finished)
+
+
+def _attach_users(workspace: Workspace, orphans: dict[int, str]) -> None:
+    """Give events whose user was deleted (detached, ``user`` null) the user their userId
+    resolves to now, created if there is none, as a new track with that userId would get.
+
+    Without a user an event could never be mapped: it stayed unmapped for good. Only events
+    this chunk maps are attached (a few queries, only when there are such events).
+    """
+
+    def resolve() -> dict[str, int]:
+        with transaction.atomic():  # a savepoint: a userId created concurrently is retried
+            return user_services.resolve_users(workspace=workspace, external_ids=set(orphans.values()))
+
+    user_pks = run_with_retries(resolve)
+    ledger.attach_detached_events({event_id: user_pks[user_id] for event_id, user_id in orphans.items()})
+
+
+# Attempts at one chunk before its job is failed: enough to ride out a passing fault, few
+# enough that a chunk that can never commit does not hold a worker (and the job) forever.
+MAX_CHUNK_FAILURES = 3
+
+
+def record_chunk_failure(job_id: int, error: str) -> bool:
+    """Count a failed attempt at a job's current chunk; True when the job is now failed.
+
+    Called after the chunk's transaction rolled back. The job fails (status ``failed``,
+    ``error`` shown with the rule's progress) at the MAX_CHUNK_FAILURES-th attempt in a row.
+    """
+    with transaction.atomic():
+        job = (
+            ReprocessingJob.objects.select_for_update()
+            .filter(pk=job_id, status__in=[JobStatus.QUEUED, JobStatus.RUNNING])
+            .first()
+        )
+        if job is None:
+            return True  # finished (or failed) meanwhile: nothing more to run
+        job.failures += 1
+        job.error = error[:2000]
+        job.heartbeat_at = timezone.now()
+        if job.failures >= MAX_CHUNK_FAILURES:
+            job.status, job.finished_at = JobStatus.FAILED, timezone.now()
+        job.save(update_fields=["failures", "error", "heartbeat_at", "status", "finished_at"])
+        return job.status == JobStatus.FAILED
 
 
 def fail_job(job_id: int, error: str) -> None:

@@ -7,8 +7,9 @@ indexes a list (``items.0.sku``) and a name applied to a list looks into every e
 """
 
 import math
+import sys
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Any
 
@@ -16,7 +17,25 @@ OPERATORS = ("equals", "not_equals", "in", "contains", "exists", "gt", "gte", "l
 _MISSING = object()
 # Usage amounts are stored with 9 decimals and 21 integer digits (DecimalField(30, 9)).
 _MAX_AMOUNT = Decimal(10) ** 21
+_MAX_FLOAT_AMOUNT = 1e21
 _AMOUNT_QUANTUM = Decimal("0.000000001")
+# Beyond a float's range a number is "not a finite number", as in the rules' comparisons
+# (and as the JSON number 1e400 is): such an amount is NOT_A_NUMBER, not OUT_OF_RANGE.
+_FLOAT_MAX = Decimal(sys.float_info.max)
+# Rounding to 9 decimals needs up to 30 significant digits: the default context (28) raised
+# InvalidOperation for amounts from 1e19 up. 40 digits leave room for any amount that fits.
+_AMOUNT_CONTEXT = Context(prec=40)
+# Why an amount cannot be recorded (the event's unmapped reason, see UnmappedReason).
+NOT_A_NUMBER = "invalid_delta"
+OUT_OF_RANGE = "invalid_amount"
+
+
+class AmountError(ValueError):
+    """An amount that cannot be recorded: ``reason`` is NOT_A_NUMBER or OUT_OF_RANGE."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 class InvalidRule(ValueError):
@@ -57,7 +76,7 @@ def _resolve(node: Any, parts: tuple[str, ...]) -> Any:
         return _MISSING
     if isinstance(node, list):
         head = parts[0]
-        if head.isdigit():
+        if head.isdecimal():  # not isdigit(): int("²") raises
             index = int(head)
             return _resolve(node[index], parts[1:]) if index < len(node) else _MISSING
         values = [v for v in (_resolve(item, parts) for item in node) if v is not _MISSING]
@@ -68,8 +87,13 @@ def _resolve(node: Any, parts: tuple[str, ...]) -> Any:
 def _number(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)):
-        return float(value) if math.isfinite(value) else None
+    if isinstance(value, int):
+        try:
+            return float(value)
+        except OverflowError:  # beyond a float's range (~1.8e308): not a comparable number
+            return None
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
     if isinstance(value, str):
         try:
             number = float(value.strip())
@@ -177,20 +201,43 @@ def clean_conditions(conditions: Any) -> list[dict]:
 
 
 def parse_amount(value: Any) -> Decimal | None:
-    """A usage amount: any finite number (or numeric string); None when it is not one."""
+    """A usage amount: any finite number (or numeric string) that fits the usage column;
+    None when it is not one. Never raises."""
+    try:
+        return read_amount(value)
+    except AmountError:
+        return None
+
+
+def read_amount(value: Any) -> Decimal:
+    """A usage amount rounded to 9 decimals; AmountError says why when there is none.
+
+    NOT_A_NUMBER: not a finite number (nor one beyond a float's range); OUT_OF_RANGE: a number the usage column
+    (numeric(30, 9)) cannot hold, i.e. 10^21 or more in absolute value once rounded.
+    """
     if isinstance(value, bool) or value is None:
-        return None
+        raise AmountError(NOT_A_NUMBER)
     if isinstance(value, float) and not math.isfinite(value):
-        return None
+        raise AmountError(NOT_A_NUMBER)
     if not isinstance(value, (int, float, str)):
-        return None
+        raise AmountError(NOT_A_NUMBER)
     try:
         amount = Decimal(str(value).strip())
-    except InvalidOperation:
-        return None
-    if not amount.is_finite() or abs(amount) >= _MAX_AMOUNT:
-        return None
-    return amount.quantize(_AMOUNT_QUANTUM)
+    except (InvalidOperation, ValueError):  # ValueError: int beyond Python's digit limit
+        raise AmountError(NOT_A_NUMBER) from None
+    if not amount.is_finite():
+        raise AmountError(NOT_A_NUMBER)
+    # copy_abs and comparisons are exact and use no context: abs() overflowed on "1e999999999".
+    if amount.copy_abs() > _FLOAT_MAX:
+        raise AmountError(NOT_A_NUMBER)
+    if amount.copy_abs() >= _MAX_AMOUNT:
+        raise AmountError(OUT_OF_RANGE)
+    amount = amount.quantize(_AMOUNT_QUANTUM, context=_AMOUNT_CONTEXT)
+    # Rounded up to 10^21; or within a float's step of it: SQLite keeps numerics as floats,
+    # and Django could not fit 1e21 read back into the column's 30 digits.
+    if amount.copy_abs() >= _MAX_AMOUNT or abs(float(amount)) >= _MAX_FLOAT_AMOUNT:
+        raise AmountError(OUT_OF_RANGE)
+    return amount
 
 
 @dataclass(frozen=True)
@@ -207,12 +254,27 @@ class CompiledRule:
         return all(condition_matches(properties, c) for c in self.conditions)
 
     def amount(self, properties: dict) -> Decimal | None:
+        """The amount this rule records for the event, None when there is none."""
+        try:
+            return self.read_amount(properties)
+        except AmountError:
+            return None
+
+    def read_amount(self, properties: dict) -> Decimal:
+        """``amount``, raising AmountError (which says why) when there is none."""
         if self.amount_property:
             value = resolve_path(properties, self.amount_property)
-            return None if value is _MISSING else parse_amount(value)
-        return default_amount(properties)
+            if value is _MISSING:
+                raise AmountError(NOT_A_NUMBER)
+            return read_amount(value)
+        return read_default_amount(properties)
 
 
 def default_amount(properties: dict) -> Decimal | None:
     """``properties.delta``, 1 when absent."""
     return parse_amount(properties.get("delta", 1))
+
+
+def read_default_amount(properties: dict) -> Decimal:
+    """``default_amount``, raising AmountError (which says why) when there is none."""
+    return read_amount(properties.get("delta", 1))

@@ -12,7 +12,7 @@ from django.utils import timezone
 from features.models import Event, EventStatus
 from kana.models import Workspace
 from users.models import EndUser
-from users.selectors import users_with_flags
+from users.selectors import sharing_an_email
 
 from .models import Feature, MappingRule, ReprocessingJob, Usage
 
@@ -126,6 +126,7 @@ class Progress:
     scanned: int
     mapped: int
     job_id: int | None = None
+    error: str = ""  # why the job failed ("" unless status is "failed")
 
 
 def reprocessing_of(rule: MappingRule) -> Progress:
@@ -140,10 +141,11 @@ def reprocessing_by_rule(workspace: Workspace | int, rule_pks: list[int]) -> dic
         ReprocessingJob.objects.for_workspace(workspace)
         .filter(rule_id__in=rule_pks)
         .order_by("rule_id", "-pk")
-        .values_list("rule_id", "pk", "status", "scanned", "mapped")
+        .values_list("rule_id", "pk", "status", "scanned", "mapped", "error")
     )
-    for rule_pk, job_pk, status, scanned, mapped in jobs:
-        latest.setdefault(rule_pk, Progress(status=status, scanned=scanned, mapped=mapped, job_id=job_pk))
+    for rule_pk, job_pk, status, scanned, mapped, error in jobs:
+        error = error if status == "failed" else ""
+        latest.setdefault(rule_pk, Progress(status=status, scanned=scanned, mapped=mapped, job_id=job_pk, error=error))
     return {pk: latest.get(pk, Progress(status="done", scanned=0, mapped=0)) for pk in rule_pks}
 
 
@@ -215,5 +217,5 @@ def segment_status(workspace: Workspace) -> SegmentStatus:
         last_event_at=last,
         unmapped_events=Event.objects.for_workspace(workspace).filter(status=EventStatus.UNMAPPED).count(),
         users_without_billing_id=EndUser.objects.for_workspace(workspace).filter(billing_id="").count(),
-        users_with_same_email=users_with_flags(workspace).filter(has_same_email=True).count(),
+        users_with_same_email=sharing_an_email(EndUser.objects.for_workspace(workspace)).count(),
     )

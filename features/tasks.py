@@ -5,7 +5,8 @@ import time
 
 from celery import shared_task
 from celery.signals import worker_ready
-from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections
+from django.conf import settings
+from django.db import InterfaceError, OperationalError, close_old_connections
 
 from kana import jobs
 
@@ -18,11 +19,37 @@ logger = logging.getLogger(__name__)
 # A task gives the worker back after this long and re-enqueues itself, so one huge job
 # cannot starve the others (Saleor's habit).
 TIME_SLICE_SECONDS = 30
+# A failed chunk is tried again after this long (reprocessing.MAX_CHUNK_FAILURES times in all).
+CHUNK_RETRY_SECONDS = 5
 
 
-@shared_task(**jobs.JOB_TASK_OPTIONS, max_retries=10)
+# A job waiting for its workspace's running job tries again after this long.
+WAIT_SECONDS = 2
+
+
+@shared_task(
+    **jobs.JOB_TASK_OPTIONS,
+    max_retries=10,
+    # A message that waited this long in the queue is dropped: the sweeper re-sends jobs
+    # still queued or stalled, so nothing is lost, and duplicates do not pile up.
+    expires=15 * 60,
+    # A run gives the worker back every TIME_SLICE_SECONDS; a chunk that runs for minutes
+    # is stuck. The soft limit raises in the task (counted as a failed chunk); the hard one
+    # kills the process if even that does not return.
+    soft_time_limit=5 * 60,
+    time_limit=6 * 60,
+)
 def run_reprocessing_job(job_id: int) -> None:
-    if not reprocessing.claim_job(job_id):
+    if run_reprocessing_job.app.conf.task_always_eager:
+        state = jobs.Claim.CLAIMED if reprocessing.claim_job(job_id) else jobs.Claim.FINISHED
+    else:
+        # At most KANA_JOBS_PER_WORKSPACE jobs of a workspace at once: the others wait their
+        # turn, so one workspace's rules cannot hold every worker.
+        state = reprocessing.claim_job_or_wait(job_id, limit=settings.KANA_JOBS_PER_WORKSPACE)
+    if state == jobs.Claim.WAIT:
+        _send_again(job_id, countdown=WAIT_SECONDS)  # if the broker is down, the sweeper will
+        return
+    if state == jobs.Claim.FINISHED:
         return
     started = time.monotonic()
     try:
@@ -36,22 +63,24 @@ def run_reprocessing_job(job_id: int) -> None:
                 started = time.monotonic()  # the broker is unreachable: keep the job going here
     except (OperationalError, InterfaceError):
         raise  # transient: autoretry; the cursor keeps what was done
-    except DatabaseError as exc:
-        logger.exception("reprocessing job failed", extra={"job_id": job_id})
-        reprocessing.fail_job(job_id, repr(exc))
-        raise
+    except Exception as exc:  # anything else failed this chunk: count it, try again, give up at the limit
+        logger.exception("reprocessing chunk failed", extra={"job_id": job_id})
+        if reprocessing.record_chunk_failure(job_id, f"{type(exc).__name__}: {exc}"):
+            return  # failed for good: the rule's progress shows the error
+        if not _send_again(job_id, countdown=CHUNK_RETRY_SECONDS):
+            raise  # the broker is unreachable: the sweeper sends the job again later
 
 
-def _send_again(job_id: int) -> bool:
+def _send_again(job_id: int, countdown: float | None = None) -> bool:
     try:
-        run_reprocessing_job.delay(job_id=job_id)
+        run_reprocessing_job.apply_async(kwargs={"job_id": job_id}, countdown=countdown)
     except Exception:  # kombu/redis raise many types when the broker is unreachable
         logger.warning("reprocessing job not re-enqueued; continuing in this task", extra={"job_id": job_id})
         return False
     return True
 
 
-@shared_task(acks_late=True, ignore_result=True)
+@shared_task(acks_late=True, ignore_result=True, expires=60, time_limit=60)
 def sweep_stalled_jobs() -> int:
     """Re-enqueue jobs whose message was never sent or whose worker died."""
     return jobs.sweep(ReprocessingJob, REPROCESSING_TASK)

@@ -23,6 +23,7 @@ from django.db import InterfaceError, OperationalError, models, transaction
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from .locks import lock_workspace_jobs
 from .models import Workspace, WorkspaceQuerySet
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,37 @@ def claim(model: type[Job], job_id: int, *, take_over_running: bool) -> bool:
     if claimed:
         jobs.filter(started_at__isnull=True).update(started_at=now)
     return claimed == 1
+
+
+class Claim(models.TextChoices):
+    CLAIMED = "claimed"
+    WAIT = "wait"  # the workspace runs its share of jobs already: try again shortly
+    FINISHED = "finished"  # done, failed, or someone else's: nothing to run
+
+
+def claim_within_limit(model: type[Job], job_id: int, *, take_over_running: bool, workspace_limit: int) -> Claim:
+    """``claim``, unless ``workspace_limit`` other jobs of the job's workspace are running (with
+    a fresh heartbeat): then WAIT, and the job stays queued, stamped as sent now.
+
+    The per-tenant cap PostHog's tasks have: one workspace's backfill cannot hold every
+    worker. Claims of one workspace are serialised by an advisory lock, so the cap is exact.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        job = model.objects.filter(pk=job_id).values("workspace_id", "status").first()
+        if job is None or job["status"] not in UNFINISHED:
+            return Claim.FINISHED
+        lock_workspace_jobs(job["workspace_id"])
+        running = (
+            model.objects.for_workspace(job["workspace_id"])
+            .filter(status=JobStatus.RUNNING, heartbeat_at__gte=now - _stale_after())
+            .exclude(pk=job_id)
+            .count()
+        )
+        if running >= workspace_limit:
+            model.objects.filter(pk=job_id, status=JobStatus.QUEUED).update(heartbeat_at=now)
+            return Claim.WAIT
+        return Claim.CLAIMED if claim(model, job_id, take_over_running=take_over_running) else Claim.FINISHED
 
 
 def fail(model: type[Job], job_id: int, error: str, **fields) -> None:

@@ -11,6 +11,7 @@ from django.db import connection
 # Namespaces for two-key advisory locks (PostgreSQL keeps the two-key space apart from the
 # one-key space, so these never collide with the identity-key locks below).
 RULES_LOCK_NAMESPACE = 1
+JOBS_LOCK_NAMESPACE = 2
 
 
 def _is_postgres() -> bool:
@@ -40,6 +41,14 @@ def lock_rules_exclusive(workspace_id: int) -> None:
     if _is_postgres():
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [RULES_LOCK_NAMESPACE, workspace_id])
+
+
+def lock_workspace_jobs(workspace_id: int) -> None:
+    """Serialises claims of one workspace's background jobs (reprocessing, imports), so a
+    per-workspace cap on running jobs is exact: count, then claim, under this lock."""
+    if _is_postgres():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [JOBS_LOCK_NAMESPACE, workspace_id])
 
 
 def _key_to_bigint(key: str) -> int:

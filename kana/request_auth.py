@@ -18,7 +18,7 @@ def api_key_from_authorization(header: str) -> str:
     if scheme_lower == "basic" and rest:
         try:
             decoded = base64.b64decode(rest.strip(), validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
+        except (binascii.Error, UnicodeDecodeError, ValueError):  # ValueError: non-ASCII text ("Basic é")
             return ""
         username, _, _password = decoded.partition(":")
         return username.strip()

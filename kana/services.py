@@ -62,7 +62,9 @@ _key_cache_lock = threading.Lock()
 
 def workspace_for_api_key(raw_key: str) -> Workspace | None:
     """The workspace of a live key, or None for an unknown or revoked one."""
-    if not raw_key or len(raw_key) > 200:
+    # Keys are ASCII: anything else (a lone surrogate from a JSON writeKey, which UTF-8 cannot
+    # even encode for the hash) names no key.
+    if not raw_key or len(raw_key) > 200 or not raw_key.isascii():
         return None
     key_hash = hash_api_key(raw_key)
     with _key_cache_lock:

@@ -84,6 +84,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # REST API and dashboard: database unreachable -> 503 with Retry-After, not 500.
+    "kana.middleware.DatabaseUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "kana.urls"
@@ -166,6 +168,9 @@ KANA_JOB_STALE_SECONDS = env_int("KANA_JOB_STALE_SECONDS", 60)
 # --- Kana ----------------------------------------------------------------------------
 # How long an API key lookup is cached per process. Revocation takes effect within it.
 KANA_API_KEY_CACHE_SECONDS = env_int("KANA_API_KEY_CACHE_SECONDS", 5)
+# Background jobs (reprocessing, CSV imports) one workspace may run at once, each kind: the
+# rest wait, so one workspace's backfill cannot hold every worker.
+KANA_JOBS_PER_WORKSPACE = env_int("KANA_JOBS_PER_WORKSPACE", 1)
 # Rows per reprocessing chunk: one chunk holds the events' properties in memory.
 KANA_REPROCESS_CHUNK_SIZE = env_int("KANA_REPROCESS_CHUNK_SIZE", 5000)
 # CSV imports with more rows than this run in a Celery worker instead of the request.

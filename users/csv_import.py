@@ -398,10 +398,17 @@ def import_users_csv(
     return job
 
 
-def _claim(job_id: int) -> bool:
+def _claim(job_id: int, workspace_limit: int | None = None) -> bool:
     """queued -> running; a running job whose heartbeat stopped (its worker died) is re-run.
-    Never two runners at once: an import is one transaction from its first row to its last."""
-    return jobs.claim(ImportJob, job_id, take_over_running=False)
+    Never two runners at once: an import is one transaction from its first row to its last.
+
+    With ``workspace_limit``, not while that many other imports of the workspace are running:
+    the job stays queued (the task sends it again a little later).
+    """
+    if workspace_limit is None:
+        return jobs.claim(ImportJob, job_id, take_over_running=False)
+    claimed = jobs.claim_within_limit(ImportJob, job_id, take_over_running=False, workspace_limit=workspace_limit)
+    return claimed == jobs.Claim.CLAIMED
 
 
 class _RollBack(Exception):
@@ -450,13 +457,16 @@ def run_import_job(
     progress: Callable[[int, int], None] | None = None,
     row_by_row: bool = False,
     requeue_on: tuple[type[Exception], ...] = (),
+    workspace_limit: int | None = None,
 ) -> ImportJob:
     """Run a queued import job to done or failed; returns the job as it is afterwards.
 
     An exception of a ``requeue_on`` type (the task's transient database errors) puts the job
     back to queued and propagates, for the caller's retry; any other failure is final.
+    With ``workspace_limit``, a job whose workspace already runs that many imports is left
+    queued (returned as such) for the caller to send again later.
     """
-    if not _claim(job_id):
+    if not _claim(job_id, workspace_limit):
         return ImportJob.objects.get(pk=job_id)
     job = ImportJob.objects.select_related("workspace").get(pk=job_id)
     try:

@@ -54,6 +54,14 @@ class EndUser(models.Model):
         ]
         indexes = [
             models.Index(fields=["workspace", "email_key"], name="enduser_ws_email_idx"),
+            # Users that have an email: what "same email" looks through. Most users (those
+            # tracks create) have none, so this stays small and its probes stay cheap
+            # whatever the statistics say about the empty key.
+            models.Index(
+                fields=["workspace", "email_key"],
+                condition=~models.Q(email_key=""),
+                name="enduser_ws_email_set_idx",
+            ),
             models.Index(fields=["workspace", "created_at", "id"], name="enduser_ws_created_idx"),
         ]
 

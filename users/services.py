@@ -5,7 +5,10 @@ identify rules, for messages and CSV batches, plus alias and userId resolution),
 (the merge step and admin merges), ``groups`` and ``bulk`` (set-based SQL for the engine).
 """
 
+from django.db import transaction
+
 from kana.models import Workspace
+from kana.retries import run_with_retries
 
 from .errors import IdentityError
 from .groups import record_group
@@ -51,7 +54,22 @@ __all__ = [
 
 
 def delete_user(*, workspace: Workspace, user_pk: int) -> None:
-    """Delete a user with its identities and usage; its events stay, detached, for the record."""
-    deleted, _ = EndUser.objects.for_workspace(workspace).filter(pk=user_pk).delete()
-    if not deleted:
-        raise IdentityError("unknown_user", f"no user with id {user_pk}", "id")
+    """Delete a user with its identities and usage; its events stay, detached, for the record.
+
+    Safe while events for the user arrive: the user's row is locked first. Ingest checks its
+    events' and usage's foreign key at commit with a KEY SHARE lock on this row, so every
+    insert either committed before the lock (and is detached below) or waits for this delete
+    and then fails its check, and ingest's retry resolves the userId to a new user. Detaching
+    first and locking later (the plain delete) let an event commit in between, and the delete
+    failed at COMMIT on the events' foreign key.
+    """
+
+    @transaction.atomic
+    def once() -> None:
+        users = EndUser.objects.for_workspace(workspace).filter(pk=user_pk)
+        if not users.select_for_update().values_list("pk", flat=True):
+            raise IdentityError("unknown_user", f"no user with id {user_pk}", "id")
+        users.delete()
+
+    run_with_retries(once)
+

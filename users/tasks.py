@@ -3,24 +3,52 @@
 import logging
 
 from celery import shared_task
+from django.conf import settings
 from django.db import InterfaceError, OperationalError
 
 from kana import jobs
 
 from . import csv_import
-from .models import ImportJob
+from .models import ImportJob, ImportStatus
 
 logger = logging.getLogger(__name__)
 
 
-@shared_task(**jobs.JOB_TASK_OPTIONS, max_retries=5)
+# An import waiting for its workspace's running import tries again after this long.
+WAIT_SECONDS = 5
+
+
+@shared_task(
+    **jobs.JOB_TASK_OPTIONS,
+    max_retries=5,
+    # A message that waited this long is dropped: the sweeper re-sends imports still
+    # queued or stalled, so nothing is lost.
+    expires=15 * 60,
+    # One import is one transaction (all or nothing), at thousands of rows a second: an hour
+    # is far beyond any file the API takes. The soft limit fails the import cleanly.
+    soft_time_limit=60 * 60,
+    time_limit=61 * 60,
+)
 def run_import(job_id: int) -> None:
     """Run an import job. All or nothing: a retry after a transient database error (or a
-    redelivery after the worker died) starts the file again from its first row."""
-    csv_import.run_import_job(job_id=job_id, requeue_on=(OperationalError, InterfaceError))
+    redelivery after the worker died) starts the file again from its first row.
+
+    At most KANA_JOBS_PER_WORKSPACE imports of one workspace run at once; the others wait
+    their turn, so one workspace's uploads cannot hold every worker."""
+    eager = run_import.app.conf.task_always_eager
+    job = csv_import.run_import_job(
+        job_id=job_id,
+        requeue_on=(OperationalError, InterfaceError),
+        workspace_limit=None if eager else settings.KANA_JOBS_PER_WORKSPACE,
+    )
+    if job.status == ImportStatus.QUEUED:
+        try:
+            run_import.apply_async(kwargs={"job_id": job_id}, countdown=WAIT_SECONDS)
+        except Exception:  # kombu/redis raise many types when the broker is unreachable
+            logger.warning("waiting import not re-enqueued; the sweeper will", extra={"job_id": job_id})
 
 
-@shared_task(acks_late=True, ignore_result=True)
+@shared_task(acks_late=True, ignore_result=True, expires=60, time_limit=60)
 def sweep_stalled_imports() -> int:
     """Re-enqueue imports whose message was never sent or whose worker died."""
     return jobs.sweep(ImportJob, csv_import.IMPORT_TASK)

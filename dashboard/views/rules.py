@@ -31,6 +31,8 @@ REASON_LABELS = {
     UnmappedReason.NO_MATCHING_RULE: "no rule matches",
     UnmappedReason.UNKNOWN_FEATURE: "names an unknown featureId",
     UnmappedReason.INVALID_DELTA: "amount is not a number",
+    UnmappedReason.INVALID_AMOUNT: "amount is too large to record",
+    UnmappedReason.INVALID_VALUE: "a value the rules cannot evaluate",
 }
 _CONDITION_FIELD = re.compile(r"^conditions\[(\d+)\]")
 
@@ -196,15 +198,16 @@ def rule_new(request):
 def rule_progress(request, pk: int):
     rule = get_object_or_404(MappingRule.objects.for_workspace(request.workspace), pk=pk)
     progress = reprocessing_of(rule)
-    return JsonResponse(
-        {
-            "id": rule.pk,
-            "status": progress.status,
-            "scanned": progress.scanned,
-            "mapped": progress.mapped,
-            "finished": progress.status in ("done", "failed"),
-        }
-    )
+    body = {
+        "id": rule.pk,
+        "status": progress.status,
+        "scanned": progress.scanned,
+        "mapped": progress.mapped,
+        "finished": progress.status in ("done", "failed"),
+    }
+    if progress.error:
+        body["error"] = progress.error
+    return JsonResponse(body)
 
 
 @require_POST
