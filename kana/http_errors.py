@@ -16,6 +16,7 @@ from functools import wraps
 
 from django.conf import settings
 from django.core.handlers.exception import response_for_exception
+from django.db import InterfaceError, OperationalError
 from django.http import HttpResponsePermanentRedirect, HttpResponseServerError, JsonResponse
 from django.template import loader
 from django.urls import URLPattern, URLResolver, is_valid_path
@@ -26,6 +27,7 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
 from .errors import error_body
+from .middleware import database_unavailable_response
 
 # Paths whose errors are JSON (also for paths under them that match nothing).
 JSON_PREFIXES = ("/api/", "/v1/", "/segment/")
@@ -90,6 +92,8 @@ def json_errors_view(view):
     def wrapped(request, *args, **kwargs):
         try:
             response = view(request, *args, **kwargs)
+        except (OperationalError, InterfaceError) as exc:
+            response = database_unavailable_response(request, exc)  # 503: the client retries
         except Exception as exc:
             # What Django itself would answer (status, logging, got_request_exception), as JSON.
             response = response_for_exception(request, exc)

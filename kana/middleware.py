@@ -12,6 +12,8 @@ import logging
 from django.db import InterfaceError, OperationalError
 from django.http import HttpResponse, JsonResponse
 
+from .errors import error_body
+
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = "5"
@@ -33,13 +35,18 @@ class DatabaseUnavailableMiddleware:
     def process_exception(self, request, exception):
         if not isinstance(exception, (OperationalError, InterfaceError)):
             return None
-        logger.error("database unavailable", extra={"path": request.path, "error": type(exception).__name__})
-        if request.path.startswith("/api/"):
-            response = JsonResponse(
-                {"code": "database_unavailable", "message": "Kana's database is unavailable; retry shortly"},
-                status=503,
-            )
-        else:
-            response = HttpResponse(_PAGE, status=503, content_type="text/html; charset=utf-8")
-        response["Retry-After"] = RETRY_AFTER_SECONDS
-        return response
+        return database_unavailable_response(request, exception)
+
+
+def database_unavailable_response(request, exception: Exception) -> HttpResponse:
+    """503 with Retry-After: JSON for the API and Segment's endpoints (``kana.http_errors``
+    answers their errors through it), a small page elsewhere."""
+    logger.error("database unavailable", extra={"path": request.path, "error": type(exception).__name__})
+    if request.path.startswith(("/api/", "/v1/", "/segment/")):  # the sections that answer JSON
+        response = JsonResponse(
+            error_body("database_unavailable", "Kana's database is unavailable; retry shortly"), status=503
+        )
+    else:
+        response = HttpResponse(_PAGE, status=503, content_type="text/html; charset=utf-8")
+    response["Retry-After"] = RETRY_AFTER_SECONDS
+    return response

@@ -8,7 +8,8 @@ exactly as a new track with that userId would.
 
 import pytest
 
-from features.models import Event, EventStatus, JobStatus, ReprocessingJob, Usage
+from features.models import Event, EventStatus, ReprocessingJob, Usage
+from kana.jobs import JobStatus
 from tests.conftest import SegmentClient
 from tests.usage_support import make_feature, make_rule
 from users.models import EndUser

@@ -8,8 +8,9 @@ import pytest
 from django.utils import timezone
 
 from features import tasks as feature_tasks
-from features.models import JobStatus, ReprocessingJob
-from features.reprocessing import CLAIMED, FINISHED, WAIT, claim_job_or_wait, process_chunk
+from features.models import ReprocessingJob
+from features.reprocessing import claim_job_or_wait, process_chunk
+from kana.jobs import Claim, JobStatus
 from tests.conftest import make_tenant
 from tests.usage_support import make_feature, make_rule, make_user, store_unmapped_events
 from users import tasks as user_tasks
@@ -31,25 +32,25 @@ def test_a_workspace_runs_one_reprocessing_job_at_a_time_and_others_are_not_held
     first, second = _jobs(busy, 2)
     (theirs,) = _jobs(other, 1)
 
-    assert claim_job_or_wait(first.pk, limit=1) == CLAIMED
-    assert claim_job_or_wait(second.pk, limit=1) == WAIT
+    assert claim_job_or_wait(first.pk, limit=1) == Claim.CLAIMED
+    assert claim_job_or_wait(second.pk, limit=1) == Claim.WAIT
     assert ReprocessingJob.objects.get(pk=second.pk).status == JobStatus.QUEUED
-    assert claim_job_or_wait(theirs.pk, limit=1) == CLAIMED  # another workspace is not held
-    assert claim_job_or_wait(first.pk, limit=1) == CLAIMED  # its own next time slice
-    assert claim_job_or_wait(second.pk, limit=2) == CLAIMED
+    assert claim_job_or_wait(theirs.pk, limit=1) == Claim.CLAIMED  # another workspace is not held
+    assert claim_job_or_wait(first.pk, limit=1) == Claim.CLAIMED  # its own next time slice
+    assert claim_job_or_wait(second.pk, limit=2) == Claim.CLAIMED
 
     while not process_chunk(first.pk, chunk_size=2).finished:
         pass
-    assert claim_job_or_wait(first.pk, limit=1) == FINISHED
+    assert claim_job_or_wait(first.pk, limit=1) == Claim.FINISHED
 
 
 def test_a_running_job_whose_worker_died_does_not_hold_its_workspace(db, settings):
     busy = make_tenant("Busy")
     first, second = _jobs(busy, 2)
-    assert claim_job_or_wait(first.pk, limit=1) == CLAIMED
+    assert claim_job_or_wait(first.pk, limit=1) == Claim.CLAIMED
     stale = timezone.now() - timedelta(seconds=settings.KANA_JOB_STALE_SECONDS + 1)
     ReprocessingJob.objects.filter(pk=first.pk).update(heartbeat_at=stale)
-    assert claim_job_or_wait(second.pk, limit=1) == CLAIMED
+    assert claim_job_or_wait(second.pk, limit=1) == Claim.CLAIMED
 
 
 def _queued_import(tenant) -> ImportJob:

@@ -13,9 +13,10 @@ import pytest
 from django.db import connection
 
 from features.mapping import RuleSet, decide
-from features.models import Event, EventStatus, JobStatus, ReprocessingJob, UnmappedReason, Usage
+from features.models import Event, EventStatus, ReprocessingJob, UnmappedReason, Usage
 from features.reprocessing import MAX_CHUNK_FAILURES
 from features.rules import CompiledRule
+from kana.jobs import JobStatus
 from tests.api_support import ApiClient
 from tests.conftest import requires_broker, requires_postgres, wait_until
 from tests.usage_support import make_feature, make_rule, make_user, store_unmapped_events, usage_total

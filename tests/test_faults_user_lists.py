@@ -20,7 +20,8 @@ from tests.api_support import ApiClient
 from tests.conftest import requires_postgres
 from users.csv_export import export_users_csv
 from users.models import EndUser
-from users.selectors import segment_status, user_list, users_with_flags
+from features.selectors import segment_status
+from users.selectors import user_list, users_with_flags
 
 pytestmark = requires_postgres
 
