@@ -40,8 +40,8 @@ class Outcome:
 def ingest_messages(*, workspace: Workspace, messages: list[Message]) -> list[Outcome]:
     """Apply messages in order; returns one outcome per message, in the same order.
 
-    Consecutive usage messages are recorded together, and so are consecutive identifies;
-    alias and group messages one at a time.
+    Consecutive usage messages are recorded together, and so are consecutive identifies and
+    consecutive group calls; alias messages one at a time.
     """
     outcomes: list[Outcome] = []
     run: list[Message] = []
@@ -49,6 +49,8 @@ def ingest_messages(*, workspace: Workspace, messages: list[Message]) -> list[Ou
     def flush() -> None:
         if run and run[0].type in USAGE_TYPES:
             outcomes.extend(ingest_usage_messages(workspace=workspace, messages=run))
+        elif run and run[0].type == MessageType.GROUP:
+            outcomes.extend(ingest_group_messages(workspace=workspace, messages=run))
         elif run:
             outcomes.extend(ingest_identify_messages(workspace=workspace, messages=run))
         run.clear()
@@ -68,7 +70,7 @@ def ingest_messages(*, workspace: Workspace, messages: list[Message]) -> list[Ou
 def _run_kind(message: Message) -> str | None:
     if message.type in USAGE_TYPES:
         return "usage"
-    return "identify" if message.type == MessageType.IDENTIFY else None
+    return message.type if message.type in (MessageType.IDENTIFY, MessageType.GROUP) else None
 
 
 def ingest_usage_messages(*, workspace: Workspace, messages: list[Message]) -> list[Outcome]:
@@ -101,7 +103,7 @@ def _ingest_usage_once(workspace: Workspace, messages: list[Message]) -> list[Ou
 
 
 def ingest_profile_message(*, workspace: Workspace, message: Message) -> Outcome:
-    """One alias or group message, in a transaction of its own."""
+    """One alias message, in a transaction of its own."""
     return run_with_retries(lambda: _ingest_profile_once(workspace, message))
 
 
@@ -169,6 +171,35 @@ def _ingest_identify_chunk(workspace: Workspace, messages: list[Message]) -> lis
     return outcomes
 
 
+def ingest_group_messages(*, workspace: Workspace, messages: list[Message]) -> list[Outcome]:
+    """A run of group calls, a chunk per transaction, set-based (``users.services.record_groups``)."""
+    outcomes: list[Outcome] = []
+    for start in range(0, len(messages), GROUP_CHUNK):
+        chunk = messages[start : start + GROUP_CHUNK]
+        outcomes.extend(run_with_retries(lambda chunk=chunk: _ingest_group_chunk(workspace, chunk)))
+    return outcomes
+
+
+GROUP_CHUNK = 500
+
+
+@transaction.atomic
+def _ingest_group_chunk(workspace: Workspace, messages: list[Message]) -> list[Outcome]:
+    replayed = ledger.stored_message_ids(workspace, {m.message_id for m in messages})
+    fresh: dict[str, Message] = {}
+    for message in messages:
+        if message.message_id not in replayed:
+            fresh.setdefault(message.message_id, message)
+    user_pks = user_services.resolve_users(workspace=workspace, external_ids={m.user_id for m in fresh.values()})
+    calls = [user_services.GroupCall(user_pks[m.user_id], m.group_id, m.traits, m.occurred_at) for m in fresh.values()]
+    user_services.record_groups(workspace=workspace, calls=calls)
+    applied = [(m, user_pks[m.user_id], list(m.warnings)) for m in fresh.values()]
+    if len(ledger.record_processed_events(workspace, applied)) != len(applied):
+        raise ConcurrentChange()  # a concurrent request stored one of them: redo without it
+    processed = {m.message_id: Outcome(m.message_id, EventStatus.PROCESSED, "", pk, w) for m, pk, w in applied}
+    return [processed.pop(m.message_id, None) or Outcome(m.message_id, "duplicate") for m in messages]
+
+
 _AMBIGUOUS_EMAIL_WARNING = {
     "code": "ambiguous_email_match",
     "message": "the email matches several users, one without a userId: not merged, flagged for review",
@@ -208,28 +239,18 @@ def _ingest_profile_once(workspace: Workspace, message: Message) -> Outcome:
 
 
 def _apply_profile_message(workspace: Workspace, message: Message) -> Outcome:
-    """An alias or a group message (identifies go through ``ingest_identify_messages``)."""
+    """An alias message (identify and group calls go through their set-based runs)."""
     if Event.objects.for_workspace(workspace).filter(message_id=message.message_id).exists():
         return Outcome(message.message_id, "duplicate")
     warnings = list(message.warnings)
-    if message.type == MessageType.ALIAS:
-        result = user_services.alias_user(
-            workspace=workspace,
-            previous_id=message.previous_id,
-            user_id=message.user_id,
-            occurred_at=message.occurred_at,
-            source=f"message:{message.message_id}",
-        )
-        user_pk = result.user.pk
-    else:  # group
-        user_pk = user_services.resolve_users(workspace=workspace, external_ids=[message.user_id])[message.user_id]
-        user_services.record_group(
-            workspace=workspace,
-            user_pk=user_pk,
-            group_id=message.group_id,
-            traits=message.traits,
-            occurred_at=message.occurred_at,
-        )
+    result = user_services.alias_user(
+        workspace=workspace,
+        previous_id=message.previous_id,
+        user_id=message.user_id,
+        occurred_at=message.occurred_at,
+        source=f"message:{message.message_id}",
+    )
+    user_pk = result.user.pk
     if not ledger.record_processed_event(workspace, message, user_pk, warnings):
         raise _ReplayedMeanwhile()
     return Outcome(message.message_id, EventStatus.PROCESSED, user_pk=user_pk, warnings=warnings)

@@ -16,11 +16,11 @@ from django.core.management import call_command
 from django.db import connection
 from django.utils import timezone
 
+from features.selectors import segment_status
 from tests.api_support import ApiClient
 from tests.conftest import requires_postgres
 from users.csv_export import export_users_csv
 from users.models import EndUser
-from features.selectors import segment_status
 from users.selectors import user_list, users_with_flags
 
 pytestmark = requires_postgres

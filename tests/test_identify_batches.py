@@ -8,7 +8,7 @@ import pytest
 
 from features.ingest import IDENTIFY_CHUNK
 from features.models import Event
-from users.models import EndUser, MergeRecord, UserIdentity
+from users.models import EndUser, Group, GroupMembership, MergeRecord, UserIdentity
 
 from .conftest import SegmentClient
 from .identity_support import bare_user, identities_of, user_for
@@ -91,3 +91,36 @@ def test_a_batch_longer_than_a_chunk_and_its_replay(tenant, segment):
     assert UserIdentity.objects.for_workspace(tenant.workspace).count() == 40
     last = {m["userId"]: m["traits"]["name"] for m in messages}
     assert {u.user_id: u.name for u in EndUser.objects.for_workspace(tenant.workspace)} == last
+
+
+def _groups(tenant):
+    groups = {g.group_id: (g.traits, g.traits_set_at) for g in Group.objects.for_workspace(tenant.workspace)}
+    members = sorted(
+        (m.group.group_id, m.user.user_id, m.joined_at)
+        for m in GroupMembership.objects.for_workspace(tenant.workspace).select_related("group", "user")
+    )
+    return groups, members
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_batch_of_group_calls_ends_as_the_same_calls_sent_one_at_a_time(tenant, other_tenant, seed):
+    rng = random.Random(seed)
+    messages = [
+        {
+            "type": "group",
+            "userId": f"u{rng.randrange(15)}",
+            "groupId": f"acct-{rng.randrange(4)}",
+            "traits": rng.choice([{}, {"plan": rng.choice(["free", "pro"]), "n": n}]),
+            "messageId": f"g-{seed}-{n}",
+            "timestamp": f"2026-01-01T00:00:{rng.randrange(60):02d}Z",  # out of order, with ties
+        }
+        for n in range(120)
+    ]
+
+    batch = SegmentClient(tenant).batch(messages)
+    singles = [SegmentClient(other_tenant).post("/v1/group", m) for m in messages]
+
+    assert batch.status_code == 200 and batch.json()["accepted"] == len(messages)
+    assert {s.status_code for s in singles} == {200}
+    assert _groups(tenant) == _groups(other_tenant)
+    assert len(_groups(tenant)[0]) == 4

@@ -11,7 +11,7 @@ from kana.models import Workspace
 from kana.retries import run_with_retries
 
 from .errors import IdentityError
-from .groups import record_group
+from .groups import GroupCall, record_group, record_groups
 from .identity import (
     IdentifyOutcome,
     IdentifyResult,
@@ -31,6 +31,7 @@ from .merges import MergeResult, current_user_pk, merge_users
 from .models import EndUser
 
 __all__ = [
+    "GroupCall",
     "IdentifyOutcome",
     "IdentifyResult",
     "IdentityError",
@@ -47,6 +48,7 @@ __all__ = [
     "identify_users",
     "merge_users",
     "record_group",
+    "record_groups",
     "resolve_users",
     "update_user",
     "upsert_user_by_email",
