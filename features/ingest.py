@@ -9,6 +9,7 @@ applied one at a time, in order, by the identity service of ``users``, and store
 ledger as processed events.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from django.db import transaction
@@ -21,7 +22,7 @@ from users.profile import UNSET, validated_changes
 from . import ledger
 from .incoming import Message
 from .mapping import decide, load_rule_set
-from .models import USAGE_TYPES, Event, EventStatus, MessageType
+from .models import USAGE_TYPES, EventStatus, MessageType
 
 BILLING_TRAITS = ("billingUserId", "billingId")
 PROFILE_TRAITS = {"name", "email", *BILLING_TRAITS}
@@ -40,37 +41,28 @@ class Outcome:
 def ingest_messages(*, workspace: Workspace, messages: list[Message]) -> list[Outcome]:
     """Apply messages in order; returns one outcome per message, in the same order.
 
-    Consecutive usage messages are recorded together, and so are consecutive identifies and
-    consecutive group calls; alias messages one at a time.
+    Consecutive messages of one kind are recorded together: usage messages (track, page,
+    screen) in one transaction, profile messages (identify, group, alias) a chunk per
+    transaction, each stretch of one type set-based.
     """
     outcomes: list[Outcome] = []
     run: list[Message] = []
 
     def flush() -> None:
-        if run and run[0].type in USAGE_TYPES:
-            outcomes.extend(ingest_usage_messages(workspace=workspace, messages=run))
-        elif run and run[0].type == MessageType.GROUP:
-            outcomes.extend(ingest_group_messages(workspace=workspace, messages=run))
-        elif run:
-            outcomes.extend(ingest_identify_messages(workspace=workspace, messages=run))
-        run.clear()
+        if run:
+            outcomes.extend(_RECORDERS[_run_kind(run[0])](workspace=workspace, messages=run))
+            run.clear()
 
     for message in messages:
-        kind = _run_kind(message)
-        if run and _run_kind(run[0]) != kind:
+        if run and _run_kind(run[0]) != _run_kind(message):
             flush()
-        if kind is None:
-            outcomes.append(ingest_profile_message(workspace=workspace, message=message))
-        else:
-            run.append(message)
+        run.append(message)
     flush()
     return outcomes
 
 
-def _run_kind(message: Message) -> str | None:
-    if message.type in USAGE_TYPES:
-        return "usage"
-    return message.type if message.type in (MessageType.IDENTIFY, MessageType.GROUP) else None
+def _run_kind(message: Message) -> str:
+    return "usage" if message.type in USAGE_TYPES else "profile"
 
 
 def ingest_usage_messages(*, workspace: Workspace, messages: list[Message]) -> list[Outcome]:
@@ -102,9 +94,130 @@ def _ingest_usage_once(workspace: Workspace, messages: list[Message]) -> list[Ou
     return outcomes
 
 
-def ingest_profile_message(*, workspace: Workspace, message: Message) -> Outcome:
-    """One alias message, in a transaction of its own."""
-    return run_with_retries(lambda: _ingest_profile_once(workspace, message))
+# --- Identify, group and alias calls ------------------------------------------------------
+
+# Profile messages applied per transaction. An identify takes two advisory locks (userId,
+# email), an alias two: a chunk stays far below PostgreSQL's lock table, and a batch of 2,500
+# is a few dozen transactions of a few statements each.
+PROFILE_CHUNK = 100
+
+# What applies a chunk's fresh (not replayed) messages: returns (message, user id, warnings)
+# for a prefix of them, in order (identify may stop early: see users.identity.identify_users),
+# and the merges they made (absorbed user id -> survivor id).
+Applied = tuple[list[tuple[Message, int, list[dict]]], dict[int, int]]
+Applier = Callable[[Workspace, list[Message]], Applied]
+
+
+def _record_profile_run(workspace: Workspace, messages: list[Message], apply: Applier) -> list[Outcome]:
+    outcomes: list[Outcome] = []
+    pending = list(messages)
+    while pending:
+        chunk = pending[:PROFILE_CHUNK]
+        done = run_with_retries(lambda chunk=chunk: _record_profile_chunk(workspace, chunk, apply))
+        outcomes.extend(done)
+        pending = pending[len(done) :]
+    return outcomes
+
+
+@transaction.atomic
+def _record_profile_chunk(workspace: Workspace, messages: list[Message], apply: Applier) -> list[Outcome]:
+    """Outcomes of a prefix of ``messages`` (at least one), in one transaction: replays
+    answered ``duplicate``, the rest applied and stored as processed events."""
+    replayed = ledger.stored_message_ids(workspace, {m.message_id for m in messages})
+    fresh: dict[str, Message] = {}
+    for message in messages:
+        if message.message_id not in replayed:
+            fresh.setdefault(message.message_id, message)
+    applied, merges = apply(workspace, list(fresh.values())) if fresh else ([], {})
+    if merges:
+        # A later message of the chunk merged away the user of an earlier one: its event
+        # belongs to the survivor, as it would had it been stored before that merge.
+        applied = [(m, _survivor(pk, merges), w) for m, pk, w in applied]
+    if len(ledger.record_processed_events(workspace, applied)) != len(applied):
+        raise ConcurrentChange()  # a concurrent request stored one of them: redo without it
+    processed = {m.message_id: Outcome(m.message_id, EventStatus.PROCESSED, "", pk, w) for m, pk, w in applied}
+    outcomes, answered = [], set()
+    for message in messages:
+        message_id = message.message_id
+        if message_id in fresh and message_id not in processed and message_id not in answered:
+            break  # not applied in this chunk: the caller sends it, and what follows, again
+        answered.add(message_id)
+        outcomes.append(processed.pop(message_id, None) or Outcome(message_id, "duplicate"))
+    return outcomes
+
+
+def _survivor(user_pk: int, merges: dict[int, int]) -> int:
+    while user_pk in merges:
+        user_pk = merges[user_pk]
+    return user_pk
+
+
+def _merges(results) -> dict[int, int]:
+    return {absorbed: result.user.pk for result in results for absorbed in result.absorbed_ids}
+
+
+def _apply_identifies(workspace: Workspace, messages: list[Message]) -> Applied:
+    identifies, warnings = [], []
+    for message in messages:
+        changes, message_warnings = _identify_changes(message)
+        row = user_services.ProfileRow(changes=changes, user_id=message.user_id, label=f"message:{message.message_id}")
+        identifies.append((row, message.occurred_at))
+        warnings.append(message_warnings)
+    results = user_services.identify_users(workspace=workspace, identifies=identifies)
+    applied = []
+    for message, message_warnings, result in zip(messages, warnings, results, strict=False):  # results: a prefix
+        if result.ambiguous:
+            message_warnings = [*message_warnings, _AMBIGUOUS_EMAIL_WARNING]
+        applied.append((message, result.user.pk, message_warnings))
+    return applied, _merges(results)
+
+
+def _apply_groups(workspace: Workspace, messages: list[Message]) -> Applied:
+    user_pks = user_services.resolve_users(workspace=workspace, external_ids={m.user_id for m in messages})
+    calls = [user_services.GroupCall(user_pks[m.user_id], m.group_id, m.traits, m.occurred_at) for m in messages]
+    user_services.record_groups(workspace=workspace, calls=calls)
+    return [(m, user_pks[m.user_id], list(m.warnings)) for m in messages], {}
+
+
+def _apply_aliases(workspace: Workspace, messages: list[Message]) -> Applied:
+    calls = [user_services.AliasCall(m.previous_id, m.user_id, f"message:{m.message_id}") for m in messages]
+    results = user_services.alias_users(workspace=workspace, calls=calls)
+    return [(m, result.user.pk, list(m.warnings)) for m, result in zip(messages, results, strict=True)], _merges(
+        results
+    )
+
+
+def _apply_profile_messages(workspace: Workspace, messages: list[Message]) -> Applied:
+    """Identify, group and alias calls in order: each stretch of one type by its own applier,
+    all in the chunk's transaction. Stops where an applier stopped early."""
+    applied: list[tuple[Message, int, list[dict]]] = []
+    merges: dict[int, int] = {}
+    start = 0
+    while start < len(messages):
+        end = start
+        while end < len(messages) and messages[end].type == messages[start].type:
+            end += 1
+        stretch = messages[start:end]
+        done, stretch_merges = _APPLIERS[stretch[0].type](workspace, stretch)
+        applied.extend(done)
+        merges.update(stretch_merges)
+        if len(done) < len(stretch):
+            break
+        start = end
+    return applied, merges
+
+
+def ingest_profile_messages(*, workspace: Workspace, messages: list[Message]) -> list[Outcome]:
+    """A run of identify, group and alias calls (in any mix), a chunk per transaction."""
+    return _record_profile_run(workspace, messages, _apply_profile_messages)
+
+
+_APPLIERS = {
+    MessageType.IDENTIFY: _apply_identifies,
+    MessageType.GROUP: _apply_groups,
+    MessageType.ALIAS: _apply_aliases,
+}
+_RECORDERS = {"usage": ingest_usage_messages, "profile": ingest_profile_messages}
 
 
 def engage_values(message: Message) -> dict:
@@ -117,87 +230,6 @@ def engage_values(message: Message) -> dict:
     if isinstance(key, str) and key in message.traits:
         return {key: message.traits[key]}
     return {k: v for k, v in message.traits.items() if k not in PROFILE_TRAITS}
-
-
-# Identifies applied per transaction: two advisory locks each (userId, email), far below
-# PostgreSQL's lock table, and a batch of 2,500 in 25 passes of a few statements.
-IDENTIFY_CHUNK = 100
-
-
-def ingest_identify_messages(*, workspace: Workspace, messages: list[Message]) -> list[Outcome]:
-    """A run of identify messages, a chunk per transaction, through the identity engine's
-    set-based pass (``users.services.identify_users``): the same outcomes as one at a time."""
-    outcomes: list[Outcome] = []
-    pending = list(messages)
-    while pending:
-        chunk = pending[:IDENTIFY_CHUNK]
-        done = run_with_retries(lambda chunk=chunk: _ingest_identify_chunk(workspace, chunk))
-        outcomes.extend(done)
-        pending = pending[len(done) :]
-    return outcomes
-
-
-@transaction.atomic
-def _ingest_identify_chunk(workspace: Workspace, messages: list[Message]) -> list[Outcome]:
-    """Outcomes of a prefix of ``messages`` (at least one): see ``identify_users``."""
-    replayed = ledger.stored_message_ids(workspace, {m.message_id for m in messages})
-    fresh: dict[str, tuple[Message, list[dict]]] = {}
-    identifies = []
-    for message in messages:
-        if message.message_id in replayed or message.message_id in fresh:
-            continue
-        changes, warnings = _identify_changes(message)
-        fresh[message.message_id] = (message, warnings)
-        row = user_services.ProfileRow(changes=changes, user_id=message.user_id, label=f"message:{message.message_id}")
-        identifies.append((row, message.occurred_at))
-    results = user_services.identify_users(workspace=workspace, identifies=identifies) if identifies else []
-    applied = []
-    for (row, _), result in zip(identifies, results, strict=False):  # results: a prefix
-        message, warnings = fresh[row.label.removeprefix("message:")]
-        if result.ambiguous:
-            warnings.append(_AMBIGUOUS_EMAIL_WARNING)
-        applied.append((message, result.user.pk, warnings))
-    stored = ledger.record_processed_events(workspace, applied)
-    if len(stored) != len(applied):
-        raise ConcurrentChange()  # a concurrent request stored one of them: redo without it
-    processed = {m.message_id: Outcome(m.message_id, EventStatus.PROCESSED, "", pk, w) for m, pk, w in applied}
-    outcomes = []
-    for message in messages:
-        message_id = message.message_id
-        if message_id in fresh and message_id not in processed:
-            break  # not applied in this pass: the caller sends it, and what follows, again
-        first = processed.pop(message_id, None)
-        outcomes.append(first or Outcome(message_id, "duplicate"))
-    return outcomes
-
-
-def ingest_group_messages(*, workspace: Workspace, messages: list[Message]) -> list[Outcome]:
-    """A run of group calls, a chunk per transaction, set-based (``users.services.record_groups``)."""
-    outcomes: list[Outcome] = []
-    for start in range(0, len(messages), GROUP_CHUNK):
-        chunk = messages[start : start + GROUP_CHUNK]
-        outcomes.extend(run_with_retries(lambda chunk=chunk: _ingest_group_chunk(workspace, chunk)))
-    return outcomes
-
-
-GROUP_CHUNK = 500
-
-
-@transaction.atomic
-def _ingest_group_chunk(workspace: Workspace, messages: list[Message]) -> list[Outcome]:
-    replayed = ledger.stored_message_ids(workspace, {m.message_id for m in messages})
-    fresh: dict[str, Message] = {}
-    for message in messages:
-        if message.message_id not in replayed:
-            fresh.setdefault(message.message_id, message)
-    user_pks = user_services.resolve_users(workspace=workspace, external_ids={m.user_id for m in fresh.values()})
-    calls = [user_services.GroupCall(user_pks[m.user_id], m.group_id, m.traits, m.occurred_at) for m in fresh.values()]
-    user_services.record_groups(workspace=workspace, calls=calls)
-    applied = [(m, user_pks[m.user_id], list(m.warnings)) for m in fresh.values()]
-    if len(ledger.record_processed_events(workspace, applied)) != len(applied):
-        raise ConcurrentChange()  # a concurrent request stored one of them: redo without it
-    processed = {m.message_id: Outcome(m.message_id, EventStatus.PROCESSED, "", pk, w) for m, pk, w in applied}
-    return [processed.pop(m.message_id, None) or Outcome(m.message_id, "duplicate") for m in messages]
 
 
 _AMBIGUOUS_EMAIL_WARNING = {
@@ -224,33 +256,3 @@ def _identify_changes(message: Message) -> tuple:
     warnings = list(message.warnings)
     warnings.extend({"code": p.code, "message": p.message, "field": f"traits.{p.field}"} for p in problems)
     return changes, warnings
-
-
-class _ReplayedMeanwhile(Exception):
-    """A concurrent request stored the same messageId first: undo this one's changes."""
-
-
-def _ingest_profile_once(workspace: Workspace, message: Message) -> Outcome:
-    try:
-        with transaction.atomic():
-            return _apply_profile_message(workspace, message)
-    except _ReplayedMeanwhile:
-        return Outcome(message.message_id, "duplicate")
-
-
-def _apply_profile_message(workspace: Workspace, message: Message) -> Outcome:
-    """An alias message (identify and group calls go through their set-based runs)."""
-    if Event.objects.for_workspace(workspace).filter(message_id=message.message_id).exists():
-        return Outcome(message.message_id, "duplicate")
-    warnings = list(message.warnings)
-    result = user_services.alias_user(
-        workspace=workspace,
-        previous_id=message.previous_id,
-        user_id=message.user_id,
-        occurred_at=message.occurred_at,
-        source=f"message:{message.message_id}",
-    )
-    user_pk = result.user.pk
-    if not ledger.record_processed_event(workspace, message, user_pk, warnings):
-        raise _ReplayedMeanwhile()
-    return Outcome(message.message_id, EventStatus.PROCESSED, user_pk=user_pk, warnings=warnings)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from features.ingest import IDENTIFY_CHUNK
+from features.ingest import PROFILE_CHUNK
 from features.models import Event
 from users.models import EndUser, Group, GroupMembership, MergeRecord, UserIdentity
 
@@ -79,7 +79,7 @@ def test_a_merge_of_a_user_created_earlier_in_the_same_batch_is_applied_in_order
 def test_a_batch_longer_than_a_chunk_and_its_replay(tenant, segment):
     messages = [
         {"type": "identify", "userId": f"c{n % 40}", "traits": {"name": f"v{n}"}, "messageId": f"c-{n}"}
-        for n in range(IDENTIFY_CHUNK * 2 + 30)
+        for n in range(PROFILE_CHUNK * 2 + 30)
     ]
 
     first = segment.batch(messages).json()
@@ -124,3 +124,23 @@ def test_a_batch_of_group_calls_ends_as_the_same_calls_sent_one_at_a_time(tenant
     assert {s.status_code for s in singles} == {200}
     assert _groups(tenant) == _groups(other_tenant)
     assert len(_groups(tenant)[0]) == 4
+
+
+def test_a_batch_of_aliases_ends_as_the_same_aliases_sent_one_at_a_time(tenant, other_tenant):
+    rng = random.Random(7)
+    for t in (tenant, other_tenant):
+        for i in range(6):
+            SegmentClient(t).identify(f"known-{i}")
+    messages = []
+    for n in range(150):
+        previous_id, user_id = rng.sample([f"known-{i}" for i in range(6)] + [f"anon-{i}" for i in range(10)], 2)
+        messages.append({"type": "alias", "previousId": previous_id, "userId": user_id, "messageId": f"a-{n}"})
+
+    batch = SegmentClient(tenant).batch(messages)
+    singles = [SegmentClient(other_tenant).post("/v1/alias", m) for m in messages]
+
+    assert batch.status_code == 200 and batch.json()["accepted"] == len(messages)
+    assert {s.status_code for s in singles} == {200}
+    assert _state(tenant) == _state(other_tenant)
+    replay = SegmentClient(tenant).batch(messages).json()
+    assert (replay["accepted"], replay["duplicates"]) == (0, len(messages))

@@ -657,6 +657,15 @@ FROM new_users n LEFT JOIN new_identities i ON i.external_id = n.user_id
 # --- Alias -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class AliasCall:
+    """A Segment alias: ``previous_id`` becomes another userId of ``user_id``'s user."""
+
+    previous_id: str
+    user_id: str
+    source: str = ""  # the ledger's source when the alias merges two users
+
+
 def alias_user(
     *,
     workspace: Workspace,
@@ -667,49 +676,61 @@ def alias_user(
     source: str = "",
 ) -> IdentifyResult:
     """Make previousId and userId one user: userId is canonical, previousId an alias."""
-    if previous_id == user_id:
-        raise IdentityError("invalid_alias", "previousId and userId are the same", "previousId")
+    call = AliasCall(previous_id, user_id, source)
 
-    @transaction.atomic
     def once() -> IdentifyResult:
-        lock_keys(_identity_lock_keys(workspace, [previous_id, user_id]))
-        previous_owner, owner = user_pk_for(workspace, previous_id), user_pk_for(workspace, user_id)
-        ids = [i for i in (previous_owner, owner) if i]
-        locked = {
-            u.pk: u
-            for u in EndUser.objects.for_workspace(workspace).filter(pk__in=ids).order_by("pk").select_for_update()
-        }
-        if any(i not in locked for i in ids):
-            raise ConcurrentChange()
-        if not ids:
-            user = EndUser.objects.create(workspace=workspace, user_id=user_id)
-            UserIdentity.objects.bulk_create(
-                [UserIdentity(workspace=workspace, user=user, external_id=uid) for uid in (user_id, previous_id)]
-            )
-            return IdentifyResult(user=user, outcome=IdentifyOutcome.CREATED)
-        if previous_owner == owner:
-            return IdentifyResult(user=locked[owner], outcome=IdentifyOutcome.UNCHANGED)
-        if owner is None:
-            user = locked[previous_owner]
-            UserIdentity.objects.create(workspace=workspace, user=user, external_id=user_id)
-            user.user_id = user_id
-            user.save()
-            return IdentifyResult(user=user, outcome=IdentifyOutcome.UPDATED)
-        if previous_owner is None:
-            user = locked[owner]
-            UserIdentity.objects.create(workspace=workspace, user=user, external_id=previous_id)
-            return IdentifyResult(user=user, outcome=IdentifyOutcome.UPDATED)
-        survivor, absorbed = oldest_first([locked[previous_owner], locked[owner]])
-        absorb(
-            workspace=workspace,
-            survivor=survivor,
-            absorbed=absorbed,
-            reason=MergeReason.ALIAS,
-            actor=actor,
-            source=source,
-        )
-        survivor.user_id = user_id
-        survivor.save()
-        return IdentifyResult(user=survivor, outcome=IdentifyOutcome.MERGED, absorbed_ids=[absorbed.pk])
+        with transaction.atomic():
+            return alias_users(workspace=workspace, calls=[call], actor=actor)[0]
 
     return run_with_retries(once)
+
+
+def alias_users(*, workspace: Workspace, calls: list[AliasCall], actor: str = "segment") -> list[IdentifyResult]:
+    """Alias calls in order, in the caller's transaction, after taking the advisory locks of
+    every userId they name (sorted: concurrent runs cannot deadlock)."""
+    for call in calls:
+        if call.previous_id == call.user_id:
+            raise IdentityError("invalid_alias", "previousId and userId are the same", "previousId")
+    lock_keys(_identity_lock_keys(workspace, [uid for call in calls for uid in (call.previous_id, call.user_id)]))
+    return [_alias(workspace, call, actor) for call in calls]
+
+
+def _alias(workspace: Workspace, call: AliasCall, actor: str) -> IdentifyResult:
+    previous_id, user_id = call.previous_id, call.user_id
+    previous_owner, owner = user_pk_for(workspace, previous_id), user_pk_for(workspace, user_id)
+    ids = [i for i in (previous_owner, owner) if i]
+    locked = {
+        u.pk: u for u in EndUser.objects.for_workspace(workspace).filter(pk__in=ids).order_by("pk").select_for_update()
+    }
+    if any(i not in locked for i in ids):
+        raise ConcurrentChange()
+    if not ids:
+        user = EndUser.objects.create(workspace=workspace, user_id=user_id)
+        UserIdentity.objects.bulk_create(
+            [UserIdentity(workspace=workspace, user=user, external_id=uid) for uid in (user_id, previous_id)]
+        )
+        return IdentifyResult(user=user, outcome=IdentifyOutcome.CREATED)
+    if previous_owner == owner:
+        return IdentifyResult(user=locked[owner], outcome=IdentifyOutcome.UNCHANGED)
+    if owner is None:
+        user = locked[previous_owner]
+        UserIdentity.objects.create(workspace=workspace, user=user, external_id=user_id)
+        user.user_id = user_id
+        user.save()
+        return IdentifyResult(user=user, outcome=IdentifyOutcome.UPDATED)
+    if previous_owner is None:
+        user = locked[owner]
+        UserIdentity.objects.create(workspace=workspace, user=user, external_id=previous_id)
+        return IdentifyResult(user=user, outcome=IdentifyOutcome.UPDATED)
+    survivor, absorbed = oldest_first([locked[previous_owner], locked[owner]])
+    absorb(
+        workspace=workspace,
+        survivor=survivor,
+        absorbed=absorbed,
+        reason=MergeReason.ALIAS,
+        actor=actor,
+        source=call.source,
+    )
+    survivor.user_id = user_id
+    survivor.save()
+    return IdentifyResult(user=survivor, outcome=IdentifyOutcome.MERGED, absorbed_ids=[absorbed.pk])

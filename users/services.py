@@ -13,12 +13,14 @@ from kana.retries import run_with_retries
 from .errors import IdentityError
 from .groups import GroupCall, record_group, record_groups
 from .identity import (
+    AliasCall,
     IdentifyOutcome,
     IdentifyResult,
     ProfileRow,
     RowOutcome,
     TouchedUsers,
     alias_user,
+    alias_users,
     apply_profile_row,
     apply_profile_rows,
     identify_user,
@@ -31,6 +33,7 @@ from .merges import MergeResult, current_user_pk, merge_users
 from .models import EndUser
 
 __all__ = [
+    "AliasCall",
     "GroupCall",
     "IdentifyOutcome",
     "IdentifyResult",
@@ -40,6 +43,7 @@ __all__ = [
     "RowOutcome",
     "TouchedUsers",
     "alias_user",
+    "alias_users",
     "apply_profile_row",
     "apply_profile_rows",
     "current_user_pk",
@@ -74,4 +78,3 @@ def delete_user(*, workspace: Workspace, user_pk: int) -> None:
         users.delete()
 
     run_with_retries(once)
-
