@@ -43,6 +43,12 @@ def test_segment_page_counts_what_segment_sent(member_client, segment):
     assert 'href="/duplicates/"' in page
 
 
+def test_the_segment_page_shows_the_workspace_id_the_commands_take(member_client, tenant):
+    page = member_client.get("/").content.decode()
+    assert f"Workspace id <code>{tenant.workspace.pk}</code>" in page
+    assert f"manage.py export_users {tenant.workspace.pk} users.csv" in page
+
+
 def test_a_workspace_without_live_keys_is_shown_as_not_connected(member_client, tenant):
     for key in ApiKey.objects.for_workspace(tenant.workspace):
         member_client.post(f"/keys/{key.pk}/revoke/")
