@@ -151,12 +151,18 @@ class Command(BaseCommand):
 
         new = sum(1 for outcome in outcomes if outcome.status != "duplicate")
         unmapped = Event.objects.for_workspace(workspace).filter(status=EventStatus.UNMAPPED).count()
+        counts = {
+            "user": EndUser.objects.for_workspace(workspace).count(),
+            "unmapped event": unmapped,
+            "feature": Feature.objects.for_workspace(workspace).count(),
+            "rule": MappingRule.objects.for_workspace(workspace).count(),
+        }
         self.stdout.write(
             f"\n  Demo data in workspace {workspace.pk} ({workspace.name}): "
-            f"{new} new message{'' if new == 1 else 's'} of {len(outcomes)} "
-            f"({len(outcomes) - new} already there)\n"
-            f"  {EndUser.objects.for_workspace(workspace).count()} users, "
-            f"{unmapped} unmapped events, "
-            f"{Feature.objects.for_workspace(workspace).count()} features, "
-            f"{MappingRule.objects.for_workspace(workspace).count()} rules\n"
+            f"{_count(new, 'new message')} of {len(outcomes)} ({len(outcomes) - new} already there)\n"
+            f"  {', '.join(_count(n, noun) for noun, n in counts.items())}\n"
         )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
