@@ -19,7 +19,7 @@ from django.dispatch import receiver
 from kana.copy_rows import copy_rows
 from kana.locks import lock_rules_shared_and_read
 from kana.models import Workspace
-from users.signals import user_absorbed
+from users.signals import user_absorbed, user_deleting
 
 from .incoming import Message
 from .mapping import Decision
@@ -383,6 +383,17 @@ def reassign_user(*, workspace_id: int, absorbed_pk: int, survivor_pk: int) -> N
     """Move the absorbed user's events and usage to the survivor."""
     Event.objects.for_workspace(workspace_id).filter(user_id=absorbed_pk).update(user_id=survivor_pk)
     Usage.objects.for_workspace(workspace_id).filter(user_id=absorbed_pk).update(user_id=survivor_pk)
+
+
+def forget_user(*, workspace_id: int, user_pk: int) -> None:
+    """A user is being deleted: its usage goes, its events stay, detached, for the record."""
+    Usage.objects.for_workspace(workspace_id).filter(user_id=user_pk).delete()
+    Event.objects.for_workspace(workspace_id).filter(user_id=user_pk).update(user_id=None)
+
+
+@receiver(user_deleting, dispatch_uid="features.ledger.forget_user")
+def _on_user_deleting(sender, *, workspace_id: int, user_pk: int, **kwargs) -> None:
+    forget_user(workspace_id=workspace_id, user_pk=user_pk)
 
 
 @receiver(user_absorbed, dispatch_uid="features.ledger.reassign_user")

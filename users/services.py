@@ -31,6 +31,7 @@ from .identity import (
 )
 from .merges import MergeResult, current_user_pk, merge_users
 from .models import EndUser
+from .signals import user_deleting
 
 __all__ = [
     "AliasCall",
@@ -75,6 +76,7 @@ def delete_user(*, workspace: Workspace, user_pk: int) -> None:
         users = EndUser.objects.for_workspace(workspace).filter(pk=user_pk)
         if not users.select_for_update().values_list("pk", flat=True):
             raise IdentityError("unknown_user", f"no user with id {user_pk}", "id")
+        user_deleting.send(EndUser, workspace_id=workspace.pk, user_pk=user_pk)
         users.delete()
 
     run_with_retries(once)

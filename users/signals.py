@@ -9,3 +9,7 @@ from django.dispatch import Signal
 
 # Sent once per absorbed user, before its row is deleted: kwargs workspace_id, absorbed_pk, survivor_pk.
 user_absorbed = Signal()
+
+# Sent when a user is deleted, its row locked, before the delete: kwargs workspace_id, user_pk.
+# Its usage goes with it; its events stay, detached, for the record.
+user_deleting = Signal()
