@@ -38,7 +38,6 @@ from .errors import IdentityError
 from .merges import absorb
 from .models import EndUser, MergeReason, UserIdentity
 from .profile import SET_AT_FIELDS, ProfileChanges, apply_changes, oldest_first
-from .selectors import user_pk_for
 
 logger = logging.getLogger(__name__)
 
@@ -686,51 +685,55 @@ def alias_user(
 
 
 def alias_users(*, workspace: Workspace, calls: list[AliasCall], actor: str = "segment") -> list[IdentifyResult]:
-    """Alias calls in order, in the caller's transaction, after taking the advisory locks of
-    every userId they name (sorted: concurrent runs cannot deadlock)."""
+    """Alias calls in order, in the caller's transaction: the advisory locks of every userId
+    they name (sorted: concurrent runs cannot deadlock), one read of who owns those userIds,
+    one row lock of those users in id order, then each call against that state."""
     for call in calls:
         if call.previous_id == call.user_id:
             raise IdentityError("invalid_alias", "previousId and userId are the same", "previousId")
-    lock_keys(_identity_lock_keys(workspace, [uid for call in calls for uid in (call.previous_id, call.user_id)]))
-    return [_alias(workspace, call, actor) for call in calls]
+    user_ids = {uid for call in calls for uid in (call.previous_id, call.user_id)}
+    lock_keys(_identity_lock_keys(workspace, sorted(user_ids)))
+    owners = bulk.owners_of(workspace, user_ids)  # userId -> user pk, kept current below
+    locked = {user.pk: user for user in bulk.lock_users(workspace, set(owners.values()), set())}
+    if any(pk not in locked for pk in owners.values()):
+        raise ConcurrentChange()  # a user deleted since its identity was read
+    return [_alias(workspace, call, actor, owners, locked) for call in calls]
 
 
-def _alias(workspace: Workspace, call: AliasCall, actor: str) -> IdentifyResult:
+def _alias(
+    workspace: Workspace, call: AliasCall, actor: str, owners: dict[str, int], users: dict[int, EndUser]
+) -> IdentifyResult:
     previous_id, user_id = call.previous_id, call.user_id
-    previous_owner, owner = user_pk_for(workspace, previous_id), user_pk_for(workspace, user_id)
-    ids = [i for i in (previous_owner, owner) if i]
-    locked = {
-        u.pk: u for u in EndUser.objects.for_workspace(workspace).filter(pk__in=ids).order_by("pk").select_for_update()
-    }
-    if any(i not in locked for i in ids):
-        raise ConcurrentChange()
-    if not ids:
+    previous_owner, owner = owners.get(previous_id), owners.get(user_id)
+    if previous_owner is None and owner is None:
         user = EndUser.objects.create(workspace=workspace, user_id=user_id)
         UserIdentity.objects.bulk_create(
             [UserIdentity(workspace=workspace, user=user, external_id=uid) for uid in (user_id, previous_id)]
         )
+        owners[user_id] = owners[previous_id] = user.pk
+        users[user.pk] = user
         return IdentifyResult(user=user, outcome=IdentifyOutcome.CREATED)
     if previous_owner == owner:
-        return IdentifyResult(user=locked[owner], outcome=IdentifyOutcome.UNCHANGED)
+        return IdentifyResult(user=users[owner], outcome=IdentifyOutcome.UNCHANGED)
     if owner is None:
-        user = locked[previous_owner]
+        user = users[previous_owner]
         UserIdentity.objects.create(workspace=workspace, user=user, external_id=user_id)
+        owners[user_id] = user.pk
         user.user_id = user_id
         user.save()
         return IdentifyResult(user=user, outcome=IdentifyOutcome.UPDATED)
     if previous_owner is None:
-        user = locked[owner]
+        user = users[owner]
         UserIdentity.objects.create(workspace=workspace, user=user, external_id=previous_id)
+        owners[previous_id] = user.pk
         return IdentifyResult(user=user, outcome=IdentifyOutcome.UPDATED)
-    survivor, absorbed = oldest_first([locked[previous_owner], locked[owner]])
-    absorb(
-        workspace=workspace,
-        survivor=survivor,
-        absorbed=absorbed,
-        reason=MergeReason.ALIAS,
-        actor=actor,
-        source=call.source,
-    )
+    survivor, absorbed = oldest_first([users[previous_owner], users[owner]])
+    reason = MergeReason.ALIAS
+    absorb(workspace=workspace, survivor=survivor, absorbed=absorbed, reason=reason, actor=actor, source=call.source)
+    for uid, pk in owners.items():  # the absorbed user's userIds now resolve to the survivor
+        if pk == absorbed.pk:
+            owners[uid] = survivor.pk
+    del users[absorbed.pk]
     survivor.user_id = user_id
     survivor.save()
     return IdentifyResult(user=survivor, outcome=IdentifyOutcome.MERGED, absorbed_ids=[absorbed.pk])
