@@ -6,6 +6,8 @@ from rest_framework.parsers import JSONParser
 from rest_framework.response import Response
 from rest_framework.viewsets import GenericViewSet
 
+from kana.services import key_prefix
+
 from .errors import DOMAIN_ERRORS, DomainError
 from .ids import ID_PATTERN, MAX_ID
 
@@ -34,6 +36,11 @@ class WorkspaceViewSet(GenericViewSet):
     @property
     def workspace(self):
         return self.request.workspace
+
+    @property
+    def actor(self) -> str:
+        """Who is acting, as the audit log names it: ``api-key:<the key's prefix>``."""
+        return f"api-key:{key_prefix(self.request.auth)}"
 
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):

@@ -22,6 +22,7 @@ from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from kana.services import key_prefix
 from users.csv_export import export_users_csv
 from users.csv_import import CsvFileError, import_report, import_users_csv, open_import_report
 from users.models import ImportJob, ImportStatus
@@ -118,7 +119,11 @@ class UserImportView(APIView):
             raise CsvFileRejected("invalid_dry_run", "dry_run must be true or false", "dry_run")
         try:
             job = import_users_csv(
-                workspace=request.workspace, file=upload, dry_run=raw in _TRUE, actor="api", file_name=upload.name
+                workspace=request.workspace,
+                file=upload,
+                dry_run=raw in _TRUE,
+                actor=f"api-key:{key_prefix(request.auth)}",
+                file_name=upload.name,
             )
         except CsvFileError as exc:
             raise CsvFileRejected(exc.code, exc.message) from None

@@ -269,6 +269,12 @@ class EventSerializer(serializers.Serializer):
     occurred_at = serializers.DateTimeField()
     received_at = serializers.DateTimeField()
     payload = serializers.JSONField(help_text="The message as received (batch context applied).")
+    voided_at = serializers.DateTimeField(allow_null=True, help_text="When the event was voided (null: not voided).")
+    void_reason = serializers.CharField(help_text="Why it was voided (empty: not voided).")
+
+
+class EventVoidSerializer(serializers.Serializer):
+    reason = StrictCharField(max_length=500, help_text="Why the event is voided; kept with it.")
 
 
 class EventFilterSerializer(serializers.Serializer):
@@ -297,3 +303,22 @@ class UnmappedSummarySerializer(serializers.Serializer):
     events = UnmappedEventSerializer(many=True, help_text="Unmapped events by name and reason (all of them).")
     sampled_events = serializers.IntegerField(help_text="How many recent unmapped events the properties cover.")
     properties = UnmappedPropertySerializer(many=True)
+
+
+# --- Audit log ----------------------------------------------------------------------------
+
+
+class AuditEntrySerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    actor = serializers.CharField(help_text='"api-key:<prefix>", "user:<username>", "segment" or "cli".')
+    action = serializers.CharField(help_text='"feature.create", "rule.update", "merge", "event.void", …')
+    object_type = serializers.CharField()
+    object_id = serializers.CharField()
+    before = serializers.JSONField(allow_null=True, help_text="A summary of the object before the action.")
+    after = serializers.JSONField(allow_null=True, help_text="A summary of the object after the action.")
+    created_at = serializers.DateTimeField()
+
+
+class AuditFilterSerializer(serializers.Serializer):
+    action = serializers.CharField(required=False, max_length=64, help_text='e.g. "feature.delete".')
+    object_type = serializers.CharField(required=False, max_length=64, help_text='e.g. "feature", "user", "event".')

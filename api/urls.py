@@ -16,6 +16,7 @@ router.register("rules", views.RuleViewSet, basename="rule")
 router.register("events", views.EventViewSet, basename="event")
 router.register("usage", views.UsageViewSet, basename="usage")
 router.register("merges", views.MergeViewSet, basename="merge")
+router.register("audit", views.AuditViewSet, basename="audit")
 
 app_name = "api"
 urlpatterns = router.urls

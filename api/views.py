@@ -1,12 +1,13 @@
 """REST endpoints. Each translates HTTP to one selector or service call and back."""
 
 from django.db.models import Prefetch
-from drf_spectacular.utils import OpenApiExample, extend_schema, extend_schema_view
+from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from features import selectors as feature_selectors
+from features.corrections import event_void
 from features.models import Event, Feature, MappingRule, Usage
 from features.services import (
     RuleDefinition,
@@ -17,7 +18,8 @@ from features.services import (
     rule_delete,
     rule_update,
 )
-from kana.services import key_prefix
+from kana.audit import audit_entries
+from kana.models import AuditEntry
 from users import selectors as user_selectors
 from users.models import EndUser, MergeReason, MergeRecord, UserIdentity
 from users.profile import validated_changes
@@ -25,6 +27,7 @@ from users.services import delete_user, merge_users, update_user
 
 from . import serializers as s
 from .base import WorkspaceViewSet
+from .schema import ErrorSerializer
 
 # --- Examples shown on the docs page ------------------------------------------------------
 
@@ -112,11 +115,11 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Destr
         changes, problems = validated_changes(**self.body(s.UserUpdateSerializer))
         if problems:
             raise problems[0]
-        update_user(workspace=self.workspace, user_pk=user.pk, changes=changes)
+        update_user(workspace=self.workspace, user_pk=user.pk, changes=changes, actor=self.actor)
         return Response(self.get_serializer(self.get_queryset().get(pk=user.pk)).data)
 
     def perform_destroy(self, user):
-        delete_user(workspace=self.workspace, user_pk=user.pk)
+        delete_user(workspace=self.workspace, user_pk=user.pk, actor=self.actor)
 
     @extend_schema(
         summary="Merge users into one",
@@ -145,7 +148,7 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Destr
             user_pks=body["user_ids"],
             survivor_pk=body.get("survivor"),
             reason=MergeReason.ADMIN,
-            actor=f"api-key:{key_prefix(request.auth)}",
+            actor=self.actor,
             source="api:users/merge",
         )
         survivor = self.get_queryset().get(pk=result.survivor.pk)
@@ -245,17 +248,20 @@ class FeatureViewSet(
     def perform_create(self, serializer):
         data = serializer.validated_data
         serializer.instance = feature_create(
-            workspace=self.workspace, key=data["key"], name=data.get("name", ""), type=data["type"]
+            workspace=self.workspace, key=data["key"], name=data.get("name", ""), type=data["type"], actor=self.actor
         )
 
     def partial_update(self, request, id=None):
         feature = feature_update(
-            workspace=self.workspace, feature=self.get_object(), **self.body(s.FeatureUpdateSerializer)
+            workspace=self.workspace,
+            feature=self.get_object(),
+            actor=self.actor,
+            **self.body(s.FeatureUpdateSerializer),
         )
         return Response(self.get_serializer(feature).data)
 
     def perform_destroy(self, feature):
-        feature_delete(workspace=self.workspace, feature=feature)
+        feature_delete(workspace=self.workspace, feature=feature, actor=self.actor)
 
 
 _DEFINITION = ("feature", "event_name", "conditions", "amount_property")
@@ -326,6 +332,7 @@ class RuleViewSet(
                 amount_property=data.get("amount_property"),
                 active=data.get("active", True),
             ),
+            actor=self.actor,
         )
 
     def partial_update(self, request, pk=None):
@@ -351,12 +358,17 @@ class RuleViewSet(
                 amount_property=wanted["amount_property"],
             )
         rule = rule_update(
-            workspace=self.workspace, rule=rule, name=body.get("name"), active=body.get("active"), definition=definition
+            workspace=self.workspace,
+            rule=rule,
+            name=body.get("name"),
+            active=body.get("active"),
+            definition=definition,
+            actor=self.actor,
         )
         return Response(self.get_serializer(rule).data)
 
     def perform_destroy(self, rule):
-        rule_delete(workspace=self.workspace, rule=rule)
+        rule_delete(workspace=self.workspace, rule=rule, actor=self.actor)
 
 
 # --- Events, usage, merges ---------------------------------------------------------------
@@ -408,6 +420,37 @@ class EventViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, WorkspaceVi
         }
         return Response(s.UnmappedSummarySerializer(summary).data)
 
+    @extend_schema(
+        summary="Void an event (a correction)",
+        description=(
+            "Marks a stored track, page or screen event `voided`, keeping the reason and the time, "
+            "and removes its usage, so usage totals drop. The event stays listed (status `voided`) "
+            "and is never mapped again, by reprocessing or any other path. Idempotent: voiding a "
+            "voided event answers 200 with the event as it is and changes nothing (the first "
+            "reason stands). identify, alias and group events (status `processed`) are refused "
+            "with 409 `not_voidable`: their effect on users (profile values, merges, group "
+            "memberships) is not undone by a void. Recorded in the audit log (`event.void`)."
+        ),
+        request=s.EventVoidSerializer,
+        responses={
+            200: s.EventSerializer,
+            409: OpenApiResponse(ErrorSerializer, description="`not_voidable`: an identify, alias or group event."),
+        },
+        examples=[
+            OpenApiExample("Sent twice by a broken client", value={"reason": "duplicate send"}, request_only=True)
+        ],
+    )
+    @action(detail=True, methods=["post"])
+    def void(self, request, pk=None):
+        event = self.get_object()
+        event = event_void(
+            workspace=self.workspace,
+            event_id=event.pk,
+            reason=self.body(s.EventVoidSerializer)["reason"],
+            actor=self.actor,
+        )
+        return Response(self.get_serializer(event).data)
+
 
 @extend_schema_view(
     list=extend_schema(
@@ -457,3 +500,23 @@ class MergeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, WorkspaceVi
     def scope(self, records):
         filters = self.query(s.MergeFilterSerializer) if self.action == "list" else {}
         return user_selectors.merge_history(self.workspace, records=records, user_pk=filters.get("user"))
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="The audit log, newest first",
+        description=(
+            "Every admin action (feature, rule, user, merge, CSV apply, key and void changes) with "
+            "its actor (`api-key:<prefix>`, `user:<username>`, `segment` or `cli`), the object and a "
+            "before/after summary. Written in the same transaction as the action."
+        ),
+        parameters=[s.AuditFilterSerializer],
+    )
+)
+class AuditViewSet(mixins.ListModelMixin, WorkspaceViewSet):
+    model = AuditEntry
+    serializer_class = s.AuditEntrySerializer
+
+    def scope(self, entries):
+        filters = self.query(s.AuditFilterSerializer)
+        return audit_entries(self.workspace, entries=entries, **filters)

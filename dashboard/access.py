@@ -48,6 +48,11 @@ def choose_workspace(request, workspace_pk) -> Workspace | None:
     return workspace
 
 
+def actor_of(request) -> str:
+    """Who is acting, as the audit log names a dashboard admin: ``user:<username>``."""
+    return f"user:{request.user.get_username()}"
+
+
 def workspace_view(view):
     """Sign-in required; ``request.workspace`` set; no workspace chosen yet -> the picker."""
 

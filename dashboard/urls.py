@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from .views import csv, duplicates, rules, segment, users
+from .views import audit, csv, duplicates, rules, segment, users
 
 app_name = "dashboard"
 
@@ -15,6 +15,7 @@ urlpatterns = [
     path("users/", users.user_list_page, name="users"),
     path("users/<int:pk>/", users.user_detail, name="user"),
     path("users/<int:pk>/delete/", users.user_delete, name="user_delete"),
+    path("users/<int:pk>/events/<int:event_id>/void/", users.event_void_page, name="event_void"),
     path("duplicates/", duplicates.duplicates, name="duplicates"),
     path("duplicates/preview/", duplicates.merge_preview_page, name="merge_preview"),
     path("duplicates/merge/", duplicates.merge, name="merge"),
@@ -31,4 +32,5 @@ urlpatterns = [
     path("csv/imports/<int:pk>/progress/", csv.csv_job_progress, name="csv_job_progress"),
     path("csv/imports/<int:pk>/report/", csv.csv_job_report, name="csv_job_report"),
     path("csv/imports/<int:pk>/apply/", csv.csv_job_apply, name="csv_job_apply"),
+    path("audit/", audit.audit_log, name="audit"),
 ]

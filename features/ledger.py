@@ -376,6 +376,34 @@ def set_unmapped_reasons(event_ids_by_reason: dict[str, list[int]]) -> None:
         Event.objects.filter(id__in=ids, status=EventStatus.UNMAPPED).update(unmapped_reason=reason)
 
 
+# --- Corrections: voiding a stored event ----------------------------------------------------
+
+
+def void_event(*, event: Event, reason: str, voided_at) -> list[dict]:
+    """Mark an event voided and delete its usage; returns the usage removed.
+
+    The caller holds the event's row lock (``select_for_update``), so reprocessing, which
+    locks the unmapped events it maps and only flips rows still unmapped, either mapped it
+    before (its usage is deleted here) or finds it voided and skips it.
+    """
+    usage = Usage.objects.for_workspace(event.workspace_id).filter(event_id=event.pk)
+    removed = [
+        {"feature": key, "amount": amount, "rule": rule_id}
+        for key, amount, rule_id in usage.order_by("feature__key").values_list("feature__key", "amount", "rule_id")
+    ]
+    usage.delete()
+    Event.objects.filter(pk=event.pk).update(
+        status=EventStatus.VOIDED, unmapped_reason="", voided_at=voided_at, void_reason=reason
+    )
+    event.status, event.unmapped_reason, event.voided_at, event.void_reason = (
+        EventStatus.VOIDED,
+        "",
+        voided_at,
+        reason,
+    )
+    return removed
+
+
 # --- Merges: a user's events and usage follow it into the survivor -----------------------
 
 

@@ -29,6 +29,8 @@ class EventStatus(models.TextChoices):
     UNMAPPED = "unmapped"
     # identify/group/alias: applied to users, nothing to map.
     PROCESSED = "processed"
+    # Corrected by an admin (features.corrections.event_void): no usage, never mapped again.
+    VOIDED = "voided"
 
 
 class UnmappedReason(models.TextChoices):
@@ -55,12 +57,25 @@ class Event(models.Model):
     status = models.CharField(max_length=16, choices=EventStatus.choices)
     unmapped_reason = models.CharField(max_length=32, choices=UnmappedReason.choices, blank=True, default="")
     warnings = models.JSONField(default=list, blank=True)
+    voided_at = models.DateTimeField(null=True, blank=True)
+    # db_default: the ledger's set-based inserts name only the columns ingest fills.
+    void_reason = models.CharField(max_length=500, blank=True, default="", db_default="")
 
     objects = WorkspaceQuerySet.as_manager()
 
     class Meta:
         constraints = [
             models.UniqueConstraint(fields=["workspace", "message_id"], name="event_unique_message_id"),
+            # A voided event keeps its void time, and only a voided event has one: a path that
+            # set a voided event's status back (to unmapped, say) fails here instead of
+            # silently making it a reprocessing candidate again.
+            models.CheckConstraint(
+                condition=(
+                    models.Q(status="voided", voided_at__isnull=False)
+                    | (~models.Q(status="voided") & models.Q(voided_at__isnull=True))
+                ),
+                name="event_voided_iff_voided_at",
+            ),
         ]
         indexes = [
             # Reprocessing walks a workspace's unmapped events in id order.

@@ -15,7 +15,7 @@ from django.db.models import F, Max
 from django.utils import timezone
 
 from features.models import Event
-from kana import jobs
+from kana import audit, jobs
 from kana.errors import DomainError
 from kana.jobs import JobStatus
 from kana.locks import lock_rules_exclusive
@@ -41,6 +41,21 @@ def _bump_rules_version(workspace: Workspace) -> None:
     Workspace.objects.filter(pk=workspace.pk).update(rules_version=F("rules_version") + 1)
 
 
+def _feature_summary(feature: Feature) -> dict:
+    return {"key": feature.key, "name": feature.name, "type": feature.type, "archived": feature.archived_at is not None}
+
+
+def _rule_summary(rule: MappingRule) -> dict:
+    return {
+        "name": rule.name,
+        "feature": rule.feature.key,
+        "event_name": rule.event_name,
+        "conditions": rule.conditions,
+        "amount_property": rule.amount_property,
+        "active": rule.active,
+    }
+
+
 def _start_job(
     *, workspace: Workspace, rule: MappingRule | None = None, feature: Feature | None = None
 ) -> ReprocessingJob:
@@ -55,7 +70,9 @@ def _start_job(
     return job
 
 
-def feature_create(*, workspace: Workspace, key: str, name: str = "", type: str = FeatureType.CONSUMABLE) -> Feature:
+def feature_create(
+    *, workspace: Workspace, key: str, name: str = "", type: str = FeatureType.CONSUMABLE, actor: str = ""
+) -> Feature:
     """Create a feature. Events that named it as featureId before it existed get mapped."""
     key = (key or "").strip()
     if not _FEATURE_KEY.match(key):
@@ -69,6 +86,14 @@ def feature_create(*, workspace: Workspace, key: str, name: str = "", type: str 
         feature = Feature.objects.create(workspace=workspace, key=key, name=name or key, type=type)
         _bump_rules_version(workspace)
         _start_job(workspace=workspace, feature=feature)
+        audit.record(
+            workspace=workspace,
+            actor=actor,
+            action="feature.create",
+            object_type="feature",
+            object_id=feature.key,
+            after=_feature_summary(feature),
+        )
     return feature
 
 
@@ -79,6 +104,7 @@ def feature_update(
     name: str | None = None,
     type: str | None = None,
     archived: bool | None = None,
+    actor: str = "",
 ) -> Feature:
     """Rename, retype, archive (no new usage, history kept) or unarchive a feature."""
     if type is not None and type not in FeatureType.values:
@@ -88,6 +114,7 @@ def feature_update(
             # What ingest maps to changes: ordered against in-flight ingest like a new rule.
             lock_rules_exclusive(workspace.pk)
         feature = Feature.objects.for_workspace(workspace).select_for_update().get(pk=feature.pk)
+        before = _feature_summary(feature)
         if name is not None:
             feature.name = name
         if type is not None:
@@ -96,10 +123,19 @@ def feature_update(
             feature.archived_at = timezone.now() if archived else None
             _bump_rules_version(workspace)
         feature.save(update_fields=["name", "type", "archived_at"])
+        audit.record(
+            workspace=workspace,
+            actor=actor,
+            action="feature.update",
+            object_type="feature",
+            object_id=feature.key,
+            before=before,
+            after=_feature_summary(feature),
+        )
     return feature
 
 
-def feature_delete(*, workspace: Workspace, feature: Feature) -> None:
+def feature_delete(*, workspace: Workspace, feature: Feature, actor: str = "") -> None:
     """Delete a feature that nothing uses. One with rules or recorded usage is refused (409
     ``feature_in_use``): deleting it would delete usage; archive it instead."""
     with transaction.atomic():
@@ -113,6 +149,14 @@ def feature_delete(*, workspace: Workspace, feature: Feature) -> None:
             )
         Feature.objects.for_workspace(workspace).filter(pk=feature.pk).delete()
         _bump_rules_version(workspace)
+        audit.record(
+            workspace=workspace,
+            actor=actor,
+            action="feature.delete",
+            object_type="feature",
+            object_id=feature.key,
+            before=_feature_summary(feature),
+        )
 
 
 @dataclass
@@ -140,7 +184,7 @@ def _clean_definition(workspace: Workspace, definition: RuleDefinition) -> tuple
     return feature, conditions
 
 
-def rule_create(*, workspace: Workspace, definition: RuleDefinition) -> MappingRule:
+def rule_create(*, workspace: Workspace, definition: RuleDefinition, actor: str = "") -> MappingRule:
     """Create a rule and reprocess the workspace's stored unmapped events against it."""
     feature, conditions = _clean_definition(workspace, definition)
     event_name = (definition.event_name or "").strip() or None
@@ -159,6 +203,14 @@ def rule_create(*, workspace: Workspace, definition: RuleDefinition) -> MappingR
         _bump_rules_version(workspace)
         if rule.active:
             _start_job(workspace=workspace, rule=rule)
+        audit.record(
+            workspace=workspace,
+            actor=actor,
+            action="rule.create",
+            object_type="rule",
+            object_id=rule.pk,
+            after=_rule_summary(rule),
+        )
     return rule
 
 
@@ -173,6 +225,7 @@ def rule_update(
     name: str | None = None,
     active: bool | None = None,
     definition: RuleDefinition | None = None,
+    actor: str = "",
 ) -> MappingRule:
     """Rename, (de)activate, or, while it has mapped nothing, redefine a rule.
 
@@ -183,6 +236,7 @@ def rule_update(
     with transaction.atomic():
         lock_rules_exclusive(workspace.pk)
         rule = MappingRule.objects.for_workspace(workspace).select_for_update().get(pk=rule.pk)
+        before = _rule_summary(rule)
         reactivated = active is True and not rule.active
         redefined = False
         if definition is not None:
@@ -205,17 +259,30 @@ def rule_update(
         _bump_rules_version(workspace)
         if rule.active and (reactivated or redefined):
             _start_job(workspace=workspace, rule=rule)
+        audit.record(
+            workspace=workspace,
+            actor=actor,
+            action="rule.update",
+            object_type="rule",
+            object_id=rule.pk,
+            before=before,
+            after=_rule_summary(rule),
+        )
     return rule
 
 
-def rule_delete(*, workspace: Workspace, rule: MappingRule) -> None:
+def rule_delete(*, workspace: Workspace, rule: MappingRule, actor: str = "") -> None:
     with transaction.atomic():
         # Checked under the lock, as in rule_update: a job cannot map with it meanwhile.
         lock_rules_exclusive(workspace.pk)
         if rule_is_used(rule):
             raise FeatureError("rule_in_use", "this rule has mapped events: deactivate it instead", "id")
+        before = _rule_summary(rule)
         MappingRule.objects.for_workspace(workspace).filter(pk=rule.pk).delete()
         _bump_rules_version(workspace)
+        audit.record(
+            workspace=workspace, actor=actor, action="rule.delete", object_type="rule", object_id=rule.pk, before=before
+        )
 
 
 __all__ = [

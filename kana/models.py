@@ -5,7 +5,9 @@ so a query cannot forget its tenant; every table can be sharded by workspace.
 """
 
 from django.conf import settings
+from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
+from django.utils import timezone
 
 
 class WorkspaceQuerySet(models.QuerySet):
@@ -49,3 +51,33 @@ class ApiKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.prefix}…"
+
+
+class AuditEntry(models.Model):
+    """One admin action: who did what to which object, with a before/after summary.
+
+    Written by ``kana.audit.record`` in the same transaction as the action (Zulip's
+    RealmAuditLog habit), so an action that rolls back leaves no entry.
+    """
+
+    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+")
+    # "api-key:<prefix>", "user:<username>", "segment" or "cli".
+    actor = models.CharField(max_length=255, blank=True, default="")
+    action = models.CharField(max_length=64)  # "feature.create", "event.void", …
+    object_type = models.CharField(max_length=64)
+    object_id = models.CharField(max_length=255, blank=True, default="")
+    before = models.JSONField(null=True, blank=True, encoder=DjangoJSONEncoder)
+    after = models.JSONField(null=True, blank=True, encoder=DjangoJSONEncoder)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    objects = WorkspaceQuerySet.as_manager()
+
+    class Meta:
+        indexes = [
+            # The log is read newest first, optionally narrowed by action or object type.
+            models.Index(fields=["workspace", "-created_at", "-id"], name="audit_ws_created_idx"),
+            models.Index(fields=["workspace", "action", "-created_at"], name="audit_ws_action_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.object_type}:{self.object_id} by {self.actor or '?'}"

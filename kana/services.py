@@ -11,6 +11,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from . import audit
 from .models import ApiKey, Workspace
 
 API_KEY_PREFIX = "prv_live_"
@@ -37,17 +38,38 @@ def workspace_create(*, name: str) -> Workspace:
     return Workspace.objects.create(name=name)
 
 
-def api_key_issue(*, workspace: Workspace, name: str = "") -> IssuedKey:
+def api_key_issue(*, workspace: Workspace, name: str = "", actor: str = "") -> IssuedKey:
     """Create a new key; the raw key is returned once and only its hash is kept."""
     raw_key = API_KEY_PREFIX + "".join(secrets.choice(_KEY_ALPHABET) for _ in range(_KEY_BODY_LENGTH))
-    api_key = ApiKey.objects.create(
-        workspace=workspace, name=name, prefix=key_prefix(raw_key), key_hash=hash_api_key(raw_key)
-    )
+    with transaction.atomic():
+        api_key = ApiKey.objects.create(
+            workspace=workspace, name=name, prefix=key_prefix(raw_key), key_hash=hash_api_key(raw_key)
+        )
+        audit.record(
+            workspace=workspace,
+            actor=actor,
+            action="key.create",
+            object_type="api_key",
+            object_id=api_key.pk,
+            after={"name": name, "prefix": api_key.prefix},
+        )
     return IssuedKey(api_key=api_key, raw_key=raw_key)
 
 
-def api_key_revoke(*, api_key: ApiKey) -> None:
-    ApiKey.objects.filter(pk=api_key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+def api_key_revoke(*, api_key: ApiKey, actor: str = "") -> None:
+    """Revoke a key; revoking a revoked key changes nothing (and records nothing)."""
+    with transaction.atomic():
+        revoked = ApiKey.objects.filter(pk=api_key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+        if revoked:
+            audit.record(
+                workspace=api_key.workspace_id,
+                actor=actor,
+                action="key.revoke",
+                object_type="api_key",
+                object_id=api_key.pk,
+                before={"name": api_key.name, "prefix": api_key.prefix, "revoked": False},
+                after={"revoked": True},
+            )
     with _key_cache_lock:
         _key_cache.clear()
 
@@ -80,6 +102,6 @@ def workspace_for_api_key(raw_key: str) -> Workspace | None:
 
 
 @transaction.atomic
-def workspace_create_with_key(*, name: str, key_name: str = "default") -> IssuedKey:
+def workspace_create_with_key(*, name: str, key_name: str = "default", actor: str = "cli") -> IssuedKey:
     workspace = workspace_create(name=name)
-    return api_key_issue(workspace=workspace, name=key_name)
+    return api_key_issue(workspace=workspace, name=key_name, actor=actor)

@@ -134,7 +134,7 @@ def test_merge_two_duplicates_from_the_review_page(page, live_server, tenant, ad
 
     survivor = EndUser.objects.get(workspace=tenant.workspace)
     assert survivor.pk == laptop.pk and survivor.billing_id == "cus_KIM"
-    assert MergeRecord.objects.get(survivor_key=laptop.pk).actor == "ada"
+    assert MergeRecord.objects.get(survivor_key=laptop.pk).actor == "user:ada"
 
 
 @contextmanager

@@ -94,7 +94,7 @@ def test_a_clean_dry_run_applies_exactly_once(member_client, segment, tenant, me
     applied = member_client.post(f"/csv/imports/{dry_job.pk}/apply/")
     job = ImportJob.objects.get(workspace=tenant.workspace, dry_run=False)
     assert applied["Location"] == f"/csv/imports/{job.pk}/"
-    assert job.applied and job.actor == member.username
+    assert job.applied and job.actor == f"user:{member.username}"
     assert "Applied: the changes below are saved." in member_client.get(applied["Location"]).content.decode()
     names = set(EndUser.objects.for_workspace(tenant.workspace).values_list("name", flat=True))
     assert names == {"Ann Changed", "New"}

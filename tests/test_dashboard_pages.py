@@ -203,7 +203,7 @@ def test_confirming_merges_once_with_the_admin_as_actor(member_client, member, t
     assert (survivor.name, survivor.billing_id, survivor.user_id) == ("New Name", "cus_SECOND", "second")
     records = MergeRecord.objects.filter(survivor_key=second.pk)
     assert {r.absorbed_id for r in records} == {first.pk, third.pk}
-    assert {(r.reason, r.actor) for r in records} == {(MergeReason.ADMIN, member.username)}
+    assert {(r.reason, r.actor) for r in records} == {(MergeReason.ADMIN, f"user:{member.username}")}
 
     again = member_client.post("/duplicates/merge/", form, follow=True)  # a double submit
     assert "already merged" in again.content.decode()

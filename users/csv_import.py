@@ -56,7 +56,7 @@ from django.core.files.storage import default_storage
 from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 
-from kana import jobs
+from kana import audit, jobs
 from kana.errors import DomainError
 from kana.locks import lock_keys
 from kana.models import Workspace
@@ -534,6 +534,15 @@ def _run(job: ImportJob, progress, row_by_row: bool) -> None:
                             progress(processed, job.rows_total)
                     if job.dry_run or report.counts["error"]:
                         raise _RollBack()
+                    # In the import's transaction: an import that fails later leaves no entry.
+                    audit.record(
+                        workspace=job.workspace,
+                        actor=job.actor,
+                        action="csv.apply",
+                        object_type="import_job",
+                        object_id=job.pk,
+                        after={"file_name": job.file_name, "rows": processed, **report.counts},
+                    )
                     applied = True
             except _RollBack:
                 pass

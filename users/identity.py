@@ -28,6 +28,7 @@ from django.db import connection, transaction
 from django.db.models.base import ModelState
 from django.utils import timezone
 
+from kana import audit
 from kana.copy_rows import copy_rows
 from kana.locks import lock_keys
 from kana.models import Workspace
@@ -37,7 +38,7 @@ from . import bulk
 from .errors import IdentityError
 from .merges import absorb
 from .models import EndUser, MergeReason, UserIdentity
-from .profile import SET_AT_FIELDS, ProfileChanges, apply_changes, oldest_first
+from .profile import SET_AT_FIELDS, UNSET, ProfileChanges, apply_changes, oldest_first
 
 logger = logging.getLogger(__name__)
 
@@ -466,11 +467,53 @@ def upsert_user_by_email(*, workspace: Workspace, changes: ProfileChanges, occur
 
 
 def update_user(
-    *, workspace: Workspace, user_pk: int, changes: ProfileChanges, occurred_at: datetime | None = None
+    *,
+    workspace: Workspace,
+    user_pk: int,
+    changes: ProfileChanges,
+    occurred_at: datetime | None = None,
+    actor: str = "",
 ) -> IdentifyResult:
-    """Set fields of one user named by its Kana id (REST update, CSV rows with kana_id)."""
+    """Set fields of one user named by its Kana id (an admin's edit: REST or dashboard).
+
+    Recorded in the audit log (``user.update``) in the same transaction.
+    """
     row = ProfileRow(changes=changes, user_pk=user_pk)
-    return apply_profile_row(workspace=workspace, row=row, occurred_at=occurred_at or timezone.now())
+    occurred_at = occurred_at or timezone.now()
+    fields = [name for name in ("name", "email", "billing_id") if getattr(changes, name) is not UNSET]
+    if "billing_id" in fields:
+        fields.append("billing_provider")
+
+    def once() -> IdentifyResult:
+        with transaction.atomic():
+            lock_keys(_identity_lock_keys(workspace, [], changes.email_key))
+            before = EndUser.objects.for_workspace(workspace).filter(pk=user_pk).values(*fields).first()
+            result = _apply_one_row(workspace, row, occurred_at, MergeReason.CSV, actor, restamp=False)
+            after = {name: getattr(result.user, name) for name in fields}
+            if result.absorbed_ids:
+                after["absorbed_ids"] = result.absorbed_ids
+            audit.record(
+                workspace=workspace,
+                actor=actor,
+                action="user.update",
+                object_type="user",
+                object_id=result.user.pk,
+                before=before,
+                after=after,
+            )
+            return result
+
+    return run_with_retries(once)
+
+
+def _apply_one_row(
+    workspace: Workspace, row: ProfileRow, occurred_at: datetime, reason: str, actor: str, restamp: bool
+) -> IdentifyResult:
+    """``apply_profile_row``'s work, in the caller's transaction, under its advisory locks."""
+    state = _Batch(workspace, [row])
+    result = _apply_row(state, row, occurred_at, reason, actor, restamp, seen_by=lambda users: None)
+    _write_back(state)
+    return result.as_result()
 
 
 def apply_profile_row(
@@ -487,10 +530,7 @@ def apply_profile_row(
     def once() -> IdentifyResult:
         with transaction.atomic():
             lock_keys(_identity_lock_keys(workspace, [row.user_id] if row.user_id else [], row.changes.email_key))
-            state = _Batch(workspace, [row])
-            result = _apply_row(state, row, occurred_at, reason, actor, restamp, seen_by=lambda users: None)
-            _write_back(state)
-            return result.as_result()
+            return _apply_one_row(workspace, row, occurred_at, reason, actor, restamp)
 
     return run_with_retries(once)
 

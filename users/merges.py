@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from django.db import transaction
 
+from kana import audit
 from kana.models import Workspace
 from kana.retries import ConcurrentChange, run_with_retries
 
@@ -98,6 +99,15 @@ def merge_users(
             absorb(workspace=workspace, survivor=survivor, absorbed=user, reason=reason, actor=actor, source=source)
             absorbed_ids.append(user.pk)
         survivor.save()
+        audit.record(
+            workspace=workspace,
+            actor=actor,
+            action="merge",
+            object_type="user",
+            object_id=survivor.pk,
+            before={"user_ids": sorted(u.pk for u in users)},
+            after={"survivor": survivor.pk, "absorbed_ids": absorbed_ids, "reason": reason},
+        )
         return MergeResult(survivor=survivor, absorbed_ids=absorbed_ids)
 
     return run_with_retries(once)

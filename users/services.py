@@ -7,6 +7,7 @@ identify rules, for messages and CSV batches, plus alias and userId resolution),
 
 from django.db import transaction
 
+from kana import audit
 from kana.models import Workspace
 from kana.retries import run_with_retries
 
@@ -60,7 +61,7 @@ __all__ = [
 ]
 
 
-def delete_user(*, workspace: Workspace, user_pk: int) -> None:
+def delete_user(*, workspace: Workspace, user_pk: int, actor: str = "") -> None:
     """Delete a user with its identities and usage; its events stay, detached, for the record.
 
     Safe while events for the user arrive: the user's row is locked first. Ingest checks its
@@ -74,9 +75,13 @@ def delete_user(*, workspace: Workspace, user_pk: int) -> None:
     @transaction.atomic
     def once() -> None:
         users = EndUser.objects.for_workspace(workspace).filter(pk=user_pk)
-        if not users.select_for_update().values_list("pk", flat=True):
+        before = users.select_for_update().values("user_id", "name", "email", "billing_id").first()
+        if before is None:
             raise IdentityError("unknown_user", f"no user with id {user_pk}", "id")
         user_deleting.send(EndUser, workspace_id=workspace.pk, user_pk=user_pk)
         users.delete()
+        audit.record(
+            workspace=workspace, actor=actor, action="user.delete", object_type="user", object_id=user_pk, before=before
+        )
 
     run_with_retries(once)

@@ -20,7 +20,7 @@ from users.csv_export import export_row_count, export_users_csv
 from users.csv_import import CsvFileError, import_report, import_users_csv, open_import_report
 from users.models import ImportJob, ImportStatus
 
-from ..access import workspace_view
+from ..access import actor_of, workspace_view
 from ..forms import CsvUploadForm
 
 RECENT_IMPORTS = 10
@@ -84,7 +84,7 @@ def csv_import(request):
                 workspace=workspace,
                 file=stored,
                 dry_run=True,
-                actor=request.user.get_username(),
+                actor=actor_of(request),
                 file_name=upload.name,
             )
     except CsvFileError as exc:
@@ -157,7 +157,7 @@ def csv_job_apply(request, pk: int):
                 workspace=request.workspace,
                 file=stored,
                 dry_run=False,
-                actor=request.user.get_username(),
+                actor=actor_of(request),
                 file_name=dry_run.file_name,
             )
     except CsvFileError as exc:

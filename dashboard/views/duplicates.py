@@ -11,7 +11,7 @@ from users.profile import merge_preview
 from users.selectors import duplicate_groups, user_ids_by_user, users_with_flags
 from users.services import IdentityError, merge_users
 
-from ..access import workspace_view
+from ..access import actor_of, workspace_view
 from .users import with_flags_and_ids
 
 
@@ -83,7 +83,7 @@ def merge(request):
             user_pks=pks,
             survivor_pk=survivor_pk,
             reason=MergeReason.ADMIN,
-            actor=request.user.get_username(),
+            actor=actor_of(request),
             source="dashboard",
         )
     except IdentityError as exc:

@@ -14,7 +14,7 @@ from features.models import Feature, MappingRule, UnmappedReason
 from features.selectors import reprocessing_by_rule, reprocessing_of, unmapped_by_event, unmapped_by_property
 from features.services import FeatureError, RuleDefinition, feature_create, rule_create, rule_update
 
-from ..access import workspace_view
+from ..access import actor_of, workspace_view
 from ..forms import (
     MAX_CONDITIONS,
     NEW_FEATURE,
@@ -55,7 +55,7 @@ def features(request):
     form = FeatureForm(request.POST)
     if form.is_valid():
         try:
-            feature = feature_create(workspace=request.workspace, **form.cleaned_data)
+            feature = feature_create(workspace=request.workspace, actor=actor_of(request), **form.cleaned_data)
         except FeatureError as exc:
             form.add_error("key" if exc.field == "id" else exc.field if exc.field in form.fields else None, exc.message)
         else:
@@ -182,8 +182,9 @@ def rule_new(request):
                         key=definition.feature_key,
                         name=data["new_feature_name"].strip(),
                         type=data["new_feature_type"],
+                        actor=actor_of(request),
                     )
-                rule = rule_create(workspace=request.workspace, definition=definition)
+                rule = rule_create(workspace=request.workspace, definition=definition, actor=actor_of(request))
         except FeatureError as exc:
             _place_error(form, [f for f, _c in filled], exc, new_feature=new_feature)
         else:
@@ -214,7 +215,7 @@ def rule_progress(request, pk: int):
 @workspace_view
 def rule_toggle(request, pk: int):
     rule = get_object_or_404(MappingRule.objects.for_workspace(request.workspace), pk=pk)
-    rule = rule_update(workspace=request.workspace, rule=rule, active=not rule.active)
+    rule = rule_update(workspace=request.workspace, rule=rule, active=not rule.active, actor=actor_of(request))
     messages.success(request, f"Rule “{rule.name}” {'activated' if rule.active else 'deactivated'}.")
     return redirect("dashboard:rules")
 

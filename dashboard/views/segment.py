@@ -13,7 +13,7 @@ from features.selectors import segment_status
 from kana.models import ApiKey
 from kana.services import api_key_issue, api_key_revoke
 
-from ..access import choose_workspace, current_workspace, workspace_view, workspaces_of
+from ..access import actor_of, choose_workspace, current_workspace, workspace_view, workspaces_of
 from ..forms import ApiKeyForm
 
 # Segment sends as events happen; a quiet day is worth a note on the page, not an alarm.
@@ -61,7 +61,7 @@ def key_create(request):
     form = ApiKeyForm(request.POST)
     if not form.is_valid():
         return _segment_page(request, form=form, status_code=400)
-    issued = api_key_issue(workspace=request.workspace, name=form.cleaned_data["name"])
+    issued = api_key_issue(workspace=request.workspace, name=form.cleaned_data["name"], actor=actor_of(request))
     # Rendered in this response only (not redirected): the raw key is never stored anywhere.
     return _segment_page(request, new_key=issued)
 
@@ -70,7 +70,7 @@ def key_create(request):
 @workspace_view
 def key_revoke(request, pk: int):
     api_key = get_object_or_404(ApiKey.objects.for_workspace(request.workspace), pk=pk)
-    api_key_revoke(api_key=api_key)
+    api_key_revoke(api_key=api_key, actor=actor_of(request))
     messages.success(request, f"Key {api_key.prefix}… revoked.")
     return redirect("dashboard:segment")
 

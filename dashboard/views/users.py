@@ -1,17 +1,19 @@
-"""Users: search and list with flags, detail (usage charts, events, merges), delete."""
+"""Users: search and list with flags, detail (usage charts, events, merges), delete, void an event."""
 
 from django.contrib import messages
 from django.core.paginator import Paginator
 from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
-from django.views.decorators.http import require_GET, require_http_methods
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from features.corrections import CorrectionError, event_void
 from features.selectors import event_list, user_usage, user_usage_by_day
 from users.models import UserFlag
 from users.selectors import flags_of, merge_history, user_ids_by_user, user_ids_of, user_list, users_with_flags
 from users.services import IdentityError, delete_user
 
-from ..access import workspace_view
+from ..access import actor_of, workspace_view
 from ..charts import bar_chart
 
 PAGE_SIZE = 50
@@ -80,8 +82,29 @@ def user_delete(request, pk: int):
     if request.method == "GET":
         return render(request, "dashboard/user_delete.html", {"end_user": user})
     try:
-        delete_user(workspace=request.workspace, user_pk=user.pk)
+        delete_user(workspace=request.workspace, user_pk=user.pk, actor=actor_of(request))
     except IdentityError as exc:  # deleted meanwhile by someone else
         raise Http404(exc.message) from None
     messages.success(request, f"User {user} deleted.")
     return redirect("dashboard:users")
+
+
+@require_POST
+@workspace_view
+def event_void_page(request, pk: int, event_id: int):
+    """Void one of the user's events (the "Void" button of the user page's event list)."""
+    user = _user_or_404(request, pk)
+    try:
+        event = event_void(
+            workspace=request.workspace,
+            event_id=event_id,
+            reason=request.POST.get("reason", ""),
+            actor=actor_of(request),
+        )
+    except CorrectionError as exc:
+        if exc.status == 404:
+            raise Http404(exc.message) from None
+        messages.error(request, exc.message)
+    else:
+        messages.success(request, f"Event {event.name or event.message_id} voided; its usage is removed.")
+    return redirect(f"{reverse('dashboard:user', args=[user.pk])}#events")
