@@ -28,6 +28,11 @@ class StrictCharField(serializers.CharField):
         return super().to_internal_value(data)
 
 
+def optional_text(**kwargs) -> StrictCharField:
+    """A text field that may be left out, and that ``null`` or ``""`` clears."""
+    return StrictCharField(required=False, allow_null=True, allow_blank=True, **kwargs)
+
+
 class StrictIntegerField(serializers.IntegerField):
     def to_internal_value(self, data):
         if isinstance(data, bool) or not isinstance(data, int):
@@ -87,10 +92,10 @@ class UserFilterSerializer(serializers.Serializer):
 class UserUpdateSerializer(serializers.Serializer):
     """Fields an admin may set; ``null`` or ``""`` clears one, an absent one is left alone."""
 
-    name = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=255)
-    email = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=320)
+    name = optional_text(max_length=255)
+    email = optional_text(max_length=320)
     # No max_length: the profile rules say what a billing id may be (code invalid_billing_id).
-    billing_id = StrictCharField(required=False, allow_null=True, allow_blank=True)
+    billing_id = optional_text()
 
     def validate(self, attrs):
         if isinstance(self.initial_data, dict):
@@ -223,22 +228,11 @@ class RuleSerializer(serializers.Serializer):
     id = serializers.IntegerField(read_only=True)
     name = StrictCharField(max_length=255)
     feature = StrictCharField(source="feature.key", max_length=100, help_text="The feature's id.")
-    event = StrictCharField(
-        source="event_name",
-        required=False,
-        allow_null=True,
-        allow_blank=True,
-        max_length=255,
-        help_text="Event name the rule needs, or null for any event.",
+    event = optional_text(
+        source="event_name", max_length=255, help_text="Event name the rule needs, or null for any event."
     )
     conditions = ConditionsField(required=False, default=list)
-    amount_property = StrictCharField(
-        required=False,
-        allow_null=True,
-        allow_blank=True,
-        max_length=255,
-        help_text="Property holding the amount (default: `delta`, else 1).",
-    )
+    amount_property = optional_text(max_length=255, help_text="Property holding the amount (default: `delta`, else 1).")
     active = StrictBooleanField(required=False, default=True)
     created_at = serializers.DateTimeField(read_only=True)
     reprocessing = serializers.SerializerMethodField()

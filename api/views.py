@@ -2,7 +2,7 @@
 
 from django.db.models import Prefetch
 from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema, extend_schema_view
-from rest_framework import mixins
+from rest_framework import mixins, serializers
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
@@ -374,10 +374,16 @@ class RuleViewSet(
 # --- Events, usage, merges ---------------------------------------------------------------
 
 
-@extend_schema_view(
-    list=extend_schema(summary="List events, newest first", parameters=[s.EventFilterSerializer]),
-    retrieve=extend_schema(summary="Get an event"),
-)
+def list_and_retrieve_schema(list_summary: str, filters: type[serializers.Serializer], retrieve_summary: str):
+    """The schema of a read-only view set: its list (filtered by ``filters``' query
+    parameters) and its detail view."""
+    return extend_schema_view(
+        list=extend_schema(summary=list_summary, parameters=[filters]),
+        retrieve=extend_schema(summary=retrieve_summary),
+    )
+
+
+@list_and_retrieve_schema("List events, newest first", s.EventFilterSerializer, "Get an event")
 class EventViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, WorkspaceViewSet):
     model = Event
     serializer_class = s.EventSerializer
@@ -489,10 +495,7 @@ class UsageViewSet(mixins.ListModelMixin, WorkspaceViewSet):
         return self.get_paginated_response(s.UsageRowSerializer(results, many=True).data)
 
 
-@extend_schema_view(
-    list=extend_schema(summary="The merge ledger, newest first", parameters=[s.MergeFilterSerializer]),
-    retrieve=extend_schema(summary="One merge"),
-)
+@list_and_retrieve_schema("The merge ledger, newest first", s.MergeFilterSerializer, "One merge")
 class MergeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, WorkspaceViewSet):
     model = MergeRecord
     serializer_class = s.MergeRecordSerializer

@@ -117,8 +117,10 @@ def gunicorn(env: dict, port: int, workers: int, log_dir: Path) -> Service:
     return Service("gunicorn", argv, env, log_dir / "gunicorn.log").start()
 
 
-def celery_worker(env: dict, log_dir: Path) -> Service:
-    argv = [
+def celery_worker_argv(*options: str, loglevel: str = "WARNING") -> list[str]:
+    """``celery worker`` for the project, one task at a time (solo pool), without gossip or
+    mingle; ``options`` are added (the tests' worker runs beat too). Shared with the tests."""
+    return [
         sys.executable,
         "-m",
         "celery",
@@ -127,11 +129,15 @@ def celery_worker(env: dict, log_dir: Path) -> Service:
         "worker",
         "--pool=solo",
         "--concurrency=1",
-        "--loglevel=WARNING",
+        f"--loglevel={loglevel}",
         "--without-gossip",
         "--without-mingle",
+        *options,
     ]
-    return Service("worker", argv, env, log_dir / "worker.log").start()
+
+
+def celery_worker(env: dict, log_dir: Path) -> Service:
+    return Service("worker", celery_worker_argv(), env, log_dir / "worker.log").start()
 
 
 def wait_for_http(port: int, path: str = "/healthz", timeout: float = 60) -> None:

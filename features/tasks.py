@@ -27,18 +27,10 @@ CHUNK_RETRY_SECONDS = 5
 WAIT_SECONDS = 2
 
 
-@shared_task(
-    **jobs.JOB_TASK_OPTIONS,
-    max_retries=10,
-    # A message that waited this long in the queue is dropped: the sweeper re-sends jobs
-    # still queued or stalled, so nothing is lost, and duplicates do not pile up.
-    expires=15 * 60,
-    # A run gives the worker back every TIME_SLICE_SECONDS; a chunk that runs for minutes
-    # is stuck. The soft limit raises in the task (counted as a failed chunk); the hard one
-    # kills the process if even that does not return.
-    soft_time_limit=5 * 60,
-    time_limit=6 * 60,
-)
+# A run gives the worker back every TIME_SLICE_SECONDS; a chunk that runs for minutes is
+# stuck. The soft limit raises in the task (counted as a failed chunk); the hard one kills
+# the process if even that does not return.
+@jobs.job_task(max_retries=10, soft_time_limit=5 * 60, time_limit=6 * 60)
 def run_reprocessing_job(job_id: int) -> None:
     if run_reprocessing_job.app.conf.task_always_eager:
         state = jobs.Claim.CLAIMED if reprocessing.claim_job(job_id) else jobs.Claim.FINISHED
@@ -72,12 +64,12 @@ def run_reprocessing_job(job_id: int) -> None:
 
 
 def _send_again(job_id: int, countdown: float | None = None) -> bool:
-    try:
-        run_reprocessing_job.apply_async(kwargs={"job_id": job_id}, countdown=countdown)
-    except Exception:  # kombu/redis raise many types when the broker is unreachable
-        logger.warning("reprocessing job not re-enqueued; continuing in this task", extra={"job_id": job_id})
-        return False
-    return True
+    return jobs.send_again(
+        run_reprocessing_job,
+        job_id,
+        countdown=countdown,
+        warning="reprocessing job not re-enqueued; continuing in this task",
+    )
 
 
 @shared_task(acks_late=True, ignore_result=True, expires=60, time_limit=60)

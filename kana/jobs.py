@@ -17,7 +17,7 @@ import the module of its task (which imports the service).
 import logging
 from functools import partial
 
-from celery import current_app
+from celery import current_app, shared_task
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, models, transaction
 from django.db.models.functions import Coalesce
@@ -47,6 +47,32 @@ JOB_TASK_OPTIONS = {
     "autoretry_for": (OperationalError, InterfaceError),
     "retry_backoff": True,
 }
+# A job's message that waited this long in the queue is dropped: the sweeper re-sends jobs
+# still queued or stalled, so nothing is lost, and duplicates do not pile up.
+MESSAGE_EXPIRES_SECONDS = 15 * 60
+
+
+def job_task(*, max_retries: int, soft_time_limit: int, time_limit: int):
+    """The Celery task decorator of a kind of job: JOB_TASK_OPTIONS, messages that expire after
+    MESSAGE_EXPIRES_SECONDS, and the kind's own retry count and time limits."""
+    return shared_task(
+        **JOB_TASK_OPTIONS,
+        expires=MESSAGE_EXPIRES_SECONDS,
+        max_retries=max_retries,
+        soft_time_limit=soft_time_limit,
+        time_limit=time_limit,
+    )
+
+
+def send_again(task, job_id: int, *, warning: str, countdown: float | None = None) -> bool:
+    """Send a job's task once more (a job waiting its turn, or handing itself over to a fresh
+    task). False, with ``warning`` logged, when the broker is unreachable."""
+    try:
+        task.apply_async(kwargs={"job_id": job_id}, countdown=countdown)
+    except Exception:  # kombu/redis raise many types when the broker is unreachable
+        logger.warning(warning, extra={"job_id": job_id})
+        return False
+    return True
 
 
 class Job(models.Model):

@@ -102,6 +102,8 @@ TEMPLATES = [
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
             ],
+            # The dashboard's filters, in every dashboard template without a {% load %}.
+            "builtins": ["dashboard.templatetags.kana_dashboard"],
         },
     },
 ]

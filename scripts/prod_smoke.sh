@@ -18,6 +18,7 @@ PG=${KANA_SMOKE_PG:-postgres://root@127.0.0.1:5432}
 export PGOPTIONS="-c client_min_messages=warning"
 started=$(date +%s)
 
+SMOKE="prod smoke"
 work=$(mktemp -d "${TMPDIR:-/tmp}/kana-prod-smoke.XXXXXX")
 pids=()
 failed=1
@@ -28,16 +29,12 @@ cleanup() {
   redis-cli -u "$SMOKE_REDIS_URL" flushdb >/dev/null 2>&1 || true
   if [ "$failed" = 1 ]; then
     for log in "$work"/*.log; do echo "=== tail of $log" >&2; tail -n 25 "$log" >&2; done
-    echo "prod smoke FAILED; logs kept in $work" >&2
-  else
-    rm -rf "$work"
   fi
+  leave_work logs
 }
 # shellcheck source=scripts/smoke_lib.sh
 . scripts/smoke_lib.sh  # the working directory is the project here
 trap cleanup EXIT
-fail() { echo "prod smoke: $*" >&2; exit 1; }
-step() { echo "--- $*"; }
 
 # Its own process group, so the trap stops gunicorn's and Celery's children too.
 start() {  # start NAME COMMAND...
@@ -46,10 +43,8 @@ start() {  # start NAME COMMAND...
   pids+=("$!")
 }
 
-# The deployment: the project's tracked files (no .venv, .env, var/ or staticfiles/).
-step "copy the tracked files to $work/app"
-mkdir "$work/app"
-git ls-files -z --cached --others --exclude-standard | xargs -0 tar -cf - | tar -xf - -C "$work/app"
+# The deployment: the project's tracked files.
+copy_tracked_files "$work/app"
 cd "$work/app"
 
 step "fresh virtualenv from requirements.txt alone"
@@ -66,7 +61,7 @@ psql -q "$PG/postgres" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null
 psql -q "$PG/postgres" -c "CREATE DATABASE $DB" >/dev/null
 redis-cli -u "$SMOKE_REDIS_URL" flushdb >/dev/null
 
-port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=$(free_port python)
 BASE=http://127.0.0.1:$port
 
 # The README's production section, as written (loopback address, small pools, and a low

@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+SMOKE="run smoke"
 work=$(mktemp -d "${TMPDIR:-/tmp}/kana-run-smoke.XXXXXX")
 server=
 failed=1
@@ -18,25 +19,19 @@ cleanup() {
   if [ "$failed" = 1 ]; then
     echo "=== tail of make run's output" >&2
     tail -n 30 "$work/run.log" >&2 || true
-    echo "run smoke FAILED; files kept in $work" >&2
-  else
-    rm -rf "$work"
   fi
+  leave_work files
 }
 # shellcheck source=scripts/smoke_lib.sh
 . scripts/smoke_lib.sh  # the working directory is the project here
 trap cleanup EXIT
-fail() { echo "run smoke: $*" >&2; exit 1; }
-step() { echo "--- $*"; }
 
-step "copy the tracked files to $work/app"
-mkdir "$work/app"
-git ls-files -z --cached --others --exclude-standard | xargs -0 tar -cf - | tar -xf - -C "$work/app"
+copy_tracked_files "$work/app"
 cd "$work/app"
 # Nothing of the caller's environment decides for the checkout: .env must.
 unset KANA_DEBUG SECRET_KEY DATABASE_URL REDIS_URL KANA_ENV_FILE DJANGO_SETTINGS_MODULE VIRTUAL_ENV
 
-port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=$(free_port "$PYTHON")
 step "make run (KANA_ADDR=127.0.0.1:$port)"
 started=$(date +%s)
 KANA_ADDR=127.0.0.1:$port setsid make run >"$work/run.log" 2>&1 &

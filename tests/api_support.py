@@ -31,8 +31,8 @@ USER_FIELDS = {
 # Segment's endpoints (plain Django views, described by segment_ingest/schema.py).
 INGEST_PATHS = (
     "/segment/events",
-    "/v1/identify",
     "/v1/track",
+    "/v1/identify",
     "/v1/page",
     "/v1/screen",
     "/v1/group",
@@ -112,6 +112,11 @@ def assert_error(response, status: int, code: str, field: str | None = None) -> 
     if field is not None:
         assert body.get("field") == field, body
     return body
+
+
+def assert_fields(body: dict, **expected) -> None:
+    """The answer's fields named in ``expected`` have those values."""
+    assert {name: body[name] for name in expected} == expected, body
 
 
 def assert_page(body: dict) -> list:

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from django.conf import settings
 from django.db import connection
 from django.test import Client
 
+from bench.stack import celery_worker_argv
 from kana.models import Workspace
 from kana.services import _key_cache, api_key_issue
 
@@ -106,6 +106,14 @@ class SegmentClient:
 
 
 @pytest.fixture
+def exports_and_seats(tenant):
+    """Two consumable features of the tenant, ``exports`` then ``seats``, as the API tests make them."""
+    from .api_support import feature
+
+    return feature(tenant, "exports"), feature(tenant, "seats")
+
+
+@pytest.fixture
 def segment(tenant) -> SegmentClient:
     return SegmentClient(tenant)
 
@@ -143,22 +151,7 @@ class WorkerProcess:
         schedule = ROOT / "var" / f"beat-schedule-{os.getpid()}-{time.monotonic_ns()}"
         self.log = open(self.log_path, "w")
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "kana",
-                "worker",
-                "-B",
-                "--pool=solo",
-                "--concurrency=1",
-                "--loglevel=INFO",
-                "-s",
-                str(schedule),
-                "--without-gossip",
-                "--without-mingle",
-            ],
+            celery_worker_argv("-B", "-s", str(schedule), loglevel="INFO"),
             cwd=ROOT,
             env=env,
             stdout=self.log,

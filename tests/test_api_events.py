@@ -55,9 +55,7 @@ def test_it_summarises_unmapped_events_by_name_and_property(tenant):
     assert len(only["events"]) == 2, "the by-name counts always cover every unmapped event"
 
 
-def test_it_totals_usage_per_user_and_feature_with_filters(tenant):
-    feature(tenant, "exports")
-    feature(tenant, "seats")
+def test_it_totals_usage_per_user_and_feature_with_filters(tenant, exports_and_seats):
     ada = identify(tenant, "ada")
     track(tenant, "ada", "x", featureId="exports", delta=2, _at=at(2))
     track(tenant, "ada", "x", featureId="exports", delta=3, _at=at(20))

@@ -3,7 +3,7 @@
 from features.models import Event, Feature, MappingRule, ReprocessingJob, Usage
 from features.tasks import run_reprocessing_job
 
-from .api_support import ApiClient, assert_error, assert_page, feature, identify, rule, track
+from .api_support import ApiClient, assert_error, assert_fields, assert_page, feature, identify, rule, track
 
 
 def run_jobs(tenant):
@@ -120,20 +120,13 @@ def test_rule_creation_errors_name_the_field(tenant):
     assert MappingRule.objects.for_workspace(tenant.workspace).count() == 0
 
 
-def test_an_unused_rule_can_be_redefined(tenant):
-    feature(tenant, "exports")
-    feature(tenant, "seats")
+def test_an_unused_rule_can_be_redefined(tenant, exports_and_seats):
     created = rule(tenant, "exports", "Exported")
     api = ApiClient(tenant)
     response = api.patch(f"rules/{created.pk}", {"feature": "seats", "event": "Seat Added", "amount_property": "n"})
     assert response.status_code == 200, response.content
     body = response.json()
-    assert (body["feature"], body["event"], body["amount_property"], body["name"]) == (
-        "seats",
-        "Seat Added",
-        "n",
-        "rule",
-    )
+    assert_fields(body, feature="seats", event="Seat Added", amount_property="n", name="rule")
 
 
 def test_a_used_rule_only_changes_name_and_active(tenant):

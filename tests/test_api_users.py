@@ -7,7 +7,17 @@ from features.models import Event
 from users.models import EndUser, UserIdentity
 from users.services import alias_user
 
-from .api_support import USER_FIELDS, ApiClient, assert_error, assert_page, at, bare_user, feature, identify, track
+from .api_support import (
+    USER_FIELDS,
+    ApiClient,
+    assert_error,
+    assert_fields,
+    assert_page,
+    at,
+    bare_user,
+    identify,
+    track,
+)
 from .conftest import SegmentClient
 
 
@@ -103,12 +113,7 @@ def test_it_updates_name_email_and_billing_id(tenant):
     response = ApiClient(tenant).patch(f"users/{user.pk}", {"email": "ADA@new.example", "billing_id": "cb-42"})
     assert response.status_code == 200, response.content
     body = response.json()
-    assert (body["name"], body["email"], body["billing_id"], body["billing_provider"]) == (
-        "Ada",
-        "ADA@new.example",
-        "cb-42",
-        "chargebee",
-    )
+    assert_fields(body, name="Ada", email="ADA@new.example", billing_id="cb-42", billing_provider="chargebee")
     user.refresh_from_db()
     assert user.email_key == "ada@new.example" and user.billing_id == "cb-42"
 
@@ -166,9 +171,7 @@ def test_it_lists_duplicate_groups(tenant):
     assert all("same_email" in u["flags"] for u in group["users"])
 
 
-def test_it_reports_a_users_usage_per_feature_in_a_range(tenant):
-    feature(tenant, "exports")
-    feature(tenant, "seats")
+def test_it_reports_a_users_usage_per_feature_in_a_range(tenant, exports_and_seats):
     user = identify(tenant, "u1")
     track(tenant, "u1", "Exported", featureId="exports", delta=2, _at=at(3))
     track(tenant, "u1", "Exported", featureId="exports", delta=5, _at=at(20))

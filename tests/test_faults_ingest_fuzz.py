@@ -20,17 +20,8 @@ from features.models import Event, Feature
 from features.services import RuleDefinition, feature_create, rule_create
 from users.models import EndUser
 
-ENDPOINTS = [
-    "/segment/events",
-    "/v1/track",
-    "/v1/identify",
-    "/v1/page",
-    "/v1/screen",
-    "/v1/group",
-    "/v1/alias",
-    "/v1/batch",
-    "/v1/import",
-]
+from .api_support import INGEST_PATHS
+
 SEGMENT_KEYS = [
     "type",
     "userId",
@@ -183,7 +174,7 @@ def _encode(value, how: str) -> bytes:
 def requests(draw):
     """(path, body bytes, how to authenticate, gzip or not, Content-Type): mostly a valid
     envelope around odd messages, and now and then odd bytes, keys and encodings."""
-    path = draw(st.sampled_from(ENDPOINTS))
+    path = draw(st.sampled_from(INGEST_PATHS))
     if draw(st.integers(0, 9)) < 8:
         body = draw(BODY)
         if path in ("/v1/batch", "/v1/import") and "batch" not in body:

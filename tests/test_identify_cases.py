@@ -19,6 +19,12 @@ def identify(segment, user_id, **traits):
     return ok(segment.identify(user_id, traits))
 
 
+def identify_sharing(segment, email, *user_ids):
+    """Users ``user_ids``, created in that order, each identified with ``email``."""
+    for user_id in user_ids:
+        identify(segment, user_id, email=email)
+
+
 def test_case_1_a_without_email_is_updated(segment, tenant):
     identify(segment, "1")
     identify(segment, "1", email=X, name="Ann")
@@ -43,8 +49,7 @@ def test_case_2_a_takes_an_email_another_user_already_has(segment, tenant):
 
 
 def test_case_3_a_already_sharing_the_email_is_updated(segment, tenant):
-    identify(segment, "1", email=X)
-    identify(segment, "2", email=X)
+    identify_sharing(segment, X, "1", "2")
 
     identify(segment, "1", email=X, name="Updated")
 
@@ -55,8 +60,7 @@ def test_case_3_a_already_sharing_the_email_is_updated(segment, tenant):
 
 
 def test_case_4_a_moves_from_a_shared_email_to_a_new_one(segment, tenant):
-    identify(segment, "1", email=Z)
-    identify(segment, "2", email=Z)
+    identify_sharing(segment, Z, "1", "2")
 
     identify(segment, "1", email=X)
 

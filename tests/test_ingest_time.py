@@ -18,28 +18,45 @@ def occurred(segment, **fields) -> Event:
     return event
 
 
-def test_timestamp_wins_over_every_other_time(segment):
-    event = occurred(
-        segment,
-        timestamp="2024-05-01T10:00:00Z",
-        originalTimestamp="2024-04-01T10:00:00Z",
-        sentAt="2024-04-01T10:00:05Z",
-        receivedAt="2024-04-01T10:00:06Z",
-    )
+@pytest.mark.parametrize(
+    "times, expected",
+    [
+        pytest.param(
+            {
+                "timestamp": "2024-05-01T10:00:00Z",
+                "originalTimestamp": "2024-04-01T10:00:00Z",
+                "sentAt": "2024-04-01T10:00:05Z",
+                "receivedAt": "2024-04-01T10:00:06Z",
+            },
+            datetime(2024, 5, 1, 10, tzinfo=UTC),
+            id="timestamp_wins_over_every_other_time",
+        ),
+        # The device clock runs 1h fast: it stamped the event 30 s before sending.
+        pytest.param(
+            {
+                "originalTimestamp": "2024-05-01T11:00:00Z",
+                "sentAt": "2024-05-01T11:00:30Z",
+                "receivedAt": "2024-05-01T10:00:31Z",
+            },
+            datetime(2024, 5, 1, 10, 0, 1, tzinfo=UTC),
+            id="device_time_is_corrected_by_its_clock_skew",
+        ),
+        pytest.param(
+            {"originalTimestamp": "2024-05-01T09:15:00.250Z"},
+            datetime(2024, 5, 1, 9, 15, 0, 250000, tzinfo=UTC),
+            id="original_timestamp_alone_is_taken_as_is",
+        ),
+        pytest.param(
+            {"originalTimestamp": "9999-01-01T00:00:00Z", "sentAt": "0001-01-01T00:00:00Z"},
+            datetime(9999, 1, 1, tzinfo=UTC),
+            id="absurd_clocks_fall_back_to_the_original_timestamp",
+        ),
+    ],
+)
+def test_occurred_at_follows_the_time_rules(segment, times, expected):
+    event = occurred(segment, **times)
 
-    assert event.occurred_at == datetime(2024, 5, 1, 10, tzinfo=UTC)
-
-
-def test_device_time_is_corrected_by_its_clock_skew(segment):
-    # The device clock runs 1h fast: it stamped the event 30 s before sending.
-    event = occurred(
-        segment,
-        originalTimestamp="2024-05-01T11:00:00Z",
-        sentAt="2024-05-01T11:00:30Z",
-        receivedAt="2024-05-01T10:00:31Z",
-    )
-
-    assert event.occurred_at == datetime(2024, 5, 1, 10, 0, 1, tzinfo=UTC)
+    assert event.occurred_at == expected
 
 
 def test_clock_skew_is_measured_against_kanas_receipt_without_received_at(segment):
@@ -51,12 +68,6 @@ def test_clock_skew_is_measured_against_kanas_receipt_without_received_at(segmen
     )
 
     assert abs(event.occurred_at - (event.received_at - timedelta(seconds=30))) < timedelta(seconds=1)
-
-
-def test_original_timestamp_alone_is_taken_as_is(segment):
-    event = occurred(segment, originalTimestamp="2024-05-01T09:15:00.250Z")
-
-    assert event.occurred_at == datetime(2024, 5, 1, 9, 15, 0, 250000, tzinfo=UTC)
 
 
 def test_without_any_time_the_event_happened_when_received(segment):
@@ -78,12 +89,6 @@ def test_timestamps_in_any_offset_are_kept_in_utc(segment, sent, expected):
 
     assert event.occurred_at == expected
     assert event.occurred_at.utcoffset() == timedelta(0)
-
-
-def test_absurd_clocks_fall_back_to_the_original_timestamp(segment):
-    event = occurred(segment, originalTimestamp="9999-01-01T00:00:00Z", sentAt="0001-01-01T00:00:00Z")
-
-    assert event.occurred_at == datetime(9999, 1, 1, tzinfo=UTC)
 
 
 def test_batch_level_context_and_sent_at_fill_each_message(segment):

@@ -18,23 +18,11 @@ def make_feature(workspace: Workspace, key: str, **fields) -> Feature:
 
 
 def make_rule(
-    workspace: Workspace,
-    feature: str,
-    *,
-    event: str | None = None,
-    conditions: list | None = None,
-    amount_property: str | None = None,
-    name: str = "rule",
-    active: bool = True,
+    workspace: Workspace, feature: str, *, event: str | None = None, name: str = "rule", **definition
 ) -> MappingRule:
-    definition = RuleDefinition(
-        name=name,
-        feature_key=feature,
-        event_name=event,
-        conditions=conditions,
-        amount_property=amount_property,
-        active=active,
-    )
+    """A rule made by the service; ``definition``: the rest of RuleDefinition (conditions,
+    amount_property, active), its defaults when left out."""
+    definition = RuleDefinition(name=name, feature_key=feature, event_name=event, **definition)
     return rule_create(workspace=workspace, definition=definition)
 
 

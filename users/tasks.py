@@ -1,7 +1,5 @@
 """Celery tasks for CSV imports. Tasks take ids and call the services."""
 
-import logging
-
 from celery import shared_task
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
@@ -11,24 +9,13 @@ from kana import jobs
 from . import csv_import
 from .models import ImportJob, ImportStatus
 
-logger = logging.getLogger(__name__)
-
-
 # An import waiting for its workspace's running import tries again after this long.
 WAIT_SECONDS = 5
 
 
-@shared_task(
-    **jobs.JOB_TASK_OPTIONS,
-    max_retries=5,
-    # A message that waited this long is dropped: the sweeper re-sends imports still
-    # queued or stalled, so nothing is lost.
-    expires=15 * 60,
-    # One import is one transaction (all or nothing), at thousands of rows a second: an hour
-    # is far beyond any file the API takes. The soft limit fails the import cleanly.
-    soft_time_limit=60 * 60,
-    time_limit=61 * 60,
-)
+# One import is one transaction (all or nothing), at thousands of rows a second: an hour is
+# far beyond any file the API takes. The soft limit fails the import cleanly.
+@jobs.job_task(max_retries=5, soft_time_limit=60 * 60, time_limit=61 * 60)
 def run_import(job_id: int) -> None:
     """Run an import job. All or nothing: a retry after a transient database error (or a
     redelivery after the worker died) starts the file again from its first row.
@@ -42,10 +29,9 @@ def run_import(job_id: int) -> None:
         workspace_limit=None if eager else settings.KANA_JOBS_PER_WORKSPACE,
     )
     if job.status == ImportStatus.QUEUED:
-        try:
-            run_import.apply_async(kwargs={"job_id": job_id}, countdown=WAIT_SECONDS)
-        except Exception:  # kombu/redis raise many types when the broker is unreachable
-            logger.warning("waiting import not re-enqueued; the sweeper will", extra={"job_id": job_id})
+        jobs.send_again(
+            run_import, job_id, countdown=WAIT_SECONDS, warning="waiting import not re-enqueued; the sweeper will"
+        )
 
 
 @shared_task(acks_late=True, ignore_result=True, expires=60, time_limit=60)
