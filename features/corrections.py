@@ -46,13 +46,6 @@ def event_void(*, workspace: Workspace, event_id: int, reason: str, actor: str =
             )
         before = {"status": event.status, "unmapped_reason": event.unmapped_reason}
         removed = ledger.void_event(event=event, reason=reason, voided_at=timezone.now())
-        audit.record(
-            workspace=workspace,
-            actor=actor,
-            action="event.void",
-            object_type="event",
-            object_id=event.pk,
-            before={**before, "usage": removed},
-            after={"status": event.status, "reason": reason},
-        )
+        after = {"status": event.status, "reason": reason}
+        audit.record(workspace, actor, "event.void", event.pk, before={**before, "usage": removed}, after=after)
     return event

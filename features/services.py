@@ -86,14 +86,7 @@ def feature_create(
         feature = Feature.objects.create(workspace=workspace, key=key, name=name or key, type=type)
         _bump_rules_version(workspace)
         _start_job(workspace=workspace, feature=feature)
-        audit.record(
-            workspace=workspace,
-            actor=actor,
-            action="feature.create",
-            object_type="feature",
-            object_id=feature.key,
-            after=_feature_summary(feature),
-        )
+        audit.record(workspace, actor, "feature.create", feature.key, after=_feature_summary(feature))
     return feature
 
 
@@ -123,15 +116,7 @@ def feature_update(
             feature.archived_at = timezone.now() if archived else None
             _bump_rules_version(workspace)
         feature.save(update_fields=["name", "type", "archived_at"])
-        audit.record(
-            workspace=workspace,
-            actor=actor,
-            action="feature.update",
-            object_type="feature",
-            object_id=feature.key,
-            before=before,
-            after=_feature_summary(feature),
-        )
+        audit.record(workspace, actor, "feature.update", feature.key, before=before, after=_feature_summary(feature))
     return feature
 
 
@@ -149,14 +134,7 @@ def feature_delete(*, workspace: Workspace, feature: Feature, actor: str = "") -
             )
         Feature.objects.for_workspace(workspace).filter(pk=feature.pk).delete()
         _bump_rules_version(workspace)
-        audit.record(
-            workspace=workspace,
-            actor=actor,
-            action="feature.delete",
-            object_type="feature",
-            object_id=feature.key,
-            before=_feature_summary(feature),
-        )
+        audit.record(workspace, actor, "feature.delete", feature.key, before=_feature_summary(feature))
 
 
 @dataclass
@@ -203,14 +181,7 @@ def rule_create(*, workspace: Workspace, definition: RuleDefinition, actor: str 
         _bump_rules_version(workspace)
         if rule.active:
             _start_job(workspace=workspace, rule=rule)
-        audit.record(
-            workspace=workspace,
-            actor=actor,
-            action="rule.create",
-            object_type="rule",
-            object_id=rule.pk,
-            after=_rule_summary(rule),
-        )
+        audit.record(workspace, actor, "rule.create", rule.pk, after=_rule_summary(rule))
     return rule
 
 
@@ -259,15 +230,7 @@ def rule_update(
         _bump_rules_version(workspace)
         if rule.active and (reactivated or redefined):
             _start_job(workspace=workspace, rule=rule)
-        audit.record(
-            workspace=workspace,
-            actor=actor,
-            action="rule.update",
-            object_type="rule",
-            object_id=rule.pk,
-            before=before,
-            after=_rule_summary(rule),
-        )
+        audit.record(workspace, actor, "rule.update", rule.pk, before=before, after=_rule_summary(rule))
     return rule
 
 
@@ -280,9 +243,7 @@ def rule_delete(*, workspace: Workspace, rule: MappingRule, actor: str = "") -> 
         before = _rule_summary(rule)
         MappingRule.objects.for_workspace(workspace).filter(pk=rule.pk).delete()
         _bump_rules_version(workspace)
-        audit.record(
-            workspace=workspace, actor=actor, action="rule.delete", object_type="rule", object_id=rule.pk, before=before
-        )
+        audit.record(workspace, actor, "rule.delete", rule.pk, before=before)
 
 
 __all__ = [

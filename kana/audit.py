@@ -29,17 +29,30 @@ ACTIONS = (
 )
 
 
+# What an action's object is, by the action's first word (``object_type`` overrides it).
+OBJECT_TYPES = {
+    "feature": "feature",
+    "rule": "rule",
+    "user": "user",
+    "merge": "user",
+    "csv": "import_job",
+    "key": "api_key",
+    "event": "event",
+}
+
+
 def record(
-    *,
     workspace: Workspace | int,
     actor: str,
     action: str,
-    object_type: str,
     object_id: Any,
+    *,
     before: dict | None = None,
     after: dict | None = None,
+    object_type: str | None = None,
 ) -> AuditEntry:
-    """Write one audit entry; must be called inside the action's transaction."""
+    """Write one audit entry: ``record(workspace, actor, "feature.create", feature.key, after=...)``.
+    Must be called inside the action's transaction."""
     if not transaction.get_connection().in_atomic_block:
         raise RuntimeError("kana.audit.record must run inside the transaction of the action it records")
     workspace_id = workspace if isinstance(workspace, int) else workspace.pk
@@ -47,7 +60,7 @@ def record(
         workspace_id=workspace_id,
         actor=(actor or "")[:255],
         action=action,
-        object_type=object_type,
+        object_type=object_type or OBJECT_TYPES[action.split(".")[0]],
         object_id=str(object_id)[:255],
         before=before,
         after=after,

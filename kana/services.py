@@ -45,14 +45,7 @@ def api_key_issue(*, workspace: Workspace, name: str = "", actor: str = "") -> I
         api_key = ApiKey.objects.create(
             workspace=workspace, name=name, prefix=key_prefix(raw_key), key_hash=hash_api_key(raw_key)
         )
-        audit.record(
-            workspace=workspace,
-            actor=actor,
-            action="key.create",
-            object_type="api_key",
-            object_id=api_key.pk,
-            after={"name": name, "prefix": api_key.prefix},
-        )
+        audit.record(workspace, actor, "key.create", api_key.pk, after={"name": name, "prefix": api_key.prefix})
     return IssuedKey(api_key=api_key, raw_key=raw_key)
 
 
@@ -61,15 +54,8 @@ def api_key_revoke(*, api_key: ApiKey, actor: str = "") -> None:
     with transaction.atomic():
         revoked = ApiKey.objects.filter(pk=api_key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
         if revoked:
-            audit.record(
-                workspace=api_key.workspace_id,
-                actor=actor,
-                action="key.revoke",
-                object_type="api_key",
-                object_id=api_key.pk,
-                before={"name": api_key.name, "prefix": api_key.prefix, "revoked": False},
-                after={"revoked": True},
-            )
+            before = {"name": api_key.name, "prefix": api_key.prefix, "revoked": False}
+            audit.record(api_key.workspace_id, actor, "key.revoke", api_key.pk, before=before, after={"revoked": True})
     with _key_cache_lock:
         _key_cache.clear()
 

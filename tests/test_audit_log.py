@@ -115,8 +115,8 @@ def test_an_action_that_rolls_back_after_its_entry_leaves_none(tenant, monkeypat
     user = identify(tenant, "u1")
     real_record = audit.record
 
-    def record_then_fail(**kwargs):
-        real_record(**kwargs)
+    def record_then_fail(*args, **kwargs):
+        real_record(*args, **kwargs)
         raise RuntimeError("injected after the audit row")
 
     monkeypatch.setattr(audit, "record", record_then_fail)
@@ -132,7 +132,7 @@ def test_record_refuses_to_run_outside_a_transaction(tenant):
         connection = transaction.get_connection()
         saved, connection.in_atomic_block = connection.in_atomic_block, False
         try:
-            audit.record(workspace=tenant.workspace, actor="cli", action="merge", object_type="user", object_id=1)
+            audit.record(tenant.workspace, "cli", "merge", 1)
         finally:
             connection.in_atomic_block = saved
 

@@ -535,14 +535,8 @@ def _run(job: ImportJob, progress, row_by_row: bool) -> None:
                     if job.dry_run or report.counts["error"]:
                         raise _RollBack()
                     # In the import's transaction: an import that fails later leaves no entry.
-                    audit.record(
-                        workspace=job.workspace,
-                        actor=job.actor,
-                        action="csv.apply",
-                        object_type="import_job",
-                        object_id=job.pk,
-                        after={"file_name": job.file_name, "rows": processed, **report.counts},
-                    )
+                    summary = {"file_name": job.file_name, "rows": processed, **report.counts}
+                    audit.record(job.workspace, job.actor, "csv.apply", job.pk, after=summary)
                     applied = True
             except _RollBack:
                 pass

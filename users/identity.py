@@ -492,15 +492,7 @@ def update_user(
             after = {name: getattr(result.user, name) for name in fields}
             if result.absorbed_ids:
                 after["absorbed_ids"] = result.absorbed_ids
-            audit.record(
-                workspace=workspace,
-                actor=actor,
-                action="user.update",
-                object_type="user",
-                object_id=result.user.pk,
-                before=before,
-                after=after,
-            )
+            audit.record(workspace, actor, "user.update", result.user.pk, before=before, after=after)
             return result
 
     return run_with_retries(once)

@@ -99,15 +99,9 @@ def merge_users(
             absorb(workspace=workspace, survivor=survivor, absorbed=user, reason=reason, actor=actor, source=source)
             absorbed_ids.append(user.pk)
         survivor.save()
-        audit.record(
-            workspace=workspace,
-            actor=actor,
-            action="merge",
-            object_type="user",
-            object_id=survivor.pk,
-            before={"user_ids": sorted(u.pk for u in users)},
-            after={"survivor": survivor.pk, "absorbed_ids": absorbed_ids, "reason": reason},
-        )
+        before = {"user_ids": sorted(u.pk for u in users)}
+        after = {"survivor": survivor.pk, "absorbed_ids": absorbed_ids, "reason": reason}
+        audit.record(workspace, actor, "merge", survivor.pk, before=before, after=after)
         return MergeResult(survivor=survivor, absorbed_ids=absorbed_ids)
 
     return run_with_retries(once)

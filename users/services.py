@@ -80,8 +80,6 @@ def delete_user(*, workspace: Workspace, user_pk: int, actor: str = "") -> None:
             raise IdentityError("unknown_user", f"no user with id {user_pk}", "id")
         user_deleting.send(EndUser, workspace_id=workspace.pk, user_pk=user_pk)
         users.delete()
-        audit.record(
-            workspace=workspace, actor=actor, action="user.delete", object_type="user", object_id=user_pk, before=before
-        )
+        audit.record(workspace, actor, "user.delete", user_pk, before=before)
 
     run_with_retries(once)
