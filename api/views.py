@@ -123,7 +123,9 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Destr
         description=(
             "Merges the named users (Kana ids) into the one created first, or into `survivor`. "
             "Idempotent: repeating a request finds the users already merged, changes nothing and "
-            "answers the same survivor. Every absorbed user is recorded in the ledger (`merges`)."
+            "answers the same survivor. Every absorbed user is recorded in the ledger (`merges`). "
+            "`conflicts` lists the fields the users held different values of and what was kept; "
+            "`fields` chooses per field (name, email, billing_id) whose value to keep."
         ),
         request=s.MergeRequestSerializer,
         responses=s.MergeResultSerializer,
@@ -131,8 +133,20 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Destr
             OpenApiExample("Merge into the oldest", value={"user_ids": [42, 57]}, request_only=True),
             OpenApiExample("Pick the survivor", value={"user_ids": [42, 57, 60], "survivor": 57}, request_only=True),
             OpenApiExample(
+                "Keep the absorbed user's billing id",
+                value={"user_ids": [42, 57], "fields": {"billing_id": "absorbed"}},
+                request_only=True,
+            ),
+            OpenApiExample(
                 "Merged",
-                value={"survivor": USER_EXAMPLE, "absorbed_ids": [57], "already_merged": False},
+                value={
+                    "survivor": USER_EXAMPLE,
+                    "absorbed_ids": [57],
+                    "already_merged": False,
+                    "conflicts": [
+                        {"field": "billing_id", "survivor": "cus_A1", "absorbed": "cus_B2", "kept": "cus_B2"}
+                    ],
+                },
                 response_only=True,
             ),
         ],
@@ -147,9 +161,15 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Destr
             reason=MergeReason.ADMIN,
             actor=f"api-key:{key_prefix(request.auth)}",
             source="api:users/merge",
+            fields=body.get("fields"),
         )
         survivor = self.get_queryset().get(pk=result.survivor.pk)
-        data = {"survivor": survivor, "absorbed_ids": result.absorbed_ids, "already_merged": result.already_merged}
+        data = {
+            "survivor": survivor,
+            "absorbed_ids": result.absorbed_ids,
+            "already_merged": result.already_merged,
+            "conflicts": [c.as_dict() for c in result.conflicts],
+        }
         return Response(s.MergeResultSerializer(data, context=self.get_serializer_context()).data)
 
     @extend_schema(

@@ -61,7 +61,7 @@ class IdentifyResult:
     absorbed_ids: list[int] = field(default_factory=list)
 
 
-def _identity_lock_keys(workspace: Workspace, user_ids: Iterable[str] = (), email_key: str = "") -> list[str]:
+def identity_lock_keys(workspace: Workspace, user_ids: Iterable[str] = (), email_key: str = "") -> list[str]:
     keys = [f"uid:{workspace.pk}:{uid}" for uid in user_ids]
     if email_key:
         keys.append(f"email:{workspace.pk}:{email_key}")
@@ -442,7 +442,7 @@ def identify_users(
     rows = [row for row, _ in identifies]
     keys = []
     for row in rows:
-        keys.extend(_identity_lock_keys(workspace, [row.user_id], row.changes.email_key))
+        keys.extend(identity_lock_keys(workspace, [row.user_id], row.changes.email_key))
     lock_keys(keys)
     state = _Batch(workspace, rows)
     results = []
@@ -487,7 +487,7 @@ def apply_profile_row(
 
     def once() -> IdentifyResult:
         with transaction.atomic():
-            lock_keys(_identity_lock_keys(workspace, [row.user_id] if row.user_id else [], row.changes.email_key))
+            lock_keys(identity_lock_keys(workspace, [row.user_id] if row.user_id else [], row.changes.email_key))
             state = _Batch(workspace, [row])
             result = _apply_row(state, row, occurred_at, reason, actor, restamp, seen_by=lambda users: None)
             _write_back(state)
@@ -691,7 +691,7 @@ def alias_users(*, workspace: Workspace, calls: list[AliasCall], actor: str = "s
     for call in calls:
         if call.previous_id == call.user_id:
             raise IdentityError("invalid_alias", "previousId and userId are the same", "previousId")
-    lock_keys(_identity_lock_keys(workspace, [uid for call in calls for uid in (call.previous_id, call.user_id)]))
+    lock_keys(identity_lock_keys(workspace, [uid for call in calls for uid in (call.previous_id, call.user_id)]))
     return [_alias(workspace, call, actor) for call in calls]
 
 

@@ -15,6 +15,7 @@ class BillingProvider(models.TextChoices):
 class UserFlag(models.TextChoices):
     NO_BILLING_ID = "no_billing_id", "Not connected to a billing provider"
     SAME_EMAIL = "same_email", "Shares its email with another user"
+    BILLING_CONFLICT = "billing_conflict", "Merged from users with different billing ids"
 
 
 class EndUser(models.Model):
@@ -142,11 +143,25 @@ class MergeRecord(models.Model):
     actor = models.CharField(max_length=255, blank=True, default="")
     source = models.CharField(max_length=255, blank=True, default="")
     created_at = models.DateTimeField(default=timezone.now)
+    # The fields this merge found different (``users.conflicts``' dicts): with the snapshot,
+    # the ledger keeps both values of each.
+    conflicts = models.JSONField(default=list, blank=True)
+    # An automatic merge (identify, alias, CSV) dropped one of two billing ids: the survivor
+    # is flagged ``billing_conflict`` while this merge stands.
+    billing_conflict = models.BooleanField(default=False)
 
     objects = WorkspaceQuerySet.as_manager()
 
     class Meta:
-        indexes = [models.Index(fields=["workspace", "-created_at"], name="merge_ws_created_idx")]
+        indexes = [
+            models.Index(fields=["workspace", "-created_at"], name="merge_ws_created_idx"),
+            # What the billing_conflict flag looks up per listed user: few rows, a small index.
+            models.Index(
+                fields=["workspace", "survivor_key"],
+                condition=models.Q(billing_conflict=True),
+                name="merge_billing_conflict_idx",
+            ),
+        ]
 
 
 # The CSV import job shares its statuses with every job.
