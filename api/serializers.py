@@ -157,6 +157,15 @@ class MergeRecordSerializer(serializers.Serializer):
     created_at = serializers.DateTimeField()
     conflicts = ConflictSerializer(many=True, help_text="Fields the two users held different values of.")
     billing_conflict = serializers.BooleanField(help_text="An automatic merge dropped a different billing id.")
+    undone_at = serializers.DateTimeField(allow_null=True, help_text="When the merge was undone (null: it stands).")
+    undone_by = serializers.CharField(help_text="Who undid it.")
+
+
+class MergeUndoSerializer(serializers.Serializer):
+    merge = MergeRecordSerializer()
+    restored = UserSerializer(allow_null=True, help_text="The absorbed user, back with its Kana id.")
+    survivor = UserSerializer(allow_null=True, help_text="The user that had absorbed it, as it is now.")
+    already_undone = serializers.BooleanField(help_text="True when a previous request had undone it.")
 
 
 class MergeFilterSerializer(serializers.Serializer):

@@ -21,7 +21,7 @@ from kana.services import key_prefix
 from users import selectors as user_selectors
 from users.models import EndUser, MergeReason, MergeRecord, UserIdentity
 from users.profile import validated_changes
-from users.services import delete_user, merge_users, update_user
+from users.services import delete_user, merge_undo, merge_users, update_user
 
 from . import serializers as s
 from .base import WorkspaceViewSet
@@ -477,3 +477,29 @@ class MergeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, WorkspaceVi
     def scope(self, records):
         filters = self.query(s.MergeFilterSerializer) if self.action == "list" else {}
         return user_selectors.merge_history(self.workspace, records=records, user_pk=filters.get("user"))
+
+    @extend_schema(
+        summary="Undo a merge",
+        description=(
+            "Restores the absorbed user with its Kana id, userIds, fields, group memberships and "
+            "every event addressed to one of its userIds (with its usage); the survivor keeps the "
+            "rest. A later merge that depends on this one must be undone first: 409 "
+            "`merge_not_undoable` names it. Undoing an undone merge changes nothing."
+        ),
+        request=None,
+        responses=s.MergeUndoSerializer,
+    )
+    @action(detail=True, methods=["post"])
+    def undo(self, request, pk=None):
+        record = self.get_object()
+        result = merge_undo(workspace=self.workspace, merge_id=record.pk, actor=f"api-key:{key_prefix(request.auth)}")
+        found = user_selectors.user_list(self.workspace).in_bulk(
+            [u.pk for u in (result.restored, result.survivor) if u is not None]
+        )
+        data = {
+            "merge": result.record,
+            "restored": found.get(result.record.absorbed_id),
+            "survivor": found.get(result.record.survivor_key),
+            "already_undone": result.already_undone,
+        }
+        return Response(s.MergeUndoSerializer(data, context=self.get_serializer_context()).data)

@@ -83,6 +83,8 @@ def test_the_ledger_lists_newest_first_filters_by_survivor_and_shows_one_record(
         "created_at",
         "conflicts",
         "billing_conflict",
+        "undone_at",
+        "undone_by",
     }
     assert_error(api.get("merges/999999"), 404, "not_found")
     assert_error(api.get("merges", {"user": "x"}), 400, "invalid_request", "user")

@@ -11,6 +11,7 @@ import copy
 from dataclasses import dataclass, field
 
 from django.db import transaction
+from django.db.models import Exists, OuterRef
 
 from kana.models import Workspace
 from kana.retries import ConcurrentChange, run_with_retries
@@ -18,7 +19,7 @@ from kana.retries import ConcurrentChange, run_with_retries
 from .conflicts import Conflict, merge_conflicts
 from .errors import IdentityError
 from .models import EndUser, GroupMembership, MergeReason, MergeRecord, UserIdentity
-from .profile import CHOOSABLE_FIELDS, FIELD_CHOICES, absorb_profile, oldest_first, snapshot
+from .profile import CHOOSABLE_FIELDS, FIELD_CHOICES, absorb_profile, oldest_first, profile_state, snapshot
 from .signals import user_absorbed
 
 # Merges nobody reviewed before they happened: a billing id they drop is flagged.
@@ -46,12 +47,24 @@ def absorb(
     before = copy.copy(survivor)
     absorb_profile(survivor, absorbed, choices)
     conflicts = merge_conflicts(before, [absorbed], survivor)
+    survivor_groups = GroupMembership.objects.filter(user=survivor).values("group_id")
+    # What an unmerge gives back: the memberships, and the survivor's own profile.
+    absorbed_snapshot = snapshot(absorbed, absorbed_ids)
+    absorbed_snapshot["groups"] = [
+        {"group": group_pk, "joined_at": joined_at.isoformat(), "shared": shared}
+        for group_pk, joined_at, shared in GroupMembership.objects.filter(user=absorbed)
+        .annotate(shared=Exists(survivor_groups.filter(group_id=OuterRef("group_id"))))
+        .order_by("group_id")
+        .values_list("group_id", "joined_at", "shared")
+    ]
+    absorbed_snapshot["survivor_before"] = profile_state(before)
     MergeRecord.objects.create(
         workspace=workspace,
         survivor=survivor,
         survivor_key=survivor.pk,
+        merged_into=survivor.pk,
         absorbed_id=absorbed.pk,
-        absorbed_snapshot=snapshot(absorbed, absorbed_ids),
+        absorbed_snapshot=absorbed_snapshot,
         reason=reason,
         actor=actor,
         source=source[:255],
@@ -60,7 +73,6 @@ def absorb(
     )
     UserIdentity.objects.filter(user=absorbed).update(user=survivor)
     user_absorbed.send(EndUser, workspace_id=workspace.pk, absorbed_pk=absorbed.pk, survivor_pk=survivor.pk)
-    survivor_groups = GroupMembership.objects.filter(user=survivor).values("group_id")
     GroupMembership.objects.filter(user=absorbed, group_id__in=survivor_groups).delete()
     GroupMembership.objects.filter(user=absorbed).update(user=survivor)
     MergeRecord.objects.filter(survivor=absorbed).update(survivor=survivor, survivor_key=survivor.pk)
@@ -156,7 +168,7 @@ def current_user_pk(workspace: Workspace, user_pk: int) -> int | None:
             return user_pk
         record = (
             MergeRecord.objects.for_workspace(workspace)
-            .filter(absorbed_id=user_pk)
+            .filter(absorbed_id=user_pk, undone_at__isnull=True)
             .values_list("survivor_key", flat=True)
             .first()
         )

@@ -30,7 +30,10 @@ def _has_billing_conflict():
     """An automatic merge into this user, still standing, dropped a different billing id."""
     return Exists(
         MergeRecord.objects.filter(
-            workspace_id=OuterRef("workspace_id"), survivor_key=OuterRef("pk"), billing_conflict=True
+            workspace_id=OuterRef("workspace_id"),
+            survivor_key=OuterRef("pk"),
+            billing_conflict=True,
+            undone_at__isnull=True,
         )
     )
 
@@ -66,7 +69,7 @@ def flags_of(user: EndUser) -> list[str]:
     if billing_conflict is None:
         billing_conflict = (
             MergeRecord.objects.for_workspace(user.workspace_id)
-            .filter(survivor_key=user.pk, billing_conflict=True)
+            .filter(survivor_key=user.pk, billing_conflict=True, undone_at__isnull=True)
             .exists()
         )
     if billing_conflict:

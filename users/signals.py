@@ -1,7 +1,8 @@
 """What users tells the layers above about a user, without importing them.
 
 A merge moves the absorbed user's events and usage, which belong to ``features`` (the one
-writer of both): ``features`` connects its receiver in ``FeaturesConfig.ready``. Receivers
+writer of both), and an unmerge moves some back: ``features`` connects its receivers in
+``FeaturesConfig.ready``. Receivers
 run inside the merge's transaction, so the move commits or rolls back with it.
 """
 
@@ -9,3 +10,8 @@ from django.dispatch import Signal
 
 # Sent once per absorbed user, before its row is deleted: kwargs workspace_id, absorbed_pk, survivor_pk.
 user_absorbed = Signal()
+
+# Sent once per undone merge, after the restored user's row and userIds are back: kwargs
+# workspace_id, restored_pk, survivor_pk, user_ids (the userIds the restored user got back;
+# the events addressed to them go back with their usage).
+user_restored = Signal()

@@ -4,12 +4,13 @@ from django.contrib import messages
 from django.core.paginator import Paginator
 from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
-from django.views.decorators.http import require_GET, require_http_methods
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from features.selectors import event_list, user_usage, user_usage_by_day
 from users.models import UserFlag
 from users.selectors import flags_of, merge_history, user_ids_by_user, user_ids_of, user_list, users_with_flags
-from users.services import IdentityError, delete_user
+from users.services import IdentityError, delete_user, merge_undo
 
 from ..access import workspace_view
 from ..charts import bar_chart
@@ -85,3 +86,21 @@ def user_delete(request, pk: int):
         raise Http404(exc.message) from None
     messages.success(request, f"User {user} deleted.")
     return redirect("dashboard:users")
+
+
+@require_POST
+@workspace_view
+def user_merge_undo(request, pk: int, merge_pk: int):
+    """The merge history's Undo button: restore the absorbed user (refused while a later merge depends on it)."""
+    try:
+        result = merge_undo(workspace=request.workspace, merge_id=merge_pk, actor=request.user.get_username())
+    except IdentityError as exc:
+        if exc.code == "unknown_merge":
+            raise Http404(exc.message) from None
+        messages.error(request, exc.message)
+        return redirect(f"{reverse('dashboard:user', args=[pk])}#merges")
+    if result.already_undone:
+        messages.info(request, "This merge was already undone.")
+    else:
+        messages.success(request, f"Merge undone: {result.restored} is back with Kana id {result.record.absorbed_id}.")
+    return redirect(f"{reverse('dashboard:user', args=[pk])}#merges")
