@@ -11,6 +11,7 @@ from features.models import EventStatus, FeatureType
 from features.rules import OPERATORS
 from features.selectors import reprocessing_of
 from users.models import MergeReason, UserFlag
+from users.profile import CHOOSABLE_FIELDS, FIELD_CHOICES
 from users.selectors import flags_of, user_ids_of
 
 from .ids import MAX_ID
@@ -118,12 +119,31 @@ class MergeRequestSerializer(serializers.Serializer):
         max_value=MAX_ID,
         help_text="Kana id of the user to keep; default: the user created first.",
     )
+    fields = serializers.DictField(
+        required=False,
+        child=serializers.ChoiceField(choices=FIELD_CHOICES),
+        help_text="Per field (name, email, billing_id), whose value to keep: survivor, absorbed or newest (default).",
+    )
+
+    def validate_fields(self, value):
+        other = sorted(set(value) - set(CHOOSABLE_FIELDS))
+        if other:
+            raise serializers.ValidationError(f"{other[0]!r} cannot be chosen: only {', '.join(CHOOSABLE_FIELDS)}")
+        return value
+
+
+class ConflictSerializer(serializers.Serializer):
+    field = serializers.CharField(help_text="name, email or billing_id")
+    survivor = serializers.CharField(help_text="The survivor's value before the merge (blank: none).")
+    absorbed = serializers.CharField(help_text="An absorbed user's value.")
+    kept = serializers.CharField(help_text="What the merged user keeps.")
 
 
 class MergeResultSerializer(serializers.Serializer):
     survivor = UserSerializer()
     absorbed_ids = serializers.ListField(child=serializers.IntegerField(), help_text="Users merged by this request.")
     already_merged = serializers.BooleanField(help_text="True when a previous request had already merged them.")
+    conflicts = ConflictSerializer(many=True, help_text="Fields the users held different values of.")
 
 
 class DuplicateGroupSerializer(serializers.Serializer):
@@ -140,6 +160,17 @@ class MergeRecordSerializer(serializers.Serializer):
     actor = serializers.CharField()
     source = serializers.CharField()
     created_at = serializers.DateTimeField()
+    conflicts = ConflictSerializer(many=True, help_text="Fields the two users held different values of.")
+    billing_conflict = serializers.BooleanField(help_text="An automatic merge dropped a different billing id.")
+    undone_at = serializers.DateTimeField(allow_null=True, help_text="When the merge was undone (null: it stands).")
+    undone_by = serializers.CharField(help_text="Who undid it.")
+
+
+class MergeUndoSerializer(serializers.Serializer):
+    merge = MergeRecordSerializer()
+    restored = UserSerializer(allow_null=True, help_text="The absorbed user, back with its Kana id.")
+    survivor = UserSerializer(allow_null=True, help_text="The user that had absorbed it, as it is now.")
+    already_undone = serializers.BooleanField(help_text="True when a previous request had undone it.")
 
 
 class MergeFilterSerializer(serializers.Serializer):

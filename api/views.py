@@ -23,7 +23,7 @@ from kana.models import AuditEntry
 from users import selectors as user_selectors
 from users.models import EndUser, MergeReason, MergeRecord, UserIdentity
 from users.profile import validated_changes
-from users.services import delete_user, merge_users, update_user
+from users.services import delete_user, merge_undo, merge_users, update_user
 
 from . import serializers as s
 from .base import WorkspaceViewSet
@@ -126,7 +126,9 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Destr
         description=(
             "Merges the named users (Kana ids) into the one created first, or into `survivor`. "
             "Idempotent: repeating a request finds the users already merged, changes nothing and "
-            "answers the same survivor. Every absorbed user is recorded in the ledger (`merges`)."
+            "answers the same survivor. Every absorbed user is recorded in the ledger (`merges`). "
+            "`conflicts` lists the fields the users held different values of and what was kept; "
+            "`fields` chooses per field (name, email, billing_id) whose value to keep."
         ),
         request=s.MergeRequestSerializer,
         responses=s.MergeResultSerializer,
@@ -134,8 +136,20 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Destr
             OpenApiExample("Merge into the oldest", value={"user_ids": [42, 57]}, request_only=True),
             OpenApiExample("Pick the survivor", value={"user_ids": [42, 57, 60], "survivor": 57}, request_only=True),
             OpenApiExample(
+                "Keep the absorbed user's billing id",
+                value={"user_ids": [42, 57], "fields": {"billing_id": "absorbed"}},
+                request_only=True,
+            ),
+            OpenApiExample(
                 "Merged",
-                value={"survivor": USER_EXAMPLE, "absorbed_ids": [57], "already_merged": False},
+                value={
+                    "survivor": USER_EXAMPLE,
+                    "absorbed_ids": [57],
+                    "already_merged": False,
+                    "conflicts": [
+                        {"field": "billing_id", "survivor": "cus_A1", "absorbed": "cus_B2", "kept": "cus_B2"}
+                    ],
+                },
                 response_only=True,
             ),
         ],
@@ -150,9 +164,15 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Destr
             reason=MergeReason.ADMIN,
             actor=self.actor,
             source="api:users/merge",
+            fields=body.get("fields"),
         )
         survivor = self.get_queryset().get(pk=result.survivor.pk)
-        data = {"survivor": survivor, "absorbed_ids": result.absorbed_ids, "already_merged": result.already_merged}
+        data = {
+            "survivor": survivor,
+            "absorbed_ids": result.absorbed_ids,
+            "already_merged": result.already_merged,
+            "conflicts": [c.as_dict() for c in result.conflicts],
+        }
         return Response(s.MergeResultSerializer(data, context=self.get_serializer_context()).data)
 
     @extend_schema(
@@ -503,6 +523,32 @@ class MergeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, WorkspaceVi
     def scope(self, records):
         filters = self.query(s.MergeFilterSerializer) if self.action == "list" else {}
         return user_selectors.merge_history(self.workspace, records=records, user_pk=filters.get("user"))
+
+    @extend_schema(
+        summary="Undo a merge",
+        description=(
+            "Restores the absorbed user with its Kana id, userIds, fields, group memberships and "
+            "every event addressed to one of its userIds (with its usage); the survivor keeps the "
+            "rest. A later merge that depends on this one must be undone first: 409 "
+            "`merge_not_undoable` names it. Undoing an undone merge changes nothing."
+        ),
+        request=None,
+        responses=s.MergeUndoSerializer,
+    )
+    @action(detail=True, methods=["post"])
+    def undo(self, request, pk=None):
+        record = self.get_object()
+        result = merge_undo(workspace=self.workspace, merge_id=record.pk, actor=self.actor)
+        found = user_selectors.user_list(self.workspace).in_bulk(
+            [u.pk for u in (result.restored, result.survivor) if u is not None]
+        )
+        data = {
+            "merge": result.record,
+            "restored": found.get(result.record.absorbed_id),
+            "survivor": found.get(result.record.survivor_key),
+            "already_undone": result.already_undone,
+        }
+        return Response(s.MergeUndoSerializer(data, context=self.get_serializer_context()).data)
 
 
 @extend_schema_view(

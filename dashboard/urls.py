@@ -16,6 +16,7 @@ urlpatterns = [
     path("users/<int:pk>/", users.user_detail, name="user"),
     path("users/<int:pk>/delete/", users.user_delete, name="user_delete"),
     path("users/<int:pk>/events/<int:event_id>/void/", users.event_void_page, name="event_void"),
+    path("users/<int:pk>/merges/<int:merge_pk>/undo/", users.user_merge_undo, name="user_merge_undo"),
     path("duplicates/", duplicates.duplicates, name="duplicates"),
     path("duplicates/preview/", duplicates.merge_preview_page, name="merge_preview"),
     path("duplicates/merge/", duplicates.merge, name="merge"),

@@ -19,7 +19,7 @@ from django.dispatch import receiver
 from kana.copy_rows import copy_rows
 from kana.locks import lock_rules_shared_and_read
 from kana.models import Workspace
-from users.signals import user_absorbed, user_deleting
+from users.signals import user_absorbed, user_deleting, user_restored
 
 from .incoming import Message
 from .mapping import Decision
@@ -427,3 +427,20 @@ def _on_user_deleting(sender, *, workspace_id: int, user_pk: int, **kwargs) -> N
 @receiver(user_absorbed, dispatch_uid="features.ledger.reassign_user")
 def _on_user_absorbed(sender, *, workspace_id: int, absorbed_pk: int, survivor_pk: int, **kwargs) -> None:
     reassign_user(workspace_id=workspace_id, absorbed_pk=absorbed_pk, survivor_pk=survivor_pk)
+
+
+def restore_user_events(*, workspace_id: int, restored_pk: int, survivor_pk: int, user_ids: list[str]) -> None:
+    """An unmerge: the survivor's events addressed to one of ``user_ids`` (whenever they came)
+    go back to the restored user, with their usage."""
+    if not user_ids:
+        return
+    events = Event.objects.for_workspace(workspace_id).filter(user_id=survivor_pk, external_user_id__in=user_ids)
+    Usage.objects.for_workspace(workspace_id).filter(user_id=survivor_pk, event__in=events.values("pk")).update(
+        user_id=restored_pk
+    )
+    events.update(user_id=restored_pk)
+
+
+@receiver(user_restored, dispatch_uid="features.ledger.restore_user_events")
+def _on_user_restored(sender, *, workspace_id: int, restored_pk: int, survivor_pk: int, user_ids, **kwargs) -> None:
+    restore_user_events(workspace_id=workspace_id, restored_pk=restored_pk, survivor_pk=survivor_pk, user_ids=user_ids)

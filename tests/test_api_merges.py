@@ -72,6 +72,19 @@ def test_the_ledger_lists_newest_first_filters_by_survivor_and_shows_one_record(
     assert [r["absorbed_id"] for r in only_c] == [d.pk]
     record = api.get(f"merges/{ledger[0]['id']}").json()
     assert record == ledger[0]
-    assert set(record) == {"id", "survivor", "absorbed_id", "absorbed", "reason", "actor", "source", "created_at"}
+    assert set(record) == {
+        "id",
+        "survivor",
+        "absorbed_id",
+        "absorbed",
+        "reason",
+        "actor",
+        "source",
+        "created_at",
+        "conflicts",
+        "billing_conflict",
+        "undone_at",
+        "undone_by",
+    }
     assert_error(api.get("merges/999999"), 404, "not_found")
     assert_error(api.get("merges", {"user": "x"}), 400, "invalid_request", "user")

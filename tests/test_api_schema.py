@@ -39,6 +39,7 @@ ENDPOINTS = {
     "/api/v1/usage",
     "/api/v1/merges",
     "/api/v1/merges/{id}",
+    "/api/v1/merges/{id}/undo",
     "/api/v1/users/export",
     "/api/v1/users/import",
     "/api/v1/users/imports/{id}",

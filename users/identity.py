@@ -61,7 +61,7 @@ class IdentifyResult:
     absorbed_ids: list[int] = field(default_factory=list)
 
 
-def _identity_lock_keys(workspace: Workspace, user_ids: Iterable[str] = (), email_key: str = "") -> list[str]:
+def identity_lock_keys(workspace: Workspace, user_ids: Iterable[str] = (), email_key: str = "") -> list[str]:
     keys = [f"uid:{workspace.pk}:{uid}" for uid in user_ids]
     if email_key:
         keys.append(f"email:{workspace.pk}:{email_key}")
@@ -442,7 +442,7 @@ def identify_users(
     rows = [row for row, _ in identifies]
     keys = []
     for row in rows:
-        keys.extend(_identity_lock_keys(workspace, [row.user_id], row.changes.email_key))
+        keys.extend(identity_lock_keys(workspace, [row.user_id], row.changes.email_key))
     lock_keys(keys)
     state = _Batch(workspace, rows)
     results = []
@@ -486,7 +486,7 @@ def update_user(
 
     def once() -> IdentifyResult:
         with transaction.atomic():
-            lock_keys(_identity_lock_keys(workspace, [], changes.email_key))
+            lock_keys(identity_lock_keys(workspace, [], changes.email_key))
             before = EndUser.objects.for_workspace(workspace).filter(pk=user_pk).values(*fields).first()
             result = _apply_one_row(workspace, row, occurred_at, MergeReason.CSV, actor, restamp=False)
             after = {name: getattr(result.user, name) for name in fields}
@@ -521,7 +521,7 @@ def apply_profile_row(
 
     def once() -> IdentifyResult:
         with transaction.atomic():
-            lock_keys(_identity_lock_keys(workspace, [row.user_id] if row.user_id else [], row.changes.email_key))
+            lock_keys(identity_lock_keys(workspace, [row.user_id] if row.user_id else [], row.changes.email_key))
             return _apply_one_row(workspace, row, occurred_at, reason, actor, restamp)
 
     return run_with_retries(once)
@@ -724,7 +724,7 @@ def alias_users(*, workspace: Workspace, calls: list[AliasCall], actor: str = "s
         if call.previous_id == call.user_id:
             raise IdentityError("invalid_alias", "previousId and userId are the same", "previousId")
     user_ids = {uid for call in calls for uid in (call.previous_id, call.user_id)}
-    lock_keys(_identity_lock_keys(workspace, sorted(user_ids)))
+    lock_keys(identity_lock_keys(workspace, sorted(user_ids)))
     owners = bulk.owners_of(workspace, user_ids)  # userId -> user pk, kept current below
     locked = {user.pk: user for user in bulk.lock_users(workspace, set(owners.values()), set())}
     if any(pk not in locked for pk in owners.values()):

@@ -7,42 +7,73 @@ user leaves one ledger row (``MergeRecord``, unique per absorbed user, so a repl
 is a no-op) with a snapshot of what it was.
 """
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field
 
 from django.db import transaction
+from django.db.models import Exists, OuterRef
 
 from kana import audit
 from kana.models import Workspace
 from kana.retries import ConcurrentChange, run_with_retries
 
+from .conflicts import Conflict, merge_conflicts
 from .errors import IdentityError
 from .models import EndUser, GroupMembership, MergeReason, MergeRecord, UserIdentity
-from .profile import absorb_profile, oldest_first, snapshot
+from .profile import CHOOSABLE_FIELDS, FIELD_CHOICES, absorb_profile, oldest_first, profile_state, snapshot
 from .signals import user_absorbed
 
+# Merges nobody reviewed before they happened: a billing id they drop is flagged.
+_AUTOMATIC = (MergeReason.IDENTIFY, MergeReason.ALIAS, MergeReason.CSV)
 
-def absorb(*, workspace: Workspace, survivor: EndUser, absorbed: EndUser, reason: str, actor: str, source: str) -> None:
+
+def absorb(
+    *,
+    workspace: Workspace,
+    survivor: EndUser,
+    absorbed: EndUser,
+    reason: str,
+    actor: str,
+    source: str,
+    choices: dict[str, str] | None = None,
+) -> None:
     """Move everything of ``absorbed`` to ``survivor``, record it, delete ``absorbed``.
 
     The caller holds row locks on both users and saves the survivor afterwards.
+    ``choices``: an admin's per-field choice (``users.profile.absorb_profile``).
     """
     absorbed_ids = list(
         UserIdentity.objects.filter(user=absorbed).order_by("created_at", "pk").values_list("external_id", flat=True)
     )
+    before = copy.copy(survivor)
+    absorb_profile(survivor, absorbed, choices)
+    conflicts = merge_conflicts(before, [absorbed], survivor)
+    survivor_groups = GroupMembership.objects.filter(user=survivor).values("group_id")
+    # What an unmerge gives back: the memberships, and the survivor's own profile.
+    absorbed_snapshot = snapshot(absorbed, absorbed_ids)
+    absorbed_snapshot["groups"] = [
+        {"group": group_pk, "joined_at": joined_at.isoformat(), "shared": shared}
+        for group_pk, joined_at, shared in GroupMembership.objects.filter(user=absorbed)
+        .annotate(shared=Exists(survivor_groups.filter(group_id=OuterRef("group_id"))))
+        .order_by("group_id")
+        .values_list("group_id", "joined_at", "shared")
+    ]
+    absorbed_snapshot["survivor_before"] = profile_state(before)
     MergeRecord.objects.create(
         workspace=workspace,
         survivor=survivor,
         survivor_key=survivor.pk,
+        merged_into=survivor.pk,
         absorbed_id=absorbed.pk,
-        absorbed_snapshot=snapshot(absorbed, absorbed_ids),
+        absorbed_snapshot=absorbed_snapshot,
         reason=reason,
         actor=actor,
         source=source[:255],
+        conflicts=[c.as_dict() for c in conflicts],
+        billing_conflict=reason in _AUTOMATIC and any(c.field == "billing_id" for c in conflicts),
     )
-    absorb_profile(survivor, absorbed)
     UserIdentity.objects.filter(user=absorbed).update(user=survivor)
     user_absorbed.send(EndUser, workspace_id=workspace.pk, absorbed_pk=absorbed.pk, survivor_pk=survivor.pk)
-    survivor_groups = GroupMembership.objects.filter(user=survivor).values("group_id")
     GroupMembership.objects.filter(user=absorbed, group_id__in=survivor_groups).delete()
     GroupMembership.objects.filter(user=absorbed).update(user=survivor)
     MergeRecord.objects.filter(survivor=absorbed).update(survivor=survivor, survivor_key=survivor.pk)
@@ -56,6 +87,20 @@ class MergeResult:
     absorbed_ids: list[int]
     # True when every named user had already been merged into the survivor: nothing changed.
     already_merged: bool = False
+    # The fields the merged users held different values of, and what the survivor kept.
+    conflicts: list[Conflict] = field(default_factory=list)
+
+
+def check_field_choices(fields: dict[str, str] | None) -> dict[str, str]:
+    """An admin's per-field choice, checked: ``{field: "survivor"|"absorbed"|"newest"}``."""
+    for name, choice in (fields or {}).items():
+        if name not in CHOOSABLE_FIELDS:
+            raise IdentityError(
+                "invalid_field", f"{name!r} cannot be chosen: only {', '.join(CHOOSABLE_FIELDS)}", "fields"
+            )
+        if choice not in FIELD_CHOICES:
+            raise IdentityError("invalid_choice", f"{choice!r} is not one of {', '.join(FIELD_CHOICES)}", "fields")
+    return dict(fields or {})
 
 
 def merge_users(
@@ -66,12 +111,16 @@ def merge_users(
     reason: str = MergeReason.ADMIN,
     actor: str = "",
     source: str = "",
+    fields: dict[str, str] | None = None,
 ) -> MergeResult:
     """Merge users (by Kana id) into one: the oldest, or ``survivor_pk`` when given.
 
+    ``fields``: per field (name, email, billing_id) whose value to keep: ``survivor``,
+    ``absorbed`` or ``newest`` (the default, SPEC §4). The result lists the conflicts.
     Idempotent: ids already absorbed are followed through the ledger to their survivor, so
     repeating a merge request finds one user and changes nothing.
     """
+    choices = check_field_choices(fields)
     wanted = list(dict.fromkeys(int(pk) for pk in user_pks))
     if survivor_pk is not None and int(survivor_pk) not in wanted:
         wanted.append(int(survivor_pk))
@@ -92,17 +141,25 @@ def merge_users(
         survivor = next(u for u in users if u.pk == chosen) if chosen else oldest_first(users)[0]
         if len(users) == 1:
             return MergeResult(survivor=survivor, absorbed_ids=[], already_merged=True)
-        absorbed_ids = []
-        for user in oldest_first(users):
-            if user.pk == survivor.pk:
-                continue
-            absorb(workspace=workspace, survivor=survivor, absorbed=user, reason=reason, actor=actor, source=source)
-            absorbed_ids.append(user.pk)
+        before = copy.copy(survivor)
+        absorbed = [user for user in oldest_first(users) if user.pk != survivor.pk]
+        for user in absorbed:
+            absorb(
+                workspace=workspace,
+                survivor=survivor,
+                absorbed=user,
+                reason=reason,
+                actor=actor,
+                source=source,
+                choices=choices,
+            )
         survivor.save()
-        before = {"user_ids": sorted(u.pk for u in users)}
+        conflicts = merge_conflicts(before, absorbed, survivor)
+        absorbed_ids = [u.pk for u in absorbed]
+        summary_before = {"user_ids": sorted(u.pk for u in users)}
         after = {"survivor": survivor.pk, "absorbed_ids": absorbed_ids, "reason": reason}
-        audit.record(workspace, actor, "merge", survivor.pk, before=before, after=after)
-        return MergeResult(survivor=survivor, absorbed_ids=absorbed_ids)
+        audit.record(workspace, actor, "merge", survivor.pk, before=summary_before, after=after)
+        return MergeResult(survivor=survivor, absorbed_ids=absorbed_ids, conflicts=conflicts)
 
     return run_with_retries(once)
 
@@ -116,7 +173,7 @@ def current_user_pk(workspace: Workspace, user_pk: int) -> int | None:
             return user_pk
         record = (
             MergeRecord.objects.for_workspace(workspace)
-            .filter(absorbed_id=user_pk)
+            .filter(absorbed_id=user_pk, undone_at__isnull=True)
             .values_list("survivor_key", flat=True)
             .first()
         )

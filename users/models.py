@@ -15,6 +15,7 @@ class BillingProvider(models.TextChoices):
 class UserFlag(models.TextChoices):
     NO_BILLING_ID = "no_billing_id", "Not connected to a billing provider"
     SAME_EMAIL = "same_email", "Shares its email with another user"
+    BILLING_CONFLICT = "billing_conflict", "Merged from users with different billing ids"
 
 
 class EndUser(models.Model):
@@ -129,24 +130,51 @@ class MergeReason(models.TextChoices):
 class MergeRecord(models.Model):
     """The merge ledger: one row per absorbed user.
 
-    ``absorbed_id`` is unique, so a user can be absorbed only once: replaying the same merge
-    (a retried request, a replayed message) finds the row and changes nothing.
+    ``absorbed_id`` is unique among standing (not undone) merges, so a user can be absorbed
+    only once: replaying the same merge (a retried request, a replayed message) finds the row
+    and changes nothing. An undone merge (``users.unmerge``) keeps its row, with ``undone_at``.
     """
 
     workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+")
     survivor = models.ForeignKey(EndUser, null=True, on_delete=models.SET_NULL, related_name="merges")
     survivor_key = models.BigIntegerField()  # survivor's id, kept if the survivor is later deleted
-    absorbed_id = models.BigIntegerField(unique=True)
+    # The survivor this merge was into. survivor_key follows later merges (a survivor absorbed
+    # in turn hands its rows on); this does not. Null on rows written before it existed.
+    merged_into = models.BigIntegerField(null=True, blank=True)
+    absorbed_id = models.BigIntegerField()
     absorbed_snapshot = models.JSONField()
     reason = models.CharField(max_length=20, choices=MergeReason.choices)
     actor = models.CharField(max_length=255, blank=True, default="")
     source = models.CharField(max_length=255, blank=True, default="")
     created_at = models.DateTimeField(default=timezone.now)
+    # The fields this merge found different (``users.conflicts``' dicts): with the snapshot,
+    # the ledger keeps both values of each.
+    conflicts = models.JSONField(default=list, blank=True)
+    # An automatic merge (identify, alias, CSV) dropped one of two billing ids: the survivor
+    # is flagged ``billing_conflict`` while this merge stands.
+    billing_conflict = models.BooleanField(default=False)
+    undone_at = models.DateTimeField(null=True, blank=True)
+    undone_by = models.CharField(max_length=255, blank=True, default="")
 
     objects = WorkspaceQuerySet.as_manager()
 
     class Meta:
-        indexes = [models.Index(fields=["workspace", "-created_at"], name="merge_ws_created_idx")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["absorbed_id"],
+                condition=models.Q(undone_at__isnull=True),
+                name="merge_unique_standing_absorbed",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["workspace", "-created_at"], name="merge_ws_created_idx"),
+            # What the billing_conflict flag looks up per listed user: few rows, a small index.
+            models.Index(
+                fields=["workspace", "survivor_key"],
+                condition=models.Q(billing_conflict=True),
+                name="merge_billing_conflict_idx",
+            ),
+        ]
 
 
 # The CSV import job shares its statuses with every job.

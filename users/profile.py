@@ -213,9 +213,28 @@ def oldest_first(users: Iterable[EndUser]) -> list[EndUser]:
     return sorted(users, key=lambda u: (u.created_at, u.pk))
 
 
-def absorb_profile(survivor: EndUser, absorbed: EndUser) -> None:
-    """What a merge does to the survivor's row: combined fields, and a userId if it had none."""
+# An admin merge may choose, per field, whose value the merged user keeps (SPEC §12).
+CHOOSABLE_FIELDS = ("name", "email", "billing_id")
+FIELD_CHOICES = ("newest", "survivor", "absorbed")
+
+
+def absorb_profile(survivor: EndUser, absorbed: EndUser, choices: dict[str, str] | None = None) -> None:
+    """What a merge does to the survivor's row: combined fields, and a userId if it had none.
+
+    ``choices`` (field -> ``FIELD_CHOICES``, default ``newest``): ``survivor`` keeps the
+    survivor's value, ``absorbed`` takes the absorbed user's, each with its ``*_set_at``;
+    a side without a value falls back to ``newest`` (a blank is still filled: nothing is lost).
+    """
+    before = {stamp: [getattr(survivor, name) for name in (*fields, stamp)] for stamp, fields in _FIELD_GROUPS}
     combine_profiles(survivor, absorbed)
+    for stamp, fields in _FIELD_GROUPS:
+        choice = (choices or {}).get(fields[0], "newest")
+        if choice == "survivor" and before[stamp][0]:
+            for name, value in zip((*fields, stamp), before[stamp], strict=True):
+                setattr(survivor, name, value)
+        elif choice == "absorbed" and getattr(absorbed, fields[0]):
+            for name in (*fields, stamp):
+                setattr(survivor, name, getattr(absorbed, name))
     if not survivor.user_id and absorbed.user_id:
         survivor.user_id = absorbed.user_id
 
@@ -227,7 +246,9 @@ class MergePreview:
     result: EndUser  # an unsaved copy of the survivor as the merge would leave it
 
 
-def merge_preview(users: Iterable[EndUser], *, survivor_pk: int | None = None) -> MergePreview:
+def merge_preview(
+    users: Iterable[EndUser], *, survivor_pk: int | None = None, choices: dict[str, str] | None = None
+) -> MergePreview:
     """The outcome of merging ``users`` without saving anything, by the merge's own steps."""
     ordered = oldest_first(users)
     survivor = next((u for u in ordered if u.pk == survivor_pk), None) if survivor_pk is not None else None
@@ -236,12 +257,78 @@ def merge_preview(users: Iterable[EndUser], *, survivor_pk: int | None = None) -
     result = copy.copy(survivor)
     result.audiences = dict(survivor.audiences)
     for user in absorbed:
-        absorb_profile(result, user)
+        absorb_profile(result, user, choices)
     return MergePreview(survivor=survivor, absorbed=absorbed, result=result)
 
 
+def _stamp(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _unstamp(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def profile_state(user: EndUser) -> dict[str, Any]:
+    """A user's profile fields with their stamps, as JSON: what an unmerge restores."""
+    state: dict[str, Any] = {"user_id": user.user_id, "audiences": copy.deepcopy(user.audiences)}
+    for stamp, fields in _FIELD_GROUPS:
+        for name in fields:
+            state[name] = getattr(user, name)
+        state[stamp] = _stamp(getattr(user, stamp))
+    return state
+
+
+def restore_profile(user: EndUser, snap: dict[str, Any]) -> None:
+    """Give ``user`` (unsaved) the profile an absorbed user's ledger snapshot kept.
+
+    Snapshots from before ``state`` was recorded restore the values without their stamps.
+    """
+    state = snap.get("state") or {}
+    for stamp, fields in _FIELD_GROUPS:
+        for name in fields:
+            setattr(user, name, state.get(name, snap.get(name)) or "")
+        setattr(user, stamp, _unstamp(state.get(stamp)))
+    user.email_key = normalize_email(user.email)
+    if "audiences" in state:
+        user.audiences = state["audiences"]
+    else:
+        user.audiences = {name: {"value": value, "set_at": ""} for name, value in (snap.get("audiences") or {}).items()}
+    user.created_at = _unstamp(snap.get("created_at")) or user.created_at
+
+
+def revert_taken_fields(survivor: EndUser, snap: dict[str, Any], before: dict[str, Any]) -> None:
+    """Undo what a merge took from the absorbed user, where nothing changed it since.
+
+    A field of the survivor that still holds the absorbed user's value with the absorbed
+    user's stamp came from the merge: it goes back to the survivor's own (``before``, the
+    survivor's ``profile_state`` at the merge). A field set since (a newer message, an admin)
+    stays. Ledger rows without ``before`` change nothing.
+    """
+    state = snap.get("state")
+    if not state or not before:
+        return
+    for stamp, fields in _FIELD_GROUPS:
+        current = (getattr(survivor, fields[0]), _stamp(getattr(survivor, stamp)))
+        if current == (state.get(fields[0]), state.get(stamp)) and current != (
+            before.get(fields[0]),
+            before.get(stamp),
+        ):
+            for name in fields:
+                setattr(survivor, name, before.get(name) or "")
+            setattr(survivor, stamp, _unstamp(before.get(stamp)))
+    audiences = dict(survivor.audiences)
+    for name, entry in (state.get("audiences") or {}).items():
+        if audiences.get(name) == entry and (before.get("audiences") or {}).get(name) != entry:
+            if name in (before.get("audiences") or {}):
+                audiences[name] = before["audiences"][name]
+            else:
+                del audiences[name]
+    survivor.audiences = audiences
+
+
 def snapshot(user: EndUser, user_ids: list[str]) -> dict[str, Any]:
-    """What the ledger keeps of an absorbed user."""
+    """What the ledger keeps of an absorbed user (``state``: every field with its stamp)."""
     return {
         "id": user.pk,
         "user_id": user.user_id,
@@ -252,4 +339,5 @@ def snapshot(user: EndUser, user_ids: list[str]) -> dict[str, Any]:
         "billing_provider": user.billing_provider,
         "audiences": user.audience_values(),
         "created_at": user.created_at.isoformat(),
+        "state": profile_state(user),
     }

@@ -26,6 +26,18 @@ def _has_same_email():
     return Case(When(email_key="", then=Value(False)), default=_same_email_exists(), output_field=BooleanField())
 
 
+def _has_billing_conflict():
+    """An automatic merge into this user, still standing, dropped a different billing id."""
+    return Exists(
+        MergeRecord.objects.filter(
+            workspace_id=OuterRef("workspace_id"),
+            survivor_key=OuterRef("pk"),
+            billing_conflict=True,
+            undone_at__isnull=True,
+        )
+    )
+
+
 def sharing_an_email(users: QuerySet[EndUser]) -> QuerySet[EndUser]:
     """The users that share their (non-empty) email: a plain semi-join PostgreSQL can hash."""
     return users.exclude(email_key="").filter(_same_email_exists())
@@ -33,7 +45,9 @@ def sharing_an_email(users: QuerySet[EndUser]) -> QuerySet[EndUser]:
 
 def users_with_flags(workspace: Workspace) -> QuerySet[EndUser]:
     """The workspace's users, each annotated ``has_same_email``; see ``flags_of``."""
-    return EndUser.objects.for_workspace(workspace).annotate(has_same_email=_has_same_email())
+    return EndUser.objects.for_workspace(workspace).annotate(
+        has_same_email=_has_same_email(), has_billing_conflict=_has_billing_conflict()
+    )
 
 
 def flags_of(user: EndUser) -> list[str]:
@@ -51,6 +65,15 @@ def flags_of(user: EndUser) -> list[str]:
         )
     if same_email:
         flags.append(UserFlag.SAME_EMAIL.value)
+    billing_conflict = getattr(user, "has_billing_conflict", None)
+    if billing_conflict is None:
+        billing_conflict = (
+            MergeRecord.objects.for_workspace(user.workspace_id)
+            .filter(survivor_key=user.pk, billing_conflict=True, undone_at__isnull=True)
+            .exists()
+        )
+    if billing_conflict:
+        flags.append(UserFlag.BILLING_CONFLICT.value)
     return flags
 
 
@@ -71,7 +94,7 @@ def user_list(
     the workspace's users.
     """
     users = (users if users is not None else EndUser.objects.for_workspace(workspace)).annotate(
-        has_same_email=_has_same_email()
+        has_same_email=_has_same_email(), has_billing_conflict=_has_billing_conflict()
     )
     if user_id:
         users = users.filter(identities__external_id=user_id)
@@ -81,6 +104,8 @@ def user_list(
         users = users.filter(billing_id="")
     elif flag == UserFlag.SAME_EMAIL:
         users = sharing_an_email(users)
+    elif flag == UserFlag.BILLING_CONFLICT:
+        users = users.filter(has_billing_conflict=True)
     if search:
         term = search.strip()
         users = users.filter(

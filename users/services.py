@@ -33,6 +33,7 @@ from .identity import (
 from .merges import MergeResult, current_user_pk, merge_users
 from .models import EndUser
 from .signals import user_deleting
+from .unmerge import UndoResult, merge_undo
 
 __all__ = [
     "AliasCall",
@@ -44,6 +45,7 @@ __all__ = [
     "ProfileRow",
     "RowOutcome",
     "TouchedUsers",
+    "UndoResult",
     "alias_user",
     "alias_users",
     "apply_profile_row",
@@ -52,6 +54,7 @@ __all__ = [
     "delete_user",
     "identify_user",
     "identify_users",
+    "merge_undo",
     "merge_users",
     "record_group",
     "record_groups",

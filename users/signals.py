@@ -1,7 +1,8 @@
 """What users tells the layers above about a user, without importing them.
 
 A merge moves the absorbed user's events and usage, which belong to ``features`` (the one
-writer of both): ``features`` connects its receiver in ``FeaturesConfig.ready``. Receivers
+writer of both), and an unmerge moves some back: ``features`` connects its receivers in
+``FeaturesConfig.ready``. Receivers
 run inside the merge's transaction, so the move commits or rolls back with it.
 """
 
@@ -13,3 +14,8 @@ user_absorbed = Signal()
 # Sent when a user is deleted, its row locked, before the delete: kwargs workspace_id, user_pk.
 # Its usage goes with it; its events stay, detached, for the record.
 user_deleting = Signal()
+
+# Sent once per undone merge, after the restored user's row and userIds are back: kwargs
+# workspace_id, restored_pk, survivor_pk, user_ids (the userIds the restored user got back;
+# the events addressed to them go back with their usage).
+user_restored = Signal()

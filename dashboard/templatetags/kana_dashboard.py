@@ -13,7 +13,11 @@ from ..forms import OPERATOR_LABELS, format_value
 
 register = template.Library()
 
-_FLAG_SHORT = {UserFlag.NO_BILLING_ID.value: "no billing id", UserFlag.SAME_EMAIL.value: "same email"}
+_FLAG_SHORT = {
+    UserFlag.NO_BILLING_ID.value: "no billing id",
+    UserFlag.SAME_EMAIL.value: "same email",
+    UserFlag.BILLING_CONFLICT.value: "billing conflict",
+}
 _FIELD_LABELS = {"name": "Name", "email": "Email", "billing_id": "Billing id"}
 
 

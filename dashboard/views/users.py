@@ -11,7 +11,7 @@ from features.corrections import CorrectionError, event_void
 from features.selectors import event_list, user_usage, user_usage_by_day
 from users.models import UserFlag
 from users.selectors import flags_of, merge_history, user_ids_by_user, user_ids_of, user_list, users_with_flags
-from users.services import IdentityError, delete_user
+from users.services import IdentityError, delete_user, merge_undo
 
 from ..access import actor_of, workspace_view
 from ..charts import bar_chart
@@ -108,3 +108,19 @@ def event_void_page(request, pk: int, event_id: int):
     else:
         messages.success(request, f"Event {event.name or event.message_id} voided; its usage is removed.")
     return redirect(f"{reverse('dashboard:user', args=[user.pk])}#events")
+
+
+def user_merge_undo(request, pk: int, merge_pk: int):
+    """The merge history's Undo button: restore the absorbed user (refused while a later merge depends on it)."""
+    try:
+        result = merge_undo(workspace=request.workspace, merge_id=merge_pk, actor=actor_of(request))
+    except IdentityError as exc:
+        if exc.code == "unknown_merge":
+            raise Http404(exc.message) from None
+        messages.error(request, exc.message)
+        return redirect(f"{reverse('dashboard:user', args=[pk])}#merges")
+    if result.already_undone:
+        messages.info(request, "This merge was already undone.")
+    else:
+        messages.success(request, f"Merge undone: {result.restored} is back with Kana id {result.record.absorbed_id}.")
+    return redirect(f"{reverse('dashboard:user', args=[pk])}#merges")
