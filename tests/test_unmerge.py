@@ -228,7 +228,7 @@ def test_the_user_pages_merge_history_has_an_undo_button(member_client, tenant):
     response = member_client.post(url)
     assert response.status_code == 302
     assert user_for(tenant, "b").pk == b.pk
-    assert MergeRecord.objects.get(pk=record.pk).undone_by == "ada"
+    assert MergeRecord.objects.get(pk=record.pk).undone_by == "user:ada"  # the actor, as the audit log names it
     page = member_client.get(f"/users/{a.pk}/").content.decode()
     assert "undone" in page and f'action="{url}"' not in page
 

@@ -110,6 +110,8 @@ def event_void_page(request, pk: int, event_id: int):
     return redirect(f"{reverse('dashboard:user', args=[user.pk])}#events")
 
 
+@require_POST
+@workspace_view
 def user_merge_undo(request, pk: int, merge_pk: int):
     """The merge history's Undo button: restore the absorbed user (refused while a later merge depends on it)."""
     try:
