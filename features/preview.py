@@ -1,0 +1,425 @@
+"""Rule preview: what a rule would map if it were created now. A selector: it writes nothing.
+
+The answer must equal what creating the rule then maps (``features.reprocessing``): the same
+events and the same amounts. Two ways to get it, held equal by
+tests/test_rule_preview_equivalence.py:
+
+- **Python** (every database): stream the candidate events in id order, a chunk at a time
+  (constant memory), and decide each with ``features.mapping.decide`` on the workspace's
+  rules plus the previewed rule, as the reprocessing job will. This is the definition.
+- **SQL** (PostgreSQL): the rule's conditions and amount translated to SQL, for the events
+  SQL can decide. Each row is classified three ways: decided matched, decided not matched,
+  or *unsure* (a shape the translation does not cover: a list on the path, a key with a
+  dot in it, a number beyond a float's range, a string that may parse as a number in ways
+  only Python knows...). Unsure rows go to the Python path. A condition that has no
+  translation at all (``equals`` an object, say) sends the whole rule to Python.
+
+Only events unmapped for ``no_matching_rule`` are decided in SQL: no active rule matched
+them, so the previewed rule alone decides them. Events unmapped for another reason (an
+invalid amount under an existing rule, say) can be held back by an existing rule's amount,
+so they always take the Python path, which decides with every rule. (An event left
+``no_matching_rule`` that an existing rule would now match — a rule re-activated while
+its job is still running — is the one case the SQL path does not re-decide.)
+"""
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Context, Decimal
+
+from django.db import connection
+
+from kana.models import Workspace
+
+from .mapping import RuleSet, decide, load_rule_set
+from .models import Event, EventStatus, UnmappedReason
+from .rules import CompiledRule, _number, _parts
+from .services import RuleDefinition, rule_definition_clean
+
+SAMPLE_SIZE = 20
+# Events decided in Python per query: each row holds one event's properties, so memory is
+# bounded by this many payloads whatever the workspace holds.
+PYTHON_CHUNK = 2000
+# The previewed rule is not saved: it has no id. Any id sorts it last, as the newest rule.
+_PREVIEW_RULE_ID = -1
+# Sums of amounts up to 10^21 with 9 decimals: more digits than Decimal's default 28.
+_SUM = Context(prec=60)
+
+
+@dataclass
+class Period:
+    start: datetime
+    end: datetime
+    matched: int = 0
+    amount: Decimal = Decimal(0)
+
+
+@dataclass
+class RulePreview:
+    matched_events: int = 0
+    amount_total: Decimal = Decimal(0)
+    users_affected: int = 0
+    by_period: list[Period] = field(default_factory=list)
+    sample: list[int] = field(default_factory=list)
+
+
+def rule_preview(*, workspace: Workspace, definition: RuleDefinition) -> RulePreview:
+    """What ``rule_create`` with ``definition`` would map among the stored unmapped events.
+
+    Raises FeatureError as ``rule_create`` does (the name may be blank here).
+    """
+    if not (definition.name or "").strip():
+        definition = RuleDefinition(**{**definition.__dict__, "name": "preview"})
+    feature, conditions = rule_definition_clean(workspace, definition)
+    if feature.archived_at is not None:
+        return RulePreview()  # rules of an archived feature map nothing (load_rule_set skips them)
+    rule = CompiledRule(
+        rule_id=_PREVIEW_RULE_ID,
+        feature_id=feature.pk,
+        event_name=(definition.event_name or "").strip() or None,
+        conditions=tuple(conditions),
+        amount_property=(definition.amount_property or "").strip() or None,
+    )
+    version = Workspace.objects.values_list("rules_version", flat=True).get(pk=workspace.pk)
+    current = load_rule_set(workspace.pk, version)
+    rule_set = RuleSet(
+        version=current.version,
+        feature_ids=current.feature_ids,
+        rules=current.rules + (rule,),
+        archived_keys=current.archived_keys,
+    )
+    tally = _Tally()
+    translated = _translate(rule) if connection.vendor == "postgresql" else None
+    if translated is None:
+        _decide_in_python(tally, rule_set, _candidate_chunks(workspace, rule))
+    else:
+        _decide_in_sql(tally, workspace, rule, rule_set, translated)
+    return tally.result()
+
+
+class _Tally:
+    def __init__(self):
+        self.matched = 0
+        self.amount = Decimal(0)
+        self.users: set[int] = set()
+        self.extra_user_count = 0  # users counted in SQL, not held here
+        self.months: dict[datetime, Period] = {}
+        self.sample: list[int] = []
+
+    def add(self, *, month: datetime, matched: int, amount: Decimal) -> None:
+        period = self.months.get(month)
+        if period is None:
+            period = self.months[month] = Period(start=month, end=_next_month(month))
+        period.matched += matched
+        period.amount = _SUM.add(period.amount, amount)
+        self.matched += matched
+        self.amount = _SUM.add(self.amount, amount)
+
+    def result(self) -> RulePreview:
+        return RulePreview(
+            matched_events=self.matched,
+            amount_total=self.amount,
+            users_affected=len(self.users) + self.extra_user_count,
+            by_period=[self.months[m] for m in sorted(self.months)],
+            sample=sorted(self.sample)[:SAMPLE_SIZE],
+        )
+
+
+def _month(moment: datetime) -> datetime:
+    moment = moment.astimezone(UTC)
+    return datetime(moment.year, moment.month, 1, tzinfo=UTC)
+
+
+def _next_month(month: datetime) -> datetime:
+    return datetime(month.year + month.month // 12, month.month % 12 + 1, 1, tzinfo=UTC)
+
+
+def _candidates(workspace: Workspace, rule: CompiledRule):
+    """The events the rule's reprocessing job scans (``reprocessing._candidate_events``)."""
+    events = Event.objects.for_workspace(workspace).filter(status=EventStatus.UNMAPPED)
+    if rule.event_name is not None:
+        events = events.filter(name=rule.event_name)
+    return events
+
+
+def _candidate_chunks(workspace: Workspace, rule: CompiledRule):
+    """(id, name, properties, user id, occurred_at) of every candidate, a chunk at a time in
+    id order (keyset: each chunk is a short query, memory is one chunk)."""
+    events = _candidates(workspace, rule)
+    cursor = 0
+    while True:
+        rows = list(
+            events.filter(id__gt=cursor)
+            .order_by("id")
+            .values_list("id", "name", "payload__properties", "user_id", "occurred_at")[:PYTHON_CHUNK]
+        )
+        yield rows
+        if len(rows) < PYTHON_CHUNK:
+            return
+        cursor = rows[-1][0]
+
+
+def _decide_in_python(tally: _Tally, rule_set: RuleSet, chunks) -> None:
+    """Decide events with the evaluator, as the rule's reprocessing job will."""
+    for rows in chunks:
+        for event_id, name, properties, user_id, occurred_at in rows:
+            decision = decide(rule_set, name, properties if isinstance(properties, dict) else {})
+            if decision.status != EventStatus.MAPPED:
+                continue
+            amounts = [amount for _f, amount, rule_id in decision.usages if rule_id == _PREVIEW_RULE_ID]
+            if not amounts:
+                continue
+            tally.add(month=_month(occurred_at), matched=1, amount=amounts[0])
+            if user_id is not None:
+                tally.users.add(user_id)
+            if len(tally.sample) < SAMPLE_SIZE:
+                tally.sample.append(event_id)
+
+
+# --- SQL (PostgreSQL) ----------------------------------------------------------------------
+#
+# Paths and values are written into the SQL as quoted literals (a rule's few values, from a
+# validated definition): the expressions repeat them many times. Every cast sits behind a
+# CASE that checks the JSON type first: SQL does not promise to evaluate AND left to right.
+
+_PROPS = "(CASE WHEN jsonb_typeof(e.payload -> 'properties') = 'object' THEN e.payload -> 'properties' END)"
+# A decimal string that float() and numeric read alike (no spaces, underscores, non-ASCII
+# digits, inf or nan: those are left to Python).
+_PLAIN_NUMBER = r"'^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})?$'"
+# Printable ASCII without a digit: never a finite number for float() nor Decimal().
+_NEVER_A_NUMBER = r"({t} ~ '^[ -~]*$' AND {t} !~ '[0-9]')"
+_COMPARISONS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
+
+
+def _literal(text: str) -> str:
+    """A quoted SQL string literal; % doubled for the driver's parameter syntax."""
+    return "'" + text.replace("'", "''").replace("%", "%%") + "'"
+
+
+def _path_literal(parts) -> str:
+    return "ARRAY[" + ", ".join(_literal(p) for p in parts) + "]::text[]" if parts else "ARRAY[]::text[]"
+
+
+@dataclass
+class _Value:
+    """SQL for the JSON value at a path (NULL: missing) and for "SQL cannot resolve it"."""
+
+    json: str
+    unsure: str
+
+    @property
+    def text(self) -> str:
+        return f"({self.json} #>> '{{}}')"
+
+    def typed(self, kind: str) -> str:
+        return f"(jsonb_typeof({self.json}) = '{kind}')"
+
+    @property
+    def plain_string(self) -> str:
+        return f"({self.typed('string')} AND length({self.text}) <= 60 AND {self.text} ~ {_PLAIN_NUMBER})"
+
+    @property
+    def numeric(self) -> str:
+        """Its value as numeric when a JSON number or a plain numeric string, else NULL."""
+        return (
+            f"(CASE WHEN {self.typed('number')} THEN ({self.json})::numeric"
+            f" WHEN {self.plain_string} THEN ({self.text})::numeric END)"
+        )
+
+
+def _path(parts: tuple[str, ...]) -> _Value:
+    """``resolve_path`` in SQL, sure only when every node on the way is an object (or the path
+    is missing) and no object on the way holds a dotted key the path could name."""
+    unsure = []
+    for level in range(len(parts)):
+        node = f"({_PROPS} #> {_path_literal(parts[:level])})" if level else _PROPS
+        unsure.append(f"jsonb_typeof({node}) = 'array'")
+        for cut in range(level + 2, len(parts) + 1):
+            key = _literal(".".join(parts[level:cut]))
+            unsure.append(f"(CASE WHEN jsonb_typeof({node}) = 'object' THEN {node} ? {key} ELSE false END)")
+    return _Value(json=f"({_PROPS} #> {_path_literal(parts)})", unsure="COALESCE(" + " OR ".join(unsure) + ", false)")
+
+
+def _in_float_range(n: str) -> str:
+    # float8 input fails beyond its range and on underflow: such numbers go to Python.
+    return f"(abs({n}) < 1e308 AND ({n} = 0 OR abs({n}) > 1e-300))"
+
+
+def _float(n: str) -> str:
+    """float(x) as Python reads the JSON number or string: correctly rounded (NULL if out of range)."""
+    return f"(CASE WHEN {_in_float_range(n)} THEN ({n})::float8 END)"
+
+
+def _equal(v: _Value, expected) -> tuple[str, str] | None:
+    """``rules._equal(actual, expected)`` for an actual that is no list: (holds, unsure)."""
+    if isinstance(expected, (str, bool)):
+        # Only a JSON string (boolean) equals a string (boolean): "1", true and 1 all differ.
+        return f"COALESCE({v.json} = {_literal(json.dumps(expected))}::jsonb, false)", "false"
+    if isinstance(expected, (int, float)):
+        number = _number(expected)
+        if number is None:
+            return None  # Python compares such numbers exactly (``actual == expected``)
+        n = f"(CASE WHEN {v.typed('number')} THEN ({v.json})::numeric END)"
+        holds = f"COALESCE({_float(n)} = {_literal(repr(number))}::float8, false)"
+        unsure = f"COALESCE(NOT {_in_float_range(n)}, false)"
+        return holds, unsure
+    return None  # objects and lists: left to Python
+
+
+def _condition(condition: dict) -> tuple[str, str] | None:
+    """``rules.condition_matches`` in SQL: (holds, unsure), None when it has no translation."""
+    op, expected = condition["operator"], condition.get("value")
+    v = _path(_parts(condition["property"]))
+    present = f"({v.json} IS NOT NULL AND jsonb_typeof({v.json}) <> 'null')"
+    if op == "exists":
+        return (present if expected is None or expected is True else f"(NOT {present})"), v.unsure
+    # A list at the leaf: _equal/_compare look into every element. Left to Python.
+    unsure = [v.unsure, f"COALESCE({v.typed('array')}, false)"]
+    if op in ("equals", "not_equals", "in"):
+        translated = [_equal(v, option) for option in (expected if op == "in" else [expected])]
+        if any(t is None for t in translated):
+            return None
+        holds = "(" + " OR ".join(["false"] + [t[0] for t in translated]) + ")"
+        unsure += [t[1] for t in translated]
+        if op == "not_equals":
+            holds = f"({v.json} IS NULL OR NOT {holds})"
+    elif op == "contains":
+        if isinstance(expected, str):
+            needle = _literal(expected)
+            holds = (
+                f"COALESCE(CASE WHEN {v.typed('string')} THEN strpos({v.text}, {needle}) > 0"
+                f" WHEN {v.typed('object')} THEN {v.json} ? {needle} ELSE false END, false)"
+            )
+        else:
+            holds = "false"  # a string or object never contains a non-string
+    elif op in _COMPARISONS:
+        # _number: JSON numbers and numeric strings; anything else compares false.
+        holds = f"COALESCE({_float(v.numeric)} {_COMPARISONS[op]} {_literal(repr(_number(expected)))}::float8, false)"
+        never = _NEVER_A_NUMBER.format(t=v.text)
+        unsure.append(
+            f"COALESCE(NOT {_in_float_range(v.numeric)}, false)"
+            f" OR COALESCE({v.typed('string')} AND NOT {v.plain_string} AND NOT {never}, false)"
+        )
+    else:
+        return None
+    return holds, "(" + " OR ".join(f"({u})" for u in unsure) + ")"
+
+
+def _amount(rule: CompiledRule) -> tuple[str, str]:
+    """``rule.read_amount`` in SQL: (the amount, NULL when invalid; unsure)."""
+    if rule.amount_property:
+        v = _path(_parts(rule.amount_property))
+        when_missing = "NULL"  # a missing amount property is not a number
+    else:
+        v = _Value(json=f"({_PROPS} -> 'delta')", unsure="false")
+        when_missing = "1"  # properties.get("delta", 1)
+    # A JSON number with a point is a float in Python, then str(): exact with at most 15
+    # significant digits. An integer stays an int: exact. Rounding to 9 decimals is left
+    # to Python (numeric rounds half away from zero, Decimal half even), and so are amounts
+    # near 10^21, where float rounding decides.
+    exact = (
+        f"({v.typed('number')} AND ({v.text} !~ '[.]'"
+        f" OR length(trim(both '0' from regexp_replace({v.text}, '[^0-9]', '', 'g'))) <= 15))"
+        f" OR {v.plain_string}"
+    )
+    n = v.numeric
+    amount = (
+        f"(CASE WHEN {v.json} IS NULL THEN {when_missing}"
+        f" WHEN ({exact}) AND round({n}, 9) = {n} AND abs({n}) < 1e20 THEN {n} END)"
+    )
+    invalid = (
+        f"COALESCE(({v.json} IS NULL AND {when_missing} IS NULL)"
+        f" OR jsonb_typeof({v.json}) IN ('null', 'boolean', 'object', 'array')"
+        f" OR abs({n}) >= 1e21"
+        f" OR ({v.typed('string')} AND NOT {v.plain_string} AND {_NEVER_A_NUMBER.format(t=v.text)}), false)"
+    )
+    unsure = f"({v.unsure} OR NOT ({amount} IS NOT NULL OR {invalid}))"
+    return amount, unsure
+
+
+@dataclass
+class _Translation:
+    matched: str  # every condition holds, and no featureId takes the event elsewhere
+    unsure: str  # SQL cannot decide the row
+    amount: str  # the amount, NULL when invalid
+
+
+def _translate(rule: CompiledRule) -> _Translation | None:
+    parts = [_condition(c) for c in rule.conditions]
+    if any(p is None for p in parts):
+        return None
+    # decide() maps an event with a featureId (not null, not "") by it, never by rules.
+    feature_id = f"({_PROPS} -> 'featureId')"
+    no_feature_id = f"({feature_id} IS NULL OR {feature_id} IN ('null'::jsonb, '\"\"'::jsonb))"
+    matched = " AND ".join([no_feature_id] + [f"({p[0]})" for p in parts])
+    amount, amount_unsure = _amount(rule)
+    conditions_unsure = " OR ".join(["false"] + [f"({p[1]})" for p in parts])
+    # The amount is read only when the conditions hold.
+    unsure = f"(({conditions_unsure}) OR (({matched}) AND {amount_unsure}))"
+    return _Translation(matched=matched, unsure=unsure, amount=amount)
+
+
+def _decide_in_sql(tally: _Tally, workspace: Workspace, rule: CompiledRule, rule_set: RuleSet, t: _Translation) -> None:
+    table = connection.ops.quote_name(Event._meta.db_table)
+    where, params = ["e.workspace_id = %s", "e.status = %s"], [workspace.pk, EventStatus.UNMAPPED]
+    if rule.event_name is not None:
+        where.append("e.name = %s")
+        params.append(rule.event_name)
+    scan = f"FROM {table} e WHERE {' AND '.join(where)}"
+    sure = f"(e.unmapped_reason = {_literal(UnmappedReason.NO_MATCHING_RULE)} AND NOT {t.unsure})"
+    hit = f"(CASE WHEN {sure} AND {t.matched} THEN {t.amount} END)"
+    month = "date_trunc('month', occurred_at AT TIME ZONE 'UTC')"
+    # One pass: per month, and over all months the distinct users and the rows left to Python.
+    query = f"""
+        WITH c AS (SELECT e.id, e.user_id, e.occurred_at, {sure} AS sure, {hit} AS amount {scan})
+        SELECT {month}, count(amount), sum(amount), count(DISTINCT user_id) FILTER (WHERE amount IS NOT NULL),
+               count(*) FILTER (WHERE NOT sure), GROUPING({month})
+        FROM c GROUP BY GROUPING SETS (({month}), ())
+    """
+    left_to_python = 0
+    with connection.cursor() as cursor:
+        cursor.execute(query, params)
+        for start, matched, amount, users, unsure, total_row in cursor.fetchall():
+            if total_row:
+                tally.extra_user_count, left_to_python = users, unsure
+            elif matched:
+                tally.add(month=start.replace(tzinfo=UTC), matched=matched, amount=amount)
+        if tally.matched:
+            cursor.execute(f"SELECT e.id {scan} AND {hit} IS NOT NULL ORDER BY e.id LIMIT {SAMPLE_SIZE}", params)
+            tally.sample = [row[0] for row in cursor.fetchall()]
+    if not left_to_python:
+        return
+    python = _Tally()
+    _decide_in_python(python, rule_set, _unsure_chunks(scan, sure, params))
+    for start, period in python.months.items():
+        tally.add(month=start, matched=period.matched, amount=period.amount)
+    tally.sample = sorted(tally.sample + python.sample)[:SAMPLE_SIZE]
+    if python.users:
+        # A user counted in SQL and found again in Python counts once.
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"SELECT count(*) FROM unnest(%s::bigint[]) u(id)"
+                f" WHERE NOT EXISTS (SELECT 1 {scan} AND {hit} IS NOT NULL AND e.user_id = u.id)",
+                [sorted(python.users), *params],
+            )
+            tally.extra_user_count += cursor.fetchone()[0]
+
+
+def _unsure_chunks(scan: str, sure: str, params: list):
+    """The candidates SQL could not decide, a chunk at a time in id order."""
+    cursor_id = 0
+    with connection.cursor() as cursor:
+        while True:
+            cursor.execute(
+                f"SELECT e.id, e.name, e.payload -> 'properties', e.user_id, e.occurred_at {scan}"
+                f" AND NOT {sure} AND e.id > %s ORDER BY e.id LIMIT {PYTHON_CHUNK}",
+                [*params, cursor_id],
+            )
+            rows = [
+                (event_id, name, json.loads(props) if isinstance(props, str) else props, user_id, occurred_at)
+                for event_id, name, props, user_id, occurred_at in cursor.fetchall()
+            ]
+            yield rows
+            if len(rows) < PYTHON_CHUNK:
+                return
+            cursor_id = rows[-1][0]
