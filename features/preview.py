@@ -37,6 +37,8 @@ from .rules import CompiledRule, _number, _parts
 from .services import RuleDefinition, rule_definition_clean
 
 SAMPLE_SIZE = 20
+# Candidates read per query while looking for the sample (in id order, until 20 hits).
+SAMPLE_WINDOW = 20000
 # Events decided in Python per query: each row holds one event's properties, so memory is
 # bounded by this many payloads whatever the workspace holds.
 PYTHON_CHUNK = 2000
@@ -179,16 +181,18 @@ def _decide_in_python(tally: _Tally, rule_set: RuleSet, chunks) -> None:
 # --- SQL (PostgreSQL) ----------------------------------------------------------------------
 #
 # Paths and values are written into the SQL as quoted literals (a rule's few values, from a
-# validated definition): the expressions repeat them many times. Every cast sits behind a
-# CASE that checks the JSON type first: SQL does not promise to evaluate AND left to right.
+# validated definition). Each value a rule reads is computed once per row, in layers of
+# subqueries fenced with OFFSET 0 (so the planner does not fold them back into copies):
+# properties -> the JSON value at each path -> its type and text -> its numeric -> its float.
+# Every cast sits behind a CASE that checks the type first: SQL does not promise to
+# evaluate AND left to right.
 
 _PROPS = "(CASE WHEN jsonb_typeof(e.payload -> 'properties') = 'object' THEN e.payload -> 'properties' END)"
 # A decimal string that float() and numeric read alike (no spaces, underscores, non-ASCII
 # digits, inf or nan: those are left to Python).
 _PLAIN_NUMBER = r"'^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})?$'"
-# Printable ASCII without a digit: never a finite number for float() nor Decimal().
-_NEVER_A_NUMBER = r"({t} ~ '^[ -~]*$' AND {t} !~ '[0-9]')"
 _COMPARISONS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
+_LAYERS = 5
 
 
 def _literal(text: str) -> str:
@@ -197,57 +201,84 @@ def _literal(text: str) -> str:
 
 
 def _path_literal(parts) -> str:
-    return "ARRAY[" + ", ".join(_literal(p) for p in parts) + "]::text[]" if parts else "ARRAY[]::text[]"
+    return "ARRAY[" + ", ".join(_literal(p) for p in parts) + "]::text[]"
+
+
+class _Columns:
+    """Expressions computed once per row, layer by layer; each named by an alias."""
+
+    def __init__(self):
+        self.layers: list[dict[str, str]] = [{} for _ in range(_LAYERS)]
+
+    def add(self, layer: int, expression: str) -> str:
+        known = self.layers[layer]
+        if expression not in known:
+            known[expression] = f"c{layer}_{len(known)}"
+        return known[expression]
+
+    def rows(self, where: str, *, keep_properties: bool = False) -> str:
+        """FROM-able SQL: the candidates with every column, ``r.`` in the outer query.
+
+        The properties (the wide column) are dropped after the paths are read from them,
+        unless ``keep_properties``: every layer copies its rows.
+        """
+        sql = f"SELECT e.id, e.name, e.user_id, e.occurred_at, e.unmapped_reason, {_PROPS} AS p {where} OFFSET 0"
+        for layer in range(_LAYERS):
+            if layer:
+                kept = f"l{layer}.*"
+            else:
+                kept = "l0.id, l0.name, l0.user_id, l0.occurred_at, l0.unmapped_reason" + (
+                    ", l0.p" if keep_properties else ""
+                )
+            columns = "".join(f", {expr} AS {alias}" for expr, alias in self.layers[layer].items())
+            sql = f"SELECT {kept}{columns} FROM ({sql}) l{layer} OFFSET 0"
+        return f"({sql}) r"
 
 
 @dataclass
 class _Value:
-    """SQL for the JSON value at a path (NULL: missing) and for "SQL cannot resolve it"."""
+    """The JSON value at a path (NULL: missing), as columns; ``unsure``: SQL cannot resolve it."""
 
     json: str
+    kind: str
+    text: str
+    plain_string: str
+    numeric: str
+    float: str
     unsure: str
 
-    @property
-    def text(self) -> str:
-        return f"({self.json} #>> '{{}}')"
-
     def typed(self, kind: str) -> str:
-        return f"(jsonb_typeof({self.json}) = '{kind}')"
-
-    @property
-    def plain_string(self) -> str:
-        return f"({self.typed('string')} AND length({self.text}) <= 60 AND {self.text} ~ {_PLAIN_NUMBER})"
-
-    @property
-    def numeric(self) -> str:
-        """Its value as numeric when a JSON number or a plain numeric string, else NULL."""
-        return (
-            f"(CASE WHEN {self.typed('number')} THEN ({self.json})::numeric"
-            f" WHEN {self.plain_string} THEN ({self.text})::numeric END)"
-        )
+        return f"({self.kind} = '{kind}')"
 
 
-def _path(parts: tuple[str, ...]) -> _Value:
+def _value(columns: _Columns, json_expression: str, unsure: str) -> _Value:
+    v = columns.add(0, json_expression)
+    kind = columns.add(1, f"jsonb_typeof({v})")
+    text = columns.add(1, f"({v} #>> '{{}}')")
+    plain = columns.add(2, f"({kind} = 'string' AND length({text}) <= 60 AND {text} ~ {_PLAIN_NUMBER})")
+    # Its value as numeric when a JSON number or a plain numeric string, else NULL.
+    numeric = columns.add(
+        3, f"(CASE WHEN {kind} = 'number' THEN ({v})::numeric WHEN {plain} THEN ({text})::numeric END)"
+    )
+    # float(x) as Python reads it: correctly rounded; NULL beyond float8's range (whose
+    # input fails there and on underflow: such numbers are left to Python).
+    in_range = f"(abs({numeric}) < 1e308 AND ({numeric} = 0 OR abs({numeric}) > 1e-300))"
+    as_float = columns.add(4, f"(CASE WHEN {in_range} THEN ({numeric})::float8 END)")
+    return _Value(v, kind, text, plain, numeric, as_float, unsure)
+
+
+def _path(columns: _Columns, parts: tuple[str, ...]) -> _Value:
     """``resolve_path`` in SQL, sure only when every node on the way is an object (or the path
     is missing) and no object on the way holds a dotted key the path could name."""
     unsure = []
     for level in range(len(parts)):
-        node = f"({_PROPS} #> {_path_literal(parts[:level])})" if level else _PROPS
+        node = f"(p #> {_path_literal(parts[:level])})" if level else "p"
         unsure.append(f"jsonb_typeof({node}) = 'array'")
         for cut in range(level + 2, len(parts) + 1):
             key = _literal(".".join(parts[level:cut]))
             unsure.append(f"(CASE WHEN jsonb_typeof({node}) = 'object' THEN {node} ? {key} ELSE false END)")
-    return _Value(json=f"({_PROPS} #> {_path_literal(parts)})", unsure="COALESCE(" + " OR ".join(unsure) + ", false)")
-
-
-def _in_float_range(n: str) -> str:
-    # float8 input fails beyond its range and on underflow: such numbers go to Python.
-    return f"(abs({n}) < 1e308 AND ({n} = 0 OR abs({n}) > 1e-300))"
-
-
-def _float(n: str) -> str:
-    """float(x) as Python reads the JSON number or string: correctly rounded (NULL if out of range)."""
-    return f"(CASE WHEN {_in_float_range(n)} THEN ({n})::float8 END)"
+    unsure_column = columns.add(0, "COALESCE(" + " OR ".join(unsure) + ", false)")
+    return _value(columns, f"(p #> {_path_literal(parts)})", unsure_column)
 
 
 def _equal(v: _Value, expected) -> tuple[str, str] | None:
@@ -259,18 +290,17 @@ def _equal(v: _Value, expected) -> tuple[str, str] | None:
         number = _number(expected)
         if number is None:
             return None  # Python compares such numbers exactly (``actual == expected``)
-        n = f"(CASE WHEN {v.typed('number')} THEN ({v.json})::numeric END)"
-        holds = f"COALESCE({_float(n)} = {_literal(repr(number))}::float8, false)"
-        unsure = f"COALESCE(NOT {_in_float_range(n)}, false)"
+        holds = f"COALESCE({v.typed('number')} AND {v.float} = {_literal(repr(number))}::float8, false)"
+        unsure = f"COALESCE({v.typed('number')} AND {v.float} IS NULL, false)"
         return holds, unsure
     return None  # objects and lists: left to Python
 
 
-def _condition(condition: dict) -> tuple[str, str] | None:
+def _condition(columns: _Columns, condition: dict) -> tuple[str, str] | None:
     """``rules.condition_matches`` in SQL: (holds, unsure), None when it has no translation."""
     op, expected = condition["operator"], condition.get("value")
-    v = _path(_parts(condition["property"]))
-    present = f"({v.json} IS NOT NULL AND jsonb_typeof({v.json}) <> 'null')"
+    v = _path(columns, _parts(condition["property"]))
+    present = f"({v.json} IS NOT NULL AND {v.kind} <> 'null')"
     if op == "exists":
         return (present if expected is None or expected is True else f"(NOT {present})"), v.unsure
     # A list at the leaf: _equal/_compare look into every element. Left to Python.
@@ -294,24 +324,28 @@ def _condition(condition: dict) -> tuple[str, str] | None:
             holds = "false"  # a string or object never contains a non-string
     elif op in _COMPARISONS:
         # _number: JSON numbers and numeric strings; anything else compares false.
-        holds = f"COALESCE({_float(v.numeric)} {_COMPARISONS[op]} {_literal(repr(_number(expected)))}::float8, false)"
-        never = _NEVER_A_NUMBER.format(t=v.text)
+        holds = f"COALESCE({v.float} {_COMPARISONS[op]} {_literal(repr(_number(expected)))}::float8, false)"
         unsure.append(
-            f"COALESCE(NOT {_in_float_range(v.numeric)}, false)"
-            f" OR COALESCE({v.typed('string')} AND NOT {v.plain_string} AND NOT {never}, false)"
+            f"COALESCE({v.numeric} IS NOT NULL AND {v.float} IS NULL, false)"
+            f" OR COALESCE({v.typed('string')} AND NOT {v.plain_string} AND NOT {_never_a_number(v)}, false)"
         )
     else:
         return None
     return holds, "(" + " OR ".join(f"({u})" for u in unsure) + ")"
 
 
-def _amount(rule: CompiledRule) -> tuple[str, str]:
+def _never_a_number(v: _Value) -> str:
+    """Printable ASCII without a digit: never a finite number for float() nor Decimal()."""
+    return f"({v.text} ~ '^[ -~]*$' AND {v.text} !~ '[0-9]')"
+
+
+def _amount(columns: _Columns, rule: CompiledRule) -> tuple[str, str]:
     """``rule.read_amount`` in SQL: (the amount, NULL when invalid; unsure)."""
     if rule.amount_property:
-        v = _path(_parts(rule.amount_property))
+        v = _path(columns, _parts(rule.amount_property))
         when_missing = "NULL"  # a missing amount property is not a number
     else:
-        v = _Value(json=f"({_PROPS} -> 'delta')", unsure="false")
+        v = _value(columns, "(p -> 'delta')", "false")
         when_missing = "1"  # properties.get("delta", 1)
     # A JSON number with a point is a float in Python, then str(): exact with at most 15
     # significant digits. An integer stays an int: exact. Rounding to 9 decimals is left
@@ -329,9 +363,9 @@ def _amount(rule: CompiledRule) -> tuple[str, str]:
     )
     invalid = (
         f"COALESCE(({v.json} IS NULL AND {when_missing} IS NULL)"
-        f" OR jsonb_typeof({v.json}) IN ('null', 'boolean', 'object', 'array')"
+        f" OR {v.kind} IN ('null', 'boolean', 'object', 'array')"
         f" OR abs({n}) >= 1e21"
-        f" OR ({v.typed('string')} AND NOT {v.plain_string} AND {_NEVER_A_NUMBER.format(t=v.text)}), false)"
+        f" OR ({v.typed('string')} AND NOT {v.plain_string} AND {_never_a_number(v)}), false)"
     )
     unsure = f"({v.unsure} OR NOT ({amount} IS NOT NULL OR {invalid}))"
     return amount, unsure
@@ -339,24 +373,26 @@ def _amount(rule: CompiledRule) -> tuple[str, str]:
 
 @dataclass
 class _Translation:
+    columns: _Columns
     matched: str  # every condition holds, and no featureId takes the event elsewhere
     unsure: str  # SQL cannot decide the row
     amount: str  # the amount, NULL when invalid
 
 
 def _translate(rule: CompiledRule) -> _Translation | None:
-    parts = [_condition(c) for c in rule.conditions]
+    columns = _Columns()
+    parts = [_condition(columns, c) for c in rule.conditions]
     if any(p is None for p in parts):
         return None
     # decide() maps an event with a featureId (not null, not "") by it, never by rules.
-    feature_id = f"({_PROPS} -> 'featureId')"
+    feature_id = columns.add(0, "(p -> 'featureId')")
     no_feature_id = f"({feature_id} IS NULL OR {feature_id} IN ('null'::jsonb, '\"\"'::jsonb))"
     matched = " AND ".join([no_feature_id] + [f"({p[0]})" for p in parts])
-    amount, amount_unsure = _amount(rule)
+    amount, amount_unsure = _amount(columns, rule)
     conditions_unsure = " OR ".join(["false"] + [f"({p[1]})" for p in parts])
     # The amount is read only when the conditions hold.
     unsure = f"(({conditions_unsure}) OR (({matched}) AND {amount_unsure}))"
-    return _Translation(matched=matched, unsure=unsure, amount=amount)
+    return _Translation(columns=columns, matched=matched, unsure=unsure, amount=amount)
 
 
 def _decide_in_sql(tally: _Tally, workspace: Workspace, rule: CompiledRule, rule_set: RuleSet, t: _Translation) -> None:
@@ -366,12 +402,13 @@ def _decide_in_sql(tally: _Tally, workspace: Workspace, rule: CompiledRule, rule
         where.append("e.name = %s")
         params.append(rule.event_name)
     scan = f"FROM {table} e WHERE {' AND '.join(where)}"
-    sure = f"(e.unmapped_reason = {_literal(UnmappedReason.NO_MATCHING_RULE)} AND NOT {t.unsure})"
+    rows = t.columns.rows(scan)
+    sure = f"(r.unmapped_reason = {_literal(UnmappedReason.NO_MATCHING_RULE)} AND NOT {t.unsure})"
     hit = f"(CASE WHEN {sure} AND {t.matched} THEN {t.amount} END)"
     month = "date_trunc('month', occurred_at AT TIME ZONE 'UTC')"
     # One pass: per month, and over all months the distinct users and the rows left to Python.
     query = f"""
-        WITH c AS (SELECT e.id, e.user_id, e.occurred_at, {sure} AS sure, {hit} AS amount {scan})
+        WITH c AS (SELECT r.id, r.user_id, r.occurred_at, {sure} AS sure, {hit} AS amount FROM {rows})
         SELECT {month}, count(amount), sum(amount), count(DISTINCT user_id) FILTER (WHERE amount IS NOT NULL),
                count(*) FILTER (WHERE NOT sure), GROUPING({month})
         FROM c GROUP BY GROUPING SETS (({month}), ())
@@ -384,13 +421,12 @@ def _decide_in_sql(tally: _Tally, workspace: Workspace, rule: CompiledRule, rule
                 tally.extra_user_count, left_to_python = users, unsure
             elif matched:
                 tally.add(month=start.replace(tzinfo=UTC), matched=matched, amount=amount)
-        if tally.matched:
-            cursor.execute(f"SELECT e.id {scan} AND {hit} IS NOT NULL ORDER BY e.id LIMIT {SAMPLE_SIZE}", params)
-            tally.sample = [row[0] for row in cursor.fetchall()]
+    if tally.matched:
+        tally.sample = _sample(t.columns, scan, hit, params)
     if not left_to_python:
         return
     python = _Tally()
-    _decide_in_python(python, rule_set, _unsure_chunks(scan, sure, params))
+    _decide_in_python(python, rule_set, _unsure_chunks(t.columns, scan, sure, params))
     for start, period in python.months.items():
         tally.add(month=start, matched=period.matched, amount=period.amount)
     tally.sample = sorted(tally.sample + python.sample)[:SAMPLE_SIZE]
@@ -398,28 +434,44 @@ def _decide_in_sql(tally: _Tally, workspace: Workspace, rule: CompiledRule, rule
         # A user counted in SQL and found again in Python counts once.
         with connection.cursor() as cursor:
             cursor.execute(
-                f"SELECT count(*) FROM unnest(%s::bigint[]) u(id)"
-                f" WHERE NOT EXISTS (SELECT 1 {scan} AND {hit} IS NOT NULL AND e.user_id = u.id)",
+                f"SELECT count(*) FROM unnest(%s::bigint[]) u(id) WHERE u.id NOT IN"
+                f" (SELECT r.user_id FROM {rows} WHERE {hit} IS NOT NULL AND r.user_id IS NOT NULL)",
                 [sorted(python.users), *params],
             )
             tally.extra_user_count += cursor.fetchone()[0]
 
 
-def _unsure_chunks(scan: str, sure: str, params: list):
-    """The candidates SQL could not decide, a chunk at a time in id order."""
+def _windows(columns: _Columns, scan: str, params: list, select: str, *, size: int, keep_properties=False):
+    """``select`` over the candidates in id order, a window of ``size`` candidates at a time:
+    each window is an index range scan, so a caller that stops early reads little."""
     cursor_id = 0
     with connection.cursor() as cursor:
         while True:
-            cursor.execute(
-                f"SELECT e.id, e.name, e.payload -> 'properties', e.user_id, e.occurred_at {scan}"
-                f" AND NOT {sure} AND e.id > %s ORDER BY e.id LIMIT {PYTHON_CHUNK}",
-                [*params, cursor_id],
-            )
-            rows = [
-                (event_id, name, json.loads(props) if isinstance(props, str) else props, user_id, occurred_at)
-                for event_id, name, props, user_id, occurred_at in cursor.fetchall()
-            ]
-            yield rows
-            if len(rows) < PYTHON_CHUNK:
+            rows = columns.rows(f"{scan} AND e.id > %s ORDER BY e.id LIMIT {size}", keep_properties=keep_properties)
+            cursor.execute(f"SELECT r.id, {select} FROM {rows} ORDER BY r.id", [*params, cursor_id])
+            fetched = cursor.fetchall()
+            yield fetched
+            if len(fetched) < size:
                 return
-            cursor_id = rows[-1][0]
+            cursor_id = fetched[-1][0]
+
+
+def _sample(columns: _Columns, scan: str, hit: str, params: list) -> list[int]:
+    """The first SAMPLE_SIZE hits by id: windows in id order until there are enough."""
+    sample = []
+    for window in _windows(columns, scan, params, f"{hit} IS NOT NULL", size=SAMPLE_WINDOW):
+        sample += [event_id for event_id, is_hit in window if is_hit]
+        if len(sample) >= SAMPLE_SIZE:
+            break
+    return sample[:SAMPLE_SIZE]
+
+
+def _unsure_chunks(columns: _Columns, scan: str, sure: str, params: list):
+    """The candidates SQL could not decide (with their properties), a window at a time."""
+    select = f"r.name, r.user_id, r.occurred_at, CASE WHEN NOT {sure} THEN COALESCE(r.p, '{{}}'::jsonb) END"
+    for window in _windows(columns, scan, params, select, size=PYTHON_CHUNK, keep_properties=True):
+        yield [
+            (event_id, name, json.loads(props) if isinstance(props, str) else props, user_id, occurred_at)
+            for event_id, name, user_id, occurred_at, props in window
+            if props is not None
+        ]

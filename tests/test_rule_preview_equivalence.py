@@ -195,8 +195,11 @@ def _plain_summary(preview):
 @pytest.mark.usefixtures("tasks_in_process")
 @pytest.mark.parametrize(("event", "conditions", "amount_property"), RULES)
 def test_preview_equals_what_creating_the_rule_maps(
-    tenant, other_tenant, django_capture_on_commit_callbacks, event, conditions, amount_property
+    tenant, other_tenant, django_capture_on_commit_callbacks, monkeypatch, event, conditions, amount_property
 ):
+    # Small windows: the sample and the Python fallback walk many of them.
+    monkeypatch.setattr(preview_module, "PYTHON_CHUNK", 7)
+    monkeypatch.setattr(preview_module, "SAMPLE_WINDOW", 5)
     store_corpus(tenant.workspace, other_workspace=other_tenant.workspace)
     _existing_rule(tenant.workspace, django_capture_on_commit_callbacks)
     preview = rule_preview(workspace=tenant.workspace, definition=_definition(event, conditions, amount_property))
