@@ -17,9 +17,10 @@ tests/test_rule_preview_equivalence.py:
 Only events unmapped for ``no_matching_rule`` are decided in SQL: no active rule matched
 them, so the previewed rule alone decides them. Events unmapped for another reason (an
 invalid amount under an existing rule, say) can be held back by an existing rule's amount,
-so they always take the Python path, which decides with every rule. (An event left
-``no_matching_rule`` that an existing rule would now match — a rule re-activated while
-its job is still running — is the one case the SQL path does not re-decide.)
+so they always take the Python path, which decides with every rule. "No active rule
+matches a no_matching_rule event" holds once every active rule's reprocessing job is done
+(a new, redefined or re-activated rule starts one); while one is not, the stored events
+may still match it, and the whole preview is decided in Python.
 """
 
 import json
@@ -29,10 +30,11 @@ from decimal import Context, Decimal
 
 from django.db import connection
 
+from kana.jobs import JobStatus
 from kana.models import Workspace
 
 from .mapping import RuleSet, decide, load_rule_set
-from .models import Event, EventStatus, UnmappedReason
+from .models import Event, EventStatus, ReprocessingJob, UnmappedReason
 from .rules import CompiledRule, _number, _parts
 from .services import RuleDefinition, rule_definition_clean
 
@@ -91,12 +93,20 @@ def rule_preview(*, workspace: Workspace, definition: RuleDefinition) -> RulePre
         archived_keys=current.archived_keys,
     )
     tally = _Tally()
-    translated = _translate(rule) if connection.vendor == "postgresql" else None
+    translated = None
+    if connection.vendor == "postgresql" and not _rules_being_applied(workspace):
+        translated = _translate(rule)
     if translated is None:
         _decide_in_python(tally, rule_set, _candidate_chunks(workspace, rule))
     else:
         _decide_in_sql(tally, workspace, rule, rule_set, translated)
     return tally.result()
+
+
+def _rules_being_applied(workspace: Workspace) -> bool:
+    """Whether an active rule's reprocessing job is not done (queued, running or failed)."""
+    jobs = ReprocessingJob.objects.for_workspace(workspace).filter(rule__active=True)
+    return jobs.exclude(status=JobStatus.DONE).exists()
 
 
 class _Tally:

@@ -16,7 +16,7 @@ from kana.models import Workspace
 from tests.api_support import ApiClient, assert_error
 from tests.conftest import requires_postgres
 from tests.test_dashboard_pages import _rule_post
-from tests.usage_support import T0, make_feature, make_user, store_unmapped_events
+from tests.usage_support import T0, make_feature, make_rule, make_user, store_unmapped_events
 
 PRO_EXPORTS = {
     "feature": "exports",
@@ -157,6 +157,21 @@ def test_simple_rules_are_decided_in_sql_alone(exports, monkeypatch):
     assert api.post("rules/preview", PRO_EXPORTS).json()["matched_events"] == 5
     compare = {"feature": "exports", "conditions": [{"property": "delta", "operator": "gte", "value": 2}]}
     assert api.post("rules/preview", compare).json()["matched_events"] == 3
+
+
+@requires_postgres
+def test_while_a_rules_job_is_not_done_the_evaluator_decides(exports, monkeypatch):
+    """Stored no_matching_rule events may still match a rule whose job has not run: an older
+    rule with an invalid amount for them would hold the event back, as reprocessing will."""
+    make_feature(exports.workspace, "pages")
+    # Created with its job queued (no worker here): its events are not reprocessed yet.
+    make_rule(exports.workspace, "pages", event="Report Exported", amount_property="missing")
+    assert ReprocessingJob.objects.for_workspace(exports.workspace).filter(status="queued").exists()
+    decided_in_sql = []
+    monkeypatch.setattr(preview_module, "_decide_in_sql", lambda *args: decided_in_sql.append(args))
+    body = ApiClient(exports).post("rules/preview", PRO_EXPORTS).json()
+    assert decided_in_sql == []
+    assert body["matched_events"] == 0  # the older rule's missing amount leaves them unmapped
 
 
 def test_the_schema_documents_it(tenant):

@@ -274,7 +274,9 @@ def test_random_rules_preview_as_the_evaluator_decides(
 
 
 @pytest.fixture
-def corpus_workspace(tenant, other_tenant, django_capture_on_commit_callbacks):
+def corpus_workspace(tenant, other_tenant, django_capture_on_commit_callbacks, tasks_in_process):
     store_corpus(tenant.workspace, other_workspace=other_tenant.workspace)
     _existing_rule(tenant.workspace, django_capture_on_commit_callbacks)
+    # Its job done, so the SQL path is the one compared with the evaluator (on PostgreSQL).
+    assert not preview_module._rules_being_applied(tenant.workspace)
     return tenant.workspace
