@@ -277,6 +277,27 @@ class RuleSerializer(serializers.Serializer):
         return body
 
 
+class RulePreviewRequestSerializer(RuleSerializer):
+    """A rule's body as for creating it; the name may be left out."""
+
+    name = StrictCharField(max_length=255, required=False, allow_blank=True, default="")
+
+
+class PreviewPeriodSerializer(serializers.Serializer):
+    start = serializers.DateTimeField(help_text="First instant of the month (UTC).")
+    end = serializers.DateTimeField(help_text="First instant of the next month.")
+    matched = serializers.IntegerField()
+    amount = _Total()
+
+
+class RulePreviewSerializer(serializers.Serializer):
+    matched_events = serializers.IntegerField(help_text="Stored unmapped events the rule would map.")
+    amount_total = _Total(help_text="Sum of the amounts it would record.")
+    users_affected = serializers.IntegerField()
+    by_period = PreviewPeriodSerializer(many=True, help_text="Per month of occurred_at.")
+    sample = serializers.ListField(child=serializers.IntegerField(), help_text="Up to 20 event ids, lowest first.")
+
+
 # --- Events -----------------------------------------------------------------------------
 
 

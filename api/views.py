@@ -9,6 +9,7 @@ from rest_framework.response import Response
 from features import selectors as feature_selectors
 from features.corrections import event_void
 from features.models import Event, Feature, MappingRule, Usage
+from features.preview import rule_preview
 from features.services import (
     RuleDefinition,
     feature_create,
@@ -389,6 +390,48 @@ class RuleViewSet(
 
     def perform_destroy(self, rule):
         rule_delete(workspace=self.workspace, rule=rule, actor=self.actor)
+
+    @extend_schema(
+        summary="Preview a rule: what it would map if created now",
+        description=(
+            "Takes a rule's body (as for creating one; `name` optional) and writes nothing. Answers how many "
+            "stored unmapped events the rule would map, the amount, the users, a monthly breakdown and a sample "
+            "of event ids: exactly what creating the rule would then map."
+        ),
+        request=s.RulePreviewRequestSerializer,
+        responses=s.RulePreviewSerializer,
+        examples=[
+            OpenApiExample("Pro exports", value={**RULE_REQUEST, "name": ""}, request_only=True),
+            OpenApiExample(
+                "Preview",
+                value={
+                    "matched_events": 312,
+                    "amount_total": 312,
+                    "users_affected": 41,
+                    "by_period": [
+                        {"start": "2025-01-01T00:00:00Z", "end": "2025-02-01T00:00:00Z", "matched": 200, "amount": 200},
+                        {"start": "2025-02-01T00:00:00Z", "end": "2025-03-01T00:00:00Z", "matched": 112, "amount": 112},
+                    ],
+                    "sample": [1201, 1207, 1300],
+                },
+                response_only=True,
+            ),
+        ],
+    )
+    @action(detail=False, methods=["post"])
+    def preview(self, request):
+        body = self.body(s.RulePreviewRequestSerializer)
+        preview = rule_preview(
+            workspace=self.workspace,
+            definition=RuleDefinition(
+                name=body.get("name") or "",
+                feature_key=body["feature"]["key"],
+                event_name=body.get("event_name"),
+                conditions=body.get("conditions"),
+                amount_property=body.get("amount_property"),
+            ),
+        )
+        return Response(s.RulePreviewSerializer(preview).data)
 
 
 # --- Events, usage, merges ---------------------------------------------------------------

@@ -23,6 +23,7 @@ urlpatterns = [
     path("features/", rules.features, name="features"),
     path("rules/", rules.rules, name="rules"),
     path("rules/new/", rules.rule_new, name="rule_new"),
+    path("rules/preview/", rules.rule_preview, name="rule_preview"),
     path("rules/<int:pk>/progress/", rules.rule_progress, name="rule_progress"),
     path("rules/<int:pk>/active/", rules.rule_toggle, name="rule_toggle"),
     path("unmapped/", rules.unmapped, name="unmapped"),

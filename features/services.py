@@ -162,6 +162,12 @@ def _clean_definition(workspace: Workspace, definition: RuleDefinition) -> tuple
     return feature, conditions
 
 
+def rule_definition_clean(workspace: Workspace, definition: RuleDefinition) -> tuple[Feature, list[dict]]:
+    """The rule's feature and cleaned conditions, as ``rule_create`` would save them; raises
+    FeatureError as it does (rule preview validates with it)."""
+    return _clean_definition(workspace, definition)
+
+
 def rule_create(*, workspace: Workspace, definition: RuleDefinition, actor: str = "") -> MappingRule:
     """Create a rule and reprocess the workspace's stored unmapped events against it."""
     feature, conditions = _clean_definition(workspace, definition)

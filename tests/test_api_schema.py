@@ -31,6 +31,7 @@ ENDPOINTS = {
     "/api/v1/features/{id}",
     "/api/v1/rules",
     "/api/v1/rules/{id}",
+    "/api/v1/rules/preview",
     "/api/v1/events",
     "/api/v1/events/{id}",
     "/api/v1/events/unmapped/summary",
@@ -109,7 +110,7 @@ CHECKS = [
     response_headers_conformance,
     response_schema_conformance,
 ]
-# Per operation, valid and invalid requests mixed: 32 operations, under 300 requests in all.
+# Per operation, valid and invalid requests mixed: 33 operations, under 300 requests in all.
 # Generating the requests costs more than answering them; this keeps the run to seconds.
 EXAMPLES_PER_OPERATION = 8
 

@@ -11,6 +11,7 @@ from django.utils.http import urlencode
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from features.models import Feature, MappingRule, UnmappedReason
+from features.preview import rule_preview as preview_rule
 from features.selectors import reprocessing_by_rule, reprocessing_of, unmapped_by_event, unmapped_by_property
 from features.services import FeatureError, RuleDefinition, feature_create, rule_create, rule_update
 
@@ -192,6 +193,50 @@ def rule_new(request):
             messages.success(request, f"{created} “{rule.name}” created; stored unmapped events are being reprocessed.")
             return redirect(f"{reverse('dashboard:rules')}#rule-{rule.pk}")
     return _builder(request, form, formset, status_code=400)
+
+
+@require_POST
+@workspace_view
+def rule_preview(request):
+    """What the builder's rule would map if saved now, as JSON for its Preview button.
+
+    Takes the builder's form as posted; writes nothing. Errors answer 400 ``{"errors": [...]}``
+    in the builder's words.
+    """
+    form = RuleForm(request.POST, workspace=request.workspace)
+    formset = ConditionFormSet(request.POST, prefix="conditions")
+    form.fields["name"].required = False  # a preview needs no name
+    if not (form.is_valid() and formset.is_valid()):
+        errors = [str(e) for field_errors in form.errors.values() for e in field_errors]
+        errors += [str(e) for row in formset.errors for field_errors in row.values() for e in field_errors]
+        return JsonResponse({"errors": errors or ["Check the rule's fields."]}, status=400)
+    if form.creates_feature:
+        message = "The preview needs an existing feature: save the rule to create it (its events are then mapped)."
+        return JsonResponse({"errors": [message]}, status=400)
+    data = form.cleaned_data
+    definition = RuleDefinition(
+        name=data["name"],
+        feature_key=data["feature"],
+        event_name=data["event_name"].strip() or None,
+        conditions=[c for c in (f.condition() for f in formset.forms) if c is not None],
+        amount_property=data["amount_property"] or None,
+    )
+    try:
+        preview = preview_rule(workspace=request.workspace, definition=definition)
+    except FeatureError as exc:
+        return JsonResponse({"errors": [in_dashboard_words(exc.message)], "field": exc.field}, status=400)
+    return JsonResponse(
+        {
+            "matched_events": preview.matched_events,
+            "amount_total": f"{preview.amount_total.normalize():f}",
+            "users_affected": preview.users_affected,
+            "by_period": [
+                {"start": p.start.date().isoformat(), "matched": p.matched, "amount": f"{p.amount.normalize():f}"}
+                for p in preview.by_period
+            ],
+            "sample": preview.sample,
+        }
+    )
 
 
 @require_GET

@@ -58,4 +58,47 @@
   });
   showNewFeature();
   renumber();
+
+  // Preview: what the rule would map if saved now (dashboard/views/rules.py, rule_preview).
+  // Needs JavaScript, so the button is shown only here.
+  const previewButton = document.getElementById("preview-rule");
+  const panel = document.getElementById("rule-preview");
+  if (previewButton && panel) {
+    previewButton.hidden = false;
+    const error = panel.querySelector(".js-preview-error");
+    const figures = panel.querySelector(".js-preview-figures");
+    const show = (selector, text) => { panel.querySelector(selector).textContent = text; };
+    previewButton.addEventListener("click", async () => {
+      previewButton.disabled = true;
+      panel.hidden = false;
+      try {
+        const response = await fetch(previewButton.dataset.url, {
+          method: "POST",
+          body: new FormData(form),
+          credentials: "same-origin",
+          headers: { "X-Requested-With": "fetch" },
+        });
+        const body = await response.json();
+        if (!response.ok) {
+          error.textContent = (body.errors || ["The preview failed."]).join(" ");
+          error.hidden = false;
+          figures.hidden = true;
+          return;
+        }
+        error.hidden = true;
+        figures.hidden = false;
+        show(".js-preview-matched", String(body.matched_events));
+        show(".js-preview-amount", body.amount_total);
+        show(".js-preview-users", String(body.users_affected));
+        show(".js-preview-periods", body.by_period.map((p) => `${p.start.slice(0, 7)}: ${p.matched} (${p.amount})`).join(", ") || "—");
+        show(".js-preview-sample", body.sample.join(", ") || "—");
+      } catch (exc) {
+        error.textContent = "The preview failed: " + exc;
+        error.hidden = false;
+        figures.hidden = true;
+      } finally {
+        previewButton.disabled = false;
+      }
+    });
+  }
 })();
