@@ -360,3 +360,16 @@ def test_the_rules_page_reads_progress_in_one_query_whatever_the_number_of_rules
     for n in range(5):
         make_rule(tenant.workspace, "exports", event=f"Event {n}", name=f"rule {n}")
     assert queries_for_page() == with_one
+
+
+def test_user_pages_link_to_the_next_page_keeping_the_search_and_flag(member_client, tenant):
+    from dashboard.views import users as user_views
+
+    for n in range(user_views.PAGE_SIZE + 1):
+        identify_user(
+            workspace=tenant.workspace, user_id=f"p-{n}", changes=ProfileChanges(), occurred_at=timezone.now()
+        )
+    page = member_client.get("/users/", {"q": "p-", "flag": "no_billing_id"}).content.decode()
+    assert 'href="?q=p-&amp;flag=no_billing_id&amp;page=2">Older →</a>' in page
+    second = member_client.get("/users/", {"q": "p-", "flag": "no_billing_id", "page": 2}).content.decode()
+    assert 'href="?q=p-&amp;flag=no_billing_id&amp;page=1">← Newer</a>' in second

@@ -166,18 +166,27 @@ def merge_users(
 
 def current_user_pk(workspace: Workspace, user_pk: int) -> int | None:
     """The id a user has now: itself, or the survivor it was merged into (followed)."""
+    return follow_merges(workspace, user_pk)
+
+
+def follow_merges(workspace: Workspace, user_pk: int, *, via: str = "survivor_key", found=frozenset()) -> int | None:
+    """Follow standing ledger rows from ``user_pk`` to an existing user (or one in ``found``).
+
+    ``via``: the ledger column to follow: ``survivor_key`` (where the absorbed user's things
+    are now) or ``merged_into`` (the survivor at the time of that merge). None: a dead end.
+    """
     seen = set()
     while user_pk not in seen:
         seen.add(user_pk)
-        if EndUser.objects.for_workspace(workspace).filter(pk=user_pk).exists():
+        if user_pk in found or EndUser.objects.for_workspace(workspace).filter(pk=user_pk).exists():
             return user_pk
-        record = (
+        parent = (
             MergeRecord.objects.for_workspace(workspace)
             .filter(absorbed_id=user_pk, undone_at__isnull=True)
-            .values_list("survivor_key", flat=True)
+            .values_list(via, flat=True)
             .first()
         )
-        if record is None:
+        if parent is None:
             return None
-        user_pk = record
+        user_pk = parent
     return None

@@ -34,6 +34,7 @@ from kana.retries import ConcurrentChange, run_with_retries
 
 from .errors import IdentityError
 from .identity import identity_lock_keys
+from .merges import follow_merges
 from .models import EndUser, Group, GroupMembership, MergeRecord, UserIdentity
 from .profile import restore_profile, revert_taken_fields
 from .signals import user_restored
@@ -81,21 +82,7 @@ def _holder(workspace: Workspace, record: MergeRecord, restored_pk: int, restore
     if record.merged_into is None:
         ids = set(record.absorbed_snapshot.get("user_ids") or [])
         return restored_pk if ids & set(restored_ids) else None
-    pk, seen = record.merged_into, set()
-    while pk not in seen:
-        seen.add(pk)
-        if pk == restored_pk or EndUser.objects.for_workspace(workspace).filter(pk=pk).exists():
-            return pk
-        parent = (
-            MergeRecord.objects.for_workspace(workspace)
-            .filter(absorbed_id=pk, undone_at__isnull=True)
-            .values_list("merged_into", flat=True)
-            .first()
-        )
-        if parent is None:
-            return None
-        pk = parent
-    return None
+    return follow_merges(workspace, record.merged_into, via="merged_into", found={restored_pk})
 
 
 def merge_undo(*, workspace: Workspace, merge_id: int, actor: str = "") -> UndoResult:

@@ -2,6 +2,7 @@
 
 import json
 from datetime import datetime, timedelta
+from urllib.parse import urlencode
 
 from django import template
 from django.utils import timezone
@@ -19,6 +20,12 @@ _FLAG_SHORT = {
     UserFlag.BILLING_CONFLICT.value: "billing conflict",
 }
 _FIELD_LABELS = {"name": "Name", "email": "Email", "billing_id": "Billing id"}
+
+
+@register.inclusion_tag("dashboard/_pagination.html")
+def pagination(page, **keep):
+    """Newer/older links for ``page`` that keep the list's other query parameters."""
+    return {"page": page, "keep": "".join(f"{urlencode({name: value or ''})}&" for name, value in keep.items())}
 
 
 @register.filter
