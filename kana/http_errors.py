@@ -125,21 +125,32 @@ def json_errors(patterns: list) -> list:
 
 
 @csrf_exempt  # answers 404 to any method; there is nothing to protect
-def no_such_path(request):
-    """The last pattern of a JSON section: a JSON 404, in DEBUG too (no debug page).
-
-    Like ``CommonMiddleware``'s APPEND_SLASH, a GET for a slashless path whose slashed form
-    exists is redirected there (this catch-all would otherwise hide it from the middleware).
-    """
+def _slash_appended(request):
+    """Like ``CommonMiddleware``'s APPEND_SLASH, a redirect for a GET of a slashless path whose
+    slashed form exists (a catch-all pattern would otherwise hide it from the middleware)."""
     path = request.path_info
     if settings.APPEND_SLASH and request.method in ("GET", "HEAD") and not path.endswith("/"):
         match = is_valid_path(f"{path}/", getattr(request, "urlconf", None))
         if match and not getattr(match.func, "is_catch_all", False):
             return HttpResponsePermanentRedirect(escape_leading_slashes(request.get_full_path(force_append_slash=True)))
-    return error_response(request, 404)
+    return None
+
+
+# csrf_exempt: a path that does not exist answers 404 whatever the method, not a CSRF 403.
+@csrf_exempt
+def no_such_path(request):
+    """The last pattern of a JSON section: a JSON 404, in DEBUG too (no debug page)."""
+    return _slash_appended(request) or error_response(request, 404)
+
+
+@csrf_exempt
+def no_such_page(request):
+    """The last pattern of all: the dashboard's friendly 404, in DEBUG too (``make run``)."""
+    return _slash_appended(request) or page_not_found(request)
 
 
 no_such_path.is_catch_all = True  # kept by json_errors_view's functools.wraps
+no_such_page.is_catch_all = True
 
 
 def _wants_json(request) -> bool:

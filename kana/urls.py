@@ -2,7 +2,7 @@ from django.contrib import admin
 from django.urls import include, path, re_path
 
 from . import health
-from .http_errors import json_errors, no_such_path
+from .http_errors import json_errors, no_such_page, no_such_path
 
 urlpatterns = [
     path("healthz", health.healthz, name="healthz"),
@@ -20,6 +20,7 @@ urlpatterns = [
     ),
     *json_errors([path("", include("segment_ingest.urls")), re_path(r"^(?:v1|segment)/", no_such_path)]),
     path("", include("dashboard.urls")),
+    re_path(r"^", no_such_page),  # a friendly 404 for any other path, with KANA_DEBUG=1 too
 ]
 
 handler404 = "kana.http_errors.page_not_found"

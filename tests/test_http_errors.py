@@ -68,10 +68,19 @@ def test_an_exception_in_the_dashboard_is_a_friendly_page(db):
     assert "Something went wrong" in page and "a bug" not in page
 
 
-def test_an_unknown_dashboard_page_is_a_friendly_404(member_client):
-    response = member_client.get("/no-such-page/")
-    assert response.status_code == 404
-    assert "Not found" in response.content.decode()
+@pytest.mark.parametrize("debug", [False, True])
+def test_an_unknown_dashboard_page_is_a_friendly_404_even_in_debug(member_client, settings, debug):
+    settings.DEBUG = debug
+    for path in ("/no-such-page/", "/no-such-page", "/users/x/y/z"):
+        response = member_client.get(path)
+        assert response.status_code == 404, path
+        page = response.content.decode()
+        assert 'id="not-found"' in page and "URLconf" not in page, path
+
+
+def test_a_slashless_dashboard_path_still_redirects_to_its_page(member_client):
+    response = member_client.get("/users")
+    assert (response.status_code, response["Location"]) == (301, "/users/")
 
 
 @pytest.mark.parametrize("debug", [False, True])
@@ -84,3 +93,10 @@ def test_a_user_that_does_not_exist_is_the_dashboard_s_404_page_even_in_debug(me
         assert 'id="not-found"' in page, path
         assert "URLconf" not in page and "Page not found at" not in page  # Django's debug page
         assert 'href="/users/"' in page  # the navigation stays
+
+
+def test_a_post_to_an_unknown_path_is_a_404_not_a_csrf_refusal(client, db):
+    api = client.post("/api/v1/events/null/void", "{}", content_type="application/json")
+    page = client.post("/no-such-page/", {"a": "b"})
+    assert (api.status_code, api.json()["code"]) == (404, "not_found")
+    assert page.status_code == 404 and 'id="not-found"' in page.content.decode()
