@@ -1,7 +1,8 @@
 """The only writer of events and usage: every path that stores, maps, moves or removes them.
 
-Ingest records messages here; reprocessing maps stored events here; a merge moves a user's
-events and usage here (through the hook ``users.hooks`` calls, registered in
+Ingest records messages here; reprocessing maps stored events here; voids remove usage here;
+merges, undone merges and user deletions move or remove a user's events and usage here,
+through the signals ``users.signals`` sends (connected by importing this module in
 ``FeaturesConfig.ready``). Keeping the writes in one module is what lets the usage totals
 (and the counters SPEC §11 keeps on them) stay exact whichever path changed them.
 
