@@ -272,11 +272,6 @@ def stored_message_ids(workspace: Workspace, message_ids: set[str]) -> set[str]:
     )
 
 
-def record_processed_event(workspace: Workspace, message: Message, user_pk: int, warnings: list[dict]) -> bool:
-    """Store one applied alias/group; False when its messageId was stored meanwhile."""
-    return bool(record_processed_events(workspace, [(message, user_pk, warnings)]))
-
-
 # --- Reprocessing: mapping stored events -------------------------------------------------
 
 # One (event_id, feature_id, rule_id or None, amount) per usage record to write.

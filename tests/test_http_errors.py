@@ -68,14 +68,22 @@ def test_an_exception_in_the_dashboard_is_a_friendly_page(db):
     assert "Something went wrong" in page and "a bug" not in page
 
 
+def assert_friendly_404s(client, paths) -> list[str]:
+    """Each path answers the dashboard's own 404 page, never Django's debug page."""
+    pages = []
+    for path in paths:
+        response = client.get(path)
+        assert response.status_code == 404, path
+        page = response.content.decode()
+        assert 'id="not-found"' in page and "URLconf" not in page and "Page not found at" not in page, path
+        pages.append(page)
+    return pages
+
+
 @pytest.mark.parametrize("debug", [False, True])
 def test_an_unknown_dashboard_page_is_a_friendly_404_even_in_debug(member_client, settings, debug):
     settings.DEBUG = debug
-    for path in ("/no-such-page/", "/no-such-page", "/users/x/y/z"):
-        response = member_client.get(path)
-        assert response.status_code == 404, path
-        page = response.content.decode()
-        assert 'id="not-found"' in page and "URLconf" not in page, path
+    assert_friendly_404s(member_client, ("/no-such-page/", "/no-such-page", "/users/x/y/z"))
 
 
 def test_a_slashless_dashboard_path_still_redirects_to_its_page(member_client):
@@ -86,12 +94,8 @@ def test_a_slashless_dashboard_path_still_redirects_to_its_page(member_client):
 @pytest.mark.parametrize("debug", [False, True])
 def test_a_user_that_does_not_exist_is_the_dashboard_s_404_page_even_in_debug(member_client, settings, debug):
     settings.DEBUG = debug
-    for path in ("/users/999999/", "/users/999999/delete/", "/duplicates/preview/?users=1&users=x"):
-        response = member_client.get(path)
-        assert response.status_code == 404, path
-        page = response.content.decode()
-        assert 'id="not-found"' in page, path
-        assert "URLconf" not in page and "Page not found at" not in page  # Django's debug page
+    paths = ("/users/999999/", "/users/999999/delete/", "/duplicates/preview/?users=1&users=x")
+    for page in assert_friendly_404s(member_client, paths):
         assert 'href="/users/"' in page  # the navigation stays
 
 

@@ -18,12 +18,6 @@ class GroupCall:
     occurred_at: datetime
 
 
-def record_group(*, workspace: Workspace, user_pk: int, group_id: str, traits: dict, occurred_at: datetime) -> Group:
-    """Record the user's membership in a group and the group's traits (newest wins)."""
-    record_groups(workspace=workspace, calls=[GroupCall(user_pk, group_id, traits, occurred_at)])
-    return Group.objects.for_workspace(workspace).get(group_id=group_id)
-
-
 def record_groups(*, workspace: Workspace, calls: list[GroupCall]) -> None:
     """Group calls in order, set-based: a few statements whatever their number.
 

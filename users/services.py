@@ -12,7 +12,7 @@ from kana.models import Workspace
 from kana.retries import run_with_retries
 
 from .errors import IdentityError
-from .groups import GroupCall, record_group, record_groups
+from .groups import GroupCall, record_groups
 from .identity import (
     AliasCall,
     IdentifyOutcome,
@@ -56,7 +56,6 @@ __all__ = [
     "identify_users",
     "merge_undo",
     "merge_users",
-    "record_group",
     "record_groups",
     "resolve_users",
     "update_user",
