@@ -83,15 +83,11 @@ def _ingest_usage_once(workspace: Workspace, messages: list[Message]) -> list[Ou
     user_pks = user_services.resolve_users(workspace=workspace, external_ids={m.user_id for m in fresh.values()})
     decided = [(m, decide(rule_set, m.name, m.properties), user_pks[m.user_id]) for m in fresh.values()]
     stored = ledger.record_usage_events(workspace, decided)
-    by_id = {m.message_id: Outcome(m.message_id, d.status, d.reason, user_pk) for m, d, user_pk in decided}
-    outcomes, seen = [], set()
-    for message in messages:
-        if message.message_id in stored and message.message_id not in seen:
-            outcomes.append(by_id[message.message_id])
-            seen.add(message.message_id)
-        else:
-            outcomes.append(Outcome(message.message_id, "duplicate"))
-    return outcomes
+    # The first occurrence of a stored messageId gets its outcome; a repeat is a duplicate.
+    first = {
+        m.message_id: Outcome(m.message_id, d.status, d.reason, pk) for m, d, pk in decided if m.message_id in stored
+    }
+    return [first.pop(m.message_id, None) or Outcome(m.message_id, "duplicate") for m in messages]
 
 
 # --- Identify, group and alias calls ------------------------------------------------------
