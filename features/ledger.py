@@ -18,7 +18,8 @@ from django.db import connection
 from django.dispatch import receiver
 
 from kana.copy_rows import copy_rows
-from kana.locks import lock_rules_shared_and_read
+from kana.db import pipelined
+from kana.locks import begin_lock_rules_shared_and_read, lock_rules_shared_and_read
 from kana.models import Workspace
 from users.signals import user_absorbed, user_deleting, user_restored
 
@@ -30,8 +31,11 @@ from .models import Event, EventStatus, Usage
 Decided = tuple[Message, Decision, int]
 
 
-def record_usage_events(workspace: Workspace, decided: list[Decided]) -> set[str]:
+def record_usage_events(workspace: Workspace, decided: list[Decided], *, then_commit: bool = False) -> set[str]:
     """Store track/page/screen events and their usage; returns the messageIds stored.
+
+    ``then_commit`` (inside ``kana.db.pipelined.transaction``, fewer than COPY_MIN_EVENTS
+    events): the insert carries the transaction's ``COMMIT`` in the same round trip.
 
     A messageId that another request stored meanwhile is skipped by the insert itself (it
     waits for that request to commit) and is not returned: its message is a replay. Rows go
@@ -44,7 +48,7 @@ def record_usage_events(workspace: Workspace, decided: list[Decided]) -> set[str
         return {m.message_id for m, _, _ in decided}
     if len(decided) >= COPY_MIN_EVENTS:
         return _copy_and_move(workspace, decided)
-    return _insert_returning(workspace, decided)
+    return _insert_returning(workspace, decided, then_commit=then_commit)
 
 
 # Fewer events go in with one INSERT statement; more are COPYed into a staging table first
@@ -127,7 +131,7 @@ def _values_sql(rows: list[tuple], types: tuple[str, ...]) -> tuple[str, list]:
     return sql, [value for row in rows for value in row]
 
 
-def _insert_returning(workspace: Workspace, decided: list[Decided]) -> set[str]:
+def _insert_returning(workspace: Workspace, decided: list[Decided], *, then_commit: bool = False) -> set[str]:
     """Events and their usage in one statement (PostgreSQL); returns the messageIds stored.
 
     A messageId stored meanwhile by a concurrent request is skipped by the insert itself
@@ -144,8 +148,11 @@ def _insert_returning(workspace: Workspace, decided: list[Decided]) -> set[str]:
         usage_sql, usage_params = _values_sql(usages, _USAGE_VALUE_TYPES)
         sql += ", used AS (" + _INSERT_USAGE_FOR.format(source=f"({usage_sql})").replace("%(ws)s", "%s") + ")"
         params += [workspace.pk, *usage_params]  # the workspace comes first in the usage SELECT
+    sql += " SELECT message_id FROM ev"
     with connection.cursor() as cursor:
-        cursor.execute(sql + " SELECT message_id FROM ev", params)
+        # With the COMMIT in the same message: if the insert fails, PostgreSQL skips the
+        # COMMIT and the transaction is left aborted, for the caller's ROLLBACK.
+        cursor.execute(sql + pipelined.COMMIT if then_commit else sql, params)
         return {message_id for (message_id,) in cursor.fetchall()}
 
 
@@ -229,6 +236,20 @@ def lock_rules_and_find_replays(workspace: Workspace, message_ids: set[str]) -> 
     sql = f"SELECT message_id FROM {Event._meta.db_table} WHERE workspace_id = %s AND message_id IN ({placeholders})"
     version, rows = lock_rules_shared_and_read(workspace.pk, sql, [workspace.pk, *message_ids])
     return version, {message_id for (message_id,) in rows}
+
+
+def begin_and_lock_rules_for_one(
+    workspace: Workspace, message_id: str, read: tuple[str, list]
+) -> tuple[int, bool, list[tuple]]:
+    """For one usage message, inside ``kana.db.pipelined.transaction``: opens the
+    transaction, takes the shared rules lock, reads the rules version, whether the messageId
+    is stored already, and one more read of the caller's (its userId's user), in one round
+    trip. Returns (version, replayed, the read's rows)."""
+    replay = f"SELECT 1 FROM {Event._meta.db_table} WHERE workspace_id = %s AND message_id = %s"
+    version, (replayed, rows) = begin_lock_rules_shared_and_read(
+        workspace.pk, [(replay, [workspace.pk, message_id]), read]
+    )
+    return version, bool(replayed), rows
 
 
 def record_processed_events(workspace: Workspace, applied: list[tuple[Message, int, list[dict]]]) -> set[str]:

@@ -8,6 +8,8 @@ import hashlib
 
 from django.db import connection
 
+from kana.db import pipelined
+
 # Namespaces for two-key advisory locks (PostgreSQL keeps the two-key space apart from the
 # one-key space, so these never collide with the identity-key locks below).
 RULES_LOCK_NAMESPACE = 1
@@ -88,3 +90,26 @@ def lock_rules_shared_and_read(workspace_id: int, sql: str, params: list) -> tup
         version = cursor.fetchone()[0]
         cursor.nextset()
         return version, cursor.fetchall()
+
+
+def begin_lock_rules_shared_and_read(workspace_id: int, reads: list[tuple[str, list]]) -> tuple[int, list[list[tuple]]]:
+    """``BEGIN``, ``lock_rules_shared`` and ``reads``, in one round trip (PostgreSQL, inside
+    ``kana.db.pipelined.transaction``): the same statements in the same order as
+    ``lock_rules_shared_and_read`` inside ``atomic``, so the same snapshots (the version
+    read after the lock is granted, in its own statement). Returns the version and the rows
+    of each read."""
+    lock = "SELECT pg_advisory_xact_lock_shared(%s, %s); SELECT rules_version FROM kana_workspace WHERE id = %s"
+    sql = pipelined.BEGIN + lock + "".join("; " + read for read, _ in reads)
+    params = [RULES_LOCK_NAMESPACE, workspace_id, workspace_id]
+    for _, read_params in reads:
+        params.extend(read_params)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        cursor.nextset()  # past BEGIN's result to the advisory lock's row
+        cursor.nextset()
+        version = cursor.fetchone()[0]
+        rows = []
+        for _ in reads:
+            cursor.nextset()
+            rows.append(cursor.fetchall())
+        return version, rows
