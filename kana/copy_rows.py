@@ -5,7 +5,6 @@ statement's arrays in Python: about 180 µs a row for an event. COPY takes the v
 they are. The callers keep the ORM path for SQLite and for small inserts.
 """
 
-import re
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 
@@ -34,26 +33,14 @@ def copy_rows(table: str, columns: Sequence[str], rows: Iterable[Sequence]) -> N
                 copy.write_row(row)
 
 
-def copy_out(sql: str, params: Sequence = ()) -> list[bytes]:
-    """``COPY (sql) TO STDOUT`` (PostgreSQL, text format): the rows as PostgreSQL sent them,
-    one bytes per row, each ending in a newline, with backslash escapes (see
-    ``unescape_copy_text``). Logged like any other query. The caller bounds the rows (a
-    chunk): the whole result is read before returning, so no statement stays open while
-    the caller's client is slow."""
-    statement = f"COPY ({sql}) TO STDOUT"
+def copy_out_csv(sql: str, params: Sequence = ()) -> list[bytes]:
+    """``COPY (sql) TO STDOUT (FORMAT csv)`` (PostgreSQL): the rows as PostgreSQL wrote them,
+    one bytes per row, each ending in a line feed (NULL is an empty unquoted cell, an empty
+    string ``""``). Logged like any other query. The caller bounds the rows (a chunk): the
+    result is read whole before returning, so no statement stays open while a slow client
+    reads."""
+    statement = f"COPY ({sql}) TO STDOUT (FORMAT csv)"
     with connection.cursor() as cursor:
         log = cursor.debug_sql(statement, params) if hasattr(cursor, "debug_sql") else nullcontext()
         with log, connection.wrap_database_errors, cursor.cursor.copy(statement, params or None) as copy:
             return [bytes(data) for data in copy]
-
-
-# COPY's text format writes these as backslash sequences (and never octal ones).
-_COPY_ESCAPES = {b"\\": b"\\", b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"v": b"\v"}
-_COPY_ESCAPE = re.compile(rb"\\(.)", re.DOTALL)
-
-
-def unescape_copy_text(data: bytes) -> bytes:
-    """One-column COPY text output back to the values it holds (the row ends stay newlines)."""
-    if b"\\" not in data:
-        return data
-    return _COPY_ESCAPE.sub(lambda m: _COPY_ESCAPES[m.group(1)], data)

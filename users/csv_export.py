@@ -16,9 +16,9 @@ Flags come from the same query (``has_same_email``, an EXISTS per row on the ema
 never a query per user. Rows are written by the ``csv`` module (RFC 4180 quoting, CRLF) with
 text cells neutralised against formula injection (see ``users.csv_format``).
 
-On PostgreSQL each chunk is one ``COPY (SELECT …) TO STDOUT`` whose rows are the finished
-CSV lines: the formula quote and the csv module's quoting are done in SQL and Python only
-joins the chunk. Its output is the Python path's, byte for byte (tests/test_csv_export.py
+On PostgreSQL each chunk is one ``COPY (SELECT …) TO STDOUT (FORMAT csv)``: the formula
+quote is done in SQL, the CSV quoting by COPY (the csv module's rules), and Python only
+ends each line with CRLF. Its output is the Python path's, byte for byte (tests/test_csv_export.py
 compares the two on awkward values).
 """
 
@@ -32,7 +32,7 @@ from django.db.models import F, Func, TextField
 from django.db.models.fields.tuple_lookups import Tuple, TupleGreaterThan
 from django.db.models.functions import Cast
 
-from kana.copy_rows import copy_out, unescape_copy_text
+from kana.copy_rows import copy_out_csv
 from kana.models import Workspace
 
 from .csv_format import COLUMNS, FLAG_SEPARATOR, FORMULA_TRIGGERS, escape_cell
@@ -60,33 +60,34 @@ def export_users_csv(*, workspace: Workspace, chunk_size: int = EXPORT_CHUNK_ROW
     return _export_in_python(workspace, chunk_size)
 
 
-def _csv_cell(expression: str) -> str:
-    """SQL: a text cell as the csv module writes it (QUOTE_MINIMAL: quoted when it holds a
-    comma, a double quote, CR or LF; quotes doubled)."""
+def _formula_safe(expression: str) -> str:
+    """SQL: ``users.csv_format.escape_cell``, a quote in front of ^'*[=+-@ TAB CR]; the
+    first-character test spares the regex for almost every cell, as in Python."""
     return (
-        f"CASE WHEN {expression} ~ '[,\"\\r\\n]' "
-        f"THEN '\"' || replace({expression}, '\"', '\"\"') || '\"' ELSE {expression} END"
+        f"CASE WHEN left({expression}, 1) IN ('=', '+', '-', '@', E'\\t', E'\\r', '''') "
+        f"AND {expression} ~ '^''*[=+@\\t\\r-]' THEN '''' || {expression} ELSE {expression} END"
     )
 
 
-def _formula_safe(expression: str) -> str:
-    """SQL: ``users.csv_format.escape_cell``, a quote in front of ^'*[=+-@ TAB CR]."""
-    return f"CASE WHEN {expression} ~ '^''*[=+@\\t\\r-]' THEN '''' || {expression} ELSE {expression} END"
+def _cell(expression: str) -> str:
+    # COPY's CSV writes an empty string as "" and NULL as nothing; the csv module writes nothing.
+    return f"NULLIF({expression}, '')"
 
 
 _FLAGS_SQL = (
     f"CASE WHEN u.billing_id = '' THEN CASE WHEN u.has_same_email THEN '{_BOTH_FLAGS}' ELSE '{_NO_BILLING}' END "
-    f"WHEN u.has_same_email THEN '{_SAME_EMAIL}' ELSE '' END"
+    f"WHEN u.has_same_email THEN '{_SAME_EMAIL}' END"
 )
-# One finished CSV line per user, in the order of COLUMNS.
-_LINE_SQL = " || ',' || ".join(
+# The cells of one user, in the order of COLUMNS. COPY's CSV output quotes them as the csv
+# module does: a cell holding a comma, a double quote, CR or LF, with quotes doubled.
+_CELLS_SQL = ", ".join(
     [
-        "u.id::text",
-        _csv_cell(_formula_safe("coalesce(u.user_id, '')")),
-        _csv_cell(_formula_safe("u.name")),
-        _csv_cell(_formula_safe("u.email")),
-        _csv_cell(_formula_safe("u.billing_id")),
-        _csv_cell("u.billing_provider"),
+        "u.id",
+        _cell(_formula_safe("coalesce(u.user_id, '')")),
+        _cell(_formula_safe("u.name")),
+        _cell(_formula_safe("u.email")),
+        _cell(_formula_safe("u.billing_id")),
+        _cell("u.billing_provider"),
         "u.created_text",
         _FLAGS_SQL,
     ]
@@ -105,8 +106,8 @@ _COPY_FIELDS = (
 
 
 def _export_with_copy(workspace: Workspace, chunk_size: int) -> Iterator[str]:
-    """PostgreSQL: one ``COPY (SELECT line …) TO STDOUT`` per chunk, keyset-paginated like
-    the Python path; Python only joins each chunk's lines."""
+    """PostgreSQL: one ``COPY (SELECT …) TO STDOUT (FORMAT csv)`` per chunk, keyset-paginated
+    like the Python path; Python only ends each line with CRLF, as the csv module does."""
     yield ",".join(COLUMNS) + "\r\n"
     after = None
     while True:
@@ -115,14 +116,14 @@ def _export_with_copy(workspace: Workspace, chunk_size: int) -> Iterator[str]:
             users = users.filter(TupleGreaterThan(Tuple(F("created_at"), F("id")), after))
         users = users.annotate(created_text=_IsoUtc("created_at")).order_by("created_at", "id")
         inner, params = users.values_list(*_COPY_FIELDS)[:chunk_size].query.sql_with_params()
-        rows = copy_out(f"SELECT {_LINE_SQL} FROM ({inner}) AS u ORDER BY u.created_at, u.id", params)
+        rows = copy_out_csv(f"SELECT {_CELLS_SQL} FROM ({inner}) AS u ORDER BY u.created_at, u.id", params)
         if not rows:
             return
-        # COPY's real newlines end rows (a newline inside a value comes escaped): CRLF, as csv writes.
-        yield unescape_copy_text(b"".join(rows).replace(b"\n", b"\r\n")).decode()
+        # One row per COPY message, ending in LF (a line break inside a quoted cell stays as is).
+        yield b"\r\n".join([row[:-1] for row in rows]).decode() + "\r\n"
         if len(rows) < chunk_size:
             return
-        # The key of the next chunk: kana_id leads the line, created_at and flags end it (none quoted).
+        # The key of the next chunk: kana_id leads the line, created_at and flags end it (never quoted).
         last = rows[-1].decode()
         created_text = last.rstrip("\n").rsplit(",", 2)[1]
         after = (datetime.fromisoformat(created_text), int(last.split(",", 1)[0]))
