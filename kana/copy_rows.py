@@ -5,7 +5,7 @@ statement's arrays in Python: about 180 µs a row for an event. COPY takes the v
 they are. The callers keep the ORM path for SQLite and for small inserts.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
 
 from django.db import connection
@@ -44,3 +44,14 @@ def copy_out_csv(sql: str, params: Sequence = ()) -> list[bytes]:
         log = cursor.debug_sql(statement, params) if hasattr(cursor, "debug_sql") else nullcontext()
         with log, connection.wrap_database_errors, cursor.cursor.copy(statement, params or None) as copy:
             return [bytes(data) for data in copy]
+
+
+def stream_copy_out_csv(sql: str, params: Sequence = ()) -> Iterator[bytes]:
+    """``copy_out_csv`` as a stream, one bytes per row: for a caller that writes locally as
+    it reads (a command writing a file), never for an HTTP response, since the statement and
+    the connection stay busy until the last row is read."""
+    statement = f"COPY ({sql}) TO STDOUT (FORMAT csv)"
+    with connection.cursor() as cursor:
+        log = cursor.debug_sql(statement, params) if hasattr(cursor, "debug_sql") else nullcontext()
+        with log, connection.wrap_database_errors, cursor.cursor.copy(statement, params or None) as copy:
+            yield from copy

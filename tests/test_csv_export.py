@@ -128,7 +128,7 @@ AWKWARD = [
 @requires_postgres  # COPY is PostgreSQL's; SQLite has only the Python path
 @pytest.mark.parametrize("chunk_size", [1, 7, 5000])
 def test_the_copy_export_is_the_python_export_byte_for_byte(tenant, chunk_size):
-    from users.csv_export import _export_in_python, _export_with_copy
+    from users.csv_export import _export_in_python, _export_with_copy, export_users_csv_file
 
     for i, value in enumerate(AWKWARD):
         EndUser.objects.create(
@@ -145,4 +145,5 @@ def test_the_copy_export_is_the_python_export_byte_for_byte(tenant, chunk_size):
     in_python = "".join(_export_in_python(tenant.workspace, chunk_size))
     with_copy = "".join(_export_with_copy(tenant.workspace, chunk_size))
     assert with_copy == in_python
+    assert "".join(export_users_csv_file(workspace=tenant.workspace, chunk_size=chunk_size)) == in_python
     assert len(list(csv.reader(io.StringIO(with_copy)))) == len(AWKWARD) + 1

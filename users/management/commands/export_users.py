@@ -1,7 +1,7 @@
 from django.core.management.base import BaseCommand
 
 from kana.management.workspaces import WORKSPACE_HELP, workspace_from_argument
-from users.csv_export import EXPORT_CHUNK_ROWS, export_row_count, export_users_csv
+from users.csv_export import EXPORT_CHUNK_ROWS, export_row_count, export_users_csv_file
 from users.management.progress import Progress
 
 
@@ -19,7 +19,7 @@ class Command(BaseCommand):
         target = self.stdout if output == "-" else open(output, "w", encoding="utf-8", newline="")
         written = 0
         try:
-            for index, piece in enumerate(export_users_csv(workspace=found)):
+            for index, piece in enumerate(export_users_csv_file(workspace=found)):
                 if output == "-":
                     target.write(piece, ending="")
                 else:
