@@ -372,6 +372,40 @@ def _map_events_postgres(workspace_id: int, event_ids: list[int], usages: list[U
         return cursor.fetchone()[0]
 
 
+def map_events_decided_in_sql(
+    workspace_id: int, decided_sql: str, params: list, *, feature_id: int, rule_id: int
+) -> tuple[int, int | None, int, list[int]]:
+    """Reprocessing decided in SQL (PostgreSQL), one statement for a chunk.
+
+    ``decided_sql`` selects the chunk's candidates (locked by the caller's query) as
+    ``id, amount, to_python``: rows with an amount and not ``to_python`` are flipped (if still
+    unmapped, with a user) and get one usage row for the rule, at the event's user and time,
+    exactly as ``map_events`` records them. Returns (candidates, their highest id, events
+    flipped, the ids left to the caller's evaluator, in id order).
+    """
+    sql = f"""
+    WITH decided AS MATERIALIZED ({decided_sql}),
+    flipped AS (
+        UPDATE {Event._meta.db_table} e SET status = %s, unmapped_reason = ''
+        FROM decided d
+        WHERE e.id = d.id AND d.amount IS NOT NULL AND NOT d.to_python
+            AND e.status = %s AND e.user_id IS NOT NULL
+        RETURNING e.id, e.user_id, e.occurred_at, d.amount
+    ), recorded AS (
+        INSERT INTO {Usage._meta.db_table} (workspace_id, user_id, feature_id, event_id, rule_id, amount, occurred_at)
+        SELECT %s, user_id, %s, id, %s, amount, occurred_at FROM flipped
+        ON CONFLICT (event_id, feature_id) DO NOTHING
+    )
+    SELECT (SELECT count(*) FROM decided), (SELECT max(id) FROM decided), (SELECT count(*) FROM flipped),
+        ARRAY(SELECT id FROM decided WHERE to_python ORDER BY id)
+    """
+    values = [*params, EventStatus.MAPPED.value, EventStatus.UNMAPPED.value, workspace_id, feature_id, rule_id]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, values)
+        scanned, last_id, flipped, to_python = cursor.fetchone()
+    return scanned, last_id, flipped, list(to_python)
+
+
 def attach_detached_events(user_by_event: dict[int, int]) -> None:
     """Give detached events (their user was deleted) a user again: ``{event id: user id}``."""
     if connection.vendor != "postgresql":
