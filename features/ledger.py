@@ -381,7 +381,9 @@ def map_events_decided_in_sql(
     ``id, amount, to_python``: rows with an amount and not ``to_python`` are flipped (if still
     unmapped, with a user) and get one usage row for the rule, at the event's user and time,
     exactly as ``map_events`` records them. Returns (candidates, their highest id, events
-    flipped, the ids left to the caller's evaluator, in id order).
+    flipped, the ids left to the caller's evaluator, in id order). A row decided here that the
+    UPDATE did not flip (a concurrent change committed while the statement ran: its user
+    deleted, say) is left to the evaluator too, which reads it as it is now.
     """
     sql = f"""
     WITH decided AS MATERIALIZED ({decided_sql}),
@@ -397,7 +399,11 @@ def map_events_decided_in_sql(
         ON CONFLICT (event_id, feature_id) DO NOTHING
     )
     SELECT (SELECT count(*) FROM decided), (SELECT max(id) FROM decided), (SELECT count(*) FROM flipped),
-        ARRAY(SELECT id FROM decided WHERE to_python ORDER BY id)
+        ARRAY(
+            SELECT d.id FROM decided d
+            WHERE d.to_python OR (d.amount IS NOT NULL AND NOT EXISTS (SELECT 1 FROM flipped f WHERE f.id = d.id))
+            ORDER BY d.id
+        )
     """
     values = [*params, EventStatus.MAPPED.value, EventStatus.UNMAPPED.value, workspace_id, feature_id, rule_id]
     with connection.cursor() as cursor:

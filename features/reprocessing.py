@@ -88,7 +88,13 @@ def process_chunk(job_id: int, chunk_size: int | None = None) -> ChunkResult:
             scanned, last_id, mapped, python_ids = in_sql
             # The rows SQL left to the evaluator, locked already by the statement that decided the rest.
             rows = (
-                list(Event.objects.filter(id__in=python_ids).order_by("id").values_list(*_READ)) if python_ids else []
+                list(
+                    Event.objects.filter(id__in=python_ids, status=EventStatus.UNMAPPED)
+                    .order_by("id")
+                    .values_list(*_READ)
+                )
+                if python_ids
+                else []
             )
         usages: list[ledger.UsageRow] = []
         mapped_ids: list[int] = []
