@@ -72,12 +72,18 @@ def _serial_server(service_seconds: float):
 
 
 def _open_loop(port: int, rate: float, duration: float) -> dict:
-    import asyncio
-
-    from bench.load import Run
+    """The load client as the harness runs it: its own process, the spec on stdin."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
     spec = {"host": "127.0.0.1", "port": port, "path": "/x", "connections": 1, "warmup": 0, "duration": duration}
-    return asyncio.run(Run({**spec, "kind": "track", "prefix": "ol", "rate": rate}).main())
+    spec.update(kind="track", prefix="ol", rate=rate)
+    load = Path(__file__).resolve().parent.parent / "bench" / "load.py"
+    done = subprocess.run(
+        [sys.executable, str(load)], input=json.dumps(spec), capture_output=True, text=True, check=True, timeout=60
+    )
+    return json.loads(done.stdout)
 
 
 def test_the_open_loop_sends_at_the_offered_rate_whatever_the_server_does():
