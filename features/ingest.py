@@ -73,31 +73,36 @@ def ingest_usage_messages(*, workspace: Workspace, messages: list[Message]) -> l
 
 
 def _ingest_one_usage_message(workspace: Workspace, message: Message) -> list[Outcome]:
-    """What ``_ingest_usage_once`` does for one message, in two round trips when its user
-    exists: {BEGIN, rules lock, rules version, replay check, userId lookup}, then {event
-    and usage insert, COMMIT} (``kana.db.pipelined``). The same statements in the same
-    order in one transaction, so the exactness argument of the rules lock is unchanged
-    (docs/architecture.md, "Rules and retroactive reprocessing"). This is how Segment sends
-    most messages: one per request."""
+    """``_ingest_usage_once`` for one message, in two round trips when its user exists:
+    {BEGIN, rules lock, rules version, replay check, userId lookup}, then {event and usage
+    insert, COMMIT} (``kana.db.pipelined``). The same statements in the same order in one
+    transaction, and the same ``_record_usage`` after the first round trip, so the exactness
+    argument of the rules lock is unchanged (docs/architecture.md, "Rules and retroactive
+    reprocessing"). This is how Segment sends most messages: one per request."""
     with pipelined.transaction():
         lookup = user_services.known_users_sql(workspace, [message.user_id])
         version, replayed, known = ledger.begin_and_lock_rules_for_one(workspace, message.message_id, lookup)
-        if replayed:
-            return [Outcome(message.message_id, "duplicate")]
-        rule_set = load_rule_set(workspace.pk, version)
-        user_pk = user_services.resolve_users(workspace=workspace, external_ids={message.user_id}, known=dict(known))[
-            message.user_id
-        ]
-        decision = decide(rule_set, message.name, message.properties)
-        stored = ledger.record_usage_events(workspace, [(message, decision, user_pk)], then_commit=True)
-    if message.message_id not in stored:
-        return [Outcome(message.message_id, "duplicate")]
-    return [Outcome(message.message_id, decision.status, decision.reason, user_pk)]
+        replays = {message.message_id} if replayed else set()
+        return _record_usage(workspace, [message], version, replays, known_users=dict(known), then_commit=True)
 
 
 @transaction.atomic
 def _ingest_usage_once(workspace: Workspace, messages: list[Message]) -> list[Outcome]:
     version, replayed = ledger.lock_rules_and_find_replays(workspace, {m.message_id for m in messages})
+    return _record_usage(workspace, messages, version, replayed)
+
+
+def _record_usage(
+    workspace: Workspace,
+    messages: list[Message],
+    version: int,
+    replayed: set[str],
+    *,
+    known_users: dict[str, int] | None = None,
+    then_commit: bool = False,
+) -> list[Outcome]:
+    """Decide and store a run of usage messages, inside the transaction that took the rules
+    lock and read ``version`` and ``replayed`` (both ingest paths end here)."""
     fresh: dict[str, Message] = {}
     for message in messages:
         if message.message_id not in replayed and message.message_id not in fresh:
@@ -106,9 +111,11 @@ def _ingest_usage_once(workspace: Workspace, messages: list[Message]) -> list[Ou
         return [Outcome(m.message_id, "duplicate") for m in messages]
 
     rule_set = load_rule_set(workspace.pk, version)
-    user_pks = user_services.resolve_users(workspace=workspace, external_ids={m.user_id for m in fresh.values()})
+    user_pks = user_services.resolve_users(
+        workspace=workspace, external_ids={m.user_id for m in fresh.values()}, known=known_users
+    )
     decided = [(m, decide(rule_set, m.name, m.properties), user_pks[m.user_id]) for m in fresh.values()]
-    stored = ledger.record_usage_events(workspace, decided)
+    stored = ledger.record_usage_events(workspace, decided, then_commit=then_commit)
     # The first occurrence of a stored messageId gets its outcome; a repeat is a duplicate.
     first = {
         m.message_id: Outcome(m.message_id, d.status, d.reason, pk) for m, d, pk in decided if m.message_id in stored
