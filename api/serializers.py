@@ -9,6 +9,7 @@ from rest_framework import serializers
 
 from features.models import EventStatus, FeatureType
 from features.rules import OPERATORS
+from kana.models import ANONYMOUS_HOLD_DAYS_MAX, ANONYMOUS_HOLD_DAYS_MIN, AnonymousEvents
 from features.selectors import reprocessing_of
 from users.models import MergeReason, UserFlag
 from users.profile import CHOOSABLE_FIELDS, FIELD_CHOICES
@@ -368,3 +369,29 @@ class AuditEntrySerializer(serializers.Serializer):
 class AuditFilterSerializer(serializers.Serializer):
     action = serializers.CharField(required=False, max_length=64, help_text='e.g. "feature.delete".')
     object_type = serializers.CharField(required=False, max_length=64, help_text='e.g. "feature", "user", "event".')
+
+
+# --- The workspace's settings -------------------------------------------------------------
+
+
+class WorkspaceSettingsSerializer(serializers.Serializer):
+    id = serializers.IntegerField(read_only=True)
+    name = serializers.CharField()
+    anonymous_events = serializers.ChoiceField(
+        choices=AnonymousEvents.values,
+        help_text="`reject` (default): an event with only an anonymousId is a 400 `anonymous_event`; "
+        "`hold`: it is stored as pending until an identify or alias names that anonymousId.",
+    )
+    anonymous_hold_days = serializers.IntegerField(
+        min_value=ANONYMOUS_HOLD_DAYS_MIN,
+        max_value=ANONYMOUS_HOLD_DAYS_MAX,
+        help_text="How long pending anonymous events wait for their user before they expire.",
+    )
+
+
+class WorkspaceSettingsUpdateSerializer(serializers.Serializer):
+    name = StrictCharField(required=False, max_length=200)
+    anonymous_events = serializers.ChoiceField(required=False, choices=AnonymousEvents.values)
+    anonymous_hold_days = StrictIntegerField(
+        required=False, min_value=ANONYMOUS_HOLD_DAYS_MIN, max_value=ANONYMOUS_HOLD_DAYS_MAX
+    )

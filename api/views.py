@@ -20,7 +20,8 @@ from features.services import (
     rule_update,
 )
 from kana.audit import audit_entries
-from kana.models import AuditEntry
+from kana.models import AuditEntry, Workspace
+from kana.services import workspace_settings_update
 from users import selectors as user_selectors
 from users.models import EndUser, MergeReason, MergeRecord, UserIdentity
 from users.profile import validated_changes
@@ -612,3 +613,28 @@ class AuditViewSet(mixins.ListModelMixin, WorkspaceViewSet):
     def scope(self, entries):
         filters = self.query(s.AuditFilterSerializer)
         return audit_entries(self.workspace, entries=entries, **filters)
+
+
+class WorkspaceSettingsViewSet(WorkspaceViewSet):
+    """The calling key's own workspace: no id in the path, no other workspace reachable."""
+
+    serializer_class = s.WorkspaceSettingsSerializer
+
+    def _answer(self, workspace) -> Response:
+        return Response(s.WorkspaceSettingsSerializer(workspace).data)
+
+    @extend_schema(summary="The workspace's settings")
+    def retrieve(self, request):
+        # Read afresh: the request's workspace may come from the key cache, a few seconds old.
+        return self._answer(Workspace.objects.get(pk=self.workspace.pk))
+
+    @extend_schema(
+        summary="Change the workspace's settings",
+        description="Recorded in the audit log (`workspace.update`) when something changed.",
+        request=s.WorkspaceSettingsUpdateSerializer,
+        responses=s.WorkspaceSettingsSerializer,
+        examples=[OpenApiExample("Hold anonymous events", value={"anonymous_events": "hold"}, request_only=True)],
+    )
+    def partial_update(self, request):
+        changes = self.body(s.WorkspaceSettingsUpdateSerializer)
+        return self._answer(workspace_settings_update(workspace=self.workspace, changes=changes, actor=self.actor))
