@@ -9,11 +9,12 @@ from rest_framework import serializers
 
 from features.models import EventStatus, FeatureType
 from features.rules import OPERATORS
-from kana.models import ANONYMOUS_HOLD_DAYS_MAX, ANONYMOUS_HOLD_DAYS_MIN, AnonymousEvents
 from features.selectors import reprocessing_of
+from kana.models import ANONYMOUS_HOLD_DAYS_MAX, ANONYMOUS_HOLD_DAYS_MIN, AnonymousEvents
 from users.models import MergeReason, UserFlag
 from users.profile import CHOOSABLE_FIELDS, FIELD_CHOICES
 from users.selectors import flags_of, user_ids_of
+from users.services import DELETE_EVENTS_CHOICES
 
 from .ids import MAX_ID
 
@@ -204,7 +205,9 @@ class _Total(serializers.DecimalField):
 
 
 class UsageRowSerializer(serializers.Serializer):
-    user = serializers.IntegerField(help_text="Kana id of the user.")
+    user = serializers.IntegerField(
+        allow_null=True, help_text="Kana id of the user (null: usage of deleted users whose events were kept)."
+    )
     user_id = serializers.CharField(allow_null=True, help_text="The user's canonical userId (null: a bare user).")
     feature = serializers.CharField(help_text="Feature id.")
     total = _Total(help_text="Sum of the usage amounts.")
@@ -369,6 +372,14 @@ class AuditEntrySerializer(serializers.Serializer):
 class AuditFilterSerializer(serializers.Serializer):
     action = serializers.CharField(required=False, max_length=64, help_text='e.g. "feature.delete".')
     object_type = serializers.CharField(required=False, max_length=64, help_text='e.g. "feature", "user", "event".')
+
+
+class UserDeleteQuerySerializer(serializers.Serializer):
+    events = serializers.ChoiceField(
+        required=False,
+        choices=DELETE_EVENTS_CHOICES,
+        help_text="`keep` (default): events and usage stay, detached and anonymised; `delete`: they go too.",
+    )
 
 
 # --- The workspace's settings -------------------------------------------------------------

@@ -84,7 +84,16 @@ def page_of(example: dict) -> dict:
     retrieve=extend_schema(
         summary="Get a user", examples=[OpenApiExample("A user", value=USER_EXAMPLE, response_only=True)]
     ),
-    destroy=extend_schema(summary="Delete a user (its events stay, detached)"),
+    destroy=extend_schema(
+        summary="Delete a user and suppress its userIds",
+        description=(
+            "`events=keep` (default): its events and usage stay, detached from any user and anonymised, so "
+            "feature totals do not change. `events=delete`: they are deleted, and the totals change. Either "
+            "way every userId of the user is suppressed: later messages naming one answer 200 "
+            '`{"status": "suppressed"}` and are not stored. Recorded in the audit log (`user.delete`).'
+        ),
+        parameters=[s.UserDeleteQuerySerializer],
+    ),
 )
 class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, WorkspaceViewSet):
     model = EndUser
@@ -121,7 +130,8 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Destr
         return Response(self.get_serializer(self.get_queryset().get(pk=user.pk)).data)
 
     def perform_destroy(self, user):
-        delete_user(workspace=self.workspace, user_pk=user.pk, actor=self.actor)
+        events = self.query(s.UserDeleteQuerySerializer).get("events", "keep")
+        delete_user(workspace=self.workspace, user_pk=user.pk, actor=self.actor, events=events)
 
     @extend_schema(
         summary="Merge users into one",

@@ -12,7 +12,7 @@ ledger as processed events.
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from django.db import transaction
+from django.db import connection, transaction
 
 from kana.models import Workspace
 from kana.retries import ConcurrentChange, run_with_retries
@@ -21,9 +21,11 @@ from users.profile import UNSET, validated_changes
 
 from . import ledger
 from .incoming import Message
-from .mapping import decide, load_rule_set
+from .mapping import Decision, decide, load_rule_set
 from .models import USAGE_TYPES, EventStatus, MessageType
 
+# The answer to a message naming a suppressed userId (SPEC §12): not stored.
+OUTCOME_SUPPRESSED = "suppressed"
 BILLING_TRAITS = ("billingUserId", "billingId")
 PROFILE_TRAITS = {"name", "email", *BILLING_TRAITS}
 ENGAGE_CLASSES = {"audience", "trait"}
@@ -32,7 +34,9 @@ ENGAGE_CLASSES = {"audience", "trait"}
 @dataclass
 class Outcome:
     message_id: str
-    status: str  # mapped, unmapped, processed, or duplicate (a replay: nothing changed)
+    # mapped, unmapped, processed, pending (a held anonymous event), duplicate (a replay:
+    # nothing changed) or suppressed (names a deleted user's userId: not stored)
+    status: str
     reason: str = ""
     user_pk: int | None = None
     warnings: list[dict] = field(default_factory=list)
@@ -71,23 +75,52 @@ def ingest_usage_messages(*, workspace: Workspace, messages: list[Message]) -> l
 
 @transaction.atomic
 def _ingest_usage_once(workspace: Workspace, messages: list[Message]) -> list[Outcome]:
-    version, replayed = ledger.lock_rules_and_find_replays(workspace, {m.message_id for m in messages})
-    fresh: dict[str, Message] = {}
-    for message in messages:
-        if message.message_id not in replayed and message.message_id not in fresh:
-            fresh[message.message_id] = message
-    if not fresh:
-        return [Outcome(m.message_id, "duplicate") for m in messages]
-
-    rule_set = load_rule_set(workspace.pk, version)
-    user_pks = user_services.resolve_users(workspace=workspace, external_ids={m.user_id for m in fresh.values()})
-    decided = [(m, decide(rule_set, m.name, m.properties), user_pks[m.user_id]) for m in fresh.values()]
-    stored = ledger.record_usage_events(workspace, decided)
-    # The first occurrence of a stored messageId gets its outcome; a repeat is a duplicate.
-    first = {
-        m.message_id: Outcome(m.message_id, d.status, d.reason, pk) for m, d, pk in decided if m.message_id in stored
-    }
+    user_ids = {m.user_id for m in messages if m.user_id}
+    version, replayed, suppressed = ledger.lock_rules_and_find_replays(
+        workspace, {m.message_id for m in messages}, user_ids
+    )
+    fresh, first = _fresh_and_suppressed(messages, replayed, suppressed)
+    if fresh:
+        rule_set = load_rule_set(workspace.pk, version)
+        external_ids = {m.user_id for m in fresh.values() if m.user_id}
+        user_pks = user_services.resolve_users(workspace=workspace, external_ids=external_ids) if external_ids else {}
+        decided = [
+            # Held anonymous events (no userId: the edge only lets them through for a workspace
+            # that holds them) wait, unmapped by nothing, for an identify or alias.
+            (m, decide(rule_set, m.name, m.properties), user_pks[m.user_id]) if m.user_id else (m, _PENDING, None)
+            for m in fresh.values()
+        ]
+        stored = ledger.record_usage_events(workspace, decided)
+        first.update(
+            {
+                m.message_id: Outcome(m.message_id, d.status, d.reason, pk)
+                for m, d, pk in decided
+                if m.message_id in stored
+            }
+        )
+    # The first occurrence of a stored (or suppressed) messageId gets its outcome; a repeat is a duplicate.
     return [first.pop(m.message_id, None) or Outcome(m.message_id, "duplicate") for m in messages]
+
+
+_PENDING = Decision(EventStatus.PENDING)
+
+
+def _fresh_and_suppressed(
+    messages: list[Message], replayed: set[str], suppressed: set[str]
+) -> tuple[dict[str, Message], dict[str, Outcome]]:
+    """The messages to store (not replayed, first of their messageId), and the ``suppressed``
+    outcomes of those naming a suppressed userId (or previousId): answered, never stored."""
+    fresh: dict[str, Message] = {}
+    answered: dict[str, Outcome] = {}
+    for message in messages:
+        message_id = message.message_id
+        if message_id in replayed or message_id in fresh or message_id in answered:
+            continue
+        if message.user_id in suppressed or message.previous_id in suppressed:
+            answered[message_id] = Outcome(message_id, OUTCOME_SUPPRESSED)
+        else:
+            fresh[message_id] = message
+    return fresh, answered
 
 
 # --- Identify, group and alias calls ------------------------------------------------------
@@ -119,12 +152,17 @@ def _record_profile_run(workspace: Workspace, messages: list[Message], apply: Ap
 def _record_profile_chunk(workspace: Workspace, messages: list[Message], apply: Applier) -> list[Outcome]:
     """Outcomes of a prefix of ``messages`` (at least one), in one transaction: replays
     answered ``duplicate``, the rest applied and stored as processed events."""
-    replayed = ledger.stored_message_ids(workspace, {m.message_id for m in messages})
-    fresh: dict[str, Message] = {}
-    for message in messages:
-        if message.message_id not in replayed:
-            fresh.setdefault(message.message_id, message)
+    named = {m.user_id for m in messages if m.user_id} | {m.previous_id for m in messages if m.previous_id}
+    replayed, suppressed = ledger.find_replays_and_suppressed(workspace, {m.message_id for m in messages}, named)
+    fresh, suppressed_outcomes = _fresh_and_suppressed(messages, replayed, suppressed)
     applied, merges = apply(workspace, list(fresh.values())) if fresh else ([], {})
+    if applied and connection.vendor == "postgresql":
+        applied_ids = {m.user_id for m, _, _ in applied} | {m.previous_id for m, _, _ in applied if m.previous_id}
+        if user_services.suppressed_user_ids(workspace=workspace, user_ids=applied_ids):
+            # A user was deleted (its userIds suppressed) after the check above, and this
+            # chunk may have given one of them a user again: run again, they are now answered
+            # ``suppressed``. (SQLite serialises writers: the check cannot be overtaken.)
+            raise ConcurrentChange()
     if merges:
         # A later message of the chunk merged away the user of an earlier one: its event
         # belongs to the survivor, as it would had it been stored before that merge.
@@ -138,7 +176,11 @@ def _record_profile_chunk(workspace: Workspace, messages: list[Message], apply: 
         if message_id in fresh and message_id not in processed and message_id not in answered:
             break  # not applied in this chunk: the caller sends it, and what follows, again
         answered.add(message_id)
-        outcomes.append(processed.pop(message_id, None) or Outcome(message_id, "duplicate"))
+        outcomes.append(
+            processed.pop(message_id, None)
+            or suppressed_outcomes.pop(message_id, None)
+            or Outcome(message_id, "duplicate")
+        )
     return outcomes
 
 

@@ -20,6 +20,7 @@ from django.dispatch import receiver
 from kana.copy_rows import copy_rows
 from kana.locks import lock_rules_shared_and_read
 from kana.models import Workspace
+from users.models import Suppression
 from users.signals import user_absorbed, user_deleting, user_restored
 
 from .incoming import Message
@@ -101,7 +102,7 @@ def _event_row(
         str(m.type),
         m.name,
         user_pk,
-        m.user_id or "",
+        m.user_id or m.anonymous_id or "",  # a pending event is keyed by its anonymousId
         m.payload_text(),
         m.occurred_at,
         m.received_at,
@@ -194,7 +195,7 @@ def _insert_serialised(workspace: Workspace, decided: list[Decided]) -> None:
             type=m.type,
             name=m.name,
             user_id=user_pk,
-            external_user_id=m.user_id,
+            external_user_id=m.user_id or m.anonymous_id or "",
             payload=m.payload,
             occurred_at=m.occurred_at,
             received_at=m.received_at,
@@ -222,13 +223,50 @@ def _insert_serialised(workspace: Workspace, decided: list[Decided]) -> None:
         Usage.objects.bulk_create(usages)
 
 
-def lock_rules_and_find_replays(workspace: Workspace, message_ids: set[str]) -> tuple[int, set[str]]:
-    """The rules version (under the shared rules lock) and which messageIds are stored
-    already, in one round trip: this runs for every message Segment sends one at a time."""
-    placeholders = ", ".join(["%s"] * len(message_ids))
-    sql = f"SELECT message_id FROM {Event._meta.db_table} WHERE workspace_id = %s AND message_id IN ({placeholders})"
-    version, rows = lock_rules_shared_and_read(workspace.pk, sql, [workspace.pk, *message_ids])
-    return version, {message_id for (message_id,) in rows}
+def _replays_and_suppressed_sql(workspace: Workspace, message_ids: set[str], user_ids: set[str]) -> tuple[str, list]:
+    """One read for both questions a run asks before storing anything: which messageIds are
+    stored already (replays), which userIds are suppressed (their user was deleted). Both
+    are indexed lookups on unique constraints; rows come back as (value, is_suppression)."""
+    sql = (
+        f"SELECT message_id, 0 FROM {_EVENT_TABLE} WHERE workspace_id = %s"
+        f" AND message_id IN ({', '.join(['%s'] * len(message_ids))})"
+    )
+    params = [workspace.pk, *message_ids]
+    if user_ids:
+        sql += (
+            f" UNION ALL SELECT user_id, 1 FROM {Suppression._meta.db_table} WHERE workspace_id = %s"
+            f" AND user_id IN ({', '.join(['%s'] * len(user_ids))})"
+        )
+        params += [workspace.pk, *user_ids]
+    return sql, params
+
+
+def _split_replays_and_suppressed(rows: list[tuple]) -> tuple[set[str], set[str]]:
+    replayed, suppressed = set(), set()
+    for value, is_suppression in rows:
+        (suppressed if is_suppression else replayed).add(value)
+    return replayed, suppressed
+
+
+def lock_rules_and_find_replays(
+    workspace: Workspace, message_ids: set[str], user_ids: set[str] = frozenset()
+) -> tuple[int, set[str], set[str]]:
+    """The rules version (under the shared rules lock), which messageIds are stored already
+    and which of ``user_ids`` are suppressed, in one round trip: this runs for every message
+    Segment sends one at a time."""
+    sql, params = _replays_and_suppressed_sql(workspace, message_ids, user_ids)
+    version, rows = lock_rules_shared_and_read(workspace.pk, sql, params)
+    return version, *_split_replays_and_suppressed(rows)
+
+
+def find_replays_and_suppressed(
+    workspace: Workspace, message_ids: set[str], user_ids: set[str]
+) -> tuple[set[str], set[str]]:
+    """Which messageIds are stored already, and which of ``user_ids`` are suppressed."""
+    sql, params = _replays_and_suppressed_sql(workspace, message_ids, user_ids)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return _split_replays_and_suppressed(cursor.fetchall())
 
 
 def record_processed_events(workspace: Workspace, applied: list[tuple[Message, int, list[dict]]]) -> set[str]:
@@ -265,13 +303,6 @@ def record_processed_events(workspace: Workspace, applied: list[tuple[Message, i
         return {message_id for (message_id,) in cursor.fetchall()}
 
 
-def stored_message_ids(workspace: Workspace, message_ids: set[str]) -> set[str]:
-    """Which of these messageIds are stored already (replays)."""
-    return set(
-        Event.objects.for_workspace(workspace).filter(message_id__in=message_ids).values_list("message_id", flat=True)
-    )
-
-
 # --- Reprocessing: mapping stored events -------------------------------------------------
 
 # One (event_id, feature_id, rule_id or None, amount) per usage record to write.
@@ -282,15 +313,12 @@ def map_events(workspace_id: int, event_ids: list[int], usages: list[UsageRow]) 
     """Flip still-unmapped events to mapped and record their usage; returns events flipped.
 
     Usage is written only for the rows this UPDATE flipped, with the event's user and
-    original time, so an event can never be counted by two runs.
+    original time, so an event can never be counted by two runs. A detached event (its user
+    was deleted, its events kept) gets usage without a user: it counts for the feature.
     """
     if connection.vendor == "postgresql":
         return _map_events_postgres(workspace_id, event_ids, usages)
-    flipped = dict(
-        Event.objects.filter(id__in=event_ids, status=EventStatus.UNMAPPED, user__isnull=False).values_list(
-            "id", "user_id"
-        )
-    )
+    flipped = dict(Event.objects.filter(id__in=event_ids, status=EventStatus.UNMAPPED).values_list("id", "user_id"))
     times = dict(Event.objects.filter(id__in=list(flipped)).values_list("id", "occurred_at"))
     Event.objects.filter(id__in=list(flipped)).update(status=EventStatus.MAPPED, unmapped_reason="")
     Usage.objects.bulk_create(
@@ -318,7 +346,7 @@ def map_events(workspace_id: int, event_ids: list[int], usages: list[UsageRow]) 
 _MAP_EVENTS_SQL = f"""
 WITH flipped AS (
     UPDATE {Event._meta.db_table} SET status = %(mapped)s, unmapped_reason = ''
-    WHERE id = ANY(%(event_ids)s) AND status = %(unmapped)s AND user_id IS NOT NULL
+    WHERE id = ANY(%(event_ids)s) AND status = %(unmapped)s
     RETURNING id, user_id, occurred_at
 ), recorded AS (
     INSERT INTO {Usage._meta.db_table} (workspace_id, user_id, feature_id, event_id, rule_id, amount, occurred_at)
@@ -409,15 +437,39 @@ def reassign_user(*, workspace_id: int, absorbed_pk: int, survivor_pk: int) -> N
     Usage.objects.for_workspace(workspace_id).filter(user_id=absorbed_pk).update(user_id=survivor_pk)
 
 
-def forget_user(*, workspace_id: int, user_pk: int) -> None:
-    """A user is being deleted: its usage goes, its events stay, detached, for the record."""
-    Usage.objects.for_workspace(workspace_id).filter(user_id=user_pk).delete()
-    Event.objects.for_workspace(workspace_id).filter(user_id=user_pk).update(user_id=None)
+# What anonymising a kept event removes from its payload: who sent it. ``properties`` stay:
+# the rules read them, and a rule created later must map the event as it did before.
+_IDENTIFYING_KEYS = ("userId", "anonymousId", "previousId", "traits", "context")
+
+
+def forget_user(*, workspace_id: int, user_pk: int, keep_events: bool = True) -> None:
+    """A user is being deleted. ``keep_events``: its events and usage stay, detached (no user)
+    and anonymised, so feature totals do not change; else both are deleted."""
+    usage = Usage.objects.for_workspace(workspace_id).filter(user_id=user_pk)
+    events = Event.objects.for_workspace(workspace_id).filter(user_id=user_pk)
+    if not keep_events:
+        usage.delete()
+        events.delete()
+        return
+    usage.update(user_id=None)
+    if connection.vendor == "postgresql":
+        stripped, params = "payload - %s::text[]", [list(_IDENTIFYING_KEYS)]
+    else:
+        stripped, params = (
+            f"json_remove(payload, {', '.join(['%s'] * len(_IDENTIFYING_KEYS))})",
+            [f"$.{key}" for key in _IDENTIFYING_KEYS],
+        )
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {_EVENT_TABLE} SET user_id = NULL, external_user_id = '', payload = {stripped}"
+            " WHERE workspace_id = %s AND user_id = %s",
+            [*params, workspace_id, user_pk],
+        )
 
 
 @receiver(user_deleting, dispatch_uid="features.ledger.forget_user")
-def _on_user_deleting(sender, *, workspace_id: int, user_pk: int, **kwargs) -> None:
-    forget_user(workspace_id=workspace_id, user_pk=user_pk)
+def _on_user_deleting(sender, *, workspace_id: int, user_pk: int, keep_events: bool = True, **kwargs) -> None:
+    forget_user(workspace_id=workspace_id, user_pk=user_pk, keep_events=keep_events)
 
 
 @receiver(user_absorbed, dispatch_uid="features.ledger.reassign_user")

@@ -31,6 +31,11 @@ class EventStatus(models.TextChoices):
     PROCESSED = "processed"
     # Corrected by an admin (features.corrections.event_void): no usage, never mapped again.
     VOIDED = "voided"
+    # A held anonymous event (workspace setting anonymous_events = hold): no user yet, kept
+    # under its anonymousId (external_user_id) until an identify or alias links that id.
+    PENDING = "pending"
+    # A pending event whose hold window passed with no link: counted, never mapped.
+    EXPIRED = "expired"
 
 
 class UnmappedReason(models.TextChoices):
@@ -140,7 +145,9 @@ class Usage(models.Model):
     """How much of a feature one event used. At most one row per (event, feature)."""
 
     workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+")
-    user = models.ForeignKey(EndUser, on_delete=models.CASCADE, related_name="usage")
+    # Null: the user was deleted with its events kept (``ledger.forget_user``): the usage still
+    # counts for its feature, for no user.
+    user = models.ForeignKey(EndUser, null=True, blank=True, on_delete=models.CASCADE, related_name="usage")
     # PROTECT: recorded usage is never deleted as a side effect of deleting its feature.
     feature = models.ForeignKey(Feature, on_delete=models.PROTECT, related_name="usage")
     event = models.ForeignKey(Event, on_delete=models.CASCADE, related_name="usage")

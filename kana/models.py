@@ -40,7 +40,10 @@ class Workspace(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     # Settings an admin changes through kana.services.workspace_settings_update (audited).
     anonymous_events = models.CharField(
-        max_length=16, choices=AnonymousEvents.choices, default=AnonymousEvents.REJECT, db_default=AnonymousEvents.REJECT
+        max_length=16,
+        choices=AnonymousEvents.choices,
+        default=AnonymousEvents.REJECT,
+        db_default=AnonymousEvents.REJECT,
     )
     anonymous_hold_days = models.PositiveSmallIntegerField(
         default=ANONYMOUS_HOLD_DAYS_DEFAULT, db_default=ANONYMOUS_HOLD_DAYS_DEFAULT

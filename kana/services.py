@@ -83,7 +83,11 @@ def _validated_settings(changes: dict) -> dict:
     if "anonymous_events" in changes and changes["anonymous_events"] not in AnonymousEvents.values:
         raise WorkspaceError("invalid_value", "anonymous_events must be reject or hold", "anonymous_events")
     days = changes.get("anonymous_hold_days", ANONYMOUS_HOLD_DAYS_MIN)
-    if isinstance(days, bool) or not isinstance(days, int) or not ANONYMOUS_HOLD_DAYS_MIN <= days <= ANONYMOUS_HOLD_DAYS_MAX:
+    if (
+        isinstance(days, bool)
+        or not isinstance(days, int)
+        or not ANONYMOUS_HOLD_DAYS_MIN <= days <= ANONYMOUS_HOLD_DAYS_MAX
+    ):
         raise WorkspaceError(
             "invalid_value",
             f"anonymous_hold_days must be a whole number from {ANONYMOUS_HOLD_DAYS_MIN} to {ANONYMOUS_HOLD_DAYS_MAX}",

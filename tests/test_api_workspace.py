@@ -19,7 +19,12 @@ def test_it_changes_settings_and_records_them_in_the_audit_log(tenant, other_ten
     api = ApiClient(tenant)
     response = api.patch("workspace", {"anonymous_events": "hold", "anonymous_hold_days": 7})
     assert response.status_code == 200, response.content
-    assert response.json() == {"id": tenant.workspace.pk, "name": "Acme", "anonymous_events": "hold", "anonymous_hold_days": 7}
+    assert response.json() == {
+        "id": tenant.workspace.pk,
+        "name": "Acme",
+        "anonymous_events": "hold",
+        "anonymous_hold_days": 7,
+    }
     assert api.get("workspace").json()["anonymous_hold_days"] == 7
     entry = AuditEntry.objects.get(workspace=tenant.workspace, action="workspace.update")
     assert (entry.actor, entry.object_type, entry.object_id) == (
@@ -72,6 +77,8 @@ def test_the_settings_page_saves_with_its_csrf_token(member, tenant):
 
 
 def test_the_settings_page_refuses_days_out_of_range(member_client, tenant):
-    response = member_client.post("/settings/", {"name": "Acme", "anonymous_events": "hold", "anonymous_hold_days": "0"})
+    response = member_client.post(
+        "/settings/", {"name": "Acme", "anonymous_events": "hold", "anonymous_hold_days": "0"}
+    )
     assert response.status_code == 400 and b"errorlist" in response.content
     assert Workspace.objects.get(pk=tenant.workspace.pk).anonymous_events == "reject"
