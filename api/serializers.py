@@ -398,6 +398,12 @@ class WorkspaceSettingsSerializer(serializers.Serializer):
         max_value=ANONYMOUS_HOLD_DAYS_MAX,
         help_text="How long pending anonymous events wait for their user before they expire.",
     )
+    anonymous_pending = serializers.IntegerField(
+        read_only=True, help_text="Held anonymous events waiting for an identify or alias."
+    )
+    anonymous_expired = serializers.IntegerField(
+        read_only=True, help_text="Held anonymous events whose hold window passed: kept, counted, never mapped."
+    )
 
 
 class WorkspaceSettingsUpdateSerializer(serializers.Serializer):

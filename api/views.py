@@ -21,7 +21,7 @@ from features.services import (
 )
 from kana.audit import audit_entries
 from kana.models import AuditEntry, Workspace
-from kana.services import workspace_settings_update
+from kana.services import workspace_settings, workspace_settings_update
 from users import selectors as user_selectors
 from users.models import EndUser, MergeReason, MergeRecord, UserIdentity
 from users.profile import validated_changes
@@ -631,7 +631,14 @@ class WorkspaceSettingsViewSet(WorkspaceViewSet):
     serializer_class = s.WorkspaceSettingsSerializer
 
     def _answer(self, workspace) -> Response:
-        return Response(s.WorkspaceSettingsSerializer(workspace).data)
+        counts = feature_selectors.anonymous_event_counts(workspace)
+        data = {
+            "id": workspace.pk,
+            **workspace_settings(workspace),
+            "anonymous_pending": counts["pending"],
+            "anonymous_expired": counts["expired"],
+        }
+        return Response(s.WorkspaceSettingsSerializer(data).data)
 
     @extend_schema(summary="The workspace's settings")
     def retrieve(self, request):

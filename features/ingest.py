@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from django.db import connection, transaction
 
+from kana.locks import lock_rules_shared
 from kana.models import Workspace
 from kana.retries import ConcurrentChange, run_with_retries
 from users import services as user_services
@@ -169,6 +170,9 @@ def _record_profile_chunk(workspace: Workspace, messages: list[Message], apply: 
         applied = [(m, _survivor(pk, merges), w) for m, pk, w in applied]
     if len(ledger.record_processed_events(workspace, applied)) != len(applied):
         raise ConcurrentChange()  # a concurrent request stored one of them: redo without it
+    links = _anonymous_links(applied)
+    if links:
+        attribute_pending_events(workspace, links)
     processed = {m.message_id: Outcome(m.message_id, EventStatus.PROCESSED, "", pk, w) for m, pk, w in applied}
     outcomes, answered = [], set()
     for message in messages:
@@ -182,6 +186,37 @@ def _record_profile_chunk(workspace: Workspace, messages: list[Message], apply: 
             or Outcome(message_id, "duplicate")
         )
     return outcomes
+
+
+def _anonymous_links(applied: list[tuple[Message, int, list[dict]]]) -> dict[str, tuple[int, str]]:
+    """anonymousId -> (user id, userId) for what this chunk linked: an identify carrying both
+    ids, an alias whose previousId may be an anonymousId. The first link of an id wins."""
+    links: dict[str, tuple[int, str]] = {}
+    for message, user_pk, _warnings in applied:
+        anonymous_id = message.previous_id if message.type == MessageType.ALIAS else message.anonymous_id
+        if anonymous_id and message.type != MessageType.GROUP:
+            links.setdefault(anonymous_id, (user_pk, message.user_id))
+    return links
+
+
+def attribute_pending_events(workspace: Workspace, links: dict[str, tuple[int, str]]) -> int:
+    """Move the pending events of linked anonymousIds to their user and map them with the
+    rules, in the caller's transaction; returns the events mapped.
+
+    Under the shared rules lock, like ingest and reprocessing, with the same evaluator: an
+    event attributed while a rule is created is either mapped here with that rule or left
+    unmapped with an id the rule's reprocessing job covers (SPEC §6 exactness).
+    """
+    event_ids = ledger.pending_event_ids(workspace, set(links))
+    if not event_ids:
+        return 0
+    rule_set = load_rule_set(workspace.pk, lock_rules_shared(workspace.pk))
+    owners: dict[int, tuple[int, str]] = {}
+    decisions: dict[int, Decision] = {}
+    for event_id, anonymous_id, name, properties in ledger.lock_pending_events(workspace, event_ids):
+        owners[event_id] = links[anonymous_id]
+        decisions[event_id] = decide(rule_set, name, properties)
+    return ledger.attribute_pending_events(workspace, owners, decisions) if owners else 0
 
 
 def _survivor(user_pk: int, merges: dict[int, int]) -> int:

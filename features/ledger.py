@@ -12,6 +12,7 @@ Idempotency is the database's: ``(workspace, message_id)`` is unique on events a
 """
 
 import json
+from datetime import timedelta
 from decimal import Decimal
 
 from django.db import connection
@@ -398,6 +399,92 @@ def set_unmapped_reasons(event_ids_by_reason: dict[str, list[int]]) -> None:
     """Events still unmapped, but now for another reason (a new feature, an invalid delta)."""
     for reason, ids in event_ids_by_reason.items():
         Event.objects.filter(id__in=ids, status=EventStatus.UNMAPPED).update(unmapped_reason=reason)
+
+
+# --- Held anonymous events: pending until an identify or alias names their anonymousId -----
+
+
+def pending_event_ids(workspace: Workspace, anonymous_ids: set[str]) -> list[int]:
+    """The pending events kept under these anonymousIds (a probe on a small partial index:
+    most identifies carry an anonymousId, few have events waiting)."""
+    return list(
+        Event.objects.for_workspace(workspace)
+        .filter(status=EventStatus.PENDING, external_user_id__in=anonymous_ids)
+        .values_list("id", flat=True)
+    )
+
+
+def lock_pending_events(workspace: Workspace, event_ids: list[int]) -> list[tuple[int, str, str, dict]]:
+    """Row-lock the events still pending, in id order: (id, anonymousId, name, properties).
+
+    A concurrent identify of the same anonymousId waits here, then finds them no longer
+    pending and moves nothing: an event is attributed once."""
+    rows = (
+        Event.objects.for_workspace(workspace)
+        .filter(id__in=event_ids, status=EventStatus.PENDING)
+        .order_by("id")
+        .select_for_update(of=("self",))
+        .values_list("id", "external_user_id", "name", "payload__properties")
+    )
+    return [
+        (pk, anonymous_id, name, props if isinstance(props, dict) else {}) for pk, anonymous_id, name, props in rows
+    ]
+
+
+def attribute_pending_events(
+    workspace: Workspace, owners: dict[int, tuple[int, str]], decisions: dict[int, Decision]
+) -> int:
+    """Give locked pending events their user (``owners``: event id -> (user id, userId)) and
+    map them as decided, usage at their original time; returns the events mapped.
+
+    Two steps that reuse the reprocessing write: the events become unmapped events of their
+    user (with the reason decided), then ``map_events`` flips the mapped ones and records
+    their usage, so an event cannot be counted twice whichever path maps it.
+    """
+    by_owner: dict[tuple[int, str, str], list[int]] = {}
+    for event_id, (user_pk, user_id) in owners.items():
+        by_owner.setdefault((user_pk, user_id, str(decisions[event_id].reason)), []).append(event_id)
+    for (user_pk, user_id, reason), ids in by_owner.items():
+        Event.objects.filter(id__in=ids, status=EventStatus.PENDING).update(
+            status=EventStatus.UNMAPPED, unmapped_reason=reason, user_id=user_pk, external_user_id=user_id
+        )
+    mapped = [event_id for event_id, d in decisions.items() if d.status == EventStatus.MAPPED]
+    usages = [(event_id, f, r, a) for event_id in mapped for f, a, r in decisions[event_id].usages]
+    return map_events(workspace.pk, mapped, usages) if mapped else 0
+
+
+def expire_pending_events(now) -> dict[int, int]:
+    """Pending events received longer ago than their workspace's hold window become
+    ``expired`` (counted, never mapped); returns the count per workspace id."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(_EXPIRE_SQL, {"now": now, "pending": EventStatus.PENDING, "expired": EventStatus.EXPIRED})
+            return dict(cursor.fetchall())
+    expired = {}
+    for workspace in Workspace.objects.filter(
+        pk__in=Event.objects.filter(status=EventStatus.PENDING).values("workspace_id")
+    ):
+        cutoff = now - timedelta(days=workspace.anonymous_hold_days)
+        count = (
+            Event.objects.for_workspace(workspace)
+            .filter(status=EventStatus.PENDING, received_at__lt=cutoff)
+            .update(status=EventStatus.EXPIRED)
+        )
+        if count:
+            expired[workspace.pk] = count
+    return expired
+
+
+_EXPIRE_SQL = f"""
+WITH expired AS (
+    UPDATE {_EVENT_TABLE} AS e SET status = %(expired)s
+    FROM {Workspace._meta.db_table} AS w
+    WHERE e.workspace_id = w.id AND e.status = %(pending)s
+        AND e.received_at < %(now)s - make_interval(days => w.anonymous_hold_days)
+    RETURNING e.workspace_id
+)
+SELECT workspace_id, count(*) FROM expired GROUP BY workspace_id
+"""
 
 
 # --- Corrections: voiding a stored event ----------------------------------------------------

@@ -87,6 +87,13 @@ class Event(models.Model):
             models.Index(fields=["workspace", "status", "id"], name="event_ws_status_idx"),
             models.Index(fields=["workspace", "user", "-occurred_at"], name="event_ws_user_idx"),
             models.Index(fields=["workspace", "-received_at"], name="event_ws_received_idx"),
+            # Held anonymous events by anonymousId: what an identify or alias looks up. Few
+            # rows (only pending ones), so the probe every identify makes stays cheap.
+            models.Index(
+                fields=["workspace", "external_user_id"],
+                condition=models.Q(status="pending"),
+                name="event_pending_anonymous_idx",
+            ),
         ]
 
     @property

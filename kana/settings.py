@@ -163,6 +163,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "users.tasks.sweep_stalled_imports",
         "schedule": float(env_int("KANA_SWEEP_INTERVAL_SECONDS", 15)),
     },
+    # Held anonymous events past their workspace's hold window expire (SPEC §12).
+    "expire-pending-anonymous-events": {
+        "task": "features.tasks.expire_pending_anonymous_events",
+        "schedule": float(env_int("KANA_EXPIRE_PENDING_INTERVAL_SECONDS", 3600)),
+    },
 }
 # A running job whose heartbeat is older than this is presumed dead and re-enqueued.
 KANA_JOB_STALE_SECONDS = env_int("KANA_JOB_STALE_SECONDS", 60)

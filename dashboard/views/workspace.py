@@ -4,6 +4,7 @@ from django.contrib import messages
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods
 
+from features.selectors import anonymous_event_counts
 from kana.services import WorkspaceError, workspace_settings, workspace_settings_update
 
 from ..access import actor_of, workspace_view
@@ -11,7 +12,8 @@ from ..forms import WorkspaceSettingsForm
 
 
 def _settings_page(request, form, status_code=200):
-    return render(request, "dashboard/settings.html", {"form": form}, status=status_code)
+    context = {"form": form, "anonymous": anonymous_event_counts(request.workspace)}
+    return render(request, "dashboard/settings.html", context, status=status_code)
 
 
 @require_http_methods(["GET", "POST"])
