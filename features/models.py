@@ -87,6 +87,14 @@ class Event(models.Model):
             models.Index(fields=["workspace", "status", "id"], name="event_ws_status_idx"),
             models.Index(fields=["workspace", "user", "-occurred_at"], name="event_ws_user_idx"),
             models.Index(fields=["workspace", "-received_at"], name="event_ws_received_idx"),
+            # Unmapped events of one event name in id order: what a rule preview with an event
+            # name scans, and what that rule's reprocessing job walks. Partial: mapped events,
+            # most of the table, are not in it.
+            models.Index(
+                fields=["workspace", "name", "id"],
+                condition=models.Q(status="unmapped"),
+                name="event_unmapped_name_idx",
+            ),
             # Held anonymous events by anonymousId: what an identify or alias looks up. Few
             # rows (only pending ones), so the probe every identify makes stays cheap.
             models.Index(
