@@ -8,9 +8,10 @@ from django.db import transaction
 from features.models import Event, Feature
 from features.services import FeatureError, feature_delete
 from kana import audit
-from kana.models import ApiKey, AuditEntry
+from kana.models import ApiKey, AuditEntry, Workspace
 from kana.services import api_key_issue, api_key_revoke, key_prefix, workspace_settings_update
 from users.models import EndUser, MergeRecord, Suppression
+from users.selectors import user_pk_for
 from users.services import delete_user, merge_undo
 
 from .api_support import ApiClient, assert_error, assert_page, feature, identify, rule, track
@@ -111,8 +112,8 @@ def test_a_refused_action_leaves_no_entry(tenant):
     assert not AuditEntry.objects.filter(action="feature.delete").exists()
 
 
-def test_an_action_that_rolls_back_after_its_entry_leaves_none(tenant, monkeypatch):
-    user = identify(tenant, "u1")
+def fail_after_the_audit_row(monkeypatch) -> None:
+    """Make every action fail right after writing its audit entry, inside its transaction."""
     real_record = audit.record
 
     def record_then_fail(*args, **kwargs):
@@ -120,6 +121,11 @@ def test_an_action_that_rolls_back_after_its_entry_leaves_none(tenant, monkeypat
         raise RuntimeError("injected after the audit row")
 
     monkeypatch.setattr(audit, "record", record_then_fail)
+
+
+def test_an_action_that_rolls_back_after_its_entry_leaves_none(tenant, monkeypatch):
+    user = identify(tenant, "u1")
+    fail_after_the_audit_row(monkeypatch)
     with pytest.raises(RuntimeError):
         delete_user(workspace=tenant.workspace, user_pk=user.pk, actor="cli")
     assert EndUser.objects.filter(pk=user.pk).exists(), "the delete rolled back"
@@ -200,13 +206,7 @@ def test_a_merge_undo_is_recorded_and_a_refused_one_is_not(tenant):
 
 def test_a_merge_undo_that_rolls_back_after_its_entry_leaves_none(tenant, monkeypatch):
     _api, _older, newer = _merged(tenant)
-    real_record = audit.record
-
-    def record_then_fail(*args, **kwargs):
-        real_record(*args, **kwargs)
-        raise RuntimeError("injected after the audit row")
-
-    monkeypatch.setattr(audit, "record", record_then_fail)
+    fail_after_the_audit_row(monkeypatch)
     with pytest.raises(RuntimeError):
         merge_undo(workspace=tenant.workspace, merge_id=newer.pk, actor="cli")
     assert MergeRecord.objects.get(pk=newer.pk).undone_at is None, "the undo rolled back"
@@ -220,20 +220,14 @@ def test_a_merge_undo_that_rolls_back_after_its_entry_leaves_none(tenant, monkey
             "workspace.update",
             lambda t: workspace_settings_update(workspace=t.workspace, changes={"anonymous_hold_days": 9}),
         ),
-        ("user.delete", lambda t: delete_user(workspace=t.workspace, user_pk=identify(t, "gone").pk, events="delete")),
+        ("user.delete", lambda t: delete_user(workspace=t.workspace, user_pk=user_pk_for(t.workspace, "gone"))),
     ],
 )
 def test_the_trust_actions_that_roll_back_after_their_entry_leave_none(tenant, monkeypatch, action, run):
-    real_record = audit.record
-
-    def record_then_fail(*args, **kwargs):
-        real_record(*args, **kwargs)
-        raise RuntimeError("injected after the audit row")
-
     identify(tenant, "gone")
-    monkeypatch.setattr(audit, "record", record_then_fail)
+    fail_after_the_audit_row(monkeypatch)
     with pytest.raises(RuntimeError):
         run(tenant)
     assert not AuditEntry.objects.filter(action=action).exists()
     assert not Suppression.objects.exists() and EndUser.objects.filter(user_id="gone").exists()
-    assert tenant.workspace.__class__.objects.get(pk=tenant.workspace.pk).anonymous_hold_days == 30
+    assert Workspace.objects.get(pk=tenant.workspace.pk).anonymous_hold_days == 30
