@@ -74,6 +74,9 @@ def ingest_usage_messages(*, workspace: Workspace, messages: list[Message]) -> l
     return run_with_retries(lambda: _ingest_usage_once(workspace, messages))
 
 
+_PENDING = Decision(EventStatus.PENDING)
+
+
 @transaction.atomic
 def _ingest_usage_once(workspace: Workspace, messages: list[Message]) -> list[Outcome]:
     user_ids = {m.user_id for m in messages if m.user_id}
@@ -86,8 +89,9 @@ def _ingest_usage_once(workspace: Workspace, messages: list[Message]) -> list[Ou
         external_ids = {m.user_id for m in fresh.values() if m.user_id}
         user_pks = user_services.resolve_users(workspace=workspace, external_ids=external_ids) if external_ids else {}
         decided = [
-            # Held anonymous events (no userId: the edge only lets them through for a workspace
-            # that holds them) wait, unmapped by nothing, for an identify or alias.
+            # A held anonymous event (no userId: the edge lets one through only for a workspace
+            # that holds them) is stored pending, with no user, until an identify or alias
+            # links its anonymousId.
             (m, decide(rule_set, m.name, m.properties), user_pks[m.user_id]) if m.user_id else (m, _PENDING, None)
             for m in fresh.values()
         ]
@@ -101,9 +105,6 @@ def _ingest_usage_once(workspace: Workspace, messages: list[Message]) -> list[Ou
         )
     # The first occurrence of a stored (or suppressed) messageId gets its outcome; a repeat is a duplicate.
     return [first.pop(m.message_id, None) or Outcome(m.message_id, "duplicate") for m in messages]
-
-
-_PENDING = Decision(EventStatus.PENDING)
 
 
 def _fresh_and_suppressed(
