@@ -10,12 +10,12 @@ ledger as processed events.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from django.db import connection, transaction
 
 from kana.locks import lock_rules_shared
-from kana.models import Workspace
+from kana.models import AnonymousEvents, Workspace
 from kana.retries import ConcurrentChange, run_with_retries
 from users import services as user_services
 from users.profile import UNSET, validated_changes
@@ -79,32 +79,40 @@ _PENDING = Decision(EventStatus.PENDING)
 
 @transaction.atomic
 def _ingest_usage_once(workspace: Workspace, messages: list[Message]) -> list[Outcome]:
-    user_ids = {m.user_id for m in messages if m.user_id}
-    version, replayed, suppressed = ledger.lock_rules_and_find_replays(
-        workspace, {m.message_id for m in messages}, user_ids
+    anonymous_ids = {m.anonymous_id for m in messages if not m.user_id and m.anonymous_id}
+    version, known = ledger.lock_rules_and_find_replays(
+        workspace, {m.message_id for m in messages}, {m.user_id for m in messages if m.user_id}, anonymous_ids
     )
-    fresh, first = _fresh_and_suppressed(messages, replayed, suppressed)
+    fresh, first = _fresh_and_suppressed(messages, known.replayed, known.suppressed)
     if fresh:
         rule_set = load_rule_set(workspace.pk, version)
-        external_ids = {m.user_id for m in fresh.values() if m.user_id}
+        # A held event whose anonymousId is linked already (it arrived after the identify)
+        # is its user's event at once. The userId's user deleted meanwhile? Its links went
+        # with it (delete_user), so a linked userId is not a suppressed one.
+        owner = {m.message_id: m.user_id or known.linked.get(m.anonymous_id) for m in fresh.values()}
+        external_ids = {user_id for user_id in owner.values() if user_id}
         user_pks = user_services.resolve_users(workspace=workspace, external_ids=external_ids) if external_ids else {}
         decided = [
             # A held anonymous event (no userId: the edge lets one through only for a workspace
             # that holds them) is stored pending, with no user, until an identify or alias
             # links its anonymousId.
-            (m, decide(rule_set, m.name, m.properties), user_pks[m.user_id]) if m.user_id else (m, _PENDING, None)
+            (_as_user(m, owner[m.message_id]), decide(rule_set, m.name, m.properties), user_pks[owner[m.message_id]])
+            if owner[m.message_id]
+            else (m, _PENDING, None)
             for m in fresh.values()
         ]
         stored = ledger.record_usage_events(workspace, decided)
-        first.update(
-            {
-                m.message_id: Outcome(m.message_id, d.status, d.reason, pk)
-                for m, d, pk in decided
-                if m.message_id in stored
-            }
-        )
+        for m, d, pk in decided:
+            if m.message_id in stored:
+                first[m.message_id] = Outcome(m.message_id, d.status, d.reason, pk)
     # The first occurrence of a stored (or suppressed) messageId gets its outcome; a repeat is a duplicate.
     return [first.pop(m.message_id, None) or Outcome(m.message_id, "duplicate") for m in messages]
+
+
+def _as_user(message: Message, user_id: str) -> Message:
+    """The message as its user's: a held event whose anonymousId was linked is stored under
+    the linked userId (``external_user_id``), as an unmerge expects."""
+    return message if message.user_id == user_id else replace(message, user_id=user_id)
 
 
 def _fresh_and_suppressed(
@@ -155,8 +163,8 @@ def _record_profile_chunk(workspace: Workspace, messages: list[Message], apply: 
     """Outcomes of a prefix of ``messages`` (at least one), in one transaction: replays
     answered ``duplicate``, the rest applied and stored as processed events."""
     named = {m.user_id for m in messages if m.user_id} | {m.previous_id for m in messages if m.previous_id}
-    replayed, suppressed = ledger.find_replays_and_suppressed(workspace, {m.message_id for m in messages}, named)
-    fresh, suppressed_outcomes = _fresh_and_suppressed(messages, replayed, suppressed)
+    known = ledger.known_ids(workspace, {m.message_id for m in messages}, named)
+    fresh, suppressed_outcomes = _fresh_and_suppressed(messages, known.replayed, known.suppressed)
     applied, merges = apply(workspace, list(fresh.values())) if fresh else ([], {})
     if applied and connection.vendor == "postgresql":
         applied_ids = {m.user_id for m, _, _ in applied} | {m.previous_id for m, _, _ in applied if m.previous_id}
@@ -174,6 +182,8 @@ def _record_profile_chunk(workspace: Workspace, messages: list[Message], apply: 
     links = _anonymous_links(applied)
     if links:
         attribute_pending_events(workspace, links)
+        if workspace.anonymous_events == AnonymousEvents.HOLD:
+            user_services.link_anonymous_ids(workspace=workspace, links={a: u for a, (_pk, u) in links.items()})
     processed = {m.message_id: Outcome(m.message_id, EventStatus.PROCESSED, "", pk, w) for m, pk, w in applied}
     outcomes, answered = [], set()
     for message in messages:

@@ -12,6 +12,7 @@ Idempotency is the database's: ``(workspace, message_id)`` is unique on events a
 """
 
 import json
+from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
 
@@ -21,7 +22,7 @@ from django.dispatch import receiver
 from kana.copy_rows import copy_rows
 from kana.locks import lock_rules_shared_and_read
 from kana.models import Workspace
-from users.models import Suppression
+from users.models import AnonymousLink, Suppression
 from users.signals import user_absorbed, user_deleting, user_restored
 
 from .incoming import Message
@@ -224,50 +225,66 @@ def _insert_serialised(workspace: Workspace, decided: list[Decided]) -> None:
         Usage.objects.bulk_create(usages)
 
 
-def _replays_and_suppressed_sql(workspace: Workspace, message_ids: set[str], user_ids: set[str]) -> tuple[str, list]:
-    """One read for both questions a run asks before storing anything: which messageIds are
-    stored already (replays), which userIds are suppressed (their user was deleted). Both
-    are indexed lookups on unique constraints; rows come back as (value, is_suppression)."""
-    sql = (
-        f"SELECT message_id, 0 FROM {_EVENT_TABLE} WHERE workspace_id = %s"
-        f" AND message_id IN ({', '.join(['%s'] * len(message_ids))})"
-    )
+@dataclass(frozen=True)
+class KnownIds:
+    """What a run must know before storing anything (``known_ids``)."""
+
+    replayed: set[str]  # messageIds stored already
+    suppressed: set[str]  # userIds of deleted users
+    linked: dict[str, str]  # anonymousId -> the userId an identify or alias linked it to
+
+
+def _known_ids_sql(
+    workspace: Workspace, message_ids: set[str], user_ids: set[str], anonymous_ids: set[str]
+) -> tuple[str, list]:
+    """One read for what a run asks before storing anything: which messageIds are stored
+    (replays), which userIds are suppressed, which anonymousIds are linked to a userId. Each
+    branch is an indexed lookup on a unique constraint; rows are (value, kind, linked userId)."""
+
+    def branch(select: str, table: str, column: str, values: set[str]) -> str:
+        return (
+            f"SELECT {select} FROM {table} WHERE workspace_id = %s AND {column} IN ({', '.join(['%s'] * len(values))})"
+        )
+
+    branches = [branch("message_id, 0, ''", _EVENT_TABLE, "message_id", message_ids)]
     params = [workspace.pk, *message_ids]
     if user_ids:
-        sql += (
-            f" UNION ALL SELECT user_id, 1 FROM {Suppression._meta.db_table} WHERE workspace_id = %s"
-            f" AND user_id IN ({', '.join(['%s'] * len(user_ids))})"
-        )
+        branches.append(branch("user_id, 1, ''", Suppression._meta.db_table, "user_id", user_ids))
         params += [workspace.pk, *user_ids]
-    return sql, params
+    if anonymous_ids:
+        branches.append(branch("anonymous_id, 2, user_id", AnonymousLink._meta.db_table, "anonymous_id", anonymous_ids))
+        params += [workspace.pk, *anonymous_ids]
+    return " UNION ALL ".join(branches), params
 
 
-def _split_replays_and_suppressed(rows: list[tuple]) -> tuple[set[str], set[str]]:
-    replayed, suppressed = set(), set()
-    for value, is_suppression in rows:
-        (suppressed if is_suppression else replayed).add(value)
-    return replayed, suppressed
+def _known_ids(rows: list[tuple]) -> KnownIds:
+    known = KnownIds(set(), set(), {})
+    for value, kind, linked in rows:
+        if kind == 0:
+            known.replayed.add(value)
+        elif kind == 1:
+            known.suppressed.add(value)
+        else:
+            known.linked[value] = linked
+    return known
 
 
 def lock_rules_and_find_replays(
-    workspace: Workspace, message_ids: set[str], user_ids: set[str] = frozenset()
-) -> tuple[int, set[str], set[str]]:
-    """The rules version (under the shared rules lock), which messageIds are stored already
-    and which of ``user_ids`` are suppressed, in one round trip: this runs for every message
-    Segment sends one at a time."""
-    sql, params = _replays_and_suppressed_sql(workspace, message_ids, user_ids)
+    workspace: Workspace, message_ids: set[str], user_ids: set[str] = frozenset(), anonymous_ids: set[str] = frozenset()
+) -> tuple[int, KnownIds]:
+    """The rules version (under the shared rules lock) and ``known_ids``, in one round trip:
+    this runs for every message Segment sends one at a time."""
+    sql, params = _known_ids_sql(workspace, message_ids, user_ids, anonymous_ids)
     version, rows = lock_rules_shared_and_read(workspace.pk, sql, params)
-    return version, *_split_replays_and_suppressed(rows)
+    return version, _known_ids(rows)
 
 
-def find_replays_and_suppressed(
-    workspace: Workspace, message_ids: set[str], user_ids: set[str]
-) -> tuple[set[str], set[str]]:
+def known_ids(workspace: Workspace, message_ids: set[str], user_ids: set[str]) -> KnownIds:
     """Which messageIds are stored already, and which of ``user_ids`` are suppressed."""
-    sql, params = _replays_and_suppressed_sql(workspace, message_ids, user_ids)
+    sql, params = _known_ids_sql(workspace, message_ids, user_ids, set())
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        return _split_replays_and_suppressed(cursor.fetchall())
+        return _known_ids(cursor.fetchall())
 
 
 def record_processed_events(workspace: Workspace, applied: list[tuple[Message, int, list[dict]]]) -> set[str]:

@@ -173,3 +173,26 @@ def test_concurrent_identifies_of_one_anonymous_id_map_its_events_once(transacti
     assert Usage.objects.count() == 20
     owners = set(Event.objects.filter(type="track").values_list("user_id", flat=True))
     assert len(owners) == 1 and set(Usage.objects.values_list("user_id", flat=True)) == owners
+
+
+def test_a_held_event_arriving_after_its_link_goes_to_the_user_at_once(holding, segment):
+    """Segment does not keep order: a track sent before the identify may arrive after it."""
+    segment.identify("ada", {}, anonymousId="anon-1")
+    response = anonymous_track(segment, "anon-1", "Seat Added", timestamp=T1, messageId="late")
+    assert response.json()["status"] == "mapped"
+    ada = EndUser.objects.get(user_id="ada")
+    late = _events(holding).get(message_id="late")
+    assert (late.user_id, late.external_user_id, late.status) == (ada.pk, "ada", "mapped")
+    assert Usage.objects.get(event=late).user_id == ada.pk
+    # The first link wins; the links of a deleted user go with it (its userId is suppressed).
+    segment.identify("bob", {}, anonymousId="anon-1")
+    assert anonymous_track(segment, "anon-1", "Seat Added").json()["status"] == "mapped"
+    assert Usage.objects.filter(user=ada).count() == 2
+    assert ApiClient(holding).delete(f"users/{ada.pk}").status_code == 204
+    assert anonymous_track(segment, "anon-1", "Seat Added").json()["status"] == "pending"
+
+
+def test_links_are_kept_only_by_a_workspace_that_holds_anonymous_events(tenant, segment):
+    segment.identify("ada", {}, anonymousId="anon-1")
+    workspace_settings_update(workspace=tenant.workspace, changes={"anonymous_events": "hold"})
+    assert anonymous_track(segment, "anon-1", "Exported").json()["status"] == "pending"

@@ -192,6 +192,25 @@ class Suppression(models.Model):
         constraints = [models.UniqueConstraint(fields=["workspace", "user_id"], name="suppression_unique_user_id")]
 
 
+class AnonymousLink(models.Model):
+    """An anonymousId an identify or alias tied to a userId, in a workspace that holds
+    anonymous events: a held event that arrives later (Segment does not keep order) goes
+    straight to that userId's user. Keeps the userId, not the user, so merges and unmerges
+    need not touch it: the userId resolves to whoever holds it now. The first link wins."""
+
+    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+")
+    anonymous_id = models.CharField(max_length=255)
+    user_id = models.CharField(max_length=255)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    objects = WorkspaceQuerySet.as_manager()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["workspace", "anonymous_id"], name="anonymous_link_unique_anonymous_id")
+        ]
+
+
 # The CSV import job shares its statuses with every job.
 ImportStatus = JobStatus
 

@@ -32,7 +32,7 @@ from .identity import (
     upsert_user_by_email,
 )
 from .merges import MergeResult, current_user_pk, merge_users
-from .models import EndUser, Suppression, UserIdentity
+from .models import AnonymousLink, EndUser, Suppression, UserIdentity
 from .signals import user_deleting
 from .unmerge import UndoResult, merge_undo
 
@@ -55,6 +55,7 @@ __all__ = [
     "delete_user",
     "identify_user",
     "identify_users",
+    "link_anonymous_ids",
     "merge_undo",
     "merge_users",
     "record_groups",
@@ -100,8 +101,18 @@ def delete_user(*, workspace: Workspace, user_pk: int, actor: str = "", events: 
         Suppression.objects.bulk_create(
             [Suppression(workspace=workspace, user_id=user_id) for user_id in user_ids], ignore_conflicts=True
         )
+        AnonymousLink.objects.for_workspace(workspace).filter(user_id__in=user_ids).delete()
         audit.record(
             workspace, actor, "user.delete", user_pk, before={**before, "user_ids": user_ids}, after={"events": events}
         )
 
     run_with_retries(once)
+
+
+def link_anonymous_ids(*, workspace: Workspace, links: dict[str, str]) -> None:
+    """Remember anonymousId -> userId links (one statement); an anonymousId linked before
+    keeps its first link."""
+    AnonymousLink.objects.bulk_create(
+        [AnonymousLink(workspace=workspace, anonymous_id=a, user_id=u) for a, u in sorted(links.items())],
+        ignore_conflicts=True,
+    )

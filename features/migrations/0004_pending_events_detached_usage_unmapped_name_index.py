@@ -9,7 +9,7 @@ class Migration(migrations.Migration):
     dependencies = [
         ('features', '0003_event_table_archive_void_and_job_failures'),
         ('kana', '0003_workspace_anonymous_event_settings'),
-        ('users', '0004_suppression'),
+        ('users', '0004_suppression_and_anonymous_link'),
     ]
 
     operations = [

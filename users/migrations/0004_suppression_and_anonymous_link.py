@@ -25,4 +25,17 @@ class Migration(migrations.Migration):
                 'constraints': [models.UniqueConstraint(fields=('workspace', 'user_id'), name='suppression_unique_user_id')],
             },
         ),
+        migrations.CreateModel(
+            name='AnonymousLink',
+            fields=[
+                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
+                ('anonymous_id', models.CharField(max_length=255)),
+                ('user_id', models.CharField(max_length=255)),
+                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
+                ('workspace', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='+', to='kana.workspace')),
+            ],
+            options={
+                'constraints': [models.UniqueConstraint(fields=('workspace', 'anonymous_id'), name='anonymous_link_unique_anonymous_id')],
+            },
+        ),
     ]
