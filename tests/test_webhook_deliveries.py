@@ -90,6 +90,7 @@ def test_a_failed_delivery_is_retried_and_every_attempt_is_signed(api, notify, s
         assert request.headers["Content-Type"] == "application/json"
         assert verify_signature(endpoint["secret"], request.headers["Kana-Signature"], request.body)
         assert not verify_signature(endpoint["secret"] + "x", request.headers["Kana-Signature"], request.body)
+        assert not verify_signature(endpoint["secret"], request.headers["Kana-Signature"], request.body + b" ")
     first_body, retry_body = (request.json for request in receiver.requests)
     assert first_body == retry_body, "a retry carries the same event id for the receiver's dedup"
     assert set(first_body) == {"id", "type", "created", "data"}

@@ -2,27 +2,31 @@
 
 The receiver is ``http.server`` in a thread on 127.0.0.1: it answers from a script (500 then
 200, a redirect, a slow answer) and keeps every request it got. The signature is checked
-here the way the README tells customers to, never with Kana's own signing code, so a wrong
-signature fails the test.
+with the README's own snippet (run from README.md as written), never with Kana's signing
+code: a wrong signature, or a README that drifted, fails the tests.
 """
 
-import hashlib
-import hmac
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from .api_support import ApiClient
 
+ROOT = Path(__file__).resolve().parent.parent
 
-def verify_signature(secret: str, header: str, body: bytes, tolerance_seconds: int = 300) -> bool:
-    """The README's check: ``t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>``, recent."""
-    parts = dict(item.split("=", 1) for item in header.split(","))
-    timestamp = int(parts["t"])
-    expected = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected, parts["v1"]) and abs(time.time() - timestamp) <= tolerance_seconds
+
+def _readme_verifier():
+    section = (ROOT / "README.md").read_text().split("\n## Webhooks\n", 1)[1].split("\n## ", 1)[0]
+    namespace: dict = {}
+    exec(re.search(r"```python\n(.*?)```", section, re.S).group(1), namespace)
+    return namespace["verify_kana_signature"]
+
+
+verify_signature = _readme_verifier()
 
 
 @dataclass
