@@ -193,6 +193,9 @@ KANA_WEBHOOK_RETRY_WINDOW_SECONDS = env_int("KANA_WEBHOOK_RETRY_WINDOW_SECONDS",
 # An egress proxy for deliveries (e.g. one that keeps them off the internal network); by
 # default they go straight out, whatever http_proxy says.
 KANA_WEBHOOK_PROXY = os.environ.get("KANA_WEBHOOK_PROXY", "")
+# Whether endpoint URLs may name loopback, private or link-local addresses (the cloud metadata
+# service among them). Off in production: a customer's URL must not reach Kana's own network.
+KANA_WEBHOOK_ALLOW_PRIVATE_ADDRESSES = env_bool("KANA_WEBHOOK_ALLOW_PRIVATE_ADDRESSES", DEBUG)
 # CSV files waiting for a worker and import reports are kept in the default storage (here a
 # directory). Workers on other machines need it shared: point STORAGES["default"] at it.
 MEDIA_ROOT = Path(os.environ.get("KANA_MEDIA_ROOT") or BASE_DIR / "var" / "media")

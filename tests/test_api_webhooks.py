@@ -45,6 +45,26 @@ def test_it_refuses_urls_that_are_not_http(api, url):
 
 
 @pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:6379/",
+        "http://localhost/hook",
+        "http://LOCALHOST./hook",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.1.2.3/hook",
+        "http://[::1]/hook",
+        "http://[::ffff:192.168.0.1]/hook",
+    ],
+)
+def test_it_refuses_private_and_local_addresses(api, settings, url):
+    assert not settings.KANA_WEBHOOK_ALLOW_PRIVATE_ADDRESSES, "production's default"
+    assert_error(api.post("webhooks", {"url": url, "events": ["user.merged"]}), 400, "invalid_url", "url")
+
+    settings.KANA_WEBHOOK_ALLOW_PRIVATE_ADDRESSES = True  # a development setup's receiver
+    assert api.post("webhooks", {"url": url, "events": ["user.merged"]}).status_code == 201
+
+
+@pytest.mark.parametrize(
     ("body", "field"),
     [
         ({"url": URL, "events": []}, "events"),

@@ -24,6 +24,12 @@ from .conftest import requires_broker, requires_postgres, wait_until
 from .webhook_support import Receiver, Reply, create_endpoint, verify_signature
 
 
+@pytest.fixture(autouse=True)
+def loopback_receivers(settings):
+    """The tests' receivers listen on 127.0.0.1, an address production refuses to call."""
+    settings.KANA_WEBHOOK_ALLOW_PRIVATE_ADDRESSES = True
+
+
 @pytest.fixture
 def short_backoff(settings):
     settings.KANA_WEBHOOK_BACKOFF_BASE_SECONDS = 1
@@ -229,6 +235,18 @@ def test_a_refused_connection_is_an_error_not_a_crash(api, notify):
     assert refused.status == "pending" and refused.last_status_code is None and refused.last_error
 
 
+def test_a_name_that_resolves_to_a_private_address_is_not_called(api, notify, settings):
+    with Receiver() as receiver:
+        create_endpoint(api, receiver.url.replace("127.0.0.1", "localhost"))
+        settings.KANA_WEBHOOK_ALLOW_PRIVATE_ADDRESSES = False  # production's default
+        notify("limit:u1")
+
+    assert receiver.requests == []
+    refused = only_delivery()
+    assert refused.status == "pending" and refused.last_status_code is None
+    assert refused.last_error.startswith("refused: localhost resolves to "), refused.last_error
+
+
 def test_a_deactivated_endpoint_gets_no_pending_delivery(
     api, tenant, tasks_in_process, django_capture_on_commit_callbacks
 ):
@@ -319,7 +337,11 @@ def test_retries_survive_a_worker_killed_between_attempts(workers, tenant):
     from django.conf import settings
 
     redis.Redis.from_url(settings.REDIS_URL).flushdb()
-    backoff = {"KANA_WEBHOOK_BACKOFF_BASE_SECONDS": 2, "KANA_WEBHOOK_BACKOFF_MAX_SECONDS": 2}
+    backoff = {
+        "KANA_WEBHOOK_BACKOFF_BASE_SECONDS": 2,
+        "KANA_WEBHOOK_BACKOFF_MAX_SECONDS": 2,
+        "KANA_WEBHOOK_ALLOW_PRIVATE_ADDRESSES": 1,
+    }
     with Receiver(Reply(500, "busy"), Reply(200, "ok")) as receiver:
         endpoint = create_endpoint(ApiClient(tenant), receiver.url)
         first = workers(**backoff)
@@ -338,3 +360,39 @@ def test_retries_survive_a_worker_killed_between_attempts(workers, tenant):
 
     assert len(receiver.requests) == 2 and only_delivery().attempt_count == 2
     assert all(verify_signature(endpoint["secret"], r.headers["Kana-Signature"], r.body) for r in receiver.requests)
+
+
+def test_a_notification_costs_the_sender_a_fixed_number_of_queries(
+    api, tenant, django_assert_num_queries, django_capture_on_commit_callbacks
+):
+    """In the sender's transaction: one query when nobody listens; with listeners, the same
+    few queries however many endpoints (events and deliveries are inserted set-wise)."""
+
+    def send(key, queries):
+        with django_capture_on_commit_callbacks(execute=False), transaction.atomic():
+            with django_assert_num_queries(queries):
+                notification.send(
+                    None, workspace_id=tenant.workspace.pk, event_type="usage.limit_reached", data={}, event_key=key
+                )
+
+    create_endpoint(api, "https://hooks.example.com/merges", ["user.merged"])
+    send("nobody-listens", 1)
+    create_endpoint(api, "https://hooks.example.com/one")
+    send("one-endpoint", 3)  # endpoints, the event (ON CONFLICT DO NOTHING), the deliveries
+    for n in range(5):
+        create_endpoint(api, f"https://hooks.example.com/{n}")
+    send("six-endpoints", 3)
+    send("six-endpoints", 2)  # a key notified before stops at the event's insert
+    assert WebhookDelivery.objects.count() == 7
+
+
+def test_thresholds_for_lists_what_active_threshold_endpoints_want(api, tenant):
+    from webhooks.selectors import thresholds_for
+
+    create_endpoint(api, "https://hooks.example.com/a", ["usage.threshold_reached"], thresholds=[0.5, 1])
+    create_endpoint(api, "https://hooks.example.com/b", ["usage.threshold_reached"], thresholds=[0.8, 1])
+    create_endpoint(api, "https://hooks.example.com/c", ["user.merged"], thresholds=[0.25])
+    paused = create_endpoint(api, "https://hooks.example.com/d", ["usage.threshold_reached"], thresholds=[0.1])
+    api.patch(f"webhooks/{paused['id']}", {"active": False})
+
+    assert thresholds_for(tenant.workspace.pk) == [0.5, 0.8, 1.0]

@@ -25,6 +25,7 @@ import urllib.request
 from dataclasses import dataclass
 from datetime import timedelta
 from http.client import HTTPException
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
@@ -32,6 +33,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
+from . import addresses
 from .models import DeliveryAttempt, DeliveryStatus, WebhookDelivery, WebhookEvent
 
 logger = logging.getLogger(__name__)
@@ -139,6 +141,9 @@ def _excerpt(raw: bytes) -> str:
 
 def post(url: str, body: bytes, headers: dict[str, str]) -> Answer:
     """POST ``body`` to ``url``; never raises for what the network or the receiver does."""
+    refused = addresses.refusal(urlsplit(url).hostname or "")
+    if refused:
+        return Answer(status_code=None, excerpt="", error=refused, duration_ms=0)
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     started = time.monotonic()
     status_code, excerpt, error = None, "", ""

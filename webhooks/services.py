@@ -19,6 +19,7 @@ from kana import audit, jobs
 from kana.errors import DomainError
 from kana.models import Workspace
 
+from . import addresses
 from .models import WebhookDelivery, WebhookEndpoint, WebhookEvent, WebhookEventType
 
 # The Celery task that sends one delivery (webhooks/tasks.py), by name.
@@ -55,6 +56,8 @@ def clean_url(url: str) -> str:
         raise WebhookError("invalid_url", "url must name a host", "url")
     if any(c.isspace() or ord(c) < 32 for c in url):
         raise WebhookError("invalid_url", "url must not contain spaces or control characters", "url")
+    if addresses.private_on_its_face(parts.hostname):
+        raise WebhookError("invalid_url", "url must name a public host, not a private or local address", "url")
     return url
 
 
@@ -214,7 +217,9 @@ def event_record(*, workspace_id: int, event_type: str, data: dict, event_key: s
     if not endpoints:
         return None
     now = timezone.now()
-    with transaction.atomic():
+    # No savepoint: inside the sender's transaction this commits or rolls back with it (two
+    # round trips fewer per notification); on its own it is a transaction.
+    with transaction.atomic(savepoint=False):
         event_id = _insert_event(
             workspace_id=workspace_id, event_type=event_type, event_key=event_key, data=data, now=now
         )
