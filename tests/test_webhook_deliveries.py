@@ -8,6 +8,7 @@ settings (KANA_WEBHOOK_BACKOFF_BASE_SECONDS), never by mocking the clock.
 import threading
 import time
 from datetime import timedelta
+from decimal import Decimal
 
 import pytest
 from django.db import connection, transaction
@@ -180,15 +181,20 @@ def test_a_threshold_reaches_only_the_endpoints_that_asked_for_it(api, notify):
         notify("u1:exports:2025-01:0.9", "usage.threshold_reached", {"threshold": 0.9, "feature": "exports"})
         notify("u1:exports:2025-01:1.0", "usage.threshold_reached", {"threshold": 1.0, "feature": "exports"})
         notify("u1:exports:2025-01:limit", "usage.limit_reached", {"feature": "exports"})
+        # A Decimal (a stored threshold as entitlements keeps it) matches too.
+        notify("u2:exports:2025-01:0.8", "usage.threshold_reached", {"threshold": Decimal("0.8000"), "u": 2})
+        with pytest.raises(ValueError):
+            notify("u3:exports:2025-01:?", "usage.threshold_reached", {"feature": "exports"})
 
-    got = sorted((r.path, r.json["type"], r.json["data"].get("threshold")) for r in receiver.requests)
+    got = sorted((r.path, r.json["type"], float(r.json["data"].get("threshold") or 0)) for r in receiver.requests)
     assert got == [
         ("/hooks/eighty", "usage.threshold_reached", 0.8),
-        ("/hooks/full", "usage.limit_reached", None),
+        ("/hooks/eighty", "usage.threshold_reached", 0.8),
+        ("/hooks/full", "usage.limit_reached", 0),
         ("/hooks/full", "usage.threshold_reached", 1.0),
     ]
     # Nobody wanted 0.9: nothing is stored for it.
-    assert WebhookEvent.objects.count() == 3
+    assert WebhookEvent.objects.count() == 4
 
 
 def test_a_delivery_that_never_succeeds_fails_after_the_retry_window(api, notify, short_backoff):
