@@ -1,16 +1,10 @@
 """Celery tasks for webhook deliveries. Tasks take ids and call ``webhooks.delivery``."""
 
-import logging
-
 from celery import shared_task
-from celery.signals import worker_ready
-from django.db import close_old_connections
 
 from kana import jobs
 
 from . import delivery
-
-logger = logging.getLogger(__name__)
 
 # One sweep sends for at most this long, then gives the worker back; the next sweep goes on.
 SWEEP_BUDGET_SECONDS = 30
@@ -36,11 +30,4 @@ def send_due_deliveries() -> int:
     return delivery.send_due(time_budget_seconds=SWEEP_BUDGET_SECONDS)
 
 
-@worker_ready.connect
-def _send_due_on_start(**_kwargs) -> None:
-    # A fresh worker takes over what a dead one left, without waiting for beat.
-    close_old_connections()
-    try:
-        send_due_deliveries.delay()
-    except Exception:  # the broker may be unreachable right at start: beat will sweep later
-        logger.warning("initial webhook sweep not enqueued")
+jobs.sweep_when_a_worker_starts(send_due_deliveries)
