@@ -253,6 +253,20 @@ def test_a_name_that_resolves_to_a_private_address_is_not_called(api, notify, se
     assert refused.last_error.startswith("refused: localhost resolves to "), refused.last_error
 
 
+def test_a_delivery_whose_message_was_lost_is_sent_by_the_sweep(api, tenant, django_capture_on_commit_callbacks):
+    """Redis down at commit, or a worker killed before it acknowledged: the row is still due."""
+    with Receiver() as receiver:
+        create_endpoint(api, receiver.url)
+        with django_capture_on_commit_callbacks(execute=False), transaction.atomic():  # the message never goes
+            notification.send(
+                None, workspace_id=tenant.workspace.pk, event_type="usage.limit_reached", data={}, event_key="k"
+            )
+        assert receiver.requests == [] and only_delivery().status == "pending"
+        sweep_until(lambda: only_delivery().status == DeliveryStatus.DELIVERED)
+
+    assert len(receiver.requests) == 1
+
+
 def test_a_deactivated_endpoint_gets_no_pending_delivery(
     api, tenant, tasks_in_process, django_capture_on_commit_callbacks
 ):
