@@ -122,3 +122,26 @@ def test_another_workspace_sees_nothing(api, tenant, other_tenant):
     notification.send(None, workspace_id=other_tenant.workspace.pk, event_type="user.merged", data={}, event_key="k1")
     assert assert_page(api.get(f"webhooks/{created['id']}/deliveries").json()) == []
     assert WebhookEndpoint.objects.get(pk=created["id"]).active
+
+
+def test_the_deliveries_log_reads_a_page_in_a_fixed_number_of_queries(
+    api, tenant, settings, tasks_in_process, django_capture_on_commit_callbacks, django_assert_max_num_queries
+):
+    settings.KANA_WEBHOOK_ALLOW_PRIVATE_ADDRESSES = False  # nothing is called: 127.0.0.1 is refused
+    created = create_endpoint(api, "http://hooks.invalid/kana")
+
+    def notify(count: int, first: int) -> None:
+        for n in range(first, first + count):
+            with django_capture_on_commit_callbacks(execute=True):
+                notification.send(
+                    None, workspace_id=tenant.workspace.pk, event_type="user.merged", data={"n": n}, event_key=f"k{n}"
+                )
+
+    notify(2, 0)
+    with django_assert_max_num_queries(6) as few:
+        page = assert_page(api.get(f"webhooks/{created['id']}/deliveries").json())
+    assert [row["event"]["data"]["n"] for row in page] == [1, 0]  # newest first
+    assert page[0]["attempts"][0]["error"].startswith("cannot resolve hooks.invalid")
+    notify(8, 2)
+    with django_assert_max_num_queries(len(few.captured_queries)):
+        assert len(assert_page(api.get(f"webhooks/{created['id']}/deliveries").json())) == 10
