@@ -26,6 +26,9 @@ ACTIONS = (
     "key.create",
     "key.revoke",
     "event.void",
+    "webhook.create",
+    "webhook.update",
+    "webhook.delete",
 )
 
 
@@ -38,6 +41,7 @@ OBJECT_TYPES = {
     "csv": "import_job",
     "key": "api_key",
     "event": "event",
+    "webhook": "webhook_endpoint",
 }
 
 
