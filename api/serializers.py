@@ -15,6 +15,7 @@ from users.models import MergeReason, UserFlag
 from users.profile import CHOOSABLE_FIELDS, FIELD_CHOICES
 from users.selectors import flags_of, user_ids_of
 from users.services import DELETE_EVENTS_CHOICES
+from webhooks.models import DeliveryStatus, WebhookEventType
 
 from .ids import MAX_ID
 
@@ -39,6 +40,13 @@ def optional_text(**kwargs) -> StrictCharField:
 class StrictIntegerField(serializers.IntegerField):
     def to_internal_value(self, data):
         if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictNumberField(serializers.FloatField):
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, int | float):
             self.fail("invalid")
         return super().to_internal_value(data)
 
@@ -372,6 +380,107 @@ class AuditEntrySerializer(serializers.Serializer):
 class AuditFilterSerializer(serializers.Serializer):
     action = serializers.CharField(required=False, max_length=64, help_text='e.g. "feature.delete".')
     object_type = serializers.CharField(required=False, max_length=64, help_text='e.g. "feature", "user", "event".')
+
+
+# --- Webhooks ---------------------------------------------------------------------------
+
+
+def _event_types(**kwargs) -> serializers.ListField:
+    return serializers.ListField(
+        child=serializers.ChoiceField(choices=WebhookEventType.values),
+        allow_empty=False,
+        max_length=10,
+        help_text="The event types sent to this URL.",
+        **kwargs,
+    )
+
+
+def _thresholds(**kwargs) -> serializers.ListField:
+    return serializers.ListField(
+        child=StrictNumberField(min_value=0, max_value=1),
+        max_length=10,
+        help_text=(
+            "Fractions of a budget (0 < t <= 1) whose crossing sends `usage.threshold_reached` here "
+            "(default [0.8, 1.0]); other crossings are not sent to this URL."
+        ),
+        **kwargs,
+    )
+
+
+class WebhookSerializer(serializers.Serializer):
+    """A webhook endpoint as read: never its secret, which only the creation answer shows."""
+
+    id = serializers.IntegerField()
+    url = serializers.CharField()
+    events = serializers.ListField(child=serializers.ChoiceField(choices=WebhookEventType.values))
+    thresholds = serializers.ListField(child=serializers.FloatField())
+    active = serializers.BooleanField(help_text="An inactive endpoint is sent nothing; its pending deliveries fail.")
+    created_at = serializers.DateTimeField()
+    updated_at = serializers.DateTimeField()
+
+
+class WebhookCreatedSerializer(WebhookSerializer):
+    secret = serializers.CharField(
+        help_text="Signs every delivery (`Kana-Signature`). Shown only in this answer: keep it now."
+    )
+
+
+class WebhookCreateSerializer(serializers.Serializer):
+    url = StrictCharField(max_length=2000, allow_blank=True, help_text="An http:// or https:// URL.")
+    events = _event_types()
+    thresholds = _thresholds(required=False)
+    active = StrictBooleanField(required=False, default=True)
+
+
+def _only_known_fields(serializer: serializers.Serializer) -> None:
+    if isinstance(serializer.initial_data, dict):
+        other = sorted(set(serializer.initial_data) - set(serializer.fields))
+        if other:
+            editable = ", ".join(serializer.fields)
+            raise serializers.ValidationError({other[0]: f"not editable: only {editable} are"})
+
+
+class WebhookUpdateSerializer(serializers.Serializer):
+    """Fields that may change; an absent one is left alone. The secret cannot be changed."""
+
+    url = StrictCharField(required=False, allow_blank=True, max_length=2000, help_text="An http:// or https:// URL.")
+    events = _event_types(required=False)
+    thresholds = _thresholds(required=False)
+    active = StrictBooleanField(required=False)
+
+    def validate(self, attrs):
+        _only_known_fields(self)
+        return attrs
+
+
+class WebhookPayloadSerializer(serializers.Serializer):
+    """The body every attempt of a delivery POSTs (the same bytes each time)."""
+
+    id = serializers.IntegerField(source="pk", help_text="The event's id: the same for every delivery and retry of it.")
+    type = serializers.ChoiceField(source="event_type", choices=WebhookEventType.values)
+    created = serializers.DateTimeField(source="created_at")
+    data = serializers.JSONField()
+
+
+class DeliveryAttemptSerializer(serializers.Serializer):
+    number = serializers.IntegerField(help_text="1 for the first attempt.")
+    attempted_at = serializers.DateTimeField()
+    status_code = serializers.IntegerField(allow_null=True, help_text="null: no answer (see `error`).")
+    response = serializers.CharField(source="response_excerpt", help_text="The start of the response body.")
+    error = serializers.CharField(help_text="Why no answer came (timeout, refused connection); empty otherwise.")
+    duration_ms = serializers.IntegerField()
+
+
+class WebhookDeliverySerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    event = WebhookPayloadSerializer()
+    status = serializers.ChoiceField(choices=DeliveryStatus.values)
+    attempt_count = serializers.IntegerField()
+    next_attempt_at = serializers.DateTimeField(allow_null=True, help_text="When it is tried next (null: finished).")
+    last_status_code = serializers.IntegerField(allow_null=True)
+    last_error = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    attempts = DeliveryAttemptSerializer(source="attempt_log.all", many=True, help_text="Oldest first.")
 
 
 class UserDeleteQuerySerializer(serializers.Serializer):

@@ -18,6 +18,7 @@ router.register("events", views.EventViewSet, basename="event")
 router.register("usage", views.UsageViewSet, basename="usage")
 router.register("merges", views.MergeViewSet, basename="merge")
 router.register("audit", views.AuditViewSet, basename="audit")
+router.register("webhooks", views.WebhookViewSet, basename="webhook")
 
 app_name = "api"
 urlpatterns = [

@@ -4,9 +4,8 @@ import logging
 import time
 
 from celery import shared_task
-from celery.signals import worker_ready
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, close_old_connections
+from django.db import InterfaceError, OperationalError
 from django.utils import timezone
 
 from kana import jobs
@@ -91,11 +90,4 @@ def expire_pending_anonymous_events() -> int:
     return sum(expired.values())
 
 
-@worker_ready.connect
-def _sweep_on_start(**_kwargs) -> None:
-    # A fresh worker picks up what a dead one left, without waiting for beat.
-    close_old_connections()
-    try:
-        sweep_stalled_jobs.delay()
-    except Exception:  # the broker may be unreachable right at start: beat will sweep later
-        logger.warning("initial sweep not enqueued")
+jobs.sweep_when_a_worker_starts(sweep_stalled_jobs)

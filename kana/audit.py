@@ -28,6 +28,9 @@ ACTIONS = (
     "key.revoke",
     "event.void",
     "workspace.update",
+    "webhook.create",
+    "webhook.update",
+    "webhook.delete",
 )
 
 
@@ -41,6 +44,7 @@ OBJECT_TYPES = {
     "key": "api_key",
     "event": "event",
     "workspace": "workspace",
+    "webhook": "webhook_endpoint",
 }
 
 

@@ -46,6 +46,9 @@ ENDPOINTS = {
     "/api/v1/users/import",
     "/api/v1/users/imports/{id}",
     "/api/v1/users/imports/{id}/report",
+    "/api/v1/webhooks",
+    "/api/v1/webhooks/{id}",
+    "/api/v1/webhooks/{id}/deliveries",
 }
 INGEST_ENDPOINTS = set(INGEST_PATHS)
 
