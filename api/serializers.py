@@ -10,9 +10,11 @@ from rest_framework import serializers
 from features.models import EventStatus, FeatureType
 from features.rules import OPERATORS
 from features.selectors import reprocessing_of
+from kana.models import ANONYMOUS_HOLD_DAYS_MAX, ANONYMOUS_HOLD_DAYS_MIN, AnonymousEvents
 from users.models import MergeReason, UserFlag
 from users.profile import CHOOSABLE_FIELDS, FIELD_CHOICES
 from users.selectors import flags_of, user_ids_of
+from users.services import DELETE_EVENTS_CHOICES
 from webhooks.models import DeliveryStatus, WebhookEventType
 
 from .ids import MAX_ID
@@ -211,7 +213,9 @@ class _Total(serializers.DecimalField):
 
 
 class UsageRowSerializer(serializers.Serializer):
-    user = serializers.IntegerField(help_text="Kana id of the user.")
+    user = serializers.IntegerField(
+        allow_null=True, help_text="Kana id of the user (null: usage of deleted users whose events were kept)."
+    )
     user_id = serializers.CharField(allow_null=True, help_text="The user's canonical userId (null: a bare user).")
     feature = serializers.CharField(help_text="Feature id.")
     total = _Total(help_text="Sum of the usage amounts.")
@@ -477,3 +481,43 @@ class WebhookDeliverySerializer(serializers.Serializer):
     last_error = serializers.CharField()
     created_at = serializers.DateTimeField()
     attempts = DeliveryAttemptSerializer(source="attempt_log.all", many=True, help_text="Oldest first.")
+
+
+class UserDeleteQuerySerializer(serializers.Serializer):
+    events = serializers.ChoiceField(
+        required=False,
+        choices=DELETE_EVENTS_CHOICES,
+        help_text="`keep` (default): events and usage stay, detached and anonymised; `delete`: they go too.",
+    )
+
+
+# --- The workspace's settings -------------------------------------------------------------
+
+
+class WorkspaceSettingsSerializer(serializers.Serializer):
+    id = serializers.IntegerField(read_only=True)
+    name = serializers.CharField()
+    anonymous_events = serializers.ChoiceField(
+        choices=AnonymousEvents.values,
+        help_text="`reject` (default): an event with only an anonymousId is a 400 `anonymous_event`; "
+        "`hold`: it is stored as pending until an identify or alias names that anonymousId.",
+    )
+    anonymous_hold_days = serializers.IntegerField(
+        min_value=ANONYMOUS_HOLD_DAYS_MIN,
+        max_value=ANONYMOUS_HOLD_DAYS_MAX,
+        help_text="How long pending anonymous events wait for their user before they expire.",
+    )
+    anonymous_pending = serializers.IntegerField(
+        read_only=True, help_text="Held anonymous events waiting for an identify or alias."
+    )
+    anonymous_expired = serializers.IntegerField(
+        read_only=True, help_text="Held anonymous events whose hold window passed: kept, counted, never mapped."
+    )
+
+
+class WorkspaceSettingsUpdateSerializer(serializers.Serializer):
+    name = StrictCharField(required=False, max_length=200)
+    anonymous_events = serializers.ChoiceField(required=False, choices=AnonymousEvents.values)
+    anonymous_hold_days = StrictIntegerField(
+        required=False, min_value=ANONYMOUS_HOLD_DAYS_MIN, max_value=ANONYMOUS_HOLD_DAYS_MAX
+    )

@@ -20,7 +20,8 @@ from features.services import (
     rule_update,
 )
 from kana.audit import audit_entries
-from kana.models import AuditEntry
+from kana.models import AuditEntry, Workspace
+from kana.services import workspace_settings, workspace_settings_update
 from users import selectors as user_selectors
 from users.models import EndUser, MergeReason, MergeRecord, UserIdentity
 from users.profile import validated_changes
@@ -86,7 +87,16 @@ def page_of(example: dict) -> dict:
     retrieve=extend_schema(
         summary="Get a user", examples=[OpenApiExample("A user", value=USER_EXAMPLE, response_only=True)]
     ),
-    destroy=extend_schema(summary="Delete a user (its events stay, detached)"),
+    destroy=extend_schema(
+        summary="Delete a user and suppress its userIds",
+        description=(
+            "`events=keep` (default): its events and usage stay, detached from any user and anonymised, so "
+            "feature totals do not change. `events=delete`: they are deleted, and the totals change. Either "
+            "way every userId of the user is suppressed: later messages naming one answer 200 "
+            '`{"status": "suppressed"}` and are not stored. Recorded in the audit log (`user.delete`).'
+        ),
+        parameters=[s.UserDeleteQuerySerializer],
+    ),
 )
 class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, WorkspaceViewSet):
     model = EndUser
@@ -123,7 +133,8 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Destr
         return Response(self.get_serializer(self.get_queryset().get(pk=user.pk)).data)
 
     def perform_destroy(self, user):
-        delete_user(workspace=self.workspace, user_pk=user.pk, actor=self.actor)
+        events = self.query(s.UserDeleteQuerySerializer).get("events", "keep")
+        delete_user(workspace=self.workspace, user_pk=user.pk, actor=self.actor, events=events)
 
     @extend_schema(
         summary="Merge users into one",
@@ -615,6 +626,38 @@ class AuditViewSet(mixins.ListModelMixin, WorkspaceViewSet):
     def scope(self, entries):
         filters = self.query(s.AuditFilterSerializer)
         return audit_entries(self.workspace, entries=entries, **filters)
+
+
+class WorkspaceSettingsViewSet(WorkspaceViewSet):
+    """The calling key's own workspace: no id in the path, no other workspace reachable."""
+
+    serializer_class = s.WorkspaceSettingsSerializer
+
+    def _answer(self, workspace) -> Response:
+        counts = feature_selectors.anonymous_event_counts(workspace)
+        data = {
+            "id": workspace.pk,
+            **workspace_settings(workspace),
+            "anonymous_pending": counts["pending"],
+            "anonymous_expired": counts["expired"],
+        }
+        return Response(s.WorkspaceSettingsSerializer(data).data)
+
+    @extend_schema(summary="The workspace's settings")
+    def retrieve(self, request):
+        # Read afresh: the request's workspace may come from the key cache, a few seconds old.
+        return self._answer(Workspace.objects.get(pk=self.workspace.pk))
+
+    @extend_schema(
+        summary="Change the workspace's settings",
+        description="Recorded in the audit log (`workspace.update`) when something changed.",
+        request=s.WorkspaceSettingsUpdateSerializer,
+        responses=s.WorkspaceSettingsSerializer,
+        examples=[OpenApiExample("Hold anonymous events", value={"anonymous_events": "hold"}, request_only=True)],
+    )
+    def partial_update(self, request):
+        changes = self.body(s.WorkspaceSettingsUpdateSerializer)
+        return self._answer(workspace_settings_update(workspace=self.workspace, changes=changes, actor=self.actor))
 
 
 # --- Webhooks ----------------------------------------------------------------------------

@@ -6,10 +6,11 @@ import time
 from celery import shared_task
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
+from django.utils import timezone
 
 from kana import jobs
 
-from . import reprocessing
+from . import ledger, reprocessing
 from .models import ReprocessingJob
 from .services import REPROCESSING_TASK
 
@@ -75,6 +76,18 @@ def _send_again(job_id: int, countdown: float | None = None) -> bool:
 def sweep_stalled_jobs() -> int:
     """Re-enqueue jobs whose message was never sent or whose worker died."""
     return jobs.sweep(ReprocessingJob, REPROCESSING_TASK)
+
+
+@shared_task(acks_late=True, ignore_result=True, expires=60 * 60, time_limit=10 * 60)
+def expire_pending_anonymous_events() -> int:
+    """Held anonymous events past their workspace's hold window become ``expired``: counted
+    (``features.selectors.anonymous_event_counts``), never mapped, never silently dropped."""
+    expired = ledger.expire_pending_events(timezone.now())
+    if expired:
+        logger.info(
+            "pending anonymous events expired", extra={"workspaces": len(expired), "events": sum(expired.values())}
+        )
+    return sum(expired.values())
 
 
 jobs.sweep_when_a_worker_starts(sweep_stalled_jobs)

@@ -164,6 +164,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "users.tasks.sweep_stalled_imports",
         "schedule": float(env_int("KANA_SWEEP_INTERVAL_SECONDS", 15)),
     },
+    # Held anonymous events past their workspace's hold window expire (SPEC §12).
+    "expire-pending-anonymous-events": {
+        "task": "features.tasks.expire_pending_anonymous_events",
+        "schedule": float(env_int("KANA_EXPIRE_PENDING_INTERVAL_SECONDS", 3600)),
+    },
     # Webhook retries, and first attempts whose message was lost: due deliveries are in the
     # database (webhooks.delivery), so they survive any worker or broker restart.
     "send-due-webhooks": {

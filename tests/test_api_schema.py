@@ -37,6 +37,7 @@ ENDPOINTS = {
     "/api/v1/events/unmapped/summary",
     "/api/v1/events/{id}/void",
     "/api/v1/audit",
+    "/api/v1/workspace",
     "/api/v1/usage",
     "/api/v1/merges",
     "/api/v1/merges/{id}",
