@@ -37,7 +37,7 @@ from kana.retries import ConcurrentChange, run_with_retries
 from . import bulk
 from .errors import IdentityError
 from .merges import absorb
-from .models import EndUser, MergeReason, UserIdentity
+from .models import EndUser, MergeReason, Suppression, UserIdentity
 from .profile import SET_AT_FIELDS, UNSET, ProfileChanges, apply_changes, oldest_first
 
 logger = logging.getLogger(__name__)
@@ -617,24 +617,13 @@ def _apply_rows_once(workspace, rows, occurred_at, touched, reason, actor):
 # --- Track: resolving userIds in bulk --------------------------------------------------
 
 
-def known_users_sql(workspace: Workspace, external_ids: list[str]) -> tuple[str, list]:
-    """The read half of ``resolve_users`` as one SQL statement (rows: userId, user id), for a
-    caller that sends it together with other statements in one round trip."""
-    placeholders = ", ".join(["%s"] * len(external_ids))
-    table = UserIdentity._meta.db_table
-    return (
-        f"SELECT external_id, user_id FROM {table} WHERE workspace_id = %s AND external_id IN ({placeholders})",
-        [workspace.pk, *external_ids],
-    )
-
-
 def resolve_users(
     *, workspace: Workspace, external_ids: Iterable[str], known: dict[str, int] | None = None
 ) -> dict[str, int]:
     """Map each userId to its user's id, creating a user (with only that id) for unknown ones.
 
-    One query when every id is known, two otherwise (one fewer with ``known``: what
-    ``known_users_sql`` read for them in the caller's transaction). Must run inside the caller's
+    One query when every id is known, two otherwise (one fewer with ``known``: what the
+    caller read for them in its transaction, ``features.ledger.KnownIds.users``). Must run inside the caller's
     transaction. On PostgreSQL a userId created concurrently by another transaction is not
     an error: the insert skips it (``ON CONFLICT DO NOTHING`` waits for that transaction)
     and it is read back. Only an alias racing with the creation (the userId became another
@@ -649,7 +638,7 @@ def resolve_users(
             .filter(external_id__in=wanted)
             .values_list("external_id", "user_id")
         )
-    else:  # the caller ran known_users_sql for these ids in this transaction already
+    else:  # the caller read these userIds' identities in this transaction already
         resolved = {uid: pk for uid, pk in known.items() if uid in wanted}
     missing = sorted(wanted - resolved.keys())  # sorted: concurrent creators wait in one order
     if not missing:
@@ -669,6 +658,11 @@ def resolve_users(
         rows = cursor.fetchall()
     if not all(has_identity for _, _, has_identity in rows):
         raise ConcurrentChange()  # an alias claimed one of these userIds meanwhile
+    if rows and suppressed_user_ids(workspace=workspace, user_ids={user_id for user_id, _, _ in rows}):
+        # The user of one of these userIds was deleted (and the userId suppressed) after the
+        # caller checked: the insert waited for that deletion, this statement sees it. Run
+        # again: the caller's check now answers ``suppressed``.
+        raise ConcurrentChange()
     resolved.update((user_id, pk) for user_id, pk, _ in rows)
     created_elsewhere = [uid for uid in missing if uid not in resolved]
     if created_elsewhere:
@@ -786,3 +780,12 @@ def _alias(
     survivor.user_id = user_id
     survivor.save()
     return IdentifyResult(user=survivor, outcome=IdentifyOutcome.MERGED, absorbed_ids=[absorbed.pk])
+
+
+def suppressed_user_ids(*, workspace: Workspace, user_ids: set[str]) -> set[str]:
+    """Which of these userIds belong to deleted users (one indexed lookup)."""
+    if not user_ids:
+        return set()
+    return set(
+        Suppression.objects.for_workspace(workspace).filter(user_id__in=user_ids).values_list("user_id", flat=True)
+    )
