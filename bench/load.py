@@ -11,6 +11,17 @@ Connections are kept alive when the server allows it (HTTP/1.1); gunicorn's sync
 close after every response, and the client then reconnects, as any client of such a server
 must. Latency runs from the first byte written (connecting included) to the last byte read.
 Requests are not retried: a connection error is counted and makes the scenario fail.
+
+Two ways to offer load:
+
+- **closed loop** (the default): ``connections`` clients, each sending its next request
+  when the previous one is answered. Measures the maximum throughput; its latency is only
+  connections / throughput.
+- **open loop** (``rate`` in the spec, requests per second): requests are *scheduled* at
+  fixed intervals whatever the server does, each sent on a connection of its own as soon as
+  its time comes (at most ``max_in_flight`` at once; one that must wait for a free slot
+  keeps waiting on the clock). Latency runs from the scheduled time, not the send time, so
+  a stalled server is charged for every request it delayed (no coordinated omission).
 """
 
 import asyncio
@@ -256,7 +267,61 @@ class Run:
         if protocol is not None and protocol.transport is not None:
             protocol.transport.close()
 
+    async def scheduled(self, semaphore: asyncio.Semaphore, due: float, made) -> None:
+        """One open-loop request, due at ``due``: latency counts from then."""
+        loop = asyncio.get_running_loop()
+        body, tag = made
+        async with semaphore:
+            protocol = None
+            try:
+                _, protocol = await loop.create_connection(_ResponseProtocol, self.spec["host"], self.spec["port"])
+                status, _close = await protocol.request(self.head % len(body) + body)
+            except (OSError, ConnectionError) as exc:
+                self.errors[type(exc).__name__] += 1
+                return
+            finally:
+                if protocol is not None and protocol.transport is not None:
+                    protocol.transport.close()
+        finished = time.perf_counter()
+        self.status_counts[status] += 1
+        if 200 <= status < 300:
+            self.ok_tags[tag] += 1
+        if self.window_start <= due:  # every request due in the window counts, however late
+            self.completed_in_window += 1
+            self.latencies.append(finished - due)
+
+    async def open_loop(self) -> dict:
+        """Requests at ``rate`` per second from a fixed schedule (see the module docstring)."""
+        rate = float(self.spec["rate"])
+        semaphore = asyncio.Semaphore(self.spec.get("max_in_flight", 256))
+        start = time.perf_counter()
+        self.window_start = start + self.spec.get("warmup", 0)
+        self.window_end = self.window_start + self.spec["duration"]
+        tasks, n = [], 0
+        while True:
+            due = start + n / rate
+            if due >= self.window_end:
+                break
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            made = self.next_body()
+            if made is None:
+                break
+            self.issued += 1
+            tasks.append(asyncio.create_task(self.scheduled(semaphore, due, made)))
+            n += 1
+        await asyncio.gather(*tasks)
+        in_window = self.completed_in_window
+        report = self.report()
+        report["offered_rate"] = rate
+        report["scheduled_in_window"] = sum(1 for i in range(n) if start + i / rate >= self.window_start)
+        report["completed_in_window"] = in_window
+        return report
+
     async def main(self) -> dict:
+        if self.spec.get("rate"):
+            return await self.open_loop()
         now = time.perf_counter()
         self.window_start = now + self.spec.get("warmup", 0)
         self.window_end = self.window_start + self.spec["duration"]

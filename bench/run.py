@@ -5,7 +5,7 @@
 
 It creates its own PostgreSQL database (dropped at the end), migrates, creates workspaces and
 keys, starts gunicorn (sync workers) and a Celery worker, measures the baselines (B-insert,
-B-copy, B-update) and the scenarios (S1-S5) of BENCH.md (the project's benchmark plan), checks after every
+B-copy, B-update) and the scenarios (S1-S8) of BENCH.md (the project's benchmark plan), checks after every
 scenario that each message sent was stored exactly once, prints one table and writes it as
 JSON to bench/results/latest.json. See docs/performance.md for what the figures mean.
 """
@@ -51,6 +51,20 @@ SIZES = {
 REDIS_DB_URL = "redis://127.0.0.1:6379/10"
 
 
+def default_redis_url() -> str:
+    """The Redis database the run uses as Celery's broker, flushed at the end: the one given
+    for the benchmark, else the caller's own ``REDIS_URL`` (so two people running the
+    benchmark on one Redis, each with their own database, never share a queue), else DB 10."""
+    return os.environ.get("KANA_BENCH_REDIS_URL") or os.environ.get("REDIS_URL") or REDIS_DB_URL
+
+
+def database_name() -> str:
+    """``kana_bench_<pid>_<random>``: unique on a server shared by several checkouts (process
+    ids repeat across containers), and never the name of anyone's own database, since the
+    run drops it first."""
+    return f"kana_bench_{os.getpid()}_{secrets.token_hex(3)}"
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run with smaller sizes")
@@ -61,7 +75,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--events", type=int, help="stored unmapped events for S4 (and rows for B-copy/B-update)")
     parser.add_argument("--import-rows", type=int, help="CSV rows imported in S5")
     parser.add_argument("--export-rows", type=int, help="users exported in S5")
-    parser.add_argument("--redis-url", default=os.environ.get("KANA_BENCH_REDIS_URL", REDIS_DB_URL))
+    parser.add_argument("--redis-url", default=default_redis_url(), help="flushed at the end (default: $REDIS_URL)")
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "latest.json"))
     parser.add_argument("--pause", action="store_true", help="wait for Enter before the scenarios (to profile)")
     parser.add_argument("--profile", metavar="DIR", help="record py-spy profiles of each scenario into DIR")
@@ -83,7 +97,7 @@ def main() -> int:
     sizes = configure(args)
     from bench import stack
 
-    database = f"kana_bench_{os.getpid()}"
+    database = database_name()
     log_dir = Path(tempfile.mkdtemp(prefix="kana-bench-"))
     env = {
         "DATABASE_URL": stack.server_url(database),

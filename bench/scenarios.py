@@ -20,6 +20,7 @@ from django.core.management import call_command, get_commands, load_command_clas
 from django.db import connection
 
 from features.models import Event, EventStatus, ReprocessingJob, Usage
+from features.preview import rule_preview
 from features.services import RuleDefinition, feature_create, rule_create
 from kana.jobs import JobStatus
 from kana.services import workspace_create_with_key
@@ -30,6 +31,13 @@ from . import bulk, stack
 S1_USERS = 1000
 S4_USERS = 10_000
 BATCH_SIZE = 100
+# S4 creates this rule over its stored events; S8 previews it over the same events first.
+S4_RULE = RuleDefinition(
+    name="Pro exports",
+    feature_key="exports",
+    event_name="Report Exported",
+    conditions=[{"property": "plan.tier", "operator": "equals", "value": "pro"}],
+)
 # Identify scenario pools: comfortably more than a run can use at any plausible rate.
 S2_POOL_PER_SECOND = 600
 
@@ -66,9 +74,11 @@ class Row:
     target_ratio: float | None = None  # ratio to the baseline required
     target_max: float | None = None  # absolute ceiling (latency, memory)
     target_min: float | None = None  # absolute floor (CSV rows/s)
+    target_seconds: float | None = None  # met also when done within this many seconds (S8)
     verified: bool | None = None
     problems: list[str] = field(default_factory=list)
     details: dict = field(default_factory=dict)
+    not_run: str = ""  # why the scenario was not run (its feature does not exist yet)
 
     @property
     def ratio(self) -> float | None:
@@ -80,6 +90,8 @@ class Row:
     def met(self) -> bool | None:
         if self.value is None or self.verified is False:
             return None
+        if self.target_seconds is not None and self.details.get("seconds", float("inf")) <= self.target_seconds:
+            return True
         if self.target_ratio is not None:
             return self.ratio is not None and self.ratio >= self.target_ratio
         if self.target_max is not None:
@@ -101,7 +113,22 @@ class Row:
             "met": self.met,
             "verified": self.verified,
             "problems": self.problems,
+            "not_run": self.not_run or None,
             "details": self.details,
+        }
+
+    def as_scenario(self) -> dict:
+        """The short form BENCH.md asks for, plus the absolute figures."""
+        return {
+            "id": self.id,
+            "ratio": None if self.ratio is None else round(self.ratio, 3),
+            "target": self.target or None,
+            "met": self.met,
+            "value": None if self.value is None else round(self.value, 2),
+            "unit": self.unit,
+            "baseline": self.baseline or None,
+            "baseline_value": None if self.baseline_value is None else round(self.baseline_value, 2),
+            "status": "not run" if self.not_run else ("no result" if self.verified is False else "measured"),
         }
 
 
@@ -121,6 +148,7 @@ class Bench:
         self.port = stack.free_port()
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.bulk_conn: psycopg.Connection | None = None
+        self.load_at_start = [round(x, 2) for x in os.getloadavg()]
 
     def wanted(self, *ids: str) -> bool:
         return not self.only or any(i in self.only for i in ids)
@@ -156,6 +184,8 @@ class Bench:
             self.s4_and_set_baselines()
         if self.wanted("S5"):
             self.s5()
+        if self.wanted("S6", "S7"):
+            self.entitlement_scenarios()
         self.link_baselines()
 
     def close(self) -> None:
@@ -228,7 +258,11 @@ class Bench:
 
     # --- HTTP load ------------------------------------------------------------------------
 
-    def load(self, *, path: str, kind: str, prefix: str, auth: str = "", params: dict | None = None) -> dict:
+    def load(
+        self, *, path: str, kind: str, prefix: str, auth: str = "", params: dict | None = None, rate: float = 0
+    ) -> dict:
+        """Drive ``bench/load.py``: closed loop on ``--connections`` connections, or open loop
+        at ``rate`` requests per second when given."""
         self.check_services()
         spec = {
             "host": "127.0.0.1",
@@ -241,6 +275,7 @@ class Bench:
             "kind": kind,
             "prefix": prefix,
             "params": params or {},
+            "rate": rate,
         }
         started = time.monotonic()
         with self.cpu_meter() as meter, self.profiled("app", prefix):
@@ -344,23 +379,44 @@ class Bench:
                 unit="req/s",
                 value=result["requests_per_second"] if ok else None,
                 baseline="B-insert",
-                target="≥ 0.6 × B-insert",
-                target_ratio=0.6,
+                target="≥ 1.0 × B-insert",
+                target_ratio=1.0,
                 verified=ok,
                 problems=problems,
                 details=result,
             )
         )
+        if ok:
+            self.s1_latency(rate=result["requests_per_second"] / 2)
+
+    def s1_latency(self, *, rate: float) -> None:
+        """S1-lat: the same tracks offered open loop at half S1's own maximum."""
+        self.log(f"S1-lat: the same tracks, open loop at {rate:,.0f} req/s (half of S1's maximum)")
+        result = self.load(
+            path="/segment/events",
+            kind="track",
+            prefix="s1lat",
+            auth=self.t1.auth,
+            params={"users": S1_USERS},
+            rate=rate,
+        )
+        sent = result["issued"]
+        problems = self.http_problems(result) + self.exactly_once(self.t1, "s1lat", sent)
+        usage = self.usage_of(self.t1, "s1lat")
+        if usage != sent:
+            problems.append(f"{sent} sent, {usage} usage rows")
+        ok = not problems
         self.rows.append(
             Row(
-                id="S1-p99",
-                scenario="S1 p99 latency",
+                id="S1-lat",
+                scenario=f"S1-lat p99, open loop at {rate:,.0f} req/s",
                 unit="ms",
                 value=result["p99_ms"] if ok else None,
-                target="≤ 50 ms",
-                target_max=50,
+                target="p99 ≤ 25 ms",
+                target_max=25,
                 verified=ok,
-                details={"p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"], "max_ms": result["max_ms"]},
+                problems=problems,
+                details=result,
             )
         )
 
@@ -433,8 +489,8 @@ class Bench:
                 unit="events/s",
                 value=result["events_per_second"] if ok else None,
                 baseline="B-copy",
-                target="≥ 0.15 × B-copy",
-                target_ratio=0.15,
+                target="≥ 0.25 × B-copy",
+                target_ratio=0.25,
                 verified=ok,
                 problems=problems,
                 details=result,
@@ -488,26 +544,23 @@ class Bench:
         )
         conn.execute("DROP TABLE bench_copy_event")
         conn.commit()
-        if not self.wanted("S4"):
+        if not self.wanted("S4", "S8"):
             return
 
-        self.log(f"S4: loading {n:,} unmapped events (COPY), then creating a rule over them")
+        self.log(f"S4/S8: loading {n:,} unmapped events (COPY)")
         load_seconds = bulk.copy_chunks(conn, "features_event", bulk.EVENT_COLUMNS, chunks)
         del chunks
         bulk.vacuum_analyze(conn, "features_event")
         bulk.vacuum_analyze(conn, "features_usage")
+        if self.wanted("S8"):
+            self.s8(n)
+        if not self.wanted("S4"):
+            return
+        self.log(f"S4: creating a rule over {n:,} unmapped events")
         self.check_services()
         with self.cpu_meter() as meter, self.profiled("worker", "s4"):
             started = time.monotonic()
-            rule = rule_create(
-                workspace=self.t4.workspace,
-                definition=RuleDefinition(
-                    name="Pro exports",
-                    feature_key="exports",
-                    event_name="Report Exported",
-                    conditions=[{"property": "plan.tier", "operator": "equals", "value": "pro"}],
-                ),
-            )
+            rule = rule_create(workspace=self.t4.workspace, definition=S4_RULE)
             job = self.wait_for_job(rule, timeout=max(600, n / 500))
             seconds = time.monotonic() - started
         usage = Usage.objects.for_workspace(self.t4.workspace).count()
@@ -525,8 +578,8 @@ class Bench:
                 unit="events/s",
                 value=n / seconds if ok else None,
                 baseline="B-update",
-                target="≥ 0.25 × B-update",
-                target_ratio=0.25,
+                target="≥ 0.5 × B-update",
+                target_ratio=0.5,
                 verified=ok,
                 problems=problems,
                 details={
@@ -543,6 +596,33 @@ class Bench:
             )
         )
 
+    def s8(self, n: int) -> None:
+        """S8: preview S4's rule over the same stored unmapped events, in this process (the
+        preview is a selector the dashboard calls in its request), before S4 creates it."""
+        self.log(f"S8: rule preview over {n:,} unmapped events")
+        started = time.perf_counter()
+        preview = rule_preview(workspace=self.t4.workspace, definition=S4_RULE)
+        seconds = time.perf_counter() - started
+        problems = []
+        if preview.matched_events != n:
+            problems.append(f"{n} events match the rule, the preview counted {preview.matched_events}")
+        ok = not problems
+        self.rows.append(
+            Row(
+                id="S8",
+                scenario=f"S8 rule preview over {n:,} events",
+                unit="rows/s",
+                value=n / seconds if ok else None,
+                baseline="B-update",
+                target="≤ 5 s or ≥ 2 × B-update",
+                target_ratio=2.0,
+                target_seconds=5.0,
+                verified=ok,
+                problems=problems,
+                details={"events": n, "seconds": round(seconds, 3), "matched": preview.matched_events},
+            )
+        )
+
     def wait_for_job(self, rule, timeout: float) -> ReprocessingJob:
         deadline = time.monotonic() + timeout
         while True:
@@ -553,6 +633,33 @@ class Bench:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"reprocessing did not finish within {timeout:.0f}s")
             time.sleep(0.05)
+
+    # --- S6, S7: entitlements (not run until the endpoints exist) -------------------------
+
+    def entitlement_scenarios(self) -> None:
+        """The hook for S6 (entitlement check, one GET per request, 16 connections; p99 at half
+        that rate open loop) and S7 (consume, half the connections on one subject; zero
+        overspend). Both are reported "not run" until the entitlements app serves them.
+
+        To add them: seed subjects with subscriptions in ``seed``; give ``bench/load.py`` a
+        factory per kind (a GET check, a POST consume) and let ``Run`` send its method; then
+        here call ``self.load`` (closed loop, and ``rate=`` half the maximum for the p99)
+        and append Rows like S1's and S1-lat's, with baseline "B-insert" and the targets below,
+        verifying afterwards that no subject was consumed past its limit.
+        """
+        for row_id, scenario, unit, target in (
+            ("S6", "S6 entitlement check, 1 GET/request", "req/s", "≥ 0.9 × B-insert; p99 ≤ 10 ms at half"),
+            ("S7", "S7 consume, half on one subject", "req/s", "≥ 0.5 × B-insert, zero overspend"),
+        ):
+            self.rows.append(
+                Row(
+                    id=row_id,
+                    scenario=scenario,
+                    unit=unit,
+                    target=target,
+                    not_run="the entitlements endpoints do not exist in this tree",
+                )
+            )
 
     # --- S5: CSV import and export --------------------------------------------------------
 
@@ -649,8 +756,8 @@ class Bench:
                 scenario=f"S5 CSV import, {rows:,} users",
                 unit="rows/s",
                 value=rows / result["seconds"] if ok else None,
-                target="≥ 20,000 rows/s",
-                target_min=20_000,
+                target="≥ 25,000 rows/s",
+                target_min=25_000,
                 verified=ok,
                 problems=problems,
                 details={**result, "rows": rows, "startup_seconds": self.command_startup},
@@ -662,6 +769,8 @@ class Bench:
                 scenario="S5 import peak memory",
                 unit="MB",
                 value=result["peak_rss_mb"] if ok else None,
+                target="≤ 150 MB",
+                target_max=150,
                 verified=ok,
                 details={"peak_rss_mb": result["peak_rss_mb"]},
             )
@@ -702,8 +811,8 @@ class Bench:
                 scenario=f"S5 CSV export, {rows:,} users",
                 unit="rows/s",
                 value=rows / result["seconds"] if ok else None,
-                target="≥ 100,000 rows/s",
-                target_min=100_000,
+                target="≥ 200,000 rows/s",
+                target_min=200_000,
                 verified=ok,
                 problems=problems,
                 details=details,
@@ -738,7 +847,9 @@ class Bench:
         header = ("scenario", "figure", "baseline", "ratio", "target", "met")
         lines = []
         for row in self.rows:
-            if row.verified is False and row.value is None:
+            if row.not_run:
+                met = "not run"
+            elif row.verified is False and row.value is None:
                 met = "NO RESULT"
             elif row.verified is None and row.value is None:
                 met = "not available"
@@ -756,10 +867,15 @@ class Bench:
         for row in self.rows:
             for problem in row.problems:
                 out.append(f"  {row.id}: {problem}")
+            if row.not_run:
+                out.append(f"  {row.id}: not run: {row.not_run}")
         machine = {
             "cores": os.cpu_count(),
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
             "postgresql": getattr(self, "server_version", None),
+            # The machine is shared: its load average before and after the run says how much.
+            "load_average_at_start": self.load_at_start,
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         }
         return {
             "table": "\n".join(out),
@@ -771,6 +887,7 @@ class Bench:
                 "workers": self.args.workers,
                 "connections": self.args.connections,
                 "machine": machine,
+                "scenarios": [row.as_scenario() for row in self.rows if row.target],
                 "rows": [row.as_json() for row in self.rows],
             },
         }

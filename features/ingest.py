@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from django.db import connection, transaction
 
+from kana.db import pipelined
 from kana.locks import lock_rules_shared
 from kana.models import AnonymousEvents, Workspace
 from kana.retries import ConcurrentChange, run_with_retries
@@ -71,7 +72,19 @@ def _run_kind(message: Message) -> str:
 
 
 def ingest_usage_messages(*, workspace: Workspace, messages: list[Message]) -> list[Outcome]:
+    if len(messages) == 1 and pipelined.available():
+        return run_with_retries(lambda: _ingest_usage_pipelined(workspace, messages))
     return run_with_retries(lambda: _ingest_usage_once(workspace, messages))
+
+
+def _ingest_usage_pipelined(workspace: Workspace, messages: list[Message]) -> list[Outcome]:
+    """``_ingest_usage_once`` with its BEGIN sent with the first statement (the rules lock,
+    version and known-ids read) and its COMMIT with the event insert (``kana.db.pipelined``):
+    the same statements in the same order in one transaction, so the exactness argument of
+    the rules lock is unchanged (docs/architecture.md, "Rules and retroactive reprocessing").
+    Two round trips fewer for what Segment sends most: one message per request."""
+    with pipelined.transaction():
+        return _record_usage(workspace, messages, pipelined_transaction=True)
 
 
 _PENDING = Decision(EventStatus.PENDING)
@@ -79,9 +92,20 @@ _PENDING = Decision(EventStatus.PENDING)
 
 @transaction.atomic
 def _ingest_usage_once(workspace: Workspace, messages: list[Message]) -> list[Outcome]:
+    return _record_usage(workspace, messages)
+
+
+def _record_usage(
+    workspace: Workspace, messages: list[Message], *, pipelined_transaction: bool = False
+) -> list[Outcome]:
     anonymous_ids = {m.anonymous_id for m in messages if not m.user_id and m.anonymous_id}
     version, known = ledger.lock_rules_and_find_replays(
-        workspace, {m.message_id for m in messages}, {m.user_id for m in messages if m.user_id}, anonymous_ids
+        workspace,
+        {m.message_id for m in messages},
+        {m.user_id for m in messages if m.user_id},
+        anonymous_ids,
+        begin=pipelined_transaction,
+        with_users=pipelined_transaction,
     )
     fresh, first = _fresh_and_suppressed(messages, known.replayed, known.suppressed)
     if fresh:
@@ -91,7 +115,11 @@ def _ingest_usage_once(workspace: Workspace, messages: list[Message]) -> list[Ou
         # with it (delete_user), so a linked userId is not a suppressed one.
         owner = {m.message_id: m.user_id or known.linked.get(m.anonymous_id) for m in fresh.values()}
         external_ids = {user_id for user_id in owner.values() if user_id}
-        user_pks = user_services.resolve_users(workspace=workspace, external_ids=external_ids) if external_ids else {}
+        user_pks = (
+            user_services.resolve_users(workspace=workspace, external_ids=external_ids, known=known.users)
+            if external_ids
+            else {}
+        )
         decided = [
             # A held anonymous event (no userId: the edge lets one through only for a workspace
             # that holds them) is stored pending, with no user, until an identify or alias
@@ -101,7 +129,7 @@ def _ingest_usage_once(workspace: Workspace, messages: list[Message]) -> list[Ou
             else (m, _PENDING, None)
             for m in fresh.values()
         ]
-        stored = ledger.record_usage_events(workspace, decided)
+        stored = ledger.record_usage_events(workspace, decided, then_commit=pipelined_transaction)
         for m, d, pk in decided:
             if m.message_id in stored:
                 first[m.message_id] = Outcome(m.message_id, d.status, d.reason, pk)

@@ -20,9 +20,10 @@ from django.db import connection
 from django.dispatch import receiver
 
 from kana.copy_rows import copy_rows
+from kana.db import pipelined
 from kana.locks import lock_rules_shared_and_read
 from kana.models import Workspace
-from users.models import AnonymousLink, Suppression
+from users.models import AnonymousLink, Suppression, UserIdentity
 from users.signals import user_absorbed, user_deleting, user_restored
 
 from .incoming import Message
@@ -33,8 +34,11 @@ from .models import Event, EventStatus, Usage
 Decided = tuple[Message, Decision, int]
 
 
-def record_usage_events(workspace: Workspace, decided: list[Decided]) -> set[str]:
+def record_usage_events(workspace: Workspace, decided: list[Decided], *, then_commit: bool = False) -> set[str]:
     """Store track/page/screen events and their usage; returns the messageIds stored.
+
+    ``then_commit`` (inside ``kana.db.pipelined.transaction``, fewer than COPY_MIN_EVENTS
+    events): the insert carries the transaction's ``COMMIT`` in the same round trip.
 
     A messageId that another request stored meanwhile is skipped by the insert itself (it
     waits for that request to commit) and is not returned: its message is a replay. Rows go
@@ -47,7 +51,7 @@ def record_usage_events(workspace: Workspace, decided: list[Decided]) -> set[str
         return {m.message_id for m, _, _ in decided}
     if len(decided) >= COPY_MIN_EVENTS:
         return _copy_and_move(workspace, decided)
-    return _insert_returning(workspace, decided)
+    return _insert_returning(workspace, decided, then_commit=then_commit)
 
 
 # Fewer events go in with one INSERT statement; more are COPYed into a staging table first
@@ -130,7 +134,7 @@ def _values_sql(rows: list[tuple], types: tuple[str, ...]) -> tuple[str, list]:
     return sql, [value for row in rows for value in row]
 
 
-def _insert_returning(workspace: Workspace, decided: list[Decided]) -> set[str]:
+def _insert_returning(workspace: Workspace, decided: list[Decided], *, then_commit: bool = False) -> set[str]:
     """Events and their usage in one statement (PostgreSQL); returns the messageIds stored.
 
     A messageId stored meanwhile by a concurrent request is skipped by the insert itself
@@ -147,8 +151,11 @@ def _insert_returning(workspace: Workspace, decided: list[Decided]) -> set[str]:
         usage_sql, usage_params = _values_sql(usages, _USAGE_VALUE_TYPES)
         sql += ", used AS (" + _INSERT_USAGE_FOR.format(source=f"({usage_sql})").replace("%(ws)s", "%s") + ")"
         params += [workspace.pk, *usage_params]  # the workspace comes first in the usage SELECT
+    sql += " SELECT message_id FROM ev"
     with connection.cursor() as cursor:
-        cursor.execute(sql + " SELECT message_id FROM ev", params)
+        # With the COMMIT in the same message: if the insert fails, PostgreSQL skips the
+        # COMMIT and the transaction is left aborted, for the caller's ROLLBACK.
+        cursor.execute(sql + pipelined.COMMIT if then_commit else sql, params)
         return {message_id for (message_id,) in cursor.fetchall()}
 
 
@@ -232,10 +239,12 @@ class KnownIds:
     replayed: set[str]  # messageIds stored already
     suppressed: set[str]  # userIds of deleted users
     linked: dict[str, str]  # anonymousId -> the userId an identify or alias linked it to
+    # userId -> its user's id, when asked (``with_users``): saves ``resolve_users`` its read
+    users: dict[str, int] | None = None
 
 
 def _known_ids_sql(
-    workspace: Workspace, message_ids: set[str], user_ids: set[str], anonymous_ids: set[str]
+    workspace: Workspace, message_ids: set[str], user_ids: set[str], anonymous_ids: set[str], with_users: bool = False
 ) -> tuple[str, list]:
     """One read for what a run asks before storing anything: which messageIds are stored
     (replays), which userIds are suppressed, which anonymousIds are linked to a userId. Each
@@ -254,29 +263,43 @@ def _known_ids_sql(
     if anonymous_ids:
         branches.append(branch("anonymous_id, 2, user_id", AnonymousLink._meta.db_table, "anonymous_id", anonymous_ids))
         params += [workspace.pk, *anonymous_ids]
+    if with_users and user_ids:
+        identities = UserIdentity._meta.db_table
+        branches.append(branch("external_id, 3, user_id::text", identities, "external_id", user_ids))
+        params += [workspace.pk, *user_ids]
     return " UNION ALL ".join(branches), params
 
 
-def _known_ids(rows: list[tuple]) -> KnownIds:
-    known = KnownIds(set(), set(), {})
+def _known_ids(rows: list[tuple], with_users: bool = False) -> KnownIds:
+    known = KnownIds(set(), set(), {}, {} if with_users else None)
     for value, kind, linked in rows:
         if kind == 0:
             known.replayed.add(value)
         elif kind == 1:
             known.suppressed.add(value)
-        else:
+        elif kind == 2:
             known.linked[value] = linked
+        else:
+            known.users[value] = int(linked)
     return known
 
 
 def lock_rules_and_find_replays(
-    workspace: Workspace, message_ids: set[str], user_ids: set[str] = frozenset(), anonymous_ids: set[str] = frozenset()
+    workspace: Workspace,
+    message_ids: set[str],
+    user_ids: set[str] = frozenset(),
+    anonymous_ids: set[str] = frozenset(),
+    *,
+    begin: bool = False,
+    with_users: bool = False,
 ) -> tuple[int, KnownIds]:
     """The rules version (under the shared rules lock) and ``known_ids``, in one round trip:
-    this runs for every message Segment sends one at a time."""
-    sql, params = _known_ids_sql(workspace, message_ids, user_ids, anonymous_ids)
-    version, rows = lock_rules_shared_and_read(workspace.pk, sql, params)
-    return version, _known_ids(rows)
+    this runs for every message Segment sends one at a time. ``begin``: the round trip also
+    opens the transaction (inside ``kana.db.pipelined.transaction``); ``with_users``: the
+    read also maps ``user_ids`` to their users (``KnownIds.users``)."""
+    sql, params = _known_ids_sql(workspace, message_ids, user_ids, anonymous_ids, with_users)
+    version, rows = lock_rules_shared_and_read(workspace.pk, sql, params, begin=begin)
+    return version, _known_ids(rows, with_users)
 
 
 def known_ids(workspace: Workspace, message_ids: set[str], user_ids: set[str]) -> KnownIds:
@@ -395,6 +418,47 @@ def _map_events_postgres(workspace_id: int, event_ids: list[int], usages: list[U
             },
         )
         return cursor.fetchone()[0]
+
+
+def map_events_decided_in_sql(
+    workspace_id: int, decided_sql: str, params: list, *, feature_id: int, rule_id: int
+) -> tuple[int, int | None, int, list[int]]:
+    """Reprocessing decided in SQL (PostgreSQL), one statement for a chunk.
+
+    ``decided_sql`` selects the chunk's candidates (locked by the caller's query) as
+    ``id, amount, to_python``: rows with an amount and not ``to_python`` are flipped (if still
+    unmapped, with a user) and get one usage row for the rule, at the event's user and time,
+    exactly as ``map_events`` records them. Returns (candidates, their highest id, events
+    flipped, the ids left to the caller's evaluator, in id order). A row decided here that the
+    UPDATE did not flip (a concurrent change committed while the statement ran: its user
+    deleted, say) is left to the evaluator too, which reads it as it is now.
+    """
+    sql = f"""
+    WITH decided AS MATERIALIZED ({decided_sql}),
+    flipped AS (
+        UPDATE {Event._meta.db_table} e SET status = %s, unmapped_reason = ''
+        FROM decided d
+        WHERE e.id = d.id AND d.amount IS NOT NULL AND NOT d.to_python
+            AND e.status = %s AND e.user_id IS NOT NULL
+        RETURNING e.id, e.user_id, e.occurred_at, d.amount
+    ), recorded AS (
+        INSERT INTO {Usage._meta.db_table} (workspace_id, user_id, feature_id, event_id, rule_id, amount, occurred_at)
+        SELECT %s, user_id, %s, id, %s, amount, occurred_at FROM flipped
+        ON CONFLICT (event_id, feature_id) DO NOTHING
+    )
+    SELECT (SELECT count(*) FROM decided), (SELECT max(id) FROM decided), (SELECT count(*) FROM flipped),
+        ARRAY(
+            -- A join, not NOT EXISTS under the OR: that would scan the flipped rows once per row.
+            SELECT d.id FROM decided d LEFT JOIN flipped f ON f.id = d.id
+            WHERE d.to_python OR (d.amount IS NOT NULL AND f.id IS NULL)
+            ORDER BY d.id
+        )
+    """
+    values = [*params, EventStatus.MAPPED.value, EventStatus.UNMAPPED.value, workspace_id, feature_id, rule_id]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, values)
+        scanned, last_id, flipped, to_python = cursor.fetchone()
+    return scanned, last_id, flipped, list(to_python)
 
 
 def attach_detached_events(user_by_event: dict[int, int]) -> None:

@@ -387,10 +387,11 @@ class _Translation:
     matched: str  # every condition holds, and no featureId takes the event elsewhere
     unsure: str  # SQL cannot decide the row
     amount: str  # the amount, NULL when invalid
+    no_feature_id: str = "true"  # decide() goes by rules at all (no featureId takes the event)
 
 
-def _translate(rule: CompiledRule) -> _Translation | None:
-    columns = _Columns()
+def _translate(rule: CompiledRule, columns: _Columns | None = None) -> _Translation | None:
+    columns = columns or _Columns()
     parts = [_condition(columns, c) for c in rule.conditions]
     if any(p is None for p in parts):
         return None
@@ -402,7 +403,7 @@ def _translate(rule: CompiledRule) -> _Translation | None:
     conditions_unsure = " OR ".join(["false"] + [f"({p[1]})" for p in parts])
     # The amount is read only when the conditions hold.
     unsure = f"(({conditions_unsure}) OR (({matched}) AND {amount_unsure}))"
-    return _Translation(columns=columns, matched=matched, unsure=unsure, amount=amount)
+    return _Translation(columns=columns, matched=matched, unsure=unsure, amount=amount, no_feature_id=no_feature_id)
 
 
 def _decide_in_sql(tally: _Tally, workspace: Workspace, rule: CompiledRule, rule_set: RuleSet, t: _Translation) -> None:
@@ -485,3 +486,66 @@ def _unsure_chunks(columns: _Columns, scan: str, sure: str, params: list):
             for event_id, name, user_id, occurred_at, props in window
             if props is not None
         ]
+
+
+# --- Reprocessing decided in SQL (features.reprocessing) -----------------------------------
+
+
+@dataclass
+class ChunkDecision:
+    """SQL that decides a reprocessing job's candidate rows for its rule, as ``decide`` would.
+
+    ``rows(where)`` is FROM-able SQL over the candidates (``r.`` columns); per row:
+    ``amount`` is the usage the rule records (NULL: SQL maps nothing here), ``to_python``
+    says SQL could not decide the row (the evaluator decides it). A row is decided in SQL
+    only when it is unmapped for ``no_matching_rule``, the translation is sure of it for
+    the job's rule *and* for every other active rule, and no other rule matches it: then
+    ``decide`` would count it for the job's rule alone, with this amount, or leave it as
+    it is. Rows whose user was deleted (``user_id`` NULL) that the rule maps go to Python
+    too, which attaches them to their userId's user first.
+    """
+
+    columns: _Columns
+    amount: str
+    to_python: str
+
+    def rows(self, where: str) -> str:
+        return self.columns.rows(where)
+
+
+def decide_chunk_in_sql(rule: CompiledRule, rule_set: RuleSet) -> ChunkDecision | None:
+    """The SQL decision of ``rule``'s job over stored events, or None when some active rule's
+    conditions have no translation (the job then decides every row in Python)."""
+    columns = _Columns()
+    own = _translate(rule, columns)
+    if own is None:
+        return None
+    others_miss = []
+    for other in rule_set.rules:
+        if other.rule_id == rule.rule_id:
+            continue
+        translated = _translate(other, columns)
+        if translated is None:
+            return None
+        surely_not = f"(NOT COALESCE({translated.unsure}, true) AND NOT COALESCE({translated.matched}, true))"
+        if other.event_name is not None:
+            surely_not = f"(r.name IS DISTINCT FROM {_literal(other.event_name)} OR {surely_not})"
+        others_miss.append(surely_not)
+    own_name = "true" if rule.event_name is None else f"(r.name = {_literal(rule.event_name)})"
+    sure = " AND ".join(
+        [
+            f"r.unmapped_reason = {_literal(UnmappedReason.NO_MATCHING_RULE)}",
+            f"NOT COALESCE({own.unsure}, true)",
+            *others_miss,
+        ]
+    )
+    matched = f"({own_name} AND COALESCE({own.matched}, false))"
+    hit = f"(({sure}) AND {matched} AND ({own.amount}) IS NOT NULL)"
+    # Matched by no rule, and no featureId: decide() leaves it unmapped for no_matching_rule,
+    # as it is stored (an event with a featureId is decided by it: the evaluator's).
+    miss = f"(({sure}) AND NOT {matched} AND {own.no_feature_id})"
+    return ChunkDecision(
+        columns=columns,
+        amount=f"(CASE WHEN {hit} THEN {own.amount} END)",
+        to_python=f"(NOT ({hit} OR {miss}) OR ({hit} AND r.user_id IS NULL))",
+    )

@@ -19,7 +19,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -33,6 +33,7 @@ from users import services as user_services
 from . import ledger
 from .mapping import decide, load_rule_set
 from .models import Event, EventStatus, ReprocessingJob, UnmappedReason
+from .preview import decide_chunk_in_sql
 
 logger = logging.getLogger(__name__)
 
@@ -76,15 +77,25 @@ def process_chunk(job_id: int, chunk_size: int | None = None) -> ChunkResult:
         if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
             return ChunkResult(0, 0, True)
         rule_set = load_rule_set(job.workspace_id, lock_rules_shared(job.workspace_id))
-        # Only what the evaluator needs: user and time are joined in SQL when usage is written.
-        rows = list(
-            _candidate_events(job)
-            .order_by("id")
-            .select_for_update(of=("self",))
-            .values_list("id", "name", "unmapped_reason", "payload__properties", "user_id", "external_user_id")[
-                :chunk_size
-            ]
-        )
+        in_sql = _decided_in_sql(job, rule_set, chunk_size)
+        if in_sql is None:
+            # Only what the evaluator needs: user and time are joined in SQL when usage is written.
+            rows = list(
+                _candidate_events(job).order_by("id").select_for_update(of=("self",)).values_list(*_READ)[:chunk_size]
+            )
+            scanned, last_id, mapped = len(rows), rows[-1][0] if rows else None, 0
+        else:
+            scanned, last_id, mapped, python_ids = in_sql
+            # The rows SQL left to the evaluator, locked already by the statement that decided the rest.
+            rows = (
+                list(
+                    Event.objects.filter(id__in=python_ids, status=EventStatus.UNMAPPED)
+                    .order_by("id")
+                    .values_list(*_READ)
+                )
+                if python_ids
+                else []
+            )
         usages: list[ledger.UsageRow] = []
         mapped_ids: list[int] = []
         new_reasons: dict[str, list[int]] = defaultdict(list)
@@ -101,20 +112,46 @@ def process_chunk(job_id: int, chunk_size: int | None = None) -> ChunkResult:
                 new_reasons[decision.reason].append(event_id)
         if orphans:
             _attach_users(job.workspace, orphans)
-        mapped = ledger.map_events(job.workspace_id, mapped_ids, usages) if mapped_ids else 0
+        mapped += ledger.map_events(job.workspace_id, mapped_ids, usages) if mapped_ids else 0
         ledger.set_unmapped_reasons(new_reasons)
-        finished = len(rows) < chunk_size
+        finished = scanned < chunk_size
         updates = {
-            "scanned": F("scanned") + len(rows),
+            "scanned": F("scanned") + scanned,
             "mapped": F("mapped") + mapped,
             "heartbeat_at": timezone.now(),
         }
-        if rows:
-            updates.update(cursor=rows[-1][0], failures=0)
+        if scanned:
+            updates.update(cursor=last_id, failures=0)
         if finished:
             updates.update(status=JobStatus.DONE, finished_at=timezone.now())
         ReprocessingJob.objects.filter(pk=job_id).update(**updates)
-    return ChunkResult(len(rows), mapped, finished)
+    return ChunkResult(scanned, mapped, finished)
+
+
+_READ = ("id", "name", "unmapped_reason", "payload__properties", "user_id", "external_user_id")
+
+
+def _decided_in_sql(job: ReprocessingJob, rule_set, chunk_size: int) -> tuple[int, int | None, int, list[int]] | None:
+    """A rule job's chunk decided and mapped in SQL where the rule's conditions allow it
+    (``features.preview.decide_chunk_in_sql``: the rows SQL decides are exactly those the
+    evaluator would decide the same way). Returns (rows scanned, the last id, events mapped,
+    the ids left to the evaluator), or None when the chunk goes to Python whole: SQLite, a
+    feature's job, a rule no longer active, or a condition SQL cannot express."""
+    if connection.vendor != "postgresql" or job.feature_id is not None or job.rule_id is None:
+        return None
+    rule = next((r for r in rule_set.rules if r.rule_id == job.rule_id), None)
+    decision = decide_chunk_in_sql(rule, rule_set) if rule is not None else None
+    if decision is None:
+        return None
+    candidates, params = (
+        _candidate_events(job).order_by("id").select_for_update(of=("self",)).values("id")[:chunk_size]
+    ).query.sql_with_params()
+    table = connection.ops.quote_name(Event._meta.db_table)
+    rows = decision.rows(f"FROM {table} e WHERE e.id IN ({candidates})")
+    decided = f"SELECT r.id, {decision.amount} AS amount, {decision.to_python} AS to_python FROM {rows}"
+    return ledger.map_events_decided_in_sql(
+        job.workspace_id, decided, list(params), feature_id=rule.feature_id, rule_id=rule.rule_id
+    )
 
 
 def _attach_users(workspace: Workspace, orphans: dict[int, str]) -> None:

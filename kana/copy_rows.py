@@ -5,7 +5,7 @@ statement's arrays in Python: about 180 µs a row for an event. COPY takes the v
 they are. The callers keep the ORM path for SQLite and for small inserts.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
 
 from django.db import connection
@@ -31,3 +31,27 @@ def copy_rows(table: str, columns: Sequence[str], rows: Iterable[Sequence]) -> N
         with log, connection.wrap_database_errors, cursor.cursor.copy(sql) as copy:
             for row in rows:
                 copy.write_row(row)
+
+
+def copy_out_csv(sql: str, params: Sequence = ()) -> list[bytes]:
+    """``COPY (sql) TO STDOUT (FORMAT csv)`` (PostgreSQL): the rows as PostgreSQL wrote them,
+    one bytes per row, each ending in a line feed (NULL is an empty unquoted cell, an empty
+    string ``""``). Logged like any other query. The caller bounds the rows (a chunk): the
+    result is read whole before returning, so no statement stays open while a slow client
+    reads."""
+    statement = f"COPY ({sql}) TO STDOUT (FORMAT csv)"
+    with connection.cursor() as cursor:
+        log = cursor.debug_sql(statement, params) if hasattr(cursor, "debug_sql") else nullcontext()
+        with log, connection.wrap_database_errors, cursor.cursor.copy(statement, params or None) as copy:
+            return [bytes(data) for data in copy]
+
+
+def stream_copy_out_csv(sql: str, params: Sequence = ()) -> Iterator[bytes]:
+    """``copy_out_csv`` as a stream, one bytes per row: for a caller that writes locally as
+    it reads (a command writing a file), never for an HTTP response, since the statement and
+    the connection stay busy until the last row is read."""
+    statement = f"COPY ({sql}) TO STDOUT (FORMAT csv)"
+    with connection.cursor() as cursor:
+        log = cursor.debug_sql(statement, params) if hasattr(cursor, "debug_sql") else nullcontext()
+        with log, connection.wrap_database_errors, cursor.cursor.copy(statement, params or None) as copy:
+            yield from copy

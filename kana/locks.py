@@ -8,6 +8,8 @@ import hashlib
 
 from django.db import connection
 
+from kana.db import pipelined
+
 # Namespaces for two-key advisory locks (PostgreSQL keeps the two-key space apart from the
 # one-key space, so these never collide with the identity-key locks below).
 RULES_LOCK_NAMESPACE = 1
@@ -68,13 +70,18 @@ def lock_keys(keys: list[str]) -> None:
         cursor.execute("SELECT " + ", ".join(["pg_advisory_xact_lock(%s)"] * len(ids)), ids)
 
 
-def lock_rules_shared_and_read(workspace_id: int, sql: str, params: list) -> tuple[int, list[tuple]]:
+def lock_rules_shared_and_read(
+    workspace_id: int, sql: str, params: list, *, begin: bool = False
+) -> tuple[int, list[tuple]]:
     """``lock_rules_shared`` followed by one more read (``sql``), in a single round trip.
 
     The hot path of ingest: the statements go in one message, and PostgreSQL runs them in
     order, each with its own snapshot under READ COMMITTED, so the version and the read see
     everything committed before the lock was granted, exactly as separate statements would.
     Returns the rules version and the read's rows.
+
+    ``begin`` (PostgreSQL, inside ``kana.db.pipelined.transaction``): the same message also
+    opens the transaction, so the statements and their snapshots are those of ``atomic``.
     """
     if not _is_postgres():
         version = lock_rules_shared(workspace_id)
@@ -83,7 +90,11 @@ def lock_rules_shared_and_read(workspace_id: int, sql: str, params: list) -> tup
             return version, cursor.fetchall()
     with connection.cursor() as cursor:
         lock = "SELECT pg_advisory_xact_lock_shared(%s, %s); SELECT rules_version FROM kana_workspace WHERE id = %s; "
-        cursor.execute(lock + sql, [RULES_LOCK_NAMESPACE, workspace_id, workspace_id, *params])
+        cursor.execute(
+            (pipelined.BEGIN if begin else "") + lock + sql, [RULES_LOCK_NAMESPACE, workspace_id, workspace_id, *params]
+        )
+        if begin:
+            cursor.nextset()  # past BEGIN's result
         cursor.nextset()
         version = cursor.fetchone()[0]
         cursor.nextset()

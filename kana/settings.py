@@ -126,6 +126,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 elif DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
     raise ImproperlyConfigured("DATABASE_URL must be a postgres:// or sqlite:// URL")
 else:
+    # Django's backend with a health check read from the socket instead of a SELECT 1 per
+    # request (kana/db/postgresql/base.py); the vendor and every feature are Django's own.
+    DATABASES["default"]["ENGINE"] = "kana.db.postgresql"
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
     # A request that waits this long for a lock answers 429 (Segment retries it) instead of
     # holding a server worker indefinitely.

@@ -36,3 +36,75 @@ def test_the_identify_mix_cycles_through_its_four_kinds_and_stops_when_a_pool_is
     kinds = [m[1] for m in made if m is not None]
     assert kinds == ["create", "update", "claim", "merge"] * 2 + ["create", "update"]
     assert made[10] is None
+
+
+def _serial_server(service_seconds: float):
+    """A local HTTP server answering one request at a time, each after ``service_seconds``."""
+    import socket
+    import threading
+    import time
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(512)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(
+                    [h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")][0].split(b":")[1]
+                )
+                while len(body) < length:
+                    body += conn.recv(65536)
+                time.sleep(service_seconds)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener
+
+
+def _open_loop(port: int, rate: float, duration: float) -> dict:
+    """The load client as the harness runs it: its own process, the spec on stdin."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    spec = {"host": "127.0.0.1", "port": port, "path": "/x", "connections": 1, "warmup": 0, "duration": duration}
+    spec.update(kind="track", prefix="ol", rate=rate)
+    load = Path(__file__).resolve().parent.parent / "bench" / "load.py"
+    done = subprocess.run(
+        [sys.executable, str(load)], input=json.dumps(spec), capture_output=True, text=True, check=True, timeout=60
+    )
+    return json.loads(done.stdout)
+
+
+def test_the_open_loop_sends_at_the_offered_rate_whatever_the_server_does():
+    listener = _serial_server(0.001)
+    try:
+        result = _open_loop(listener.getsockname()[1], rate=100, duration=1.0)
+    finally:
+        listener.close()
+    assert 95 <= result["issued"] <= 101
+    assert result["status_counts"] == {"200": result["issued"]}
+    assert result["p99_ms"] < 200
+
+
+def test_open_loop_latency_counts_from_the_scheduled_time_so_a_slow_server_is_charged_for_the_queue():
+    # The server handles 20 requests/s, 40 are offered: requests queue up, and the last ones
+    # wait about half the window. Measured from the send time of a closed loop, each would
+    # look like 50 ms.
+    listener = _serial_server(0.05)
+    try:
+        result = _open_loop(listener.getsockname()[1], rate=40, duration=1.0)
+    finally:
+        listener.close()
+    assert result["issued"] == 40
+    assert result["p99_ms"] > 500

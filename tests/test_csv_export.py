@@ -10,6 +10,7 @@ from users.csv_export import export_users_csv
 from users.csv_format import escape_cell, unescape_cell
 from users.models import EndUser
 
+from .conftest import requires_postgres
 from .csv_helpers import T0, bare, export_rows, export_text, identify
 
 pytestmark = pytest.mark.django_db
@@ -95,3 +96,54 @@ def test_created_at_is_written_as_isoformat_with_and_without_microseconds(tenant
     exported = {row["kana_id"]: row["created_at"] for row in export_rows(tenant.workspace)}
 
     assert exported == {str(u.pk): m.astimezone(UTC).isoformat() for u, m in zip(users, moments, strict=True)}
+
+
+AWKWARD = [
+    "plain",
+    "",
+    "comma, inside",
+    'a "quoted" word',
+    '"',
+    "line\nbreak",
+    "carriage\rreturn",
+    "crlf\r\nhere",
+    "tab\there",
+    "back\\slash \\n not a newline",
+    "\\.",
+    "=1+2",
+    "+1",
+    "-1,2",
+    "@SUM(A1)",
+    "\tlead",
+    "\rlead",
+    "'=x",
+    "''-x",
+    "'Tis",
+    "ünïcödé 名前 🚀",
+    "\x0bvertical\x0cfeed\x08back",
+    " spaced ",
+]
+
+
+@requires_postgres  # COPY is PostgreSQL's; SQLite has only the Python path
+@pytest.mark.parametrize("chunk_size", [1, 7, 5000])
+def test_the_copy_export_is_the_python_export_byte_for_byte(tenant, chunk_size):
+    from users.csv_export import _export_in_python, _export_with_copy, export_users_csv_file
+
+    for i, value in enumerate(AWKWARD):
+        EndUser.objects.create(
+            workspace=tenant.workspace,
+            user_id=None if i % 5 == 4 else f"{value}-{i}",
+            name=value,
+            email=AWKWARD[-1 - i],
+            email_key="same@example.com" if i % 3 == 0 else f"k{i}",
+            billing_id=value[:50] if i % 2 else "",
+            billing_provider="stripe" if i % 2 else "",
+            # Equal timestamps in pairs: the keyset must order and resume on the id too.
+            created_at=T0 + timedelta(microseconds=(i // 2) * 250_000),
+        )
+    in_python = "".join(_export_in_python(tenant.workspace, chunk_size))
+    with_copy = "".join(_export_with_copy(tenant.workspace, chunk_size))
+    assert with_copy == in_python
+    assert "".join(export_users_csv_file(workspace=tenant.workspace, chunk_size=chunk_size)) == in_python
+    assert len(list(csv.reader(io.StringIO(with_copy)))) == len(AWKWARD) + 1

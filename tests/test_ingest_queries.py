@@ -12,8 +12,9 @@ from django.test.utils import CaptureQueriesContext
 from features.ledger import COPY_MIN_EVENTS
 from features.models import Event, Usage
 from features.services import RuleDefinition, feature_create, rule_create
+from kana.db import pipelined
 
-from .conftest import is_postgres
+from .conftest import is_postgres, requires_postgres
 
 # 8 with known users, 10 when users are created (savepoint and release included). The
 # rules version is read in its own statement after the shared rules lock (see kana.locks).
@@ -87,3 +88,48 @@ def test_a_replayed_batch_stops_after_the_replay_check(warm, django_assert_max_n
 
     with django_assert_max_num_queries(5):
         assert warm.batch(batch).json()["duplicates"] == 100
+
+
+# Outside any transaction (as in production: no ATOMIC_REQUESTS), a single usage message on
+# PostgreSQL is one transaction in two round trips: BEGIN travels with the rules lock, the
+# rules version, the replay check and the userId lookup; COMMIT with the event and usage
+# insert (kana.db.pipelined). No health-check SELECT 1 either (kana.db.postgresql).
+def _round_trips(call) -> list[str]:
+    with CaptureQueriesContext(connection) as captured:
+        response = call()
+    assert response.status_code == 200, response.content
+    assert not pipelined.in_transaction()
+    return [query["sql"] for query in captured.captured_queries]
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_single_track_for_a_known_user_is_two_round_trips(warm):
+    first = warm.track("known", "Report Exported")
+    assert first.json()["status"] == "mapped"
+    sent = _round_trips(lambda: warm.track("known", "Report Exported"))
+    assert len(sent) == 2
+    assert sent[0].startswith("BEGIN; SELECT pg_advisory_xact_lock_shared")
+    assert sent[1].startswith("WITH ev AS (INSERT INTO features_event") and sent[1].endswith("; COMMIT")
+    assert Usage.objects.filter(user__user_id="known").count() == 2
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_single_track_for_a_new_user_adds_only_the_user_s_creation(warm):
+    sent = _round_trips(lambda: warm.track("brand-new", "Report Exported"))
+    # + the user and userId insert, + its suppression re-check (a deletion may have won the race)
+    assert len(sent) == 4
+    assert Event.objects.filter(external_user_id="brand-new", status="mapped").count() == 1
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_replayed_single_track_is_two_round_trips_and_stores_nothing(warm):
+    assert warm.track("again", "Report Exported", messageId="same").json()["status"] == "mapped"
+    replay = []
+    sent = _round_trips(lambda: replay.append(warm.track("again", "Report Exported", messageId="same")) or replay[0])
+    assert replay[0].json()["status"] == "duplicate"
+    assert sent[0].startswith("BEGIN;") and sent[1] == "COMMIT"
+    assert Event.objects.filter(message_id="same").count() == 1
+    assert Usage.objects.filter(event__message_id="same").count() == 1

@@ -617,10 +617,13 @@ def _apply_rows_once(workspace, rows, occurred_at, touched, reason, actor):
 # --- Track: resolving userIds in bulk --------------------------------------------------
 
 
-def resolve_users(*, workspace: Workspace, external_ids: Iterable[str]) -> dict[str, int]:
+def resolve_users(
+    *, workspace: Workspace, external_ids: Iterable[str], known: dict[str, int] | None = None
+) -> dict[str, int]:
     """Map each userId to its user's id, creating a user (with only that id) for unknown ones.
 
-    One query when every id is known, two otherwise. Must run inside the caller's
+    One query when every id is known, two otherwise (one fewer with ``known``: what the
+    caller read for them in its transaction, ``features.ledger.KnownIds.users``). Must run inside the caller's
     transaction. On PostgreSQL a userId created concurrently by another transaction is not
     an error: the insert skips it (``ON CONFLICT DO NOTHING`` waits for that transaction)
     and it is read back. Only an alias racing with the creation (the userId became another
@@ -629,11 +632,14 @@ def resolve_users(*, workspace: Workspace, external_ids: Iterable[str]) -> dict[
     wanted = set(external_ids)
     if not wanted:
         return {}
-    resolved = dict(
-        UserIdentity.objects.for_workspace(workspace)
-        .filter(external_id__in=wanted)
-        .values_list("external_id", "user_id")
-    )
+    if known is None:
+        resolved = dict(
+            UserIdentity.objects.for_workspace(workspace)
+            .filter(external_id__in=wanted)
+            .values_list("external_id", "user_id")
+        )
+    else:  # the caller read these userIds' identities in this transaction already
+        resolved = {uid: pk for uid, pk in known.items() if uid in wanted}
     missing = sorted(wanted - resolved.keys())  # sorted: concurrent creators wait in one order
     if not missing:
         return resolved
