@@ -5,6 +5,7 @@ router's ``users/{id}`` never takes ``users/export`` or ``users/import``: the CS
 be routed next to these, before or after them, in ``kana/urls.py``.
 """
 
+from django.urls import path
 from rest_framework.routers import SimpleRouter
 
 from . import views
@@ -17,6 +18,14 @@ router.register("events", views.EventViewSet, basename="event")
 router.register("usage", views.UsageViewSet, basename="usage")
 router.register("merges", views.MergeViewSet, basename="merge")
 router.register("audit", views.AuditViewSet, basename="audit")
+router.register("webhooks", views.WebhookViewSet, basename="webhook")
 
 app_name = "api"
-urlpatterns = router.urls
+urlpatterns = [
+    path(
+        "workspace",
+        views.WorkspaceSettingsViewSet.as_view({"get": "retrieve", "patch": "partial_update"}),
+        name="workspace",
+    ),
+    *router.urls,
+]

@@ -22,10 +22,15 @@ ACTIONS = (
     "user.update",
     "user.delete",
     "merge",
+    "merge.undo",
     "csv.apply",
     "key.create",
     "key.revoke",
     "event.void",
+    "workspace.update",
+    "webhook.create",
+    "webhook.update",
+    "webhook.delete",
 )
 
 
@@ -38,6 +43,8 @@ OBJECT_TYPES = {
     "csv": "import_job",
     "key": "api_key",
     "event": "event",
+    "workspace": "workspace",
+    "webhook": "webhook_endpoint",
 }
 
 

@@ -29,6 +29,7 @@ ENDPOINTS = {
     "/api/v1/events/unmapped/summary",
     "/api/v1/events/{id}/void",
     "/api/v1/audit",
+    "/api/v1/workspace",
     "/api/v1/usage",
     "/api/v1/merges",
     "/api/v1/merges/{id}",
@@ -37,6 +38,9 @@ ENDPOINTS = {
     "/api/v1/users/import",
     "/api/v1/users/imports/{id}",
     "/api/v1/users/imports/{id}/report",
+    "/api/v1/webhooks",
+    "/api/v1/webhooks/{id}",
+    "/api/v1/webhooks/{id}/deliveries",
 }
 INGEST_ENDPOINTS = set(INGEST_PATHS)
 
