@@ -1,6 +1,6 @@
 """The one base class of every REST endpoint: its rows are the calling workspace's rows."""
 
-from rest_framework.exceptions import NotFound
+from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.parsers import JSONParser
 from rest_framework.response import Response
@@ -13,10 +13,29 @@ from .ids import ID_PATTERN, MAX_ID
 
 
 class Pagination(PageNumberPagination):
-    """``{"count", "next", "previous", "results"}``; ``page_size`` up to 500."""
+    """``{"count", "next", "previous", "results"}``; ``page_size`` from 1 to 500."""
 
     page_size_query_param = "page_size"
     max_page_size = 500
+
+    def get_page_size(self, request):
+        # DRF falls back to the default size for a page_size it cannot read (``2.5``, ``x``)
+        # and clamps a large one: the client would get a page it did not ask for. Refused.
+        raw = request.query_params.get(self.page_size_query_param)
+        if raw is None:
+            return self.page_size
+        if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= self.max_page_size):
+            raise ValidationError({self.page_size_query_param: f"a whole number from 1 to {self.max_page_size}"})
+        return int(raw)
+
+    def get_schema_operation_parameters(self, view):
+        parameters = super().get_schema_operation_parameters(view)
+        for parameter in parameters:
+            if parameter["name"] == self.page_size_query_param:
+                parameter["schema"].update(minimum=1, maximum=self.max_page_size)
+            elif parameter["name"] == self.page_query_param:
+                parameter["schema"]["minimum"] = 1
+        return parameters
 
 
 class WorkspaceViewSet(GenericViewSet):

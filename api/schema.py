@@ -7,6 +7,8 @@ from drf_spectacular.generators import EndpointEnumerator, SchemaGenerator
 from drf_spectacular.openapi import AutoSchema
 from rest_framework import serializers
 
+from kana.openapi import COMPONENTS, NOT_BLANK_TEXT_PATTERN, TEXT_PATTERN
+
 from .ids import ID_PATTERN, MAX_ID
 
 
@@ -45,9 +47,48 @@ _ERRORS = {
 }
 
 
+# What DRF's CharField refuses, stated in request schemas: NUL always; text that is only
+# whitespace too when the field trims it and may not be blank (kana.openapi).
+def _types(schema: dict) -> set:
+    kind = schema.get("type")
+    return set(kind) if isinstance(kind, list) else {kind}
+
+
+def text_pattern(field: serializers.CharField) -> str:
+    """The pattern a request's text must match for ``field`` to accept it."""
+    if field.trim_whitespace and not field.allow_blank:
+        return NOT_BLANK_TEXT_PATTERN
+    return TEXT_PATTERN
+
+
 class KanaAutoSchema(AutoSchema):
     """drf-spectacular's schema plus the ``{"code", "message", "field"?}`` errors each operation
     can answer, so clients (and schemathesis) know every status the API may send."""
+
+    def _map_serializer_field(self, field, direction, bypass_extensions=False):
+        schema = super()._map_serializer_field(field, direction, bypass_extensions)
+        if {"type": "null"} in schema.get("oneOf", []) and {} in schema["oneOf"]:
+            # Any JSON value or null is any JSON value (oneOf would refuse null, matched twice).
+            del schema["oneOf"]
+        is_text = isinstance(field, serializers.CharField) and "string" in _types(schema)
+        if direction == "request" and is_text and "pattern" not in schema and "enum" not in schema:
+            schema["pattern"] = getattr(field, "schema_pattern", None) or text_pattern(field)
+        return schema
+
+    def _insert_field_validators(self, field, schema):
+        super()._insert_field_validators(field, schema)
+        # drf-spectacular states "or blank" as oneOf [the text, ""]; the text's pattern here
+        # admits "" too, and oneOf refuses a value both branches accept: anyOf says it.
+        if schema.get("oneOf", [None])[-1:] == [{"type": "string", "maxLength": 0}]:
+            schema["anyOf"] = schema.pop("oneOf")
+
+    def _map_basic_serializer(self, serializer, direction):
+        # Rules across a request's fields that serializers cannot state (``if``/``then``,
+        # ``anyOf``), as the serializer's ``openapi_extra`` says them.
+        schema = super()._map_basic_serializer(serializer, direction)
+        if direction == "request":
+            schema.update(getattr(serializer, "openapi_extra", {}))
+        return schema
 
     def get_tags(self) -> list[str]:
         # /api/v1/<resource>/...: one group per resource on the docs page.
@@ -69,6 +110,12 @@ class KanaAutoSchema(AutoSchema):
             statuses = ["400", "401", "404", "405"] + (["415"] if "requestBody" in operation else [])
         for status in statuses:
             operation["responses"].setdefault(status, {"description": _ERRORS[status], **error})
+        if getattr(self.view, "request_body_required", False) and "requestBody" in operation:
+            operation["requestBody"]["required"] = True
+        # A view names the actions that answer 409 when the workspace's state refuses them.
+        conflict = getattr(self.view, "kana_conflicts", {}).get(getattr(self.view, "action", None))
+        if conflict:
+            operation["responses"].setdefault("409", {"description": conflict, **error})
         return operation
 
 
@@ -100,5 +147,20 @@ class KanaEndpointEnumerator(EndpointEnumerator):
         return found
 
 
+# The attribute by which a stand-in names the components its schema refers to.
+OPENAPI_COMPONENTS_ATTRIBUTE = "openapi_components"
+
+
 class KanaSchemaGenerator(SchemaGenerator):
+    """drf-spectacular's generator, with the Segment stand-ins and the components that
+    schemas refer to by ``$ref`` (recursive ones, which serializers cannot express)."""
+
     endpoint_inspector_cls = KanaEndpointEnumerator
+
+    def get_schema(self, request=None, public=False):
+        schema = super().get_schema(request, public)
+        components = dict(COMPONENTS)
+        for _path, _regex, _method, view in self.endpoints or []:
+            components.update(getattr(view.cls, OPENAPI_COMPONENTS_ATTRIBUTE, {}))
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
+        return schema

@@ -11,6 +11,7 @@ from features.models import EventStatus, FeatureType
 from features.rules import OPERATORS
 from features.selectors import reprocessing_of
 from kana.models import ANONYMOUS_HOLD_DAYS_MAX, ANONYMOUS_HOLD_DAYS_MIN, AnonymousEvents
+from kana.openapi import JSON_VALUE_REF, NOT_BLANK_TEXT_PATTERN, TEXT_PATTERN, padded
 from users.models import MergeReason, UserFlag
 from users.profile import CHOOSABLE_FIELDS, FIELD_CHOICES
 from users.selectors import flags_of, user_ids_of
@@ -19,6 +20,19 @@ from webhooks.models import DeliveryStatus, WebhookEventType
 
 from .ids import MAX_ID
 
+# What the services accept (features.services, users.profile); the schema states it so that
+# clients and schemathesis know it. tests/test_api_schema.py checks them against the services.
+FEATURE_ID = r"[A-Za-z0-9_.:-]{1,100}"
+FEATURE_ID_PATTERN = padded(FEATURE_ID)
+EMAIL_PATTERN = padded(
+    r"[A-Za-z0-9_+-]+(\.[A-Za-z0-9_+-]+)*@[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.[A-Za-z]{2,63}",
+    optional=True,
+)
+# A number written as text, as Python's float() reads it (finite values only).
+NUMBER_TEXT_PATTERN = padded(r"[+-]?(\d(_?\d)*(\.(\d(_?\d)*)?)?|\.\d(_?\d)*)([eE][+-]?\d(_?\d)*)?")
+BILLING_ID_PATTERN = padded(r"cus_[A-Za-z0-9]{1,46}|[A-Za-z0-9_.@-]{1,50}", optional=True)
+
 # --- Request fields that take only the JSON type the schema documents ----------------------
 # DRF's fields coerce: CharField turns 0 into "0", IntegerField "12" into 12, BooleanField 1
 # or "yes" into True. The schema says string, integer, boolean; a request body that sends
@@ -26,9 +40,18 @@ from .ids import MAX_ID
 
 
 class StrictCharField(serializers.CharField):
+    def __init__(self, *, schema_pattern: str | None = None, **kwargs):
+        # The pattern the schema states for a request's value, when the service checks more
+        # than DRF does (a feature id, an email); see api.schema.KanaAutoSchema.
+        self.schema_pattern = schema_pattern
+        super().__init__(**kwargs)
+
     def to_internal_value(self, data):
         if not isinstance(data, str):
             self.fail("invalid")
+        # The length as sent, as the schema's maxLength counts it (DRF counts it trimmed).
+        if self.max_length is not None and len(data) > self.max_length:
+            self.fail("max_length", max_length=self.max_length)
         return super().to_internal_value(data)
 
 
@@ -39,6 +62,9 @@ def optional_text(**kwargs) -> StrictCharField:
 
 class StrictIntegerField(serializers.IntegerField):
     def to_internal_value(self, data):
+        # JSON Schema's integer is a number without a fraction: 12.0 is one, "12" and true are not.
+        if isinstance(data, float) and data.is_integer():
+            data = int(data)
         if isinstance(data, bool) or not isinstance(data, int):
             self.fail("invalid")
         return super().to_internal_value(data)
@@ -94,19 +120,22 @@ class UserSerializer(serializers.Serializer):
 
 
 class UserFilterSerializer(serializers.Serializer):
-    user_id = serializers.CharField(required=False, max_length=255, help_text="Any userId of the user (aliases too).")
-    email = serializers.CharField(required=False, max_length=320, help_text="Case-insensitive.")
+    user_id = StrictCharField(required=False, max_length=255, help_text="Any userId of the user (aliases too).")
+    email = StrictCharField(required=False, max_length=320, help_text="Case-insensitive.")
     flag = serializers.ChoiceField(required=False, choices=UserFlag.values)
-    search = serializers.CharField(required=False, max_length=255, help_text="In userIds, name, email, billing id.")
+    search = StrictCharField(required=False, max_length=255, help_text="In userIds, name, email, billing id.")
 
 
 class UserUpdateSerializer(serializers.Serializer):
     """Fields an admin may set; ``null`` or ``""`` clears one, an absent one is left alone."""
 
     name = optional_text(max_length=255)
-    email = optional_text(max_length=320)
-    # No max_length: the profile rules say what a billing id may be (code invalid_billing_id).
-    billing_id = optional_text()
+    # The profile rules say what an email and a billing id may be (codes invalid_email,
+    # invalid_billing_id); the schema states a subset of the emails they accept.
+    email = optional_text(max_length=320, schema_pattern=EMAIL_PATTERN)
+    billing_id = optional_text(schema_pattern=BILLING_ID_PATTERN)
+
+    openapi_extra = {"additionalProperties": False}
 
     def validate(self, attrs):
         if isinstance(self.initial_data, dict):
@@ -114,6 +143,17 @@ class UserUpdateSerializer(serializers.Serializer):
             if other:
                 raise serializers.ValidationError({other[0]: "not editable: only name, email and billing_id are"})
         return attrs
+
+
+@extend_schema_field(
+    {
+        "type": "object",
+        "properties": {field: {"enum": list(FIELD_CHOICES)} for field in CHOOSABLE_FIELDS},
+        "additionalProperties": False,
+    }
+)
+class MergeFieldsField(serializers.DictField):
+    pass
 
 
 class MergeRequestSerializer(serializers.Serializer):
@@ -129,11 +169,17 @@ class MergeRequestSerializer(serializers.Serializer):
         max_value=MAX_ID,
         help_text="Kana id of the user to keep; default: the user created first.",
     )
-    fields = serializers.DictField(
+    fields = MergeFieldsField(
         required=False,
         child=serializers.ChoiceField(choices=FIELD_CHOICES),
         help_text="Per field (name, email, billing_id), whose value to keep: survivor, absorbed or newest (default).",
     )
+    # Without a survivor, user_ids must name two users; with one, one more (the service checks it).
+    openapi_extra = {
+        "if": {"properties": {"survivor": {"type": "integer"}}, "required": ["survivor"]},
+        "then": {"properties": {"user_ids": {"minItems": 1, "uniqueItems": True}}},
+        "else": {"properties": {"user_ids": {"minItems": 2, "uniqueItems": True}}},
+    }
 
     def validate_fields(self, value):
         other = sorted(set(value) - set(CHOOSABLE_FIELDS))
@@ -193,18 +239,15 @@ class MergeFilterSerializer(serializers.Serializer):
 
 
 class RangeSerializer(serializers.Serializer):
+    # An end before the start is an empty range (no usage), not an error: a schema cannot
+    # compare two parameters, so refusing it would refuse requests the schema allows.
     start = serializers.DateTimeField(required=False, help_text="Inclusive, ISO 8601.")
-    end = serializers.DateTimeField(required=False, help_text="Exclusive, ISO 8601.")
-
-    def validate(self, attrs):
-        if attrs.get("start") and attrs.get("end") and attrs["start"] > attrs["end"]:
-            raise serializers.ValidationError({"end": "end is before start"})
-        return attrs
+    end = serializers.DateTimeField(required=False, help_text="Exclusive, ISO 8601; before start: no usage.")
 
 
 class UsageFilterSerializer(RangeSerializer):
-    user_id = serializers.CharField(required=False, max_length=255, help_text="A userId (any of the user's).")
-    feature = serializers.CharField(required=False, max_length=100, help_text="A feature id.")
+    user_id = StrictCharField(required=False, max_length=255, help_text="A userId (any of the user's).")
+    feature = StrictCharField(required=False, max_length=100, help_text="A feature id.")
 
 
 class _Total(serializers.DecimalField):
@@ -230,7 +273,9 @@ class UserUsageRowSerializer(UsageRowSerializer):
 
 
 class FeatureSerializer(serializers.Serializer):
-    id = StrictCharField(source="key", max_length=100, help_text="The featureId events name.")
+    id = StrictCharField(
+        source="key", max_length=100, schema_pattern=FEATURE_ID_PATTERN, help_text="The featureId events name."
+    )
     name = StrictCharField(required=False, allow_blank=True, max_length=255)
     type = serializers.ChoiceField(choices=FeatureType.values, default=FeatureType.CONSUMABLE)
     archived = serializers.SerializerMethodField(help_text="Archived: no new usage is recorded; history is kept.")
@@ -243,13 +288,48 @@ class FeatureSerializer(serializers.Serializer):
 class FeatureUpdateSerializer(serializers.Serializer):
     name = StrictCharField(required=False, allow_blank=True, max_length=255)
     type = serializers.ChoiceField(required=False, choices=FeatureType.values)
-    archived = serializers.BooleanField(required=False)
+    archived = StrictBooleanField(required=False)
+
+
+@extend_schema_field(JSON_VALUE_REF)
+class JsonValueField(serializers.JSONField):
+    """Any JSON value, documented as one that PostgreSQL can store (no NUL)."""
 
 
 class ConditionSerializer(serializers.Serializer):
     property = serializers.CharField(max_length=255, help_text="Dot path into the properties, e.g. plan.tier.")
     operator = serializers.ChoiceField(choices=OPERATORS)
-    value = serializers.JSONField(required=False, help_text="A list for `in`; a number for gt/gte/lt/lte.")
+    value = JsonValueField(required=False, help_text="A list for `in`; a number for gt/gte/lt/lte.")
+
+    # What features.rules.clean_conditions requires of the value, operator by operator; other
+    # keys are ignored, but no text in a condition may contain NUL.
+    openapi_extra = {
+        "propertyNames": {"pattern": TEXT_PATTERN},
+        "additionalProperties": JSON_VALUE_REF,
+        "allOf": [
+            {
+                "if": {"properties": {"operator": {"const": "in"}}},
+                "then": {"required": ["value"], "properties": {"value": {"type": "array"}}},
+            },
+            {
+                "if": {"properties": {"operator": {"enum": ["gt", "gte", "lt", "lte"]}}},
+                "then": {
+                    "required": ["value"],
+                    "properties": {
+                        "value": {"anyOf": [{"type": "number"}, {"type": "string", "pattern": NUMBER_TEXT_PATTERN}]}
+                    },
+                },
+            },
+            {
+                "if": {"properties": {"operator": {"const": "exists"}}},
+                "then": {"properties": {"value": {"type": ["boolean", "null"]}}},
+            },
+            {
+                "if": {"properties": {"operator": {"enum": ["equals", "not_equals", "contains"]}}},
+                "then": {"required": ["value"], "properties": {"value": {"not": {"type": "null"}}}},
+            },
+        ],
+    }
 
 
 @extend_schema_field(ConditionSerializer(many=True))
@@ -270,7 +350,9 @@ class RuleSerializer(serializers.Serializer):
 
     id = serializers.IntegerField(read_only=True)
     name = StrictCharField(max_length=255)
-    feature = StrictCharField(source="feature.key", max_length=100, help_text="The feature's id.")
+    feature = StrictCharField(
+        source="feature.key", max_length=100, schema_pattern=FEATURE_ID_PATTERN, help_text="The feature's id."
+    )
     event = optional_text(
         source="event_name", max_length=255, help_text="Event name the rule needs, or null for any event."
     )
@@ -289,8 +371,40 @@ class RuleSerializer(serializers.Serializer):
         return body
 
 
+# A rule needs an event name or at least one condition (features.services).
+_EVENT_OR_CONDITION = {
+    "anyOf": [
+        {"required": ["event"], "properties": {"event": {"type": "string", "pattern": NOT_BLANK_TEXT_PATTERN}}},
+        {"required": ["conditions"], "properties": {"conditions": {"minItems": 1}}},
+    ]
+}
+
+
+class RuleUpdateSerializer(RuleSerializer):
+    """A change to a rule: any of its fields. One that sets both ``event`` and ``conditions``
+    may not leave the rule with neither."""
+
+    openapi_extra = {
+        "not": {
+            "required": ["event", "conditions"],
+            "properties": {
+                "event": {"anyOf": [{"type": "null"}, {"type": "string", "not": {"pattern": NOT_BLANK_TEXT_PATTERN}}]},
+                "conditions": {"maxItems": 0},
+            },
+        }
+    }
+
+
+class RuleCreateSerializer(RuleSerializer):
+    """A rule's body when creating one."""
+
+    openapi_extra = _EVENT_OR_CONDITION
+
+
 class RulePreviewRequestSerializer(RuleSerializer):
     """A rule's body as for creating it; the name may be left out."""
+
+    openapi_extra = _EVENT_OR_CONDITION
 
     name = StrictCharField(max_length=255, required=False, allow_blank=True, default="")
 
@@ -337,12 +451,12 @@ class EventVoidSerializer(serializers.Serializer):
 
 class EventFilterSerializer(serializers.Serializer):
     status = serializers.ChoiceField(required=False, choices=EventStatus.values)
-    event = serializers.CharField(required=False, max_length=255, help_text="Event name.")
-    user_id = serializers.CharField(required=False, max_length=255, help_text="A userId (any of the user's).")
+    event = StrictCharField(required=False, max_length=255, help_text="Event name.")
+    user_id = StrictCharField(required=False, max_length=255, help_text="A userId (any of the user's).")
 
 
 class UnmappedFilterSerializer(serializers.Serializer):
-    event = serializers.CharField(required=False, max_length=255, help_text="Property counts for this event only.")
+    event = StrictCharField(required=False, max_length=255, help_text="Property counts for this event only.")
 
 
 class UnmappedEventSerializer(serializers.Serializer):
@@ -378,8 +492,8 @@ class AuditEntrySerializer(serializers.Serializer):
 
 
 class AuditFilterSerializer(serializers.Serializer):
-    action = serializers.CharField(required=False, max_length=64, help_text='e.g. "feature.delete".')
-    object_type = serializers.CharField(required=False, max_length=64, help_text='e.g. "feature", "user", "event".')
+    action = StrictCharField(required=False, max_length=64, help_text='e.g. "feature.delete".')
+    object_type = StrictCharField(required=False, max_length=64, help_text='e.g. "feature", "user", "event".')
 
 
 # --- Webhooks ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from features.corrections import event_void
 from features.models import Event, Feature, MappingRule, Usage
 from features.preview import rule_preview
 from features.services import (
+    FeatureError,
     RuleDefinition,
     feature_create,
     feature_delete,
@@ -272,6 +273,10 @@ class FeatureViewSet(
 ):
     model = Feature
     serializer_class = s.FeatureSerializer
+    kana_conflicts = {
+        "create": "`feature_exists`: a feature with this id exists.",
+        "destroy": "`feature_in_use`: rules or recorded usage use it (archive it instead).",
+    }
     lookup_field = "key"
     lookup_url_kwarg = "id"
     lookup_value_regex = "[A-Za-z0-9_.:-]{1,100}"
@@ -314,6 +319,8 @@ _DEFINITION = ("feature", "event_name", "conditions", "amount_property")
     create=extend_schema(
         summary="Create a rule",
         description="The workspace's stored unmapped events are reprocessed against it in workers.",
+        request=s.RuleCreateSerializer,
+        responses={201: s.RuleSerializer},
         examples=[
             OpenApiExample("Pro users' exports", value=RULE_REQUEST, request_only=True),
             OpenApiExample(
@@ -330,7 +337,8 @@ _DEFINITION = ("feature", "event_name", "conditions", "amount_property")
     ),
     partial_update=extend_schema(
         summary="Change a rule",
-        description="A rule that has mapped events only accepts `name` and `active` (else 400 `rule_in_use`).",
+        description="A rule that has mapped events only accepts `name` and `active` (else 409 `rule_in_use`).",
+        request=s.RuleUpdateSerializer,
         examples=[OpenApiExample("Deactivate", value={"active": False}, request_only=True)],
     ),
     destroy=extend_schema(summary="Delete a rule that has mapped nothing"),
@@ -344,6 +352,11 @@ class RuleViewSet(
 ):
     model = MappingRule
     serializer_class = s.RuleSerializer
+    kana_conflicts = {
+        "partial_update": "`rule_in_use`: the rule has mapped events, only its name and active flag can change; "
+        "`invalid_rule`: the change would leave the rule with neither an event name nor a condition.",
+        "destroy": "`rule_in_use`: the rule has mapped events (deactivate it instead).",
+    }
     http_method_names = ["get", "patch", "post", "delete", "head", "options"]
 
     def scope(self, rules):
@@ -382,6 +395,16 @@ class RuleViewSet(
         wanted = {**current, **{name: body[name] for name in _DEFINITION if name in body}}
         for name in ("event_name", "amount_property"):
             wanted[name] = (wanted[name] or "").strip() or None  # as the service stores them
+        if wanted != current and wanted["event_name"] is None and not wanted["conditions"]:
+            # A rule needs an event name or a condition. A body clearing both is invalid as sent
+            # (400, as the schema says); one clearing what this rule has left conflicts with it.
+            clears_both = "event_name" in body and "conditions" in body
+            raise FeatureError(
+                "invalid_rule",
+                "a rule needs an event name or at least one condition",
+                "conditions",
+                status=400 if clears_both else 409,
+            )
         definition = None
         # Resending a used rule's definition unchanged is not a change: only a different one is refused.
         if wanted != current:
@@ -576,6 +599,7 @@ class UsageViewSet(mixins.ListModelMixin, WorkspaceViewSet):
 class MergeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, WorkspaceViewSet):
     model = MergeRecord
     serializer_class = s.MergeRecordSerializer
+    kana_conflicts = {"undo": "`merge_not_undoable`: a later merge depends on this one; undo it first."}
 
     def scope(self, records):
         filters = self.query(s.MergeFilterSerializer) if self.action == "list" else {}

@@ -82,7 +82,7 @@ def feature_create(
     with transaction.atomic():
         lock_rules_exclusive(workspace.pk)
         if Feature.objects.for_workspace(workspace).filter(key=key).exists():
-            raise FeatureError("feature_exists", f"a feature with id {key!r} already exists", "id")
+            raise FeatureError("feature_exists", f"a feature with id {key!r} already exists", "id", status=409)
         feature = Feature.objects.create(workspace=workspace, key=key, name=name or key, type=type)
         _bump_rules_version(workspace)
         _start_job(workspace=workspace, feature=feature)
@@ -152,12 +152,15 @@ def _clean_definition(workspace: Workspace, definition: RuleDefinition) -> tuple
         raise FeatureError("invalid_rule", "a rule needs a name", "name")
     feature = Feature.objects.for_workspace(workspace).filter(key=definition.feature_key).first()
     if feature is None:
-        raise FeatureError("unknown_feature", f"no feature with id {definition.feature_key!r}", "feature")
+        raise FeatureError(
+            "unknown_feature", f"no feature with id {definition.feature_key!r}", "feature", status=404
+        )
     try:
         conditions = clean_conditions(definition.conditions)
     except InvalidRule as exc:
         raise FeatureError("invalid_rule", exc.message, exc.field) from None
-    if definition.event_name is None and not conditions:
+    # A blank event name is no event name ("" or " " used to pass and make a rule match everything).
+    if not (definition.event_name or "").strip() and not conditions:
         raise FeatureError("invalid_rule", "a rule needs an event name or at least one condition", "conditions")
     return feature, conditions
 
@@ -219,7 +222,10 @@ def rule_update(
         if definition is not None:
             if rule_is_used(rule):
                 raise FeatureError(
-                    "rule_in_use", "this rule has mapped events: only its name and active flag can change", "conditions"
+                    "rule_in_use",
+                    "this rule has mapped events: only its name and active flag can change",
+                    "conditions",
+                    status=409,
                 )
             feature, conditions = _clean_definition(workspace, definition)
             rule.feature, rule.conditions = feature, conditions
@@ -245,7 +251,7 @@ def rule_delete(*, workspace: Workspace, rule: MappingRule, actor: str = "") -> 
         # Checked under the lock, as in rule_update: a job cannot map with it meanwhile.
         lock_rules_exclusive(workspace.pk)
         if rule_is_used(rule):
-            raise FeatureError("rule_in_use", "this rule has mapped events: deactivate it instead", "id")
+            raise FeatureError("rule_in_use", "this rule has mapped events: deactivate it instead", "id", status=409)
         before = _rule_summary(rule)
         MappingRule.objects.for_workspace(workspace).filter(pk=rule.pk).delete()
         _bump_rules_version(workspace)

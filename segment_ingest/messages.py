@@ -25,6 +25,11 @@ MAX_EVENT_NAME_LENGTH = 200
 # Far deeper than any analytics payload, and far below Python's recursion limit, which the
 # JSON encoders (ours, the database driver's) hit around 900 levels: a 500, not a 400.
 MAX_NESTING_DEPTH = 64
+# Ids sent as JSON numbers are exact up to 2**53 (JavaScript's and most decoders' limit);
+# a larger one has already lost digits on its way: it must come as text.
+MAX_EXACT_NUMBER = 2**53
+_ID_FIELDS = ("userId", "previousId", "groupId")
+_TIME_FIELDS = ("timestamp", "originalTimestamp", "sentAt", "receivedAt")
 # ``MessageType.values`` builds a new list on every access: this runs once per message.
 _MESSAGE_TYPES = frozenset(MessageType.values)
 
@@ -169,6 +174,7 @@ def parse_message(
     anonymousId (its ``anonymous_events`` setting) instead of refusing them."""
     if not isinstance(payload, dict):
         raise MessageError("invalid_message", "a message must be a JSON object")
+    _check_write_key(payload)  # before encoding: the key is not stored with the event
     if size is not None and size > MAX_MESSAGE_BYTES:
         raise MessageError("message_too_large", f"a message may be at most {MAX_MESSAGE_BYTES // 1024} KB", status=413)
     text = _storable_json(payload)
@@ -198,6 +204,12 @@ def parse_message(
     if forced_type and payload.get("type") != forced_type:
         payload["type"] = forced_type
         text = ""
+    for name in _TIME_FIELDS:  # each checked, also those a timestamp makes unused
+        _parse_time(payload, name)
+    for name in _ID_FIELDS:
+        value = payload.get(name)
+        if isinstance(value, int | float) and not isinstance(value, bool) and abs(value) >= MAX_EXACT_NUMBER:
+            raise MessageError("invalid_value", f"{name} is too large a number: send it as text", name)
     message = Message(
         type=message_type,
         message_id=message_id,
@@ -207,10 +219,12 @@ def parse_message(
         received_at=received_at,
         anonymous_id=_anonymous_id(payload),
     )
+    # Kept on the event as sent: Segment sends objects, and the dashboard reads them as such.
+    _object(payload, "context")
+    _object(payload, "integrations")
     if message_type == MessageType.IDENTIFY:
         message.user_id = _required_user(payload, "missing_user_id", "an identify")
         message.traits = _object(payload, "traits")
-        _object(payload, "context")
     elif message_type == MessageType.TRACK:
         _usage_user(message, payload, "a track event", hold_anonymous)
         name = payload.get("event")
@@ -223,9 +237,13 @@ def parse_message(
     elif message_type in (MessageType.PAGE, MessageType.SCREEN):
         _usage_user(message, payload, f"a {message_type} call", hold_anonymous)
         message.properties = _object(payload, "properties")
-        label = payload.get("name") or message.properties.get("name") or ""
-        if not isinstance(label, str):
+        label = payload.get("name")
+        if label is not None and not isinstance(label, str):
             raise MessageError("invalid_type", "name must be a string", "name")
+        if not label:
+            # properties.name is a property like any other: used only when it is text.
+            fallback = message.properties.get("name")
+            label = fallback if isinstance(fallback, str) else ""
         label = label.strip()[:150]
         # Kissmetrics' convention, so rules can map page and screen views by name.
         suffix = "Page" if message_type == MessageType.PAGE else "Screen"
@@ -244,6 +262,23 @@ def parse_message(
         if message.previous_id == message.user_id:
             raise MessageError("invalid_value", "previousId and userId are the same", "previousId")
     return message
+
+
+def _check_write_key(payload: dict) -> None:
+    """``writeKey`` is the API key as text (the edge reads it); then it is not kept."""
+    key = payload.pop("writeKey", None)
+    if key is not None and not isinstance(key, str):
+        raise MessageError("invalid_type", "writeKey must be a string", "writeKey")
+
+
+def check_batch(batch: dict) -> None:
+    """The batch's own fields, which fill its messages' (``with_batch_context``): refused
+    when invalid, even where every message has its own, as a message's would be."""
+    _check_write_key(batch)
+    for name in ("context", "integrations"):
+        _object(batch, name)
+    for name in ("sentAt", "receivedAt"):
+        _parse_time(batch, name)
 
 
 def with_batch_context(message: Any, batch: dict) -> Any:

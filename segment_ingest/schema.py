@@ -16,9 +16,10 @@ from rest_framework.parsers import JSONParser
 from rest_framework.views import APIView
 
 from features.models import MessageType
-from users.identifiers import MAX_ID_LENGTH
+from kana.openapi import COMPONENTS, JSON_VALUE_REF, NOT_BLANK_TEXT_PATTERN, TEXT_PATTERN, padded
+from users.identifiers import MAX_ID_LENGTH, NOBODY_IDS
 
-from .messages import MAX_BATCH_MESSAGES, MAX_EVENT_NAME_LENGTH, MAX_MESSAGE_ID_LENGTH
+from .messages import MAX_BATCH_MESSAGES, MAX_EVENT_NAME_LENGTH, MAX_EXACT_NUMBER, MAX_MESSAGE_ID_LENGTH
 
 TAG = "Segment ingest"
 
@@ -48,96 +49,177 @@ class SegmentWriteKeyScheme(OpenApiAuthenticationExtension):
 
 
 # --- Requests --------------------------------------------------------------------------
+# JSON Schema (OpenAPI 3.1) stating what ``messages.parse_message`` accepts, field by field.
+# Segment's protocol is lenient: keys Kana does not read are kept on the event, so every
+# message allows other keys (``additionalProperties``), but nothing in it may contain NUL.
+
+_NO_NUL = {"pattern": TEXT_PATTERN}
 
 
-class _SegmentMessage(serializers.Serializer):
-    """Fields every Segment message may carry."""
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
 
-    messageId = serializers.CharField(
-        required=False,
-        max_length=MAX_MESSAGE_ID_LENGTH,
-        help_text="Unique per workspace, forever: a replay answers 200 and changes nothing. Assigned when absent.",
+
+_LITERAL = {"[": r"\[", "]": r"\]"}
+
+
+def _nobody_pattern() -> str:
+    # The "nobody" ids, case-insensitive (JSON Schema regexes have no flags).
+    spelled = (
+        "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else _LITERAL.get(c, c) for c in i) for i in NOBODY_IDS
     )
-    userId = serializers.CharField(
-        required=False, max_length=MAX_ID_LENGTH, help_text="Your id of the user (numbers are read as text)."
-    )
-    anonymousId = serializers.CharField(
-        required=False,
-        help_text="Without a userId: held as pending when the workspace's anonymous_events is hold, else 400; "
-        "an identify with both ids links the pending events to its user.",
-    )
-    timestamp = serializers.DateTimeField(required=False, help_text="When it happened (wins over the others).")
-    originalTimestamp = serializers.DateTimeField(required=False, help_text="The device's time.")
-    sentAt = serializers.DateTimeField(required=False, help_text="When the device sent it (corrects clock skew).")
-    receivedAt = serializers.DateTimeField(required=False)
-    context = serializers.DictField(required=False)
-    integrations = serializers.DictField(required=False)
-    writeKey = serializers.CharField(required=False, help_text="The API key, when not sent in Authorization.")
+    return padded("|".join(sorted(spelled)))
 
 
-class IdentifyTraits(serializers.Serializer):
-    name = serializers.CharField(required=False, allow_null=True)
-    email = serializers.CharField(required=False, allow_null=True, help_text="Matched case-insensitively.")
-    billingUserId = serializers.CharField(
-        required=False, allow_null=True, help_text="Stripe `cus_…` or a Chargebee customer id."
-    )
-    billingId = serializers.CharField(required=False, allow_null=True, help_text="Same as billingUserId.")
-
-    class Meta:
-        ref_name = "IdentifyTraits"
-
-
-class SegmentIdentify(_SegmentMessage):
-    userId = serializers.CharField(max_length=MAX_ID_LENGTH)
-    traits = IdentifyTraits(required=False, help_text="Other traits are kept on the event, not on the user.")
-
-
-class TrackProperties(serializers.Serializer):
-    featureId = serializers.CharField(required=False, help_text="Maps the event straight to this feature.")
-    delta = serializers.FloatField(required=False, help_text="The amount of usage, default 1; negative undoes.")
-
-
-class SegmentTrack(_SegmentMessage):
-    userId = serializers.CharField(max_length=MAX_ID_LENGTH)
-    event = serializers.CharField(max_length=MAX_EVENT_NAME_LENGTH)
-    properties = TrackProperties(required=False, help_text="Any properties; mapping rules read them by dot path.")
-
-
-class SegmentPage(_SegmentMessage):
-    userId = serializers.CharField(max_length=MAX_ID_LENGTH)
-    name = serializers.CharField(required=False, help_text="Stored as the event `Viewed <name> Page` / `Screen`.")
-    properties = serializers.DictField(required=False)
-
-
-class SegmentGroup(_SegmentMessage):
-    userId = serializers.CharField(max_length=MAX_ID_LENGTH)
-    groupId = serializers.CharField(max_length=MAX_ID_LENGTH)
-    traits = serializers.DictField(required=False)
-
-
-class SegmentAlias(_SegmentMessage):
-    userId = serializers.CharField(max_length=MAX_ID_LENGTH)
-    previousId = serializers.CharField(max_length=MAX_ID_LENGTH, help_text="Becomes an alias of userId.")
-
-
-class SegmentMessage(_SegmentMessage):
-    # Text, not an enum: drf-spectacular would name the enum after the field and rename the
-    # features' ``TypeEnum`` that clients may already use.
-    type = serializers.CharField(help_text=f"One of {', '.join(MessageType.values)}.")
-    event = serializers.CharField(required=False, max_length=MAX_EVENT_NAME_LENGTH, help_text="track")
-    name = serializers.CharField(required=False, help_text="page, screen")
-    properties = serializers.DictField(required=False, help_text="track, page, screen")
-    traits = serializers.DictField(required=False, help_text="identify, group")
-    groupId = serializers.CharField(required=False, help_text="group")
-    previousId = serializers.CharField(required=False, help_text="alias")
+# A userId, previousId or groupId: text (trimmed) or a number, never a "nobody" value such as
+# "", "null", "anonymous", 0 or -1 (users.identifiers), at most 255 characters.
+SEGMENT_ID = {
+    "description": 'Text or a number; "nobody" values ("", "null", "anonymous", 0, -1, …) count as absent.',
+    "anyOf": [
+        {
+            "type": "string",
+            "maxLength": MAX_ID_LENGTH,
+            "pattern": NOT_BLANK_TEXT_PATTERN,
+            "not": {"pattern": _nobody_pattern()},
+        },
+        # Numbers only where JSON keeps them exact (beyond, send the id as text).
+        {
+            "type": "number",
+            "exclusiveMaximum": MAX_EXACT_NUMBER,
+            "exclusiveMinimum": -MAX_EXACT_NUMBER,
+            "not": {"enum": [0, -1]},
+        },
+    ],
+}
+_TIME = {
+    "description": 'ISO 8601; null or "" count as absent.',
+    "anyOf": [{"type": "null"}, {"const": ""}, {"type": "string", "format": "date-time"}],
+}
+_OBJECT = {"type": ["object", "null"], "propertyNames": _NO_NUL, "additionalProperties": JSON_VALUE_REF}
+_COMMON = {
+    "messageId": {
+        "type": ["string", "null"],
+        "maxLength": MAX_MESSAGE_ID_LENGTH,
+        **_NO_NUL,
+        "description": "Unique per workspace, forever: a replay answers 200 and changes nothing. Assigned when "
+        "absent or blank.",
+    },
+    "userId": {
+        **SEGMENT_ID,
+        "description": "Your id of the user. " + SEGMENT_ID["description"],
+    },
+    "anonymousId": {
+        **JSON_VALUE_REF,
+        "description": "Without a userId: held as pending when the workspace's anonymous_events is hold, else "
+        "400; an identify with both ids links the pending events to its user.",
+    },
+    "timestamp": {**_TIME, "description": "When it happened (wins over the others). " + _TIME["description"]},
+    "originalTimestamp": {**_TIME, "description": "The device's time."},
+    "sentAt": {**_TIME, "description": "When the device sent it (corrects clock skew)."},
+    "receivedAt": _TIME,
+    "context": _OBJECT,
+    "integrations": _OBJECT,
+    "writeKey": {"type": ["string", "null"], "description": "The API key, unless sent in Authorization (not stored)."},
+}
 
 
-class SegmentBatchBody(serializers.Serializer):
-    batch = serializers.ListField(child=SegmentMessage(), max_length=MAX_BATCH_MESSAGES)
-    context = serializers.DictField(required=False, help_text="Fills what each message's context lacks.")
-    integrations = serializers.DictField(required=False)
-    sentAt = serializers.DateTimeField(required=False)
-    writeKey = serializers.CharField(required=False)
+_MESSAGES = {
+    "identify": {
+        "properties": {
+            "traits": {
+                **_OBJECT,
+                "description": "name, email (matched case-insensitively), billingUserId or billingId (Stripe "
+                "`cus_…` or a Chargebee customer id) set the user; an invalid one is not stored and comes back in "
+                "`warnings`. Other traits are kept on the event.",
+            }
+        },
+        "required": [],
+    },
+    "track": {
+        "properties": {
+            "event": {"type": "string", "maxLength": MAX_EVENT_NAME_LENGTH, "pattern": NOT_BLANK_TEXT_PATTERN},
+            "properties": {
+                **_OBJECT,
+                "description": "Any properties; mapping rules read them by dot path. `featureId` maps the event "
+                "straight to that feature; `delta`, the amount of usage (default 1, negative undoes). An unknown "
+                "feature or a delta that is not a number leaves the event unmapped (`reason`).",
+            },
+        },
+        "required": ["event"],
+    },
+    "page": {
+        "properties": {
+            "name": {
+                "type": ["string", "null"],
+                **_NO_NUL,
+                "description": "Stored as the event `Viewed <name> Page` / `Screen` (else `properties.name`).",
+            },
+            "properties": _OBJECT,
+        },
+        "required": [],
+    },
+    "group": {
+        "properties": {"groupId": SEGMENT_ID, "traits": _OBJECT},
+        "required": ["groupId"],
+    },
+    "alias": {
+        "properties": {"previousId": {**SEGMENT_ID, "description": "Becomes an alias of userId (not userId itself)."}},
+        "required": ["previousId"],
+    },
+}
+
+
+def _message_schema(kind: str) -> dict:
+    spec = _MESSAGES[kind]
+    return {
+        "type": "object",
+        "properties": {
+            **_COMMON,
+            "type": {**JSON_VALUE_REF, "description": "Ignored: the path names the type."},
+            **spec["properties"],
+        },
+        "required": ["userId", *spec["required"]],
+        "propertyNames": _NO_NUL,
+        "additionalProperties": JSON_VALUE_REF,
+    }
+
+
+_COMPONENT = {kind: f"Segment{kind.title()}" for kind in _MESSAGES}
+_TYPE_SCHEMA = {**_COMPONENT, "screen": _COMPONENT["page"]}
+# One message of any type, as /segment/events and each item of a batch take it.
+SEGMENT_MESSAGE = {
+    "oneOf": [
+        {"allOf": [_ref(component), {"required": ["type"], "properties": {"type": {"const": kind}}}]}
+        for kind, component in _TYPE_SCHEMA.items()
+    ],
+    "description": f"A message whose `type` is one of {', '.join(MessageType.values)}.",
+}
+_BATCH = {
+    "type": "object",
+    "properties": {
+        "batch": {
+            "type": "array",
+            "maxItems": MAX_BATCH_MESSAGES,
+            "items": {"description": "A message; an invalid one is listed in `rejected`, the others are applied."},
+            # At least one valid message, or none at all. ("Not every item is invalid": the same
+            # as `contains`, which schemathesis' coverage phase cannot draw in reasonable time.)
+            "anyOf": [{"maxItems": 0}, {"not": {"items": {"not": _ref("SegmentMessage")}}}],
+        },
+        "context": {**_OBJECT, "description": "Fills what each message's context lacks."},
+        "integrations": _OBJECT,
+        "sentAt": _TIME,
+        "receivedAt": _TIME,
+        "writeKey": _COMMON["writeKey"],
+    },
+    "required": ["batch"],
+    "additionalProperties": {"description": "Ignored."},
+}
+SCHEMAS = {
+    **{component: _message_schema(kind) for kind, component in _COMPONENT.items()},
+    "SegmentMessage": SEGMENT_MESSAGE,
+    "SegmentBatch": _BATCH,
+    **COMPONENTS,
+}
 
 
 # --- Answers ---------------------------------------------------------------------------
@@ -223,18 +305,21 @@ class _IngestStandIn(APIView):
 
     authentication_classes = [SegmentWriteKey]
     parser_classes = [JSONParser]
+    # The components the request schemas refer to (api.schema.KanaSchemaGenerator adds them).
+    openapi_components = SCHEMAS
+    request_body_required = True
     # The statuses these endpoints answer; the generic ones (404 object, 415) do not apply.
     kana_error_statuses = ()
 
 
-def _single(message_type: str, serializer, example: dict, description: str):
+def _single(message_type: str, component: str, example: dict, description: str):
     class StandIn(_IngestStandIn):
         @extend_schema(
             operation_id=f"segment_{message_type}",
             summary=f"Segment {message_type} call",
             description=description,
             tags=[TAG],
-            request=serializer,
+            request={"application/json": _ref(component)},
             responses={
                 200: OpenApiResponse(IngestAccepted, "Applied, or stored for mapping; `duplicate` for a replay."),
                 **_SINGLE_ERRORS,
@@ -255,39 +340,39 @@ _TRACK = {"userId": "u-123", "event": "Message Sent", "properties": {"featureId"
 INGEST_DOCS: dict[str, type[APIView]] = {
     "segment-events": _single(
         "events",
-        SegmentMessage,
+        "SegmentMessage",
         {"type": "track", **_TRACK},
         "One Segment message of any `type` (Kana destination, Segment's webhook destination).",
     ),
     "segment-identify": _single(
         "identify",
-        SegmentIdentify,
+        "SegmentIdentify",
         _IDENTIFY,
         "Creates, updates or merges the user (docs/identity.md); an invalid billing id is not stored and "
         "comes back in `warnings`.",
     ),
     "segment-track": _single(
         "track",
-        SegmentTrack,
+        "SegmentTrack",
         _TRACK,
         "Records usage: by `properties.featureId`, else by the mapping rules. Without a userId: 400 "
         "`anonymous_event`, or `pending` when the workspace holds anonymous events.",
     ),
     "segment-page": _single(
-        "page", SegmentPage, {"userId": "u-123", "name": "Pricing"}, "Stored as the event `Viewed <name> Page`."
+        "page", "SegmentPage", {"userId": "u-123", "name": "Pricing"}, "Stored as the event `Viewed <name> Page`."
     ),
     "segment-screen": _single(
-        "screen", SegmentPage, {"userId": "u-123", "name": "Home"}, "Stored as the event `Viewed <name> Screen`."
+        "screen", "SegmentPage", {"userId": "u-123", "name": "Home"}, "Stored as the event `Viewed <name> Screen`."
     ),
     "segment-group": _single(
         "group",
-        SegmentGroup,
+        "SegmentGroup",
         {"userId": "u-123", "groupId": "acme-inc", "traits": {"name": "Acme Inc."}},
         "Records the user's membership of a group (account) and its traits.",
     ),
     "segment-alias": _single(
         "alias",
-        SegmentAlias,
+        "SegmentAlias",
         {"userId": "u-123", "previousId": "anon-42"},
         "Makes previousId and userId one user (merged into the oldest); userId stays canonical.",
     ),
@@ -305,7 +390,7 @@ class SegmentBatch(_IngestStandIn):
             "`context` fills what each message's context lacks."
         ),
         tags=[TAG],
-        request=SegmentBatchBody,
+        request={"application/json": _ref("SegmentBatch")},
         responses={
             200: OpenApiResponse(IngestBatchAccepted, "The valid messages were applied; `rejected` lists the others."),
             **_errors("The body is over 500 KB."),

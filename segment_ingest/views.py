@@ -28,6 +28,7 @@ from .messages import (
     MAX_BATCH_BYTES,
     MAX_BATCH_MESSAGES,
     MAX_MESSAGE_BYTES,
+    check_batch,
     parse_message,
     with_batch_context,
 )
@@ -138,7 +139,6 @@ def _database_guard(view):
 
 def _single(request, forced_type: str | None):
     workspace, payload, size = _prepare(request, MAX_MESSAGE_BYTES, "message_too_large")
-    payload.pop("writeKey", None)
     try:
         message = parse_message(
             payload, received_at=timezone.now(), forced_type=forced_type, size=size, hold_anonymous=_holds(workspace)
@@ -181,14 +181,16 @@ def batch(request):
         return error_response(
             "too_many_messages", f"a batch may hold at most {MAX_BATCH_MESSAGES} messages", 400, "batch"
         )
+    try:
+        check_batch(payload)
+    except DomainError as exc:
+        return error_response(exc.code, exc.message, exc.status, exc.field)
     received_at = timezone.now()
     hold_anonymous = _holds(workspace)
     messages, indexes, rejected = [], [], []
     for index, item in enumerate(items):
         try:
             item = with_batch_context(item, payload)
-            if isinstance(item, dict):
-                item.pop("writeKey", None)
             messages.append(parse_message(item, received_at=received_at, hold_anonymous=hold_anonymous))
             indexes.append(index)
         except DomainError as exc:

@@ -38,7 +38,7 @@ def test_a_new_feature_maps_the_events_that_named_it(tenant):
 def test_feature_creation_errors(tenant):
     api = ApiClient(tenant)
     api.post("features", {"id": "exports"})
-    assert_error(api.post("features", {"id": "exports"}), 400, "feature_exists", "id")
+    assert_error(api.post("features", {"id": "exports"}), 409, "feature_exists", "id")
     assert_error(api.post("features", {"id": "has spaces"}), 400, "invalid_feature_id", "id")
     assert_error(api.post("features", {"id": "ok", "type": "METERED"}), 400, "invalid_request", "type")
     assert_error(api.post("features", {"name": "no id"}), 400, "invalid_request", "id")
@@ -109,7 +109,7 @@ def test_it_creates_a_rule_and_reports_its_reprocessing(tenant):
 def test_rule_creation_errors_name_the_field(tenant):
     feature(tenant, "exports")
     api = ApiClient(tenant)
-    assert_error(api.post("rules", {**RULE, "feature": "nope"}), 400, "unknown_feature", "feature")
+    assert_error(api.post("rules", {**RULE, "feature": "nope"}), 404, "unknown_feature", "feature")
     bad_operator = {**RULE, "conditions": [{"property": "plan", "operator": "like", "value": 1}]}
     assert_error(api.post("rules", bad_operator), 400, "invalid_rule", "conditions[0].operator")
     assert_error(api.post("rules", {**RULE, "conditions": "plan=pro"}), 400, "invalid_rule", "conditions")
@@ -135,10 +135,10 @@ def test_a_used_rule_only_changes_name_and_active(tenant):
     track(tenant, "u1", "Exported")
     assert Usage.objects.filter(rule=used).exists()
     api = ApiClient(tenant)
-    assert_error(api.patch(f"rules/{used.pk}", {"event": "Other"}), 400, "rule_in_use")
+    assert_error(api.patch(f"rules/{used.pk}", {"event": "Other"}), 409, "rule_in_use")
     assert_error(
         api.patch(f"rules/{used.pk}", {"name": "x", "conditions": [{"property": "a", "operator": "exists"}]}),
-        400,
+        409,
         "rule_in_use",
     )
     unchanged = api.patch(
@@ -146,7 +146,7 @@ def test_a_used_rule_only_changes_name_and_active(tenant):
     )
     assert unchanged.status_code == 200, "resending the same definition is not a change"
     assert (unchanged.json()["name"], unchanged.json()["active"]) == ("Exports", False)
-    assert_error(api.delete(f"rules/{used.pk}"), 400, "rule_in_use")
+    assert_error(api.delete(f"rules/{used.pk}"), 409, "rule_in_use")
     used.refresh_from_db()
     assert (used.event_name, used.name, used.active) == ("Exported", "Exports", False)
 

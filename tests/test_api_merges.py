@@ -46,7 +46,7 @@ def test_it_refuses_too_few_unknown_or_malformed_users(tenant):
     api = ApiClient(tenant)
     assert_error(api.post("users/merge", {"user_ids": [a.pk]}), 400, "too_few_users", "user_ids")
     assert_error(api.post("users/merge", {"user_ids": [a.pk, a.pk]}), 400, "too_few_users", "user_ids")
-    assert_error(api.post("users/merge", {"user_ids": [a.pk, 999999]}), 400, "unknown_user", "user_ids")
+    assert_error(api.post("users/merge", {"user_ids": [a.pk, 999999]}), 404, "unknown_user", "user_ids")
     assert_error(api.post("users/merge", {"user_ids": ["x", a.pk]}), 400, "invalid_request", "user_ids")
     assert_error(api.post("users/merge", {"user_ids": [a.pk], "survivor": 0}), 400, "invalid_request", "survivor")
     assert_error(api.post("users/merge", {}), 400, "invalid_request", "user_ids")

@@ -86,7 +86,7 @@ def test_another_workspaces_objects_are_404(tenant, other_tenant, world):
     assert_error(api.get("features/only-theirs"), 404, "not_found")
     assert_error(api.patch("features/only-theirs", {"name": "hacked"}), 404, "not_found")
     assert_error(api.delete("features/only-theirs"), 404, "not_found")
-    assert_error(api.post("rules", {"name": "r", "feature": "only-theirs", "event": "x"}), 400, "unknown_feature")
+    assert_error(api.post("rules", {"name": "r", "feature": "only-theirs", "event": "x"}), 404, "unknown_feature")
 
     assert EndUser.objects.get(pk=user).name == ""
     assert MappingRule.objects.get(pk=theirs.rule).name == "rule"
@@ -98,10 +98,10 @@ def test_merging_another_workspaces_users_is_refused_like_unknown_ids(tenant, ot
     api = ApiClient(tenant)
     foreign = api.post("users/merge", {"user_ids": [mine.users[0], theirs.users[0]]})
     missing = api.post("users/merge", {"user_ids": [mine.users[0], 10**12]})
-    assert_error(foreign, 400, "unknown_user", "user_ids")
+    assert_error(foreign, 404, "unknown_user", "user_ids")
     assert foreign.json()["code"] == missing.json()["code"]
     assert_error(
-        api.post("users/merge", {"user_ids": [mine.users[0]], "survivor": theirs.users[1]}), 400, "unknown_user"
+        api.post("users/merge", {"user_ids": [mine.users[0]], "survivor": theirs.users[1]}), 404, "unknown_user"
     )
     assert EndUser.objects.filter(pk__in=[mine.users[0], *theirs.users]).count() == 4
     assert MergeRecord.objects.for_workspace(tenant.workspace).count() == 1

@@ -37,13 +37,26 @@ def test_the_request_bodies_say_what_each_call_needs(schema):
         return components[ref.rsplit("/", 1)[1]]
 
     assert body("/v1/identify")["required"] == ["userId"]
-    assert body("/v1/identify")["properties"]["traits"]["allOf"][0]["$ref"].endswith("/IdentifyTraits")
+    assert "billingId" in body("/v1/identify")["properties"]["traits"]["description"]
     assert set(body("/v1/track")["required"]) == {"userId", "event"}
     assert set(body("/v1/alias")["required"]) == {"userId", "previousId"}
     assert set(body("/v1/group")["required"]) == {"userId", "groupId"}
-    assert body("/segment/events")["required"] == ["type"]
+    # Segment's extra keys are accepted (kept on the event), anything but NUL in them.
+    assert body("/v1/track")["additionalProperties"]["$ref"].endswith("/JsonValue")
+    assert body("/v1/track")["propertyNames"] == {"pattern": "^[^\\u0000]*$"}
+    one_of_each_type = body("/segment/events")["oneOf"]
+    assert [branch["allOf"][1]["properties"]["type"]["const"] for branch in one_of_each_type] == [
+        "identify",
+        "track",
+        "page",
+        "group",
+        "alias",
+        "screen",
+    ]
     batch = body("/v1/batch")
     assert batch["required"] == ["batch"] and batch["properties"]["batch"]["maxItems"] == 2500
+    at_least_one_valid = {"not": {"items": {"not": {"$ref": "#/components/schemas/SegmentMessage"}}}}
+    assert at_least_one_valid in batch["properties"]["batch"]["anyOf"]
     assert body("/v1/import") == batch
     assert body("/v1/track")["properties"]["messageId"]["maxLength"] == 100
 

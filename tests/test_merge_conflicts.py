@@ -65,6 +65,20 @@ def test_the_preview_page_lists_the_conflicts_and_the_merge_keeps_what_it_said(m
     assert EndUser.objects.for_workspace(tenant.workspace).get().billing_id == "cus_NEW"
 
 
+def test_the_preview_can_keep_either_side_per_field_and_the_merge_does_so(member_client, tenant):
+    old = identify(tenant.workspace, "laptop", email="kim@example.com", billing_id="cus_OLD", at=T0)
+    new = identify(tenant.workspace, "phone", email="kim@example.com", billing_id="cus_NEW", at=T0 + timedelta(1))
+
+    response = member_client.get(f"/duplicates/preview/?users={old.pk}&users={new.pk}&keep_billing_id=survivor")
+    page = response.content.decode()
+    assert [c.as_dict()["kept"] for c in response.context["conflicts"]] == ["cus_OLD"]
+    assert '<option value="survivor" selected>' in page and "Merge 2 users (chosen values kept)" in page
+    assert '<input type="hidden" name="keep_billing_id" value="survivor">' in page
+
+    member_client.post("/duplicates/merge/", {"users": [old.pk, new.pk], "keep_billing_id": "survivor"})
+    assert EndUser.objects.for_workspace(tenant.workspace).get().billing_id == "cus_OLD"
+
+
 def test_no_conflict_no_conflicts_box(member_client, tenant):
     a = identify(tenant.workspace, "a", email="jo@example.com", name="Jo", at=T0)
     b = identify(tenant.workspace, "b", email="jo@example.com", at=T0)

@@ -118,19 +118,20 @@ def test_mapped_events_and_featureid_events_are_not_candidates(tenant):
 
 
 @pytest.mark.parametrize(
-    ("body", "code", "field"),
+    ("body", "status", "code", "field"),
     [
-        ({**PRO_EXPORTS, "feature": "nope"}, "unknown_feature", "feature"),
-        ({"feature": "exports"}, "invalid_rule", "conditions"),
-        ({**PRO_EXPORTS, "conditions": [{"property": "n", "operator": "gt", "value": "x"}]}, "invalid_rule", None),
-        ({**PRO_EXPORTS, "conditions": [{"property": "n", "operator": "near"}]}, "invalid_rule", None),
-        ({**PRO_EXPORTS, "conditions": "plan.tier = pro"}, "invalid_rule", "conditions"),
+        ({**PRO_EXPORTS, "feature": "nope"}, 404, "unknown_feature", "feature"),
+        ({"feature": "exports"}, 400, "invalid_rule", "conditions"),
+        ({"feature": "exports", "event": " "}, 400, "invalid_rule", "conditions"),
+        ({**PRO_EXPORTS, "conditions": [{"property": "n", "operator": "gt", "value": "x"}]}, 400, "invalid_rule", None),
+        ({**PRO_EXPORTS, "conditions": [{"property": "n", "operator": "near"}]}, 400, "invalid_rule", None),
+        ({**PRO_EXPORTS, "conditions": "plan.tier = pro"}, 400, "invalid_rule", "conditions"),
     ],
 )
-def test_errors_are_the_create_endpoints(exports, body, code, field):
+def test_errors_are_the_create_endpoints(exports, body, status, code, field):
     api = ApiClient(exports)
-    previewed = assert_error(api.post("rules/preview", body), 400, code, field)
-    created = assert_error(api.post("rules", {"name": "R", **body}), 400, code, field)
+    previewed = assert_error(api.post("rules/preview", body), status, code, field)
+    created = assert_error(api.post("rules", {"name": "R", **body}), status, code, field)
     assert (previewed["code"], previewed.get("field")) == (created["code"], created.get("field"))
 
 

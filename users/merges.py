@@ -132,7 +132,9 @@ def merge_users(
         current = {pk: current_user_pk(workspace, pk) for pk in wanted}
         unknown = [pk for pk, now in current.items() if now is None]
         if unknown:
-            raise IdentityError("unknown_user", f"no user with id {unknown[0]} in this workspace", "user_ids")
+            raise IdentityError(
+                "unknown_user", f"no user with id {unknown[0]} in this workspace", "user_ids", status=404
+            )
         targets = sorted(set(current.values()))
         users = list(EndUser.objects.for_workspace(workspace).filter(pk__in=targets).order_by("pk").select_for_update())
         if len(users) != len(targets):

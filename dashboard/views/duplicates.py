@@ -7,7 +7,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from users.conflicts import merge_conflicts
 from users.models import MergeReason
-from users.profile import merge_preview
+from users.profile import CHOOSABLE_FIELDS, FIELD_CHOICES, merge_preview
 from users.selectors import duplicate_groups, user_ids_by_user, users_with_flags
 from users.services import IdentityError, merge_users
 
@@ -40,6 +40,16 @@ def _selected_users(request, values: list[str]) -> list:
     return users
 
 
+_CHOICE_LABELS = {"newest": "newest wins", "survivor": "the survivor's", "absorbed": "the absorbed user's"}
+
+
+def _field_choices(params) -> dict[str, str]:
+    """``keep_<field>=survivor|absorbed|newest`` from the preview's form; others are ignored."""
+    return {
+        field: params[f"keep_{field}"] for field in CHOOSABLE_FIELDS if params.get(f"keep_{field}") in FIELD_CHOICES
+    }
+
+
 @require_GET
 @workspace_view
 def merge_preview_page(request):
@@ -50,7 +60,8 @@ def merge_preview_page(request):
     survivor_pk = _int_list([request.GET["survivor"]])[0] if request.GET.get("survivor") else None
     if survivor_pk is not None and survivor_pk not in {u.pk for u in users}:
         raise Http404("the survivor must be one of the selected users")
-    preview = merge_preview(users, survivor_pk=survivor_pk)
+    choices = _field_choices(request.GET)
+    preview = merge_preview(users, survivor_pk=survivor_pk, choices=choices)
     conflicts = merge_conflicts(preview.survivor, preview.absorbed, preview.result)
     ordered = with_flags_and_ids([preview.survivor, *preview.absorbed])
     ids = user_ids_by_user([u.pk for u in ordered])
@@ -66,6 +77,10 @@ def merge_preview_page(request):
         "conflicts": conflicts,
         "conflict_fields": {c.field for c in conflicts},
         "selected_pks": [u.pk for u in ordered],
+        # Per conflicting field, whose value the merge keeps (SPEC §12): newest unless chosen.
+        "choices": {field: choices.get(field, "newest") for field in CHOOSABLE_FIELDS},
+        "choice_labels": _CHOICE_LABELS,
+        "chosen": any(choice != "newest" for choice in choices.values()),
     }
     return render(request, "dashboard/merge_preview.html", context)
 
@@ -85,6 +100,7 @@ def merge(request):
             reason=MergeReason.ADMIN,
             actor=actor_of(request),
             source="dashboard",
+            fields=_field_choices(request.POST),
         )
     except IdentityError as exc:
         if exc.code == "unknown_user":
