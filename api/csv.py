@@ -113,6 +113,7 @@ CSV_FILE_SCHEMA = {
 
 class UserImportView(APIView):
     parser_classes = [MultiPartParser, FormParser]
+    request_body_required = True  # the file part is the request: the schema says so (api/schema.py)
 
     @extend_schema(
         operation_id="users_import",

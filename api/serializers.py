@@ -77,6 +77,11 @@ class StrictNumberField(serializers.FloatField):
         return super().to_internal_value(data)
 
 
+@extend_schema_field({"type": "number", "exclusiveMinimum": 0, "maximum": 1})
+class BudgetFractionField(StrictNumberField):
+    """A fraction of a budget: 0 < t <= 1 (a threshold at 0 would fire on the first unit of nothing)."""
+
+
 class StrictBooleanField(serializers.BooleanField):
     def to_internal_value(self, data):
         if not isinstance(data, bool):
@@ -503,6 +508,7 @@ def _event_types(**kwargs) -> serializers.ListField:
     return serializers.ListField(
         child=serializers.ChoiceField(choices=WebhookEventType.values),
         allow_empty=False,
+        min_length=1,
         max_length=10,
         help_text="The event types sent to this URL.",
         **kwargs,
@@ -511,7 +517,7 @@ def _event_types(**kwargs) -> serializers.ListField:
 
 def _thresholds(**kwargs) -> serializers.ListField:
     return serializers.ListField(
-        child=StrictNumberField(min_value=0, max_value=1),
+        child=BudgetFractionField(),
         max_length=10,
         help_text=(
             "Fractions of a budget (0 < t <= 1) whose crossing sends `usage.threshold_reached` here "
