@@ -26,6 +26,11 @@ ACTIONS = (
     "key.create",
     "key.revoke",
     "event.void",
+    "package.create",
+    "package.update",
+    "package.delete",
+    "subscription.create",
+    "subscription.update",
 )
 
 
@@ -38,6 +43,8 @@ OBJECT_TYPES = {
     "csv": "import_job",
     "key": "api_key",
     "event": "event",
+    "package": "package",
+    "subscription": "subscription",
 }
 
 

@@ -70,6 +70,7 @@ INSTALLED_APPS = [
     "kana",
     "users",
     "features",
+    "entitlements",
     "segment_ingest",
     "api",
     "dashboard",
@@ -161,6 +162,10 @@ CELERY_BEAT_SCHEDULE = {
     },
     "sweep-stalled-imports": {
         "task": "users.tasks.sweep_stalled_imports",
+        "schedule": float(env_int("KANA_SWEEP_INTERVAL_SECONDS", 15)),
+    },
+    "sweep-expired-reservations": {
+        "task": "entitlements.tasks.sweep_expired_reservations",
         "schedule": float(env_int("KANA_SWEEP_INTERVAL_SECONDS", 15)),
     },
 }
