@@ -7,7 +7,7 @@ be routed next to these, before or after them, in ``kana/urls.py``.
 
 from rest_framework.routers import SimpleRouter
 
-from . import views
+from . import entitlement_views, views
 
 router = SimpleRouter(trailing_slash=False)
 router.register("users", views.UserViewSet, basename="user")
@@ -17,6 +17,11 @@ router.register("events", views.EventViewSet, basename="event")
 router.register("usage", views.UsageViewSet, basename="usage")
 router.register("merges", views.MergeViewSet, basename="merge")
 router.register("audit", views.AuditViewSet, basename="audit")
+router.register("usage/records", entitlement_views.UsageRecordViewSet, basename="usage-record")
+router.register("packages", entitlement_views.PackageViewSet, basename="package")
+router.register("subscriptions", entitlement_views.SubscriptionViewSet, basename="subscription")
+router.register("entitlements/reservations", entitlement_views.ReservationViewSet, basename="reservation")
+router.register("entitlements", entitlement_views.EntitlementViewSet, basename="entitlement")
 
 app_name = "api"
 urlpatterns = router.urls

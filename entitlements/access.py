@@ -39,7 +39,7 @@ from .models import (
     ReservationStatus,
     Subscription,
 )
-from .periods import period_containing
+from .periods import past_periods, period_containing
 from .services import EntitlementError, subject_key
 
 # The name of the events that API records and commits store.
@@ -550,3 +550,35 @@ def expire_reservations(now: datetime | None = None) -> int:
     return Reservation.objects.filter(status=ReservationStatus.HELD, expires_at__lte=now).update(
         status=ReservationStatus.EXPIRED, finished_at=now
     )
+
+
+def usage_history(
+    workspace: Workspace,
+    *,
+    feature_key: str,
+    user_id: str | None = None,
+    group_id: str | None = None,
+    past: int = 6,
+    now: datetime | None = None,
+) -> dict:
+    """``showUsage``: the current period's consumption and up to ``past`` earlier periods'
+    (newest first, none before the anchor), each read from the counters."""
+    now = now or timezone.now()
+    entitlement = check(
+        workspace, feature_key=feature_key, user_id=user_id, group_id=group_id, delta=Decimal(0), now=now
+    )
+    consumption = entitlement.consumption
+    if consumption is None:
+        return {"reason": entitlement.reason, "current": None, "past": []}
+    earlier = []
+    for start, end in past_periods(entitlement.anchor, entitlement.reset_period, now, past):
+        used = counters.period_used(
+            workspace.pk, user_pks=entitlement.owner_user_pks, feature_id=entitlement.feature.pk, start=start, end=end
+        )
+        spent = Consumption(used=used, budget=consumption.budget, overage_enabled=consumption.overage_enabled)
+        earlier.append({**period_dict((start, end)), "consumption": spent.as_dict()})
+    return {
+        "reason": entitlement.reason,
+        "current": {**period_dict(entitlement.period), "consumption": consumption.as_dict()},
+        "past": earlier,
+    }

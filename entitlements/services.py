@@ -71,7 +71,7 @@ def _clean_features(workspace: Workspace, specs: list[PackageFeatureSpec]) -> li
     keys = [spec.feature_key for spec in specs]
     if len(set(keys)) != len(keys):
         raise EntitlementError("duplicate_feature", "a package names each feature at most once", "features")
-    features = Feature.objects.for_workspace(workspace).in_bulk(keys, field_name="key")
+    features = {f.key: f for f in Feature.objects.for_workspace(workspace).filter(key__in=keys)}
     rows = []
     for index, spec in enumerate(specs):
         feature = features.get(spec.feature_key)
