@@ -497,14 +497,14 @@ def reservation_commit(workspace: Workspace, *, reservation_id: int, amount: Dec
             .select_related("user", "feature")
             .get(pk=reservation_id)
         )
-        if reservation.status == ReservationStatus.COMMITTED:
+        if reservation.status in (ReservationStatus.COMMITTED, ReservationStatus.EXPIRED):
             return reservation
         if reservation.status == ReservationStatus.RELEASED:
             raise EntitlementError("reservation_released", "the hold was released", None, 409)
         now = timezone.now()
         if reservation_status(reservation, now) == ReservationStatus.EXPIRED:
-            _finish(reservation, ReservationStatus.EXPIRED, now)
-            raise EntitlementError("reservation_expired", "the hold expired before its commit", None, 409)
+            _finish(reservation, ReservationStatus.EXPIRED, now)  # kept: the refusal is raised after commit
+            return reservation
         committed = reservation.amount if amount is None else amount
         if committed > reservation.amount or committed < 0:
             raise EntitlementError("invalid_amount", "a commit is 0 up to the held amount", "amount", 400)
@@ -523,7 +523,10 @@ def reservation_commit(workspace: Workspace, *, reservation_id: int, amount: Dec
         _finish(reservation, ReservationStatus.COMMITTED, now)
         return reservation
 
-    return run_with_retries(once)
+    reservation = run_with_retries(once)
+    if reservation.status == ReservationStatus.EXPIRED:
+        raise EntitlementError("reservation_expired", "the hold expired before its commit", None, 409)
+    return reservation
 
 
 def reservation_release(workspace: Workspace, *, reservation_id: int) -> Reservation:
