@@ -1,6 +1,6 @@
 """JSON shapes of packages, subscriptions, checks, usage records, consumes and reservations (SPEC §11)."""
 
-from decimal import Decimal
+from decimal import Context, Decimal
 
 from rest_framework import serializers
 
@@ -26,11 +26,16 @@ class StrictNumberField(serializers.DecimalField):
     def to_internal_value(self, data):
         if isinstance(data, bool) or not isinstance(data, (int, float)):
             self.fail("invalid")
+        value = Decimal(str(data))
+        if not value.is_finite():
+            self.fail("invalid")
+        if abs(value) >= MAX_AMOUNT:  # before any rounding: a huge number has no place to round to
+            self.fail("max_value" if value > 0 else "min_value", max_value=MAX_AMOUNT, min_value=-MAX_AMOUNT)
         return super().to_internal_value(str(data))
 
     def validate_precision(self, value):
         # More decimals than the column keeps are rounded to them, not refused.
-        return value.quantize(Decimal(1).scaleb(-self.decimal_places))
+        return value.quantize(Decimal(1).scaleb(-self.decimal_places), context=Context(prec=60))
 
 
 # --- Packages ------------------------------------------------------------------------------

@@ -45,6 +45,18 @@ ENDPOINTS = {
     "/api/v1/users/import",
     "/api/v1/users/imports/{id}",
     "/api/v1/users/imports/{id}/report",
+    "/api/v1/packages",
+    "/api/v1/packages/{id}",
+    "/api/v1/subscriptions",
+    "/api/v1/subscriptions/{id}",
+    "/api/v1/entitlements/check",
+    "/api/v1/entitlements/usage",
+    "/api/v1/entitlements/consume",
+    "/api/v1/entitlements/reservations",
+    "/api/v1/entitlements/reservations/{id}",
+    "/api/v1/entitlements/reservations/{id}/commit",
+    "/api/v1/entitlements/reservations/{id}/release",
+    "/api/v1/usage/records",
 }
 INGEST_ENDPOINTS = set(INGEST_PATHS)
 
