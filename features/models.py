@@ -189,6 +189,25 @@ class UsageCounter(models.Model):
         ]
 
 
+class UsageTouch(models.Model):
+    """(user, feature) pairs whose usage grew since entitlements last looked: written by the
+    same triggers as ``UsageCounter`` (one row per pair, however many changes), drained by
+    ``features.counters.drain_touched_usage`` for the threshold notifications."""
+
+    workspace_id = models.BigIntegerField()
+    user_id = models.BigIntegerField()
+    feature_id = models.BigIntegerField()
+    # Bumped by each statement that touches the pair: the upsert row-locks it until that
+    # statement's transaction commits, so the drain (SKIP LOCKED) never takes a pair whose
+    # newest usage it could not see yet.
+    touches = models.BigIntegerField(default=1, db_default=1)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["workspace_id", "user_id", "feature_id"], name="usagetouch_unique_key")
+        ]
+
+
 class ReprocessingJob(Job):
     """Retroactive mapping of stored unmapped events after a rule or feature is created.
 

@@ -20,11 +20,21 @@ DROP_ZEROS = f"""
     WHERE c.workspace_id = o.workspace_id AND c.user_id = o.user_id AND c.feature_id = o.feature_id
       AND c.day = o.day AND c.amount = 0;
 """
+# The (user, feature) pairs whose usage may have grown, for the threshold notifications; one
+# row per pair, so a busy pair costs one conflict check per statement.
+TOUCH = """
+    INSERT INTO features_usagetouch (workspace_id, user_id, feature_id)
+    SELECT DISTINCT workspace_id, user_id, feature_id FROM new_rows ORDER BY 1, 2, 3
+    ON CONFLICT (workspace_id, user_id, feature_id) DO UPDATE SET touches = features_usagetouch.touches + 1;
+"""
 NEW = f"SELECT workspace_id, user_id, feature_id, {DAY} AS day, amount FROM new_rows"
 OLD = f"SELECT workspace_id, user_id, feature_id, {DAY} AS day, -amount AS amount FROM old_rows"
 POSTGRES_TRIGGERS = {
-    "insert": ("NEW TABLE AS new_rows", UPSERT.format(deltas=NEW)),
-    "update": ("OLD TABLE AS old_rows NEW TABLE AS new_rows", UPSERT.format(deltas=f"{NEW} UNION ALL {OLD}") + DROP_ZEROS),
+    "insert": ("NEW TABLE AS new_rows", UPSERT.format(deltas=NEW) + TOUCH),
+    "update": (
+        "OLD TABLE AS old_rows NEW TABLE AS new_rows",
+        UPSERT.format(deltas=f"{NEW} UNION ALL {OLD}") + DROP_ZEROS + TOUCH,
+    ),
     "delete": ("OLD TABLE AS old_rows", UPSERT.format(deltas=OLD) + DROP_ZEROS),
 }
 
@@ -37,13 +47,20 @@ SQLITE_DROP_ZERO = f"""
     DELETE FROM {COUNTER} WHERE workspace_id = OLD.workspace_id AND user_id = OLD.user_id
       AND feature_id = OLD.feature_id AND day = date(OLD.occurred_at) AND amount = 0;
 """
+SQLITE_TOUCH = """
+    INSERT INTO features_usagetouch (workspace_id, user_id, feature_id)
+    VALUES (NEW.workspace_id, NEW.user_id, NEW.feature_id) ON CONFLICT DO NOTHING;
+"""
 SQLITE_TRIGGERS = {
-    "insert": ("", SQLITE_ADD.format(row="NEW", sign="")),
+    "insert": ("", SQLITE_ADD.format(row="NEW", sign="") + SQLITE_TOUCH),
     "update": (
         "WHEN OLD.workspace_id IS NOT NEW.workspace_id OR OLD.user_id IS NOT NEW.user_id"
         " OR OLD.feature_id IS NOT NEW.feature_id OR OLD.occurred_at IS NOT NEW.occurred_at"
         " OR OLD.amount IS NOT NEW.amount",
-        SQLITE_ADD.format(row="OLD", sign="-") + SQLITE_DROP_ZERO + SQLITE_ADD.format(row="NEW", sign=""),
+        SQLITE_ADD.format(row="OLD", sign="-")
+        + SQLITE_DROP_ZERO
+        + SQLITE_ADD.format(row="NEW", sign="")
+        + SQLITE_TOUCH,
     ),
     "delete": ("", SQLITE_ADD.format(row="OLD", sign="-") + SQLITE_DROP_ZERO),
 }
@@ -122,6 +139,19 @@ class Migration(migrations.Migration):
             ],
             options={
                 'constraints': [models.UniqueConstraint(fields=('workspace_id', 'user_id', 'feature_id', 'day'), name='usagecounter_unique_key')],
+            },
+        ),
+        migrations.CreateModel(
+            name='UsageTouch',
+            fields=[
+                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
+                ('workspace_id', models.BigIntegerField()),
+                ('user_id', models.BigIntegerField()),
+                ('feature_id', models.BigIntegerField()),
+                ('touches', models.BigIntegerField(db_default=1, default=1)),
+            ],
+            options={
+                'constraints': [models.UniqueConstraint(fields=('workspace_id', 'user_id', 'feature_id'), name='usagetouch_unique_key')],
             },
         ),
         migrations.RunPython(create_counter_triggers, drop_counter_triggers),
