@@ -44,9 +44,9 @@ def test_the_tour_gives_a_plan_checks_and_consumes(tenant):
     check, consume = answers[2].json(), answers[3].json()
     assert (check["access"], check["reason"]) == (True, "within_limit")
     assert {k: check["consumption"][k] for k in ("used", "budget", "remaining")} == {
-        "used": 1,
+        "used": 0,
         "budget": 100,
-        "remaining": 99,
+        "remaining": 100,
     }
     assert (consume["access"], consume["recorded"], consume["consumption"]["used"]) == (True, True, 1)
     assert json.loads(run_curl(tour_commands()[3], tenant.key).content) == consume  # the same key: the first answer
