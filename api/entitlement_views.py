@@ -137,7 +137,8 @@ class SubscriptionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Work
             return subscriptions
         filters = self.query(s.SubscriptionFilterSerializer)
         if "user_id" in filters:
-            subscriptions = subscriptions.filter(user_id=user_pk_for(self.workspace, filters["user_id"]))
+            user_pk = user_pk_for(self.workspace, filters["user_id"])
+            subscriptions = subscriptions.filter(user_id=user_pk) if user_pk else subscriptions.none()
         if "group_id" in filters:
             subscriptions = subscriptions.filter(group__group_id=filters["group_id"])
         if "status" in filters:
