@@ -153,7 +153,7 @@ class ThresholdCrossing(models.Model):
     feature = models.ForeignKey(Feature, on_delete=models.CASCADE, related_name="+")
     period_start = models.DateTimeField()
     threshold = models.DecimalField(max_digits=6, decimal_places=4)
-    used = models.DecimalField(max_digits=30, decimal_places=9)
+    used = models.DecimalField(max_digits=40, decimal_places=9)  # a period's sum, like the counters
     budget = models.DecimalField(max_digits=30, decimal_places=9)
     created_at = models.DateTimeField(default=timezone.now)
 

@@ -177,7 +177,8 @@ class UsageCounter(models.Model):
     user_id = models.BigIntegerField()
     feature_id = models.BigIntegerField()
     day = models.DateField()
-    amount = models.DecimalField(max_digits=30, decimal_places=9)
+    # Wider than a usage amount (30 digits): a day sums many of them, each up to 10^21.
+    amount = models.DecimalField(max_digits=40, decimal_places=9)
 
     objects = WorkspaceQuerySet.as_manager()
 

@@ -59,7 +59,7 @@ def test_ingest_crossing_80_then_100_percent_notifies_each_once(tenant):
     assert not UsageTouch.objects.exists()
 
 
-def test_reprocessing_a_merge_and_a_consume_cross_thresholds_too(tenant):
+def test_reprocessing_a_merge_and_a_consume_cross_thresholds_too(tenant, tasks_in_process):
     from features.models import ReprocessingJob
     from features.tasks import run_reprocessing_job
 

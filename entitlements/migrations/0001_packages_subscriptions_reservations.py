@@ -81,7 +81,7 @@ class Migration(migrations.Migration):
                 ('subject', models.CharField(max_length=40)),
                 ('period_start', models.DateTimeField()),
                 ('threshold', models.DecimalField(decimal_places=4, max_digits=6)),
-                ('used', models.DecimalField(decimal_places=9, max_digits=30)),
+                ('used', models.DecimalField(decimal_places=9, max_digits=40)),
                 ('budget', models.DecimalField(decimal_places=9, max_digits=30)),
                 ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
                 ('feature', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='+', to='features.feature')),

@@ -135,7 +135,7 @@ class Migration(migrations.Migration):
                 ('user_id', models.BigIntegerField()),
                 ('feature_id', models.BigIntegerField()),
                 ('day', models.DateField()),
-                ('amount', models.DecimalField(decimal_places=9, max_digits=30)),
+                ('amount', models.DecimalField(decimal_places=9, max_digits=40)),
             ],
             options={
                 'constraints': [models.UniqueConstraint(fields=('workspace_id', 'user_id', 'feature_id', 'day'), name='usagecounter_unique_key')],
