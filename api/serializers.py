@@ -10,9 +10,12 @@ from rest_framework import serializers
 from features.models import EventStatus, FeatureType
 from features.rules import OPERATORS
 from features.selectors import reprocessing_of
+from kana.models import ANONYMOUS_HOLD_DAYS_MAX, ANONYMOUS_HOLD_DAYS_MIN, AnonymousEvents
 from users.models import MergeReason, UserFlag
 from users.profile import CHOOSABLE_FIELDS, FIELD_CHOICES
 from users.selectors import flags_of, user_ids_of
+from users.services import DELETE_EVENTS_CHOICES
+from webhooks.models import DeliveryStatus, WebhookEventType
 
 from .ids import MAX_ID
 
@@ -37,6 +40,13 @@ def optional_text(**kwargs) -> StrictCharField:
 class StrictIntegerField(serializers.IntegerField):
     def to_internal_value(self, data):
         if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictNumberField(serializers.FloatField):
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, int | float):
             self.fail("invalid")
         return super().to_internal_value(data)
 
@@ -203,7 +213,9 @@ class _Total(serializers.DecimalField):
 
 
 class UsageRowSerializer(serializers.Serializer):
-    user = serializers.IntegerField(help_text="Kana id of the user.")
+    user = serializers.IntegerField(
+        allow_null=True, help_text="Kana id of the user (null: usage of deleted users whose events were kept)."
+    )
     user_id = serializers.CharField(allow_null=True, help_text="The user's canonical userId (null: a bare user).")
     feature = serializers.CharField(help_text="Feature id.")
     total = _Total(help_text="Sum of the usage amounts.")
@@ -374,3 +386,144 @@ class AuditEntrySerializer(serializers.Serializer):
 class AuditFilterSerializer(serializers.Serializer):
     action = serializers.CharField(required=False, max_length=64, help_text='e.g. "feature.delete".')
     object_type = serializers.CharField(required=False, max_length=64, help_text='e.g. "feature", "user", "event".')
+
+
+# --- Webhooks ---------------------------------------------------------------------------
+
+
+def _event_types(**kwargs) -> serializers.ListField:
+    return serializers.ListField(
+        child=serializers.ChoiceField(choices=WebhookEventType.values),
+        allow_empty=False,
+        max_length=10,
+        help_text="The event types sent to this URL.",
+        **kwargs,
+    )
+
+
+def _thresholds(**kwargs) -> serializers.ListField:
+    return serializers.ListField(
+        child=StrictNumberField(min_value=0, max_value=1),
+        max_length=10,
+        help_text=(
+            "Fractions of a budget (0 < t <= 1) whose crossing sends `usage.threshold_reached` here "
+            "(default [0.8, 1.0]); other crossings are not sent to this URL."
+        ),
+        **kwargs,
+    )
+
+
+class WebhookSerializer(serializers.Serializer):
+    """A webhook endpoint as read: never its secret, which only the creation answer shows."""
+
+    id = serializers.IntegerField()
+    url = serializers.CharField()
+    events = serializers.ListField(child=serializers.ChoiceField(choices=WebhookEventType.values))
+    thresholds = serializers.ListField(child=serializers.FloatField())
+    active = serializers.BooleanField(help_text="An inactive endpoint is sent nothing; its pending deliveries fail.")
+    created_at = serializers.DateTimeField()
+    updated_at = serializers.DateTimeField()
+
+
+class WebhookCreatedSerializer(WebhookSerializer):
+    secret = serializers.CharField(
+        help_text="Signs every delivery (`Kana-Signature`). Shown only in this answer: keep it now."
+    )
+
+
+class WebhookCreateSerializer(serializers.Serializer):
+    url = StrictCharField(max_length=2000, allow_blank=True, help_text="An http:// or https:// URL.")
+    events = _event_types()
+    thresholds = _thresholds(required=False)
+    active = StrictBooleanField(required=False, default=True)
+
+
+def _only_known_fields(serializer: serializers.Serializer) -> None:
+    if isinstance(serializer.initial_data, dict):
+        other = sorted(set(serializer.initial_data) - set(serializer.fields))
+        if other:
+            editable = ", ".join(serializer.fields)
+            raise serializers.ValidationError({other[0]: f"not editable: only {editable} are"})
+
+
+class WebhookUpdateSerializer(serializers.Serializer):
+    """Fields that may change; an absent one is left alone. The secret cannot be changed."""
+
+    url = StrictCharField(required=False, allow_blank=True, max_length=2000, help_text="An http:// or https:// URL.")
+    events = _event_types(required=False)
+    thresholds = _thresholds(required=False)
+    active = StrictBooleanField(required=False)
+
+    def validate(self, attrs):
+        _only_known_fields(self)
+        return attrs
+
+
+class WebhookPayloadSerializer(serializers.Serializer):
+    """The body every attempt of a delivery POSTs (the same bytes each time)."""
+
+    id = serializers.IntegerField(source="pk", help_text="The event's id: the same for every delivery and retry of it.")
+    type = serializers.ChoiceField(source="event_type", choices=WebhookEventType.values)
+    created = serializers.DateTimeField(source="created_at")
+    data = serializers.JSONField()
+
+
+class DeliveryAttemptSerializer(serializers.Serializer):
+    number = serializers.IntegerField(help_text="1 for the first attempt.")
+    attempted_at = serializers.DateTimeField()
+    status_code = serializers.IntegerField(allow_null=True, help_text="null: no answer (see `error`).")
+    response = serializers.CharField(source="response_excerpt", help_text="The start of the response body.")
+    error = serializers.CharField(help_text="Why no answer came (timeout, refused connection); empty otherwise.")
+    duration_ms = serializers.IntegerField()
+
+
+class WebhookDeliverySerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    event = WebhookPayloadSerializer()
+    status = serializers.ChoiceField(choices=DeliveryStatus.values)
+    attempt_count = serializers.IntegerField()
+    next_attempt_at = serializers.DateTimeField(allow_null=True, help_text="When it is tried next (null: finished).")
+    last_status_code = serializers.IntegerField(allow_null=True)
+    last_error = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    attempts = DeliveryAttemptSerializer(source="attempt_log.all", many=True, help_text="Oldest first.")
+
+
+class UserDeleteQuerySerializer(serializers.Serializer):
+    events = serializers.ChoiceField(
+        required=False,
+        choices=DELETE_EVENTS_CHOICES,
+        help_text="`keep` (default): events and usage stay, detached and anonymised; `delete`: they go too.",
+    )
+
+
+# --- The workspace's settings -------------------------------------------------------------
+
+
+class WorkspaceSettingsSerializer(serializers.Serializer):
+    id = serializers.IntegerField(read_only=True)
+    name = serializers.CharField()
+    anonymous_events = serializers.ChoiceField(
+        choices=AnonymousEvents.values,
+        help_text="`reject` (default): an event with only an anonymousId is a 400 `anonymous_event`; "
+        "`hold`: it is stored as pending until an identify or alias names that anonymousId.",
+    )
+    anonymous_hold_days = serializers.IntegerField(
+        min_value=ANONYMOUS_HOLD_DAYS_MIN,
+        max_value=ANONYMOUS_HOLD_DAYS_MAX,
+        help_text="How long pending anonymous events wait for their user before they expire.",
+    )
+    anonymous_pending = serializers.IntegerField(
+        read_only=True, help_text="Held anonymous events waiting for an identify or alias."
+    )
+    anonymous_expired = serializers.IntegerField(
+        read_only=True, help_text="Held anonymous events whose hold window passed: kept, counted, never mapped."
+    )
+
+
+class WorkspaceSettingsUpdateSerializer(serializers.Serializer):
+    name = StrictCharField(required=False, max_length=200)
+    anonymous_events = serializers.ChoiceField(required=False, choices=AnonymousEvents.values)
+    anonymous_hold_days = StrictIntegerField(
+        required=False, min_value=ANONYMOUS_HOLD_DAYS_MIN, max_value=ANONYMOUS_HOLD_DAYS_MAX
+    )

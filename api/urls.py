@@ -5,6 +5,7 @@ router's ``users/{id}`` never takes ``users/export`` or ``users/import``: the CS
 be routed next to these, before or after them, in ``kana/urls.py``.
 """
 
+from django.urls import path
 from rest_framework.routers import SimpleRouter
 
 from . import entitlement_views, views
@@ -22,6 +23,14 @@ router.register("packages", entitlement_views.PackageViewSet, basename="package"
 router.register("subscriptions", entitlement_views.SubscriptionViewSet, basename="subscription")
 router.register("entitlements/reservations", entitlement_views.ReservationViewSet, basename="reservation")
 router.register("entitlements", entitlement_views.EntitlementViewSet, basename="entitlement")
+router.register("webhooks", views.WebhookViewSet, basename="webhook")
 
 app_name = "api"
-urlpatterns = router.urls
+urlpatterns = [
+    path(
+        "workspace",
+        views.WorkspaceSettingsViewSet.as_view({"get": "retrieve", "patch": "partial_update"}),
+        name="workspace",
+    ),
+    *router.urls,
+]

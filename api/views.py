@@ -20,11 +20,15 @@ from features.services import (
     rule_update,
 )
 from kana.audit import audit_entries
-from kana.models import AuditEntry
+from kana.models import AuditEntry, Workspace
+from kana.services import workspace_settings, workspace_settings_update
 from users import selectors as user_selectors
 from users.models import EndUser, MergeReason, MergeRecord, UserIdentity
 from users.profile import validated_changes
 from users.services import delete_user, merge_undo, merge_users, update_user
+from webhooks import selectors as webhook_selectors
+from webhooks.models import WebhookEndpoint
+from webhooks.services import webhook_create, webhook_delete, webhook_update
 
 from . import serializers as s
 from .base import WorkspaceViewSet
@@ -83,7 +87,16 @@ def page_of(example: dict) -> dict:
     retrieve=extend_schema(
         summary="Get a user", examples=[OpenApiExample("A user", value=USER_EXAMPLE, response_only=True)]
     ),
-    destroy=extend_schema(summary="Delete a user (its events stay, detached)"),
+    destroy=extend_schema(
+        summary="Delete a user and suppress its userIds",
+        description=(
+            "`events=keep` (default): its events and usage stay, detached from any user and anonymised, so "
+            "feature totals do not change. `events=delete`: they are deleted, and the totals change. Either "
+            "way every userId of the user is suppressed: later messages naming one answer 200 "
+            '`{"status": "suppressed"}` and are not stored. Recorded in the audit log (`user.delete`).'
+        ),
+        parameters=[s.UserDeleteQuerySerializer],
+    ),
 )
 class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, WorkspaceViewSet):
     model = EndUser
@@ -120,7 +133,8 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Destr
         return Response(self.get_serializer(self.get_queryset().get(pk=user.pk)).data)
 
     def perform_destroy(self, user):
-        delete_user(workspace=self.workspace, user_pk=user.pk, actor=self.actor)
+        events = self.query(s.UserDeleteQuerySerializer).get("events", "keep")
+        delete_user(workspace=self.workspace, user_pk=user.pk, actor=self.actor, events=events)
 
     @extend_schema(
         summary="Merge users into one",
@@ -619,3 +633,158 @@ class AuditViewSet(mixins.ListModelMixin, WorkspaceViewSet):
     def scope(self, entries):
         filters = self.query(s.AuditFilterSerializer)
         return audit_entries(self.workspace, entries=entries, **filters)
+
+
+class WorkspaceSettingsViewSet(WorkspaceViewSet):
+    """The calling key's own workspace: no id in the path, no other workspace reachable."""
+
+    serializer_class = s.WorkspaceSettingsSerializer
+
+    def _answer(self, workspace) -> Response:
+        counts = feature_selectors.anonymous_event_counts(workspace)
+        data = {
+            "id": workspace.pk,
+            **workspace_settings(workspace),
+            "anonymous_pending": counts["pending"],
+            "anonymous_expired": counts["expired"],
+        }
+        return Response(s.WorkspaceSettingsSerializer(data).data)
+
+    @extend_schema(summary="The workspace's settings")
+    def retrieve(self, request):
+        # Read afresh: the request's workspace may come from the key cache, a few seconds old.
+        return self._answer(Workspace.objects.get(pk=self.workspace.pk))
+
+    @extend_schema(
+        summary="Change the workspace's settings",
+        description="Recorded in the audit log (`workspace.update`) when something changed.",
+        request=s.WorkspaceSettingsUpdateSerializer,
+        responses=s.WorkspaceSettingsSerializer,
+        examples=[OpenApiExample("Hold anonymous events", value={"anonymous_events": "hold"}, request_only=True)],
+    )
+    def partial_update(self, request):
+        changes = self.body(s.WorkspaceSettingsUpdateSerializer)
+        return self._answer(workspace_settings_update(workspace=self.workspace, changes=changes, actor=self.actor))
+
+
+# --- Webhooks ----------------------------------------------------------------------------
+
+WEBHOOK_REQUEST = {
+    "url": "https://example.com/kana/webhooks",
+    "events": ["usage.threshold_reached", "usage.limit_reached", "subscription.updated", "user.merged"],
+    "thresholds": [0.8, 1.0],
+}
+WEBHOOK_EXAMPLE = {
+    "id": 3,
+    **WEBHOOK_REQUEST,
+    "active": True,
+    "created_at": "2025-02-01T08:30:00Z",
+    "updated_at": "2025-02-01T08:30:00Z",
+}
+DELIVERY_EXAMPLE = {
+    "id": 120,
+    "event": {
+        "id": 88,
+        "type": "user.merged",
+        "created": "2025-02-01T08:30:00Z",
+        "data": {
+            "merge_id": 9,
+            "survivor_id": 42,
+            "absorbed_id": 57,
+            "absorbed_user_ids": ["anon-7f3a"],
+            "reason": "admin",
+        },
+    },
+    "status": "delivered",
+    "attempt_count": 2,
+    "next_attempt_at": None,
+    "last_status_code": 200,
+    "last_error": "",
+    "created_at": "2025-02-01T08:30:00Z",
+    "attempts": [
+        {
+            "number": 1,
+            "attempted_at": "2025-02-01T08:30:00Z",
+            "status_code": 500,
+            "response": "upstream busy",
+            "error": "",
+            "duration_ms": 41,
+        },
+        {
+            "number": 2,
+            "attempted_at": "2025-02-01T08:30:31Z",
+            "status_code": 200,
+            "response": "ok",
+            "error": "",
+            "duration_ms": 12,
+        },
+    ],
+}
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="List webhook endpoints",
+        examples=[OpenApiExample("Endpoints", value=page_of(WEBHOOK_EXAMPLE), response_only=True)],
+    ),
+    retrieve=extend_schema(summary="Get a webhook endpoint (without its secret)"),
+    destroy=extend_schema(summary="Delete a webhook endpoint and its deliveries"),
+)
+class WebhookViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, WorkspaceViewSet):
+    model = WebhookEndpoint
+    serializer_class = s.WebhookSerializer
+    http_method_names = ["get", "patch", "post", "delete", "head", "options"]
+
+    def scope(self, endpoints):
+        return endpoints.order_by("-created_at", "-pk")
+
+    @extend_schema(
+        summary="Create a webhook endpoint",
+        description=(
+            "Answers the endpoint with its `secret`, which signs every delivery and is never shown again. "
+            'Each delivery POSTs `{"id", "type", "created", "data"}` with '
+            '`Kana-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`; anything but a 2xx '
+            "is retried with exponential backoff for 24 hours. `url` must be http(s) (else 400 `invalid_url`)."
+        ),
+        request=s.WebhookCreateSerializer,
+        responses={201: s.WebhookCreatedSerializer},
+        examples=[
+            OpenApiExample("Every event", value=WEBHOOK_REQUEST, request_only=True),
+            OpenApiExample(
+                "Created", value={**WEBHOOK_EXAMPLE, "secret": "whsec_3q2-7wEXAMPLEexampleEXAMPLE"}, response_only=True
+            ),
+        ],
+    )
+    def create(self, request):
+        endpoint = webhook_create(workspace=self.workspace, actor=self.actor, **self.body(s.WebhookCreateSerializer))
+        return Response(s.WebhookCreatedSerializer(endpoint).data, status=201)
+
+    @extend_schema(
+        summary="Change a webhook endpoint's URL, events, thresholds or active flag",
+        request=s.WebhookUpdateSerializer,
+        responses=s.WebhookSerializer,
+        examples=[OpenApiExample("Pause it", value={"active": False}, request_only=True)],
+    )
+    def partial_update(self, request, pk=None):
+        endpoint = webhook_update(
+            workspace=self.workspace,
+            endpoint=self.get_object(),
+            actor=self.actor,
+            **self.body(s.WebhookUpdateSerializer),
+        )
+        return Response(self.get_serializer(endpoint).data)
+
+    def perform_destroy(self, endpoint):
+        webhook_delete(workspace=self.workspace, endpoint=endpoint, actor=self.actor)
+
+    @extend_schema(
+        summary="An endpoint's deliveries, newest first, with every attempt and its response",
+        responses=s.WebhookDeliverySerializer(many=True),
+        examples=[
+            OpenApiExample("Delivered at the second attempt", value=page_of(DELIVERY_EXAMPLE), response_only=True)
+        ],
+    )
+    @action(detail=True, methods=["get"])
+    def deliveries(self, request, pk=None):
+        deliveries = webhook_selectors.delivery_list(self.workspace, endpoint=self.get_object())
+        return self.paginated(deliveries, s.WebhookDeliverySerializer)

@@ -8,6 +8,7 @@ from django.forms import formset_factory
 
 from features.models import Feature, FeatureType
 from features.rules import OPERATORS
+from kana.models import ANONYMOUS_HOLD_DAYS_MAX, ANONYMOUS_HOLD_DAYS_MIN, AnonymousEvents
 
 OPERATOR_LABELS = {
     "equals": "equals",
@@ -46,6 +47,23 @@ def format_value(value) -> str:
 
 class ApiKeyForm(forms.Form):
     name = forms.CharField(max_length=200, required=False, label="Key name")
+
+
+class WorkspaceSettingsForm(forms.Form):
+    name = forms.CharField(max_length=200, label="Workspace name")
+    anonymous_events = forms.ChoiceField(
+        label="Events with only an anonymousId",
+        choices=[
+            (AnonymousEvents.REJECT, "Reject them (400 anonymous_event)"),
+            (AnonymousEvents.HOLD, "Hold them until an identify or alias names their anonymousId"),
+        ],
+    )
+    anonymous_hold_days = forms.IntegerField(
+        label="Hold pending events for (days)",
+        min_value=ANONYMOUS_HOLD_DAYS_MIN,
+        max_value=ANONYMOUS_HOLD_DAYS_MAX,
+        help_text="Pending events older than this expire: they are counted, never mapped.",
+    )
 
 
 class FeatureForm(forms.Form):

@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from .views import audit, csv, duplicates, rules, segment, users
+from .views import audit, csv, duplicates, rules, segment, users, workspace
 
 app_name = "dashboard"
 
@@ -35,4 +35,5 @@ urlpatterns = [
     path("csv/imports/<int:pk>/report/", csv.csv_job_report, name="csv_job_report"),
     path("csv/imports/<int:pk>/apply/", csv.csv_job_apply, name="csv_job_apply"),
     path("audit/", audit.audit_log, name="audit"),
+    path("settings/", workspace.workspace_settings_page, name="settings"),
 ]

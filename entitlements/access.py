@@ -30,7 +30,7 @@ from kana.models import Workspace
 from kana.retries import run_with_retries
 from users import selectors as user_selectors
 from users.models import Group, GroupMembership
-from users.services import resolve_users
+from users.services import resolve_users, suppressed_user_ids
 
 from .models import (
     ACCESS_STATUSES,
@@ -363,6 +363,11 @@ def record_usage(
         stored = _stored_answer(workspace, idempotency_key)
         if stored is not None:
             return _replay(workspace, idempotency_key, stored)
+        if suppressed_user_ids(workspace=workspace, user_ids={user_id}):
+            # Its user was deleted: like Segment's suppress-and-delete, nothing more is stored for it.
+            raise EntitlementError(
+                "user_suppressed", "this userId belonged to a deleted user: no usage is recorded for it", "user_id", 409
+            )
         user_pk = resolve_users(workspace=workspace, external_ids=[user_id])[user_id]
         subject = user_subject(workspace, user_pk)
         lock_keys(subject.lock_keys(workspace.pk, feature.pk))

@@ -1,7 +1,7 @@
 """Period totals read from the daily usage counters, and their rebuild from the usage rows.
 
 ``UsageCounter`` holds usage per (user, feature, UTC day), kept by database triggers on the
-usage table (see ``features/migrations/0004_feature_units_and_usage_counters.py``), so every
+usage table (see ``features/migrations/0005_feature_units_and_usage_counters.py``), so every
 path that writes usage (ingest, API records, reprocessing, merges, unmerges, voids, deletes,
 and any added later) moves the counters in its own statement. A period's total is the sum of
 the counters of the whole days inside it plus the exact usage rows of its (at most two)
@@ -83,6 +83,7 @@ class CounterDifference:
 
 def _actual_by_key(workspace_id: int | None) -> dict[tuple, Decimal]:
     usage = Usage.objects.all() if workspace_id is None else Usage.objects.for_workspace(workspace_id)
+    usage = usage.filter(user__isnull=False)  # detached usage counts for no user
     rows = (
         usage.annotate(day=TruncDate("occurred_at", tzinfo=UTC))
         .values_list("workspace_id", "user_id", "feature_id", "day")

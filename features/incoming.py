@@ -26,6 +26,9 @@ class Message:
     properties: dict = field(default_factory=dict)
     traits: dict = field(default_factory=dict)
     previous_id: str | None = None
+    # Segment's anonymousId: what a held anonymous event (no userId) is kept under, and what
+    # an identify carrying both ids links to its userId.
+    anonymous_id: str | None = None
     group_id: str | None = None
     warnings: list[dict] = field(default_factory=list)
     # ``payload`` as compact JSON when parsing produced it ("" if not): stored as is.

@@ -10,20 +10,23 @@ ledger as processed events.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from django.db import transaction
+from django.db import connection, transaction
 
-from kana.models import Workspace
+from kana.locks import lock_rules_shared
+from kana.models import AnonymousEvents, Workspace
 from kana.retries import ConcurrentChange, run_with_retries
 from users import services as user_services
 from users.profile import UNSET, validated_changes
 
 from . import ledger
 from .incoming import Message
-from .mapping import decide, load_rule_set
+from .mapping import Decision, decide, load_rule_set
 from .models import USAGE_TYPES, EventStatus, MessageType
 
+# The answer to a message naming a suppressed userId (SPEC §12): not stored.
+OUTCOME_SUPPRESSED = "suppressed"
 BILLING_TRAITS = ("billingUserId", "billingId")
 PROFILE_TRAITS = {"name", "email", *BILLING_TRAITS}
 ENGAGE_CLASSES = {"audience", "trait"}
@@ -32,7 +35,9 @@ ENGAGE_CLASSES = {"audience", "trait"}
 @dataclass
 class Outcome:
     message_id: str
-    status: str  # mapped, unmapped, processed, or duplicate (a replay: nothing changed)
+    # mapped, unmapped, processed, pending (a held anonymous event), duplicate (a replay:
+    # nothing changed) or suppressed (names a deleted user's userId: not stored)
+    status: str
     reason: str = ""
     user_pk: int | None = None
     warnings: list[dict] = field(default_factory=list)
@@ -69,25 +74,63 @@ def ingest_usage_messages(*, workspace: Workspace, messages: list[Message]) -> l
     return run_with_retries(lambda: _ingest_usage_once(workspace, messages))
 
 
+_PENDING = Decision(EventStatus.PENDING)
+
+
 @transaction.atomic
 def _ingest_usage_once(workspace: Workspace, messages: list[Message]) -> list[Outcome]:
-    version, replayed = ledger.lock_rules_and_find_replays(workspace, {m.message_id for m in messages})
-    fresh: dict[str, Message] = {}
-    for message in messages:
-        if message.message_id not in replayed and message.message_id not in fresh:
-            fresh[message.message_id] = message
-    if not fresh:
-        return [Outcome(m.message_id, "duplicate") for m in messages]
-
-    rule_set = load_rule_set(workspace.pk, version)
-    user_pks = user_services.resolve_users(workspace=workspace, external_ids={m.user_id for m in fresh.values()})
-    decided = [(m, decide(rule_set, m.name, m.properties), user_pks[m.user_id]) for m in fresh.values()]
-    stored = ledger.record_usage_events(workspace, decided)
-    # The first occurrence of a stored messageId gets its outcome; a repeat is a duplicate.
-    first = {
-        m.message_id: Outcome(m.message_id, d.status, d.reason, pk) for m, d, pk in decided if m.message_id in stored
-    }
+    anonymous_ids = {m.anonymous_id for m in messages if not m.user_id and m.anonymous_id}
+    version, known = ledger.lock_rules_and_find_replays(
+        workspace, {m.message_id for m in messages}, {m.user_id for m in messages if m.user_id}, anonymous_ids
+    )
+    fresh, first = _fresh_and_suppressed(messages, known.replayed, known.suppressed)
+    if fresh:
+        rule_set = load_rule_set(workspace.pk, version)
+        # A held event whose anonymousId is linked already (it arrived after the identify)
+        # is its user's event at once. The userId's user deleted meanwhile? Its links went
+        # with it (delete_user), so a linked userId is not a suppressed one.
+        owner = {m.message_id: m.user_id or known.linked.get(m.anonymous_id) for m in fresh.values()}
+        external_ids = {user_id for user_id in owner.values() if user_id}
+        user_pks = user_services.resolve_users(workspace=workspace, external_ids=external_ids) if external_ids else {}
+        decided = [
+            # A held anonymous event (no userId: the edge lets one through only for a workspace
+            # that holds them) is stored pending, with no user, until an identify or alias
+            # links its anonymousId.
+            (_as_user(m, owner[m.message_id]), decide(rule_set, m.name, m.properties), user_pks[owner[m.message_id]])
+            if owner[m.message_id]
+            else (m, _PENDING, None)
+            for m in fresh.values()
+        ]
+        stored = ledger.record_usage_events(workspace, decided)
+        for m, d, pk in decided:
+            if m.message_id in stored:
+                first[m.message_id] = Outcome(m.message_id, d.status, d.reason, pk)
+    # The first occurrence of a stored (or suppressed) messageId gets its outcome; a repeat is a duplicate.
     return [first.pop(m.message_id, None) or Outcome(m.message_id, "duplicate") for m in messages]
+
+
+def _as_user(message: Message, user_id: str) -> Message:
+    """The message as its user's: a held event whose anonymousId was linked is stored under
+    the linked userId (``external_user_id``), as an unmerge expects."""
+    return message if message.user_id == user_id else replace(message, user_id=user_id)
+
+
+def _fresh_and_suppressed(
+    messages: list[Message], replayed: set[str], suppressed: set[str]
+) -> tuple[dict[str, Message], dict[str, Outcome]]:
+    """The messages to store (not replayed, first of their messageId), and the ``suppressed``
+    outcomes of those naming a suppressed userId (or previousId): answered, never stored."""
+    fresh: dict[str, Message] = {}
+    answered: dict[str, Outcome] = {}
+    for message in messages:
+        message_id = message.message_id
+        if message_id in replayed or message_id in fresh or message_id in answered:
+            continue
+        if message.user_id in suppressed or message.previous_id in suppressed:
+            answered[message_id] = Outcome(message_id, OUTCOME_SUPPRESSED)
+        else:
+            fresh[message_id] = message
+    return fresh, answered
 
 
 # --- Identify, group and alias calls ------------------------------------------------------
@@ -119,18 +162,28 @@ def _record_profile_run(workspace: Workspace, messages: list[Message], apply: Ap
 def _record_profile_chunk(workspace: Workspace, messages: list[Message], apply: Applier) -> list[Outcome]:
     """Outcomes of a prefix of ``messages`` (at least one), in one transaction: replays
     answered ``duplicate``, the rest applied and stored as processed events."""
-    replayed = ledger.stored_message_ids(workspace, {m.message_id for m in messages})
-    fresh: dict[str, Message] = {}
-    for message in messages:
-        if message.message_id not in replayed:
-            fresh.setdefault(message.message_id, message)
+    named = {m.user_id for m in messages if m.user_id} | {m.previous_id for m in messages if m.previous_id}
+    known = ledger.known_ids(workspace, {m.message_id for m in messages}, named)
+    fresh, suppressed_outcomes = _fresh_and_suppressed(messages, known.replayed, known.suppressed)
     applied, merges = apply(workspace, list(fresh.values())) if fresh else ([], {})
+    if applied and connection.vendor == "postgresql":
+        applied_ids = {m.user_id for m, _, _ in applied} | {m.previous_id for m, _, _ in applied if m.previous_id}
+        if user_services.suppressed_user_ids(workspace=workspace, user_ids=applied_ids):
+            # A user was deleted (its userIds suppressed) after the check above, and this
+            # chunk may have given one of them a user again: run again, they are now answered
+            # ``suppressed``. (SQLite serialises writers: the check cannot be overtaken.)
+            raise ConcurrentChange()
     if merges:
         # A later message of the chunk merged away the user of an earlier one: its event
         # belongs to the survivor, as it would had it been stored before that merge.
         applied = [(m, _survivor(pk, merges), w) for m, pk, w in applied]
     if len(ledger.record_processed_events(workspace, applied)) != len(applied):
         raise ConcurrentChange()  # a concurrent request stored one of them: redo without it
+    links = _anonymous_links(applied)
+    if links:
+        attribute_pending_events(workspace, links)
+        if workspace.anonymous_events == AnonymousEvents.HOLD:
+            user_services.link_anonymous_ids(workspace=workspace, links={a: u for a, (_pk, u) in links.items()})
     processed = {m.message_id: Outcome(m.message_id, EventStatus.PROCESSED, "", pk, w) for m, pk, w in applied}
     outcomes, answered = [], set()
     for message in messages:
@@ -138,8 +191,43 @@ def _record_profile_chunk(workspace: Workspace, messages: list[Message], apply: 
         if message_id in fresh and message_id not in processed and message_id not in answered:
             break  # not applied in this chunk: the caller sends it, and what follows, again
         answered.add(message_id)
-        outcomes.append(processed.pop(message_id, None) or Outcome(message_id, "duplicate"))
+        outcomes.append(
+            processed.pop(message_id, None)
+            or suppressed_outcomes.pop(message_id, None)
+            or Outcome(message_id, "duplicate")
+        )
     return outcomes
+
+
+def _anonymous_links(applied: list[tuple[Message, int, list[dict]]]) -> dict[str, tuple[int, str]]:
+    """anonymousId -> (user id, userId) for what this chunk linked: an identify carrying both
+    ids, an alias whose previousId may be an anonymousId. The first link of an id wins."""
+    links: dict[str, tuple[int, str]] = {}
+    for message, user_pk, _warnings in applied:
+        anonymous_id = message.previous_id if message.type == MessageType.ALIAS else message.anonymous_id
+        if anonymous_id and message.type != MessageType.GROUP:
+            links.setdefault(anonymous_id, (user_pk, message.user_id))
+    return links
+
+
+def attribute_pending_events(workspace: Workspace, links: dict[str, tuple[int, str]]) -> int:
+    """Move the pending events of linked anonymousIds to their user and map them with the
+    rules, in the caller's transaction; returns the events mapped.
+
+    Under the shared rules lock, like ingest and reprocessing, with the same evaluator: an
+    event attributed while a rule is created is either mapped here with that rule or left
+    unmapped with an id the rule's reprocessing job covers (SPEC §6 exactness).
+    """
+    event_ids = ledger.pending_event_ids(workspace, set(links))
+    if not event_ids:
+        return 0
+    rule_set = load_rule_set(workspace.pk, lock_rules_shared(workspace.pk))
+    owners: dict[int, tuple[int, str]] = {}
+    decisions: dict[int, Decision] = {}
+    for event_id, anonymous_id, name, properties in ledger.lock_pending_events(workspace, event_ids):
+        owners[event_id] = links[anonymous_id]
+        decisions[event_id] = decide(rule_set, name, properties)
+    return ledger.attribute_pending_events(workspace, owners, decisions) if owners else 0
 
 
 def _survivor(user_pk: int, merges: dict[int, int]) -> int:

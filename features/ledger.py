@@ -12,6 +12,8 @@ Idempotency is the database's: ``(workspace, message_id)`` is unique on events a
 """
 
 import json
+from dataclasses import dataclass
+from datetime import timedelta
 from decimal import Decimal
 
 from django.db import connection
@@ -20,6 +22,7 @@ from django.dispatch import receiver
 from kana.copy_rows import copy_rows
 from kana.locks import lock_rules_shared_and_read
 from kana.models import Workspace
+from users.models import AnonymousLink, Suppression
 from users.signals import user_absorbed, user_deleting, user_restored
 
 from .incoming import Message
@@ -101,7 +104,7 @@ def _event_row(
         str(m.type),
         m.name,
         user_pk,
-        m.user_id or "",
+        m.user_id or m.anonymous_id or "",  # a pending event is keyed by its anonymousId
         m.payload_text(),
         m.occurred_at,
         m.received_at,
@@ -194,7 +197,7 @@ def _insert_serialised(workspace: Workspace, decided: list[Decided]) -> None:
             type=m.type,
             name=m.name,
             user_id=user_pk,
-            external_user_id=m.user_id,
+            external_user_id=m.user_id or m.anonymous_id or "",
             payload=m.payload,
             occurred_at=m.occurred_at,
             received_at=m.received_at,
@@ -222,13 +225,66 @@ def _insert_serialised(workspace: Workspace, decided: list[Decided]) -> None:
         Usage.objects.bulk_create(usages)
 
 
-def lock_rules_and_find_replays(workspace: Workspace, message_ids: set[str]) -> tuple[int, set[str]]:
-    """The rules version (under the shared rules lock) and which messageIds are stored
-    already, in one round trip: this runs for every message Segment sends one at a time."""
-    placeholders = ", ".join(["%s"] * len(message_ids))
-    sql = f"SELECT message_id FROM {Event._meta.db_table} WHERE workspace_id = %s AND message_id IN ({placeholders})"
-    version, rows = lock_rules_shared_and_read(workspace.pk, sql, [workspace.pk, *message_ids])
-    return version, {message_id for (message_id,) in rows}
+@dataclass(frozen=True)
+class KnownIds:
+    """What a run must know before storing anything (``known_ids``)."""
+
+    replayed: set[str]  # messageIds stored already
+    suppressed: set[str]  # userIds of deleted users
+    linked: dict[str, str]  # anonymousId -> the userId an identify or alias linked it to
+
+
+def _known_ids_sql(
+    workspace: Workspace, message_ids: set[str], user_ids: set[str], anonymous_ids: set[str]
+) -> tuple[str, list]:
+    """One read for what a run asks before storing anything: which messageIds are stored
+    (replays), which userIds are suppressed, which anonymousIds are linked to a userId. Each
+    branch is an indexed lookup on a unique constraint; rows are (value, kind, linked userId)."""
+
+    def branch(select: str, table: str, column: str, values: set[str]) -> str:
+        return (
+            f"SELECT {select} FROM {table} WHERE workspace_id = %s AND {column} IN ({', '.join(['%s'] * len(values))})"
+        )
+
+    branches = [branch("message_id, 0, ''", _EVENT_TABLE, "message_id", message_ids)]
+    params = [workspace.pk, *message_ids]
+    if user_ids:
+        branches.append(branch("user_id, 1, ''", Suppression._meta.db_table, "user_id", user_ids))
+        params += [workspace.pk, *user_ids]
+    if anonymous_ids:
+        branches.append(branch("anonymous_id, 2, user_id", AnonymousLink._meta.db_table, "anonymous_id", anonymous_ids))
+        params += [workspace.pk, *anonymous_ids]
+    return " UNION ALL ".join(branches), params
+
+
+def _known_ids(rows: list[tuple]) -> KnownIds:
+    known = KnownIds(set(), set(), {})
+    for value, kind, linked in rows:
+        if kind == 0:
+            known.replayed.add(value)
+        elif kind == 1:
+            known.suppressed.add(value)
+        else:
+            known.linked[value] = linked
+    return known
+
+
+def lock_rules_and_find_replays(
+    workspace: Workspace, message_ids: set[str], user_ids: set[str] = frozenset(), anonymous_ids: set[str] = frozenset()
+) -> tuple[int, KnownIds]:
+    """The rules version (under the shared rules lock) and ``known_ids``, in one round trip:
+    this runs for every message Segment sends one at a time."""
+    sql, params = _known_ids_sql(workspace, message_ids, user_ids, anonymous_ids)
+    version, rows = lock_rules_shared_and_read(workspace.pk, sql, params)
+    return version, _known_ids(rows)
+
+
+def known_ids(workspace: Workspace, message_ids: set[str], user_ids: set[str]) -> KnownIds:
+    """Which messageIds are stored already, and which of ``user_ids`` are suppressed."""
+    sql, params = _known_ids_sql(workspace, message_ids, user_ids, set())
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return _known_ids(cursor.fetchall())
 
 
 def record_processed_events(workspace: Workspace, applied: list[tuple[Message, int, list[dict]]]) -> set[str]:
@@ -265,13 +321,6 @@ def record_processed_events(workspace: Workspace, applied: list[tuple[Message, i
         return {message_id for (message_id,) in cursor.fetchall()}
 
 
-def stored_message_ids(workspace: Workspace, message_ids: set[str]) -> set[str]:
-    """Which of these messageIds are stored already (replays)."""
-    return set(
-        Event.objects.for_workspace(workspace).filter(message_id__in=message_ids).values_list("message_id", flat=True)
-    )
-
-
 # --- Reprocessing: mapping stored events -------------------------------------------------
 
 # One (event_id, feature_id, rule_id or None, amount) per usage record to write.
@@ -282,15 +331,12 @@ def map_events(workspace_id: int, event_ids: list[int], usages: list[UsageRow]) 
     """Flip still-unmapped events to mapped and record their usage; returns events flipped.
 
     Usage is written only for the rows this UPDATE flipped, with the event's user and
-    original time, so an event can never be counted by two runs.
+    original time, so an event can never be counted by two runs. A detached event (its user
+    was deleted, its events kept) gets usage without a user: it counts for the feature.
     """
     if connection.vendor == "postgresql":
         return _map_events_postgres(workspace_id, event_ids, usages)
-    flipped = dict(
-        Event.objects.filter(id__in=event_ids, status=EventStatus.UNMAPPED, user__isnull=False).values_list(
-            "id", "user_id"
-        )
-    )
+    flipped = dict(Event.objects.filter(id__in=event_ids, status=EventStatus.UNMAPPED).values_list("id", "user_id"))
     times = dict(Event.objects.filter(id__in=list(flipped)).values_list("id", "occurred_at"))
     Event.objects.filter(id__in=list(flipped)).update(status=EventStatus.MAPPED, unmapped_reason="")
     Usage.objects.bulk_create(
@@ -318,7 +364,7 @@ def map_events(workspace_id: int, event_ids: list[int], usages: list[UsageRow]) 
 _MAP_EVENTS_SQL = f"""
 WITH flipped AS (
     UPDATE {Event._meta.db_table} SET status = %(mapped)s, unmapped_reason = ''
-    WHERE id = ANY(%(event_ids)s) AND status = %(unmapped)s AND user_id IS NOT NULL
+    WHERE id = ANY(%(event_ids)s) AND status = %(unmapped)s
     RETURNING id, user_id, occurred_at
 ), recorded AS (
     INSERT INTO {Usage._meta.db_table} (workspace_id, user_id, feature_id, event_id, rule_id, amount, occurred_at)
@@ -372,6 +418,92 @@ def set_unmapped_reasons(event_ids_by_reason: dict[str, list[int]]) -> None:
         Event.objects.filter(id__in=ids, status=EventStatus.UNMAPPED).update(unmapped_reason=reason)
 
 
+# --- Held anonymous events: pending until an identify or alias names their anonymousId -----
+
+
+def pending_event_ids(workspace: Workspace, anonymous_ids: set[str]) -> list[int]:
+    """The pending events kept under these anonymousIds (a probe on a small partial index:
+    most identifies carry an anonymousId, few have events waiting)."""
+    return list(
+        Event.objects.for_workspace(workspace)
+        .filter(status=EventStatus.PENDING, external_user_id__in=anonymous_ids)
+        .values_list("id", flat=True)
+    )
+
+
+def lock_pending_events(workspace: Workspace, event_ids: list[int]) -> list[tuple[int, str, str, dict]]:
+    """Row-lock the events still pending, in id order: (id, anonymousId, name, properties).
+
+    A concurrent identify of the same anonymousId waits here, then finds them no longer
+    pending and moves nothing: an event is attributed once."""
+    rows = (
+        Event.objects.for_workspace(workspace)
+        .filter(id__in=event_ids, status=EventStatus.PENDING)
+        .order_by("id")
+        .select_for_update(of=("self",))
+        .values_list("id", "external_user_id", "name", "payload__properties")
+    )
+    return [
+        (pk, anonymous_id, name, props if isinstance(props, dict) else {}) for pk, anonymous_id, name, props in rows
+    ]
+
+
+def attribute_pending_events(
+    workspace: Workspace, owners: dict[int, tuple[int, str]], decisions: dict[int, Decision]
+) -> int:
+    """Give locked pending events their user (``owners``: event id -> (user id, userId)) and
+    map them as decided, usage at their original time; returns the events mapped.
+
+    Two steps that reuse the reprocessing write: the events become unmapped events of their
+    user (with the reason decided), then ``map_events`` flips the mapped ones and records
+    their usage, so an event cannot be counted twice whichever path maps it.
+    """
+    by_owner: dict[tuple[int, str, str], list[int]] = {}
+    for event_id, (user_pk, user_id) in owners.items():
+        by_owner.setdefault((user_pk, user_id, str(decisions[event_id].reason)), []).append(event_id)
+    for (user_pk, user_id, reason), ids in by_owner.items():
+        Event.objects.filter(id__in=ids, status=EventStatus.PENDING).update(
+            status=EventStatus.UNMAPPED, unmapped_reason=reason, user_id=user_pk, external_user_id=user_id
+        )
+    mapped = [event_id for event_id, d in decisions.items() if d.status == EventStatus.MAPPED]
+    usages = [(event_id, f, r, a) for event_id in mapped for f, a, r in decisions[event_id].usages]
+    return map_events(workspace.pk, mapped, usages) if mapped else 0
+
+
+def expire_pending_events(now) -> dict[int, int]:
+    """Pending events received longer ago than their workspace's hold window become
+    ``expired`` (counted, never mapped); returns the count per workspace id."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(_EXPIRE_SQL, {"now": now, "pending": EventStatus.PENDING, "expired": EventStatus.EXPIRED})
+            return dict(cursor.fetchall())
+    expired = {}
+    for workspace in Workspace.objects.filter(
+        pk__in=Event.objects.filter(status=EventStatus.PENDING).values("workspace_id")
+    ):
+        cutoff = now - timedelta(days=workspace.anonymous_hold_days)
+        count = (
+            Event.objects.for_workspace(workspace)
+            .filter(status=EventStatus.PENDING, received_at__lt=cutoff)
+            .update(status=EventStatus.EXPIRED)
+        )
+        if count:
+            expired[workspace.pk] = count
+    return expired
+
+
+_EXPIRE_SQL = f"""
+WITH expired AS (
+    UPDATE {_EVENT_TABLE} AS e SET status = %(expired)s
+    FROM {Workspace._meta.db_table} AS w
+    WHERE e.workspace_id = w.id AND e.status = %(pending)s
+        AND e.received_at < %(now)s - make_interval(days => w.anonymous_hold_days)
+    RETURNING e.workspace_id
+)
+SELECT workspace_id, count(*) FROM expired GROUP BY workspace_id
+"""
+
+
 # --- Corrections: voiding a stored event ----------------------------------------------------
 
 
@@ -409,15 +541,39 @@ def reassign_user(*, workspace_id: int, absorbed_pk: int, survivor_pk: int) -> N
     Usage.objects.for_workspace(workspace_id).filter(user_id=absorbed_pk).update(user_id=survivor_pk)
 
 
-def forget_user(*, workspace_id: int, user_pk: int) -> None:
-    """A user is being deleted: its usage goes, its events stay, detached, for the record."""
-    Usage.objects.for_workspace(workspace_id).filter(user_id=user_pk).delete()
-    Event.objects.for_workspace(workspace_id).filter(user_id=user_pk).update(user_id=None)
+# What anonymising a kept event removes from its payload: who sent it. ``properties`` stay:
+# the rules read them, and a rule created later must map the event as it did before.
+_IDENTIFYING_KEYS = ("userId", "anonymousId", "previousId", "traits", "context")
+
+
+def forget_user(*, workspace_id: int, user_pk: int, keep_events: bool = True) -> None:
+    """A user is being deleted. ``keep_events``: its events and usage stay, detached (no user)
+    and anonymised, so feature totals do not change; else both are deleted."""
+    usage = Usage.objects.for_workspace(workspace_id).filter(user_id=user_pk)
+    events = Event.objects.for_workspace(workspace_id).filter(user_id=user_pk)
+    if not keep_events:
+        usage.delete()
+        events.delete()
+        return
+    usage.update(user_id=None)
+    if connection.vendor == "postgresql":
+        stripped, params = "payload - %s::text[]", [list(_IDENTIFYING_KEYS)]
+    else:
+        stripped, params = (
+            f"json_remove(payload, {', '.join(['%s'] * len(_IDENTIFYING_KEYS))})",
+            [f"$.{key}" for key in _IDENTIFYING_KEYS],
+        )
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {_EVENT_TABLE} SET user_id = NULL, external_user_id = '', payload = {stripped}"
+            " WHERE workspace_id = %s AND user_id = %s",
+            [*params, workspace_id, user_pk],
+        )
 
 
 @receiver(user_deleting, dispatch_uid="features.ledger.forget_user")
-def _on_user_deleting(sender, *, workspace_id: int, user_pk: int, **kwargs) -> None:
-    forget_user(workspace_id=workspace_id, user_pk=user_pk)
+def _on_user_deleting(sender, *, workspace_id: int, user_pk: int, keep_events: bool = True, **kwargs) -> None:
+    forget_user(workspace_id=workspace_id, user_pk=user_pk, keep_events=keep_events)
 
 
 @receiver(user_absorbed, dispatch_uid="features.ledger.reassign_user")

@@ -31,6 +31,11 @@ class EventStatus(models.TextChoices):
     PROCESSED = "processed"
     # Corrected by an admin (features.corrections.event_void): no usage, never mapped again.
     VOIDED = "voided"
+    # A held anonymous event (workspace setting anonymous_events = hold): no user yet, kept
+    # under its anonymousId (external_user_id) until an identify or alias links that id.
+    PENDING = "pending"
+    # A pending event whose hold window passed with no link: counted, never mapped.
+    EXPIRED = "expired"
 
 
 class UnmappedReason(models.TextChoices):
@@ -82,6 +87,21 @@ class Event(models.Model):
             models.Index(fields=["workspace", "status", "id"], name="event_ws_status_idx"),
             models.Index(fields=["workspace", "user", "-occurred_at"], name="event_ws_user_idx"),
             models.Index(fields=["workspace", "-received_at"], name="event_ws_received_idx"),
+            # Unmapped events of one event name in id order: what a rule preview with an event
+            # name scans, and what that rule's reprocessing job walks. Partial: mapped events,
+            # most of the table, are not in it.
+            models.Index(
+                fields=["workspace", "name", "id"],
+                condition=models.Q(status="unmapped"),
+                name="event_unmapped_name_idx",
+            ),
+            # Held anonymous events by anonymousId: what an identify or alias looks up. Few
+            # rows (only pending ones), so the probe every identify makes stays cheap.
+            models.Index(
+                fields=["workspace", "external_user_id"],
+                condition=models.Q(status="pending"),
+                name="event_pending_anonymous_idx",
+            ),
         ]
 
     @property
@@ -144,7 +164,9 @@ class Usage(models.Model):
     """How much of a feature one event used. At most one row per (event, feature)."""
 
     workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+")
-    user = models.ForeignKey(EndUser, on_delete=models.CASCADE, related_name="usage")
+    # Null: the user was deleted with its events kept (``ledger.forget_user``): the usage still
+    # counts for its feature, for no user.
+    user = models.ForeignKey(EndUser, null=True, blank=True, on_delete=models.CASCADE, related_name="usage")
     # PROTECT: recorded usage is never deleted as a side effect of deleting its feature.
     feature = models.ForeignKey(Feature, on_delete=models.PROTECT, related_name="usage")
     event = models.ForeignKey(Event, on_delete=models.CASCADE, related_name="usage")
@@ -166,7 +188,7 @@ class UsageCounter(models.Model):
     """Usage per (user, feature, UTC day): the period totals entitlements read.
 
     Derived from ``Usage`` and written by nobody in Python: database triggers on the usage
-    table (migration ``0004_feature_units_and_usage_counters``) add every inserted, updated
+    table (migration ``0005_feature_units_and_usage_counters``) add every inserted, updated
     or deleted usage row's amount to its day, so the counters follow every path that
     changes usage, including paths added later. ``manage.py rebuild_usage_counters``
     recomputes them from the usage rows. Plain id columns, no foreign keys: rows of a

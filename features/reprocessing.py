@@ -121,9 +121,15 @@ def _attach_users(workspace: Workspace, orphans: dict[int, str]) -> None:
     """Give events whose user was deleted (detached, ``user`` null) the user their userId
     resolves to now, created if there is none, as a new track with that userId would get.
 
-    Without a user an event could never be mapped: it stayed unmapped for good. Only events
-    this chunk maps are attached (a few queries, only when there are such events).
+    Only events this chunk maps are attached (a few queries, only when there are such
+    events). A suppressed userId (its user was deleted, SPEC §12) is never given a user
+    again: its events map without one. (Deletions anonymise kept events, so only events
+    detached before suppression existed still carry a userId here.)
     """
+    suppressed = user_services.suppressed_user_ids(workspace=workspace, user_ids=set(orphans.values()))
+    orphans = {event_id: user_id for event_id, user_id in orphans.items() if user_id not in suppressed}
+    if not orphans:
+        return
 
     def resolve() -> dict[str, int]:
         with transaction.atomic():  # a savepoint: a userId created concurrently is retried

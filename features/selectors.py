@@ -219,3 +219,15 @@ def segment_status(workspace: Workspace) -> SegmentStatus:
         users_without_billing_id=EndUser.objects.for_workspace(workspace).filter(billing_id="").count(),
         users_with_same_email=sharing_an_email(EndUser.objects.for_workspace(workspace)).count(),
     )
+
+
+def anonymous_event_counts(workspace: Workspace) -> dict[str, int]:
+    """Held anonymous events: ``{"pending": n, "expired": n}`` (expired ones are kept, counted)."""
+    rows = (
+        Event.objects.for_workspace(workspace)
+        .filter(status__in=[EventStatus.PENDING, EventStatus.EXPIRED])
+        .values("status")
+        .annotate(n=Count("id"))
+    )
+    counts = {row["status"]: row["n"] for row in rows}
+    return {"pending": counts.get(EventStatus.PENDING, 0), "expired": counts.get(EventStatus.EXPIRED, 0)}

@@ -4,13 +4,13 @@ import logging
 import time
 
 from celery import shared_task
-from celery.signals import worker_ready
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, close_old_connections
+from django.db import InterfaceError, OperationalError
+from django.utils import timezone
 
 from kana import jobs
 
-from . import reprocessing
+from . import ledger, reprocessing
 from .models import ReprocessingJob
 from .services import REPROCESSING_TASK
 
@@ -78,11 +78,16 @@ def sweep_stalled_jobs() -> int:
     return jobs.sweep(ReprocessingJob, REPROCESSING_TASK)
 
 
-@worker_ready.connect
-def _sweep_on_start(**_kwargs) -> None:
-    # A fresh worker picks up what a dead one left, without waiting for beat.
-    close_old_connections()
-    try:
-        sweep_stalled_jobs.delay()
-    except Exception:  # the broker may be unreachable right at start: beat will sweep later
-        logger.warning("initial sweep not enqueued")
+@shared_task(acks_late=True, ignore_result=True, expires=60 * 60, time_limit=10 * 60)
+def expire_pending_anonymous_events() -> int:
+    """Held anonymous events past their workspace's hold window become ``expired``: counted
+    (``features.selectors.anonymous_event_counts``), never mapped, never silently dropped."""
+    expired = ledger.expire_pending_events(timezone.now())
+    if expired:
+        logger.info(
+            "pending anonymous events expired", extra={"workspaces": len(expired), "events": sum(expired.values())}
+        )
+    return sum(expired.values())
+
+
+jobs.sweep_when_a_worker_starts(sweep_stalled_jobs)

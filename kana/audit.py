@@ -22,6 +22,7 @@ ACTIONS = (
     "user.update",
     "user.delete",
     "merge",
+    "merge.undo",
     "csv.apply",
     "key.create",
     "key.revoke",
@@ -31,6 +32,10 @@ ACTIONS = (
     "package.delete",
     "subscription.create",
     "subscription.update",
+    "workspace.update",
+    "webhook.create",
+    "webhook.update",
+    "webhook.delete",
 )
 
 
@@ -45,6 +50,8 @@ OBJECT_TYPES = {
     "event": "event",
     "package": "package",
     "subscription": "subscription",
+    "workspace": "workspace",
+    "webhook": "webhook_endpoint",
 }
 
 

@@ -18,8 +18,9 @@ import logging
 from functools import partial
 
 from celery import current_app, shared_task
+from celery.signals import worker_ready
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, models, transaction
+from django.db import InterfaceError, OperationalError, close_old_connections, models, transaction
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -193,6 +194,20 @@ def sweep(model: type[Job], task_name: str) -> int:
         logger.info("re-sending stalled job", extra={"task": task_name, "job_id": job_id})
         enqueue(task_name, job_id)
     return len(ids)
+
+
+def sweep_when_a_worker_starts(task) -> None:
+    """Send ``task`` (a sweeper) whenever a worker starts, so a fresh worker picks up what a
+    dead one left without waiting for beat."""
+
+    def send(**_kwargs) -> None:
+        close_old_connections()
+        try:
+            task.delay()
+        except Exception:  # the broker may be unreachable right at start: beat will sweep later
+            logger.warning("initial sweep not enqueued", extra={"task": task.name})
+
+    worker_ready.connect(send, weak=False, dispatch_uid=f"sweep-at-start:{task.name}")
 
 
 def _stale_after():

@@ -17,6 +17,17 @@ class WorkspaceQuerySet(models.QuerySet):
         return self.filter(workspace_id=workspace_id)
 
 
+class AnonymousEvents(models.TextChoices):
+    """What ingest does with a track/page/screen that has only an anonymousId (SPEC §12)."""
+
+    REJECT = "reject"  # Kana's 400 anonymous_event (the default)
+    HOLD = "hold"  # stored as pending until an identify or alias links the anonymousId
+
+
+# How long a workspace may hold pending anonymous events, in days.
+ANONYMOUS_HOLD_DAYS_MIN, ANONYMOUS_HOLD_DAYS_MAX, ANONYMOUS_HOLD_DAYS_DEFAULT = 1, 365, 30
+
+
 class Workspace(models.Model):
     name = models.CharField(max_length=200)
     # Optional shared secret: when set, ingest requests must carry X-Signature, the hex
@@ -27,6 +38,25 @@ class Workspace(models.Model):
     rules_version = models.PositiveBigIntegerField(default=0)
     members = models.ManyToManyField(settings.AUTH_USER_MODEL, related_name="kana_workspaces", blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    # Settings an admin changes through kana.services.workspace_settings_update (audited).
+    anonymous_events = models.CharField(
+        max_length=16,
+        choices=AnonymousEvents.choices,
+        default=AnonymousEvents.REJECT,
+        db_default=AnonymousEvents.REJECT,
+    )
+    anonymous_hold_days = models.PositiveSmallIntegerField(
+        default=ANONYMOUS_HOLD_DAYS_DEFAULT, db_default=ANONYMOUS_HOLD_DAYS_DEFAULT
+    )
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(anonymous_hold_days__gte=ANONYMOUS_HOLD_DAYS_MIN)
+                & models.Q(anonymous_hold_days__lte=ANONYMOUS_HOLD_DAYS_MAX),
+                name="workspace_anonymous_hold_days_range",
+            ),
+        ]
 
     def __str__(self) -> str:
         return self.name

@@ -12,7 +12,8 @@ from django.db import transaction
 from django.utils import timezone
 
 from . import audit
-from .models import ApiKey, Workspace
+from .errors import DomainError
+from .models import ANONYMOUS_HOLD_DAYS_MAX, ANONYMOUS_HOLD_DAYS_MIN, AnonymousEvents, ApiKey, Workspace
 
 API_KEY_PREFIX = "prv_live_"
 _KEY_ALPHABET = string.ascii_letters + string.digits
@@ -58,6 +59,70 @@ def api_key_revoke(*, api_key: ApiKey, actor: str = "") -> None:
             audit.record(api_key.workspace_id, actor, "key.revoke", api_key.pk, before=before, after={"revoked": True})
     with _key_cache_lock:
         _key_cache.clear()
+
+
+class WorkspaceError(DomainError):
+    """A workspace setting Kana refuses."""
+
+
+# The settings an admin may change, and what the audit log shows of them.
+WORKSPACE_SETTINGS = ("name", "anonymous_events", "anonymous_hold_days")
+
+
+def workspace_settings(workspace: Workspace) -> dict:
+    return {name: getattr(workspace, name) for name in WORKSPACE_SETTINGS}
+
+
+def _validated_settings(changes: dict) -> dict:
+    unknown = set(changes) - set(WORKSPACE_SETTINGS)
+    if unknown:
+        field = sorted(unknown)[0]
+        raise WorkspaceError("invalid_field", f"{field} is not a workspace setting", field)
+    if "name" in changes and not (isinstance(changes["name"], str) and changes["name"].strip()):
+        raise WorkspaceError("invalid_value", "name must be a non-empty text", "name")
+    if "anonymous_events" in changes and changes["anonymous_events"] not in AnonymousEvents.values:
+        raise WorkspaceError("invalid_value", "anonymous_events must be reject or hold", "anonymous_events")
+    days = changes.get("anonymous_hold_days", ANONYMOUS_HOLD_DAYS_MIN)
+    if (
+        isinstance(days, bool)
+        or not isinstance(days, int)
+        or not ANONYMOUS_HOLD_DAYS_MIN <= days <= ANONYMOUS_HOLD_DAYS_MAX
+    ):
+        raise WorkspaceError(
+            "invalid_value",
+            f"anonymous_hold_days must be a whole number from {ANONYMOUS_HOLD_DAYS_MIN} to {ANONYMOUS_HOLD_DAYS_MAX}",
+            "anonymous_hold_days",
+        )
+    return {**changes, **({"name": changes["name"].strip()} if "name" in changes else {})}
+
+
+def workspace_settings_update(*, workspace: Workspace, changes: dict, actor: str = "") -> Workspace:
+    """Change a workspace's settings (``WORKSPACE_SETTINGS``); audited when something changed.
+
+    Ingest reads the settings from the workspace its key cache holds: this process sees the
+    change at once, other processes within KANA_API_KEY_CACHE_SECONDS.
+    """
+    changes = _validated_settings(changes)
+    with transaction.atomic():
+        current = Workspace.objects.select_for_update().get(pk=workspace.pk)
+        before = workspace_settings(current)
+        after = {**before, **changes}
+        if after != before:
+            Workspace.objects.filter(pk=current.pk).update(**changes)
+            changed = sorted(name for name in after if after[name] != before[name])
+            audit.record(
+                current,
+                actor,
+                "workspace.update",
+                current.pk,
+                before={name: before[name] for name in changed},
+                after={name: after[name] for name in changed},
+            )
+        for name, value in after.items():
+            setattr(current, name, value)
+    with _key_cache_lock:
+        _key_cache.clear()
+    return current
 
 
 # Per-process cache of key hash -> workspace. Only positive answers are cached, for

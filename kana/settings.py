@@ -71,6 +71,7 @@ INSTALLED_APPS = [
     "users",
     "features",
     "entitlements",
+    "webhooks",
     "segment_ingest",
     "api",
     "dashboard",
@@ -172,6 +173,17 @@ CELERY_BEAT_SCHEDULE = {
         "task": "entitlements.tasks.notify_thresholds",
         "schedule": float(env_int("KANA_THRESHOLD_INTERVAL_SECONDS", 5)),
     },
+    # Held anonymous events past their workspace's hold window expire (SPEC §12).
+    "expire-pending-anonymous-events": {
+        "task": "features.tasks.expire_pending_anonymous_events",
+        "schedule": float(env_int("KANA_EXPIRE_PENDING_INTERVAL_SECONDS", 3600)),
+    },
+    # Webhook retries, and first attempts whose message was lost: due deliveries are in the
+    # database (webhooks.delivery), so they survive any worker or broker restart.
+    "send-due-webhooks": {
+        "task": "webhooks.tasks.send_due_deliveries",
+        "schedule": float(env_int("KANA_SWEEP_INTERVAL_SECONDS", 15)),
+    },
 }
 # Fractions of a budget whose crossing is notified (usage.threshold_reached; 1.0 also sends
 # usage.limit_reached), once per subject, feature, period and threshold.
@@ -189,6 +201,18 @@ KANA_JOBS_PER_WORKSPACE = env_int("KANA_JOBS_PER_WORKSPACE", 1)
 KANA_REPROCESS_CHUNK_SIZE = env_int("KANA_REPROCESS_CHUNK_SIZE", 5000)
 # CSV imports with more rows than this run in a Celery worker instead of the request.
 KANA_CSV_INLINE_MAX_ROWS = env_int("KANA_CSV_INLINE_MAX_ROWS", 2000)
+# Webhook deliveries: a POST waits this long for an answer; a failed one is retried after
+# BASE seconds, doubling up to MAX (each with jitter), until RETRY_WINDOW after the event.
+KANA_WEBHOOK_TIMEOUT_SECONDS = env_int("KANA_WEBHOOK_TIMEOUT_SECONDS", 10)
+KANA_WEBHOOK_BACKOFF_BASE_SECONDS = env_int("KANA_WEBHOOK_BACKOFF_BASE_SECONDS", 30)
+KANA_WEBHOOK_BACKOFF_MAX_SECONDS = env_int("KANA_WEBHOOK_BACKOFF_MAX_SECONDS", 3600)
+KANA_WEBHOOK_RETRY_WINDOW_SECONDS = env_int("KANA_WEBHOOK_RETRY_WINDOW_SECONDS", 24 * 3600)
+# An egress proxy for deliveries (e.g. one that keeps them off the internal network); by
+# default they go straight out, whatever http_proxy says.
+KANA_WEBHOOK_PROXY = os.environ.get("KANA_WEBHOOK_PROXY", "")
+# Whether endpoint URLs may name loopback, private or link-local addresses (the cloud metadata
+# service among them). Off in production: a customer's URL must not reach Kana's own network.
+KANA_WEBHOOK_ALLOW_PRIVATE_ADDRESSES = env_bool("KANA_WEBHOOK_ALLOW_PRIVATE_ADDRESSES", DEBUG)
 # CSV files waiting for a worker and import reports are kept in the default storage (here a
 # directory). Workers on other machines need it shared: point STORAGES["default"] at it.
 MEDIA_ROOT = Path(os.environ.get("KANA_MEDIA_ROOT") or BASE_DIR / "var" / "media")

@@ -90,6 +90,24 @@ def _required_user(payload: dict, code: str, what: str) -> str:
     return user_id
 
 
+def _anonymous_id(payload: dict) -> str | None:
+    # Kana stored anonymousId without reading it before workspaces could hold anonymous
+    # events: one it cannot use (not text, too long) is absent, not a reason to refuse.
+    try:
+        return clean_identifier(payload.get("anonymousId"), "anonymousId")
+    except DomainError:
+        return None
+
+
+def _usage_user(message: Message, payload: dict, what: str, hold_anonymous: bool) -> None:
+    """A track/page/screen's userId; without one, its anonymousId when the workspace holds
+    anonymous events (SPEC §12), else Kana's 400 ``anonymous_event``."""
+    user_id = clean_identifier(payload.get("userId"), "userId")
+    if user_id is None and hold_anonymous and message.anonymous_id is not None:
+        return
+    message.user_id = user_id or _required_user(payload, "anonymous_event", what)
+
+
 # An escaped NUL in JSON text: \u0000 after an even number of backslashes (an odd number
 # would make it the literal characters "\u0000", which are fine).
 _ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
@@ -138,10 +156,17 @@ def _storable_size(text: str) -> int:
 
 
 def parse_message(
-    payload: Any, *, received_at: datetime, forced_type: str | None = None, size: int | None = None
+    payload: Any,
+    *,
+    received_at: datetime,
+    forced_type: str | None = None,
+    size: int | None = None,
+    hold_anonymous: bool = False,
 ) -> Message:
     """Validate one message. ``forced_type`` is the type the endpoint path names;
-    ``size`` the raw size of a message sent alone (else its compact JSON size counts)."""
+    ``size`` the raw size of a message sent alone (else its compact JSON size counts);
+    ``hold_anonymous``: the workspace holds track/page/screen calls that only have an
+    anonymousId (its ``anonymous_events`` setting) instead of refusing them."""
     if not isinstance(payload, dict):
         raise MessageError("invalid_message", "a message must be a JSON object")
     if size is not None and size > MAX_MESSAGE_BYTES:
@@ -180,13 +205,14 @@ def parse_message(
         payload_json=text,
         occurred_at=occurred_at(payload, received_at),
         received_at=received_at,
+        anonymous_id=_anonymous_id(payload),
     )
     if message_type == MessageType.IDENTIFY:
         message.user_id = _required_user(payload, "missing_user_id", "an identify")
         message.traits = _object(payload, "traits")
         _object(payload, "context")
     elif message_type == MessageType.TRACK:
-        message.user_id = _required_user(payload, "anonymous_event", "a track event")
+        _usage_user(message, payload, "a track event", hold_anonymous)
         name = payload.get("event")
         if not isinstance(name, str) or not name.strip():
             raise MessageError("missing_event", "a track call needs an event name", "event")
@@ -195,7 +221,7 @@ def parse_message(
         message.name = name.strip()
         message.properties = _object(payload, "properties")
     elif message_type in (MessageType.PAGE, MessageType.SCREEN):
-        message.user_id = _required_user(payload, "anonymous_event", f"a {message_type} call")
+        _usage_user(message, payload, f"a {message_type} call", hold_anonymous)
         message.properties = _object(payload, "properties")
         label = payload.get("name") or message.properties.get("name") or ""
         if not isinstance(label, str):

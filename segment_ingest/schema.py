@@ -61,7 +61,11 @@ class _SegmentMessage(serializers.Serializer):
     userId = serializers.CharField(
         required=False, max_length=MAX_ID_LENGTH, help_text="Your id of the user (numbers are read as text)."
     )
-    anonymousId = serializers.CharField(required=False, help_text="Stored; Kana needs a userId.")
+    anonymousId = serializers.CharField(
+        required=False,
+        help_text="Without a userId: held as pending when the workspace's anonymous_events is hold, else 400; "
+        "an identify with both ids links the pending events to its user.",
+    )
     timestamp = serializers.DateTimeField(required=False, help_text="When it happened (wins over the others).")
     originalTimestamp = serializers.DateTimeField(required=False, help_text="The device's time.")
     sentAt = serializers.DateTimeField(required=False, help_text="When the device sent it (corrects clock skew).")
@@ -149,12 +153,18 @@ class IngestRejected(IngestProblem):
     index = serializers.IntegerField(help_text="Position of the message in `batch`.")
 
 
+class IngestListed(serializers.Serializer):
+    index = serializers.IntegerField(help_text="Position of the message in `batch`.")
+    message_id = serializers.CharField()
+
+
 class IngestAccepted(serializers.Serializer):
     success = serializers.BooleanField(help_text="Always true.")
     message_id = serializers.CharField()
     status = serializers.CharField(
-        help_text="`processed` (identify, group, alias), `mapped`, `unmapped` (see `reason`), or `duplicate` "
-        "(a replay: nothing changed)."
+        help_text="`processed` (identify, group, alias), `mapped`, `unmapped` (see `reason`), `duplicate` "
+        "(a replay: nothing changed), `pending` (an anonymous event the workspace holds until an identify or "
+        "alias names its anonymousId) or `suppressed` (names a deleted user's userId: not stored)."
     )
     reason = serializers.CharField(
         required=False, help_text="Why an event is unmapped: `no_matching_rule`, `unknown_feature`, `invalid_delta`."
@@ -167,6 +177,12 @@ class IngestBatchAccepted(serializers.Serializer):
     accepted = serializers.IntegerField(help_text="Messages applied (duplicates excluded).")
     duplicates = serializers.IntegerField(help_text="Replays: answered, nothing changed.")
     rejected = IngestRejected(many=True, help_text="Each invalid message, by index; the valid ones were applied.")
+    pending = IngestListed(
+        many=True, required=False, help_text="Anonymous events held until an identify or alias names them (if any)."
+    )
+    suppressed = IngestListed(
+        many=True, required=False, help_text="Messages naming a deleted user's userId: not stored (if any)."
+    )
 
 
 class IngestError(serializers.Serializer):
@@ -254,7 +270,8 @@ INGEST_DOCS: dict[str, type[APIView]] = {
         "track",
         SegmentTrack,
         _TRACK,
-        "Records usage: by `properties.featureId`, else by the mapping rules. Without a userId: 400 `anonymous_event`.",
+        "Records usage: by `properties.featureId`, else by the mapping rules. Without a userId: 400 "
+        "`anonymous_event`, or `pending` when the workspace holds anonymous events.",
     ),
     "segment-page": _single(
         "page", SegmentPage, {"userId": "u-123", "name": "Pricing"}, "Stored as the event `Viewed <name> Page`."

@@ -16,8 +16,10 @@ from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
-from features.ingest import ingest_messages
+from features.ingest import OUTCOME_SUPPRESSED, ingest_messages
+from features.models import EventStatus
 from kana.errors import DomainError, error_body
+from kana.models import AnonymousEvents
 from kana.request_auth import api_key_from_authorization
 from kana.retries import RetriesExhausted
 from kana.services import workspace_for_api_key
@@ -138,7 +140,9 @@ def _single(request, forced_type: str | None):
     workspace, payload, size = _prepare(request, MAX_MESSAGE_BYTES, "message_too_large")
     payload.pop("writeKey", None)
     try:
-        message = parse_message(payload, received_at=timezone.now(), forced_type=forced_type, size=size)
+        message = parse_message(
+            payload, received_at=timezone.now(), forced_type=forced_type, size=size, hold_anonymous=_holds(workspace)
+        )
     except DomainError as exc:
         return error_response(exc.code, exc.message, exc.status, exc.field)
     outcome = ingest_messages(workspace=workspace, messages=[message])[0]
@@ -178,19 +182,36 @@ def batch(request):
             "too_many_messages", f"a batch may hold at most {MAX_BATCH_MESSAGES} messages", 400, "batch"
         )
     received_at = timezone.now()
-    messages, rejected = [], []
+    hold_anonymous = _holds(workspace)
+    messages, indexes, rejected = [], [], []
     for index, item in enumerate(items):
         try:
             item = with_batch_context(item, payload)
             if isinstance(item, dict):
                 item.pop("writeKey", None)
-            messages.append(parse_message(item, received_at=received_at))
+            messages.append(parse_message(item, received_at=received_at, hold_anonymous=hold_anonymous))
+            indexes.append(index)
         except DomainError as exc:
             rejected.append({"index": index, **exc.as_dict()})
     if not messages and rejected:
         return error_response("invalid_batch", "no message in the batch is valid", 400, "batch", rejected=rejected)
     outcomes = ingest_messages(workspace=workspace, messages=messages)
+    # Messages answered something other than stored or replayed, by index (SPEC §12).
+    held = {status: [] for status in _LISTED_STATUSES}
+    for index, outcome in zip(indexes, outcomes, strict=True):
+        if outcome.status in held:
+            held[outcome.status].append({"index": index, "message_id": outcome.message_id})
     duplicates = sum(1 for o in outcomes if o.status == "duplicate")
+    accepted = len(outcomes) - duplicates - len(held[OUTCOME_SUPPRESSED])
+    listed = {status: entries for status, entries in held.items() if entries}  # present only when some are
     return JsonResponse(
-        {"success": True, "accepted": len(outcomes) - duplicates, "duplicates": duplicates, "rejected": rejected}
+        {"success": True, "accepted": accepted, "duplicates": duplicates, "rejected": rejected, **listed}
     )
+
+
+# Batch answers list these messages by index: held for their user, or not stored at all.
+_LISTED_STATUSES = (EventStatus.PENDING.value, OUTCOME_SUPPRESSED)
+
+
+def _holds(workspace) -> bool:
+    return workspace.anonymous_events == AnonymousEvents.HOLD

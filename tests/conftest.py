@@ -185,6 +185,21 @@ def celery_worker(transactional_db):
     worker.stop()
 
 
+@pytest.fixture
+def workers(transactional_db):
+    """Start workers on demand (with extra environment); all are stopped at the end."""
+    started: list[WorkerProcess] = []
+
+    def start(redis_url: str = settings.REDIS_URL, **extra_env) -> WorkerProcess:
+        worker = WorkerProcess(redis_url, extra_env={k: str(v) for k, v in extra_env.items()}).start()
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
 def wait_until(predicate, timeout: float = 60, interval: float = 0.2, message: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

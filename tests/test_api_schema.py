@@ -37,6 +37,7 @@ ENDPOINTS = {
     "/api/v1/events/unmapped/summary",
     "/api/v1/events/{id}/void",
     "/api/v1/audit",
+    "/api/v1/workspace",
     "/api/v1/usage",
     "/api/v1/merges",
     "/api/v1/merges/{id}",
@@ -57,6 +58,9 @@ ENDPOINTS = {
     "/api/v1/entitlements/reservations/{id}/commit",
     "/api/v1/entitlements/reservations/{id}/release",
     "/api/v1/usage/records",
+    "/api/v1/webhooks",
+    "/api/v1/webhooks/{id}",
+    "/api/v1/webhooks/{id}/deliveries",
 }
 INGEST_ENDPOINTS = set(INGEST_PATHS)
 

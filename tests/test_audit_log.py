@@ -8,10 +8,11 @@ from django.db import transaction
 from features.models import Event, Feature
 from features.services import FeatureError, feature_delete
 from kana import audit
-from kana.models import ApiKey, AuditEntry
-from kana.services import api_key_issue, api_key_revoke, key_prefix
-from users.models import EndUser
-from users.services import delete_user
+from kana.models import ApiKey, AuditEntry, Workspace
+from kana.services import api_key_issue, api_key_revoke, key_prefix, workspace_settings_update
+from users.models import EndUser, MergeRecord, Suppression
+from users.selectors import user_pk_for
+from users.services import delete_user, merge_undo
 
 from .api_support import ApiClient, assert_error, assert_page, feature, identify, rule, track
 from .csv_helpers import csv_bytes
@@ -111,8 +112,8 @@ def test_a_refused_action_leaves_no_entry(tenant):
     assert not AuditEntry.objects.filter(action="feature.delete").exists()
 
 
-def test_an_action_that_rolls_back_after_its_entry_leaves_none(tenant, monkeypatch):
-    user = identify(tenant, "u1")
+def fail_after_the_audit_row(monkeypatch) -> None:
+    """Make every action fail right after writing its audit entry, inside its transaction."""
     real_record = audit.record
 
     def record_then_fail(*args, **kwargs):
@@ -120,6 +121,11 @@ def test_an_action_that_rolls_back_after_its_entry_leaves_none(tenant, monkeypat
         raise RuntimeError("injected after the audit row")
 
     monkeypatch.setattr(audit, "record", record_then_fail)
+
+
+def test_an_action_that_rolls_back_after_its_entry_leaves_none(tenant, monkeypatch):
+    user = identify(tenant, "u1")
+    fail_after_the_audit_row(monkeypatch)
     with pytest.raises(RuntimeError):
         delete_user(workspace=tenant.workspace, user_pk=user.pk, actor="cli")
     assert EndUser.objects.filter(pk=user.pk).exists(), "the delete rolled back"
@@ -169,3 +175,59 @@ def test_the_dashboard_page_lists_the_workspaces_entries(tenant, other_tenant, m
     assert b'href="/audit/"' in member_client.get("/users/").content, "a nav link"
     filtered = member_client.get("/audit/", {"action": "key.create"})
     assert b"exports" not in filtered.content
+
+
+def _merged(tenant):
+    """u1 <- u2 merged by the API, then u3 <- u1 (so undoing the first waits for the second)."""
+    api = ApiClient(tenant)
+    first, second, third = identify(tenant, "u1"), identify(tenant, "u2"), identify(tenant, "u3")
+    assert api.post("users/merge", {"user_ids": [first.pk, second.pk], "survivor": first.pk}).status_code == 200
+    assert api.post("users/merge", {"user_ids": [third.pk, first.pk], "survivor": third.pk}).status_code == 200
+    return api, MergeRecord.objects.get(absorbed_id=second.pk), MergeRecord.objects.get(absorbed_id=first.pk)
+
+
+def test_a_merge_undo_is_recorded_and_a_refused_one_is_not(tenant):
+    api, older, newer = _merged(tenant)
+    assert_error(api.post(f"merges/{older.pk}/undo"), 409, "merge_not_undoable")
+    assert not AuditEntry.objects.filter(action="merge.undo").exists()
+
+    assert api.post(f"merges/{newer.pk}/undo").status_code == 200
+    entry = AuditEntry.objects.get(action="merge.undo")
+    assert (entry.actor, entry.object_type, entry.object_id) == (
+        f"api-key:{key_prefix(tenant.key)}",
+        "merge",
+        str(newer.pk),
+    )
+    assert entry.before["absorbed"] == newer.absorbed_id and entry.after["restored"] == newer.absorbed_id
+    # Undoing it again changes nothing and records nothing.
+    assert api.post(f"merges/{newer.pk}/undo").json()["already_undone"] is True
+    assert AuditEntry.objects.filter(action="merge.undo").count() == 1
+
+
+def test_a_merge_undo_that_rolls_back_after_its_entry_leaves_none(tenant, monkeypatch):
+    _api, _older, newer = _merged(tenant)
+    fail_after_the_audit_row(monkeypatch)
+    with pytest.raises(RuntimeError):
+        merge_undo(workspace=tenant.workspace, merge_id=newer.pk, actor="cli")
+    assert MergeRecord.objects.get(pk=newer.pk).undone_at is None, "the undo rolled back"
+    assert not AuditEntry.objects.filter(action="merge.undo").exists()
+
+
+@pytest.mark.parametrize(
+    "action, run",
+    [
+        (
+            "workspace.update",
+            lambda t: workspace_settings_update(workspace=t.workspace, changes={"anonymous_hold_days": 9}),
+        ),
+        ("user.delete", lambda t: delete_user(workspace=t.workspace, user_pk=user_pk_for(t.workspace, "gone"))),
+    ],
+)
+def test_the_trust_actions_that_roll_back_after_their_entry_leave_none(tenant, monkeypatch, action, run):
+    identify(tenant, "gone")
+    fail_after_the_audit_row(monkeypatch)
+    with pytest.raises(RuntimeError):
+        run(tenant)
+    assert not AuditEntry.objects.filter(action=action).exists()
+    assert not Suppression.objects.exists() and EndUser.objects.filter(user_id="gone").exists()
+    assert Workspace.objects.get(pk=tenant.workspace.pk).anonymous_hold_days == 30

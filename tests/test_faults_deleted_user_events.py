@@ -1,9 +1,9 @@
 """Issue 15: a deleted user's unmapped events used to stay unmapped for good.
 
-Deleting a user detaches its events (they stay, for the record). Reprocessing only maps
-events that have a user, so no rule or feature created later could ever map them. Now such an
-event counts for the user its userId resolves to at that moment, created if there is none,
-exactly as a new track with that userId would.
+Deleting a user with ``events=keep`` (the default) detaches and anonymises its events (they
+stay, for the record and for the feature totals). Reprocessing maps them like any event: a
+rule or feature created later counts them for their feature, with no user (SPEC §12: the
+deleted user's userIds are suppressed, so no user is created again for them).
 """
 
 import pytest
@@ -23,8 +23,7 @@ def test_a_deleted_users_unmapped_events_are_mapped_by_a_later_rule(tenant, djan
     for user_id in ("gone", "gone", "kept"):
         assert segment.track(user_id, "Exported").json()["status"] == "unmapped"
     assert segment.track("gone-too", "Used", {"featureId": "later"}).json()["reason"] == "unknown_feature"
-    gone_pk = user_pk_for(tenant.workspace, "gone")
-    delete_user(workspace=tenant.workspace, user_pk=gone_pk)
+    delete_user(workspace=tenant.workspace, user_pk=user_pk_for(tenant.workspace, "gone"))
     delete_user(workspace=tenant.workspace, user_pk=user_pk_for(tenant.workspace, "gone-too"))
     assert Event.objects.filter(user__isnull=True).count() == 3
 
@@ -37,10 +36,30 @@ def test_a_deleted_users_unmapped_events_are_mapped_by_a_later_rule(tenant, djan
     job = ReprocessingJob.objects.get(rule=rule)
     assert (job.status, job.scanned, job.mapped) == (JobStatus.DONE, 3, 3)
     assert not Event.objects.exclude(status=EventStatus.MAPPED).exists()
-    assert not Event.objects.filter(user__isnull=True).exists()
-    reborn = user_pk_for(tenant.workspace, "gone")
-    assert reborn is not None and reborn != gone_pk
-    assert EndUser.objects.for_workspace(tenant.workspace).filter(user_id="gone").count() == 1
-    assert Usage.objects.filter(user_id=reborn, feature__key="exports").count() == 2
+    assert Event.objects.filter(user__isnull=True).count() == 3
+    assert not EndUser.objects.for_workspace(tenant.workspace).filter(user_id__in=["gone", "gone-too"]).exists()
+    assert Usage.objects.filter(user__isnull=True, feature__key="exports").count() == 2
     assert Usage.objects.filter(user_id=user_pk_for(tenant.workspace, "kept")).count() == 1
-    assert Usage.objects.filter(user_id=user_pk_for(tenant.workspace, "gone-too"), feature__key="later").count() == 1
+    assert Usage.objects.filter(user__isnull=True, feature__key="later").count() == 1
+
+
+@pytest.mark.usefixtures("tasks_in_process")
+def test_an_event_detached_with_its_user_id_is_attached_unless_suppressed(tenant, django_capture_on_commit_callbacks):
+    """Events detached before suppression existed still carry their userId: reprocessing gives
+    them the user it resolves to, except for a suppressed userId."""
+    segment = SegmentClient(tenant)
+    for user_id in ("old", "suppressed"):
+        assert segment.track(user_id, "Exported").json()["status"] == "unmapped"
+    delete_user(workspace=tenant.workspace, user_pk=user_pk_for(tenant.workspace, "suppressed"))
+    # As a deletion before SPEC §12 left it: detached, the userId kept, nothing suppressed.
+    Event.objects.filter(external_user_id="old").update(user=None)
+    EndUser.objects.filter(user_id="old").delete()
+    Event.objects.filter(status=EventStatus.UNMAPPED, external_user_id="").update(external_user_id="suppressed")
+
+    make_feature(tenant.workspace, "exports")
+    with django_capture_on_commit_callbacks(execute=True):
+        make_rule(tenant.workspace, "exports", event="Exported")
+
+    assert Usage.objects.filter(user_id=user_pk_for(tenant.workspace, "old")).count() == 1
+    assert user_pk_for(tenant.workspace, "suppressed") is None
+    assert Usage.objects.filter(user__isnull=True).count() == 1

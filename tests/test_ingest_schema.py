@@ -51,7 +51,8 @@ def test_the_request_bodies_say_what_each_call_needs(schema):
 def test_the_answers_are_the_shapes_the_views_send(schema):
     components = schema["components"]["schemas"]
     assert set(components["IngestAccepted"]["properties"]) == {"success", "message_id", "status", "reason", "warnings"}
-    assert set(components["IngestBatchAccepted"]["properties"]) == {"success", "accepted", "duplicates", "rejected"}
+    batch = {"success", "accepted", "duplicates", "rejected", "pending", "suppressed"}
+    assert set(components["IngestBatchAccepted"]["properties"]) == batch
     assert set(components["IngestError"]["required"]) == {"success", "code", "message"}
 
 

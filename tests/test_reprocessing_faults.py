@@ -17,25 +17,10 @@ from django.conf import settings
 
 from features.models import Event, EventStatus, ReprocessingJob, Usage
 from kana.jobs import JobStatus
-from tests.conftest import ROOT, SegmentClient, WorkerProcess, requires_broker, wait_until
+from tests.conftest import ROOT, SegmentClient, requires_broker, wait_until
 from tests.usage_support import make_feature, make_rule, make_user, store_unmapped_events, usage_count
 
 PRO = [{"property": "plan.tier", "operator": "equals", "value": "pro"}]
-
-
-@pytest.fixture
-def workers(transactional_db):
-    """Start workers on demand (with extra environment); all are stopped at the end."""
-    started: list[WorkerProcess] = []
-
-    def start(redis_url: str = settings.REDIS_URL, **extra_env) -> WorkerProcess:
-        worker = WorkerProcess(redis_url, extra_env={k: str(v) for k, v in extra_env.items()}).start()
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in started:
-        worker.stop()
 
 
 def _job(rule) -> ReprocessingJob:

@@ -61,3 +61,13 @@ def test_unknown_and_archived_features_are_refused(tenant):
     assert_error(record(tenant, "x", user_id="u9", feature="nope"), 400, "unknown_feature", "feature")
     ApiClient(tenant).patch("features/messages", {"archived": True})
     assert_error(record(tenant, "y"), 409, "feature_archived")
+
+
+def test_a_deleted_users_user_id_records_nothing(tenant):
+    feature(tenant, "messages")
+    user_with_package(tenant, "u1", 10)
+    from users.selectors import user_pk_for
+    from users.services import delete_user
+
+    delete_user(workspace=tenant.workspace, user_pk=user_pk_for(tenant.workspace, "u1"))
+    assert_error(record(tenant, "after-delete"), 409, "user_suppressed", "user_id")

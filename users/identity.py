@@ -37,7 +37,7 @@ from kana.retries import ConcurrentChange, run_with_retries
 from . import bulk
 from .errors import IdentityError
 from .merges import absorb
-from .models import EndUser, MergeReason, UserIdentity
+from .models import EndUser, MergeReason, Suppression, UserIdentity
 from .profile import SET_AT_FIELDS, UNSET, ProfileChanges, apply_changes, oldest_first
 
 logger = logging.getLogger(__name__)
@@ -652,6 +652,11 @@ def resolve_users(*, workspace: Workspace, external_ids: Iterable[str]) -> dict[
         rows = cursor.fetchall()
     if not all(has_identity for _, _, has_identity in rows):
         raise ConcurrentChange()  # an alias claimed one of these userIds meanwhile
+    if rows and suppressed_user_ids(workspace=workspace, user_ids={user_id for user_id, _, _ in rows}):
+        # The user of one of these userIds was deleted (and the userId suppressed) after the
+        # caller checked: the insert waited for that deletion, this statement sees it. Run
+        # again: the caller's check now answers ``suppressed``.
+        raise ConcurrentChange()
     resolved.update((user_id, pk) for user_id, pk, _ in rows)
     created_elsewhere = [uid for uid in missing if uid not in resolved]
     if created_elsewhere:
@@ -769,3 +774,12 @@ def _alias(
     survivor.user_id = user_id
     survivor.save()
     return IdentifyResult(user=survivor, outcome=IdentifyOutcome.MERGED, absorbed_ids=[absorbed.pk])
+
+
+def suppressed_user_ids(*, workspace: Workspace, user_ids: set[str]) -> set[str]:
+    """Which of these userIds belong to deleted users (one indexed lookup)."""
+    if not user_ids:
+        return set()
+    return set(
+        Suppression.objects.for_workspace(workspace).filter(user_id__in=user_ids).values_list("user_id", flat=True)
+    )

@@ -177,6 +177,40 @@ class MergeRecord(models.Model):
         ]
 
 
+class Suppression(models.Model):
+    """A userId of a deleted user: later messages naming it are answered ``suppressed`` and
+    not stored (Segment's suppress-and-delete). Written by ``users.services.delete_user`` in
+    the deletion's transaction; read by ingest with one indexed lookup per run of messages."""
+
+    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+")
+    user_id = models.CharField(max_length=255)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    objects = WorkspaceQuerySet.as_manager()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["workspace", "user_id"], name="suppression_unique_user_id")]
+
+
+class AnonymousLink(models.Model):
+    """An anonymousId an identify or alias tied to a userId, in a workspace that holds
+    anonymous events: a held event that arrives later (Segment does not keep order) goes
+    straight to that userId's user. Keeps the userId, not the user, so merges and unmerges
+    need not touch it: the userId resolves to whoever holds it now. The first link wins."""
+
+    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+")
+    anonymous_id = models.CharField(max_length=255)
+    user_id = models.CharField(max_length=255)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    objects = WorkspaceQuerySet.as_manager()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["workspace", "anonymous_id"], name="anonymous_link_unique_anonymous_id")
+        ]
+
+
 # The CSV import job shares its statuses with every job.
 ImportStatus = JobStatus
 

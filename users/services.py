@@ -27,11 +27,12 @@ from .identity import (
     identify_user,
     identify_users,
     resolve_users,
+    suppressed_user_ids,
     update_user,
     upsert_user_by_email,
 )
 from .merges import MergeResult, current_user_pk, merge_users
-from .models import EndUser
+from .models import AnonymousLink, EndUser, Suppression, UserIdentity
 from .signals import user_deleting
 from .unmerge import UndoResult, merge_undo
 
@@ -54,25 +55,37 @@ __all__ = [
     "delete_user",
     "identify_user",
     "identify_users",
+    "link_anonymous_ids",
     "merge_undo",
     "merge_users",
     "record_groups",
     "resolve_users",
+    "suppressed_user_ids",
     "update_user",
     "upsert_user_by_email",
 ]
 
 
-def delete_user(*, workspace: Workspace, user_pk: int, actor: str = "") -> None:
-    """Delete a user with its identities and usage; its events stay, detached, for the record.
+# What happens to a deleted user's events: kept (detached, anonymised) or deleted.
+DELETE_EVENTS_CHOICES = ("keep", "delete")
+
+
+def delete_user(*, workspace: Workspace, user_pk: int, actor: str = "", events: str = "keep") -> None:
+    """Delete a user and its identities, and suppress its userIds; ``events`` says what becomes
+    of its events and usage: ``keep`` (they stay, detached from any user and anonymised, so
+    feature totals do not change) or ``delete`` (they go, and the totals with them).
+
+    Every userId that resolved to the user is suppressed in the same transaction: later
+    messages naming one are answered ``suppressed`` and not stored. The audit entry names the
+    choice.
 
     Safe while events for the user arrive: the user's row is locked first. Ingest checks its
     events' and usage's foreign key at commit with a KEY SHARE lock on this row, so every
-    insert either committed before the lock (and is detached below) or waits for this delete
-    and then fails its check, and ingest's retry resolves the userId to a new user. Detaching
-    first and locking later (the plain delete) let an event commit in between, and the delete
-    failed at COMMIT on the events' foreign key.
+    insert either committed before the lock (and is detached or deleted below) or waits for
+    this delete and then fails its check; ingest's retry then finds the userId suppressed.
     """
+    if events not in DELETE_EVENTS_CHOICES:
+        raise IdentityError("invalid_value", "events must be keep or delete", "events")
 
     @transaction.atomic
     def once() -> None:
@@ -80,8 +93,26 @@ def delete_user(*, workspace: Workspace, user_pk: int, actor: str = "") -> None:
         before = users.select_for_update().values("user_id", "name", "email", "billing_id").first()
         if before is None:
             raise IdentityError("unknown_user", f"no user with id {user_pk}", "id")
-        user_deleting.send(EndUser, workspace_id=workspace.pk, user_pk=user_pk)
+        user_ids = sorted(
+            UserIdentity.objects.for_workspace(workspace).filter(user_id=user_pk).values_list("external_id", flat=True)
+        )
+        user_deleting.send(EndUser, workspace_id=workspace.pk, user_pk=user_pk, keep_events=events == "keep")
         users.delete()
-        audit.record(workspace, actor, "user.delete", user_pk, before=before)
+        Suppression.objects.bulk_create(
+            [Suppression(workspace=workspace, user_id=user_id) for user_id in user_ids], ignore_conflicts=True
+        )
+        AnonymousLink.objects.for_workspace(workspace).filter(user_id__in=user_ids).delete()
+        audit.record(
+            workspace, actor, "user.delete", user_pk, before={**before, "user_ids": user_ids}, after={"events": events}
+        )
 
     run_with_retries(once)
+
+
+def link_anonymous_ids(*, workspace: Workspace, links: dict[str, str]) -> None:
+    """Remember anonymousId -> userId links (one statement); an anonymousId linked before
+    keeps its first link."""
+    AnonymousLink.objects.bulk_create(
+        [AnonymousLink(workspace=workspace, anonymous_id=a, user_id=u) for a, u in sorted(links.items())],
+        ignore_conflicts=True,
+    )

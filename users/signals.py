@@ -11,8 +11,9 @@ from django.dispatch import Signal
 # Sent once per absorbed user, before its row is deleted: kwargs workspace_id, absorbed_pk, survivor_pk.
 user_absorbed = Signal()
 
-# Sent when a user is deleted, its row locked, before the delete: kwargs workspace_id, user_pk.
-# Its usage goes with it; its events stay, detached, for the record.
+# Sent when a user is deleted, its row locked, before the delete: kwargs workspace_id, user_pk,
+# keep_events. keep_events True: its events and usage stay, detached and anonymised (feature
+# totals unchanged); False: they are deleted.
 user_deleting = Signal()
 
 # Sent once per undone merge, after the restored user's row and userIds are back: kwargs

@@ -28,6 +28,7 @@ from datetime import datetime
 from django.db import transaction
 from django.utils import timezone
 
+from kana import audit
 from kana.locks import lock_keys, lock_rules_exclusive
 from kana.models import Workspace
 from kana.retries import ConcurrentChange, run_with_retries
@@ -123,6 +124,15 @@ def merge_undo(*, workspace: Workspace, merge_id: int, actor: str = "") -> UndoR
         restored = _restore(workspace, record, survivor)
         record.undone_at, record.undone_by = timezone.now(), actor[:255]
         record.save(update_fields=["undone_at", "undone_by"])
+        audit.record(
+            workspace,
+            actor,
+            "merge.undo",
+            record.pk,
+            object_type="merge",
+            before={"survivor": survivor.pk, "absorbed": record.absorbed_id, "user_ids": user_ids},
+            after={"restored": restored.pk, "survivor": survivor.pk},
+        )
         return UndoResult(record=record, restored=restored, survivor=survivor)
 
     return run_with_retries(once)

@@ -11,7 +11,7 @@ from features.corrections import CorrectionError, event_void
 from features.selectors import event_list, user_usage, user_usage_by_day
 from users.models import UserFlag
 from users.selectors import flags_of, merge_history, user_ids_by_user, user_ids_of, user_list, users_with_flags
-from users.services import IdentityError, delete_user, merge_undo
+from users.services import DELETE_EVENTS_CHOICES, IdentityError, delete_user, merge_undo
 
 from ..access import actor_of, workspace_view
 from ..charts import bar_chart
@@ -80,12 +80,16 @@ def user_detail(request, pk: int):
 def user_delete(request, pk: int):
     user = _user_or_404(request, pk)
     if request.method == "GET":
-        return render(request, "dashboard/user_delete.html", {"end_user": user})
+        return render(request, "dashboard/user_delete.html", {"end_user": user, "events": "keep"})
+    events = request.POST.get("events", "keep")
+    if events not in DELETE_EVENTS_CHOICES:
+        return render(request, "dashboard/user_delete.html", {"end_user": user, "events": "keep"}, status=400)
     try:
-        delete_user(workspace=request.workspace, user_pk=user.pk, actor=actor_of(request))
+        delete_user(workspace=request.workspace, user_pk=user.pk, actor=actor_of(request), events=events)
     except IdentityError as exc:  # deleted meanwhile by someone else
         raise Http404(exc.message) from None
-    messages.success(request, f"User {user} deleted.")
+    kept = "its events and usage are kept, anonymised" if events == "keep" else "its events and usage are deleted"
+    messages.success(request, f"User {user} deleted; {kept}; its userIds are suppressed.")
     return redirect("dashboard:users")
 
 

@@ -10,7 +10,7 @@ class Migration(migrations.Migration):
     initial = True
 
     dependencies = [
-        ('features', '0004_feature_units_and_usage_counters'),
+        ('features', '0005_feature_units_and_usage_counters'),
         ('kana', '0002_auditentry'),
         ('users', '0003_merge_ledger_undo_and_email_index'),
     ]

@@ -24,11 +24,12 @@ DROP_ZEROS = f"""
 # one row per key, row-locked until the writer commits (see features.counters.drain_touched_usage).
 TOUCH = f"""
     INSERT INTO features_usagetouch ({KEY})
-    SELECT DISTINCT workspace_id, user_id, feature_id, {DAY} FROM new_rows ORDER BY 1, 2, 3, 4
+    SELECT DISTINCT workspace_id, user_id, feature_id, {DAY} FROM new_rows WHERE user_id IS NOT NULL ORDER BY 1, 2, 3, 4
     ON CONFLICT ({KEY}) DO UPDATE SET touches = features_usagetouch.touches + 1;
 """
-NEW = f"SELECT workspace_id, user_id, feature_id, {DAY} AS day, amount FROM new_rows"
-OLD = f"SELECT workspace_id, user_id, feature_id, {DAY} AS day, -amount AS amount FROM old_rows"
+# Detached usage (its user deleted with events=keep: user_id NULL) belongs to no one's budget.
+NEW = f"SELECT workspace_id, user_id, feature_id, {DAY} AS day, amount FROM new_rows WHERE user_id IS NOT NULL"
+OLD = f"SELECT workspace_id, user_id, feature_id, {DAY} AS day, -amount AS amount FROM old_rows WHERE user_id IS NOT NULL"
 POSTGRES_TRIGGERS = {
     "insert": ("NEW TABLE AS new_rows", UPSERT.format(deltas=NEW) + TOUCH),
     "update": (
@@ -40,7 +41,8 @@ POSTGRES_TRIGGERS = {
 
 SQLITE_ADD = f"""
     INSERT INTO {COUNTER} ({KEY}, amount)
-    VALUES ({{row}}.workspace_id, {{row}}.user_id, {{row}}.feature_id, date({{row}}.occurred_at), {{sign}}{{row}}.amount)
+    SELECT {{row}}.workspace_id, {{row}}.user_id, {{row}}.feature_id, date({{row}}.occurred_at), {{sign}}{{row}}.amount
+    WHERE {{row}}.user_id IS NOT NULL
     ON CONFLICT ({KEY}) DO UPDATE SET amount = amount + excluded.amount;
 """
 SQLITE_DROP_ZERO = f"""
@@ -49,7 +51,8 @@ SQLITE_DROP_ZERO = f"""
 """
 SQLITE_TOUCH = f"""
     INSERT INTO features_usagetouch ({KEY})
-    VALUES (NEW.workspace_id, NEW.user_id, NEW.feature_id, date(NEW.occurred_at)) ON CONFLICT DO NOTHING;
+    SELECT NEW.workspace_id, NEW.user_id, NEW.feature_id, date(NEW.occurred_at) WHERE NEW.user_id IS NOT NULL
+    ON CONFLICT DO NOTHING;
 """
 SQLITE_TRIGGERS = {
     "insert": ("", SQLITE_ADD.format(row="NEW", sign="") + SQLITE_TOUCH),
@@ -91,7 +94,7 @@ def create_counter_triggers(apps, schema_editor):
         cursor.execute(
             f"INSERT INTO {COUNTER} ({KEY}, amount) SELECT workspace_id, user_id, feature_id, "
             + (DAY if schema_editor.connection.vendor == "postgresql" else "date(occurred_at)")
-            + f", sum(amount) FROM features_usage GROUP BY 1, 2, 3, 4 HAVING sum(amount) <> 0"
+            + ", sum(amount) FROM features_usage WHERE user_id IS NOT NULL GROUP BY 1, 2, 3, 4 HAVING sum(amount) <> 0"
         )
 
 
@@ -108,7 +111,7 @@ def drop_counter_triggers(apps, schema_editor):
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('features', '0003_event_table_archive_void_and_job_failures'),
+        ('features', '0004_pending_events_detached_usage_unmapped_name_index'),
     ]
 
     operations = [

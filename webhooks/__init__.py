@@ -1,0 +1,1 @@
+"""Webhooks: notifications (``kana.signals.notification``, merges) turned into signed deliveries."""

@@ -1,0 +1,49 @@
+"""What turns notifications into webhook events (connected in ``WebhooksConfig.ready``).
+
+Both receivers run inside the sender's transaction (``kana.signals.notification`` is sent
+where the change is made; a merge sends ``user_absorbed`` inside its own), so the event and
+its deliveries commit or roll back with the change that caused them.
+"""
+
+from django.dispatch import receiver
+
+from kana.signals import notification
+from users.models import MergeRecord
+from users.signals import user_absorbed
+
+from .models import WebhookEventType
+from .selectors import listens_to
+from .services import event_record
+
+
+@receiver(notification, dispatch_uid="webhooks.notification")
+def _on_notification(sender, *, workspace_id: int, event_type: str, data: dict, event_key: str, **_kwargs) -> None:
+    event_record(workspace_id=workspace_id, event_type=event_type, data=data, event_key=event_key)
+
+
+@receiver(user_absorbed, dispatch_uid="webhooks.user_merged")
+def _on_user_absorbed(sender, *, workspace_id: int, absorbed_pk: int, survivor_pk: int, **_kwargs) -> None:
+    """``user.merged`` with both Kana ids. Keyed by the merge's ledger row (written before the
+    signal): a replayed merge writes no row and sends no signal, while the same user merged
+    again after an undo is a new merge and a new event."""
+    if not listens_to(workspace_id, WebhookEventType.USER_MERGED):
+        return  # the common case: one query, and no ledger read in the merge's transaction
+    merge_id, reason, user_ids = (
+        MergeRecord.objects.for_workspace(workspace_id)
+        .filter(absorbed_id=absorbed_pk, undone_at__isnull=True)
+        .values_list("pk", "reason", "absorbed_snapshot__user_ids")
+        .get()
+    )
+    data = {
+        "merge_id": merge_id,
+        "survivor_id": survivor_pk,
+        "absorbed_id": absorbed_pk,
+        "absorbed_user_ids": user_ids or [],
+        "reason": reason,
+    }
+    event_record(
+        workspace_id=workspace_id,
+        event_type=WebhookEventType.USER_MERGED,
+        data=data,
+        event_key=f"user.merged:{merge_id}",
+    )
