@@ -283,6 +283,9 @@ class FeatureSerializer(serializers.Serializer):
     )
     name = StrictCharField(required=False, allow_blank=True, max_length=255)
     type = serializers.ChoiceField(choices=FeatureType.values, default=FeatureType.CONSUMABLE)
+    unit_label = StrictCharField(required=False, allow_blank=True, max_length=100, help_text='One unit: "message".')
+    unit_label_plural = StrictCharField(required=False, allow_blank=True, max_length=100, help_text='"messages".')
+    metadata = serializers.DictField(required=False, help_text="Free JSON object kept with the feature.")
     archived = serializers.SerializerMethodField(help_text="Archived: no new usage is recorded; history is kept.")
     created_at = serializers.DateTimeField(read_only=True)
 
@@ -294,6 +297,9 @@ class FeatureUpdateSerializer(serializers.Serializer):
     name = StrictCharField(required=False, allow_blank=True, max_length=255)
     type = serializers.ChoiceField(required=False, choices=FeatureType.values)
     archived = StrictBooleanField(required=False)
+    unit_label = StrictCharField(required=False, allow_blank=True, max_length=100)
+    unit_label_plural = StrictCharField(required=False, allow_blank=True, max_length=100)
+    metadata = serializers.DictField(required=False)
 
 
 @extend_schema_field(JSON_VALUE_REF)

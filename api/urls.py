@@ -8,7 +8,7 @@ be routed next to these, before or after them, in ``kana/urls.py``.
 from django.urls import path
 from rest_framework.routers import SimpleRouter
 
-from . import views
+from . import entitlement_views, views
 
 router = SimpleRouter(trailing_slash=False)
 router.register("users", views.UserViewSet, basename="user")
@@ -18,6 +18,11 @@ router.register("events", views.EventViewSet, basename="event")
 router.register("usage", views.UsageViewSet, basename="usage")
 router.register("merges", views.MergeViewSet, basename="merge")
 router.register("audit", views.AuditViewSet, basename="audit")
+router.register("usage/records", entitlement_views.UsageRecordViewSet, basename="usage-record")
+router.register("packages", entitlement_views.PackageViewSet, basename="package")
+router.register("subscriptions", entitlement_views.SubscriptionViewSet, basename="subscription")
+router.register("entitlements/reservations", entitlement_views.ReservationViewSet, basename="reservation")
+router.register("entitlements", entitlement_views.EntitlementViewSet, basename="entitlement")
 router.register("webhooks", views.WebhookViewSet, basename="webhook")
 
 app_name = "api"

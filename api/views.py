@@ -288,7 +288,14 @@ class FeatureViewSet(
     def perform_create(self, serializer):
         data = serializer.validated_data
         serializer.instance = feature_create(
-            workspace=self.workspace, key=data["key"], name=data.get("name", ""), type=data["type"], actor=self.actor
+            workspace=self.workspace,
+            key=data["key"],
+            name=data.get("name", ""),
+            type=data["type"],
+            unit_label=data.get("unit_label", ""),
+            unit_label_plural=data.get("unit_label_plural", ""),
+            metadata=data.get("metadata"),
+            actor=self.actor,
         )
 
     def partial_update(self, request, id=None):

@@ -124,6 +124,10 @@ class Feature(models.Model):
     # An archived feature records no new usage; its history stays. (A feature with usage
     # cannot be deleted: that would delete the usage.)
     archived_at = models.DateTimeField(null=True, blank=True)
+    # How the product names one unit ("message", "messages"), and free customer data.
+    unit_label = models.CharField(max_length=100, blank=True, default="", db_default="")
+    unit_label_plural = models.CharField(max_length=100, blank=True, default="", db_default="")
+    metadata = models.JSONField(default=dict, blank=True)
 
     objects = WorkspaceQuerySet.as_manager()
 
@@ -177,6 +181,57 @@ class Usage(models.Model):
         indexes = [
             models.Index(fields=["workspace", "user", "feature", "occurred_at"], name="usage_ws_user_feature_idx"),
             models.Index(fields=["workspace", "feature", "occurred_at"], name="usage_ws_feature_idx"),
+        ]
+
+
+class UsageCounter(models.Model):
+    """Usage per (user, feature, UTC day): the period totals entitlements read.
+
+    Derived from ``Usage`` and written by nobody in Python: database triggers on the usage
+    table (migration ``0005_feature_units_and_usage_counters``) add every inserted, updated
+    or deleted usage row's amount to its day, so the counters follow every path that
+    changes usage, including paths added later. ``manage.py rebuild_usage_counters``
+    recomputes them from the usage rows. Plain id columns, no foreign keys: rows of a
+    deleted user drop to zero (and are removed) as its usage goes.
+    """
+
+    workspace_id = models.BigIntegerField()
+    user_id = models.BigIntegerField()
+    feature_id = models.BigIntegerField()
+    day = models.DateField()
+    # Wider than a usage amount (30 digits): a day sums many of them, each up to 10^21.
+    amount = models.DecimalField(max_digits=40, decimal_places=9)
+
+    objects = WorkspaceQuerySet.as_manager()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["workspace_id", "user_id", "feature_id", "day"], name="usagecounter_unique_key"
+            )
+        ]
+
+
+class UsageTouch(models.Model):
+    """(user, feature, UTC day) keys whose usage grew since entitlements last looked: written
+    by the same triggers as ``UsageCounter`` (one row per key, however many changes), drained
+    by ``features.counters.drain_touched_usage`` for the threshold notifications. The day
+    lets a late or reprocessed event be judged in its own period."""
+
+    workspace_id = models.BigIntegerField()
+    user_id = models.BigIntegerField()
+    feature_id = models.BigIntegerField()
+    day = models.DateField()
+    # Bumped by each statement that touches the pair: the upsert row-locks it until that
+    # statement's transaction commits, so the drain (SKIP LOCKED) never takes a pair whose
+    # newest usage it could not see yet.
+    touches = models.BigIntegerField(default=1, db_default=1)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["workspace_id", "user_id", "feature_id", "day"], name="usagetouch_unique_key"
+            )
         ]
 
 

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 
 from django.db import transaction
-from django.db.models import F, Max
+from django.db.models import F, Max, ProtectedError
 from django.utils import timezone
 
 from features.models import Event
@@ -42,7 +42,15 @@ def _bump_rules_version(workspace: Workspace) -> None:
 
 
 def _feature_summary(feature: Feature) -> dict:
-    return {"key": feature.key, "name": feature.name, "type": feature.type, "archived": feature.archived_at is not None}
+    return {
+        "key": feature.key,
+        "name": feature.name,
+        "type": feature.type,
+        "archived": feature.archived_at is not None,
+        "unit_label": feature.unit_label,
+        "unit_label_plural": feature.unit_label_plural,
+        "metadata": feature.metadata,
+    }
 
 
 def _rule_summary(rule: MappingRule) -> dict:
@@ -71,7 +79,15 @@ def _start_job(
 
 
 def feature_create(
-    *, workspace: Workspace, key: str, name: str = "", type: str = FeatureType.CONSUMABLE, actor: str = ""
+    *,
+    workspace: Workspace,
+    key: str,
+    name: str = "",
+    type: str = FeatureType.CONSUMABLE,
+    unit_label: str = "",
+    unit_label_plural: str = "",
+    metadata: dict | None = None,
+    actor: str = "",
 ) -> Feature:
     """Create a feature. Events that named it as featureId before it existed get mapped."""
     key = (key or "").strip()
@@ -83,7 +99,15 @@ def feature_create(
         lock_rules_exclusive(workspace.pk)
         if Feature.objects.for_workspace(workspace).filter(key=key).exists():
             raise FeatureError("feature_exists", f"a feature with id {key!r} already exists", "id", status=409)
-        feature = Feature.objects.create(workspace=workspace, key=key, name=name or key, type=type)
+        feature = Feature.objects.create(
+            workspace=workspace,
+            key=key,
+            name=name or key,
+            type=type,
+            unit_label=unit_label,
+            unit_label_plural=unit_label_plural,
+            metadata=metadata or {},
+        )
         _bump_rules_version(workspace)
         _start_job(workspace=workspace, feature=feature)
         audit.record(workspace, actor, "feature.create", feature.key, after=_feature_summary(feature))
@@ -97,9 +121,12 @@ def feature_update(
     name: str | None = None,
     type: str | None = None,
     archived: bool | None = None,
+    unit_label: str | None = None,
+    unit_label_plural: str | None = None,
+    metadata: dict | None = None,
     actor: str = "",
 ) -> Feature:
-    """Rename, retype, archive (no new usage, history kept) or unarchive a feature."""
+    """Rename, retype, relabel, archive (no new usage, history kept) or unarchive a feature."""
     if type is not None and type not in FeatureType.values:
         raise FeatureError("invalid_feature_type", "type must be BINARY or CONSUMABLE", "type")
     with transaction.atomic():
@@ -112,10 +139,17 @@ def feature_update(
             feature.name = name
         if type is not None:
             feature.type = type
+        for field, value in (
+            ("unit_label", unit_label),
+            ("unit_label_plural", unit_label_plural),
+            ("metadata", metadata),
+        ):
+            if value is not None:
+                setattr(feature, field, value)
         if archived is not None and archived != (feature.archived_at is not None):
             feature.archived_at = timezone.now() if archived else None
             _bump_rules_version(workspace)
-        feature.save(update_fields=["name", "type", "archived_at"])
+        feature.save(update_fields=["name", "type", "archived_at", "unit_label", "unit_label_plural", "metadata"])
         audit.record(workspace, actor, "feature.update", feature.key, before=before, after=_feature_summary(feature))
     return feature
 
@@ -132,7 +166,13 @@ def feature_delete(*, workspace: Workspace, feature: Feature, actor: str = "") -
             raise FeatureError(
                 "feature_in_use", "this feature has recorded usage: archive it instead of deleting it", "id", status=409
             )
-        Feature.objects.for_workspace(workspace).filter(pk=feature.pk).delete()
+        try:
+            with transaction.atomic():
+                Feature.objects.for_workspace(workspace).filter(pk=feature.pk).delete()
+        except ProtectedError as exc:  # a layer above holds on to it (a package, a reservation)
+            raise FeatureError(
+                "feature_in_use", "a package or a reservation includes this feature: archive it instead", "id", 409
+            ) from exc
         _bump_rules_version(workspace)
         audit.record(workspace, actor, "feature.delete", feature.key, before=_feature_summary(feature))
 

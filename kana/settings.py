@@ -70,6 +70,7 @@ INSTALLED_APPS = [
     "kana",
     "users",
     "features",
+    "entitlements",
     "webhooks",
     "segment_ingest",
     "api",
@@ -167,6 +168,14 @@ CELERY_BEAT_SCHEDULE = {
         "task": "users.tasks.sweep_stalled_imports",
         "schedule": float(env_int("KANA_SWEEP_INTERVAL_SECONDS", 15)),
     },
+    "sweep-expired-reservations": {
+        "task": "entitlements.tasks.sweep_expired_reservations",
+        "schedule": float(env_int("KANA_SWEEP_INTERVAL_SECONDS", 15)),
+    },
+    "notify-usage-thresholds": {
+        "task": "entitlements.tasks.notify_thresholds",
+        "schedule": float(env_int("KANA_THRESHOLD_INTERVAL_SECONDS", 5)),
+    },
     # Held anonymous events past their workspace's hold window expire (SPEC §12).
     "expire-pending-anonymous-events": {
         "task": "features.tasks.expire_pending_anonymous_events",
@@ -179,6 +188,9 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": float(env_int("KANA_SWEEP_INTERVAL_SECONDS", 15)),
     },
 }
+# Fractions of a budget whose crossing is notified (usage.threshold_reached; 1.0 also sends
+# usage.limit_reached), once per subject, feature, period and threshold.
+KANA_USAGE_THRESHOLDS = (0.8, 1.0)
 # A running job whose heartbeat is older than this is presumed dead and re-enqueued.
 KANA_JOB_STALE_SECONDS = env_int("KANA_JOB_STALE_SECONDS", 60)
 

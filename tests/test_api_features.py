@@ -21,10 +21,32 @@ def test_it_creates_a_feature_keyed_by_its_id(tenant):
     response = ApiClient(tenant).post("features", {"id": "exports", "name": "Exports", "type": "BINARY"})
     assert response.status_code == 201, response.content
     body = response.json()
-    assert set(body) == {"id", "name", "type", "archived", "created_at"}
+    assert set(body) == {"id", "name", "type", "archived", "created_at", "unit_label", "unit_label_plural", "metadata"}
     assert body["archived"] is False
     assert (body["id"], body["name"], body["type"]) == ("exports", "Exports", "BINARY")
     assert Feature.objects.for_workspace(tenant.workspace).get(key="exports").type == "BINARY"
+
+
+def test_a_feature_keeps_its_unit_labels_and_metadata(tenant):
+    api = ApiClient(tenant)
+    created = api.post(
+        "features",
+        {"id": "messages", "unit_label": "message", "unit_label_plural": "messages", "metadata": {"tier": 1}},
+    ).json()
+    assert (created["unit_label"], created["unit_label_plural"], created["metadata"]) == (
+        "message",
+        "messages",
+        {"tier": 1},
+    )
+
+    changed = api.patch("features/messages", {"unit_label": "msg", "metadata": {"tier": 2}}).json()
+
+    assert (changed["unit_label"], changed["unit_label_plural"], changed["metadata"]) == (
+        "msg",
+        "messages",
+        {"tier": 2},
+    )
+    assert api.patch("features/messages", {"metadata": [1]}).status_code == 400
 
 
 def test_a_new_feature_maps_the_events_that_named_it(tenant):

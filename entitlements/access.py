@@ -1,0 +1,592 @@
+"""May this user (or group) use this feature now? Checks, consumes, API usage records and
+reservations (SPEC §11).
+
+A decision reads the subject's subscriptions (a user's own and its groups'), picks the
+package feature with the highest limit (null beats any number), and counts the period that
+contains now from the daily usage counters (``features.counters.period_used``) plus what
+reservations hold. Consumes, records and holds take a transaction-scoped advisory lock per
+(workspace, budget, feature) before deciding, so two of them on one budget decide one after
+the other, each seeing what the other recorded: a hard limit is never overspent.
+
+Usage recorded here goes through ``features.ledger`` as an event whose messageId is the
+idempotency key: a key is unique per workspace forever, in one namespace with Segment's
+messageIds, so a repeated key (or a Segment messageId used as one) is a replay.
+"""
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from django.db import transaction
+from django.db.models import Q, Sum
+from django.utils import timezone
+
+from features import counters, ledger
+from features.incoming import Message
+from features.mapping import Decision
+from features.models import Event, EventStatus, Feature, FeatureType, MessageType
+from kana.locks import lock_keys
+from kana.models import Workspace
+from kana.retries import run_with_retries
+from users import selectors as user_selectors
+from users.models import Group, GroupMembership
+from users.services import resolve_users, suppressed_user_ids
+
+from .models import (
+    ACCESS_STATUSES,
+    PackageFeature,
+    Reservation,
+    ReservationStatus,
+    Subscription,
+)
+from .periods import past_periods, period_containing
+from .services import EntitlementError, subject_key
+
+# The name of the events that API records and commits store.
+RECORDED_EVENT = "Usage Recorded"
+
+MESSAGES = {
+    "binary_access": "the feature is included in a live package",
+    "within_limit": "within the period's budget",
+    "overage_enabled": "over the budget, and the package allows overage",
+    "limit_reached": "the period's budget is used up",
+    "no_subscription": "no subscription",
+    "subscription_inactive": "no active or trialing subscription",
+    "feature_not_in_package": "no live package includes this feature",
+    "unknown_user": "no such user",
+    "unknown_group": "no such group",
+    "unknown_feature": "no such feature",
+}
+
+
+def number(value: Decimal | None):
+    """A Decimal as JSON shows it: an int when whole, else a float; None stays None."""
+    if value is None:
+        return None
+    value = Decimal(value)
+    return int(value) if value == value.to_integral_value() else float(value)
+
+
+@dataclass
+class Consumption:
+    used: Decimal
+    budget: Decimal | None  # None: unlimited
+    held: Decimal = Decimal(0)
+    overage_enabled: bool = False
+
+    @property
+    def remaining(self) -> Decimal | None:
+        return None if self.budget is None else max(self.budget - self.used - self.held, Decimal(0))
+
+    def as_dict(self) -> dict:
+        return {
+            "used": number(self.used),
+            "budget": number(self.budget),
+            "remaining": number(self.remaining),
+            "held": number(self.held),
+            "overage_enabled": self.overage_enabled,
+        }
+
+
+@dataclass
+class Entitlement:
+    """One decision: access, the reason code, and (for consumables) the budget it read."""
+
+    access: bool
+    reason: str
+    consumption: Consumption | None = None
+    period: tuple[datetime, datetime | None] | None = None
+    # The budget's owner ("user:<id>"/"group:<id>") and what its usage is summed over.
+    owner: str | None = None
+    owner_user_pks: list[int] = field(default_factory=list)
+    feature: Feature | None = None
+    reset_period: str | None = None
+    anchor: datetime | None = None
+
+    def as_dict(self) -> dict:
+        return {
+            "access": self.access,
+            "reason": self.reason,
+            "message": MESSAGES[self.reason],
+            "consumption": self.consumption.as_dict() if self.consumption else None,
+            "period": period_dict(self.period),
+        }
+
+
+def period_dict(period) -> dict | None:
+    if period is None:
+        return None
+    start, end = period
+    return {"start": start.isoformat(), "end": end.isoformat() if end else None}
+
+
+@dataclass(frozen=True)
+class Subject:
+    """Who asks: a user (and the groups it belongs to) or a group."""
+
+    user_pk: int | None = None
+    group_pk: int | None = None
+    group_pks: tuple[int, ...] = ()
+
+    def lock_keys(self, workspace_id: int, feature_id: int) -> list[str]:
+        """One key per budget this subject may draw on: its own and each of its groups'."""
+        budgets = [subject_key(user_pk=self.user_pk)] if self.user_pk else []
+        budgets += [subject_key(group_pk=pk) for pk in (self.group_pks or (self.group_pk,)) if pk]
+        return [f"budget:{workspace_id}:{budget}:{feature_id}" for budget in budgets]
+
+
+def user_subject(workspace: Workspace, user_pk: int) -> Subject:
+    groups = GroupMembership.objects.for_workspace(workspace).filter(user_id=user_pk).values_list("group_id", flat=True)
+    return Subject(user_pk=user_pk, group_pks=tuple(sorted(groups)))
+
+
+def find_subject(workspace: Workspace, *, user_id: str | None = None, group_id: str | None = None) -> Subject | None:
+    if user_id is not None:
+        user_pk = user_selectors.user_pk_for(workspace, user_id)
+        return None if user_pk is None else user_subject(workspace, user_pk)
+    group_pk = Group.objects.for_workspace(workspace).filter(group_id=group_id).values_list("pk", flat=True).first()
+    return None if group_pk is None else Subject(group_pk=group_pk)
+
+
+def held_amount(workspace_id: int, owner: str, feature_id: int, now: datetime) -> Decimal:
+    """What unexpired holds keep of a budget (an expired hold frees itself here, at read time)."""
+    held = (
+        Reservation.objects.for_workspace(workspace_id)
+        .filter(subject=owner, feature_id=feature_id, status=ReservationStatus.HELD, expires_at__gt=now)
+        .aggregate(total=Sum("amount"))["total"]
+    )
+    return Decimal(held or 0)
+
+
+def _owner_members(workspace_id: int, *, user_pk: int | None, group_pk: int | None) -> list[int]:
+    """The users whose usage a budget counts: its user, or every member of its group."""
+    if user_pk is not None:
+        return [user_pk]
+    return list(
+        GroupMembership.objects.for_workspace(workspace_id).filter(group_id=group_pk).values_list("user_id", flat=True)
+    )
+
+
+def evaluate(
+    workspace: Workspace,
+    subject: Subject,
+    feature: Feature,
+    *,
+    delta: Decimal = Decimal(1),
+    now: datetime | None = None,
+) -> Entitlement:
+    """The decision for ``delta`` more of ``feature`` at ``now`` (default: now)."""
+    now = now or timezone.now()
+    owners = Q(group_id__in=subject.group_pks) if subject.group_pks else Q(pk__in=[])
+    if subject.user_pk is not None:
+        owners |= Q(user_id=subject.user_pk)
+    if subject.group_pk is not None:
+        owners |= Q(group_id=subject.group_pk)
+    subscriptions = list(
+        Subscription.objects.for_workspace(workspace)
+        .filter(owners)
+        .values("pk", "user_id", "group_id", "package_id", "status", "started_at")
+    )
+    if not subscriptions:
+        return Entitlement(False, "no_subscription", feature=feature)
+    live = [s for s in subscriptions if s["status"] in ACCESS_STATUSES]
+    if not live:
+        return Entitlement(False, "subscription_inactive", feature=feature)
+    offers = {
+        pf.package_id: pf
+        for pf in PackageFeature.objects.for_workspace(workspace).filter(
+            package_id__in={s["package_id"] for s in live}, feature_id=feature.pk
+        )
+    }
+    candidates = [(offers[s["package_id"]], s) for s in live if s["package_id"] in offers]
+    if not candidates:
+        return Entitlement(False, "feature_not_in_package", feature=feature)
+    if feature.type == FeatureType.BINARY:
+        return Entitlement(True, "binary_access", feature=feature)
+
+    # The highest limit wins (null beats any number); on a tie, overage, then the subject's own
+    # subscription, then the oldest.
+    def rank(candidate):
+        offer, subscription = candidate
+        return (
+            offer.limit is None,
+            offer.limit or 0,
+            offer.overage_enabled,
+            subscription["user_id"] is not None,
+            -subscription["pk"],
+        )
+
+    offer, chosen = max(candidates, key=rank)
+    period = period_containing(chosen["started_at"], offer.reset_period, now)
+    owner = subject_key(user_pk=chosen["user_id"], group_pk=chosen["group_id"])
+    members = _owner_members(workspace.pk, user_pk=chosen["user_id"], group_pk=chosen["group_id"])
+    used = counters.period_used(workspace.pk, user_pks=members, feature_id=feature.pk, start=period[0], end=period[1])
+    consumption = Consumption(
+        used=used,
+        budget=offer.limit,
+        held=held_amount(workspace.pk, owner, feature.pk, now),
+        overage_enabled=offer.overage_enabled,
+    )
+    if offer.limit is None or used + consumption.held + delta <= offer.limit:
+        access, reason = True, "within_limit"
+    elif offer.overage_enabled:
+        access, reason = True, "overage_enabled"
+    else:
+        access, reason = False, "limit_reached"
+    return Entitlement(
+        access,
+        reason,
+        consumption=consumption,
+        period=period,
+        owner=owner,
+        owner_user_pks=members,
+        feature=feature,
+        reset_period=offer.reset_period,
+        anchor=chosen["started_at"],
+    )
+
+
+def _feature(workspace: Workspace, key: str) -> Feature | None:
+    return Feature.objects.for_workspace(workspace).filter(key=key).first()
+
+
+def check(
+    workspace: Workspace,
+    *,
+    feature_key: str,
+    user_id: str | None = None,
+    group_id: str | None = None,
+    delta: Decimal = Decimal(1),
+    now: datetime | None = None,
+) -> Entitlement:
+    """``canUseFeature``: an unknown user, group or feature is an answer (access false)."""
+    feature = _feature(workspace, feature_key)
+    if feature is None:
+        return Entitlement(False, "unknown_feature")
+    subject = find_subject(workspace, user_id=user_id, group_id=group_id)
+    if subject is None:
+        return Entitlement(False, "unknown_user" if user_id is not None else "unknown_group", feature=feature)
+    return evaluate(workspace, subject, feature, delta=delta, now=now)
+
+
+# --- Recording usage: API records, consumes, commits -----------------------------------------
+
+
+def _stored_answer(workspace: Workspace, key: str) -> dict | None:
+    """The answer stored with the event of ``key``; {} for a key that is a Segment messageId
+    (stored, but not by this API); None when nothing has the key yet."""
+    payload = Event.objects.for_workspace(workspace).filter(message_id=key).values_list("payload", flat=True).first()
+    if payload is None:
+        return None
+    kana = payload.get("kana") if isinstance(payload, dict) else None
+    return (kana or {}).get("answer") or {}
+
+
+def _record(
+    workspace: Workspace,
+    *,
+    user_pk: int,
+    external_user_id: str,
+    feature: Feature,
+    amount: Decimal,
+    key: str,
+    occurred_at: datetime,
+    source: str,
+    answer: dict,
+) -> bool:
+    """Store one usage event through the ledger (the only writer of events and usage); False
+    when ``key`` was stored meanwhile by a concurrent request (a replay)."""
+    now = timezone.now()
+    payload = {
+        "type": "track",
+        "event": RECORDED_EVENT,
+        "userId": external_user_id,
+        "messageId": key,
+        "timestamp": occurred_at.isoformat(),
+        "properties": {"featureId": feature.key, "delta": number(amount)},
+        "kana": {"source": source, "answer": answer},
+    }
+    message = Message(
+        type=MessageType.TRACK,
+        message_id=key,
+        payload=payload,
+        occurred_at=occurred_at,
+        received_at=now,
+        user_id=external_user_id,
+        name=RECORDED_EVENT,
+        properties=payload["properties"],
+    )
+    decision = Decision(EventStatus.MAPPED, usages=[(feature.pk, amount, None)])
+    return key in ledger.record_usage_events(workspace, [(message, decision, user_pk)])
+
+
+def _after(entitlement: Entitlement, amount: Decimal) -> dict | None:
+    """The consumption once ``amount`` is recorded (the budget's usage grows by it)."""
+    c = entitlement.consumption
+    if c is None:
+        return None
+    return Consumption(used=c.used + amount, budget=c.budget, held=c.held, overage_enabled=c.overage_enabled).as_dict()
+
+
+def _replay(workspace: Workspace, key: str, stored: dict) -> tuple[dict, bool]:
+    if stored:
+        return stored, True
+    # A Segment messageId used as a key: stored, not by this API; nothing more is recorded.
+    return {"recorded": False, "reason": "duplicate", "message": "this key is a stored messageId"}, True
+
+
+def _live_feature(workspace: Workspace, feature_key: str) -> Feature:
+    feature = _feature(workspace, feature_key)
+    if feature is None:
+        raise EntitlementError("unknown_feature", f"no feature {feature_key!r}", "feature", 400)
+    if feature.archived_at is not None:
+        raise EntitlementError("feature_archived", f"feature {feature_key!r} is archived: no new usage", "feature", 409)
+    return feature
+
+
+def record_usage(
+    workspace: Workspace,
+    *,
+    user_id: str,
+    feature_key: str,
+    delta: Decimal,
+    action: str,
+    idempotency_key: str,
+    occurred_at: datetime | None = None,
+) -> tuple[dict, bool]:
+    """``recordUsage``: add ``delta``, or ``set`` the period's used to it (the difference is
+    recorded). Returns (answer, replayed): a replayed key answers its first answer."""
+    feature = _live_feature(workspace, feature_key)
+
+    @transaction.atomic
+    def once() -> tuple[dict, bool]:
+        stored = _stored_answer(workspace, idempotency_key)
+        if stored is not None:
+            return _replay(workspace, idempotency_key, stored)
+        if suppressed_user_ids(workspace=workspace, user_ids={user_id}):
+            # Its user was deleted: like Segment's suppress-and-delete, nothing more is stored for it.
+            raise EntitlementError(
+                "user_suppressed", "this userId belonged to a deleted user: no usage is recorded for it", "user_id", 409
+            )
+        user_pk = resolve_users(workspace=workspace, external_ids=[user_id])[user_id]
+        subject = user_subject(workspace, user_pk)
+        lock_keys(subject.lock_keys(workspace.pk, feature.pk))
+        at = occurred_at or timezone.now()
+        entitlement = evaluate(workspace, subject, feature, delta=Decimal(0), now=at)
+        amount = delta
+        if action == "set":
+            used = entitlement.consumption.used if entitlement.consumption else _all_time(workspace, user_pk, feature)
+            amount = delta - used
+        if entitlement.consumption is not None:
+            entitlement = evaluate(workspace, subject, feature, delta=amount, now=at)
+        answer = {"recorded": True, "reason": entitlement.reason, "consumption": _after(entitlement, amount)}
+        if not _record(
+            workspace,
+            user_pk=user_pk,
+            external_user_id=user_id,
+            feature=feature,
+            amount=amount,
+            key=idempotency_key,
+            occurred_at=at,
+            source="api:usage/records",
+            answer=answer,
+        ):
+            return _replay(workspace, idempotency_key, _stored_answer(workspace, idempotency_key) or {})
+        return answer, False
+
+    return run_with_retries(once)
+
+
+def _all_time(workspace: Workspace, user_pk: int, feature: Feature) -> Decimal:
+    return counters.period_used(
+        workspace.pk, user_pks=[user_pk], feature_id=feature.pk, start=datetime(1970, 1, 1, tzinfo=UTC), end=None
+    )
+
+
+def consume(
+    workspace: Workspace, *, user_id: str, feature_key: str, delta: Decimal, idempotency_key: str
+) -> tuple[dict, bool]:
+    """Check and record in one atomic step: never overspends a hard limit, whatever the
+    concurrency. Returns (answer, replayed). A refusal records nothing (and keeps the key free)."""
+    feature = _feature(workspace, feature_key)
+    if feature is None:
+        return {**Entitlement(False, "unknown_feature").as_dict(), "recorded": False}, False
+    if feature.archived_at is not None:
+        raise EntitlementError("feature_archived", f"feature {feature_key!r} is archived: no new usage", "feature", 409)
+    user_pk = user_selectors.user_pk_for(workspace, user_id)
+    if user_pk is None:
+        return {**Entitlement(False, "unknown_user").as_dict(), "recorded": False}, False
+
+    @transaction.atomic
+    def once() -> tuple[dict, bool]:
+        stored = _stored_answer(workspace, idempotency_key)
+        if stored is not None:
+            return _replay(workspace, idempotency_key, stored)
+        subject = user_subject(workspace, user_pk)
+        lock_keys(subject.lock_keys(workspace.pk, feature.pk))
+        entitlement = evaluate(workspace, subject, feature, delta=delta)
+        if not entitlement.access:
+            return {**entitlement.as_dict(), "recorded": False}, False
+        answer = {**entitlement.as_dict(), "recorded": True, "consumption": _after(entitlement, delta)}
+        if not _record(
+            workspace,
+            user_pk=user_pk,
+            external_user_id=user_id,
+            feature=feature,
+            amount=delta,
+            key=idempotency_key,
+            occurred_at=timezone.now(),
+            source="api:entitlements/consume",
+            answer=answer,
+        ):
+            return _replay(workspace, idempotency_key, _stored_answer(workspace, idempotency_key) or {})
+        return answer, False
+
+    return run_with_retries(once)
+
+
+# --- Reservations ---------------------------------------------------------------------------
+
+
+def reservation_status(reservation: Reservation, now: datetime | None = None) -> str:
+    """As shown: a hold past its expiry is expired even before the sweep marks it."""
+    if reservation.status == ReservationStatus.HELD and reservation.expires_at <= (now or timezone.now()):
+        return ReservationStatus.EXPIRED
+    return reservation.status
+
+
+def reservation_create(
+    workspace: Workspace, *, user_id: str, feature_key: str, amount: Decimal, ttl_seconds: int, idempotency_key: str
+) -> tuple[Reservation, bool]:
+    """Hold ``amount`` of the budget for ``ttl_seconds``; (reservation, created). The same key
+    again answers the same reservation. Refused with 409 and the decision's reason code."""
+    feature = _feature(workspace, feature_key)
+    user_pk = user_selectors.user_pk_for(workspace, user_id) if feature is not None else None
+
+    @transaction.atomic
+    def once() -> tuple[Reservation, bool]:
+        existing = Reservation.objects.for_workspace(workspace).filter(idempotency_key=idempotency_key).first()
+        if existing is not None:
+            return existing, False
+        if feature is None or user_pk is None:
+            reason = "unknown_feature" if feature is None else "unknown_user"
+            raise EntitlementError(reason, MESSAGES[reason], "feature" if feature is None else "user_id", 409)
+        subject = user_subject(workspace, user_pk)
+        lock_keys(subject.lock_keys(workspace.pk, feature.pk))
+        now = timezone.now()
+        entitlement = evaluate(workspace, subject, feature, delta=amount, now=now)
+        if not entitlement.access:
+            raise EntitlementError(entitlement.reason, MESSAGES[entitlement.reason], None, 409)
+        reservation = Reservation.objects.create(
+            workspace=workspace,
+            user_id=user_pk,
+            subject=entitlement.owner or subject_key(user_pk=user_pk),
+            feature=feature,
+            amount=amount,
+            idempotency_key=idempotency_key,
+            expires_at=now + timedelta(seconds=ttl_seconds),
+        )
+        return reservation, True
+
+    return run_with_retries(once)
+
+
+def reservation_commit(workspace: Workspace, *, reservation_id: int, amount: Decimal | None = None) -> Reservation:
+    """Record the held usage (``amount``, at most the hold; default all of it). Idempotent."""
+
+    @transaction.atomic
+    def once() -> Reservation:
+        reservation = (
+            Reservation.objects.for_workspace(workspace)
+            .select_for_update()
+            .select_related("user", "feature")
+            .get(pk=reservation_id)
+        )
+        if reservation.status in (ReservationStatus.COMMITTED, ReservationStatus.EXPIRED):
+            return reservation
+        if reservation.status == ReservationStatus.RELEASED:
+            raise EntitlementError("reservation_released", "the hold was released", None, 409)
+        now = timezone.now()
+        if reservation_status(reservation, now) == ReservationStatus.EXPIRED:
+            _finish(reservation, ReservationStatus.EXPIRED, now)  # kept: the refusal is raised after commit
+            return reservation
+        committed = reservation.amount if amount is None else amount
+        if committed > reservation.amount or committed < 0:
+            raise EntitlementError("invalid_amount", "a commit is 0 up to the held amount", "amount", 400)
+        _record(
+            workspace,
+            user_pk=reservation.user_id,
+            external_user_id=reservation.user.user_id or "",
+            feature=reservation.feature,
+            amount=committed,
+            key=f"kana-reservation-{reservation.pk}",
+            occurred_at=now,
+            source="api:entitlements/reservations/commit",
+            answer={"reservation": reservation.pk},
+        )
+        reservation.committed_amount = committed
+        _finish(reservation, ReservationStatus.COMMITTED, now)
+        return reservation
+
+    reservation = run_with_retries(once)
+    if reservation.status == ReservationStatus.EXPIRED:
+        raise EntitlementError("reservation_expired", "the hold expired before its commit", None, 409)
+    return reservation
+
+
+def reservation_release(workspace: Workspace, *, reservation_id: int) -> Reservation:
+    """Free the hold. Idempotent; an expired hold stays expired; a committed one cannot."""
+    with transaction.atomic():
+        reservation = Reservation.objects.for_workspace(workspace).select_for_update().get(pk=reservation_id)
+        if reservation.status == ReservationStatus.COMMITTED:
+            raise EntitlementError("reservation_committed", "the hold was committed", None, 409)
+        if reservation.status == ReservationStatus.HELD:
+            now = timezone.now()
+            expired = reservation_status(reservation, now) == ReservationStatus.EXPIRED
+            _finish(reservation, ReservationStatus.EXPIRED if expired else ReservationStatus.RELEASED, now)
+        return reservation
+
+
+def _finish(reservation: Reservation, status: str, now: datetime) -> None:
+    reservation.status, reservation.finished_at = status, now
+    reservation.save(update_fields=["status", "finished_at", "committed_amount"])
+
+
+def expire_reservations(now: datetime | None = None) -> int:
+    """The periodic sweep: holds past their expiry become expired (reads ignore them already)."""
+    now = now or timezone.now()
+    return Reservation.objects.filter(status=ReservationStatus.HELD, expires_at__lte=now).update(
+        status=ReservationStatus.EXPIRED, finished_at=now
+    )
+
+
+def usage_history(
+    workspace: Workspace,
+    *,
+    feature_key: str,
+    user_id: str | None = None,
+    group_id: str | None = None,
+    past: int = 6,
+    now: datetime | None = None,
+) -> dict:
+    """``showUsage``: the current period's consumption and up to ``past`` earlier periods'
+    (newest first, none before the anchor), each read from the counters."""
+    now = now or timezone.now()
+    entitlement = check(
+        workspace, feature_key=feature_key, user_id=user_id, group_id=group_id, delta=Decimal(0), now=now
+    )
+    consumption = entitlement.consumption
+    if consumption is None:
+        return {"reason": entitlement.reason, "current": None, "past": []}
+    earlier = []
+    for start, end in past_periods(entitlement.anchor, entitlement.reset_period, now, past):
+        used = counters.period_used(
+            workspace.pk, user_pks=entitlement.owner_user_pks, feature_id=entitlement.feature.pk, start=start, end=end
+        )
+        spent = Consumption(used=used, budget=consumption.budget, overage_enabled=consumption.overage_enabled)
+        earlier.append({**period_dict((start, end)), "consumption": spent.as_dict()})
+    return {
+        "reason": entitlement.reason,
+        "current": {**period_dict(entitlement.period), "consumption": consumption.as_dict()},
+        "past": earlier,
+    }

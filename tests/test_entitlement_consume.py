@@ -1,0 +1,81 @@
+"""POST /api/v1/entitlements/consume: check and record atomically; never overspends (SPEC §11)."""
+
+from collections import Counter
+from datetime import UTC, datetime
+
+import pytest
+
+from features.models import Usage
+
+from .api_support import feature, track
+from .conftest import requires_postgres
+from .entitlement_consume_support import in_parallel
+from .entitlement_support import check, consume, join_group, package, subscribe, user_with_package
+
+
+def test_it_records_within_the_budget_and_refuses_beyond_it(tenant):
+    feature(tenant, "messages")
+    user_with_package(tenant, "u1", 2)
+    first = consume(tenant, "u1", "messages", "c1").json()
+    assert (first["access"], first["recorded"], first["reason"]) == (True, True, "within_limit")
+    assert first["consumption"]["used"] == 1 and first["consumption"]["remaining"] == 1
+    assert consume(tenant, "u1", "messages", "c2").json()["recorded"] is True
+    refused = consume(tenant, "u1", "messages", "c3")
+    assert refused.status_code == 200
+    assert (refused.json()["access"], refused.json()["recorded"], refused.json()["reason"]) == (
+        False,
+        False,
+        "limit_reached",
+    )
+    assert Usage.objects.for_workspace(tenant.workspace).count() == 2
+
+
+def test_the_same_key_three_times_consumes_once(tenant):
+    feature(tenant, "messages")
+    user_with_package(tenant, "u1", 5)
+    answers = [consume(tenant, "u1", "messages", "same", delta=2).json() for _ in range(3)]
+    assert answers[0] == answers[1] == answers[2]
+    assert check(tenant, "messages", user_id="u1")["consumption"]["used"] == 2
+
+
+def test_unknown_user_and_feature_are_answers(tenant):
+    feature(tenant, "messages")
+    assert consume(tenant, "ghost", "messages", "k").json()["reason"] == "unknown_user"
+    assert consume(tenant, "ghost", "nope", "k").json()["reason"] == "unknown_feature"
+
+
+@requires_postgres
+@pytest.mark.postgres
+def test_sixteen_parallel_consumes_of_the_last_ten_units_exactly_ten_succeed(transactional_db, tenant):
+    feature(tenant, "messages")
+    user_with_package(tenant, "u1", 100)
+    track(tenant, "u1", "Sent", featureId="messages", delta=90, _at=datetime.now(UTC).isoformat())
+
+    results = in_parallel(
+        tenant, [lambda c, i=i: consume(tenant, "u1", "messages", f"par-{i}", client=c) for i in range(16)]
+    )
+
+    assert Counter(status for status, _ in results) == {200: 16}
+    assert Counter((a["recorded"], a["reason"]) for _, a in results) == {
+        (True, "within_limit"): 10,
+        (False, "limit_reached"): 6,
+    }
+    assert check(tenant, "messages", user_id="u1")["consumption"]["used"] == 100
+
+
+@requires_postgres
+@pytest.mark.postgres
+def test_members_of_one_group_racing_for_its_budget_never_overspend_it(transactional_db, tenant):
+    feature(tenant, "messages")
+    package(tenant, "team", {"feature": "messages", "limit": 5})
+    for n in range(4):
+        track(tenant, f"m{n}", "Hello", _at=datetime.now(UTC).isoformat())
+        join_group(tenant, f"m{n}", "acme")
+    subscribe(tenant, "team", group_id="acme")
+
+    results = in_parallel(
+        tenant, [lambda c, i=i: consume(tenant, f"m{i % 4}", "messages", f"g-{i}", client=c) for i in range(12)]
+    )
+
+    assert sum(a["recorded"] for _, a in results) == 5
+    assert check(tenant, "messages", group_id="acme")["consumption"]["used"] == 5

@@ -1,0 +1,122 @@
+"""The daily usage counters (features.counters): exact whichever path writes usage (SPEC §11 Speed)."""
+
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from django.core.management import call_command
+from django.db.models import Sum
+
+from features.counters import counter_differences, period_used, rebuild_usage_counters
+from features.models import Usage, UsageCounter
+
+from .usage_support import make_feature
+
+
+def counters(workspace) -> dict:
+    return {
+        (c.user_id, c.feature_id, c.day.isoformat()): Decimal(c.amount)
+        for c in UsageCounter.objects.for_workspace(workspace)
+        if c.amount
+    }
+
+
+def track(segment, user_id, feature, *, at, delta=1, message_id=None):
+    body = {"featureId": feature, "delta": delta}
+    fields = {"timestamp": at}
+    if message_id:
+        fields["messageId"] = message_id
+    response = segment.track(user_id, "Used", body, **fields)
+    assert response.status_code == 200, response.content
+
+
+def test_ingest_moves_the_counter_of_the_events_own_day(tenant, segment):
+    feature = make_feature(tenant.workspace, "exports")
+    track(segment, "u1", "exports", at="2025-01-31T23:59:59Z", delta=2)
+    track(segment, "u1", "exports", at="2025-02-01T00:00:00Z", delta=3)
+    track(segment, "u1", "exports", at="2025-02-01T10:00:00Z", delta=-1)
+    user_pk = Usage.objects.get(amount=2).user_id
+
+    assert counters(tenant.workspace) == {
+        (user_pk, feature.pk, "2025-01-31"): 2,
+        (user_pk, feature.pk, "2025-02-01"): 2,
+    }
+    assert counter_differences(tenant.workspace.pk) == []
+
+
+def test_period_used_reads_whole_days_from_counters_and_boundary_days_from_usage(tenant, segment):
+    make_feature(tenant.workspace, "exports")
+    for at in (
+        "2025-01-10T09:00:00Z",
+        "2025-01-10T11:00:00Z",
+        "2025-01-11T00:00:00Z",
+        "2025-01-12T10:59:59Z",
+        "2025-01-12T11:00:00Z",
+    ):
+        track(segment, "u1", "exports", at=at)
+    usage = Usage.objects.first()
+    start, end = datetime(2025, 1, 10, 10, tzinfo=UTC), datetime(2025, 1, 12, 11, tzinfo=UTC)
+
+    used = period_used(tenant.workspace.pk, user_pks=[usage.user_id], feature_id=usage.feature_id, start=start, end=end)
+
+    assert used == 3  # 11:00 on the 10th, the 11th, 10:59:59 on the 12th
+    assert (
+        period_used(tenant.workspace.pk, user_pks=[usage.user_id], feature_id=usage.feature_id, start=start, end=None)
+        == 4
+    )
+    same_day = period_used(
+        tenant.workspace.pk,
+        user_pks=[usage.user_id],
+        feature_id=usage.feature_id,
+        start=datetime(2025, 1, 10, 10, tzinfo=UTC),
+        end=datetime(2025, 1, 10, 12, tzinfo=UTC),
+    )
+    assert same_day == 1
+
+
+def test_rebuild_reports_and_fixes_a_difference(tenant, segment, capsys):
+    make_feature(tenant.workspace, "exports")
+    track(segment, "u1", "exports", at="2025-01-10T09:00:00Z", delta=5)
+    UsageCounter.objects.update(amount=1)  # a counter gone wrong
+
+    assert len(rebuild_usage_counters(tenant.workspace.pk)) == 1
+    assert counter_differences() == []
+    assert UsageCounter.objects.aggregate(total=Sum("amount"))["total"] == 5
+
+
+def test_the_command_exits_non_zero_when_it_fixed_a_difference(tenant, segment):
+    import io
+
+    import pytest
+
+    make_feature(tenant.workspace, "exports")
+    track(segment, "u1", "exports", at="2025-01-10T09:00:00Z", delta=5)
+    out = io.StringIO()
+    call_command("rebuild_usage_counters", str(tenant.workspace.pk), stdout=out)
+    assert "0 difference(s)" in out.getvalue()
+
+    UsageCounter.objects.update(amount=7)
+    with pytest.raises(SystemExit) as exit_:
+        call_command("rebuild_usage_counters", "Acme", stdout=out)
+    assert exit_.value.code == 1 and "counted 7, usage rows 5" in out.getvalue()
+    call_command("rebuild_usage_counters", stdout=io.StringIO())
+
+
+def test_a_batch_stored_through_copy_moves_the_counters_once_per_statement(tenant, segment):
+    feature = make_feature(tenant.workspace, "exports")
+    messages = [
+        {
+            "type": "track",
+            "userId": f"u{n % 3}",
+            "event": "Used",
+            "messageId": f"b-{n}",
+            "timestamp": f"2025-01-{10 + n % 4}T12:00:00Z",
+            "properties": {"featureId": "exports", "delta": n},
+        }
+        for n in range(20)  # past the ledger's COPY threshold on PostgreSQL
+    ]
+    assert segment.batch(messages).status_code == 200
+    assert segment.batch(messages).status_code == 200  # a replay changes nothing
+
+    assert counter_differences(tenant.workspace.pk) == []
+    assert sum(counters(tenant.workspace).values()) == sum(range(20))
+    assert {key[1] for key in counters(tenant.workspace)} == {feature.pk}
