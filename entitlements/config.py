@@ -22,7 +22,7 @@ from kana.errors import DomainError
 from kana.models import Workspace
 
 from .models import Package, PackageStatus, ResetPeriod
-from .services import PackageFeatureSpec, package_create, package_update
+from .services import PackageFeatureSpec, package_create, package_summary, package_update
 
 FEATURE_FIELDS = ("name", "type", "unit_label", "unit_label_plural", "metadata", "archived")
 PACKAGE_FIELDS = ("name", "is_addon", "status", "metadata", "features")
@@ -62,28 +62,19 @@ def _feature_entry(feature: Feature) -> dict:
 
 
 def _package_entry(package: Package) -> dict:
-    return {
-        "id": package.key,
-        "name": package.name,
-        "is_addon": package.is_addon,
-        "status": package.status,
-        "metadata": package.metadata or {},
-        "features": [
-            {
-                "feature": offer.feature.key,
-                "limit": _number(offer.limit),
-                "overage_enabled": offer.overage_enabled,
-                "reset_period": offer.reset_period,
-            }
-            for offer in sorted(package.features.all(), key=lambda offer: offer.feature.key)
-        ],
-    }
+    """The package as the audit log summarises it, with its id, and limits as YAML numbers."""
+    summary = package_summary(package)
+    offers = [
+        {**offer, "limit": _number(None if offer["limit"] is None else Decimal(offer["limit"]))}
+        for offer in summary.pop("features")
+    ]
+    return {"id": package.key, **summary, "features": offers}
 
 
 def config_export(*, workspace: Workspace) -> dict:
     """The workspace's features and packages, in the file's shape (ordered by id)."""
     features = Feature.objects.for_workspace(workspace).order_by("key")
-    packages = Package.objects.for_workspace(workspace).prefetch_related("features__feature").order_by("key")
+    packages = Package.objects.for_workspace(workspace).order_by("key")
     return {
         "workspace": workspace.name,
         "features": [_feature_entry(feature) for feature in features],
