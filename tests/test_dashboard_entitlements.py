@@ -258,6 +258,24 @@ def test_subscribing_shows_a_bar_per_feature_that_follows_usage(member_client, t
     assert "Limit reached: the next unit is refused" in messages and "badge bad" in messages
 
 
+def test_overage_draws_the_bar_full_and_says_so(member_client, tenant, features):
+    user = _user(tenant.workspace, "u1")
+    package = package_create(
+        workspace=tenant.workspace,
+        key="flex",
+        status=PackageStatus.PUBLISHED,
+        features=[PackageFeatureSpec("messages", limit=Decimal(2), overage_enabled=True)],
+    )
+    subscription_create(workspace=tenant.workspace, package=package, user=user)
+    access.record_usage(
+        tenant.workspace, user_id="u1", feature_key="messages", delta=Decimal("3.5"), action="add", idempotency_key="r1"
+    )
+    messages = _meter(member_client.get(f"/users/{user.pk}/entitlements/").content.decode(), "messages")
+    assert "Over the limit, and the package allows overage" in messages and "badge ok" in messages
+    assert "3.5 used of 2" in messages and "left" not in messages
+    assert 'class="meter over"' in messages and 'style="width:100%"' in messages
+
+
 def test_an_unlimited_feature_and_a_started_at_in_the_past(member_client, tenant, features):
     user = _user(tenant.workspace, "u1")
     package = _pro(tenant, None)
