@@ -220,31 +220,26 @@ def _clean_metadata(text: str) -> dict:
     return value
 
 
-class PackageForm(forms.Form):
+class PublishedPackageForm(forms.Form):
+    """What any package may change: a published or archived one, only this."""
+
+    name = forms.CharField(max_length=255, required=False)
+    metadata = _metadata_field()
+
+    def clean_metadata(self):
+        return _clean_metadata(self.cleaned_data.get("metadata"))
+
+
+class PackageForm(PublishedPackageForm):
     """A new or draft package's own fields (its feature rows are ``PackageFeatureFormSet``)."""
 
     key = forms.CharField(max_length=100, label="Package id", help_text="What the API calls it, such as pro-plan")
-    name = forms.CharField(max_length=255, required=False)
     is_addon = forms.TypedChoiceField(
         label="Kind",
         choices=[("false", "Base package"), ("true", "Add-on")],
         coerce=lambda value: value == "true",
         initial="false",
     )
-    metadata = _metadata_field()
-
-    def clean_metadata(self):
-        return _clean_metadata(self.cleaned_data.get("metadata"))
-
-
-class PublishedPackageForm(forms.Form):
-    """What a published or archived package may still change."""
-
-    name = forms.CharField(max_length=255, required=False)
-    metadata = _metadata_field()
-
-    def clean_metadata(self):
-        return _clean_metadata(self.cleaned_data.get("metadata"))
 
 
 class PackageFeatureForm(forms.Form):

@@ -81,7 +81,7 @@ def test_the_packages_page_lists_packages_with_their_features(member_client, ten
     page = member_client.get("/packages/").content.decode()
     pro = page.split('data-package="pro"')[1].split("</tr>")[0]
     assert "base" in pro and "published" in pro
-    assert "<code>messages</code> · 10 per month" in pro and "<code>sso</code> · unlimited, never resets" in pro
+    assert "<code>messages</code> · 10 per month" in pro and "<code>sso</code> · included (on/off)" in pro
     extra = page.split('data-package="extra"')[1].split("</tr>")[0]
     assert "add-on" in extra and "draft" in extra and "unlimited per month" in extra
     assert "2 packages." in page

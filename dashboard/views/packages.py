@@ -11,6 +11,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from entitlements.models import Package, PackageStatus
 from entitlements.services import EntitlementError, package_create, package_update
+from features.models import FeatureType
 
 from ..access import actor_of, workspace_view
 from ..forms import PackageForm, PublishedPackageForm, package_feature_formset
@@ -31,6 +32,7 @@ def _feature_rows(package: Package) -> list[dict]:
     return [
         {
             "feature": pf.feature.key,
+            "binary": pf.feature.type == FeatureType.BINARY,
             "limit": None if pf.limit is None else pf.limit.normalize(),
             "overage_enabled": pf.overage_enabled,
             "reset_period": pf.reset_period,
