@@ -172,11 +172,15 @@ def test_a_draft_is_edited_then_published_then_only_its_name_and_metadata_change
     page = member_client.get(f"/packages/{package.pk}/").content.decode()
     assert 'id="publish"' not in page and 'id="archive"' in page
     assert "features-TOTAL_FORMS" not in page and 'name="is_addon"' not in page  # features are fixed now
-    # A crafted post of feature rows changes nothing but the name and metadata.
+    # Feature rows posted to a published package are refused whole, not dropped silently.
     response = member_client.post(
         f"/packages/{package.pk}/",
         {"name": "Pro 2", "metadata": '{"tier": 2}', **_rows(("messages", "99", False, "day"))},
     )
+    assert response.status_code == 409
+    package.refresh_from_db()
+    assert package.name == "Pro plan"
+    response = member_client.post(f"/packages/{package.pk}/", {"name": "Pro 2", "metadata": '{"tier": 2}'})
     assert response.status_code == 302
     package.refresh_from_db()
     assert (package.name, package.metadata) == ("Pro 2", {"tier": 2})
@@ -408,3 +412,37 @@ def test_the_pages_need_sign_in_and_csrf(client, tenant, features):
     assert strict.post(f"/users/{user.pk}/subscriptions/", {"package": package.pk}).status_code == 403
     package.refresh_from_db()
     assert package.status == "published"
+
+
+def test_a_held_reservation_fills_the_bar_and_is_named(member_client, tenant, features):
+    user = _user(tenant.workspace, "u1")
+    subscription_create(workspace=tenant.workspace, package=_pro(tenant, "10"), user=user)
+    access.consume(tenant.workspace, user_id="u1", feature_key="messages", delta=Decimal(2), idempotency_key="c1")
+    access.reservation_create(
+        tenant.workspace, user_id="u1", feature_key="messages", amount=Decimal(6), ttl_seconds=600, idempotency_key="h1"
+    )
+    messages = _meter(member_client.get(f"/users/{user.pk}/entitlements/").content.decode(), "messages")
+    assert "2 used of 10 · 2 left · 6 held by reservations" in messages and 'style="width:80%"' in messages
+
+
+def test_a_draft_published_while_its_form_was_open_refuses_the_edit_in_the_form(member_client, tenant, features):
+    from entitlements.services import package_update
+
+    package = _pro(tenant, status=PackageStatus.DRAFT)
+    assert 'name="features-TOTAL_FORMS"' in member_client.get(f"/packages/{package.pk}/").content.decode()
+    package_update(workspace=tenant.workspace, package=package, changes={"status": "published"})
+    response = member_client.post(
+        f"/packages/{package.pk}/",
+        {"name": "Pro", "is_addon": "false", "metadata": "", **_rows(("messages", "99", False, "day"))},
+    )
+    # Its rows are not dropped silently: nothing is saved, and the form says why.
+    assert response.status_code == 409
+    assert _errors(response) == [
+        "Package pro was published meanwhile: its features and kind no longer change, so nothing was saved."
+        " Its name and metadata still can."
+    ]
+    assert 'value="Pro"' in response.content.decode()  # the typed name is kept for a second try
+    package.refresh_from_db()
+    assert package.name == "pro" and [pf.limit for pf in package.features.all() if pf.feature.key == "messages"] == [
+        Decimal(10)
+    ]

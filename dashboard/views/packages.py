@@ -133,6 +133,17 @@ def package_detail(request, pk: int):
         form.fields["key"].disabled = True
         return _edit_page(request, package, form, package_feature_formset(workspace, rows=_feature_rows(package)))
 
+    if not is_draft and "features-TOTAL_FORMS" in request.POST:
+        # A draft's form, posted after someone published (or archived) the package: its rows
+        # would no longer be saved, so nothing is, and the admin is told why.
+        form = PublishedPackageForm(request.POST)
+        form.is_valid()
+        form.add_error(
+            None,
+            f"Package {package.key} was {package.status} meanwhile: its features and kind no longer change,"
+            " so nothing was saved. Its name and metadata still can.",
+        )
+        return _edit_page(request, package, form, status_code=409)
     formset = package_feature_formset(workspace, request.POST) if is_draft else None
     form = PackageForm(request.POST, initial={"key": package.key}) if is_draft else PublishedPackageForm(request.POST)
     if is_draft:
