@@ -4,7 +4,9 @@ from decimal import Context, Decimal
 
 from rest_framework import serializers
 
+from entitlements.access import reservation_status
 from entitlements.models import PackageStatus, ResetPeriod, SubscriptionStatus
+from entitlements.periods import MONTH, period_containing
 
 from .serializers import StrictBooleanField, StrictCharField, StrictIntegerField
 
@@ -104,8 +106,6 @@ class SubscriptionSerializer(serializers.Serializer):
     current_period = serializers.SerializerMethodField(help_text="The billing period (monthly from the anchor).")
 
     def get_current_period(self, subscription) -> PeriodSerializer:
-        from entitlements.periods import MONTH, period_containing
-
         start, end = period_containing(subscription.started_at, MONTH, self.context["now"])
         return {"start": start.isoformat(), "end": end.isoformat()}
 
@@ -260,8 +260,6 @@ class ReservationSerializer(serializers.Serializer):
     created_at = serializers.DateTimeField()
 
     def to_representation(self, reservation):
-        from entitlements.access import reservation_status
-
         data = super().to_representation(reservation)
         data["status"] = reservation_status(reservation)
         return data

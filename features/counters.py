@@ -141,16 +141,16 @@ def rebuild_usage_counters(workspace_id: int | None = None) -> list[CounterDiffe
 # --- Touched pairs: what the threshold notifications look at -------------------------------
 
 
-def drain_touched_usage(limit: int = 500) -> list[tuple[int, int, int]]:
-    """Take up to ``limit`` touched (workspace, user, feature) pairs, oldest first, removing
-    them. Call it inside the transaction that handles them: a rollback puts them back.
+def drain_touched_usage(limit: int = 500) -> list[tuple[int, int, int, date]]:
+    """Take up to ``limit`` touched (workspace, user, feature, day) keys, oldest first,
+    removing them. Call it inside the transaction that handles them: a rollback puts them back.
 
-    PostgreSQL: pairs a transaction still holds (its usage not committed yet) are skipped and
-    taken at a later drain, once visible; a pair touched again after this drain is re-added.
+    PostgreSQL: keys a transaction still holds (its usage not committed yet) are skipped and
+    taken at a later drain, once visible; a key touched again after this drain is re-added.
     """
     if connection.vendor != "postgresql":
         rows = list(
-            UsageTouch.objects.order_by("pk").values_list("pk", "workspace_id", "user_id", "feature_id")[:limit]
+            UsageTouch.objects.order_by("pk").values_list("pk", "workspace_id", "user_id", "feature_id", "day")[:limit]
         )
         UsageTouch.objects.filter(pk__in=[pk for pk, *_ in rows]).delete()
         return [tuple(rest) for _, *rest in rows]
@@ -158,7 +158,7 @@ def drain_touched_usage(limit: int = 500) -> list[tuple[int, int, int]]:
     with connection.cursor() as cursor:
         cursor.execute(
             f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)"
-            " RETURNING workspace_id, user_id, feature_id",
+            " RETURNING workspace_id, user_id, feature_id, day",
             [limit],
         )
         return sorted(cursor.fetchall())

@@ -190,13 +190,15 @@ class UsageCounter(models.Model):
 
 
 class UsageTouch(models.Model):
-    """(user, feature) pairs whose usage grew since entitlements last looked: written by the
-    same triggers as ``UsageCounter`` (one row per pair, however many changes), drained by
-    ``features.counters.drain_touched_usage`` for the threshold notifications."""
+    """(user, feature, UTC day) keys whose usage grew since entitlements last looked: written
+    by the same triggers as ``UsageCounter`` (one row per key, however many changes), drained
+    by ``features.counters.drain_touched_usage`` for the threshold notifications. The day
+    lets a late or reprocessed event be judged in its own period."""
 
     workspace_id = models.BigIntegerField()
     user_id = models.BigIntegerField()
     feature_id = models.BigIntegerField()
+    day = models.DateField()
     # Bumped by each statement that touches the pair: the upsert row-locks it until that
     # statement's transaction commits, so the drain (SKIP LOCKED) never takes a pair whose
     # newest usage it could not see yet.
@@ -204,7 +206,9 @@ class UsageTouch(models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["workspace_id", "user_id", "feature_id"], name="usagetouch_unique_key")
+            models.UniqueConstraint(
+                fields=["workspace_id", "user_id", "feature_id", "day"], name="usagetouch_unique_key"
+            )
         ]
 
 

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 
 from django.db import transaction
-from django.db.models import F, Max
+from django.db.models import F, Max, ProtectedError
 from django.utils import timezone
 
 from features.models import Event
@@ -166,7 +166,13 @@ def feature_delete(*, workspace: Workspace, feature: Feature, actor: str = "") -
             raise FeatureError(
                 "feature_in_use", "this feature has recorded usage: archive it instead of deleting it", "id", status=409
             )
-        Feature.objects.for_workspace(workspace).filter(pk=feature.pk).delete()
+        try:
+            with transaction.atomic():
+                Feature.objects.for_workspace(workspace).filter(pk=feature.pk).delete()
+        except ProtectedError as exc:  # a layer above holds on to it (a package, a reservation)
+            raise FeatureError(
+                "feature_in_use", "a package or a reservation includes this feature: archive it instead", "id", 409
+            ) from exc
         _bump_rules_version(workspace)
         audit.record(workspace, actor, "feature.delete", feature.key, before=_feature_summary(feature))
 

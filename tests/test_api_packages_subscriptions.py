@@ -91,3 +91,11 @@ def test_changing_plan_keeps_the_anchor_and_notifies(tenant):
     entries = AuditEntry.objects.filter(object_type="subscription").order_by("pk")
     assert [e.action for e in entries] == ["subscription.create", "subscription.update"]
     assert (entries[1].before["package"], entries[1].after["package"]) == ("basic", "pro")
+
+
+def test_a_feature_in_a_package_cannot_be_deleted(tenant):
+    feature(tenant, "messages")
+    package(tenant, "pro", {"feature": "messages", "limit": 10}, status="draft")
+    assert_error(ApiClient(tenant).delete("features/messages"), 409, "feature_in_use")
+    assert ApiClient(tenant).delete("packages/pro").status_code == 204
+    assert ApiClient(tenant).delete("features/messages").status_code == 204

@@ -99,3 +99,24 @@ def test_the_command_exits_non_zero_when_it_fixed_a_difference(tenant, segment):
         call_command("rebuild_usage_counters", "Acme", stdout=out)
     assert exit_.value.code == 1 and "counted 7, usage rows 5" in out.getvalue()
     call_command("rebuild_usage_counters", stdout=io.StringIO())
+
+
+def test_a_batch_stored_through_copy_moves_the_counters_once_per_statement(tenant, segment):
+    feature = make_feature(tenant.workspace, "exports")
+    messages = [
+        {
+            "type": "track",
+            "userId": f"u{n % 3}",
+            "event": "Used",
+            "messageId": f"b-{n}",
+            "timestamp": f"2025-01-{10 + n % 4}T12:00:00Z",
+            "properties": {"featureId": "exports", "delta": n},
+        }
+        for n in range(20)  # past the ledger's COPY threshold on PostgreSQL
+    ]
+    assert segment.batch(messages).status_code == 200
+    assert segment.batch(messages).status_code == 200  # a replay changes nothing
+
+    assert counter_differences(tenant.workspace.pk) == []
+    assert sum(counters(tenant.workspace).values()) == sum(range(20))
+    assert {key[1] for key in counters(tenant.workspace)} == {feature.pk}

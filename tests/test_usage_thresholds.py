@@ -105,3 +105,23 @@ def test_a_groups_budget_is_notified_for_the_group(tenant):
         track(tenant, "b", "Sent", featureId="messages", delta=2, _at=now())
         notify_usage_thresholds()
     assert [(n["data"]["group_id"], n["data"]["threshold"]) for n in sent] == [("acme", 0.8)]
+
+
+def test_a_late_event_crosses_the_threshold_of_its_own_period(tenant):
+    from datetime import timedelta
+
+    feature(tenant, "messages")
+    identify(tenant, "u1")
+    package(tenant, "daily", {"feature": "messages", "limit": 5, "reset_period": "day"})
+    started = datetime.now(UTC) - timedelta(days=3, hours=1)
+    subscribe(tenant, "daily", user_id="u1", started_at=started.isoformat())
+    with notifications() as sent:
+        late = (started + timedelta(days=1, hours=2)).isoformat()
+        track(tenant, "u1", "Sent", featureId="messages", delta=5, _at=late)
+        notify_usage_thresholds()
+    assert kinds(sent) == [
+        ("usage.threshold_reached", 0.8),
+        ("usage.threshold_reached", 1.0),
+        ("usage.limit_reached", 1.0),
+    ]
+    assert {n["data"]["period"]["start"] for n in sent} == {(started + timedelta(days=1)).isoformat()}

@@ -20,12 +20,12 @@ DROP_ZEROS = f"""
     WHERE c.workspace_id = o.workspace_id AND c.user_id = o.user_id AND c.feature_id = o.feature_id
       AND c.day = o.day AND c.amount = 0;
 """
-# The (user, feature) pairs whose usage may have grown, for the threshold notifications; one
-# row per pair, so a busy pair costs one conflict check per statement.
-TOUCH = """
-    INSERT INTO features_usagetouch (workspace_id, user_id, feature_id)
-    SELECT DISTINCT workspace_id, user_id, feature_id FROM new_rows ORDER BY 1, 2, 3
-    ON CONFLICT (workspace_id, user_id, feature_id) DO UPDATE SET touches = features_usagetouch.touches + 1;
+# The (user, feature, day) keys whose usage may have grown, for the threshold notifications;
+# one row per key, row-locked until the writer commits (see features.counters.drain_touched_usage).
+TOUCH = f"""
+    INSERT INTO features_usagetouch ({KEY})
+    SELECT DISTINCT workspace_id, user_id, feature_id, {DAY} FROM new_rows ORDER BY 1, 2, 3, 4
+    ON CONFLICT ({KEY}) DO UPDATE SET touches = features_usagetouch.touches + 1;
 """
 NEW = f"SELECT workspace_id, user_id, feature_id, {DAY} AS day, amount FROM new_rows"
 OLD = f"SELECT workspace_id, user_id, feature_id, {DAY} AS day, -amount AS amount FROM old_rows"
@@ -47,9 +47,9 @@ SQLITE_DROP_ZERO = f"""
     DELETE FROM {COUNTER} WHERE workspace_id = OLD.workspace_id AND user_id = OLD.user_id
       AND feature_id = OLD.feature_id AND day = date(OLD.occurred_at) AND amount = 0;
 """
-SQLITE_TOUCH = """
-    INSERT INTO features_usagetouch (workspace_id, user_id, feature_id)
-    VALUES (NEW.workspace_id, NEW.user_id, NEW.feature_id) ON CONFLICT DO NOTHING;
+SQLITE_TOUCH = f"""
+    INSERT INTO features_usagetouch ({KEY})
+    VALUES (NEW.workspace_id, NEW.user_id, NEW.feature_id, date(NEW.occurred_at)) ON CONFLICT DO NOTHING;
 """
 SQLITE_TRIGGERS = {
     "insert": ("", SQLITE_ADD.format(row="NEW", sign="") + SQLITE_TOUCH),
@@ -148,10 +148,11 @@ class Migration(migrations.Migration):
                 ('workspace_id', models.BigIntegerField()),
                 ('user_id', models.BigIntegerField()),
                 ('feature_id', models.BigIntegerField()),
+                ('day', models.DateField()),
                 ('touches', models.BigIntegerField(db_default=1, default=1)),
             ],
             options={
-                'constraints': [models.UniqueConstraint(fields=('workspace_id', 'user_id', 'feature_id'), name='usagetouch_unique_key')],
+                'constraints': [models.UniqueConstraint(fields=('workspace_id', 'user_id', 'feature_id', 'day'), name='usagetouch_unique_key')],
             },
         ),
         migrations.RunPython(create_counter_triggers, drop_counter_triggers),
