@@ -6,6 +6,8 @@ import re
 from django import forms
 from django.forms import formset_factory
 
+from entitlements.models import ResetPeriod, SubscriptionStatus
+from entitlements.services import PackageFeatureSpec
 from features.models import Feature, FeatureType
 from features.rules import OPERATORS
 from kana.models import ANONYMOUS_HOLD_DAYS_MAX, ANONYMOUS_HOLD_DAYS_MIN, AnonymousEvents
@@ -209,3 +211,135 @@ class RuleForm(forms.Form):
 
 class CsvUploadForm(forms.Form):
     file = forms.FileField(label="CSV file")
+
+
+# --- Packages and subscriptions (entitlements) ---------------------------------------------
+
+
+def _metadata_field() -> forms.CharField:
+    return forms.CharField(
+        required=False,
+        label="Metadata (JSON)",
+        help_text='An object, such as {"stripe_price": "price_123"}; empty for none',
+        widget=forms.Textarea(attrs={"rows": 3, "placeholder": 'e.g. {"stripe_price": "price_123"}'}),
+    )
+
+
+def _clean_metadata(text: str) -> dict:
+    text = (text or "").strip()
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise forms.ValidationError('Metadata is JSON: an object such as {"tier": "pro"}.') from None
+    if not isinstance(value, dict):
+        raise forms.ValidationError('Metadata is a JSON object, in braces: {"tier": "pro"}.')
+    return value
+
+
+class PublishedPackageForm(forms.Form):
+    """What any package may change: a published or archived one, only this."""
+
+    name = forms.CharField(max_length=255, required=False)
+    metadata = _metadata_field()
+
+    def clean_metadata(self):
+        return _clean_metadata(self.cleaned_data.get("metadata"))
+
+
+class PackageForm(PublishedPackageForm):
+    """A new or draft package's own fields (its feature rows are ``PackageFeatureFormSet``)."""
+
+    key = forms.CharField(max_length=100, label="Package id", help_text="What the API calls it, such as pro-plan")
+    is_addon = forms.TypedChoiceField(
+        label="Kind",
+        choices=[("false", "Base package"), ("true", "Add-on")],
+        coerce=lambda value: value == "true",
+        initial="false",
+    )
+
+
+class PackageFeatureForm(forms.Form):
+    """One feature row; a row without a feature is blank and ignored."""
+
+    feature = forms.ChoiceField(required=False, widget=forms.Select(attrs={"aria-label": "Feature"}))
+    limit = forms.DecimalField(
+        required=False,
+        max_digits=30,
+        decimal_places=9,
+        widget=forms.TextInput(attrs={"placeholder": "unlimited", "aria-label": "Limit", "inputmode": "decimal"}),
+    )
+    overage_enabled = forms.BooleanField(required=False, label="Overage")
+    reset_period = forms.ChoiceField(
+        choices=ResetPeriod.choices, initial=ResetPeriod.MONTH, widget=forms.Select(attrs={"aria-label": "Resets"})
+    )
+
+    def __init__(self, *args, feature_choices=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["feature"].choices = [("", "— no feature —"), *feature_choices]
+
+    def spec(self) -> PackageFeatureSpec | None:
+        key = self.cleaned_data.get("feature")
+        if not key:
+            return None
+        return PackageFeatureSpec(
+            feature_key=key,
+            limit=self.cleaned_data.get("limit"),
+            overage_enabled=bool(self.cleaned_data.get("overage_enabled")),
+            reset_period=self.cleaned_data.get("reset_period") or ResetPeriod.MONTH,
+        )
+
+
+# A package names few features; blank rows (no JavaScript needed) leave room for new ones.
+MAX_PACKAGE_FEATURES = 50
+BLANK_FEATURE_ROWS = 3
+PackageFeatureFormSet = formset_factory(PackageFeatureForm, extra=0, max_num=MAX_PACKAGE_FEATURES)
+
+
+def feature_choices(workspace) -> list[tuple[str, str]]:
+    features = Feature.objects.for_workspace(workspace).order_by("key").values_list("key", "name", "type")
+    return [
+        (key, f"{name or key} ({key}, {kind})" if name and name != key else f"{key} ({kind})")
+        for key, name, kind in features
+    ]
+
+
+def package_feature_formset(workspace, data=None, rows=()) -> PackageFeatureFormSet:
+    """The feature rows: ``rows`` (initial values) plus blank rows, or what was posted."""
+    kwargs = {"form_kwargs": {"feature_choices": feature_choices(workspace)}, "prefix": "features"}
+    if data is not None:
+        return PackageFeatureFormSet(data, **kwargs)
+    return PackageFeatureFormSet(initial=[*rows, *([{}] * BLANK_FEATURE_ROWS)], **kwargs)
+
+
+class SubscribeForm(forms.Form):
+    package = forms.ChoiceField(label="Package")
+    status = forms.ChoiceField(choices=SubscriptionStatus.choices, initial=SubscriptionStatus.ACTIVE)
+    started_at = forms.DateTimeField(
+        label="Starts (UTC)",
+        required=False,
+        help_text="The period anchor; empty: now",
+        widget=forms.DateTimeInput(attrs={"type": "datetime-local"}, format="%Y-%m-%dT%H:%M"),
+        input_formats=["%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d"],
+    )
+
+    def __init__(self, *args, packages=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["package"].choices = [("", "— choose a package —"), *package_choices(packages)]
+
+
+def package_choices(packages) -> list[tuple[str, str]]:
+    return [
+        (str(p.pk), f"{p.name or p.key} ({p.key}{', add-on' if p.is_addon else ''})" if p.name != p.key else p.key)
+        for p in packages
+    ]
+
+
+class SubscriptionChangeForm(forms.Form):
+    package = forms.ChoiceField(label="Plan", required=False)
+    status = forms.ChoiceField(choices=SubscriptionStatus.choices, required=False)
+
+    def __init__(self, *args, packages=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["package"].choices = package_choices(packages)

@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from .views import audit, csv, duplicates, rules, segment, users, workspace
+from .views import audit, csv, duplicates, entitlements, packages, rules, segment, users, workspace
 
 app_name = "dashboard"
 
@@ -17,6 +17,16 @@ urlpatterns = [
     path("users/<int:pk>/delete/", users.user_delete, name="user_delete"),
     path("users/<int:pk>/events/<int:event_id>/void/", users.event_void_page, name="event_void"),
     path("users/<int:pk>/merges/<int:merge_pk>/undo/", users.user_merge_undo, name="user_merge_undo"),
+    path("users/<int:pk>/entitlements/", entitlements.user_entitlements, name="user_entitlements"),
+    path("users/<int:pk>/subscriptions/", entitlements.subscribe, name="subscribe"),
+    path(
+        "users/<int:pk>/subscriptions/<int:subscription_pk>/",
+        entitlements.subscription_change,
+        name="subscription_change",
+    ),
+    path("packages/", packages.packages, name="packages"),
+    path("packages/<int:pk>/", packages.package_detail, name="package"),
+    path("packages/<int:pk>/status/", packages.package_status, name="package_status"),
     path("duplicates/", duplicates.duplicates, name="duplicates"),
     path("duplicates/preview/", duplicates.merge_preview_page, name="merge_preview"),
     path("duplicates/merge/", duplicates.merge, name="merge"),

@@ -63,3 +63,38 @@ def ago(moment: datetime | None) -> str:
     if timezone.now() - moment < timedelta(minutes=1):
         return "just now"
     return f"{timesince(moment, depth=1)} ago"
+
+
+# Service refusals whose API wording ("null", "features[0]") does not fit a form.
+_SERVICE_WORDS = {
+    "binary_feature_limit": "An on/off (BINARY) feature has no limit: leave the limit empty.",
+    "duplicate_feature": "Each feature appears in a package once: remove the repeated row.",
+    "invalid_limit": "A limit is 0 or more; leave it empty for unlimited.",
+    "invalid_package_id": "A package id is 1–100 letters, digits, _ . : or -.",
+}
+
+
+def service_message(exc) -> str:
+    """A DomainError's message as a sentence of the dashboard."""
+    message = _SERVICE_WORDS.get(exc.code, exc.message)
+    return message[:1].upper() + message[1:]
+
+
+# What an entitlement check's reason means, as the user's entitlements page says it.
+REASON_WORDS = {
+    "binary_access": "Access: an on/off feature included in a live package",
+    "within_limit": "Within the limit",
+    "overage_enabled": "Over the limit, and the package allows overage",
+    "limit_reached": "Limit reached: the next unit is refused",
+    "no_subscription": "No subscription",
+    "subscription_inactive": "Subscription inactive (none active or trialing)",
+    "feature_not_in_package": "Not in any live package",
+    "unknown_user": "No such user",
+    "unknown_group": "No such group",
+    "unknown_feature": "No such feature",
+}
+
+
+@register.filter
+def reason_words(reason: str) -> str:
+    return REASON_WORDS.get(reason, reason)
