@@ -108,7 +108,9 @@ class PackageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Workspace
         examples=[OpenApiExample("Publish", value={"status": "published"}, request_only=True)],
     )
     def partial_update(self, request, id=None):
-        changes = dict(self.body(s.PackageUpdateSerializer, partial=True))
+        # Not partial: every field is optional already, and a feature row given must be whole
+        # (partial would reach the nested rows and let one without its feature through).
+        changes = dict(self.body(s.PackageUpdateSerializer))
         if "features" in changes:
             changes["features"] = _feature_specs(changes["features"])
         package = package_update(workspace=self.workspace, package=self.get_object(), changes=changes, actor=self.actor)
@@ -148,7 +150,7 @@ class SubscriptionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Work
     def _package(self, key: str) -> Package:
         package = Package.objects.for_workspace(self.workspace).filter(key=key).first()
         if package is None:
-            raise EntitlementError("unknown_package", f"no package {key!r}", "package")
+            raise EntitlementError("unknown_package", f"no package {key!r}", "package", status=404)
         return package
 
     @extend_schema(
@@ -170,12 +172,12 @@ class SubscriptionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Work
         if "user_id" in body:
             user_pk = user_pk_for(self.workspace, body["user_id"])
             if user_pk is None:
-                raise EntitlementError("unknown_user", f"no user {body['user_id']!r}", "user_id")
+                raise EntitlementError("unknown_user", f"no user {body['user_id']!r}", "user_id", status=404)
             user = EndUser.objects.for_workspace(self.workspace).get(pk=user_pk)
         else:
             group = Group.objects.for_workspace(self.workspace).filter(group_id=body["group_id"]).first()
             if group is None:
-                raise EntitlementError("unknown_group", f"no group {body['group_id']!r}", "group_id")
+                raise EntitlementError("unknown_group", f"no group {body['group_id']!r}", "group_id", status=404)
         subscription = subscription_create(
             workspace=self.workspace,
             package=self._package(body["package"]),

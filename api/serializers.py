@@ -551,8 +551,16 @@ class WebhookCreatedSerializer(WebhookSerializer):
     )
 
 
+# What webhooks.services.clean_url accepts, as far as a pattern can say it: an http(s) URL
+# naming a host by name (a port of up to 4 digits, a path of printable ASCII). Literal
+# addresses are not in the pattern: private ones are refused, and a name is what users give.
+WEBHOOK_URL_PATTERN = (
+    r"^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z][A-Za-z0-9-]*(\.[A-Za-z][A-Za-z0-9-]*)+(:[0-9]{1,4})?(/[!-~]*)?$"
+)
+
+
 class WebhookCreateSerializer(serializers.Serializer):
-    url = StrictCharField(max_length=2000, allow_blank=True, help_text="An http:// or https:// URL.")
+    url = StrictCharField(max_length=2000, schema_pattern=WEBHOOK_URL_PATTERN, help_text="An http:// or https:// URL.")
     events = _event_types()
     thresholds = _thresholds(required=False)
     active = StrictBooleanField(required=False, default=True)
@@ -569,7 +577,11 @@ def _only_known_fields(serializer: serializers.Serializer) -> None:
 class WebhookUpdateSerializer(serializers.Serializer):
     """Fields that may change; an absent one is left alone. The secret cannot be changed."""
 
-    url = StrictCharField(required=False, allow_blank=True, max_length=2000, help_text="An http:// or https:// URL.")
+    openapi_extra = {"additionalProperties": False}
+
+    url = StrictCharField(
+        required=False, max_length=2000, schema_pattern=WEBHOOK_URL_PATTERN, help_text="An http:// or https:// URL."
+    )
     events = _event_types(required=False)
     thresholds = _thresholds(required=False)
     active = StrictBooleanField(required=False)

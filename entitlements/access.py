@@ -265,7 +265,7 @@ def check(
         return Entitlement(False, "unknown_feature")
     subject = find_subject(workspace, user_id=user_id, group_id=group_id)
     if subject is None:
-        return Entitlement(False, "unknown_user" if user_id is not None else "unknown_group", feature=feature)
+        return Entitlement(False, "unknown_group" if user_id is None and group_id else "unknown_user", feature=feature)
     return evaluate(workspace, subject, feature, delta=delta, now=now)
 
 
@@ -338,7 +338,7 @@ def _replay(workspace: Workspace, key: str, stored: dict) -> tuple[dict, bool]:
 def _live_feature(workspace: Workspace, feature_key: str) -> Feature:
     feature = _feature(workspace, feature_key)
     if feature is None:
-        raise EntitlementError("unknown_feature", f"no feature {feature_key!r}", "feature", 400)
+        raise EntitlementError("unknown_feature", f"no feature {feature_key!r}", "feature", 404)
     if feature.archived_at is not None:
         raise EntitlementError("feature_archived", f"feature {feature_key!r} is archived: no new usage", "feature", 409)
     return feature

@@ -76,7 +76,9 @@ def _clean_features(workspace: Workspace, specs: list[PackageFeatureSpec]) -> li
     for index, spec in enumerate(specs):
         feature = features.get(spec.feature_key)
         if feature is None:
-            raise EntitlementError("unknown_feature", f"no feature {spec.feature_key!r}", f"features[{index}].feature")
+            raise EntitlementError(
+                "unknown_feature", f"no feature {spec.feature_key!r}", f"features[{index}].feature", status=404
+            )
         if spec.reset_period not in ResetPeriod.values:
             raise EntitlementError(
                 "invalid_reset_period",
@@ -85,7 +87,11 @@ def _clean_features(workspace: Workspace, specs: list[PackageFeatureSpec]) -> li
             )
         if feature.type == FeatureType.BINARY and spec.limit is not None:
             raise EntitlementError(
-                "binary_feature_limit", "a BINARY feature carries no limit (null)", f"features[{index}].limit"
+                # 409: the body is well formed; the feature's type is what refuses a limit.
+                "binary_feature_limit",
+                "a BINARY feature carries no limit (null)",
+                f"features[{index}].limit",
+                status=409,
             )
         if spec.limit is not None and spec.limit < 0:
             raise EntitlementError("invalid_limit", "a limit is 0 or more, or null", f"features[{index}].limit")

@@ -36,11 +36,17 @@ def test_thresholds_default_to_eighty_and_hundred_percent(api):
 
 
 @pytest.mark.parametrize(
-    "url", ["ftp://example.com/hook", "file:///etc/passwd", "javascript:alert(1)", "example.com/hook", "http://", ""]
+    "url", ["ftp://example.com/hook", "file:///etc/passwd", "javascript:alert(1)", "example.com/hook", "http://"]
 )
 def test_it_refuses_urls_that_are_not_http(api, url):
     response = api.post("webhooks", {"url": url, "events": ["user.merged"]})
     assert_error(response, 400, "invalid_url", "url")
+    assert not WebhookEndpoint.objects.exists()
+
+
+def test_it_refuses_a_blank_url_as_the_schema_says(api):
+    response = api.post("webhooks", {"url": "", "events": ["user.merged"]})
+    assert_error(response, 400, "invalid_request", "url")
     assert not WebhookEndpoint.objects.exists()
 
 

@@ -58,7 +58,7 @@ def test_set_records_the_difference_to_the_periods_used(tenant):
 
 def test_unknown_and_archived_features_are_refused(tenant):
     feature(tenant, "messages")
-    assert_error(record(tenant, "x", user_id="u9", feature="nope"), 400, "unknown_feature", "feature")
+    assert_error(record(tenant, "x", user_id="u9", feature="nope"), 404, "unknown_feature", "feature")
     ApiClient(tenant).patch("features/messages", {"archived": True})
     assert_error(record(tenant, "y"), 409, "feature_archived")
 
