@@ -153,7 +153,7 @@ def consume_problems(
     row of a consume keyed ``<prefix>-n``, none more. A run with any of these has no result."""
     usage = Usage.objects.for_workspace(workspace).filter(feature=feature, event__message_id__startswith=f"{prefix}-")
     hot = usage.filter(user_id=hot_user_pk)
-    hot_used = hot.aggregate(total=Sum("amount"))["total"] or 0
+    hot_used = Decimal(hot.aggregate(total=Sum("amount"))["total"] or 0).normalize()
     problems = []
     if hot_used > hot_limit:
         problems.append(f"overspend: the hot subject used {hot_used} of a limit of {hot_limit}")
