@@ -3,9 +3,11 @@
     python bench/load.py < spec.json > result.json
 
 The spec names the target, the number of connections, a warm-up and a measured window, and
-the kind of messages to send (``track``, ``identify_mix``, ``batch``). Every request carries
-a fresh messageId derived from ``prefix`` and a sequence number, so the harness can check
-afterwards that each message sent was stored exactly once.
+the kind of messages to send (``track``, ``identify_mix``, ``batch``, ``entitlement_check``,
+``consume``). Every request carries a fresh messageId (or idempotency key) derived from
+``prefix`` and a sequence number, so the harness can check afterwards that each message sent
+was stored exactly once. With ``count_true`` (a JSON field such as ``recorded``), the answers
+whose field is true are counted per kind.
 
 Connections are kept alive when the server allows it (HTTP/1.1); gunicorn's sync workers
 close after every response, and the client then reconnects, as any client of such a server
@@ -148,7 +150,50 @@ class BatchFactory:
         return body.encode(), "batch"
 
 
-FACTORIES = {"track": TrackFactory, "identify_mix": IdentifyMixFactory, "batch": BatchFactory}
+class EntitlementCheckFactory:
+    """``GET /api/v1/entitlements/check`` for one of ``users`` subscribed users (``u0``...), each
+    request a query string: the factory's ``method`` is GET, so its "body" is the query."""
+
+    method = "GET"
+
+    def __init__(self, prefix: str, params: dict):
+        self.users = params.get("users", 1000)
+        self.feature = params.get("feature", "messages")
+
+    def __call__(self, n: int):
+        return f"?user_id=u{n % self.users}&feature={self.feature}&delta=1".encode(), "check"
+
+
+class ConsumeFactory:
+    """``POST /api/v1/entitlements/consume`` of 1, keyed ``<prefix>-<n>`` (unique per request).
+
+    Connections below ``hot_connections`` all consume on one subject (``hot_user``, whose budget
+    runs out during the run: contention on its lock); the others spread over ``users`` users.
+    """
+
+    per_connection = True
+
+    def __init__(self, prefix: str, params: dict):
+        self.prefix = prefix
+        self.users = params.get("users", 1000)
+        self.hot_user = params.get("hot_user", "hot")
+        self.hot_connections = params.get("hot_connections", 8)
+        self.feature = params.get("feature", "messages")
+
+    def __call__(self, n: int, connection: int = 0):
+        hot = connection < self.hot_connections
+        user_id = self.hot_user if hot else f"u{n % self.users}"
+        body = {"user_id": user_id, "feature": self.feature, "delta": 1, "idempotency_key": f"{self.prefix}-{n}"}
+        return json.dumps(body, separators=(",", ":")).encode(), "hot" if hot else "spread"
+
+
+FACTORIES = {
+    "track": TrackFactory,
+    "identify_mix": IdentifyMixFactory,
+    "batch": BatchFactory,
+    "entitlement_check": EntitlementCheckFactory,
+    "consume": ConsumeFactory,
+}
 
 
 # --- The HTTP client ---------------------------------------------------------------------
@@ -193,8 +238,9 @@ class _ResponseProtocol(asyncio.Protocol):
                 close = value.strip().lower() == "close"
         if len(self.buffer) < end + 4 + length:
             return
+        body = bytes(self.buffer[end + 4 : end + 4 + length])
         del self.buffer[: end + 4 + length]
-        self.waiter.set_result((status, close))
+        self.waiter.set_result((status, close, body))
 
     async def request(self, data: bytes):
         self.waiter = asyncio.get_running_loop().create_future()
@@ -207,11 +253,21 @@ class Run:
     def __init__(self, spec: dict):
         self.spec = spec
         self.factory = FACTORIES[spec["kind"]](spec["prefix"], spec.get("params", {}))
-        self.head = (
-            f"POST {spec['path']} HTTP/1.1\r\nHost: {spec['host']}:{spec['port']}\r\n"
-            + (f"Authorization: {spec['auth']}\r\n" if spec.get("auth") else "")
-            + "Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-        ).encode()
+        self.method = getattr(self.factory, "method", "POST")
+        headers = f"Host: {spec['host']}:{spec['port']}\r\n" + (
+            f"Authorization: {spec['auth']}\r\n" if spec.get("auth") else ""
+        )
+        if self.method == "GET":  # the factory's "body" is the query string
+            self.head = f"GET {spec['path']}%s HTTP/1.1\r\n{headers}\r\n".encode()
+        else:
+            self.head = (
+                f"POST {spec['path']} HTTP/1.1\r\n{headers}"
+                + "Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+            ).encode()
+        # ``count_true``: a JSON field of the answers (say "recorded") whose true values are
+        # counted per kind, for the harness to compare with what was stored.
+        self.count_true = spec.get("count_true")
+        self.true_tags = Counter()
         self.seq = 0
         self.issued = 0
         self.stop = False
@@ -224,21 +280,36 @@ class Run:
         self.window_start = self.window_end = 0.0
         self.max_requests = spec.get("max_requests")
 
-    def next_body(self):
+    def request_bytes(self, body: bytes) -> bytes:
+        if self.method == "GET":
+            return self.head % body
+        return self.head % len(body) + body
+
+    def answered(self, status: int, body: bytes, tag: str) -> None:
+        self.status_counts[status] += 1
+        if 200 <= status < 300:
+            self.ok_tags[tag] += 1
+            if self.count_true and json.loads(body).get(self.count_true) is True:
+                self.true_tags[tag] += 1
+
+    def next_body(self, connection: int = 0):
         if self.max_requests is not None and self.seq >= self.max_requests:
             return None
-        made = self.factory(self.seq)
+        if getattr(self.factory, "per_connection", False):
+            made = self.factory(self.seq, connection)
+        else:
+            made = self.factory(self.seq)
         if made is None:
             self.exhausted = True
             return None
         self.seq += 1
         return made
 
-    async def connection(self):
+    async def connection(self, index: int):
         loop = asyncio.get_running_loop()
         protocol = None
         while not self.stop:
-            made = self.next_body()
+            made = self.next_body(index)
             if made is None:
                 return
             body, tag = made
@@ -247,7 +318,7 @@ class Run:
             try:
                 if protocol is None or protocol.closed:
                     _, protocol = await loop.create_connection(_ResponseProtocol, self.spec["host"], self.spec["port"])
-                status, close = await protocol.request(self.head % len(body) + body)
+                status, close, answer = await protocol.request(self.request_bytes(body))
             except (OSError, ConnectionError) as exc:
                 self.errors[type(exc).__name__] += 1
                 if protocol is not None and protocol.transport is not None:
@@ -255,9 +326,7 @@ class Run:
                 protocol = None
                 continue
             finished = time.perf_counter()
-            self.status_counts[status] += 1
-            if 200 <= status < 300:
-                self.ok_tags[tag] += 1
+            self.answered(status, answer, tag)
             if self.window_start <= started and finished <= self.window_end:
                 self.completed_in_window += 1
                 self.latencies.append(finished - started)
@@ -275,7 +344,7 @@ class Run:
             protocol = None
             try:
                 _, protocol = await loop.create_connection(_ResponseProtocol, self.spec["host"], self.spec["port"])
-                status, _close = await protocol.request(self.head % len(body) + body)
+                status, _close, answer = await protocol.request(self.request_bytes(body))
             except (OSError, ConnectionError) as exc:
                 self.errors[type(exc).__name__] += 1
                 return
@@ -283,9 +352,7 @@ class Run:
                 if protocol is not None and protocol.transport is not None:
                     protocol.transport.close()
         finished = time.perf_counter()
-        self.status_counts[status] += 1
-        if 200 <= status < 300:
-            self.ok_tags[tag] += 1
+        self.answered(status, answer, tag)
         if self.window_start <= due:  # every request due in the window counts, however late
             self.completed_in_window += 1
             self.latencies.append(finished - due)
@@ -325,7 +392,7 @@ class Run:
         now = time.perf_counter()
         self.window_start = now + self.spec.get("warmup", 0)
         self.window_end = self.window_start + self.spec["duration"]
-        tasks = [asyncio.create_task(self.connection()) for _ in range(self.spec["connections"])]
+        tasks = [asyncio.create_task(self.connection(i)) for i in range(self.spec["connections"])]
 
         async def timer():
             await asyncio.sleep(self.window_end - time.perf_counter())
@@ -350,6 +417,7 @@ class Run:
             "issued": self.issued,
             "ok": sum(self.ok_tags.values()),
             "ok_by_kind": dict(self.ok_tags),
+            "true_by_kind": dict(self.true_tags),
             "status_counts": {str(k): v for k, v in sorted(self.status_counts.items())},
             "connection_errors": dict(self.errors),
             "exhausted": self.exhausted,

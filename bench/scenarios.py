@@ -13,13 +13,15 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 
 import psycopg
 from django.core.management import call_command, get_commands, load_command_class
 from django.db import connection
+from django.db.models import Sum
 
-from features.models import Event, EventStatus, ReprocessingJob, Usage
+from features.models import Event, EventStatus, Feature, ReprocessingJob, Usage
 from features.preview import rule_preview
 from features.services import RuleDefinition, feature_create, rule_create
 from kana.jobs import JobStatus
@@ -29,6 +31,10 @@ from users.models import EndUser, MergeRecord
 from . import bulk, stack
 
 S1_USERS = 1000
+# S6/S7: subscribed users spread over, and the one subject half of S7's connections share.
+ENTITLEMENT_USERS = 1000
+ENTITLEMENT_FEATURE = "messages"
+S7_HOT_USER = "hot"
 S4_USERS = 10_000
 BATCH_SIZE = 100
 # S4 creates this rule over its stored events; S8 previews it over the same events first.
@@ -139,6 +145,26 @@ def _fmt(value: float | None, unit: str = "") -> str:
     return f"{text} {unit}".strip()
 
 
+def consume_problems(
+    workspace, *, prefix: str, feature, hot_user_pk: int, hot_limit: int, recorded_by_kind: dict
+) -> list[str]:
+    """What S7's stored usage says against its answers: the hot subject consumed at most its
+    limit, and every ``recorded: true`` answer (per kind, hot or spread) is exactly one usage
+    row of a consume keyed ``<prefix>-n``, none more. A run with any of these has no result."""
+    usage = Usage.objects.for_workspace(workspace).filter(feature=feature, event__message_id__startswith=f"{prefix}-")
+    hot = usage.filter(user_id=hot_user_pk)
+    hot_used = Decimal(hot.aggregate(total=Sum("amount"))["total"] or 0).normalize()
+    problems = []
+    if hot_used > hot_limit:
+        problems.append(f"overspend: the hot subject used {hot_used} of a limit of {hot_limit}")
+    stored = {"hot": hot.count(), "spread": usage.exclude(user_id=hot_user_pk).count()}
+    for kind, rows in stored.items():
+        answered = recorded_by_kind.get(kind, 0)
+        if rows != answered:
+            problems.append(f"{kind}: {answered} consumes answered recorded, {rows} usage rows stored")
+    return problems
+
+
 class Bench:
     def __init__(self, *, args, sizes: dict, env: dict, log_dir: Path):
         self.args, self.sizes, self.env, self.log_dir = args, sizes, env, log_dir
@@ -170,13 +196,13 @@ class Bench:
         self.wait_for_jobs(timeout=120)
         if self.args.pause:
             input(f"gunicorn pids {self.services['app'].pids()}; press Enter to start the scenarios ")
-        if self.wanted("B-INSERT", "S1", "S2"):
+        if self.wanted("B-INSERT", "S1", "S2", "S6", "S7"):
             self.b_insert(1)
         if self.wanted("S1"):
             self.s1()
         if self.wanted("S2"):
             self.s2()
-        if self.wanted("B-INSERT", "S1", "S2"):
+        if self.wanted("B-INSERT", "S1", "S2", "S6", "S7"):
             self.b_insert(2)
         if self.wanted("S3", "B-COPY"):
             self.s3()
@@ -259,7 +285,15 @@ class Bench:
     # --- HTTP load ------------------------------------------------------------------------
 
     def load(
-        self, *, path: str, kind: str, prefix: str, auth: str = "", params: dict | None = None, rate: float = 0
+        self,
+        *,
+        path: str,
+        kind: str,
+        prefix: str,
+        auth: str = "",
+        params: dict | None = None,
+        rate: float = 0,
+        count_true: str = "",
     ) -> dict:
         """Drive ``bench/load.py``: closed loop on ``--connections`` connections, or open loop
         at ``rate`` requests per second when given."""
@@ -276,6 +310,7 @@ class Bench:
             "prefix": prefix,
             "params": params or {},
             "rate": rate,
+            "count_true": count_true,
         }
         started = time.monotonic()
         with self.cpu_meter() as meter, self.profiled("app", prefix):
@@ -634,32 +669,159 @@ class Bench:
                 raise RuntimeError(f"reprocessing did not finish within {timeout:.0f}s")
             time.sleep(0.05)
 
-    # --- S6, S7: entitlements (not run until the endpoints exist) -------------------------
+    # --- S6, S7: entitlement checks and consumes ---------------------------------------
 
     def entitlement_scenarios(self) -> None:
-        """The hook for S6 (entitlement check, one GET per request, 16 connections; p99 at half
-        that rate open loop) and S7 (consume, half the connections on one subject; zero
-        overspend). Both are reported "not run" until the entitlements app serves them.
+        """S6 (entitlement check, one GET per request; p99 at half its maximum, open loop) and
+        S7 (consume, half the connections on one subject whose budget runs out mid-run; zero
+        overspend), on a workspace of their own: ``ENTITLEMENT_USERS`` users subscribed to a
+        published package whose consumable feature has a limit no run reaches, and one hot
+        subject on a package whose limit the run does reach."""
+        self.seed_entitlements()
+        if self.wanted("S6"):
+            self.s6()
+        if self.wanted("S7"):
+            self.s7()
 
-        To add them: seed subjects with subscriptions in ``seed``; give ``bench/load.py`` a
-        factory per kind (a GET check, a POST consume) and let ``Run`` send its method; then
-        here call ``self.load`` (closed loop, and ``rate=`` half the maximum for the p99)
-        and append Rows like S1's and S1-lat's, with baseline "B-insert" and the targets below,
-        verifying afterwards that no subject was consumed past its limit.
-        """
-        for row_id, scenario, unit, target in (
-            ("S6", "S6 entitlement check, 1 GET/request", "req/s", "≥ 0.9 × B-insert; p99 ≤ 10 ms at half"),
-            ("S7", "S7 consume, half on one subject", "req/s", "≥ 0.5 × B-insert, zero overspend"),
-        ):
-            self.rows.append(
-                Row(
-                    id=row_id,
-                    scenario=scenario,
-                    unit=unit,
-                    target=target,
-                    not_run="the entitlements endpoints do not exist in this tree",
-                )
+    def seed_entitlements(self) -> None:
+        from entitlements.models import PackageStatus
+        from entitlements.services import PackageFeatureSpec, package_create, subscription_create
+
+        self.t6 = self.tenant("s6 s7")
+        workspace = self.t6.workspace
+        # The hot subject's budget: about a tenth of what its connections could consume in a
+        # run at S7's target (half the connections at 0.5 x B-insert), so it runs out early
+        # and most of the run contends on a subject at its limit.
+        rate = self.b_insert_figure() or 400
+        window = self.sizes["warmup"] + self.sizes["duration"]
+        self.s7_hot_limit = max(20, int(rate * 0.5 * 0.5 * window / 10))
+        self.log(f"S6/S7: subscribing {ENTITLEMENT_USERS:,} users and one hot subject (limit {self.s7_hot_limit:,})")
+        feature_create(workspace=workspace, key=ENTITLEMENT_FEATURE)
+        roomy, tight = (
+            package_create(
+                workspace=workspace,
+                key=key,
+                status=PackageStatus.PUBLISHED,
+                features=[PackageFeatureSpec(feature_key=ENTITLEMENT_FEATURE, limit=Decimal(limit))],
             )
+            for key, limit in (("bench", 10**12), ("bench-hot", self.s7_hot_limit))
+        )
+        bulk.load_users(
+            self.bulk_conn,
+            self.t6.pk,
+            (
+                *((self.t6.pk, f"u{i}", "", "", "") for i in range(ENTITLEMENT_USERS)),
+                (self.t6.pk, S7_HOT_USER, "", "", ""),
+            ),
+        )
+        for user in EndUser.objects.for_workspace(workspace).exclude(user_id=S7_HOT_USER):
+            subscription_create(workspace=workspace, package=roomy, user=user)
+        self.s7_hot_user = EndUser.objects.for_workspace(workspace).get(user_id=S7_HOT_USER)
+        subscription_create(workspace=workspace, package=tight, user=self.s7_hot_user)
+        for table in ("users_enduser", "users_useridentity", "entitlements_subscription"):
+            bulk.vacuum_analyze(self.bulk_conn, table)
+
+    def b_insert_figure(self) -> float | None:
+        figures = [r.value for r in self.rows if r.id.startswith("B-insert#") and r.value]
+        return max(figures) if figures else None
+
+    def s6(self) -> None:
+        self.log("S6: entitlement check, one GET per request")
+        params = {"users": ENTITLEMENT_USERS, "feature": ENTITLEMENT_FEATURE}
+        common = {"path": "/api/v1/entitlements/check", "kind": "entitlement_check", "auth": self.t6.auth}
+        result = self.load(prefix="s6", params=params, count_true="access", **common)
+        problems = self.http_problems(result) + self.granted_problems(result)
+        ok = not problems
+        self.rows.append(
+            Row(
+                id="S6",
+                scenario="S6 entitlement check, 1 GET/request",
+                unit="req/s",
+                value=result["requests_per_second"] if ok else None,
+                baseline="B-insert",
+                target="≥ 0.9 × B-insert",
+                target_ratio=0.9,
+                verified=ok,
+                problems=problems,
+                details=result,
+            )
+        )
+        if not ok:
+            return
+        rate = result["requests_per_second"] / 2
+        self.log(f"S6-lat: the same checks, open loop at {rate:,.0f} req/s (half of S6's maximum)")
+        result = self.load(prefix="s6lat", params=params, count_true="access", rate=rate, **common)
+        problems = self.http_problems(result) + self.granted_problems(result)
+        ok = not problems
+        self.rows.append(
+            Row(
+                id="S6-lat",
+                scenario=f"S6-lat p99, open loop at {rate:,.0f} req/s",
+                unit="ms",
+                value=result["p99_ms"] if ok else None,
+                target="p99 ≤ 10 ms",
+                target_max=10,
+                verified=ok,
+                problems=problems,
+                details=result,
+            )
+        )
+
+    @staticmethod
+    def granted_problems(result: dict) -> list[str]:
+        granted = sum(result["true_by_kind"].values())
+        return [] if granted == result["ok"] else [f"{result['ok']} checks answered, {granted} granted access"]
+
+    def s7(self) -> None:
+        hot = self.args.connections // 2
+        self.log(f"S7: consume, {hot} of {self.args.connections} connections on one subject")
+        result = self.load(
+            path="/api/v1/entitlements/consume",
+            kind="consume",
+            prefix="s7",
+            auth=self.t6.auth,
+            params={
+                "users": ENTITLEMENT_USERS,
+                "feature": ENTITLEMENT_FEATURE,
+                "hot_user": S7_HOT_USER,
+                "hot_connections": hot,
+            },
+            count_true="recorded",
+        )
+        problems = self.http_problems(result)
+        if result["ok"] != result["issued"]:
+            problems.append(f"{result['issued']} consumes sent, {result['ok']} answered")
+        feature = Feature.objects.for_workspace(self.t6.workspace).get(key=ENTITLEMENT_FEATURE)
+        problems += consume_problems(
+            self.t6.workspace,
+            prefix="s7",
+            feature=feature,
+            hot_user_pk=self.s7_hot_user.pk,
+            hot_limit=self.s7_hot_limit,
+            recorded_by_kind=result["true_by_kind"],
+        )
+        ok = not problems
+        recorded_hot = result["true_by_kind"].get("hot", 0)
+        result["hot_subject"] = {
+            "limit": self.s7_hot_limit,
+            "recorded": recorded_hot,
+            "refused": result["ok_by_kind"].get("hot", 0) - recorded_hot,
+            "budget_ran_out": recorded_hot == self.s7_hot_limit,
+        }
+        self.rows.append(
+            Row(
+                id="S7",
+                scenario=f"S7 consume, {hot}/{self.args.connections} connections on one subject",
+                unit="req/s",
+                value=result["requests_per_second"] if ok else None,
+                baseline="B-insert",
+                target="≥ 0.5 × B-insert, zero overspend",
+                target_ratio=0.5,
+                verified=ok,
+                problems=problems,
+                details=result,
+            )
+        )
 
     # --- S5: CSV import and export --------------------------------------------------------
 

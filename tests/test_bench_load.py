@@ -4,7 +4,7 @@ import json
 
 from django.utils import timezone
 
-from bench.load import BatchFactory, IdentifyMixFactory, TrackFactory
+from bench.load import BatchFactory, ConsumeFactory, EntitlementCheckFactory, IdentifyMixFactory, TrackFactory
 from segment_ingest.messages import parse_message
 
 
@@ -36,6 +36,16 @@ def test_the_identify_mix_cycles_through_its_four_kinds_and_stops_when_a_pool_is
     kinds = [m[1] for m in made if m is not None]
     assert kinds == ["create", "update", "claim", "merge"] * 2 + ["create", "update"]
     assert made[10] is None
+
+
+def test_consumes_put_the_first_connections_on_the_hot_subject_each_with_its_own_key():
+    factory = ConsumeFactory("s7", {"users": 3, "hot_user": "hot", "hot_connections": 2})
+    made = [(factory(n, connection=n % 4), n % 4) for n in range(40)]
+    bodies = [(json.loads(body), kind, connection) for (body, kind), connection in made]
+    assert len({b["idempotency_key"] for b, _, _ in bodies}) == 40
+    assert {(b["user_id"] == "hot", kind) for b, kind, connection in bodies if connection < 2} == {(True, "hot")}
+    assert {b["user_id"] for b, kind, connection in bodies if connection >= 2} == {"u0", "u1", "u2"}
+    assert EntitlementCheckFactory("s6", {"users": 2})(3) == (b"?user_id=u1&feature=messages&delta=1", "check")
 
 
 def _serial_server(service_seconds: float):
@@ -108,3 +118,38 @@ def test_open_loop_latency_counts_from_the_scheduled_time_so_a_slow_server_is_ch
         listener.close()
     assert result["issued"] == 40
     assert result["p99_ms"] > 500
+
+
+def test_the_s7_check_refuses_a_run_whose_hot_subject_overspent_or_whose_answers_miscount(db):
+    """The check reads what the ledger stored: usage past the hot subject's limit (recorded
+    here through ``usage/records``, which does not refuse) and answers that do not match the
+    usage rows are both reported; an honest run is not."""
+    from decimal import Decimal
+
+    from bench.scenarios import consume_problems
+    from entitlements.access import record_usage
+    from features.services import feature_create
+    from kana.services import workspace_create_with_key
+    from users.models import EndUser
+
+    workspace = workspace_create_with_key(name="bench s7 check").api_key.workspace
+    feature = feature_create(workspace=workspace, key="messages")
+    for n, user_id in enumerate(["hot", "hot", "u0"]):
+        record_usage(
+            workspace,
+            user_id=user_id,
+            feature_key="messages",
+            delta=Decimal(1),
+            action="add",
+            idempotency_key=f"s7-{n}",
+        )
+    hot = EndUser.objects.for_workspace(workspace).get(user_id="hot")
+
+    def problems(limit, recorded):
+        return consume_problems(
+            workspace, prefix="s7", feature=feature, hot_user_pk=hot.pk, hot_limit=limit, recorded_by_kind=recorded
+        )
+
+    assert problems(2, {"hot": 2, "spread": 1}) == []
+    assert problems(1, {"hot": 2, "spread": 1}) == ["overspend: the hot subject used 2 of a limit of 1"]
+    assert problems(2, {"hot": 1, "spread": 1}) == ["hot: 1 consumes answered recorded, 2 usage rows stored"]
