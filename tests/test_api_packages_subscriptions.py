@@ -99,3 +99,13 @@ def test_a_feature_in_a_package_cannot_be_deleted(tenant):
     assert_error(ApiClient(tenant).delete("features/messages"), 409, "feature_in_use")
     assert ApiClient(tenant).delete("packages/pro").status_code == 204
     assert ApiClient(tenant).delete("features/messages").status_code == 204
+
+
+def test_a_feature_row_without_its_feature_is_refused_on_patch_not_a_500(tenant):
+    # schemathesis found it: PATCH validated the rows partially, so a row missing "feature"
+    # reached the service and raised KeyError (500).
+    feature(tenant, "messages")
+    package(tenant, "draft-plan", {"feature": "messages", "limit": 5}, status="draft")
+    response = ApiClient(tenant).patch("packages/draft-plan", {"features": [{"limit": 0, "reset_period": "month"}]})
+    assert_error(response, 400, "invalid_request")
+    assert ApiClient(tenant).get("packages/draft-plan").json()["features"][0]["limit"] == 5
