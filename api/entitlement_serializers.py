@@ -40,6 +40,18 @@ class StrictNumberField(serializers.DecimalField):
         return value.quantize(Decimal(1).scaleb(-self.decimal_places), context=Context(prec=60))
 
 
+class QueryAmountField(serializers.DecimalField):
+    """A number in a query string, stated as a number (never ""), rounded to the usage
+    column's 9 decimals as a JSON amount is, at most MAX_AMOUNT."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("max_value", MAX_AMOUNT)
+        super().__init__(max_digits=30, decimal_places=9, coerce_to_string=False, **kwargs)
+
+    def validate_precision(self, value):
+        return value.quantize(Decimal(1).scaleb(-self.decimal_places), context=Context(prec=60))
+
+
 # --- Packages ------------------------------------------------------------------------------
 
 
@@ -151,9 +163,7 @@ class SubjectQuerySerializer(serializers.Serializer):
 
 
 class CheckQuerySerializer(SubjectQuerySerializer):
-    delta = serializers.DecimalField(
-        required=False, default=Decimal(1), max_digits=30, decimal_places=9, min_value=Decimal(0)
-    )
+    delta = QueryAmountField(required=False, default=Decimal(1), min_value=Decimal(0))
 
 
 class UsageQuerySerializer(SubjectQuerySerializer):

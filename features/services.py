@@ -192,9 +192,7 @@ def _clean_definition(workspace: Workspace, definition: RuleDefinition) -> tuple
         raise FeatureError("invalid_rule", "a rule needs a name", "name")
     feature = Feature.objects.for_workspace(workspace).filter(key=definition.feature_key).first()
     if feature is None:
-        raise FeatureError(
-            "unknown_feature", f"no feature with id {definition.feature_key!r}", "feature", status=404
-        )
+        raise FeatureError("unknown_feature", f"no feature with id {definition.feature_key!r}", "feature", status=404)
     try:
         conditions = clean_conditions(definition.conditions)
     except InvalidRule as exc:

@@ -132,3 +132,13 @@ def test_a_check_naming_no_subject_is_about_an_unknown_user_and_user_id_wins_ove
     response = ApiClient(tenant).get("entitlements/check", {"feature": "messages", "user_id": "a", "group_id": "b"})
     assert response.status_code == 200
     assert (response.json()["access"], response.json()["reason"]) == (False, "unknown_user")
+
+
+def test_a_checks_delta_is_a_number_rounded_like_a_json_amount(tenant):
+    # The schema states delta as a number: "" is refused, more than 9 decimals are rounded
+    # (as a recorded amount is), not refused.
+    feature(tenant, "messages")
+    client = ApiClient(tenant)
+    assert client.get("entitlements/check", {"feature": "messages", "user_id": "a", "delta": ""}).status_code == 400
+    response = client.get("entitlements/check", {"feature": "messages", "user_id": "a", "delta": "0.1234567891"})
+    assert response.status_code == 200, response.content
