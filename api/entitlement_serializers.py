@@ -49,6 +49,10 @@ class QueryAmountField(serializers.DecimalField):
         super().__init__(max_digits=30, decimal_places=9, coerce_to_string=False, **kwargs)
 
     def validate_precision(self, value):
+        # Runs before the min/max validators: a huge number has no place to round to.
+        if abs(value) > MAX_AMOUNT:
+            low = self.min_value if self.min_value is not None else -MAX_AMOUNT
+            self.fail("max_value" if value > 0 else "min_value", max_value=MAX_AMOUNT, min_value=low)
         return value.quantize(Decimal(1).scaleb(-self.decimal_places), context=Context(prec=60))
 
 

@@ -142,3 +142,6 @@ def test_a_checks_delta_is_a_number_rounded_like_a_json_amount(tenant):
     assert client.get("entitlements/check", {"feature": "messages", "user_id": "a", "delta": ""}).status_code == 400
     response = client.get("entitlements/check", {"feature": "messages", "user_id": "a", "delta": "0.1234567891"})
     assert response.status_code == 200, response.content
+    for huge in ("-2.8e273", "1e400"):  # refused before any rounding (a 500 once)
+        response = client.get("entitlements/check", {"feature": "messages", "user_id": "a", "delta": huge})
+        assert response.status_code == 400, response.content
