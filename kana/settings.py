@@ -159,18 +159,20 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "max_retries": 0,
 }
 CELERY_TASK_PUBLISH_RETRY = False
+# The sweepers share one interval: each re-sends work a lost message or a dead worker left behind.
+SWEEP_INTERVAL_SECONDS = float(env_int("KANA_SWEEP_INTERVAL_SECONDS", 15))
 CELERY_BEAT_SCHEDULE = {
     "sweep-stalled-jobs": {
         "task": "features.tasks.sweep_stalled_jobs",
-        "schedule": float(env_int("KANA_SWEEP_INTERVAL_SECONDS", 15)),
+        "schedule": SWEEP_INTERVAL_SECONDS,
     },
     "sweep-stalled-imports": {
         "task": "users.tasks.sweep_stalled_imports",
-        "schedule": float(env_int("KANA_SWEEP_INTERVAL_SECONDS", 15)),
+        "schedule": SWEEP_INTERVAL_SECONDS,
     },
     "sweep-expired-reservations": {
         "task": "entitlements.tasks.sweep_expired_reservations",
-        "schedule": float(env_int("KANA_SWEEP_INTERVAL_SECONDS", 15)),
+        "schedule": SWEEP_INTERVAL_SECONDS,
     },
     "notify-usage-thresholds": {
         "task": "entitlements.tasks.notify_thresholds",
@@ -185,7 +187,7 @@ CELERY_BEAT_SCHEDULE = {
     # database (webhooks.delivery), so they survive any worker or broker restart.
     "send-due-webhooks": {
         "task": "webhooks.tasks.send_due_deliveries",
-        "schedule": float(env_int("KANA_SWEEP_INTERVAL_SECONDS", 15)),
+        "schedule": SWEEP_INTERVAL_SECONDS,
     },
 }
 # Fractions of a budget whose crossing is notified (usage.threshold_reached; 1.0 also sends
