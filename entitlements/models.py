@@ -152,7 +152,8 @@ class ThresholdCrossing(models.Model):
     subject = models.CharField(max_length=40)  # "user:<id>" or "group:<id>"
     feature = models.ForeignKey(Feature, on_delete=models.CASCADE, related_name="+")
     period_start = models.DateTimeField()
-    threshold = models.DecimalField(max_digits=6, decimal_places=4)
+    # As precise as an endpoint's thresholds (webhooks rounds them to 6 decimals).
+    threshold = models.DecimalField(max_digits=8, decimal_places=6)
     used = models.DecimalField(max_digits=40, decimal_places=9)  # a period's sum, like the counters
     budget = models.DecimalField(max_digits=30, decimal_places=9)
     created_at = models.DateTimeField(default=timezone.now)

@@ -20,15 +20,20 @@ from django.utils import timezone
 from features import counters
 from features.models import Feature
 from kana.models import Workspace
-from kana.signals import notification
+from kana.signals import notification, thresholds_wanted
 from users.models import EndUser, Group
 
 from .access import Entitlement, Subject, evaluate, number, period_dict, user_subject
 from .models import Subscription, ThresholdCrossing
 
 
-def thresholds() -> list[Decimal]:
-    return sorted(Decimal(str(t)) for t in settings.KANA_USAGE_THRESHOLDS)
+def thresholds(workspace_id: int) -> list[Decimal]:
+    """The fractions of a budget whose crossing is recorded: the defaults, and whatever else
+    the workspace asked for (its webhook endpoints' thresholds, through ``thresholds_wanted``)."""
+    wanted = {Decimal(str(t)) for t in settings.KANA_USAGE_THRESHOLDS}
+    for _receiver, answer in thresholds_wanted.send(sender=ThresholdCrossing, workspace_id=workspace_id):
+        wanted.update(Decimal(str(t)) for t in answer or ())
+    return sorted(wanted)
 
 
 def notify_usage_thresholds(*, limit: int = 500, now=None) -> tuple[int, int]:
@@ -78,13 +83,14 @@ def _check_pair(workspace_id: int, user_pk: int, feature_id: int, moments: list)
     workspace = Workspace.objects.get(pk=workspace_id)
     feature = Feature.objects.get(pk=feature_id)
     crossed, seen = 0, set()
+    fractions = thresholds(workspace_id)
     for at in moments:
         for budget in _budgets(workspace, user_pk, feature, at):
             if (budget.owner, budget.period[0]) in seen:
                 continue
             seen.add((budget.owner, budget.period[0]))
             used, limit = budget.consumption.used, budget.consumption.budget
-            for threshold in thresholds():
+            for threshold in fractions:
                 if used >= threshold * limit and _record_crossing(workspace, budget, threshold):
                     crossed += 1
     return crossed

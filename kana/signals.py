@@ -8,8 +8,15 @@ transaction that caused it, so a rolled-back change notifies nobody.
 Arguments: ``workspace_id`` (int), ``event_type`` (str, e.g. "usage.threshold_reached"),
 ``data`` (a JSON-serialisable dict, the payload's ``data``), ``event_key`` (str: unique per
 workspace and meaning; the same key sent twice is delivered once).
+
+``thresholds_wanted`` asks which fractions of a budget a workspace wants to hear about
+beyond the defaults (``KANA_USAGE_THRESHOLDS``): entitlements sends it with ``workspace_id``
+and records a crossing of each fraction any receiver returns (an iterable of numbers); the
+``webhooks`` app answers with its endpoints' thresholds, so an endpoint asking for 50 %
+is told at 50 %.
 """
 
 from django.dispatch import Signal
 
 notification = Signal()
+thresholds_wanted = Signal()

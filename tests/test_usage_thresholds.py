@@ -125,3 +125,25 @@ def test_a_late_event_crosses_the_threshold_of_its_own_period(tenant):
         ("usage.limit_reached", 1.0),
     ]
     assert {n["data"]["period"]["start"] for n in sent} == {(started + timedelta(days=1)).isoformat()}
+
+
+def test_an_endpoints_own_threshold_is_crossed_and_delivered(tenant, settings):
+    """An endpoint asking for 50 % (or 12.3456 %) hears of it, not only of the defaults."""
+    from webhooks.models import WebhookEvent
+
+    from .webhook_support import create_endpoint
+
+    settings.KANA_WEBHOOK_ALLOW_PRIVATE_ADDRESSES = True
+    api = ApiClient(tenant)
+    create_endpoint(api, "http://127.0.0.1:9/half", ["usage.threshold_reached"], thresholds=[0.5, 0.123456])
+    feature(tenant, "messages")
+    user_with_package(tenant, "u1", 10)
+    with notifications() as sent:
+        track(tenant, "u1", "Sent", featureId="messages", delta=1, _at=now())
+        notify_usage_thresholds()
+        assert kinds(sent) == []
+        track(tenant, "u1", "Sent", featureId="messages", delta=5, _at=now())
+        notify_usage_thresholds()
+    assert kinds(sent) == [("usage.threshold_reached", 0.123456), ("usage.threshold_reached", 0.5)]
+    stored = WebhookEvent.objects.filter(event_type="usage.threshold_reached").values_list("data__threshold", flat=True)
+    assert sorted(stored) == [0.123456, 0.5]

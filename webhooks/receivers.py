@@ -7,18 +7,23 @@ its deliveries commit or roll back with the change that caused them.
 
 from django.dispatch import receiver
 
-from kana.signals import notification
+from kana.signals import notification, thresholds_wanted
 from users.models import MergeRecord
 from users.signals import user_absorbed
 
 from .models import WebhookEventType
-from .selectors import listens_to
+from .selectors import listens_to, thresholds_for
 from .services import event_record
 
 
 @receiver(notification, dispatch_uid="webhooks.notification")
 def _on_notification(sender, *, workspace_id: int, event_type: str, data: dict, event_key: str, **_kwargs) -> None:
     event_record(workspace_id=workspace_id, event_type=event_type, data=data, event_key=event_key)
+
+
+@receiver(thresholds_wanted, dispatch_uid="webhooks.thresholds_wanted")
+def _on_thresholds_wanted(sender, *, workspace_id: int, **_kwargs) -> list[float]:
+    return thresholds_for(workspace_id)
 
 
 @receiver(user_absorbed, dispatch_uid="webhooks.user_merged")
