@@ -109,6 +109,24 @@ class Subscription(models.Model):
         ]
 
 
+class SubscriptionMove(models.Model):
+    """A subscription that a merge handed from the absorbed user to the survivor: what undoing
+    that merge hands back. Plain user keys, not foreign keys: the absorbed user's row is
+    deleted by the merge and comes back with the same key when it is undone, and a chain of
+    merges (A into B, then B into C) stacks its moves, undone newest first like the merges."""
+
+    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+")
+    subscription = models.ForeignKey(Subscription, on_delete=models.CASCADE, related_name="+")
+    from_user_key = models.BigIntegerField()
+    to_user_key = models.BigIntegerField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    objects = WorkspaceQuerySet.as_manager()
+
+    class Meta:
+        indexes = [models.Index(fields=["workspace", "to_user_key", "from_user_key"], name="subscriptionmove_pair_idx")]
+
+
 class ReservationStatus(models.TextChoices):
     HELD = "held"
     COMMITTED = "committed"

@@ -60,3 +60,45 @@ def test_a_check_costs_a_fixed_number_of_queries_whatever_the_history(tenant, dj
     with django_assert_max_num_queries(8):
         answer = decide(tenant.workspace, feature_key="messages", user_id="u1")
     assert (answer.reason, answer.consumption.used, answer.consumption.budget) == ("within_limit", 30, 2000)
+
+
+def _merge(api: ApiClient, survivor, absorbed) -> int:
+    from users.models import MergeRecord
+
+    response = api.post("users/merge", {"user_ids": [survivor.pk, absorbed.pk], "survivor": survivor.pk})
+    assert response.status_code == 200, response.content
+    return MergeRecord.objects.get(absorbed_id=absorbed.pk, undone_at__isnull=True).pk
+
+
+def _subscribers() -> dict[str, int]:
+    return {s.package.key: s.user_id for s in Subscription.objects.select_related("package")}
+
+
+def test_undoing_a_merge_gives_the_restored_user_its_subscriptions_back(tenant):
+    """Chained merges (b into a, then a into c) undone newest first: each subscription goes
+    back to the user that had it, with its usage; the survivor keeps its own."""
+    feature(tenant, "messages")
+    a, b, c = identify(tenant, "a"), identify(tenant, "b"), identify(tenant, "c")
+    package(tenant, "pa", {"feature": "messages", "limit": 10})
+    package(tenant, "pb", {"feature": "messages", "limit": 20})
+    package(tenant, "pc", {"feature": "messages", "limit": 30})
+    for user_id in "abc":
+        subscribe(tenant, f"p{user_id}", user_id=user_id)
+    track(tenant, "b", "Sent", featureId="messages", delta=3, _at=datetime.now(UTC).isoformat())
+    api = ApiClient(tenant)
+    first = _merge(api, a, b)
+    second = _merge(api, c, a)
+    assert _subscribers() == {"pa": c.pk, "pb": c.pk, "pc": c.pk}
+
+    assert api.post(f"merges/{second}/undo").status_code == 200
+    assert _subscribers() == {"pa": a.pk, "pb": a.pk, "pc": c.pk}
+    assert api.post(f"merges/{first}/undo").status_code == 200
+    assert _subscribers() == {"pa": a.pk, "pb": b.pk, "pc": c.pk}
+    answer = check(tenant, "messages", user_id="b")
+    assert (answer["reason"], answer["consumption"]["used"], answer["consumption"]["budget"]) == ("within_limit", 3, 20)
+    assert check(tenant, "messages", user_id="a")["consumption"]["budget"] == 10
+    # Merged again after the undo: the subscription follows again, and a second undo returns it.
+    again = _merge(api, a, b)
+    assert _subscribers()["pb"] == a.pk
+    assert api.post(f"merges/{again}/undo").status_code == 200
+    assert _subscribers()["pb"] == b.pk
