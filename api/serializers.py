@@ -627,6 +627,24 @@ class UserDeleteQuerySerializer(serializers.Serializer):
         choices=DELETE_EVENTS_CHOICES,
         help_text="`keep` (default): events and usage stay, detached and anonymised; `delete`: they go too.",
     )
+    suppress = serializers.BooleanField(
+        required=False,
+        default=True,
+        help_text=(
+            "`true` (default): the user's userIds are suppressed, later messages naming them are not stored "
+            "(`/api/v1/suppressions` lists them and lifts one); `false`: the next identify creates the user anew."
+        ),
+    )
+
+
+class SuppressionSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    user_id = serializers.CharField(help_text="The suppressed userId: messages naming it are answered `suppressed`.")
+    created_at = serializers.DateTimeField(help_text="When its user was deleted.")
+
+
+class SuppressionFilterSerializer(serializers.Serializer):
+    user_id = StrictCharField(required=False, max_length=255, help_text="Only this userId (exact).")
 
 
 # --- The workspace's settings -------------------------------------------------------------

@@ -24,6 +24,7 @@ router.register("subscriptions", entitlement_views.SubscriptionViewSet, basename
 router.register("entitlements/reservations", entitlement_views.ReservationViewSet, basename="reservation")
 router.register("entitlements", entitlement_views.EntitlementViewSet, basename="entitlement")
 router.register("webhooks", views.WebhookViewSet, basename="webhook")
+router.register("suppressions", views.SuppressionViewSet, basename="suppression")
 
 app_name = "api"
 urlpatterns = [

@@ -24,9 +24,9 @@ from kana.audit import audit_entries
 from kana.models import AuditEntry, Workspace
 from kana.services import workspace_settings, workspace_settings_update
 from users import selectors as user_selectors
-from users.models import EndUser, MergeReason, MergeRecord, UserIdentity
+from users.models import EndUser, MergeReason, MergeRecord, Suppression, UserIdentity
 from users.profile import validated_changes
-from users.services import delete_user, merge_undo, merge_users, update_user
+from users.services import delete_user, lift_suppression, merge_undo, merge_users, update_user
 from webhooks import selectors as webhook_selectors
 from webhooks.models import WebhookEndpoint
 from webhooks.services import webhook_create, webhook_delete, webhook_update
@@ -93,8 +93,8 @@ def page_of(example: dict) -> dict:
         description=(
             "`events=keep` (default): its events and usage stay, detached from any user and anonymised, so "
             "feature totals do not change. `events=delete`: they are deleted, and the totals change. Either "
-            "way every userId of the user is suppressed: later messages naming one answer 200 "
-            '`{"status": "suppressed"}` and are not stored. Recorded in the audit log (`user.delete`).'
+            "way every userId of the user is suppressed (unless `suppress=false`): later messages naming one "
+            'answer 200 `{"status": "suppressed"}` and are not stored. Recorded in the audit log (`user.delete`).'
         ),
         parameters=[s.UserDeleteQuerySerializer],
     ),
@@ -134,8 +134,14 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Destr
         return Response(self.get_serializer(self.get_queryset().get(pk=user.pk)).data)
 
     def perform_destroy(self, user):
-        events = self.query(s.UserDeleteQuerySerializer).get("events", "keep")
-        delete_user(workspace=self.workspace, user_pk=user.pk, actor=self.actor, events=events)
+        options = self.query(s.UserDeleteQuerySerializer)
+        delete_user(
+            workspace=self.workspace,
+            user_pk=user.pk,
+            actor=self.actor,
+            events=options.get("events", "keep"),
+            suppress=options.get("suppress", True),
+        )
 
     @extend_schema(
         summary="Merge users into one",
@@ -657,6 +663,34 @@ class AuditViewSet(mixins.ListModelMixin, WorkspaceViewSet):
     def scope(self, entries):
         filters = self.query(s.AuditFilterSerializer)
         return audit_entries(self.workspace, entries=entries, **filters)
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="List suppressed userIds",
+        description="The userIds of deleted users: messages naming one are answered `suppressed` and not stored.",
+        parameters=[s.SuppressionFilterSerializer],
+    ),
+    destroy=extend_schema(
+        summary="Lift a suppression",
+        description=(
+            "Messages naming the userId are stored again (an identify creates a new user). "
+            "Recorded in the audit log (`suppression.delete`)."
+        ),
+    ),
+)
+class SuppressionViewSet(mixins.ListModelMixin, mixins.DestroyModelMixin, WorkspaceViewSet):
+    model = Suppression
+    serializer_class = s.SuppressionSerializer
+
+    def scope(self, suppressions):
+        filters = self.query(s.SuppressionFilterSerializer) if self.action == "list" else {}
+        if "user_id" in filters:
+            suppressions = suppressions.filter(user_id=filters["user_id"])
+        return suppressions.order_by("-created_at", "-pk")
+
+    def perform_destroy(self, suppression):
+        lift_suppression(workspace=self.workspace, suppression_pk=suppression.pk, actor=self.actor)
 
 
 class WorkspaceSettingsViewSet(WorkspaceViewSet):

@@ -36,6 +36,7 @@ ACTIONS = (
     "webhook.create",
     "webhook.update",
     "webhook.delete",
+    "suppression.delete",
 )
 
 
@@ -52,6 +53,7 @@ OBJECT_TYPES = {
     "subscription": "subscription",
     "workspace": "workspace",
     "webhook": "webhook_endpoint",
+    "suppression": "suppression",
 }
 
 

@@ -53,7 +53,7 @@ def test_keep_detaches_and_anonymises_events_and_keeps_feature_totals(tenant, go
         "gone-old",
     }
     entry = AuditEntry.objects.get(action="user.delete")
-    assert entry.after == {"events": "keep"} and set(entry.before["user_ids"]) == {"gone", "gone-old"}
+    assert entry.after == {"events": "keep", "suppress": True} and set(entry.before["user_ids"]) == {"gone", "gone-old"}
 
 
 def test_delete_removes_events_and_usage(tenant, gone):
@@ -63,7 +63,7 @@ def test_delete_removes_events_and_usage(tenant, gone):
     assert not Event.objects.filter(external_user_id__in=["gone", "gone-old"]).exists()
     assert Event.objects.filter(user__isnull=True).count() == 0
     assert Suppression.objects.for_workspace(tenant.workspace).count() == 2
-    assert AuditEntry.objects.get(action="user.delete").after == {"events": "delete"}
+    assert AuditEntry.objects.get(action="user.delete").after == {"events": "delete", "suppress": True}
 
 
 def test_an_unknown_events_choice_is_refused_and_changes_nothing(tenant, gone):
@@ -133,4 +133,40 @@ def test_the_dashboard_offers_keep_or_delete(member_client, tenant, gone):
     assert response.status_code == 302
     assert _feature_totals(tenant) == {"exports": 5}
     entry = AuditEntry.objects.get(action="user.delete")
-    assert entry.after == {"events": "delete"} and entry.actor.startswith("user:")
+    assert entry.after == {"events": "delete", "suppress": True} and entry.actor.startswith("user:")
+
+
+def test_a_delete_without_suppression_lets_the_next_identify_create_the_user_anew(tenant, segment, gone):
+    api = ApiClient(tenant)
+    assert api.delete(f"users/{gone.pk}?suppress=false").status_code == 204
+    assert not Suppression.objects.exists()
+    assert AuditEntry.objects.get(action="user.delete").after == {"events": "keep", "suppress": False}
+    answer = segment.identify("gone", {"email": "back@example.com"})
+    assert answer.json()["status"] != "suppressed", answer.json()
+    assert EndUser.objects.get(user_id="gone").pk != gone.pk
+
+
+def test_a_bad_suppress_value_is_refused_and_changes_nothing(tenant, gone):
+    assert_error(ApiClient(tenant).delete(f"users/{gone.pk}?suppress=maybe"), 400, "invalid_request", "suppress")
+    assert EndUser.objects.filter(pk=gone.pk).exists()
+
+
+def test_suppressions_are_listed_and_a_lifted_one_lets_messages_in_again(tenant, other_tenant, segment, gone):
+    delete_user(workspace=tenant.workspace, user_pk=gone.pk)
+    api = ApiClient(tenant)
+    listed = api.get("suppressions").json()
+    assert listed["count"] == 2 and {row["user_id"] for row in listed["results"]} == {"gone", "gone-old"}
+    [old] = api.get("suppressions", {"user_id": "gone-old"}).json()["results"]
+    assert set(old) == {"id", "user_id", "created_at"}
+
+    # Another workspace neither sees nor lifts it.
+    assert ApiClient(other_tenant).get("suppressions").json()["count"] == 0
+    assert_error(ApiClient(other_tenant).delete(f"suppressions/{old['id']}"), 404, "not_found")
+
+    assert api.delete(f"suppressions/{old['id']}").status_code == 204
+    assert_error(api.delete(f"suppressions/{old['id']}"), 404, "not_found")
+    entry = AuditEntry.objects.get(action="suppression.delete")
+    assert (entry.object_type, entry.object_id, entry.before["user_id"]) == ("suppression", str(old["id"]), "gone-old")
+    # "gone-old" is stored again; "gone" still is not.
+    assert segment.track("gone-old", "Exported").json()["status"] != "suppressed"
+    assert segment.track("gone", "Exported").json()["status"] == "suppressed"

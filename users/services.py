@@ -55,6 +55,7 @@ __all__ = [
     "delete_user",
     "identify_user",
     "identify_users",
+    "lift_suppression",
     "link_anonymous_ids",
     "merge_undo",
     "merge_users",
@@ -70,14 +71,17 @@ __all__ = [
 DELETE_EVENTS_CHOICES = ("keep", "delete")
 
 
-def delete_user(*, workspace: Workspace, user_pk: int, actor: str = "", events: str = "keep") -> None:
+def delete_user(
+    *, workspace: Workspace, user_pk: int, actor: str = "", events: str = "keep", suppress: bool = True
+) -> None:
     """Delete a user and its identities, and suppress its userIds; ``events`` says what becomes
     of its events and usage: ``keep`` (they stay, detached from any user and anonymised, so
     feature totals do not change) or ``delete`` (they go, and the totals with them).
 
-    Every userId that resolved to the user is suppressed in the same transaction: later
+    Every userId that resolved to the user is suppressed in the same transaction (unless
+    ``suppress`` is False: a profile deleted to be rebuilt by the next identify): later
     messages naming one are answered ``suppressed`` and not stored. The audit entry names the
-    choice.
+    choices.
 
     Safe while events for the user arrive: the user's row is locked first. Ingest checks its
     events' and usage's foreign key at commit with a KEY SHARE lock on this row, so every
@@ -98,15 +102,44 @@ def delete_user(*, workspace: Workspace, user_pk: int, actor: str = "", events: 
         )
         user_deleting.send(EndUser, workspace_id=workspace.pk, user_pk=user_pk, keep_events=events == "keep")
         users.delete()
-        Suppression.objects.bulk_create(
-            [Suppression(workspace=workspace, user_id=user_id) for user_id in user_ids], ignore_conflicts=True
-        )
+        if suppress:
+            Suppression.objects.bulk_create(
+                [Suppression(workspace=workspace, user_id=user_id) for user_id in user_ids], ignore_conflicts=True
+            )
         AnonymousLink.objects.for_workspace(workspace).filter(user_id__in=user_ids).delete()
         audit.record(
-            workspace, actor, "user.delete", user_pk, before={**before, "user_ids": user_ids}, after={"events": events}
+            workspace,
+            actor,
+            "user.delete",
+            user_pk,
+            before={**before, "user_ids": user_ids},
+            after={"events": events, "suppress": suppress},
         )
 
     run_with_retries(once)
+
+
+@transaction.atomic
+def lift_suppression(*, workspace: Workspace, suppression_pk: int, actor: str = "") -> None:
+    """Stop suppressing a deleted user's userId: later messages naming it are stored again
+    (an identify creates a new user). Audited (``suppression.delete``) in the same transaction."""
+    row = (
+        Suppression.objects.for_workspace(workspace)
+        .select_for_update()
+        .filter(pk=suppression_pk)
+        .values("user_id", "created_at")
+        .first()
+    )
+    if row is None:
+        raise IdentityError("not_found", f"no suppression with id {suppression_pk}", "id", status=404)
+    Suppression.objects.filter(pk=suppression_pk).delete()
+    audit.record(
+        workspace,
+        actor,
+        "suppression.delete",
+        suppression_pk,
+        before={"user_id": row["user_id"], "created_at": row["created_at"].isoformat()},
+    )
 
 
 def link_anonymous_ids(*, workspace: Workspace, links: dict[str, str]) -> None:
