@@ -17,6 +17,7 @@ from users.profile import CHOOSABLE_FIELDS, FIELD_CHOICES
 from users.selectors import flags_of, user_ids_of
 from users.services import DELETE_EVENTS_CHOICES
 from webhooks.models import DeliveryStatus, WebhookEventType
+from webhooks.services import DEFAULT_PREVIOUS_SECRET_SECONDS, MAX_PREVIOUS_SECRET_SECONDS
 
 from .ids import MAX_ID
 
@@ -585,6 +586,25 @@ class WebhookUpdateSerializer(serializers.Serializer):
     events = _event_types(required=False)
     thresholds = _thresholds(required=False)
     active = StrictBooleanField(required=False)
+
+    def validate(self, attrs):
+        _only_known_fields(self)
+        return attrs
+
+
+class WebhookRotateSecretSerializer(serializers.Serializer):
+    openapi_extra = {"additionalProperties": False}
+
+    previous_valid_seconds = StrictIntegerField(
+        required=False,
+        default=DEFAULT_PREVIOUS_SECRET_SECONDS,
+        min_value=0,
+        max_value=MAX_PREVIOUS_SECRET_SECONDS,
+        help_text=(
+            "How long the old secret still signs deliveries (a second `v1=` in `Kana-Signature`) while the "
+            "receiver switches; default a day, 0 stops it at once (a leaked secret)."
+        ),
+    )
 
     def validate(self, attrs):
         _only_known_fields(self)

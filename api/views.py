@@ -29,7 +29,7 @@ from users.profile import validated_changes
 from users.services import delete_user, lift_suppression, merge_undo, merge_users, update_user
 from webhooks import selectors as webhook_selectors
 from webhooks.models import WebhookEndpoint
-from webhooks.services import webhook_create, webhook_delete, webhook_update
+from webhooks.services import webhook_create, webhook_delete, webhook_rotate_secret, webhook_update
 
 from . import serializers as s
 from .base import WorkspaceViewSet
@@ -834,6 +834,28 @@ class WebhookViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.De
 
     def perform_destroy(self, endpoint):
         webhook_delete(workspace=self.workspace, endpoint=endpoint, actor=self.actor)
+
+    @extend_schema(
+        summary="Rotate a webhook endpoint's secret",
+        description=(
+            "Answers the endpoint with its new `secret`, shown only here. For `previous_valid_seconds` "
+            "(default a day) deliveries carry two signatures, `Kana-Signature: t=<unix>,v1=<new>,v1=<old>`, "
+            "so the receiver can switch without refusing any; `0` retires the old secret at once. "
+            "Recorded in the audit log (`webhook.update`, never a secret)."
+        ),
+        request=s.WebhookRotateSecretSerializer,
+        responses={200: s.WebhookCreatedSerializer},
+        examples=[OpenApiExample("Retire a leaked secret now", value={"previous_valid_seconds": 0}, request_only=True)],
+    )
+    @action(detail=True, methods=["post"], url_path="rotate-secret")
+    def rotate_secret(self, request, pk=None):
+        endpoint = webhook_rotate_secret(
+            workspace=self.workspace,
+            endpoint=self.get_object(),
+            actor=self.actor,
+            **self.body(s.WebhookRotateSecretSerializer),
+        )
+        return Response(s.WebhookCreatedSerializer(endpoint).data)
 
     @extend_schema(
         summary="An endpoint's deliveries, newest first, with every attempt and its response",

@@ -14,11 +14,12 @@ import pytest
 from django.db import connection, transaction
 from django.utils import timezone
 
+from kana.models import AuditEntry
 from kana.signals import notification
 from users.models import MergeRecord
 from webhooks import delivery
 from webhooks.delivery import Answer
-from webhooks.models import DeliveryAttempt, DeliveryStatus, WebhookDelivery, WebhookEvent
+from webhooks.models import DeliveryAttempt, DeliveryStatus, WebhookDelivery, WebhookEndpoint, WebhookEvent
 
 from .api_support import ApiClient, assert_page, identify
 from .conftest import requires_broker, requires_postgres, wait_until
@@ -416,3 +417,39 @@ def test_thresholds_for_lists_what_active_threshold_endpoints_want(api, tenant):
     api.patch(f"webhooks/{paused['id']}", {"active": False})
 
     assert thresholds_for(tenant.workspace.pk) == [0.5, 0.8, 1.0]
+
+
+def test_a_rotated_secret_signs_with_both_until_the_old_one_expires(api, notify):
+    with Receiver() as receiver:
+        endpoint = create_endpoint(api, receiver.url, ["usage.limit_reached"])
+        rotated = api.post(f"webhooks/{endpoint['id']}/rotate-secret", {"previous_valid_seconds": 3600})
+        assert rotated.status_code == 200, rotated.content
+        new_secret = rotated.json()["secret"]
+        assert new_secret != endpoint["secret"] and "secret" not in api.get(f"webhooks/{endpoint['id']}").json()
+        notify("limit:u1:exports:2025-01")
+
+        retired = api.post(f"webhooks/{endpoint['id']}/rotate-secret", {"previous_valid_seconds": 0})
+        newest = retired.json()["secret"]
+        notify("limit:u1:exports:2025-02")
+
+    overlap, after = receiver.requests
+    header = overlap.headers["Kana-Signature"]
+    assert header.count("v1=") == 2
+    assert verify_signature(new_secret, header, overlap.body) and verify_signature(
+        endpoint["secret"], header, overlap.body
+    )
+    header = after.headers["Kana-Signature"]
+    assert header.count("v1=") == 1 and verify_signature(newest, header, after.body)
+    assert not verify_signature(new_secret, header, after.body)
+    entries = AuditEntry.objects.filter(action="webhook.update").order_by("pk")
+    assert [e.after["previous_valid_seconds"] for e in entries] == [3600, 0]
+    assert not any(endpoint["secret"] in str(e.before) + str(e.after) for e in entries)
+
+
+def test_a_rotation_with_a_bad_overlap_is_refused_and_changes_nothing(api):
+    endpoint = create_endpoint(api, "http://127.0.0.1:9/hooks", ["usage.limit_reached"])
+    for body in ({"previous_valid_seconds": -1}, {"previous_valid_seconds": 8 * 86400}, {"secret": "mine"}):
+        response = api.post(f"webhooks/{endpoint['id']}/rotate-secret", body)
+        assert response.status_code == 400, (body, response.content)
+    assert api.post("webhooks/999999/rotate-secret", {}).status_code == 404
+    assert WebhookEndpoint.objects.get().secret == endpoint["secret"]

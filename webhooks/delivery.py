@@ -78,11 +78,18 @@ def payload(event: WebhookEvent) -> bytes:
     return json.dumps(body, cls=DjangoJSONEncoder, separators=(",", ":"), sort_keys=True).encode()
 
 
-def signature(secret: str, timestamp: int, body: bytes) -> str:
+def signature(secret: str | list[str], timestamp: int, body: bytes) -> str:
     """``t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`` (Stripe's scheme): the receiver
-    recomputes it from the raw body and refuses an old ``t`` (replays)."""
-    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={digest}"
+    recomputes it from the raw body and refuses an old ``t`` (replays). With several secrets
+    (just after a rotation) there is one ``v1=`` per secret, current first; a receiver
+    accepts the delivery when any of them matches the secret it holds."""
+    signed = f"{timestamp}.".encode() + body
+    digests = [hmac.new(key.encode(), signed, hashlib.sha256).hexdigest() for key in _as_list(secret)]
+    return ",".join([f"t={timestamp}", *(f"v1={digest}" for digest in digests)])
+
+
+def _as_list(secret: str | list[str]) -> list[str]:
+    return [secret] if isinstance(secret, str) else secret
 
 
 def backoff_seconds(attempt: int) -> float:
@@ -177,7 +184,7 @@ def attempt(claimed: Claimed) -> str:
     headers = {
         "Content-Type": "application/json",
         "User-Agent": USER_AGENT,
-        SIGNATURE_HEADER: signature(endpoint.secret, int(time.time()), body),
+        SIGNATURE_HEADER: signature(endpoint.signing_secrets(timezone.now()), int(time.time()), body),
     }
     answer = post(endpoint.url, body, headers)
     return record(claimed, answer)

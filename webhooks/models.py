@@ -26,7 +26,9 @@ class WebhookEndpoint(models.Model):
     ``thresholds`` (fractions of a budget, e.g. ``[0.8, 1.0]``) narrow
     ``usage.threshold_reached``: a notification whose ``data["threshold"]`` is not one of them
     is not delivered here. ``secret`` signs every delivery; the API shows it once, when the
-    endpoint is created, and never again (it is kept because signing needs it).
+    endpoint is created or its secret rotated, and never again (it is kept because signing
+    needs it). After a rotation, ``previous_secret`` signs too (a second ``v1=``) until
+    ``previous_secret_expires_at``, so a receiver can switch secrets without refusing a delivery.
     """
 
     workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+")
@@ -34,6 +36,8 @@ class WebhookEndpoint(models.Model):
     events = models.JSONField(default=list)
     thresholds = models.JSONField(default=list)
     secret = models.CharField(max_length=100)
+    previous_secret = models.CharField(max_length=100, blank=True, default="")
+    previous_secret_expires_at = models.DateTimeField(null=True, blank=True)
     active = models.BooleanField(default=True)
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(auto_now=True)
@@ -42,6 +46,12 @@ class WebhookEndpoint(models.Model):
 
     def __str__(self) -> str:
         return self.url
+
+    def signing_secrets(self, now) -> list[str]:
+        """The secrets a delivery made at ``now`` is signed with: the current one first."""
+        if self.previous_secret and self.previous_secret_expires_at and now < self.previous_secret_expires_at:
+            return [self.secret, self.previous_secret]
+        return [self.secret]
 
 
 class WebhookEvent(models.Model):

@@ -9,6 +9,7 @@ delivered once.
 
 import math
 import secrets
+from datetime import timedelta
 from urllib.parse import urlsplit
 
 from django.core.serializers.json import DjangoJSONEncoder
@@ -149,6 +150,47 @@ def webhook_update(
             setattr(endpoint, name, value)
         endpoint.save()
         audit.record(workspace, actor, "webhook.update", endpoint.pk, before=before, after=_summary(endpoint))
+    return endpoint
+
+
+# How long a rotated-out secret still signs deliveries by default: a day, time enough for the
+# receiver to switch; at most a week (a leaked secret should not linger).
+DEFAULT_PREVIOUS_SECRET_SECONDS = 24 * 3600
+MAX_PREVIOUS_SECRET_SECONDS = 7 * 24 * 3600
+
+
+def webhook_rotate_secret(
+    *,
+    workspace: Workspace,
+    endpoint: WebhookEndpoint,
+    previous_valid_seconds: int = DEFAULT_PREVIOUS_SECRET_SECONDS,
+    actor: str = "",
+) -> WebhookEndpoint:
+    """Give the endpoint a new secret (on the returned object: the caller shows it once).
+    The old one keeps signing too, as a second ``v1=``, for ``previous_valid_seconds``
+    (0: it stops at once, for a leaked secret). Audited as ``webhook.update`` (never a secret)."""
+    if not 0 <= previous_valid_seconds <= MAX_PREVIOUS_SECRET_SECONDS:
+        raise WebhookError(
+            "invalid_value",
+            f"previous_valid_seconds is from 0 to {MAX_PREVIOUS_SECRET_SECONDS}",
+            "previous_valid_seconds",
+        )
+    now = timezone.now()
+    with transaction.atomic():
+        endpoint = WebhookEndpoint.objects.for_workspace(workspace).select_for_update().get(pk=endpoint.pk)
+        keep = previous_valid_seconds > 0
+        endpoint.previous_secret = endpoint.secret if keep else ""
+        endpoint.previous_secret_expires_at = now + timedelta(seconds=previous_valid_seconds) if keep else None
+        endpoint.secret = _new_secret()
+        endpoint.save()
+        audit.record(
+            workspace,
+            actor,
+            "webhook.update",
+            endpoint.pk,
+            before=_summary(endpoint),
+            after={**_summary(endpoint), "secret": "rotated", "previous_valid_seconds": previous_valid_seconds},
+        )
     return endpoint
 
 
