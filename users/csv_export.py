@@ -61,10 +61,16 @@ def export_users_csv(*, workspace: Workspace, chunk_size: int = EXPORT_CHUNK_ROW
 
 
 def _formula_safe(expression: str) -> str:
-    """SQL: ``users.csv_format.escape_cell``, a quote in front of ^'*[=+-@ TAB CR]; the
-    first-character test spares the regex for almost every cell, as in Python."""
+    """SQL: ``users.csv_format.escape_cell``, a quote in front of ^'*[=+-@ TAB CR].
+
+    Every trigger sorts below ``A``, so a cell whose first byte is ``A`` or above (letters,
+    ``_``, any non-ASCII character: most cells) is passed on after one byte comparison
+    (collation "C" whatever the database's: memcmp, not the locale's strcoll); the others
+    get the first-character test, and only those starting with a trigger the regex, as in
+    Python. NULL stays NULL (no branch is true for it)."""
     return (
-        f"CASE WHEN left({expression}, 1) IN ('=', '+', '-', '@', E'\\t', E'\\r', '''') "
+        f"CASE WHEN {expression} COLLATE \"C\" >= 'A' THEN {expression} "
+        f"WHEN left({expression}, 1) IN ('=', '+', '-', '@', E'\\t', E'\\r', '''') "
         f"AND {expression} ~ '^''*[=+@\\t\\r-]' THEN '''' || {expression} ELSE {expression} END"
     )
 
@@ -83,7 +89,7 @@ _FLAGS_SQL = (
 _CELLS_SQL = ", ".join(
     [
         "u.id",
-        _cell(_formula_safe("coalesce(u.user_id, '')")),
+        _cell(_formula_safe("u.user_id")),
         _cell(_formula_safe("u.name")),
         _cell(_formula_safe("u.email")),
         _cell(_formula_safe("u.billing_id")),
@@ -120,7 +126,7 @@ def _export_with_copy(workspace: Workspace, chunk_size: int) -> Iterator[str]:
         if not rows:
             return
         # One row per COPY message, ending in LF (a line break inside a quoted cell stays as is).
-        yield b"\r\n".join([row[:-1] for row in rows]).decode() + "\r\n"
+        yield _crlf_lines(rows)
         if len(rows) < chunk_size:
             return
         # The key of the next chunk: kana_id leads the line, created_at and flags end it (never quoted).
@@ -144,12 +150,24 @@ def export_users_csv_file(*, workspace: Workspace, chunk_size: int = EXPORT_CHUN
     yield ",".join(COLUMNS) + "\r\n"
     pending: list[bytes] = []
     for row in stream_copy_out_csv(_one_statement_sql(), [workspace.pk, workspace.pk]):
-        pending.append(bytes(row)[:-1])
+        pending.append(row)
         if len(pending) == chunk_size:
-            yield b"\r\n".join(pending).decode() + "\r\n"
+            yield _crlf_lines(pending)
             pending = []
     if pending:
-        yield b"\r\n".join(pending).decode() + "\r\n"
+        yield _crlf_lines(pending)
+
+
+def _crlf_lines(rows: list) -> str:
+    """COPY's rows (each ending in LF) as the csv module writes them: lines ending in CRLF.
+
+    A line feed inside a cell stays as it is; such a cell is quoted, so a chunk with no
+    double quote at all has only line ends, and one ``replace`` converts them all (no
+    copy or slice per row)."""
+    data = b"".join(rows)
+    if b'"' not in data:
+        return data.replace(b"\n", b"\r\n").decode()
+    return b"\r\n".join([bytes(row)[:-1] for row in rows]).decode() + "\r\n"
 
 
 def _one_statement_sql() -> str:
