@@ -135,12 +135,20 @@ def _export_with_copy(workspace: Workspace, chunk_size: int) -> Iterator[str]:
         after = (datetime.fromisoformat(created_text), int(last.split(",", 1)[0]))
 
 
+# The streamed export sends the workspace's shared email keys back as one array constant
+# when there are at most this many (a few MB of text); beyond, its statement groups them itself.
+SHARED_KEYS_IN_ARRAY_MAX = 100_000
+
+
 def export_users_csv_file(*, workspace: Workspace, chunk_size: int = EXPORT_CHUNK_ROWS) -> Iterator[str]:
     """``export_users_csv`` for a local writer (``manage.py export_users``), the same bytes.
 
-    On PostgreSQL the whole export is one ``COPY … TO STDOUT (FORMAT csv)`` read as a stream:
-    the users with the same email are found once by a grouped scan of the workspace's email
-    keys instead of an index probe per user, and no query per chunk. The statement and the
+    On PostgreSQL the whole export is one ``COPY … TO STDOUT (FORMAT csv)`` read as a stream,
+    no query per chunk. The email keys several users share are read first, by one grouped
+    scan of the workspace's email index, and go back into the COPY as one array constant:
+    PostgreSQL hashes a constant array, so the flag costs a hash probe per user, and the
+    users are read in the order of the (workspace, created_at, id) index, with no sort (at
+    1M users the join and sort this replaces spilled to disk). The statement and the
     connection stay busy until the last row is read, which is why the HTTP edges, whose
     client may be slow, use the chunked ``export_users_csv``.
     """
@@ -148,14 +156,35 @@ def export_users_csv_file(*, workspace: Workspace, chunk_size: int = EXPORT_CHUN
         yield from _export_in_python(workspace, chunk_size)
         return
     yield ",".join(COLUMNS) + "\r\n"
+    shared_keys = _shared_email_keys(workspace)
+    if shared_keys is None:
+        sql, params = _one_statement_sql(), [workspace.pk, workspace.pk]
+    else:
+        sql, params = _one_statement_with_keys_sql(), [shared_keys, workspace.pk]
     pending: list[bytes] = []
-    for row in stream_copy_out_csv(_one_statement_sql(), [workspace.pk, workspace.pk]):
+    for row in stream_copy_out_csv(sql, params):
         pending.append(row)
         if len(pending) == chunk_size:
             yield _crlf_lines(pending)
             pending = []
     if pending:
         yield _crlf_lines(pending)
+
+
+def _shared_email_keys(workspace: Workspace) -> str | None:
+    """The email keys more than one of the workspace's users have, as a PostgreSQL array
+    literal (what ``array_out`` writes, read back exactly by ``::text[]``); None when there
+    are more than SHARED_KEYS_IN_ARRAY_MAX of them."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT count(*), CASE WHEN count(*) <= %s THEN array_agg(email_key)::text END "
+            f"FROM ({_SHARED_KEYS_SQL}) AS shared",
+            [SHARED_KEYS_IN_ARRAY_MAX, workspace.pk],
+        )
+        count, keys = cursor.fetchone()
+    if count > SHARED_KEYS_IN_ARRAY_MAX:
+        return None
+    return keys or "{}"
 
 
 def _crlf_lines(rows: list) -> str:
@@ -170,7 +199,30 @@ def _crlf_lines(rows: list) -> str:
     return b"\r\n".join([bytes(row)[:-1] for row in rows]).decode() + "\r\n"
 
 
+_SHARED_KEYS_SQL = (
+    f"SELECT email_key FROM {EndUser._meta.db_table} "
+    "WHERE workspace_id = %s AND email_key <> '' GROUP BY email_key HAVING count(*) > 1"
+)
+
+
+def _one_statement_with_keys_sql() -> str:
+    # Parameters: the shared keys' array literal, the workspace. COPY's parameters are bound
+    # client-side, so the array is a constant when planned: hashed, and the index gives the order.
+    return f"""
+SELECT {_CELLS_SQL}
+FROM (
+    SELECT e.id, e.user_id, e.name, e.email, e.billing_id, e.billing_provider, e.created_at,
+        {_IsoUtc.template % {"expressions": "e.created_at"}} AS created_text,
+        e.email_key = ANY(%s::text[]) AS has_same_email
+    FROM {EndUser._meta.db_table} e
+    WHERE e.workspace_id = %s
+) AS u
+ORDER BY u.created_at, u.id
+"""
+
+
 def _one_statement_sql() -> str:
+    # Too many shared keys for one constant: they are grouped here, then joined (and sorted).
     return f"""
 SELECT {_CELLS_SQL}
 FROM (
@@ -178,11 +230,7 @@ FROM (
         {_IsoUtc.template % {"expressions": "e.created_at"}} AS created_text,
         shared.email_key IS NOT NULL AS has_same_email
     FROM {EndUser._meta.db_table} e
-    LEFT JOIN (
-        SELECT email_key FROM {EndUser._meta.db_table}
-        WHERE workspace_id = %s AND email_key <> ''
-        GROUP BY email_key HAVING count(*) > 1
-    ) shared ON shared.email_key = e.email_key
+    LEFT JOIN ({_SHARED_KEYS_SQL}) shared ON shared.email_key = e.email_key
     WHERE e.workspace_id = %s
 ) AS u
 ORDER BY u.created_at, u.id
