@@ -136,8 +136,9 @@ def _export_with_copy(workspace: Workspace, chunk_size: int) -> Iterator[str]:
 
 
 # The streamed export sends the workspace's shared email keys back as one array constant
-# when there are at most this many (a few MB of text); beyond, its statement groups them itself.
-SHARED_KEYS_IN_ARRAY_MAX = 100_000
+# while their text stays below this (the literal is held once here and once by psycopg);
+# beyond, its statement groups them itself. 4 MB: ~150,000 keys of a usual length.
+SHARED_KEYS_IN_ARRAY_MAX_BYTES = 4 << 20
 
 
 def export_users_csv_file(*, workspace: Workspace, chunk_size: int = EXPORT_CHUNK_ROWS) -> Iterator[str]:
@@ -173,18 +174,16 @@ def export_users_csv_file(*, workspace: Workspace, chunk_size: int = EXPORT_CHUN
 
 def _shared_email_keys(workspace: Workspace) -> str | None:
     """The email keys more than one of the workspace's users have, as a PostgreSQL array
-    literal (what ``array_out`` writes, read back exactly by ``::text[]``); None when there
-    are more than SHARED_KEYS_IN_ARRAY_MAX of them."""
+    literal (what ``array_out`` writes, read back exactly by ``::text[]``); None when their
+    text is over SHARED_KEYS_IN_ARRAY_MAX_BYTES (counted with a quote pair and a comma each)."""
     with connection.cursor() as cursor:
         cursor.execute(
-            f"SELECT count(*), CASE WHEN count(*) <= %s THEN array_agg(email_key)::text END "
+            "SELECT CASE WHEN coalesce(sum(octet_length(email_key) + 3), 0) <= %s "
+            "THEN coalesce(array_agg(email_key)::text, '{}') END "
             f"FROM ({_SHARED_KEYS_SQL}) AS shared",
-            [SHARED_KEYS_IN_ARRAY_MAX, workspace.pk],
+            [SHARED_KEYS_IN_ARRAY_MAX_BYTES, workspace.pk],
         )
-        count, keys = cursor.fetchone()
-    if count > SHARED_KEYS_IN_ARRAY_MAX:
-        return None
-    return keys or "{}"
+        return cursor.fetchone()[0]
 
 
 def _crlf_lines(rows: list) -> str:
