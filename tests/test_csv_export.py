@@ -122,6 +122,15 @@ AWKWARD = [
     "ünïcödé 名前 🚀",
     "\x0bvertical\x0cfeed\x08back",
     " spaced ",
+    # Around the SQL fast path (a first byte of "A" or above is never a trigger).
+    "A",
+    "@",
+    "?=x",
+    "9-9",
+    "_=x",
+    "`=x",
+    "é=x",
+    "Z",
 ]
 
 
@@ -147,3 +156,41 @@ def test_the_copy_export_is_the_python_export_byte_for_byte(tenant, chunk_size):
     assert with_copy == in_python
     assert "".join(export_users_csv_file(workspace=tenant.workspace, chunk_size=chunk_size)) == in_python
     assert len(list(csv.reader(io.StringIO(with_copy)))) == len(AWKWARD) + 1
+
+
+def test_copy_rows_become_crlf_lines_with_line_feeds_inside_cells_kept():
+    from users.csv_export import _crlf_lines
+
+    assert _crlf_lines([b"1,a\n", b"2,b\n"]) == "1,a\r\n2,b\r\n"
+    # A quoted cell keeps its own line feed; only the line's end becomes CRLF.
+    assert _crlf_lines([b'1,"a\nb"\n', memoryview(b"2,c\n")]) == '1,"a\nb"\r\n2,c\r\n'
+
+
+@requires_postgres
+@pytest.mark.parametrize("keys_in_array_max", [4 << 20, 0])
+def test_the_streamed_export_flags_shared_keys_the_same_with_or_without_the_key_array(
+    tenant, keys_in_array_max, monkeypatch
+):
+    """The command's statement gets the shared email keys as one array literal (or, beyond
+    SHARED_KEYS_IN_ARRAY_MAX_BYTES, groups them itself): keys needing quotes in an array literal
+    must come back exactly, and both statements must write the Python path's bytes."""
+    from users import csv_export
+    from users.csv_export import _export_in_python, export_users_csv_file
+
+    monkeypatch.setattr(csv_export, "SHARED_KEYS_IN_ARRAY_MAX_BYTES", keys_in_array_max)
+    keys = ['a "q"@x', "b,c@x", "{d}@x", "e\\f@x", "g h@x", "NULL", "ü@x", "lone@x", ""]
+    for i, key in enumerate(keys + keys[:-2]):  # all but the last two shared by two users
+        EndUser.objects.create(
+            workspace=tenant.workspace,
+            user_id=f"u{i}",
+            email=key,
+            email_key=key,
+            billing_id="cus_1" if i % 2 else "",
+            created_at=T0 + timedelta(seconds=i),
+        )
+    in_python = "".join(_export_in_python(tenant.workspace, 5000))
+    assert "".join(export_users_csv_file(workspace=tenant.workspace)) == in_python
+    flags = {row["user_id"]: row["flags"] for row in csv.DictReader(io.StringIO(in_python))}
+    assert flags["u0"] == "no_billing_id;same_email" and flags["u1"] == "same_email"
+    assert flags["u7"] == "" and flags["u8"] == "no_billing_id"  # "lone@x" and "" are not shared
+    assert flags["u9"] == "same_email" and flags["u13"] == "same_email"  # the second holders

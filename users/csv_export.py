@@ -61,10 +61,16 @@ def export_users_csv(*, workspace: Workspace, chunk_size: int = EXPORT_CHUNK_ROW
 
 
 def _formula_safe(expression: str) -> str:
-    """SQL: ``users.csv_format.escape_cell``, a quote in front of ^'*[=+-@ TAB CR]; the
-    first-character test spares the regex for almost every cell, as in Python."""
+    """SQL: ``users.csv_format.escape_cell``, a quote in front of ^'*[=+-@ TAB CR].
+
+    Every trigger sorts below ``A``, so a cell whose first byte is ``A`` or above (letters,
+    ``_``, any non-ASCII character: most cells) is passed on after one byte comparison
+    (collation "C" whatever the database's: memcmp, not the locale's strcoll); the others
+    get the first-character test, and only those starting with a trigger the regex, as in
+    Python. NULL stays NULL (no branch is true for it)."""
     return (
-        f"CASE WHEN left({expression}, 1) IN ('=', '+', '-', '@', E'\\t', E'\\r', '''') "
+        f"CASE WHEN {expression} COLLATE \"C\" >= 'A' THEN {expression} "
+        f"WHEN left({expression}, 1) IN ('=', '+', '-', '@', E'\\t', E'\\r', '''') "
         f"AND {expression} ~ '^''*[=+@\\t\\r-]' THEN '''' || {expression} ELSE {expression} END"
     )
 
@@ -83,7 +89,7 @@ _FLAGS_SQL = (
 _CELLS_SQL = ", ".join(
     [
         "u.id",
-        _cell(_formula_safe("coalesce(u.user_id, '')")),
+        _cell(_formula_safe("u.user_id")),
         _cell(_formula_safe("u.name")),
         _cell(_formula_safe("u.email")),
         _cell(_formula_safe("u.billing_id")),
@@ -120,7 +126,7 @@ def _export_with_copy(workspace: Workspace, chunk_size: int) -> Iterator[str]:
         if not rows:
             return
         # One row per COPY message, ending in LF (a line break inside a quoted cell stays as is).
-        yield b"\r\n".join([row[:-1] for row in rows]).decode() + "\r\n"
+        yield _crlf_lines(rows)
         if len(rows) < chunk_size:
             return
         # The key of the next chunk: kana_id leads the line, created_at and flags end it (never quoted).
@@ -129,12 +135,21 @@ def _export_with_copy(workspace: Workspace, chunk_size: int) -> Iterator[str]:
         after = (datetime.fromisoformat(created_text), int(last.split(",", 1)[0]))
 
 
+# The streamed export sends the workspace's shared email keys back as one array constant
+# while their text stays below this (the literal is held once here and once by psycopg);
+# beyond, its statement groups them itself. 4 MB: ~150,000 keys of a usual length.
+SHARED_KEYS_IN_ARRAY_MAX_BYTES = 4 << 20
+
+
 def export_users_csv_file(*, workspace: Workspace, chunk_size: int = EXPORT_CHUNK_ROWS) -> Iterator[str]:
     """``export_users_csv`` for a local writer (``manage.py export_users``), the same bytes.
 
-    On PostgreSQL the whole export is one ``COPY … TO STDOUT (FORMAT csv)`` read as a stream:
-    the users with the same email are found once by a grouped scan of the workspace's email
-    keys instead of an index probe per user, and no query per chunk. The statement and the
+    On PostgreSQL the whole export is one ``COPY … TO STDOUT (FORMAT csv)`` read as a stream,
+    no query per chunk. The email keys several users share are read first, by one grouped
+    scan of the workspace's email index, and go back into the COPY as one array constant:
+    PostgreSQL hashes a constant array, so the flag costs a hash probe per user, and the
+    users are read in the order of the (workspace, created_at, id) index, with no sort (at
+    1M users the join and sort this replaces spilled to disk). The statement and the
     connection stay busy until the last row is read, which is why the HTTP edges, whose
     client may be slow, use the chunked ``export_users_csv``.
     """
@@ -142,17 +157,71 @@ def export_users_csv_file(*, workspace: Workspace, chunk_size: int = EXPORT_CHUN
         yield from _export_in_python(workspace, chunk_size)
         return
     yield ",".join(COLUMNS) + "\r\n"
+    shared_keys = _shared_email_keys(workspace)
+    if shared_keys is None:
+        sql, params = _one_statement_sql(), [workspace.pk, workspace.pk]
+    else:
+        sql, params = _one_statement_with_keys_sql(), [shared_keys, workspace.pk]
     pending: list[bytes] = []
-    for row in stream_copy_out_csv(_one_statement_sql(), [workspace.pk, workspace.pk]):
-        pending.append(bytes(row)[:-1])
+    for row in stream_copy_out_csv(sql, params):
+        pending.append(row)
         if len(pending) == chunk_size:
-            yield b"\r\n".join(pending).decode() + "\r\n"
+            yield _crlf_lines(pending)
             pending = []
     if pending:
-        yield b"\r\n".join(pending).decode() + "\r\n"
+        yield _crlf_lines(pending)
+
+
+def _shared_email_keys(workspace: Workspace) -> str | None:
+    """The email keys more than one of the workspace's users have, as a PostgreSQL array
+    literal (what ``array_out`` writes, read back exactly by ``::text[]``); None when their
+    text is over SHARED_KEYS_IN_ARRAY_MAX_BYTES (counted with a quote pair and a comma each)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT CASE WHEN coalesce(sum(octet_length(email_key) + 3), 0) <= %s "
+            "THEN coalesce(array_agg(email_key)::text, '{}') END "
+            f"FROM ({_SHARED_KEYS_SQL}) AS shared",
+            [SHARED_KEYS_IN_ARRAY_MAX_BYTES, workspace.pk],
+        )
+        return cursor.fetchone()[0]
+
+
+def _crlf_lines(rows: list) -> str:
+    """COPY's rows (each ending in LF) as the csv module writes them: lines ending in CRLF.
+
+    A line feed inside a cell stays as it is; such a cell is quoted, so a chunk with no
+    double quote at all has only line ends, and one ``replace`` converts them all (no
+    copy or slice per row)."""
+    data = b"".join(rows)
+    if b'"' not in data:
+        return data.replace(b"\n", b"\r\n").decode()
+    return b"\r\n".join([bytes(row)[:-1] for row in rows]).decode() + "\r\n"
+
+
+_SHARED_KEYS_SQL = (
+    f"SELECT email_key FROM {EndUser._meta.db_table} "
+    "WHERE workspace_id = %s AND email_key <> '' GROUP BY email_key HAVING count(*) > 1"
+)
+
+
+def _one_statement_with_keys_sql() -> str:
+    # Parameters: the shared keys' array literal, the workspace. COPY's parameters are bound
+    # client-side, so the array is a constant when planned: hashed, and the index gives the order.
+    return f"""
+SELECT {_CELLS_SQL}
+FROM (
+    SELECT e.id, e.user_id, e.name, e.email, e.billing_id, e.billing_provider, e.created_at,
+        {_IsoUtc.template % {"expressions": "e.created_at"}} AS created_text,
+        e.email_key = ANY(%s::text[]) AS has_same_email
+    FROM {EndUser._meta.db_table} e
+    WHERE e.workspace_id = %s
+) AS u
+ORDER BY u.created_at, u.id
+"""
 
 
 def _one_statement_sql() -> str:
+    # Too many shared keys for one constant: they are grouped here, then joined (and sorted).
     return f"""
 SELECT {_CELLS_SQL}
 FROM (
@@ -160,11 +229,7 @@ FROM (
         {_IsoUtc.template % {"expressions": "e.created_at"}} AS created_text,
         shared.email_key IS NOT NULL AS has_same_email
     FROM {EndUser._meta.db_table} e
-    LEFT JOIN (
-        SELECT email_key FROM {EndUser._meta.db_table}
-        WHERE workspace_id = %s AND email_key <> ''
-        GROUP BY email_key HAVING count(*) > 1
-    ) shared ON shared.email_key = e.email_key
+    LEFT JOIN ({_SHARED_KEYS_SQL}) shared ON shared.email_key = e.email_key
     WHERE e.workspace_id = %s
 ) AS u
 ORDER BY u.created_at, u.id
