@@ -323,3 +323,22 @@ def test_a_row_with_too_few_fields_is_a_row_error(tenant):
     job = run_import(tenant.workspace, b"user_id,name\nu1,Ann\nu2\n\nu3,C\n")
     assert result_rows(job) == [(2, "created", None), (3, "error", "wrong_field_count"), (5, "created", None)]
     assert not EndUser.objects.exists()
+
+
+def test_a_row_naming_a_deleted_users_suppressed_user_id_is_an_error_until_lifted(tenant):
+    """An import does not bring back a user deleted on request: its row is refused like a
+    Segment message naming it; once the suppression is lifted the same file imports."""
+    from users.models import Suppression
+
+    gone = identify(tenant.workspace, "gone", name="Gone", email="gone@example.com", at=T0)
+    services.delete_user(workspace=tenant.workspace, user_pk=gone.pk)
+    data = csv_bytes([{"user_id": "gone", "name": "Back"}, {"user_id": "fresh", "name": "New"}])
+
+    job = run_import(tenant.workspace, data)
+    assert not job.applied and job.counts()["error"] == 1
+    assert result_rows(job)[0] == (2, "error", "user_suppressed")
+    assert not EndUser.objects.filter(user_id__in=["gone", "fresh"]).exists()
+
+    Suppression.objects.filter(user_id="gone").delete()
+    job = run_import(tenant.workspace, data)
+    assert job.applied and job.counts()["created"] == 2

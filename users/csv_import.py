@@ -70,6 +70,7 @@ from .identity import (
     ProfileRow,
     TouchedUsers,
     apply_profile_rows,
+    suppressed_user_ids,
 )
 from .models import ImportJob, ImportStatus, MergeReason
 from .profile import UNSET, validated_changes
@@ -511,7 +512,9 @@ def _run(job: ImportJob, progress, row_by_row: bool) -> None:
                 with transaction.atomic(), default_storage.open(job.source_path, "rb") as source:
                     header, rows = _records(source)
                     for chunk in _chunks(rows, IMPORT_CHUNK_ROWS):
-                        parsed = [(number, _parse_row(number, cells, header)) for number, cells in chunk]
+                        parsed = _refuse_suppressed(
+                            job.workspace, [(number, _parse_row(number, cells, header)) for number, cells in chunk]
+                        )
                         to_apply = [row for _, row in parsed if isinstance(row, ProfileRow)]
                         outcomes = iter(
                             apply(
@@ -559,6 +562,29 @@ def _run(job: ImportJob, progress, row_by_row: bool) -> None:
     finally:
         heartbeat.stop()
         report.close()
+
+
+def _refuse_suppressed(workspace: Workspace, parsed: list[tuple[int, "ProfileRow | _RowError"]]) -> list:
+    """A row naming a deleted user's userId is an error, as a Segment message naming it is
+    ``suppressed``: an import does not bring back a user that was deleted on request (one
+    indexed lookup per chunk). Lifting the suppression lets the row in."""
+    named = {row.user_id for _, row in parsed if isinstance(row, ProfileRow) and row.user_id}
+    suppressed = suppressed_user_ids(workspace=workspace, user_ids=named)
+    if not suppressed:
+        return parsed
+    return [
+        (
+            number,
+            _RowError(
+                "user_suppressed",
+                f"user_id {row.user_id!r} belongs to a deleted user and is suppressed "
+                "(lift it with DELETE /api/v1/suppressions/{id} to import it)",
+            )
+            if isinstance(row, ProfileRow) and row.user_id in suppressed
+            else row,
+        )
+        for number, row in parsed
+    ]
 
 
 def _chunks(rows: Iterator, size: int) -> Iterator[list]:
