@@ -55,7 +55,7 @@ def transaction():
             cursor.execute("COMMIT")
 
 
-def execute_all(statements: list[tuple[str, list | dict]]) -> list[list[tuple]]:
+def execute_all(statements: list[tuple[str, list | dict]], *, begin: bool = False) -> list[list[tuple]]:
     """Run statements in order in the caller's transaction; returns each one's rows ([] for
     a statement that returns none).
 
@@ -63,6 +63,7 @@ def execute_all(statements: list[tuple[str, list | dict]]) -> list[list[tuple]]:
     one after the other, each with its own snapshot: the same work as separate ``execute``
     calls. Elsewhere (SQLite takes one statement per call) they are sent one by one. Every
     statement's parameters must be of one style: all ``%s`` lists, or all ``%(name)s`` dicts.
+    ``begin`` (PostgreSQL, inside ``transaction``): the same message opens the transaction.
     """
     results: list[list[tuple]] = []
     with connection.cursor() as cursor:
@@ -77,7 +78,9 @@ def execute_all(statements: list[tuple[str, list | dict]]) -> list[list[tuple]]:
                 params.update(named)
         else:
             params = [value for _, positional in statements for value in positional]
-        cursor.execute("; ".join(sql for sql, _ in statements), params)
+        cursor.execute((BEGIN if begin else "") + "; ".join(sql for sql, _ in statements), params)
+        if begin:
+            cursor.nextset()  # past BEGIN's result
         for index in range(len(statements)):
             if index:
                 cursor.nextset()
