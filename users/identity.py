@@ -530,7 +530,10 @@ _INSERT_USER_WITH_IDENTITY_SQL = (
     f"WITH new_user AS ({_INSERT_USER_SQL}) INSERT INTO {UserIdentity._meta.db_table} "
     "(workspace_id, user_id, external_id, created_at) SELECT %s, id, %s, %s FROM new_user RETURNING user_id"
 )
-_INSERT_IDENTITY_SQL = f"INSERT INTO {UserIdentity._meta.db_table} (workspace_id, user_id, external_id, created_at) VALUES (%s, %s, %s, %s)"
+_INSERT_IDENTITY_SQL = (
+    f"INSERT INTO {UserIdentity._meta.db_table} (workspace_id, user_id, external_id, created_at) "
+    "VALUES (%s, %s, %s, %s)"
+)
 _UPDATE_PROFILE_SQL = (
     f"UPDATE {EndUser._meta.db_table} SET {', '.join(f'{c} = {_placeholder(c)}' for c in bulk.PROFILE_COLUMNS)} "
     "WHERE id = %s"
