@@ -105,13 +105,16 @@ def test_a_replayed_identify_is_two_round_trips_and_changes_nothing(segment, kno
 
 @requires_postgres
 @pytest.mark.django_db(transaction=True)
-def test_an_identify_merging_a_bare_user_runs_in_atomic_with_set_based_moves(segment, tenant):
+def test_an_identify_merging_a_bare_user_runs_again_in_atomic_with_set_based_moves(segment, tenant):
     _identify(segment, "mrg", {"name": "Merging"}, "seed")
     bare = _bare(tenant, "mrgbare@example.com", "cus_2")
     sent, _ = _identify(segment, "mrg", {"email": "mrgbare@example.com"}, "m-merge")
-    # The pipelined attempt and its ROLLBACK, then the ordinary transaction (was 31).
-    assert sent[1] == "ROLLBACK" and sent[2] == "BEGIN"
-    assert len(sent) == 20
+    # The pipelined attempt and its ROLLBACK, then the same steps in atomic (was 31): BEGIN,
+    # locks + reads, the merge (its two reads, the ledger row, the receivers' six moves, its
+    # own moves and deletion in one), the survivor's write, the event, COMMIT.
+    assert sent[1] == "ROLLBACK" and sent[2] == "BEGIN" and sent[-1] == "COMMIT"
+    assert sent[3].startswith("SELECT pg_advisory_xact_lock(") and "FOR UPDATE" in sent[3]
+    assert len(sent) == 16
     survivor = EndUser.objects.get(user_id="mrg")
     assert not EndUser.objects.filter(pk=bare.pk).exists()
     assert MergeRecord.objects.get(absorbed_id=bare.pk).survivor_id == survivor.pk

@@ -471,8 +471,8 @@ def identify_users(
 
 
 class MessageIdentify:
-    """One identify message, its transaction opened by its first statement (PostgreSQL,
-    ``kana.db.pipelined.transaction``): the message that sends ``BEGIN`` also takes its
+    """One identify message (PostgreSQL), its first round trip (with ``begin``, inside
+    ``kana.db.pipelined.transaction``, the one that sends ``BEGIN``) takes its
     advisory locks (userId, email), reads its userId's owner, row-locks its users (that
     owner and the users with its email, in id order) and runs the caller's ``read`` last.
 
@@ -481,9 +481,10 @@ class MessageIdentify:
     commit with it), and one that had not must wait for the row locks. So the caller's
     suppression check there needs no second look after the write.
 
-    Then ``apply`` runs the engine on that state, exactly as ``identify_user`` would; a merge
-    (``merges``) is left to the caller's ordinary transaction: its receivers may enqueue
-    work on commit, which this transaction, unknown to Django, cannot defer.
+    Then ``apply`` runs the engine on that state, exactly as ``identify_user`` would. Inside
+    ``atomic`` (``begin`` False) the same steps run in Django's transaction; a caller in a
+    pipelined one leaves merges (``merges``) to ``atomic``: their receivers may enqueue work
+    on commit, which a transaction unknown to Django cannot defer.
     """
 
     def __init__(self, *, workspace: Workspace, row: ProfileRow, read: tuple[str, list], begin: bool):
