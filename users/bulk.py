@@ -88,9 +88,12 @@ def lock_users_sql(
     owned = ""
     params: list = [workspace.pk, int_array(pks), text_array(email_keys)]
     if owners_of:
+        # ARRAY(...): evaluated once, then an index probe like the other two. A plain
+        # ``id IN (SELECT ...)`` inside the OR is a filter over every user of the workspace
+        # (58 ms instead of 0.15 ms at 50,000 users).
         owned = (
-            f" OR id IN (SELECT user_id FROM {quote(UserIdentity._meta.db_table)} "
-            "WHERE workspace_id = %s AND external_id = ANY(%s::text[]))"
+            f" OR id = ANY(ARRAY(SELECT user_id FROM {quote(UserIdentity._meta.db_table)} "
+            "WHERE workspace_id = %s AND external_id = ANY(%s::text[])))"
         )
         params += [workspace.pk, text_array(owners_of)]
     return (
