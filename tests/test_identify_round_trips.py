@@ -142,3 +142,17 @@ def test_a_merge_in_a_transaction_moves_the_absorbed_user_in_a_few_statements(
         assert segment.identify("mrg", {"email": "mrgbare@example.com"}).status_code == 200
     assert not EndUser.objects.filter(pk=bare.pk).exists()
     assert UserIdentity.objects.get(external_id="mrg").user.email == "mrgbare@example.com"
+
+
+@requires_postgres
+def test_the_users_lock_probes_the_owner_of_a_user_id_by_index(tenant):
+    # Under the OR, ``id IN (SELECT ...)`` is a subplan run as a filter over every user of
+    # the workspace (58 ms at 50,000 users); ``id = ANY(ARRAY(SELECT ...))`` runs once and
+    # probes the primary key.
+    from users import bulk
+
+    sql, params = bulk.lock_users_sql(tenant.workspace, set(), {"a@example.com"}, owners_of={"known"})
+    with connection.cursor() as cursor:
+        cursor.execute("EXPLAIN " + sql, params)
+        plan = "\n".join(line for (line,) in cursor.fetchall())
+    assert "SubPlan" not in plan and "InitPlan" in plan, plan
