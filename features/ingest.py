@@ -10,6 +10,7 @@ ledger as processed events.
 """
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 from django.db import connection, transaction
@@ -321,7 +322,75 @@ def _apply_profile_messages(workspace: Workspace, messages: list[Message]) -> Ap
 
 def ingest_profile_messages(*, workspace: Workspace, messages: list[Message]) -> list[Outcome]:
     """A run of identify, group and alias calls (in any mix), a chunk per transaction."""
+    if len(messages) == 1 and messages[0].type == MessageType.IDENTIFY and pipelined.available():
+        return [_record_identify(workspace, messages[0])]
     return _record_profile_run(workspace, messages, _apply_profile_messages)
+
+
+class _NeedsAtomic(Exception):
+    """The identify merges (a merge's receivers may enqueue work on commit, which only
+    ``atomic`` defers) or links an anonymousId with events held (their row locks need
+    ``atomic``): roll back, run it again in ``atomic``."""
+
+
+def _record_identify(workspace: Workspace, message: Message) -> Outcome:
+    """``_record_profile_chunk`` for the most common call, one identify per request (PostgreSQL,
+    outside any transaction), in fewer round trips: the advisory locks, the reads of its
+    users and the replay and suppression check in one (``users.services.MessageIdentify``),
+    the engine's write back in one, the event. Creations, updates and claims travel with
+    their ``BEGIN`` and ``COMMIT`` (``kana.db.pipelined``); a merge, or an anonymousId with
+    events held, runs the same steps in ``atomic``.
+    """
+    holds = message.anonymous_id and workspace.anonymous_events == AnonymousEvents.HOLD
+    if not holds:
+        try:
+            return run_with_retries(lambda: _record_identify_once(workspace, message, pipelined_transaction=True))
+        except _NeedsAtomic:
+            pass
+    return run_with_retries(lambda: _record_identify_atomic(workspace, message))
+
+
+@transaction.atomic
+def _record_identify_atomic(workspace: Workspace, message: Message) -> Outcome:
+    return _record_identify_once(workspace, message, pipelined_transaction=False)
+
+
+def _record_identify_once(workspace: Workspace, message: Message, *, pipelined_transaction: bool) -> Outcome:
+    changes, warnings = _identify_changes(message)
+    row = user_services.ProfileRow(changes=changes, user_id=message.user_id, label=f"message:{message.message_id}")
+    named = {message.user_id} if message.user_id else set()
+    with pipelined.transaction() if pipelined_transaction else nullcontext():
+        identify = user_services.MessageIdentify(
+            workspace=workspace,
+            row=row,
+            # Read after the users are locked: see MessageIdentify for why a suppression
+            # found here needs no second look after the write.
+            read=ledger._known_ids_sql(workspace, {message.message_id}, named, set()),
+            begin=pipelined_transaction,
+        )
+        known = ledger._known_ids(identify.read_rows)
+        fresh, suppressed = _fresh_and_suppressed([message], known.replayed, known.suppressed)
+        if not fresh:
+            return suppressed.get(message.message_id) or Outcome(message.message_id, "duplicate")
+        if pipelined_transaction and identify.merges():
+            raise _NeedsAtomic()
+        result = identify.apply(occurred_at=message.occurred_at)
+        if result.ambiguous:
+            warnings = [*warnings, _AMBIGUOUS_EMAIL_WARNING]
+        applied = [(message, result.user.pk, warnings)]
+        if not ledger.record_processed_events(workspace, applied):
+            raise ConcurrentChange()  # a concurrent request stored it: redo, it is a replay
+        links = _anonymous_links(applied)
+        if links and pipelined_transaction:
+            # Not a holding workspace (above): events are held under an anonymousId only
+            # when it held them before a switch. Rare; they need row locks.
+            if ledger.pending_event_ids(workspace, set(links)):
+                raise _NeedsAtomic()
+        elif links:
+            attribute_pending_events(workspace, links)
+            if workspace.anonymous_events == AnonymousEvents.HOLD:
+                user_services.link_anonymous_ids(workspace=workspace, links={a: u for a, (_pk, u) in links.items()})
+        return Outcome(message.message_id, EventStatus.PROCESSED, "", result.user.pk, warnings)
 
 
 _APPLIERS = {

@@ -99,3 +99,22 @@ def lock_rules_shared_and_read(
         version = cursor.fetchone()[0]
         cursor.nextset()
         return version, cursor.fetchall()
+
+
+def lock_keys_and_read(keys: list[str], reads: list[tuple[str, list]], *, begin: bool = False) -> list[list[tuple]]:
+    """``lock_keys`` followed by ``reads`` (each ``(sql, params)``), in one round trip; returns
+    each read's rows.
+
+    PostgreSQL runs the statements of one message in order, each with its own snapshot under
+    READ COMMITTED: every read sees what was committed before the locks were granted, as if
+    sent one by one. ``begin`` (inside ``kana.db.pipelined.transaction``): the same message
+    opens the transaction. Elsewhere the locks are not needed and the reads run one by one.
+    """
+    if not _is_postgres():
+        return pipelined.execute_all(reads)
+    ids = sorted({_key_to_bigint(k) for k in keys})
+    if not ids:
+        return pipelined.execute_all(reads, begin=begin)
+    # Target-list items are evaluated left to right: the locks are taken in sorted order.
+    lock = ("SELECT " + ", ".join(["pg_advisory_xact_lock(%s)"] * len(ids)), ids)
+    return pipelined.execute_all([lock, *reads], begin=begin)[1:]

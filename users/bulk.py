@@ -41,14 +41,19 @@ def owners_of(workspace: Workspace, user_ids: set[str]) -> dict[str, int]:
     if connection.vendor != "postgresql":
         identities = UserIdentity.objects.for_workspace(workspace).filter(external_id__in=user_ids)
         return dict(identities.values_list("external_id", "user_id"))
-    # One array parameter: an IN list of 1,000 placeholders costs psycopg ~25 ms to parse.
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT external_id, user_id FROM {connection.ops.quote_name(UserIdentity._meta.db_table)} "
-            "WHERE workspace_id = %s AND external_id = ANY(%s::text[])",
-            [workspace.pk, text_array(user_ids)],
-        )
+        cursor.execute(*owners_of_sql(workspace, user_ids))
         return dict(cursor.fetchall())
+
+
+def owners_of_sql(workspace: Workspace, user_ids: set[str]) -> tuple[str, list]:
+    """``owners_of``'s statement (PostgreSQL): rows (userId, user pk)."""
+    # One array parameter: an IN list of 1,000 placeholders costs psycopg ~25 ms to parse.
+    return (
+        f"SELECT external_id, user_id FROM {connection.ops.quote_name(UserIdentity._meta.db_table)} "
+        "WHERE workspace_id = %s AND external_id = ANY(%s::text[])",
+        [workspace.pk, text_array(user_ids)],
+    )
 
 
 def int_array(values: Iterable[int]) -> str:
@@ -67,18 +72,49 @@ def lock_users(workspace: Workspace, pks: set[int], email_keys: set[str]) -> lis
     if connection.vendor != "postgresql":
         match = Q(pk__in=pks) | Q(email_key__in=email_keys) if email_keys else Q(pk__in=pks)
         return list(users.filter(match).order_by("pk").select_for_update())
-    fields = EndUser._meta.concrete_fields
+    sql, params = lock_users_sql(workspace, pks, email_keys)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return users_from_rows(cursor.fetchall())
+
+
+def lock_users_sql(
+    workspace: Workspace, pks: set[int], email_keys: set[str], owners_of: set[str] = frozenset()
+) -> tuple[str, list]:
+    """``lock_users``'s statement (PostgreSQL), for a caller that sends it with others; its
+    rows become users with ``users_from_rows``. ``owners_of``: also the users these userIds
+    resolve to when the statement runs."""
+    quote = connection.ops.quote_name
+    owned = ""
+    params: list = [workspace.pk, int_array(pks), text_array(email_keys)]
+    if owners_of:
+        # ARRAY(...): evaluated once, then an index probe like the other two. A plain
+        # ``id IN (SELECT ...)`` inside the OR is a filter over every user of the workspace
+        # (58 ms instead of 0.15 ms at 50,000 users).
+        owned = (
+            f" OR id = ANY(ARRAY(SELECT user_id FROM {quote(UserIdentity._meta.db_table)} "
+            "WHERE workspace_id = %s AND external_id = ANY(%s::text[])))"
+        )
+        params += [workspace.pk, text_array(owners_of)]
+    return (
+        f"SELECT {_locked_columns()} FROM {quote(EndUser._meta.db_table)} "
+        f"WHERE workspace_id = %s AND (id = ANY(%s::bigint[]) OR email_key = ANY(%s::text[]){owned}) "
+        "ORDER BY id FOR UPDATE",
+        params,
+    )
+
+
+def _locked_columns() -> str:
     quote = connection.ops.quote_name
     as_text = (models.DateTimeField, models.JSONField)
-    columns = ", ".join(f"{quote(f.column)}::text" if isinstance(f, as_text) else quote(f.column) for f in fields)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT {columns} FROM {quote(EndUser._meta.db_table)} "
-            "WHERE workspace_id = %s AND (id = ANY(%s::bigint[]) OR email_key = ANY(%s::text[])) "
-            "ORDER BY id FOR UPDATE",
-            [workspace.pk, int_array(pks), text_array(email_keys)],
-        )
-        rows = cursor.fetchall()
+    return ", ".join(
+        f"{quote(f.column)}::text" if isinstance(f, as_text) else quote(f.column) for f in EndUser._meta.concrete_fields
+    )
+
+
+def users_from_rows(rows: list[tuple]) -> list[EndUser]:
+    """Users from ``lock_users_sql``'s rows."""
+    fields = EndUser._meta.concrete_fields
     parsed = [(f.attname, _text_parser(f)) for f in fields]
     users = []
     for row in rows:

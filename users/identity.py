@@ -18,6 +18,7 @@ whole transaction (``kana.retries``). SQLite runs each transaction with BEGIN IM
 which serialises them outright.
 """
 
+import json
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
@@ -30,7 +31,8 @@ from django.utils import timezone
 
 from kana import audit
 from kana.copy_rows import copy_rows
-from kana.locks import lock_keys
+from kana.db import pipelined
+from kana.locks import lock_keys, lock_keys_and_read
 from kana.models import Workspace
 from kana.retries import ConcurrentChange, run_with_retries
 
@@ -202,13 +204,20 @@ class _CreatedInThisPass(Exception):
 class _Batch:
     """The users a batch of rows concerns, indexed by userId and email, changed in memory."""
 
-    def __init__(self, workspace: Workspace, rows: list[ProfileRow]):
+    def __init__(
+        self, workspace: Workspace, rows: list[ProfileRow], read: tuple[dict[str, int], list[EndUser]] | None = None
+    ):
+        """``read``: the rows' userId owners and locked users, when the caller read them
+        (``MessageIdentify``); otherwise they are read here."""
         self.workspace = workspace
-        user_ids = {row.user_id for row in rows if row.user_id is not None}
-        owners = bulk.owners_of(workspace, user_ids)
-        pks = {row.user_pk for row in rows if row.user_pk is not None} | set(owners.values())
-        emails = {row.changes.email_key for row in rows} - {""}
-        self.by_pk: dict[int, EndUser] = {user.pk: user for user in bulk.lock_users(workspace, pks, emails)}
+        if read is None:
+            user_ids = {row.user_id for row in rows if row.user_id is not None}
+            owners = bulk.owners_of(workspace, user_ids)
+            pks = {row.user_pk for row in rows if row.user_pk is not None} | set(owners.values())
+            emails = {row.changes.email_key for row in rows} - {""}
+            read = owners, bulk.lock_users(workspace, pks, emails)
+        owners, locked = read
+        self.by_pk: dict[int, EndUser] = {user.pk: user for user in locked}
         if any(pk not in self.by_pk for pk in owners.values()):
             raise ConcurrentChange()  # a user deleted since its identity was read
         self.owner: dict[str, EndUser] = {uid: self.by_pk[pk] for uid, pk in owners.items()}
@@ -329,8 +338,7 @@ def _apply_row(
             return _InMemoryResult(state.create(None, changes, occurred_at, restamp), IdentifyOutcome.CREATED)
         return update(matches[0])
 
-    user = state.owner_of(row.user_id)
-    plan = _plan_identify(user, [u for u in state.with_email(changes.email_key) if u is not user])
+    user, plan = _plan_of(state, row)
     if plan.action == "create":
         created = state.create(row.user_id, changes, occurred_at, restamp)
         return _InMemoryResult(created, IdentifyOutcome.CREATED, plan.ambiguous)
@@ -360,6 +368,12 @@ def _apply_row(
     apply_changes(survivor, changes, occurred_at, restamp_unchanged=restamp)
     state.changed(survivor, old_key)
     return _InMemoryResult(survivor, IdentifyOutcome.MERGED, absorbed_users=(absorbed,))
+
+
+def _plan_of(state: _Batch, row: ProfileRow) -> tuple[EndUser | None, _IdentifyPlan]:
+    """A userId row's U (its userId's user, if any) and what the rules do with it."""
+    user = state.owner_of(row.user_id)
+    return user, _plan_identify(user, [u for u in state.with_email(row.changes.email_key) if u is not user])
 
 
 # Fewer rows than this are written with plain INSERTs and UPDATEs: COPY and the scratch
@@ -454,6 +468,110 @@ def identify_users(
         results.append(applied)
     _write_back(state)
     return [applied.as_result() for applied in results]
+
+
+class MessageIdentify:
+    """One identify message (PostgreSQL), its first round trip (with ``begin``, inside
+    ``kana.db.pipelined.transaction``, the one that sends ``BEGIN``) takes its
+    advisory locks (userId, email), reads its userId's owner, row-locks its users (that
+    owner and the users with its email, in id order) and runs the caller's ``read`` last.
+
+    ``read`` runs after the locks and the users' read, each statement with its own snapshot:
+    a deletion that committed before the users were read is visible to it (its suppressions
+    commit with it), and one that had not must wait for the row locks. So the caller's
+    suppression check there needs no second look after the write.
+
+    Then ``apply`` runs the engine on that state, exactly as ``identify_user`` would. Inside
+    ``atomic`` (``begin`` False) the same steps run in Django's transaction; a caller in a
+    pipelined one leaves merges (``merges``) to ``atomic``: their receivers may enqueue work
+    on commit, which a transaction unknown to Django cannot defer.
+    """
+
+    def __init__(self, *, workspace: Workspace, row: ProfileRow, read: tuple[str, list], begin: bool):
+        self.row = row
+        user_ids = {row.user_id} if row.user_id else set()
+        emails = {row.changes.email_key} - {""}
+        owners, users, self.read_rows = lock_keys_and_read(
+            identity_lock_keys(workspace, sorted(user_ids), row.changes.email_key),
+            [
+                bulk.owners_of_sql(workspace, user_ids),
+                bulk.lock_users_sql(workspace, set(), emails, owners_of=user_ids),
+                read,
+            ],
+            begin=begin,
+        )
+        self.state = _Batch(workspace, [row], read=(dict(owners), bulk.users_from_rows(users)))
+
+    def merges(self) -> bool:
+        return self.row.user_id is not None and _plan_of(self.state, self.row)[1].action == "merge"
+
+    def apply(
+        self, *, occurred_at: datetime, reason: str = MergeReason.IDENTIFY, actor: str = "segment"
+    ) -> IdentifyResult:
+        result = _apply_row(self.state, self.row, occurred_at, reason, actor, True, seen_by=lambda users: None)
+        _write_back_in_one_round_trip(self.state)
+        return result.as_result()
+
+
+def _placeholder(column: str) -> str:
+    return "%s::jsonb" if column == "audiences" else "%s"
+
+
+def _value(user: EndUser, column: str):
+    return json.dumps(user.audiences) if column == "audiences" else getattr(user, column)
+
+
+_INSERTED_COLUMNS = [f.attname for f in EndUser._meta.concrete_fields if not f.primary_key]
+_INSERT_USER_SQL = (
+    f"INSERT INTO {EndUser._meta.db_table} ({', '.join(_INSERTED_COLUMNS)}) "
+    f"VALUES ({', '.join(_placeholder(c) for c in _INSERTED_COLUMNS)}) RETURNING id"
+)
+# The new user and its userId in one statement.
+_INSERT_USER_WITH_IDENTITY_SQL = (
+    f"WITH new_user AS ({_INSERT_USER_SQL}) INSERT INTO {UserIdentity._meta.db_table} "
+    "(workspace_id, user_id, external_id, created_at) SELECT %s, id, %s, %s FROM new_user RETURNING user_id"
+)
+_INSERT_IDENTITY_SQL = (
+    f"INSERT INTO {UserIdentity._meta.db_table} (workspace_id, user_id, external_id, created_at) "
+    "VALUES (%s, %s, %s, %s)"
+)
+_UPDATE_PROFILE_SQL = (
+    f"UPDATE {EndUser._meta.db_table} SET {', '.join(f'{c} = {_placeholder(c)}' for c in bulk.PROFILE_COLUMNS)} "
+    "WHERE id = %s"
+)
+
+
+def _write_back_in_one_round_trip(state: _Batch) -> None:
+    """``_write_back`` for one message (PostgreSQL): its new user with its userId in one
+    statement, the identities and profile columns of the users it changed in others, all in
+    one message. No ``atomic`` inside (``bulk_create`` opens one): the caller's transaction
+    is not Django's (``MessageIdentify``). A unique violation is Django's IntegrityError."""
+    now = timezone.now()
+    statements: list[tuple[str, list]] = []
+    if len(state.created) > 1:
+        raise ValueError("one message creates one user at most")
+    for user in state.created:
+        user.updated_at = now
+        values = [_value(user, c) for c in _INSERTED_COLUMNS]
+        user_id = next((uid for u, uid in state.identities if u is user), None)
+        if user_id is None:
+            statements.append((_INSERT_USER_SQL, values))
+        else:
+            statements.append((_INSERT_USER_WITH_IDENTITY_SQL, [*values, state.workspace.pk, user_id, now]))
+    statements += [
+        (_INSERT_IDENTITY_SQL, [state.workspace.pk, user.pk, uid, now])
+        for user, uid in state.identities
+        if user.pk is not None
+    ]
+    for user in state.dirty.values():
+        user.updated_at = now
+        statements.append((_UPDATE_PROFILE_SQL, [*(_value(user, c) for c in bulk.PROFILE_COLUMNS), user.pk]))
+    if not statements:
+        return
+    results = pipelined.execute_all(statements)
+    for user in state.created:
+        ((user.pk,),) = results[0]
+        user._state.adding = False
 
 
 def upsert_user_by_email(*, workspace: Workspace, changes: ProfileChanges, occurred_at: datetime) -> IdentifyResult:

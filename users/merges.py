@@ -10,10 +10,11 @@ is a no-op) with a snapshot of what it was.
 import copy
 from dataclasses import dataclass, field
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Exists, OuterRef
 
 from kana import audit
+from kana.db import pipelined
 from kana.models import Workspace
 from kana.retries import ConcurrentChange, run_with_retries
 
@@ -42,21 +43,15 @@ def absorb(
     The caller holds row locks on both users and saves the survivor afterwards.
     ``choices``: an admin's per-field choice (``users.profile.absorb_profile``).
     """
-    absorbed_ids = list(
-        UserIdentity.objects.filter(user=absorbed).order_by("created_at", "pk").values_list("external_id", flat=True)
-    )
+    absorbed_ids, groups = _absorbed_user_ids_and_groups(survivor.pk, absorbed.pk)
     before = copy.copy(survivor)
     absorb_profile(survivor, absorbed, choices)
     conflicts = merge_conflicts(before, [absorbed], survivor)
-    survivor_groups = GroupMembership.objects.filter(user=survivor).values("group_id")
     # What an unmerge gives back: the memberships, and the survivor's own profile.
     absorbed_snapshot = snapshot(absorbed, absorbed_ids)
     absorbed_snapshot["groups"] = [
         {"group": group_pk, "joined_at": joined_at.isoformat(), "shared": shared}
-        for group_pk, joined_at, shared in GroupMembership.objects.filter(user=absorbed)
-        .annotate(shared=Exists(survivor_groups.filter(group_id=OuterRef("group_id"))))
-        .order_by("group_id")
-        .values_list("group_id", "joined_at", "shared")
+        for group_pk, joined_at, shared in groups
     ]
     absorbed_snapshot["survivor_before"] = profile_state(before)
     MergeRecord.objects.create(
@@ -72,13 +67,59 @@ def absorb(
         conflicts=[c.as_dict() for c in conflicts],
         billing_conflict=reason in _AUTOMATIC and any(c.field == "billing_id" for c in conflicts),
     )
-    UserIdentity.objects.filter(user=absorbed).update(user=survivor)
+    # Events, usage, subscriptions: their owners move them (the ledger row above is written
+    # first: the webhook receiver reads it).
     user_absorbed.send(EndUser, workspace_id=workspace.pk, absorbed_pk=absorbed.pk, survivor_pk=survivor.pk)
-    GroupMembership.objects.filter(user=absorbed, group_id__in=survivor_groups).delete()
-    GroupMembership.objects.filter(user=absorbed).update(user=survivor)
-    MergeRecord.objects.filter(survivor=absorbed).update(survivor=survivor, survivor_key=survivor.pk)
-    # Deleting first frees the absorbed user's canonical userId for the survivor.
-    EndUser.objects.filter(pk=absorbed.pk).delete()
+    moved = {"survivor": survivor.pk, "absorbed": absorbed.pk}
+    pipelined.execute_all([(sql, moved) for sql in _MOVE_AND_DELETE])
+
+
+_IDENTITIES = UserIdentity._meta.db_table
+_MEMBERSHIPS = GroupMembership._meta.db_table
+_LEDGER = MergeRecord._meta.db_table
+
+# The rest of a merge in one round trip, set-based: the userIds and memberships move (a group
+# both were in keeps the survivor's), merges into the absorbed user now lead to the survivor,
+# and the absorbed user's row goes. Deleting it frees its canonical userId for the survivor,
+# which the caller saves next. A plain DELETE, not the ORM's collector (eight statements):
+# every row that referred to the user was moved above or by the ``user_absorbed`` receivers,
+# and a reference something forgot to move fails the merge at commit (the foreign keys are
+# checked then) instead of being deleted with the user.
+_MOVE_AND_DELETE = [
+    f"UPDATE {_IDENTITIES} SET user_id = %(survivor)s WHERE user_id = %(absorbed)s",
+    f"DELETE FROM {_MEMBERSHIPS} WHERE user_id = %(absorbed)s "
+    f"AND group_id IN (SELECT group_id FROM {_MEMBERSHIPS} WHERE user_id = %(survivor)s)",
+    f"UPDATE {_MEMBERSHIPS} SET user_id = %(survivor)s WHERE user_id = %(absorbed)s",
+    f"UPDATE {_LEDGER} SET survivor_id = %(survivor)s, survivor_key = %(survivor)s WHERE survivor_id = %(absorbed)s",
+    f"DELETE FROM {EndUser._meta.db_table} WHERE id = %(absorbed)s",
+]
+
+
+def _absorbed_user_ids_and_groups(survivor_pk: int, absorbed_pk: int) -> tuple[list[str], list[tuple]]:
+    """The absorbed user's userIds (oldest first), and its memberships (group id, joined at,
+    whether the survivor is in that group too), in one round trip on PostgreSQL."""
+    if connection.vendor != "postgresql":  # SQLite's driver gives raw timestamps as text: the ORM parses them
+        user_ids = UserIdentity.objects.filter(user_id=absorbed_pk).order_by("created_at", "pk")
+        survivor_groups = GroupMembership.objects.filter(user_id=survivor_pk).values("group_id")
+        groups = (
+            GroupMembership.objects.filter(user_id=absorbed_pk)
+            .annotate(shared=Exists(survivor_groups.filter(group_id=OuterRef("group_id"))))
+            .order_by("group_id")
+            .values_list("group_id", "joined_at", "shared")
+        )
+        return list(user_ids.values_list("external_id", flat=True)), list(groups)
+    identities, groups = pipelined.execute_all(
+        [
+            (f"SELECT external_id FROM {_IDENTITIES} WHERE user_id = %s ORDER BY created_at, id", [absorbed_pk]),
+            (
+                f"SELECT m.group_id, m.joined_at, EXISTS (SELECT 1 FROM {_MEMBERSHIPS} s "
+                "WHERE s.user_id = %s AND s.group_id = m.group_id) "
+                f"FROM {_MEMBERSHIPS} m WHERE m.user_id = %s ORDER BY m.group_id",
+                [survivor_pk, absorbed_pk],
+            ),
+        ]
+    )
+    return [external_id for (external_id,) in identities], groups
 
 
 @dataclass

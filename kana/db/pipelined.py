@@ -53,3 +53,36 @@ def transaction():
     if in_transaction():
         with connection.cursor() as cursor:
             cursor.execute("COMMIT")
+
+
+def execute_all(statements: list[tuple[str, list | dict]], *, begin: bool = False) -> list[list[tuple]]:
+    """Run statements in order in the caller's transaction; returns each one's rows ([] for
+    a statement that returns none).
+
+    On PostgreSQL they travel in one message (one round trip), and the server still runs them
+    one after the other, each with its own snapshot: the same work as separate ``execute``
+    calls. Elsewhere (SQLite takes one statement per call) they are sent one by one. Every
+    statement's parameters must be of one style: all ``%s`` lists, or all ``%(name)s`` dicts.
+    ``begin`` (PostgreSQL, inside ``transaction``): the same message opens the transaction.
+    """
+    results: list[list[tuple]] = []
+    with connection.cursor() as cursor:
+        if connection.vendor != "postgresql":
+            for sql, params in statements:
+                cursor.execute(sql, params)
+                results.append(cursor.fetchall() if cursor.description else [])
+            return results
+        if statements and isinstance(statements[0][1], dict):
+            params: list | dict = {}
+            for _, named in statements:
+                params.update(named)
+        else:
+            params = [value for _, positional in statements for value in positional]
+        cursor.execute((BEGIN if begin else "") + "; ".join(sql for sql, _ in statements), params)
+        if begin:
+            cursor.nextset()  # past BEGIN's result
+        for index in range(len(statements)):
+            if index:
+                cursor.nextset()
+            results.append(cursor.fetchall() if cursor.description else [])
+    return results

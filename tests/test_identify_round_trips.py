@@ -1,0 +1,171 @@
+"""Round trips per identify, one message per request, by kind (create, update, claim, merge).
+
+Outside any transaction (as in production), on PostgreSQL, a single identify is one
+transaction whose BEGIN travels with the advisory locks, the reads of its users and the
+replay and suppression check (``users.identity.MessageIdentify``); then the engine's write
+back in one message, the event, COMMIT. A merge rolls that back and runs in ``atomic``
+(its receivers may enqueue work on commit); its moves are set-based (``users.merges``).
+"""
+
+import pytest
+from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from features.models import Event
+from kana.db import pipelined
+from users.models import EndUser, MergeRecord, UserIdentity
+from users.profile import ProfileChanges
+from users.services import upsert_user_by_email
+from users.signals import user_absorbed
+
+from .conftest import requires_postgres
+
+
+def _identify(segment, user_id, traits, message_id, **fields):
+    body = {"type": "identify", "userId": user_id, "messageId": message_id, "traits": traits, **fields}
+    with CaptureQueriesContext(connection) as captured:
+        response = segment.post("/segment/events", body)
+    assert response.status_code == 200, response.content
+    assert not pipelined.in_transaction()
+    return [query["sql"] for query in captured.captured_queries], response.json()
+
+
+def _bare(tenant, email, billing_id):
+    changes = ProfileChanges(name="Bare", email=email, billing_id=billing_id)
+    return upsert_user_by_email(workspace=tenant.workspace, changes=changes, occurred_at=timezone.now()).user
+
+
+@pytest.fixture(autouse=True)
+def _warm(segment, db):
+    """The API key is cached per process: a first request reads it."""
+    assert segment.identify("warm-up", {"name": "Warm"}).status_code == 200
+
+
+@pytest.fixture
+def known(segment):
+    sent, _ = _identify(segment, "known", {"name": "Known", "email": "known@example.com"}, "seed")
+    return EndUser.objects.get(user_id="known")
+
+
+def _receivers_statements(tenant) -> int:
+    """The statements the ``user_absorbed`` receivers (features, entitlements, webhooks: other
+    layers' moves) send for a merge of users with nothing to move, counted apart so that the
+    merge's own round trips are what these tests pin."""
+    with transaction.atomic(), CaptureQueriesContext(connection) as captured:
+        user_absorbed.send(EndUser, workspace_id=tenant.workspace.pk, absorbed_pk=-1, survivor_pk=-2)
+    return len(
+        [q for q in captured.captured_queries if not q["sql"].startswith(("SAVEPOINT", "RELEASE", "BEGIN", "COMMIT"))]
+    )
+
+
+def _opens_with_locks_and_reads(sent):
+    first = sent[0]
+    assert first.startswith("BEGIN; SELECT pg_advisory_xact_lock(")
+    assert "FOR UPDATE" in first and "features_event" in first  # the users' lock, then the replay check
+    assert first.index("FOR UPDATE") < first.index("features_event")
+    assert sent[-1] == "COMMIT"
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+def test_an_identify_creating_a_user_is_four_round_trips(segment):
+    sent, body = _identify(segment, "new-1", {"name": "New", "email": "new-1@example.com"}, "m-create")
+    assert body["status"] == "processed"
+    assert len(sent) == 4  # was 10
+    _opens_with_locks_and_reads(sent)
+    user = EndUser.objects.get(user_id="new-1")
+    assert (user.name, user.email_key) == ("New", "new-1@example.com")
+    assert UserIdentity.objects.get(external_id="new-1").user_id == user.pk
+    assert Event.objects.get(message_id="m-create").user_id == user.pk
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+def test_an_identify_updating_a_known_user_is_four_round_trips(segment, known):
+    sent, _ = _identify(segment, "known", {"name": "Renamed", "email": "known@example.com"}, "m-update")
+    assert len(sent) == 4  # was 9
+    _opens_with_locks_and_reads(sent)
+    known.refresh_from_db()
+    assert known.name == "Renamed"
+    assert Event.objects.get(message_id="m-update").user_id == known.pk
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+def test_an_identify_claiming_a_bare_user_is_four_round_trips(segment, tenant):
+    bare = _bare(tenant, "claim@example.com", "cus_1")
+    sent, _ = _identify(segment, "claimer", {"name": "Claimer", "email": "claim@example.com"}, "m-claim")
+    assert len(sent) == 4  # was 10
+    _opens_with_locks_and_reads(sent)
+    bare.refresh_from_db()
+    assert (bare.user_id, bare.name, bare.billing_id) == ("claimer", "Claimer", "cus_1")
+    assert UserIdentity.objects.get(external_id="claimer").user_id == bare.pk
+    assert EndUser.objects.count() == 2  # the warm-up user and the claimed one
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_replayed_identify_is_two_round_trips_and_changes_nothing(segment, known):
+    _identify(segment, "known", {"name": "Once"}, "m-once")
+    sent, body = _identify(segment, "known", {"name": "Twice"}, "m-once")
+    assert body["status"] == "duplicate"
+    assert len(sent) == 2
+    known.refresh_from_db()
+    assert known.name == "Once"
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+def test_an_identify_merging_a_bare_user_runs_again_in_atomic_with_set_based_moves(segment, tenant):
+    _identify(segment, "mrg", {"name": "Merging"}, "seed")
+    bare = _bare(tenant, "mrgbare@example.com", "cus_2")
+    sent, _ = _identify(segment, "mrg", {"email": "mrgbare@example.com"}, "m-merge")
+    # The pipelined attempt and its ROLLBACK, then the same steps in atomic (was 31): BEGIN,
+    # locks + reads, the merge (its two reads, the ledger row, the receivers' six moves, its
+    # own moves and deletion in one), the survivor's write, the event, COMMIT.
+    assert sent[1] == "ROLLBACK" and sent[2] == "BEGIN" and sent[-1] == "COMMIT"
+    assert sent[3].startswith("SELECT pg_advisory_xact_lock(") and "FOR UPDATE" in sent[3]
+    assert len(sent) == 10 + _receivers_statements(tenant)  # six receivers' statements when this was written
+    survivor = EndUser.objects.get(user_id="mrg")
+    assert not EndUser.objects.filter(pk=bare.pk).exists()
+    assert MergeRecord.objects.get(absorbed_id=bare.pk).survivor_id == survivor.pk
+    assert (survivor.email, survivor.billing_id) == ("mrgbare@example.com", "cus_2")
+    assert Event.objects.get(message_id="m-merge").user_id == survivor.pk
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+def test_an_identify_with_an_anonymous_id_and_nothing_held_stays_pipelined(segment):
+    sent, body = _identify(segment, "anon-user", {"name": "A"}, "m-anon", anonymousId="anon-1")
+    assert body["status"] == "processed"
+    assert len(sent) == 5  # + the probe for events held under the anonymousId
+    assert EndUser.objects.filter(user_id="anon-user").exists()
+
+
+def test_a_merge_in_a_transaction_moves_the_absorbed_user_in_a_few_statements(
+    segment, tenant, django_assert_max_num_queries
+):
+    segment.identify("mrg", {"name": "Merging"})
+    bare = _bare(tenant, "mrgbare@example.com", "cus_2")
+    # Inside the test's transaction: savepoints, not the pipelined path. The merge's moves and
+    # the absorbed row's deletion are one message on PostgreSQL (five statements on SQLite).
+    receivers = _receivers_statements(tenant)
+    with django_assert_max_num_queries((18 if connection.vendor != "postgresql" else 12) + receivers):
+        assert segment.identify("mrg", {"email": "mrgbare@example.com"}).status_code == 200
+    assert not EndUser.objects.filter(pk=bare.pk).exists()
+    assert UserIdentity.objects.get(external_id="mrg").user.email == "mrgbare@example.com"
+
+
+@requires_postgres
+def test_the_users_lock_probes_the_owner_of_a_user_id_by_index(tenant):
+    # Under the OR, ``id IN (SELECT ...)`` is a subplan run as a filter over every user of
+    # the workspace (58 ms at 50,000 users); ``id = ANY(ARRAY(SELECT ...))`` runs once and
+    # probes the primary key.
+    from users import bulk
+
+    sql, params = bulk.lock_users_sql(tenant.workspace, set(), {"a@example.com"}, owners_of={"known"})
+    with connection.cursor() as cursor:
+        cursor.execute("EXPLAIN " + sql, params)
+        plan = "\n".join(line for (line,) in cursor.fetchall())
+    assert "SubPlan" not in plan and "InitPlan" in plan, plan
