@@ -16,6 +16,7 @@ messageIds, so a repeated key (or a Segment messageId used as one) is a replay.
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import NamedTuple
 
 from django.db import transaction
 from django.db.models import Q, Sum
@@ -32,6 +33,7 @@ from users import selectors as user_selectors
 from users.models import Group, GroupMembership
 from users.services import resolve_users, suppressed_user_ids
 
+from . import reads
 from .models import (
     ACCESS_STATUSES,
     PackageFeature,
@@ -167,6 +169,75 @@ def _owner_members(workspace_id: int, *, user_pk: int | None, group_pk: int | No
     )
 
 
+class Offer(NamedTuple):
+    """A package's terms for one feature (what the decision reads of a ``PackageFeature``)."""
+
+    limit: Decimal | None
+    overage_enabled: bool
+    reset_period: str
+
+
+def _rank(candidate):
+    # The highest limit wins (null beats any number); on a tie, overage, then the subject's own
+    # subscription, then the oldest.
+    offer, subscription = candidate
+    return (
+        offer.limit is None,
+        offer.limit or 0,
+        offer.overage_enabled,
+        subscription["user_id"] is not None,
+        -subscription["pk"],
+    )
+
+
+def _choose(feature: Feature, subscriptions: list[dict], offers_for) -> "Entitlement | tuple[Offer, dict]":
+    """The final answer when it needs no budget, else the (offer, subscription) that sets the
+    budget. ``offers_for(live)``: {package_id: offer} for the live subscriptions' packages."""
+    if not subscriptions:
+        return Entitlement(False, "no_subscription", feature=feature)
+    live = [s for s in subscriptions if s["status"] in ACCESS_STATUSES]
+    if not live:
+        return Entitlement(False, "subscription_inactive", feature=feature)
+    offers = offers_for(live)
+    candidates = [(offers[s["package_id"]], s) for s in live if s["package_id"] in offers]
+    if not candidates:
+        return Entitlement(False, "feature_not_in_package", feature=feature)
+    if feature.type == FeatureType.BINARY:
+        return Entitlement(True, "binary_access", feature=feature)
+    return max(candidates, key=_rank)
+
+
+def _decide(
+    feature: Feature,
+    offer: Offer,
+    chosen: dict,
+    *,
+    period: tuple[datetime, datetime | None],
+    members: list[int],
+    used: Decimal,
+    held: Decimal,
+    delta: Decimal,
+) -> Entitlement:
+    consumption = Consumption(used=used, budget=offer.limit, held=held, overage_enabled=offer.overage_enabled)
+    if offer.limit is None or used + held + delta <= offer.limit:
+        access, reason = True, "within_limit"
+    elif offer.overage_enabled:
+        access, reason = True, "overage_enabled"
+    else:
+        access, reason = False, "limit_reached"
+    return Entitlement(
+        access,
+        reason,
+        consumption=consumption,
+        period=period,
+        owner=subject_key(user_pk=chosen["user_id"], group_pk=chosen["group_id"]),
+        owner_user_pks=members,
+        feature=feature,
+        reset_period=offer.reset_period,
+        anchor=chosen["started_at"],
+    )
+
+
 def evaluate(
     workspace: Workspace,
     subject: Subject,
@@ -187,63 +258,65 @@ def evaluate(
         .filter(owners)
         .values("pk", "user_id", "group_id", "package_id", "status", "started_at")
     )
-    if not subscriptions:
-        return Entitlement(False, "no_subscription", feature=feature)
-    live = [s for s in subscriptions if s["status"] in ACCESS_STATUSES]
-    if not live:
-        return Entitlement(False, "subscription_inactive", feature=feature)
-    offers = {
-        pf.package_id: pf
-        for pf in PackageFeature.objects.for_workspace(workspace).filter(
-            package_id__in={s["package_id"] for s in live}, feature_id=feature.pk
-        )
-    }
-    candidates = [(offers[s["package_id"]], s) for s in live if s["package_id"] in offers]
-    if not candidates:
-        return Entitlement(False, "feature_not_in_package", feature=feature)
-    if feature.type == FeatureType.BINARY:
-        return Entitlement(True, "binary_access", feature=feature)
 
-    # The highest limit wins (null beats any number); on a tie, overage, then the subject's own
-    # subscription, then the oldest.
-    def rank(candidate):
-        offer, subscription = candidate
-        return (
-            offer.limit is None,
-            offer.limit or 0,
-            offer.overage_enabled,
-            subscription["user_id"] is not None,
-            -subscription["pk"],
-        )
+    def offers_for(live):
+        return {
+            pf.package_id: Offer(pf.limit, pf.overage_enabled, pf.reset_period)
+            for pf in PackageFeature.objects.for_workspace(workspace).filter(
+                package_id__in={s["package_id"] for s in live}, feature_id=feature.pk
+            )
+        }
 
-    offer, chosen = max(candidates, key=rank)
-    period = period_containing(chosen["started_at"], offer.reset_period, now)
-    owner = subject_key(user_pk=chosen["user_id"], group_pk=chosen["group_id"])
-    members = _owner_members(workspace.pk, user_pk=chosen["user_id"], group_pk=chosen["group_id"])
+    chosen = _choose(feature, subscriptions, offers_for)
+    if isinstance(chosen, Entitlement):
+        return chosen
+    offer, subscription = chosen
+    period = period_containing(subscription["started_at"], offer.reset_period, now)
+    owner = subject_key(user_pk=subscription["user_id"], group_pk=subscription["group_id"])
+    members = _owner_members(workspace.pk, user_pk=subscription["user_id"], group_pk=subscription["group_id"])
     used = counters.period_used(workspace.pk, user_pks=members, feature_id=feature.pk, start=period[0], end=period[1])
-    consumption = Consumption(
-        used=used,
-        budget=offer.limit,
-        held=held_amount(workspace.pk, owner, feature.pk, now),
-        overage_enabled=offer.overage_enabled,
+    held = held_amount(workspace.pk, owner, feature.pk, now)
+    return _decide(feature, offer, subscription, period=period, members=members, used=used, held=held, delta=delta)
+
+
+# The columns of a Feature the decision reads; the others load on access (a deferred instance).
+_FEATURE_COLUMNS = ["id", "workspace_id", "key", "type", "archived_at"]
+
+
+def _check_in_two_statements(
+    workspace: Workspace, *, feature_key: str, user_id: str | None, group_id: str | None, delta: Decimal, now: datetime
+) -> Entitlement:
+    """``check`` on PostgreSQL: the same decision from ``reads.offers`` and ``reads.budget``."""
+    rows = reads.offers(workspace.pk, feature_key=feature_key, user_id=user_id, group_id=group_id)
+    feature_pk, feature_type, archived_at, user_pk, group_pk, group_pks = rows[0][:6]
+    if feature_pk is None:
+        return Entitlement(False, "unknown_feature")
+    values = [feature_pk, workspace.pk, feature_key, feature_type, archived_at]
+    feature = Feature.from_db(None, _FEATURE_COLUMNS, values)
+    if (user_pk if user_id is not None else group_pk) is None:
+        return Entitlement(False, "unknown_group" if user_id is None and group_id else "unknown_user", feature=feature)
+    subscriptions = [
+        {"pk": r[6], "user_id": r[7], "group_id": r[8], "package_id": r[9], "status": r[10], "started_at": r[11]}
+        for r in rows
+        if r[6] is not None
+    ]
+    offers = {r[9]: Offer(r[13], r[14], r[15]) for r in rows if r[12] is not None}
+    chosen = _choose(feature, subscriptions, lambda live: offers)
+    if isinstance(chosen, Entitlement):
+        return chosen
+    offer, subscription = chosen
+    period = period_containing(subscription["started_at"], offer.reset_period, now)
+    used, held, members = reads.budget(
+        workspace.pk,
+        feature_id=feature_pk,
+        user_pk=subscription["user_id"],
+        group_pk=subscription["group_id"],
+        owner=subject_key(user_pk=subscription["user_id"], group_pk=subscription["group_id"]),
+        start=period[0],
+        end=period[1],
+        now=now,
     )
-    if offer.limit is None or used + consumption.held + delta <= offer.limit:
-        access, reason = True, "within_limit"
-    elif offer.overage_enabled:
-        access, reason = True, "overage_enabled"
-    else:
-        access, reason = False, "limit_reached"
-    return Entitlement(
-        access,
-        reason,
-        consumption=consumption,
-        period=period,
-        owner=owner,
-        owner_user_pks=members,
-        feature=feature,
-        reset_period=offer.reset_period,
-        anchor=chosen["started_at"],
-    )
+    return _decide(feature, offer, subscription, period=period, members=members, used=used, held=held, delta=delta)
 
 
 def _feature(workspace: Workspace, key: str) -> Feature | None:
@@ -259,7 +332,17 @@ def check(
     delta: Decimal = Decimal(1),
     now: datetime | None = None,
 ) -> Entitlement:
-    """``canUseFeature``: an unknown user, group or feature is an answer (access false)."""
+    """``canUseFeature``: an unknown user, group or feature is an answer (access false).
+
+    Two statements on PostgreSQL (``reads``), the ORM's queries elsewhere: the same decision."""
+    now = now or timezone.now()
+    decide = _check_in_two_statements if reads.available() else _check_with_orm
+    return decide(workspace, feature_key=feature_key, user_id=user_id, group_id=group_id, delta=delta, now=now)
+
+
+def _check_with_orm(
+    workspace: Workspace, *, feature_key: str, user_id: str | None, group_id: str | None, delta: Decimal, now: datetime
+) -> Entitlement:
     feature = _feature(workspace, feature_key)
     if feature is None:
         return Entitlement(False, "unknown_feature")
