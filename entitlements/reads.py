@@ -81,7 +81,7 @@ def offers(workspace_id: int, *, feature_key: str, user_id: str | None, group_id
         return cursor.fetchall()
 
 
-def budget(
+def budget_statement(
     workspace_id: int,
     *,
     feature_id: int,
@@ -91,10 +91,9 @@ def budget(
     start: datetime,
     end: datetime | None,
     now: datetime,
-) -> tuple[Decimal, Decimal, list[int]]:
-    """(used in ``[start, end)``, held at ``now``, the owner's members) for a budget owned by
-    ``user_pk`` or by every member of ``group_pk``: ``counters.period_used`` and
-    ``access.held_amount`` in one statement."""
+) -> tuple[str, dict]:
+    """The statement of ``budget`` (named parameters), for a caller that sends it in one
+    message with others; ``budget_of`` reads its row."""
     if user_pk is not None:
         members = "SELECT %(user_pk)s::bigint AS user_id"
     else:
@@ -114,6 +113,7 @@ def budget(
         "held": ReservationStatus.HELD.value,
         "now": now,
     }
+    # As counters.period_used: the counters of the whole days, the usage rows of the partial ones.
     days = "0"
     if end_day is None or first_day < end_day:
         days = (
@@ -139,7 +139,19 @@ def budget(
         " AND subject = %(owner)s AND feature_id = %(feature)s AND status = %(held)s AND expires_at > %(now)s), 0),"
         " coalesce((SELECT array_agg(user_id) FROM members), '{}')"
     )
+    return sql, params
+
+
+def budget_of(row: tuple) -> tuple[Decimal, Decimal, list[int]]:
+    days_used, rows_used, held, member_pks = row
+    return Decimal(days_used) + Decimal(rows_used), Decimal(held), list(member_pks)
+
+
+def budget(workspace_id: int, **question) -> tuple[Decimal, Decimal, list[int]]:
+    """(used in ``[start, end)``, held at ``now``, the owner's members) for a budget owned by
+    ``user_pk`` or by every member of ``group_pk``: ``counters.period_used`` and
+    ``access.held_amount`` in one statement (``budget_statement``'s keywords)."""
+    sql, params = budget_statement(workspace_id, **question)
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        days_used, rows_used, held, member_pks = cursor.fetchone()
-    return Decimal(days_used) + Decimal(rows_used), Decimal(held), list(member_pks)
+        return budget_of(cursor.fetchone())

@@ -1,18 +1,21 @@
-"""The check's two-statement path (``entitlements.reads``) decides exactly as the ORM path,
-and a check costs the round trips it promises."""
+"""The check's two-statement path and the consume's pipelined one (``entitlements.reads``)
+decide exactly as the ORM path, in the round trips they promise."""
 
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from entitlements import access
-from features.models import FeatureType
+from features.models import FeatureType, Usage
+from kana.db import pipelined
 
 from .api_support import ApiClient, feature, identify, track
 from .conftest import requires_postgres
-from .entitlement_support import join_group, package, subscribe
+from .entitlement_support import check, consume, join_group, package, subscribe
 
 pytestmark = requires_postgres
 
@@ -127,3 +130,80 @@ def test_a_consumable_check_is_two_round_trips_and_an_unknown_user_one(corpus, d
         )
     with django_assert_num_queries(1):
         assert api.get("entitlements/check", {"feature": "sso", "user_id": "u1"}).json()["reason"] == "binary_access"
+
+
+# --- Consume: the pipelined path (PostgreSQL, outside any transaction) ---------------------
+
+
+def _consume_sequence(tenant, user_id: str) -> list:
+    """Every kind of consume answer for ``user_id`` (its own budget of 3 messages)."""
+    answers = []
+    for key, feature_key, delta in [
+        (f"{user_id}-1", "messages", 1),
+        (f"{user_id}-1", "messages", 1),  # a replay: the first answer again
+        (f"{user_id}-2", "messages", 2),
+        (f"{user_id}-3", "messages", 1),  # beyond the budget: refused, the key stays free
+        (f"{user_id}-3", "messages", 0),
+        (f"{user_id}-4", "sso", 1),  # binary
+        (f"{user_id}-5", "exports", 1),  # not in the package
+        (f"{user_id}-6", "missing", 1),
+        (f"{user_id}-segment", "messages", 1),  # a stored Segment messageId used as a key
+        (f"{user_id}-7", "archived", 1),
+    ]:
+        response = consume(tenant, user_id, feature_key, key, delta=delta)
+        answers.append((response.status_code, response.json()))
+    answers.append(consume(tenant, "ghost", "messages", f"{user_id}-8").json())
+    return answers
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_pipelined_consume_answers_as_the_orm_path(tenant, monkeypatch):
+    feature(tenant, "messages")
+    feature(tenant, "exports")
+    feature(tenant, "sso", type=FeatureType.BINARY)
+    archived = feature(tenant, "archived")
+    package(tenant, "plan", {"feature": "messages", "limit": 3}, {"feature": "sso"}, {"feature": "archived"})
+    started = (timezone.now() - timedelta(days=3)).isoformat()  # one period for both
+    for user_id in ("orm", "fast"):
+        identify(tenant, user_id)
+        subscribe(tenant, "plan", user_id=user_id, started_at=started)
+        track(tenant, user_id, "Hello", messageId=f"{user_id}-segment", _at=datetime.now(UTC).isoformat())
+    archived.archived_at = timezone.now()
+    archived.save()
+
+    calls = []
+    real = access._consume_pipelined
+    monkeypatch.setattr(access, "_consume_pipelined", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast = _consume_sequence(tenant, "fast")
+    assert len(calls) == 11
+    monkeypatch.setattr(access.pipelined, "available", lambda: False)
+    orm = _consume_sequence(tenant, "orm")
+    assert len(calls) == 11
+    assert fast == orm
+    assert [answer["recorded"] for _, answer in fast[:5]] == [True, True, True, False, True]
+    assert check(tenant, "messages", user_id="fast")["consumption"]["used"] == 3
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_consume_is_three_round_trips_recorded_refused_or_replayed(tenant):
+    feature(tenant, "messages")
+    identify(tenant, "u1")
+    package(tenant, "plan", {"feature": "messages", "limit": 1})
+    subscribe(tenant, "plan", user_id="u1")
+    consume(tenant, "u1", "messages", "warm-up-unknown-user-key", delta=0)  # caches the API key
+
+    def sent(key: str) -> list[str]:
+        with CaptureQueriesContext(connection) as captured:
+            assert consume(tenant, "u1", "messages", key).status_code == 200
+        assert not pipelined.in_transaction()
+        return [query["sql"] for query in captured.captured_queries]
+
+    recorded = sent("k1")
+    assert len(recorded) == 3
+    assert recorded[1].startswith("BEGIN; SELECT payload") and "pg_advisory_xact_lock" in recorded[1]
+    assert recorded[2].startswith("WITH ev AS (INSERT INTO features_event") and recorded[2].endswith("; COMMIT")
+    refused = sent("k2")
+    assert len(refused) == 3 and refused[2] == "COMMIT"
+    replayed = sent("k1")
+    assert len(replayed) == 3 and replayed[2] == "COMMIT"
+    assert Usage.objects.filter(event__message_id__in=["k1", "k2"]).count() == 1
