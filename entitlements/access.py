@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import NamedTuple
 
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.models import Q, Sum
 from django.utils import timezone
 
@@ -598,11 +598,15 @@ def _consume_pipelined(
                 end=period[1],
                 now=now,
             )
-            statements.append(budget_sql)
+            statements.append(reads.prepared(budget_sql))
             params |= budget_params
         with pipelined.transaction():
             with connection.cursor() as cursor:
-                cursor.execute("; ".join(statements), params)
+                try:
+                    cursor.execute("; ".join(statements), params)
+                except DatabaseError as error:
+                    reads.forget_prepared_if_missing(error)
+                    raise
                 cursor.nextset()  # past BEGIN's result
                 stored = cursor.fetchone()
                 if stored is not None:

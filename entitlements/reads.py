@@ -19,10 +19,14 @@ that in SQL too would be a second implementation of ``periods`` to keep equal.
 tests/test_entitlement_reads.py holds both paths equal over the cases that differ.
 """
 
+import hashlib
+import re
+import weakref
 from datetime import datetime
 from decimal import Decimal
 
-from django.db import connection
+from django.db import DatabaseError, connection
+from psycopg import errors
 
 from features.counters import split_period
 from features.models import Feature, Usage, UsageCounter
@@ -63,6 +67,53 @@ def available() -> bool:
     return connection.vendor == "postgresql"
 
 
+# --- Prepared once per connection ----------------------------------------------------------
+# Planning these statements costs PostgreSQL more than running them (EXPLAIN: ~0.8 ms of
+# planning for ~0.3 ms of execution each). Django's server-side binding cannot carry the
+# multi-statement messages of the pipelined consume, so they are prepared as text: one
+# ``PREPARE`` per connection and statement shape, in a round trip of its own (it only plans;
+# a prepared statement outlives a rollback), then ``EXECUTE name(…)`` with the values bound
+# client-side like any other statement, alone or in a message with others.
+
+_PARAMETER = re.compile(r"%\((\w+)\)s")
+# psycopg connection -> names of the statements prepared on it (a new connection: none).
+_prepared: "weakref.WeakKeyDictionary[object, set[str]]" = weakref.WeakKeyDictionary()
+
+
+def _statement_name(sql: str) -> str:
+    return "kana_ent_" + hashlib.blake2b(sql.encode(), digest_size=8).hexdigest()
+
+
+def prepared(sql: str) -> str:
+    """``EXECUTE`` of ``sql`` (named parameters, as given to ``cursor.execute``), prepared on
+    this connection first if it is not yet (one round trip, once per connection)."""
+    names = list(dict.fromkeys(_PARAMETER.findall(sql)))
+    name = _statement_name(sql)
+    connection.ensure_connection()
+    done = _prepared.setdefault(connection.connection, set())
+    if name not in done:
+        numbered = _PARAMETER.sub(lambda m: f"${names.index(m.group(1)) + 1}", sql)
+        with connection.cursor() as cursor:
+            cursor.execute(f"PREPARE {name} AS {numbered}")  # no parameters: nothing is interpolated
+        done.add(name)
+    return f"EXECUTE {name}(" + ", ".join(f"%({n})s" for n in names) + ")"
+
+
+def forget_prepared_if_missing(error: DatabaseError) -> None:
+    """After an error naming a missing prepared statement (the session's statements were
+    discarded behind our back): prepare again on next use. The error itself is raised."""
+    if isinstance(error.__cause__, errors.InvalidSqlStatementName) and connection.connection is not None:
+        _prepared.pop(connection.connection, None)
+
+
+def _execute(cursor, sql: str, params: dict) -> None:
+    try:
+        cursor.execute(prepared(sql), params)
+    except DatabaseError as error:
+        forget_prepared_if_missing(error)
+        raise
+
+
 def offers(workspace_id: int, *, feature_key: str, user_id: str | None, group_id: str | None) -> list[tuple]:
     """One row per subscription of the subject (one row with null subscription columns when
     it has none): feature id, type, archived_at, user pk, group pk, group pks, then the
@@ -77,7 +128,7 @@ def offers(workspace_id: int, *, feature_key: str, user_id: str | None, group_id
         "group_id": group_id if user_id is None else None,
     }
     with connection.cursor() as cursor:
-        cursor.execute(_OFFERS_SQL, params)
+        _execute(cursor, _OFFERS_SQL, params)
         return cursor.fetchall()
 
 
@@ -153,5 +204,5 @@ def budget(workspace_id: int, **question) -> tuple[Decimal, Decimal, list[int]]:
     ``access.held_amount`` in one statement (``budget_statement``'s keywords)."""
     sql, params = budget_statement(workspace_id, **question)
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        _execute(cursor, sql, params)
         return budget_of(cursor.fetchone())

@@ -5,11 +5,11 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
-from django.db import connection
+from django.db import DatabaseError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from entitlements import access
+from entitlements import access, reads
 from features.models import FeatureType, Usage
 from kana.db import pipelined
 
@@ -118,7 +118,9 @@ def test_it_decides_as_the_orm_path_for_every_subject(corpus, delta):
 
 def test_a_consumable_check_is_two_round_trips_and_an_unknown_user_one(corpus, django_assert_num_queries):
     api = ApiClient(corpus)
-    api.get("entitlements/check", {"feature": "messages", "user_id": "u1"})  # caches the API key
+    # Caches the API key and prepares the statements' shapes on this connection (once each).
+    for subject in ({"user_id": "u1"}, {"group_id": "team"}):
+        api.get("entitlements/check", {"feature": "messages", **subject})
     with django_assert_num_queries(2):
         answer = api.get("entitlements/check", {"feature": "messages", "user_id": "u1"}).json()
     assert answer["reason"] == "within_limit" and answer["consumption"]["held"] == 2
@@ -207,3 +209,28 @@ def test_a_consume_is_three_round_trips_recorded_refused_or_replayed(tenant):
     replayed = sent("k1")
     assert len(replayed) == 3 and replayed[2] == "COMMIT"
     assert Usage.objects.filter(event__message_id__in=["k1", "k2"]).count() == 1
+
+
+def test_the_statements_are_prepared_once_per_connection(corpus, django_assert_num_queries):
+    api = ApiClient(corpus)
+    api.get("entitlements/check", {"feature": "messages", "user_id": "u1"})
+    # As a new connection: nothing prepared on the server, nothing recorded for it.
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")
+    reads._prepared.clear()
+    with CaptureQueriesContext(connection) as first:
+        assert api.get("entitlements/check", {"feature": "messages", "user_id": "u1"}).status_code == 200
+    assert [q["sql"].split(" ")[0] for q in first.captured_queries] == ["PREPARE", "EXECUTE", "PREPARE", "EXECUTE"]
+    with django_assert_num_queries(2):
+        assert api.get("entitlements/check", {"feature": "messages", "user_id": "u1"}).status_code == 200
+
+
+def test_statements_discarded_behind_its_back_are_prepared_again_after_one_error(corpus):
+    workspace = corpus.workspace
+    question = {"feature_key": "messages", "user_id": "u1", "group_id": None, "delta": Decimal(1)}
+    expected = access.check(workspace, **question).as_dict()
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")
+    with pytest.raises(DatabaseError), transaction.atomic():
+        access.check(workspace, **question)
+    assert access.check(workspace, **question).as_dict() == expected
