@@ -86,11 +86,19 @@ def _statement_name(sql: str) -> str:
 
 def prepared(sql: str) -> str:
     """``EXECUTE`` of ``sql`` (named parameters, as given to ``cursor.execute``), prepared on
-    this connection first if it is not yet (one round trip, once per connection)."""
+    this connection first if it is not yet (one round trip, once per connection); ``sql``
+    itself when connections are not kept between requests."""
+    if connection.settings_dict.get("CONN_MAX_AGE") == 0:
+        return sql  # a connection per request: preparing would only add a round trip
     names = list(dict.fromkeys(_PARAMETER.findall(sql)))
     name = _statement_name(sql)
     connection.ensure_connection()
-    done = _prepared.setdefault(connection.connection, set())
+    done = _prepared.get(connection.connection)
+    if done is None:
+        # What the server holds, read once per connection (and after a missing one's error).
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT name FROM pg_prepared_statements WHERE name LIKE %s", [r"kana\_ent\_%"])
+            done = _prepared[connection.connection] = {row[0] for row in cursor.fetchall()}
     if name not in done:
         numbered = _PARAMETER.sub(lambda m: f"${names.index(m.group(1)) + 1}", sql)
         with connection.cursor() as cursor:

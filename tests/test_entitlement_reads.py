@@ -220,7 +220,8 @@ def test_the_statements_are_prepared_once_per_connection(corpus, django_assert_n
     reads._prepared.clear()
     with CaptureQueriesContext(connection) as first:
         assert api.get("entitlements/check", {"feature": "messages", "user_id": "u1"}).status_code == 200
-    assert [q["sql"].split(" ")[0] for q in first.captured_queries] == ["PREPARE", "EXECUTE", "PREPARE", "EXECUTE"]
+    sent = [q["sql"].split()[0] for q in first.captured_queries]
+    assert sent == ["SELECT", "PREPARE", "EXECUTE", "PREPARE", "EXECUTE"]  # SELECT: what the server holds
     with django_assert_num_queries(2):
         assert api.get("entitlements/check", {"feature": "messages", "user_id": "u1"}).status_code == 200
 
@@ -234,3 +235,17 @@ def test_statements_discarded_behind_its_back_are_prepared_again_after_one_error
     with pytest.raises(DatabaseError), transaction.atomic():
         access.check(workspace, **question)
     assert access.check(workspace, **question).as_dict() == expected
+
+
+def test_nothing_is_prepared_when_connections_are_not_kept(corpus):
+    api = ApiClient(corpus)
+    api.get("entitlements/check", {"feature": "messages", "user_id": "u1"})  # caches the API key
+    reads._prepared.clear()
+    keep = connection.settings_dict["CONN_MAX_AGE"]
+    connection.settings_dict["CONN_MAX_AGE"] = 0
+    try:
+        with CaptureQueriesContext(connection) as sent:
+            assert api.get("entitlements/check", {"feature": "messages", "user_id": "u1"}).status_code == 200
+    finally:
+        connection.settings_dict["CONN_MAX_AGE"] = keep
+    assert [q["sql"].split()[0] for q in sent.captured_queries] == ["WITH", "WITH"]
