@@ -19,6 +19,7 @@ that in SQL too would be a second implementation of ``periods`` to keep equal.
 tests/test_entitlement_reads.py holds both paths equal over the cases that differ.
 """
 
+import functools
 import hashlib
 import re
 import weakref
@@ -76,12 +77,18 @@ def available() -> bool:
 # client-side like any other statement, alone or in a message with others.
 
 _PARAMETER = re.compile(r"%\((\w+)\)s")
-# psycopg connection -> names of the statements prepared on it (a new connection: none).
+# psycopg connection -> names of the statements prepared on it (read from the server first).
 _prepared: "weakref.WeakKeyDictionary[object, set[str]]" = weakref.WeakKeyDictionary()
 
 
-def _statement_name(sql: str) -> str:
-    return "kana_ent_" + hashlib.blake2b(sql.encode(), digest_size=8).hexdigest()
+@functools.lru_cache(maxsize=64)
+def _shape(sql: str) -> tuple[str, str, str]:
+    """(name, PREPARE text, EXECUTE text) of a statement: computed once per process."""
+    names = list(dict.fromkeys(_PARAMETER.findall(sql)))
+    name = "kana_ent_" + hashlib.blake2b(sql.encode(), digest_size=8).hexdigest()
+    numbered = _PARAMETER.sub(lambda m: f"${names.index(m.group(1)) + 1}", sql)
+    execute = f"EXECUTE {name}(" + ", ".join(f"%({n})s" for n in names) + ")"
+    return name, f"PREPARE {name} AS {numbered}", execute
 
 
 def prepared(sql: str) -> str:
@@ -90,8 +97,7 @@ def prepared(sql: str) -> str:
     itself when connections are not kept between requests."""
     if connection.settings_dict.get("CONN_MAX_AGE") == 0:
         return sql  # a connection per request: preparing would only add a round trip
-    names = list(dict.fromkeys(_PARAMETER.findall(sql)))
-    name = _statement_name(sql)
+    name, prepare, execute = _shape(sql)
     connection.ensure_connection()
     done = _prepared.get(connection.connection)
     if done is None:
@@ -100,11 +106,10 @@ def prepared(sql: str) -> str:
             cursor.execute("SELECT name FROM pg_prepared_statements WHERE name LIKE %s", [r"kana\_ent\_%"])
             done = _prepared[connection.connection] = {row[0] for row in cursor.fetchall()}
     if name not in done:
-        numbered = _PARAMETER.sub(lambda m: f"${names.index(m.group(1)) + 1}", sql)
         with connection.cursor() as cursor:
-            cursor.execute(f"PREPARE {name} AS {numbered}")  # no parameters: nothing is interpolated
+            cursor.execute(prepare)  # no parameters: nothing is interpolated
         done.add(name)
-    return f"EXECUTE {name}(" + ", ".join(f"%({n})s" for n in names) + ")"
+    return execute
 
 
 def forget_prepared_if_missing(error: DatabaseError) -> None:
