@@ -13,11 +13,13 @@ idempotency key: a key is unique per workspace forever, in one namespace with Se
 messageIds, so a repeated key (or a Segment messageId used as one) is a replay.
 """
 
+import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import NamedTuple
 
-from django.db import transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.models import Q, Sum
 from django.utils import timezone
 
@@ -25,13 +27,15 @@ from features import counters, ledger
 from features.incoming import Message
 from features.mapping import Decision
 from features.models import Event, EventStatus, Feature, FeatureType, MessageType
-from kana.locks import lock_keys
+from kana.db import pipelined
+from kana.locks import lock_keys, lock_keys_statement
 from kana.models import Workspace
 from kana.retries import run_with_retries
 from users import selectors as user_selectors
 from users.models import Group, GroupMembership
 from users.services import resolve_users, suppressed_user_ids
 
+from . import reads
 from .models import (
     ACCESS_STATUSES,
     PackageFeature,
@@ -167,6 +171,75 @@ def _owner_members(workspace_id: int, *, user_pk: int | None, group_pk: int | No
     )
 
 
+class Offer(NamedTuple):
+    """A package's terms for one feature (what the decision reads of a ``PackageFeature``)."""
+
+    limit: Decimal | None
+    overage_enabled: bool
+    reset_period: str
+
+
+def _rank(candidate):
+    # The highest limit wins (null beats any number); on a tie, overage, then the subject's own
+    # subscription, then the oldest.
+    offer, subscription = candidate
+    return (
+        offer.limit is None,
+        offer.limit or 0,
+        offer.overage_enabled,
+        subscription["user_id"] is not None,
+        -subscription["pk"],
+    )
+
+
+def _choose(feature: Feature, subscriptions: list[dict], offers_for) -> "Entitlement | tuple[Offer, dict]":
+    """The final answer when it needs no budget, else the (offer, subscription) that sets the
+    budget. ``offers_for(live)``: {package_id: offer} for the live subscriptions' packages."""
+    if not subscriptions:
+        return Entitlement(False, "no_subscription", feature=feature)
+    live = [s for s in subscriptions if s["status"] in ACCESS_STATUSES]
+    if not live:
+        return Entitlement(False, "subscription_inactive", feature=feature)
+    offers = offers_for(live)
+    candidates = [(offers[s["package_id"]], s) for s in live if s["package_id"] in offers]
+    if not candidates:
+        return Entitlement(False, "feature_not_in_package", feature=feature)
+    if feature.type == FeatureType.BINARY:
+        return Entitlement(True, "binary_access", feature=feature)
+    return max(candidates, key=_rank)
+
+
+def _decide(
+    feature: Feature,
+    offer: Offer,
+    chosen: dict,
+    *,
+    period: tuple[datetime, datetime | None],
+    members: list[int],
+    used: Decimal,
+    held: Decimal,
+    delta: Decimal,
+) -> Entitlement:
+    consumption = Consumption(used=used, budget=offer.limit, held=held, overage_enabled=offer.overage_enabled)
+    if offer.limit is None or used + held + delta <= offer.limit:
+        access, reason = True, "within_limit"
+    elif offer.overage_enabled:
+        access, reason = True, "overage_enabled"
+    else:
+        access, reason = False, "limit_reached"
+    return Entitlement(
+        access,
+        reason,
+        consumption=consumption,
+        period=period,
+        owner=subject_key(user_pk=chosen["user_id"], group_pk=chosen["group_id"]),
+        owner_user_pks=members,
+        feature=feature,
+        reset_period=offer.reset_period,
+        anchor=chosen["started_at"],
+    )
+
+
 def evaluate(
     workspace: Workspace,
     subject: Subject,
@@ -187,63 +260,70 @@ def evaluate(
         .filter(owners)
         .values("pk", "user_id", "group_id", "package_id", "status", "started_at")
     )
-    if not subscriptions:
-        return Entitlement(False, "no_subscription", feature=feature)
-    live = [s for s in subscriptions if s["status"] in ACCESS_STATUSES]
-    if not live:
-        return Entitlement(False, "subscription_inactive", feature=feature)
-    offers = {
-        pf.package_id: pf
-        for pf in PackageFeature.objects.for_workspace(workspace).filter(
-            package_id__in={s["package_id"] for s in live}, feature_id=feature.pk
-        )
-    }
-    candidates = [(offers[s["package_id"]], s) for s in live if s["package_id"] in offers]
-    if not candidates:
-        return Entitlement(False, "feature_not_in_package", feature=feature)
-    if feature.type == FeatureType.BINARY:
-        return Entitlement(True, "binary_access", feature=feature)
 
-    # The highest limit wins (null beats any number); on a tie, overage, then the subject's own
-    # subscription, then the oldest.
-    def rank(candidate):
-        offer, subscription = candidate
-        return (
-            offer.limit is None,
-            offer.limit or 0,
-            offer.overage_enabled,
-            subscription["user_id"] is not None,
-            -subscription["pk"],
-        )
+    def offers_for(live):
+        return {
+            pf.package_id: Offer(pf.limit, pf.overage_enabled, pf.reset_period)
+            for pf in PackageFeature.objects.for_workspace(workspace).filter(
+                package_id__in={s["package_id"] for s in live}, feature_id=feature.pk
+            )
+        }
 
-    offer, chosen = max(candidates, key=rank)
-    period = period_containing(chosen["started_at"], offer.reset_period, now)
-    owner = subject_key(user_pk=chosen["user_id"], group_pk=chosen["group_id"])
-    members = _owner_members(workspace.pk, user_pk=chosen["user_id"], group_pk=chosen["group_id"])
+    chosen = _choose(feature, subscriptions, offers_for)
+    if isinstance(chosen, Entitlement):
+        return chosen
+    offer, subscription = chosen
+    period = period_containing(subscription["started_at"], offer.reset_period, now)
+    owner = subject_key(user_pk=subscription["user_id"], group_pk=subscription["group_id"])
+    members = _owner_members(workspace.pk, user_pk=subscription["user_id"], group_pk=subscription["group_id"])
     used = counters.period_used(workspace.pk, user_pks=members, feature_id=feature.pk, start=period[0], end=period[1])
-    consumption = Consumption(
-        used=used,
-        budget=offer.limit,
-        held=held_amount(workspace.pk, owner, feature.pk, now),
-        overage_enabled=offer.overage_enabled,
+    held = held_amount(workspace.pk, owner, feature.pk, now)
+    return _decide(feature, offer, subscription, period=period, members=members, used=used, held=held, delta=delta)
+
+
+# The columns of a Feature the decision reads; the others load on access (a deferred instance).
+_FEATURE_COLUMNS = ["id", "workspace_id", "key", "type", "archived_at"]
+
+
+def _choose_from_rows(feature: Feature, rows: list[tuple]) -> "Entitlement | tuple[Offer, dict]":
+    """``_choose`` over ``reads.offers``' rows."""
+    subscriptions = [
+        {"pk": r[6], "user_id": r[7], "group_id": r[8], "package_id": r[9], "status": r[10], "started_at": r[11]}
+        for r in rows
+        if r[6] is not None
+    ]
+    offers = {r[9]: Offer(r[13], r[14], r[15]) for r in rows if r[12] is not None}
+    return _choose(feature, subscriptions, lambda live: offers)
+
+
+def _check_in_two_statements(
+    workspace: Workspace, *, feature_key: str, user_id: str | None, group_id: str | None, delta: Decimal, now: datetime
+) -> Entitlement:
+    """``check`` on PostgreSQL: the same decision from ``reads.offers`` and ``reads.budget``."""
+    rows = reads.offers(workspace.pk, feature_key=feature_key, user_id=user_id, group_id=group_id)
+    feature_pk, feature_type, archived_at, user_pk, group_pk, group_pks = rows[0][:6]
+    if feature_pk is None:
+        return Entitlement(False, "unknown_feature")
+    values = [feature_pk, workspace.pk, feature_key, feature_type, archived_at]
+    feature = Feature.from_db(None, _FEATURE_COLUMNS, values)
+    if (user_pk if user_id is not None else group_pk) is None:
+        return Entitlement(False, "unknown_group" if user_id is None and group_id else "unknown_user", feature=feature)
+    chosen = _choose_from_rows(feature, rows)
+    if isinstance(chosen, Entitlement):
+        return chosen
+    offer, subscription = chosen
+    period = period_containing(subscription["started_at"], offer.reset_period, now)
+    used, held, members = reads.budget(
+        workspace.pk,
+        feature_id=feature_pk,
+        user_pk=subscription["user_id"],
+        group_pk=subscription["group_id"],
+        owner=subject_key(user_pk=subscription["user_id"], group_pk=subscription["group_id"]),
+        start=period[0],
+        end=period[1],
+        now=now,
     )
-    if offer.limit is None or used + consumption.held + delta <= offer.limit:
-        access, reason = True, "within_limit"
-    elif offer.overage_enabled:
-        access, reason = True, "overage_enabled"
-    else:
-        access, reason = False, "limit_reached"
-    return Entitlement(
-        access,
-        reason,
-        consumption=consumption,
-        period=period,
-        owner=owner,
-        owner_user_pks=members,
-        feature=feature,
-        reset_period=offer.reset_period,
-        anchor=chosen["started_at"],
-    )
+    return _decide(feature, offer, subscription, period=period, members=members, used=used, held=held, delta=delta)
 
 
 def _feature(workspace: Workspace, key: str) -> Feature | None:
@@ -259,7 +339,17 @@ def check(
     delta: Decimal = Decimal(1),
     now: datetime | None = None,
 ) -> Entitlement:
-    """``canUseFeature``: an unknown user, group or feature is an answer (access false)."""
+    """``canUseFeature``: an unknown user, group or feature is an answer (access false).
+
+    Two statements on PostgreSQL (``reads``), the ORM's queries elsewhere: the same decision."""
+    now = now or timezone.now()
+    decide = _check_in_two_statements if reads.available() else _check_with_orm
+    return decide(workspace, feature_key=feature_key, user_id=user_id, group_id=group_id, delta=delta, now=now)
+
+
+def _check_with_orm(
+    workspace: Workspace, *, feature_key: str, user_id: str | None, group_id: str | None, delta: Decimal, now: datetime
+) -> Entitlement:
     feature = _feature(workspace, feature_key)
     if feature is None:
         return Entitlement(False, "unknown_feature")
@@ -276,6 +366,11 @@ def _stored_answer(workspace: Workspace, key: str) -> dict | None:
     """The answer stored with the event of ``key``; {} for a key that is a Segment messageId
     (stored, but not by this API); None when nothing has the key yet."""
     payload = Event.objects.for_workspace(workspace).filter(message_id=key).values_list("payload", flat=True).first()
+    return _answer_of(payload)
+
+
+def _answer_of(payload) -> dict | None:
+    """``_stored_answer`` from the event's payload (None: no event)."""
     if payload is None:
         return None
     kana = payload.get("kana") if isinstance(payload, dict) else None
@@ -293,6 +388,7 @@ def _record(
     occurred_at: datetime,
     source: str,
     answer: dict,
+    then_commit: bool = False,
 ) -> bool:
     """Store one usage event through the ledger (the only writer of events and usage); False
     when ``key`` was stored meanwhile by a concurrent request (a replay)."""
@@ -317,7 +413,7 @@ def _record(
         properties=payload["properties"],
     )
     decision = Decision(EventStatus.MAPPED, usages=[(feature.pk, amount, None)])
-    return key in ledger.record_usage_events(workspace, [(message, decision, user_pk)])
+    return key in ledger.record_usage_events(workspace, [(message, decision, user_pk)], then_commit=then_commit)
 
 
 def _after(entitlement: Entitlement, amount: Decimal) -> dict | None:
@@ -407,7 +503,13 @@ def consume(
     workspace: Workspace, *, user_id: str, feature_key: str, delta: Decimal, idempotency_key: str
 ) -> tuple[dict, bool]:
     """Check and record in one atomic step: never overspends a hard limit, whatever the
-    concurrency. Returns (answer, replayed). A refusal records nothing (and keeps the key free)."""
+    concurrency. Returns (answer, replayed). A refusal records nothing (and keeps the key free).
+
+    Three round trips on PostgreSQL outside any transaction (``_consume_pipelined``)."""
+    if pipelined.available():
+        return _consume_pipelined(
+            workspace, user_id=user_id, feature_key=feature_key, delta=delta, idempotency_key=idempotency_key
+        )
     feature = _feature(workspace, feature_key)
     if feature is None:
         return {**Entitlement(False, "unknown_feature").as_dict(), "recorded": False}, False
@@ -441,6 +543,102 @@ def consume(
         ):
             return _replay(workspace, idempotency_key, _stored_answer(workspace, idempotency_key) or {})
         return answer, False
+
+    return run_with_retries(once)
+
+
+_STORED_PAYLOAD = f"SELECT payload FROM {Event._meta.db_table} WHERE workspace_id = %(ws)s AND message_id = %(key)s"
+
+
+def _consume_pipelined(
+    workspace: Workspace, *, user_id: str, feature_key: str, delta: Decimal, idempotency_key: str
+) -> tuple[dict, bool]:
+    """``consume`` in three round trips (was thirteen), the same statements in the same order:
+
+    1. ``reads.offers`` (autocommit): the feature, the user, its groups, its subscriptions and
+       their packages' rows for the feature: the offer and its period are chosen from them;
+    2. one message: ``BEGIN``, the idempotency lookup, the budget's advisory locks, then
+       the period's used and held amounts (``reads.budget_statement``): read after the
+       locks were granted, each statement with its own snapshot, so they see every consume
+       of this budget that committed before (zero overspend, as with ``atomic``);
+    3. the ledger's event + usage insert carrying the ``COMMIT`` (a refusal or a replay: a
+       bare ``COMMIT``).
+
+    The usage is recorded at the time its budget was read (``now``), so it lands in the period
+    it was checked against even when the locks waited across a period boundary.
+    """
+    rows = reads.offers(workspace.pk, feature_key=feature_key, user_id=user_id, group_id=None)
+    feature_pk, feature_type, archived_at, user_pk, _, group_pks = rows[0][:6]
+    if feature_pk is None:
+        return {**Entitlement(False, "unknown_feature").as_dict(), "recorded": False}, False
+    if archived_at is not None:
+        raise EntitlementError("feature_archived", f"feature {feature_key!r} is archived: no new usage", "feature", 409)
+    if user_pk is None:
+        return {**Entitlement(False, "unknown_user").as_dict(), "recorded": False}, False
+    values = [feature_pk, workspace.pk, feature_key, feature_type, archived_at]
+    feature = Feature.from_db(None, _FEATURE_COLUMNS, values)
+    subject = Subject(user_pk=user_pk, group_pks=tuple(group_pks))
+    chosen = _choose_from_rows(feature, rows)
+
+    def once() -> tuple[dict, bool]:
+        now = timezone.now()
+        lock_sql, params = lock_keys_statement(subject.lock_keys(workspace.pk, feature.pk))
+        statements = [pipelined.BEGIN + _STORED_PAYLOAD, lock_sql]
+        params |= {"ws": workspace.pk, "key": idempotency_key}
+        if not isinstance(chosen, Entitlement):
+            offer, subscription = chosen
+            period = period_containing(subscription["started_at"], offer.reset_period, now)
+            budget_sql, budget_params = reads.budget_statement(
+                workspace.pk,
+                feature_id=feature.pk,
+                user_pk=subscription["user_id"],
+                group_pk=subscription["group_id"],
+                owner=subject_key(user_pk=subscription["user_id"], group_pk=subscription["group_id"]),
+                start=period[0],
+                end=period[1],
+                now=now,
+            )
+            statements.append(reads.prepared(budget_sql))
+            params |= budget_params
+        with pipelined.transaction():
+            with connection.cursor() as cursor:
+                try:
+                    cursor.execute("; ".join(statements), params)
+                except DatabaseError as error:
+                    reads.forget_prepared_if_missing(error)
+                    raise
+                cursor.nextset()  # past BEGIN's result
+                stored = cursor.fetchone()
+                if stored is not None:
+                    payload = json.loads(stored[0]) if isinstance(stored[0], str) else stored[0]
+                    return _replay(workspace, idempotency_key, _answer_of(payload))
+                if isinstance(chosen, Entitlement):
+                    entitlement = chosen
+                else:
+                    cursor.nextset()  # past the locks
+                    cursor.nextset()
+                    used, held, members = reads.budget_of(cursor.fetchone())
+                    entitlement = _decide(
+                        feature, offer, subscription, period=period, members=members, used=used, held=held, delta=delta
+                    )
+            if not entitlement.access:
+                return {**entitlement.as_dict(), "recorded": False}, False
+            answer = {**entitlement.as_dict(), "recorded": True, "consumption": _after(entitlement, delta)}
+            if _record(
+                workspace,
+                user_pk=user_pk,
+                external_user_id=user_id,
+                feature=feature,
+                amount=delta,
+                key=idempotency_key,
+                occurred_at=now,
+                source="api:entitlements/consume",
+                answer=answer,
+                then_commit=True,
+            ):
+                return answer, False
+        # Stored meanwhile by a concurrent request with the same key (its insert won).
+        return _replay(workspace, idempotency_key, _stored_answer(workspace, idempotency_key) or {})
 
     return run_with_retries(once)
 

@@ -64,10 +64,18 @@ def lock_keys(keys: list[str]) -> None:
     """
     if not keys or not _is_postgres():
         return
-    ids = sorted({_key_to_bigint(k) for k in keys})
+    sql, params = lock_keys_statement(keys)
     with connection.cursor() as cursor:
-        # Target-list items are evaluated left to right: the locks are taken in sorted order.
-        cursor.execute("SELECT " + ", ".join(["pg_advisory_xact_lock(%s)"] * len(ids)), ids)
+        cursor.execute(sql, params)
+
+
+def lock_keys_statement(keys: list[str]) -> tuple[str, dict]:
+    """``lock_keys``'s statement (PostgreSQL), with named parameters, for a caller that sends
+    it in one message with other statements."""
+    ids = sorted({_key_to_bigint(k) for k in keys})
+    params = {f"lock{n}": lock_id for n, lock_id in enumerate(ids)}
+    # Target-list items are evaluated left to right: the locks are taken in sorted order.
+    return "SELECT " + ", ".join(f"pg_advisory_xact_lock(%({name})s)" for name in params), params
 
 
 def lock_rules_shared_and_read(
