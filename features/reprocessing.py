@@ -143,8 +143,13 @@ def _decided_in_sql(job: ReprocessingJob, rule_set, chunk_size: int) -> tuple[in
     decision = decide_chunk_in_sql(rule, rule_set) if rule is not None else None
     if decision is None:
         return None
+    # Not read FOR UPDATE: the flip's UPDATE takes each row's lock and re-checks the row as it
+    # is then (still unmapped, still with a user), so a merge or deletion that committed since
+    # this statement's snapshot either moved the row before the flip (the usage follows the
+    # row's user as the UPDATE returns it) or waits for this chunk's commit and moves its usage
+    # too. Locking the candidates first wrote every row twice (S4 in docs/performance.md).
     candidates, params = (
-        _candidate_events(job).order_by("id").select_for_update(of=("self",)).values("id")[:chunk_size]
+        _candidate_events(job).order_by("id").values("id")[:chunk_size]
     ).query.sql_with_params()
     table = connection.ops.quote_name(Event._meta.db_table)
     rows = decision.rows(f"FROM {table} e WHERE e.id IN ({candidates})")
