@@ -72,17 +72,18 @@ def _run_kind(message: Message) -> str:
 
 
 def ingest_usage_messages(*, workspace: Workspace, messages: list[Message]) -> list[Outcome]:
-    if len(messages) == 1 and pipelined.available():
+    if pipelined.available():
         return run_with_retries(lambda: _ingest_usage_pipelined(workspace, messages))
     return run_with_retries(lambda: _ingest_usage_once(workspace, messages))
 
 
 def _ingest_usage_pipelined(workspace: Workspace, messages: list[Message]) -> list[Outcome]:
     """``_ingest_usage_once`` with its BEGIN sent with the first statement (the rules lock,
-    version and known-ids read) and its COMMIT with the event insert (``kana.db.pipelined``):
-    the same statements in the same order in one transaction, so the exactness argument of
-    the rules lock is unchanged (docs/architecture.md, "Rules and retroactive reprocessing").
-    Two round trips fewer for what Segment sends most: one message per request."""
+    version and known-ids read, which also reads the userIds' users) and its COMMIT with the
+    event insert (``kana.db.pipelined``): the same statements in the same order in one
+    transaction, so the exactness argument of the rules lock is unchanged
+    (docs/architecture.md, "Rules and retroactive reprocessing"). Three round trips fewer
+    (BEGIN, the userId lookup, COMMIT) for a single message and for a batch alike."""
     with pipelined.transaction():
         return _record_usage(workspace, messages, pipelined_transaction=True)
 
