@@ -27,9 +27,15 @@ PRO = [{"property": "plan.tier", "operator": "equals", "value": "pro"}]
 EVENTS = 40
 
 
-def _waiting_row_locks() -> int:
+def _backend_pid() -> int:
     with connection.cursor() as cursor:
-        cursor.execute("SELECT count(*) FROM pg_locks WHERE locktype IN ('transactionid', 'tuple') AND NOT granted")
+        cursor.execute("SELECT pg_backend_pid()")
+        return cursor.fetchone()[0]
+
+
+def _is_blocked(pid: int) -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT cardinality(pg_blocking_pids(%s)) > 0", [pid])
         return cursor.fetchone()[0]
 
 
@@ -67,10 +73,15 @@ def _run_chunk_while_held(job_pk: int, change, changed: threading.Event, release
     changer = in_thread(change)
     changer.start()
     assert changed.wait(30), "the change did not start"
-    results = []
-    chunk = in_thread(lambda: results.append(process_chunk(job_pk, chunk_size=EVENTS * 2)))
+    results, pids = [], []
+
+    def run_chunk():
+        pids.append(_backend_pid())
+        results.append(process_chunk(job_pk, chunk_size=EVENTS * 2))
+
+    chunk = in_thread(run_chunk)
     chunk.start()
-    wait_until(lambda: _waiting_row_locks() > 0, timeout=30, message="the chunk waits for the change's row locks")
+    wait_until(lambda: bool(pids) and _is_blocked(pids[0]), timeout=30, message="the chunk waits for the change")
     release.set()
     changer.join(30)
     chunk.join(30)
