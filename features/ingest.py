@@ -73,17 +73,18 @@ def _run_kind(message: Message) -> str:
 
 
 def ingest_usage_messages(*, workspace: Workspace, messages: list[Message]) -> list[Outcome]:
-    if len(messages) == 1 and pipelined.available():
+    if pipelined.available():
         return run_with_retries(lambda: _ingest_usage_pipelined(workspace, messages))
     return run_with_retries(lambda: _ingest_usage_once(workspace, messages))
 
 
 def _ingest_usage_pipelined(workspace: Workspace, messages: list[Message]) -> list[Outcome]:
     """``_ingest_usage_once`` with its BEGIN sent with the first statement (the rules lock,
-    version and known-ids read) and its COMMIT with the event insert (``kana.db.pipelined``):
-    the same statements in the same order in one transaction, so the exactness argument of
-    the rules lock is unchanged (docs/architecture.md, "Rules and retroactive reprocessing").
-    Two round trips fewer for what Segment sends most: one message per request."""
+    version and known-ids read, which also reads the userIds' users) and its COMMIT with the
+    event insert (``kana.db.pipelined``): the same statements in the same order in one
+    transaction, so the exactness argument of the rules lock is unchanged
+    (docs/architecture.md, "Rules and retroactive reprocessing"). Three round trips fewer
+    (BEGIN, the userId lookup, COMMIT) for a single message and for a batch alike."""
     with pipelined.transaction():
         return _record_usage(workspace, messages, pipelined_transaction=True)
 
@@ -100,10 +101,11 @@ def _record_usage(
     workspace: Workspace, messages: list[Message], *, pipelined_transaction: bool = False
 ) -> list[Outcome]:
     anonymous_ids = {m.anonymous_id for m in messages if not m.user_id and m.anonymous_id}
+    sent_user_ids = {m.user_id for m in messages if m.user_id}
     version, known = ledger.lock_rules_and_find_replays(
         workspace,
         {m.message_id for m in messages},
-        {m.user_id for m in messages if m.user_id},
+        sent_user_ids,
         anonymous_ids,
         begin=pipelined_transaction,
         with_users=pipelined_transaction,
@@ -116,8 +118,11 @@ def _record_usage(
         # with it (delete_user), so a linked userId is not a suppressed one.
         owner = {m.message_id: m.user_id or known.linked.get(m.anonymous_id) for m in fresh.values()}
         external_ids = {user_id for user_id in owner.values() if user_id}
+        # ``known.users`` answers for the userIds sent only: a linked userId (a held event's)
+        # missing from it is unread, not new (an alias's userId has a user already).
+        read = known.users if external_ids <= sent_user_ids else None
         user_pks = (
-            user_services.resolve_users(workspace=workspace, external_ids=external_ids, known=known.users)
+            user_services.resolve_users(workspace=workspace, external_ids=external_ids, known=read)
             if external_ids
             else {}
         )

@@ -4,8 +4,9 @@ A job walks the workspace's unmapped events in id order, a chunk per transaction
 1. lock the job row (two runners of one job, e.g. after a redelivery, take turns);
 2. take the workspace's rules lock shared, like ingest, and read the rules at that version:
    a rule cannot change while a chunk maps with it;
-3. read the next chunk of unmapped events after ``cursor`` and up to ``last_event_id``,
-   locking them so a concurrent merge or a second job cannot change them half-way;
+3. read the next chunk of unmapped events after ``cursor`` and up to ``last_event_id``
+   (the evaluator's path locks them; the SQL path leaves the row locks to its flip, which
+   re-checks each row, see ``_decided_in_sql``);
 4. decide each event with the same evaluator as ingest (``features.mapping.decide``);
 5. flip the mapped events' status in one UPDATE that only touches rows still unmapped, and
    record usage for exactly the rows it flipped (ON CONFLICT DO NOTHING on (event, feature));
@@ -143,9 +144,13 @@ def _decided_in_sql(job: ReprocessingJob, rule_set, chunk_size: int) -> tuple[in
     decision = decide_chunk_in_sql(rule, rule_set) if rule is not None else None
     if decision is None:
         return None
-    candidates, params = (
-        _candidate_events(job).order_by("id").select_for_update(of=("self",)).values("id")[:chunk_size]
-    ).query.sql_with_params()
+    # Not read FOR UPDATE: the flip's UPDATE takes each row's lock and re-checks the row as it
+    # is then (still unmapped, still with a user), and its usage takes the user the UPDATE
+    # returns. A merge or deletion that changed a row after this statement's snapshot is
+    # waited for and seen by the flip (a row it no longer flips goes to the evaluator, which
+    # reads it as it is now); one that starts later waits for this chunk's row locks. Locking
+    # the candidates first wrote every row twice (S4 in docs/performance.md).
+    candidates, params = (_candidate_events(job).order_by("id").values("id")[:chunk_size]).query.sql_with_params()
     table = connection.ops.quote_name(Event._meta.db_table)
     rows = decision.rows(f"FROM {table} e WHERE e.id IN ({candidates})")
     decided = f"SELECT r.id, {decision.amount} AS amount, {decision.to_python} AS to_python FROM {rows}"

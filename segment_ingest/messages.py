@@ -63,13 +63,18 @@ def occurred_at(payload: dict, received_at: datetime) -> datetime:
     """When the event happened (Segment's rules): ``timestamp``; else the device time
     corrected for its clock skew, ``receivedAt - (sentAt - originalTimestamp)``; else
     ``originalTimestamp``; else when Kana received it."""
-    timestamp = _parse_time(payload, "timestamp")
+    return _occurred_at({name: _parse_time(payload, name) for name in _TIME_FIELDS}, received_at)
+
+
+def _occurred_at(times: dict[str, datetime | None], received_at: datetime) -> datetime:
+    """``occurred_at`` from the message's times parsed already (``_TIME_FIELDS``)."""
+    timestamp = times["timestamp"]
     if timestamp:
         return timestamp
-    original = _parse_time(payload, "originalTimestamp")
-    sent = _parse_time(payload, "sentAt")
+    original = times["originalTimestamp"]
+    sent = times["sentAt"]
     if original and sent:
-        segment_received = _parse_time(payload, "receivedAt") or received_at
+        segment_received = times["receivedAt"] or received_at
         try:
             corrected = segment_received - (sent - original)
         except OverflowError:  # absurd clocks: past year 9999 or before year 1
@@ -204,8 +209,8 @@ def parse_message(
     if forced_type and payload.get("type") != forced_type:
         payload["type"] = forced_type
         text = ""
-    for name in _TIME_FIELDS:  # each checked, also those a timestamp makes unused
-        _parse_time(payload, name)
+    # Each checked, also those a timestamp makes unused; parsed once, here.
+    times = {name: _parse_time(payload, name) for name in _TIME_FIELDS}
     for name in _ID_FIELDS:
         value = payload.get(name)
         if isinstance(value, int | float) and not isinstance(value, bool) and abs(value) >= MAX_EXACT_NUMBER:
@@ -215,7 +220,7 @@ def parse_message(
         message_id=message_id,
         payload=payload,
         payload_json=text,
-        occurred_at=occurred_at(payload, received_at),
+        occurred_at=_occurred_at(times, received_at),
         received_at=received_at,
         anonymous_id=_anonymous_id(payload),
     )

@@ -196,3 +196,22 @@ def test_links_are_kept_only_by_a_workspace_that_holds_anonymous_events(tenant, 
     segment.identify("ada", {}, anonymousId="anon-1")
     workspace_settings_update(workspace=tenant.workspace, changes={"anonymous_events": "hold"})
     assert anonymous_track(segment, "anon-1", "Exported").json()["status"] == "pending"
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("as_batch", [False, True], ids=["single", "batch"])
+def test_a_held_event_linked_to_an_alias_goes_to_the_alias_user(holding, segment, as_batch):
+    """Outside a transaction (production), usage ingest reads the sent userIds' users with its
+    first statement; a linked userId was not sent, so it must be looked up, not created: an
+    alias's userId is another identity of its user, and creating a user for it failed."""
+    segment.identify("ada", {})
+    assert segment.post("/v1/alias", {"userId": "ada", "previousId": "ada-old"}).status_code == 200
+    segment.identify("ada-old", {}, anonymousId="anon-2")
+    track = {"type": "track", "anonymousId": "anon-2", "event": "Seat Added", "messageId": "linked"}
+    response = segment.batch([track]) if as_batch else segment.post("/v1/track", track)
+    assert response.status_code == 200, response.content
+    ada = EndUser.objects.get(user_id="ada")
+    linked = _events(holding).get(message_id="linked")
+    assert (linked.user_id, linked.external_user_id, linked.status) == (ada.pk, "ada-old", "mapped")
+    assert Usage.objects.get(event=linked).user_id == ada.pk

@@ -133,3 +133,18 @@ def test_a_replayed_single_track_is_two_round_trips_and_stores_nothing(warm):
     assert sent[0].startswith("BEGIN;") and sent[1] == "COMMIT"
     assert Event.objects.filter(message_id="same").count() == 1
     assert Usage.objects.filter(event__message_id="same").count() == 1
+
+
+# A batch goes the same way: BEGIN with the first statement (which also reads the userIds'
+# users), COMMIT with the event insert; from COPY_MIN_EVENTS events on, the staging tables
+# and their two COPYs come between.
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(("count", "expected"), [(COPY_MIN_EVENTS - 1, 2), (100, 5)])
+def test_a_track_batch_for_known_users_is_one_transaction_of_fixed_round_trips(warm, count, expected):
+    assert warm.batch(tracks(count, "known")).status_code == 200  # creates the users
+    sent = _round_trips(lambda: warm.batch(tracks(count, "known")))
+    assert len(sent) == expected
+    assert sent[0].startswith("BEGIN; SELECT pg_advisory_xact_lock_shared")
+    assert sent[-1].lstrip().startswith("WITH ") and sent[-1].endswith("; COMMIT")
+    assert Usage.objects.filter(user__user_id__startswith="known-").count() == 2 * count
