@@ -18,23 +18,19 @@ answered as the logged JSON 500 the Django route gives (``kana.http_errors``).
 """
 
 import io
-import logging
 
 from django.conf import settings
 from django.core.exceptions import DisallowedHost
 from django.core.handlers.exception import response_for_exception
 from django.core.handlers.wsgi import WSGIRequest
-from django.core.signals import request_finished, request_started
+from django.core.signals import request_finished, request_started, setting_changed
 from django.http import HttpResponse
 from django.middleware.clickjacking import XFrameOptionsMiddleware
 from django.middleware.security import SecurityMiddleware
-from django.test.signals import setting_changed
 
 from kana.http_errors import as_json_error
 
 from .handlers import CONTENT_TYPE, HANDLERS_BY_PATH
-
-logger = logging.getLogger(__name__)
 
 # Settings under which the middleware answer an ingest POST differently per request (or
 # not at all): the lean path then steps aside and Django answers everything.
