@@ -13,8 +13,9 @@ the middleware's answer depend on the request (HTTPS redirect, HSTS, ``PREPEND_W
 What Django's handler does that still matters is kept: ``request_started`` before and
 ``request_finished`` after (``close_old_connections``: ``CONN_MAX_AGE``, the health check,
 a connection left in a transaction or broken is closed), the response headers the middleware
-adds (taken from the middleware themselves, once per settings), and an unexpected exception
-answered as the logged JSON 500 the Django route gives (``kana.http_errors``).
+adds (taken from the middleware themselves, once per settings), the ``django.request`` log
+record of a 4xx or 5xx answer, and an unexpected exception answered as the logged JSON 500
+the Django route gives (``kana.http_errors``).
 """
 
 import io
@@ -27,6 +28,7 @@ from django.core.signals import request_finished, request_started, setting_chang
 from django.http import HttpResponse
 from django.middleware.clickjacking import XFrameOptionsMiddleware
 from django.middleware.security import SecurityMiddleware
+from django.utils.log import log_response
 
 from kana.http_errors import as_json_error
 
@@ -118,6 +120,8 @@ class LeanIngestApp:
         request_started.send(sender=self.__class__, environ=environ)
         try:
             status, extra, body = handler(environ, _reader(environ))
+            if status >= 400:
+                _log_refusal(environ, status)
         except Exception as exc:  # noqa: BLE001 - answered as Django answers it: logged, JSON 500
             status, extra, body = self._server_error(environ, exc)
         headers = [
@@ -140,6 +144,14 @@ class LeanIngestApp:
         response = as_json_error(request, response_for_exception(request, exc))
         extra = tuple((name, value) for name, value in response.items() if name not in ("Content-Type",))
         return response.status_code, extra, response.content
+
+
+def _log_refusal(environ, status: int) -> None:
+    """The ``django.request`` record Django's handler writes for a 4xx (warning) or 5xx
+    (error) answer, so that logs read the same whichever route answered."""
+    response = HttpResponse(status=status)
+    request = WSGIRequest(environ)
+    log_response("%s: %s", response.reason_phrase, request.path, response=response, request=request)
 
 
 def _reader(environ):

@@ -174,6 +174,28 @@ def test_an_unexpected_error_is_a_logged_json_500_without_a_traceback(db, caplog
     assert [r for r in caplog.records if r.name == "django.request" and r.levelname == "ERROR"]
 
 
+@pytest.mark.parametrize("case", ["missing key", "too large", "invalid json"])
+def test_a_refusal_is_logged_as_django_logs_it(db, caplog, case):
+    records = {}
+    for client_class in (Client, WsgiClient):
+        caplog.clear()
+        _answer(client_class, case)
+        records[client_class] = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "django.request"]
+    assert records[WsgiClient] == records[Client]
+    assert len(records[Client]) == 1 and records[Client][0][0] == "WARNING"
+
+
+def test_database_trouble_is_logged_as_django_logs_it(db, caplog):
+    records = {}
+    with mock.patch.object(handlers, "ingest_messages", side_effect=OperationalError("gone")):
+        for client_class in (Client, WsgiClient):
+            caplog.clear()
+            _answer(client_class, "stored")
+            records[client_class] = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+    assert records[WsgiClient] == records[Client]
+    assert ("django.request", "ERROR", "Service Unavailable: /v1/track") in records[Client]
+
+
 def _post_through_gunicorns_entry(tenant, body: bytes) -> int:
     """A POST as gunicorn makes it: request signals connected, as in production."""
     from kana.wsgi import application
