@@ -97,6 +97,12 @@ def test_it_is_gunicorns_entry():
     assert isinstance(application, LeanIngestApp)
 
 
+def test_it_answers_the_paths_the_url_conf_routes_to_the_ingest_views():
+    from segment_ingest import urls
+
+    assert {f"/{pattern.pattern}" for pattern in urls.urlpatterns} == set(handlers.HANDLERS_BY_PATH)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_it_answers_as_the_django_view(db, case):
     status, headers, body = _same_answer(case)
