@@ -19,7 +19,7 @@ from features.models import Event
 from segment_ingest import handlers
 from segment_ingest.wsgi import LeanIngestApp
 
-from .conftest import make_tenant
+from .conftest import make_tenant, requires_postgres
 from .wsgi_client import WsgiClient
 
 TRACK = {"type": "track", "userId": "u1", "event": "Report Exported", "messageId": "m-1"}
@@ -220,6 +220,8 @@ def _post_through_gunicorns_entry(tenant, body: bytes) -> int:
     return int(started[0].split()[0])
 
 
+# PostgreSQL: Django never closes the in-memory SQLite test database, leaked transaction or not.
+@requires_postgres
 @pytest.mark.django_db(transaction=True)
 def test_a_failed_request_leaves_no_transaction_open():
     tenant = make_tenant()
