@@ -92,6 +92,9 @@ MIDDLEWARE = [
 
 ROOT_URLCONF = "kana.urls"
 WSGI_APPLICATION = "kana.wsgi.application"
+# The ingest POSTs answered in front of Django's request handling (kana/wsgi.py wraps the
+# handler in it); KANA_LEAN_INGEST=0 sends them through Django's views, with the same answers.
+KANA_INGEST_WSGI_APP = "segment_ingest.wsgi.LeanIngestApp" if env_bool("KANA_LEAN_INGEST", True) else ""
 
 TEMPLATES = [
     {

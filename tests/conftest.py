@@ -23,6 +23,8 @@ from bench.stack import celery_worker_argv
 from kana.models import Workspace
 from kana.services import _key_cache, api_key_issue
 
+from .wsgi_client import WsgiClient
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -83,12 +85,31 @@ def other_tenant(db) -> Tenant:
     return make_tenant("Other Co")
 
 
+# The two routes to the ingest endpoints: Django's views through its test client, and
+# gunicorn's entry (kana.wsgi.application), where the lean WSGI app answers them.
+INGEST_ROUTES = {"django": Client, "lean": WsgiClient}
+_ingest_route = ["django"]  # the route SegmentClient takes, set by the ingest_route fixture
+
+
+@pytest.fixture(params=list(INGEST_ROUTES))
+def ingest_route(request):
+    """Runs the test once per ingest route; every SegmentClient it makes takes that route."""
+    _ingest_route[0] = request.param
+    yield request.param
+    _ingest_route[0] = "django"
+
+
+def ingest_client(**defaults) -> Client:
+    """A test client on the current ingest route (Django's by default, see ``ingest_route``)."""
+    return INGEST_ROUTES[_ingest_route[0]](**defaults)
+
+
 class SegmentClient:
     """Posts Segment messages the way Segment's libraries do (Basic auth, JSON)."""
 
     def __init__(self, tenant: Tenant):
         self.tenant = tenant
-        self.client = Client()
+        self.client = ingest_client()
 
     def post(self, path: str, body, *, auth: str | None = None, **headers):
         data = body if isinstance(body, (bytes, str)) else json.dumps(body)
@@ -114,7 +135,7 @@ def exports_and_seats(tenant):
 
 
 @pytest.fixture
-def segment(tenant) -> SegmentClient:
+def segment(tenant, ingest_route) -> SegmentClient:
     return SegmentClient(tenant)
 
 

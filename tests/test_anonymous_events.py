@@ -19,6 +19,9 @@ from users.models import EndUser
 from .api_support import ApiClient, rule
 from .conftest import SegmentClient, requires_postgres
 
+# Every test here sends Segment messages: run each on both ingest routes (conftest).
+pytestmark = pytest.mark.usefixtures("ingest_route")
+
 T1 = "2025-01-03T10:00:00Z"
 
 

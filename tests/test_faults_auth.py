@@ -8,13 +8,15 @@ from django.test import Client
 
 from features.models import Event
 
+from .conftest import ingest_client
+
 INGEST = ["/segment/events", "/v1/track", "/v1/identify", "/v1/batch"]
 
 
 @pytest.mark.parametrize("path", INGEST)
-def test_a_lone_surrogate_write_key_is_an_invalid_key(db, path):
+def test_a_lone_surrogate_write_key_is_an_invalid_key(db, ingest_route, path):
     # "\ud800" escaped in the JSON text: json.loads gives a str that UTF-8 cannot encode.
-    response = Client().post(path, '{"writeKey": "\\ud800", "type": "track"}', content_type="application/json")
+    response = ingest_client().post(path, '{"writeKey": "\\ud800", "type": "track"}', content_type="application/json")
     assert response.status_code == 401, response.content
     assert response.json()["code"] == "invalid_api_key"
     assert not Event.objects.exists()
@@ -32,9 +34,9 @@ NON_ASCII_HEADERS = [
 
 @pytest.mark.parametrize("header", NON_ASCII_HEADERS)
 @pytest.mark.parametrize("path", INGEST)
-def test_non_ascii_credentials_are_refused_on_ingest(db, path, header):
+def test_non_ascii_credentials_are_refused_on_ingest(db, ingest_route, path, header):
     body = '{"userId": "u", "event": "e", "type": "track"}'
-    response = Client().post(path, body, content_type="application/json", HTTP_AUTHORIZATION=header)
+    response = ingest_client().post(path, body, content_type="application/json", HTTP_AUTHORIZATION=header)
     assert response.status_code == 401, response.content
     assert response["Content-Type"].startswith("application/json")
     assert response.json()["code"] in ("missing_api_key", "invalid_api_key")

@@ -11,7 +11,7 @@ import pytest
 from django.db import connection
 from django.test import Client
 
-from tests.conftest import requires_postgres
+from tests.conftest import ingest_client, requires_postgres
 
 pytestmark = requires_postgres
 
@@ -68,8 +68,8 @@ def test_the_dashboard_answers_a_503_page(signed_in, database_down, path):
     assert b"unavailable" in response.content
 
 
-def test_ingest_still_answers_503(tenant, database_down):
-    response = Client(raise_request_exception=False).post(
+def test_ingest_still_answers_503(tenant, database_down, ingest_route):
+    response = ingest_client(raise_request_exception=False).post(
         "/v1/track",
         '{"userId": "u", "event": "e"}',
         content_type="application/json",

@@ -16,6 +16,9 @@ from users.models import EndUser
 from users.selectors import user_pk_for
 from users.services import delete_user
 
+# Every test here sends Segment messages: run each on both ingest routes (conftest).
+pytestmark = pytest.mark.usefixtures("ingest_route")
+
 
 @pytest.mark.usefixtures("tasks_in_process")
 def test_a_deleted_users_unmapped_events_are_mapped_by_a_later_rule(tenant, django_capture_on_commit_callbacks):

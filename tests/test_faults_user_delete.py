@@ -12,6 +12,7 @@ the delete, answered ``suppressed``. Nothing is stored under a suppressed userId
 import threading
 import time
 
+import pytest
 from django.db import connections
 
 from features.models import Event, Usage
@@ -20,6 +21,9 @@ from tests.conftest import SegmentClient, requires_postgres, wait_until
 from tests.usage_support import make_feature
 from users.models import EndUser, Suppression, UserIdentity
 from users.selectors import user_pk_for
+
+# Every test here sends Segment messages: run each on both ingest routes (conftest).
+pytestmark = pytest.mark.usefixtures("ingest_route")
 
 ROUNDS = 20
 

@@ -13,6 +13,9 @@ from users.models import EndUser, Group, GroupMembership, MergeRecord, UserIdent
 from .conftest import SegmentClient
 from .identity_support import bare_user, identities_of, user_for
 
+# Every test here sends Segment messages: run each on both ingest routes (conftest).
+pytestmark = pytest.mark.usefixtures("ingest_route")
+
 
 def _state(tenant):
     users = sorted(

@@ -20,7 +20,7 @@ from users.models import EndUser, MergeRecord, UserIdentity
 from .conftest import SegmentClient, requires_postgres
 from .identity_support import bare_user, flags, user_for
 
-pytestmark = [requires_postgres, pytest.mark.postgres]
+pytestmark = [requires_postgres, pytest.mark.postgres, pytest.mark.usefixtures("ingest_route")]  # both ingest routes
 
 WORKERS = 8
 

@@ -25,7 +25,9 @@ def _waiting_advisory_locks() -> int:
 
 
 @requires_postgres
-def test_an_event_waiting_on_rule_creation_is_mapped_with_the_new_rule(transactional_db, tenant, tasks_in_process):
+def test_an_event_waiting_on_rule_creation_is_mapped_with_the_new_rule(
+    transactional_db, tenant, tasks_in_process, ingest_route
+):
     make_feature(tenant.workspace, "reports")
     segment = SegmentClient(tenant)
     # Warm this process's rule cache at the version before the rule.
