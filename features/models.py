@@ -48,7 +48,9 @@ class UnmappedReason(models.TextChoices):
 
 
 class Event(models.Model):
-    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+")
+    # No index of its own: the unique (workspace, message_id) index leads with it. Every
+    # index is written by each stored event, and ingest is the hot path.
+    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+", db_index=False)
     message_id = models.CharField(max_length=100)
     type = models.CharField(max_length=16, choices=MessageType.choices)
     # Track event name, or "Viewed <name> Page/Screen"; empty for other types.
@@ -163,13 +165,15 @@ class MappingRule(models.Model):
 class Usage(models.Model):
     """How much of a feature one event used. At most one row per (event, feature)."""
 
-    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+")
+    # workspace and event have no index of their own: the composite indexes below lead with
+    # them, and each usage row (ingest, reprocessing) writes every index of the table.
+    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+", db_index=False)
     # Null: the user was deleted with its events kept (``ledger.forget_user``): the usage still
     # counts for its feature, for no user.
     user = models.ForeignKey(EndUser, null=True, blank=True, on_delete=models.CASCADE, related_name="usage")
     # PROTECT: recorded usage is never deleted as a side effect of deleting its feature.
     feature = models.ForeignKey(Feature, on_delete=models.PROTECT, related_name="usage")
-    event = models.ForeignKey(Event, on_delete=models.CASCADE, related_name="usage")
+    event = models.ForeignKey(Event, on_delete=models.CASCADE, related_name="usage", db_index=False)
     rule = models.ForeignKey(MappingRule, null=True, blank=True, on_delete=models.SET_NULL, related_name="usage")
     amount = models.DecimalField(max_digits=30, decimal_places=9)
     occurred_at = models.DateTimeField()
