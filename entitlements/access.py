@@ -550,6 +550,25 @@ def consume(
 _STORED_PAYLOAD = f"SELECT payload FROM {Event._meta.db_table} WHERE workspace_id = %(ws)s AND message_id = %(key)s"
 
 
+def _locked_if_room(budget_sql: str, lock_sql: str) -> str:
+    """The budget read before any lock, taking the locks only if it leaves room for the
+    delta: the row of ``budget_sql`` plus a last column, null when the locks were not taken.
+
+    A budget at its limit is where consumes pile up (every one of them refused): a refusal
+    read this way records nothing and waits for no one, so the refusals of a spent budget no
+    longer queue behind each other's round trips. It is a true answer at the moment of its
+    read (under READ COMMITTED the statement sees every consume committed before it), and
+    usage only shrinks under a budget by voids and moves, which a later consume sees. When
+    there is room, the locks are taken and the decision is the one read after them, as
+    before: zero overspend rests on that read alone."""
+    locks = lock_sql.removeprefix("SELECT ")  # pg_advisory_xact_lock(…), … in sorted order
+    # CASE evaluates its THEN only when its WHEN holds; the arguments left to right.
+    return (
+        f"SELECT b.*, CASE WHEN b.days_used + b.rows_used + b.held + %(room_delta)s <= %(room_limit)s"
+        f" THEN num_nonnulls({locks}) END FROM ({budget_sql}) AS b (days_used, rows_used, held, members)"
+    )
+
+
 def _consume_pipelined(
     workspace: Workspace, *, user_id: str, feature_key: str, delta: Decimal, idempotency_key: str
 ) -> tuple[dict, bool]:
@@ -560,7 +579,9 @@ def _consume_pipelined(
     2. one message: ``BEGIN``, the idempotency lookup, the budget's advisory locks, then
        the period's used and held amounts (``reads.budget_statement``): read after the
        locks were granted, each statement with its own snapshot, so they see every consume
-       of this budget that committed before (zero overspend, as with ``atomic``);
+       of this budget that committed before (zero overspend, as with ``atomic``). A hard
+       limit's locks are taken only if the budget read just before them leaves room
+       (``_locked_if_room``): a spent budget's refusals wait for no lock;
     3. the ledger's event + usage insert carrying the ``COMMIT`` (a refusal or a replay: a
        bare ``COMMIT``).
 
@@ -583,9 +604,12 @@ def _consume_pipelined(
     def once() -> tuple[dict, bool]:
         now = timezone.now()
         lock_sql, params = lock_keys_statement(subject.lock_keys(workspace.pk, feature.pk))
-        statements = [pipelined.BEGIN + _STORED_PAYLOAD, lock_sql]
         params |= {"ws": workspace.pk, "key": idempotency_key}
-        if not isinstance(chosen, Entitlement):
+        statements = [pipelined.BEGIN + reads.prepared(_STORED_PAYLOAD)]
+        refusable = False
+        if isinstance(chosen, Entitlement):
+            statements.append(lock_sql)
+        else:
             offer, subscription = chosen
             period = period_containing(subscription["started_at"], offer.reset_period, now)
             budget_sql, budget_params = reads.budget_statement(
@@ -598,6 +622,12 @@ def _consume_pipelined(
                 end=period[1],
                 now=now,
             )
+            refusable = offer.limit is not None and not offer.overage_enabled
+            if not refusable:
+                statements.append(lock_sql)  # never refused: no read before the locks
+            else:
+                statements.append(reads.prepared(_locked_if_room(budget_sql, lock_sql)))
+                params |= {"room_delta": delta, "room_limit": offer.limit}
             statements.append(reads.prepared(budget_sql))
             params |= budget_params
         with pipelined.transaction():
@@ -615,9 +645,14 @@ def _consume_pipelined(
                 if isinstance(chosen, Entitlement):
                     entitlement = chosen
                 else:
-                    cursor.nextset()  # past the locks
                     cursor.nextset()
-                    used, held, members = reads.budget_of(cursor.fetchone())
+                    before_locks = cursor.fetchone()
+                    cursor.nextset()
+                    budget_row = cursor.fetchone()
+                    if refusable and before_locks[4] is None:
+                        # Refused on what was committed before any lock (see _locked_if_room).
+                        budget_row = before_locks[:4]
+                    used, held, members = reads.budget_of(budget_row)
                     entitlement = _decide(
                         feature, offer, subscription, period=period, members=members, used=used, held=held, delta=delta
                     )
