@@ -562,11 +562,20 @@ def _locked_if_room(budget_sql: str, lock_sql: str) -> str:
     there is room, the locks are taken and the decision is the one read after them, as
     before: zero overspend rests on that read alone."""
     locks = lock_sql.removeprefix("SELECT ")  # pg_advisory_xact_lock(…), … in sorted order
-    # CASE evaluates its THEN only when its WHEN holds; the arguments left to right.
+    # CASE evaluates its THEN only when its WHEN holds; the arguments left to right. The
+    # transaction-local setting tells the read after it (``_IF_LOCKED``) whether to run.
     return (
         f"SELECT b.*, CASE WHEN b.days_used + b.rows_used + b.held + %(room_delta)s <= %(room_limit)s"
-        f" THEN num_nonnulls({locks}) END FROM ({budget_sql}) AS b (days_used, rows_used, held, members)"
+        f" THEN num_nonnulls({locks}, set_config('{_LOCKED_SETTING}', 'on', true)) END"
+        f" FROM ({budget_sql}) AS b (days_used, rows_used, held, members)"
     )
+
+
+# The budget read after ``_locked_if_room``: only if the locks were taken (no row otherwise);
+# a spent budget's refusal reads its usage rows once, not twice. The condition holds no
+# column: PostgreSQL checks it once, before running the read.
+_LOCKED_SETTING = "kana.budget_locked"
+_IF_LOCKED = "SELECT * FROM ({budget_sql}) AS b WHERE current_setting('" + _LOCKED_SETTING + "', true) = 'on'"
 
 
 def _consume_pipelined(
@@ -628,6 +637,7 @@ def _consume_pipelined(
             else:
                 statements.append(reads.prepared(_locked_if_room(budget_sql, lock_sql)))
                 params |= {"room_delta": delta, "room_limit": offer.limit}
+                budget_sql = _IF_LOCKED.format(budget_sql=budget_sql)
             statements.append(reads.prepared(budget_sql))
             params |= budget_params
         with pipelined.transaction():
@@ -648,7 +658,7 @@ def _consume_pipelined(
                     cursor.nextset()
                     before_locks = cursor.fetchone()
                     cursor.nextset()
-                    budget_row = cursor.fetchone()
+                    budget_row = cursor.fetchone()  # None when the locks were not taken
                     if refusable and before_locks[4] is None:
                         # Refused on what was committed before any lock (see _locked_if_room).
                         budget_row = before_locks[:4]
