@@ -13,9 +13,9 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 
-from kana.db import pipelined
+from kana.db import pipelined, prepared
 from kana.locks import lock_rules_shared
 from kana.models import AnonymousEvents, Workspace
 from kana.retries import ConcurrentChange, run_with_retries
@@ -73,9 +73,17 @@ def _run_kind(message: Message) -> str:
 
 
 def ingest_usage_messages(*, workspace: Workspace, messages: list[Message]) -> list[Outcome]:
-    if pipelined.available():
-        return run_with_retries(lambda: _ingest_usage_pipelined(workspace, messages))
-    return run_with_retries(lambda: _ingest_usage_once(workspace, messages))
+    run = _ingest_usage_pipelined if pipelined.available() else _ingest_usage_once
+    try:
+        return run_with_retries(lambda: run(workspace, messages))
+    except DatabaseError as error:
+        # The connection's prepared statements were discarded behind our back (DEALLOCATE
+        # ALL, a pooler's new session): the transaction was rolled back, nothing is stored.
+        # Once more, preparing them again, instead of failing the message.
+        if not prepared.is_missing(error):
+            raise
+        prepared.forget_if_missing(error)
+        return run_with_retries(lambda: run(workspace, messages))
 
 
 def _ingest_usage_pipelined(workspace: Workspace, messages: list[Message]) -> list[Outcome]:
@@ -135,7 +143,7 @@ def _record_usage(
             else (m, _PENDING, None)
             for m in fresh.values()
         ]
-        stored = ledger.record_usage_events(workspace, decided, then_commit=pipelined_transaction)
+        stored = ledger.record_usage_events(workspace, decided, then_commit=pipelined_transaction, prepare=True)
         for m, d, pk in decided:
             if m.message_id in stored:
                 first[m.message_id] = Outcome(m.message_id, d.status, d.reason, pk)
