@@ -320,10 +320,11 @@ def lock_rules_and_find_replays(
     opens the transaction (inside ``kana.db.pipelined.transaction``); ``with_users``: the
     read also maps ``user_ids`` to their users (``KnownIds.users``)."""
     sql, params = _known_ids_sql(workspace, message_ids, user_ids, anonymous_ids, with_users)
-    # Prepared (PostgreSQL): its text does not vary with the batch size (array parameters), so
-    # its shapes are the few combinations of branches. Parsing and planning it cost PostgreSQL
-    # more than running it. A caller re-runs its transaction once if ``prepared.is_missing``.
-    version, rows = lock_rules_shared_and_read(workspace.pk, prepared.statement(sql), params, begin=begin)
+    # Not prepared: its generic plan, once chosen while the tables are small, probes the
+    # (workspace, received_at) index and filters every event of the workspace until the next
+    # ANALYZE; measured 1.5 -> 4.7 ms of PostgreSQL per track as the table grew (docs/performance.md,
+    # "Round 5: s1prep"). The insert's generic plan has no such choice to make.
+    version, rows = lock_rules_shared_and_read(workspace.pk, sql, params, begin=begin)
     return version, _known_ids(rows, with_users)
 
 
