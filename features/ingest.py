@@ -13,7 +13,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
-from django.db import DatabaseError, connection, transaction
+from django.db import connection, transaction
 
 from kana.db import pipelined, prepared
 from kana.locks import lock_rules_shared
@@ -74,16 +74,8 @@ def _run_kind(message: Message) -> str:
 
 def ingest_usage_messages(*, workspace: Workspace, messages: list[Message]) -> list[Outcome]:
     run = _ingest_usage_pipelined if pipelined.available() else _ingest_usage_once
-    try:
-        return run_with_retries(lambda: run(workspace, messages))
-    except DatabaseError as error:
-        # The connection's prepared statements were discarded behind our back (DEALLOCATE
-        # ALL, a pooler's new session): the transaction was rolled back, nothing is stored.
-        # Once more, preparing them again, instead of failing the message.
-        if not prepared.is_missing(error):
-            raise
-        prepared.forget_if_missing(error)
-        return run_with_retries(lambda: run(workspace, messages))
+    # A single event's insert is a prepared statement (ledger.record_usage_events).
+    return prepared.again_if_missing(lambda: run_with_retries(lambda: run(workspace, messages)))
 
 
 def _ingest_usage_pipelined(workspace: Workspace, messages: list[Message]) -> list[Outcome]:
@@ -336,7 +328,8 @@ def _apply_profile_messages(workspace: Workspace, messages: list[Message]) -> Ap
 def ingest_profile_messages(*, workspace: Workspace, messages: list[Message]) -> list[Outcome]:
     """A run of identify, group and alias calls (in any mix), a chunk per transaction."""
     if len(messages) == 1 and messages[0].type == MessageType.IDENTIFY and pipelined.available():
-        return [_record_identify(workspace, messages[0])]
+        # Its write back is made of prepared statements (users.identity.MessageIdentify).
+        return [prepared.again_if_missing(lambda: _record_identify(workspace, messages[0]))]
     return _record_profile_run(workspace, messages, _apply_profile_messages)
 
 

@@ -18,16 +18,20 @@ What a caller must know:
   shapes of a bounded number, this is the backstop).
 - A statement discarded behind our back (``DEALLOCATE ALL``, a pooler's new session) fails
   with ``InvalidSqlStatementName``; ``forget_if_missing(error)`` makes the next use prepare
-  again, and ``is_missing(error)`` lets a caller re-run its transaction once.
+  again, and ``again_if_missing`` re-runs a caller's transaction once.
 """
 
 import functools
 import hashlib
 import re
 import weakref
+from collections.abc import Callable
+from typing import TypeVar
 
 from django.db import DatabaseError, connection
 from psycopg import errors
+
+T = TypeVar("T")
 
 # Statements per connection before new shapes go unprepared.
 MAX_PER_CONNECTION = 64
@@ -107,3 +111,16 @@ def forget_if_missing(error: DatabaseError) -> None:
 def forget_all() -> None:
     """As for a new connection: what the server holds is read again on next use (tests)."""
     _prepared.clear()
+
+
+def again_if_missing(operation: Callable[[], T]) -> T:
+    """Run a transaction (``operation``) that executes prepared statements; if one was
+    discarded behind our back, the transaction failed and was rolled back with nothing
+    stored: run it once more, preparing again, instead of failing the request."""
+    try:
+        return operation()
+    except DatabaseError as error:
+        if not is_missing(error):
+            raise
+        forget_if_missing(error)
+    return operation()
