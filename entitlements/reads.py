@@ -19,18 +19,14 @@ that in SQL too would be a second implementation of ``periods`` to keep equal.
 tests/test_entitlement_reads.py holds both paths equal over the cases that differ.
 """
 
-import functools
-import hashlib
-import re
-import weakref
 from datetime import datetime
 from decimal import Decimal
 
 from django.db import DatabaseError, connection
-from psycopg import errors
 
 from features.counters import split_period
 from features.models import Feature, Usage, UsageCounter
+from kana.db import prepared as prepared_statements
 from users.models import Group, GroupMembership, UserIdentity
 
 from .models import PackageFeature, Reservation, ReservationStatus, Subscription
@@ -68,55 +64,12 @@ def available() -> bool:
     return connection.vendor == "postgresql"
 
 
-# --- Prepared once per connection ----------------------------------------------------------
 # Planning these statements costs PostgreSQL more than running them (EXPLAIN: ~0.8 ms of
-# planning for ~0.3 ms of execution each). Django's server-side binding cannot carry the
-# multi-statement messages of the pipelined consume, so they are prepared as text: one
-# ``PREPARE`` per connection and statement shape, in a round trip of its own (it only plans;
-# a prepared statement outlives a rollback), then ``EXECUTE name(…)`` with the values bound
-# client-side like any other statement, alone or in a message with others.
-
-_PARAMETER = re.compile(r"%\((\w+)\)s")
-# psycopg connection -> names of the statements prepared on it (read from the server first).
-_prepared: "weakref.WeakKeyDictionary[object, set[str]]" = weakref.WeakKeyDictionary()
-
-
-@functools.lru_cache(maxsize=64)
-def _shape(sql: str) -> tuple[str, str, str]:
-    """(name, PREPARE text, EXECUTE text) of a statement: computed once per process."""
-    names = list(dict.fromkeys(_PARAMETER.findall(sql)))
-    name = "kana_ent_" + hashlib.blake2b(sql.encode(), digest_size=8).hexdigest()
-    numbered = _PARAMETER.sub(lambda m: f"${names.index(m.group(1)) + 1}", sql)
-    execute = f"EXECUTE {name}(" + ", ".join(f"%({n})s" for n in names) + ")"
-    return name, f"PREPARE {name} AS {numbered}", execute
-
-
-def prepared(sql: str) -> str:
-    """``EXECUTE`` of ``sql`` (named parameters, as given to ``cursor.execute``), prepared on
-    this connection first if it is not yet (one round trip, once per connection); ``sql``
-    itself when connections are not kept between requests."""
-    if connection.settings_dict.get("CONN_MAX_AGE") == 0:
-        return sql  # a connection per request: preparing would only add a round trip
-    name, prepare, execute = _shape(sql)
-    connection.ensure_connection()
-    done = _prepared.get(connection.connection)
-    if done is None:
-        # What the server holds, read once per connection (and after a missing one's error).
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT name FROM pg_prepared_statements WHERE name LIKE %s", [r"kana\_ent\_%"])
-            done = _prepared[connection.connection] = {row[0] for row in cursor.fetchall()}
-    if name not in done:
-        with connection.cursor() as cursor:
-            cursor.execute(prepare)  # no parameters: nothing is interpolated
-        done.add(name)
-    return execute
-
-
-def forget_prepared_if_missing(error: DatabaseError) -> None:
-    """After an error naming a missing prepared statement (the session's statements were
-    discarded behind our back): prepare again on next use. The error itself is raised."""
-    if isinstance(error.__cause__, errors.InvalidSqlStatementName) and connection.connection is not None:
-        _prepared.pop(connection.connection, None)
+# planning for ~0.3 ms of execution each): they are prepared once per connection
+# (``kana.db.prepared``), also inside the pipelined consume's messages.
+prepared = prepared_statements.statement
+forget_prepared_if_missing = prepared_statements.forget_if_missing
+_prepared = prepared_statements._prepared  # the connections' registry (tests reset it)
 
 
 def _execute(cursor, sql: str, params: dict) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from django.db import connection, transaction
 
-from kana.db import pipelined
+from kana.db import pipelined, prepared
 from kana.locks import lock_rules_shared
 from kana.models import AnonymousEvents, Workspace
 from kana.retries import ConcurrentChange, run_with_retries
@@ -73,9 +73,9 @@ def _run_kind(message: Message) -> str:
 
 
 def ingest_usage_messages(*, workspace: Workspace, messages: list[Message]) -> list[Outcome]:
-    if pipelined.available():
-        return run_with_retries(lambda: _ingest_usage_pipelined(workspace, messages))
-    return run_with_retries(lambda: _ingest_usage_once(workspace, messages))
+    run = _ingest_usage_pipelined if pipelined.available() else _ingest_usage_once
+    # A single event's insert is a prepared statement (ledger.record_usage_events).
+    return prepared.again_if_missing(lambda: run_with_retries(lambda: run(workspace, messages)))
 
 
 def _ingest_usage_pipelined(workspace: Workspace, messages: list[Message]) -> list[Outcome]:
@@ -135,7 +135,7 @@ def _record_usage(
             else (m, _PENDING, None)
             for m in fresh.values()
         ]
-        stored = ledger.record_usage_events(workspace, decided, then_commit=pipelined_transaction)
+        stored = ledger.record_usage_events(workspace, decided, then_commit=pipelined_transaction, prepare=True)
         for m, d, pk in decided:
             if m.message_id in stored:
                 first[m.message_id] = Outcome(m.message_id, d.status, d.reason, pk)
@@ -328,7 +328,8 @@ def _apply_profile_messages(workspace: Workspace, messages: list[Message]) -> Ap
 def ingest_profile_messages(*, workspace: Workspace, messages: list[Message]) -> list[Outcome]:
     """A run of identify, group and alias calls (in any mix), a chunk per transaction."""
     if len(messages) == 1 and messages[0].type == MessageType.IDENTIFY and pipelined.available():
-        return [_record_identify(workspace, messages[0])]
+        # Its write back is made of prepared statements (users.identity.MessageIdentify).
+        return [prepared.again_if_missing(lambda: _record_identify(workspace, messages[0]))]
     return _record_profile_run(workspace, messages, _apply_profile_messages)
 
 

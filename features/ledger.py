@@ -20,7 +20,7 @@ from django.db import connection
 from django.dispatch import receiver
 
 from kana.copy_rows import copy_rows
-from kana.db import pipelined
+from kana.db import pipelined, prepared
 from kana.locks import lock_rules_shared_and_read
 from kana.models import Workspace
 from users.models import AnonymousLink, Suppression, UserIdentity
@@ -34,11 +34,15 @@ from .models import Event, EventStatus, Usage
 Decided = tuple[Message, Decision, int]
 
 
-def record_usage_events(workspace: Workspace, decided: list[Decided], *, then_commit: bool = False) -> set[str]:
+def record_usage_events(
+    workspace: Workspace, decided: list[Decided], *, then_commit: bool = False, prepare: bool = False
+) -> set[str]:
     """Store track/page/screen events and their usage; returns the messageIds stored.
 
     ``then_commit`` (inside ``kana.db.pipelined.transaction``): the statement that inserts
-    the events carries the transaction's ``COMMIT`` in the same round trip.
+    the events carries the transaction's ``COMMIT`` in the same round trip. ``prepare``: a
+    single event's insert is a prepared statement (``kana.db.prepared``); a caller that
+    passes it re-runs its transaction once when ``prepared.is_missing`` its error.
 
     A messageId that another request stored meanwhile is skipped by the insert itself (it
     waits for that request to commit) and is not returned: its message is a replay. Rows go
@@ -51,7 +55,7 @@ def record_usage_events(workspace: Workspace, decided: list[Decided], *, then_co
         return {m.message_id for m, _, _ in decided}
     if len(decided) >= COPY_MIN_EVENTS:
         return _copy_and_move(workspace, decided, then_commit=then_commit)
-    return _insert_returning(workspace, decided, then_commit=then_commit)
+    return _insert_returning(workspace, decided, then_commit=then_commit, prepare=prepare)
 
 
 # Fewer events go in with one INSERT statement; more are COPYed into a staging table first
@@ -134,7 +138,14 @@ def _values_sql(rows: list[tuple], types: tuple[str, ...]) -> tuple[str, list]:
     return sql, [value for row in rows for value in row]
 
 
-def _insert_returning(workspace: Workspace, decided: list[Decided], *, then_commit: bool = False) -> set[str]:
+# A single event's insert is prepared when it has at most this many usage rows: the
+# statement's text varies with the rows' count, so the prepared shapes stay few (one per count).
+PREPARED_MAX_USAGES = 4
+
+
+def _insert_returning(
+    workspace: Workspace, decided: list[Decided], *, then_commit: bool = False, prepare: bool = False
+) -> set[str]:
     """Events and their usage in one statement (PostgreSQL); returns the messageIds stored.
 
     A messageId stored meanwhile by a concurrent request is skipped by the insert itself
@@ -152,6 +163,9 @@ def _insert_returning(workspace: Workspace, decided: list[Decided], *, then_comm
         sql += ", used AS (" + _INSERT_USAGE_FOR.format(source=f"({usage_sql})").replace("%(ws)s", "%s") + ")"
         params += [workspace.pk, *usage_params]  # the workspace comes first in the usage SELECT
     sql += " SELECT message_id FROM ev"
+    if prepare and len(decided) == 1 and len(usages) <= PREPARED_MAX_USAGES:
+        # The single track's insert: parsing and planning it was half of its PostgreSQL time.
+        sql = prepared.statement(sql)
     with connection.cursor() as cursor:
         # With the COMMIT in the same message: if the insert fails, PostgreSQL skips the
         # COMMIT and the transaction is left aborted, for the caller's ROLLBACK.
@@ -306,6 +320,10 @@ def lock_rules_and_find_replays(
     opens the transaction (inside ``kana.db.pipelined.transaction``); ``with_users``: the
     read also maps ``user_ids`` to their users (``KnownIds.users``)."""
     sql, params = _known_ids_sql(workspace, message_ids, user_ids, anonymous_ids, with_users)
+    # Not prepared: its generic plan, once chosen while the tables are small, probes the
+    # (workspace, received_at) index and filters every event of the workspace until the next
+    # ANALYZE; measured 1.5 -> 4.7 ms of PostgreSQL per track as the table grew (docs/performance.md,
+    # "Round 5: s1prep"). The insert's generic plan has no such choice to make.
     version, rows = lock_rules_shared_and_read(workspace.pk, sql, params, begin=begin)
     return version, _known_ids(rows, with_users)
 

@@ -13,7 +13,8 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from features.models import Event
-from kana.db import pipelined
+from kana.db import pipelined, prepared
+from users.identity import WRITE_BACK_STATEMENTS
 from users.models import EndUser, MergeRecord, UserIdentity
 from users.profile import ProfileChanges
 from users.services import upsert_user_by_email
@@ -38,8 +39,13 @@ def _bare(tenant, email, billing_id):
 
 @pytest.fixture(autouse=True)
 def _warm(segment, db):
-    """The API key is cached per process: a first request reads it."""
+    """The API key is cached per process: a first request reads it. The write back's
+    statements are prepared once per connection (``kana.db.prepared``): prepared here, as
+    earlier requests on a kept connection would have (the first use is pinned below)."""
     assert segment.identify("warm-up", {"name": "Warm"}).status_code == 200
+    if connection.vendor == "postgresql":
+        for sql in WRITE_BACK_STATEMENTS:
+            prepared.statement(sql)
 
 
 @pytest.fixture
@@ -169,3 +175,30 @@ def test_the_users_lock_probes_the_owner_of_a_user_id_by_index(tenant):
         cursor.execute("EXPLAIN " + sql, params)
         plan = "\n".join(line for (line,) in cursor.fetchall())
     assert "SubPlan" not in plan and "InitPlan" in plan, plan
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+def test_the_write_back_s_statements_are_prepared_once_per_connection(segment, known):
+    # As a new connection: nothing prepared on the server, nothing recorded for it.
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")
+    prepared.forget_all()
+    sent, _ = _identify(segment, "known", {"name": "Renamed"}, "m-first")
+    # The locks and reads; what the server holds, PREPARE; the update; the event; COMMIT.
+    assert [sql.split()[0] for sql in sent][1:4] == ["SELECT", "PREPARE", "EXECUTE"]
+    assert len(sent) == 6
+    sent, _ = _identify(segment, "known", {"name": "Renamed again"}, "m-second")
+    assert len(sent) == 4 and sent[1].startswith("EXECUTE kana_")
+    assert EndUser.objects.get(user_id="known").name == "Renamed again"
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+def test_an_identify_after_its_statements_were_discarded_is_applied_once(segment, known):
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")  # behind the registry's back
+    sent, answer = _identify(segment, "known", {"name": "After"}, "m-after")
+    assert EndUser.objects.get(user_id="known").name == "After"
+    assert Event.objects.filter(message_id="m-after").count() == 1
+    assert len(_identify(segment, "known", {"name": "Later"}, "m-later")[0]) == 4

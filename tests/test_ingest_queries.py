@@ -12,7 +12,7 @@ from django.test.utils import CaptureQueriesContext
 from features.ledger import COPY_MIN_EVENTS
 from features.models import Event, Usage
 from features.services import RuleDefinition, feature_create, rule_create
-from kana.db import pipelined
+from kana.db import pipelined, prepared
 
 from .conftest import is_postgres, requires_postgres
 
@@ -93,7 +93,9 @@ def test_a_replayed_batch_stops_after_the_replay_check(warm, django_assert_max_n
 # Outside any transaction (as in production: no ATOMIC_REQUESTS), a single usage message on
 # PostgreSQL is one transaction in two round trips: BEGIN travels with the rules lock, the
 # rules version, the replay check and the userId lookup; COMMIT with the event and usage
-# insert (kana.db.pipelined). No health-check SELECT 1 either (kana.db.postgresql).
+# insert (kana.db.pipelined). No health-check SELECT 1 either (kana.db.postgresql). The
+# insert is a prepared statement (kana.db.prepared), prepared by the
+# ``warm`` fixture's track on this connection (see the tests at the end for the first use).
 def _round_trips(call) -> list[str]:
     with CaptureQueriesContext(connection) as captured:
         response = call()
@@ -110,7 +112,7 @@ def test_a_single_track_for_a_known_user_is_two_round_trips(warm):
     sent = _round_trips(lambda: warm.track("known", "Report Exported"))
     assert len(sent) == 2
     assert sent[0].startswith("BEGIN; SELECT pg_advisory_xact_lock_shared")
-    assert sent[1].startswith("WITH ev AS (INSERT INTO features_event") and sent[1].endswith("; COMMIT")
+    assert sent[1].startswith("EXECUTE kana_") and sent[1].endswith("; COMMIT")
     assert Usage.objects.filter(user__user_id="known").count() == 2
 
 
@@ -148,3 +150,63 @@ def test_a_track_batch_for_known_users_is_one_transaction_of_fixed_round_trips(w
     assert sent[0].startswith("BEGIN; SELECT pg_advisory_xact_lock_shared")
     assert sent[-1].lstrip().startswith("WITH ") and sent[-1].endswith("; COMMIT")
     assert Usage.objects.filter(user__user_id__startswith="known-").count() == 2 * count
+
+
+# The single track's insert is prepared once per connection (kana.db.prepared): the first
+# track on a connection reads what the server holds and PREPAREs it in a round trip of its
+# own; every later one sends only the two round trips above.
+def _first_words(sent: list[str]) -> list[str]:
+    return [sql.split()[0] for sql in sent]
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_single_track_s_statements_are_prepared_once_per_connection(warm):
+    assert warm.track("known", "Report Exported").status_code == 200
+    # As a new connection: nothing prepared on the server, nothing recorded for it.
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")
+    prepared.forget_all()
+    first = _round_trips(lambda: warm.track("known", "Report Exported"))
+    # BEGIN: the lock and the replay check; SELECT: what the server holds; then the insert.
+    assert _first_words(first) == ["BEGIN;", "SELECT", "PREPARE", "EXECUTE"]
+    assert first[-1].endswith("; COMMIT")
+    assert _first_words(_round_trips(lambda: warm.track("known", "Report Exported"))) == ["BEGIN;", "EXECUTE"]
+    assert Usage.objects.filter(user__user_id="known").count() == 3
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_track_after_its_statements_were_discarded_is_stored_once_and_they_are_prepared_again(warm):
+    assert warm.track("known", "Report Exported").status_code == 200
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")  # behind the registry's back, as a pooler's new session would
+    response = warm.track("known", "Report Exported", messageId="after-deallocate")
+    assert response.status_code == 200 and response.json()["status"] == "mapped"
+    assert not pipelined.in_transaction()
+    assert Event.objects.filter(message_id="after-deallocate").count() == 1
+    assert Usage.objects.filter(event__message_id="after-deallocate").count() == 1
+    assert _first_words(_round_trips(lambda: warm.track("known", "Report Exported"))) == ["BEGIN;", "EXECUTE"]
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+def test_nothing_is_prepared_for_a_track_when_connections_are_not_kept(warm):
+    prepared.forget_all()
+    keep = connection.settings_dict["CONN_MAX_AGE"]
+    connection.settings_dict["CONN_MAX_AGE"] = 0
+    try:
+        sent = _round_trips(lambda: warm.track("known", "Report Exported"))
+    finally:
+        connection.settings_dict["CONN_MAX_AGE"] = keep
+    assert len(sent) == 4  # + the new user's insert and its suppression re-check
+    assert not any("PREPARE" in sql or "EXECUTE" in sql or "pg_prepared_statements" in sql for sql in sent)
+    assert sent[-1].startswith("WITH ev AS (INSERT INTO features_event")
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+def test_only_a_single_event_s_insert_is_prepared(warm):
+    assert warm.batch(tracks(2, "pair")).status_code == 200  # creates the users
+    sent = _round_trips(lambda: warm.batch(tracks(2, "pair")))
+    assert _first_words(sent) == ["BEGIN;", "WITH"]  # a 2-event insert is not prepared

@@ -31,7 +31,7 @@ from django.utils import timezone
 
 from kana import audit
 from kana.copy_rows import copy_rows
-from kana.db import pipelined
+from kana.db import pipelined, prepared
 from kana.locks import lock_keys, lock_keys_and_read
 from kana.models import Workspace
 from kana.retries import ConcurrentChange, run_with_retries
@@ -540,6 +540,9 @@ _UPDATE_PROFILE_SQL = (
     "WHERE id = %s"
 )
 
+# The write back's statements: the only ones it sends, each prepared once per connection.
+WRITE_BACK_STATEMENTS = (_INSERT_USER_SQL, _INSERT_USER_WITH_IDENTITY_SQL, _INSERT_IDENTITY_SQL, _UPDATE_PROFILE_SQL)
+
 
 def _write_back_in_one_round_trip(state: _Batch) -> None:
     """``_write_back`` for one message (PostgreSQL): its new user with its userId in one
@@ -568,7 +571,9 @@ def _write_back_in_one_round_trip(state: _Batch) -> None:
         statements.append((_UPDATE_PROFILE_SQL, [*(_value(user, c) for c in bulk.PROFILE_COLUMNS), user.pk]))
     if not statements:
         return
-    results = pipelined.execute_all(statements)
+    # Prepared once per connection (kana.db.prepared): their texts are the four constants above
+    # and their generic plans have no choice to make (inserts, an update by primary key).
+    results = pipelined.execute_all([(prepared.statement(sql), params) for sql, params in statements])
     for user in state.created:
         ((user.pk,),) = results[0]
         user._state.adding = False

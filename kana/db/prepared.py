@@ -1,0 +1,126 @@
+"""Statements PREPAREd once per connection and EXECUTEd by name, alone or in a message with others.
+
+For a hot path's short statements PostgreSQL spends more time parsing and planning than
+running them (EXPLAIN and backend CPU per statement: docs/performance.md, "Round 5: s1prep"
+and the entitlement reads of round 4). Django's server-side binding cannot carry the
+multi-statement messages of ``kana.db.pipelined``, so statements are prepared as text: one
+``PREPARE`` per connection and statement shape, in a round trip of its own (it only parses
+and plans; a prepared statement outlives a rollback, so it may be sent inside a transaction),
+then ``EXECUTE name(…)`` with the values bound client-side like any other statement.
+
+What a caller must know:
+
+- ``statement(sql)`` returns the text to send instead of ``sql``, with the same parameters
+  (``%s`` list or ``%(name)s`` dict). It returns ``sql`` itself when connections are not
+  kept between requests (``CONN_MAX_AGE=0``: preparing would only add a round trip), off
+  PostgreSQL, and once a connection holds ``MAX_PER_CONNECTION`` statements (a statement
+  whose text varies with its input must not fill the server's memory: callers prepare only
+  shapes of a bounded number, this is the backstop).
+- A statement discarded behind our back (``DEALLOCATE ALL``, a pooler's new session) fails
+  with ``InvalidSqlStatementName``; ``forget_if_missing(error)`` makes the next use prepare
+  again, and ``again_if_missing`` re-runs a caller's transaction once.
+"""
+
+import functools
+import hashlib
+import re
+import weakref
+from collections.abc import Callable
+from typing import TypeVar
+
+from django.db import DatabaseError, connection
+from psycopg import errors
+
+T = TypeVar("T")
+
+# Statements per connection before new shapes go unprepared.
+MAX_PER_CONNECTION = 64
+_PREFIX = "kana_"
+_PREFIX_PATTERN = r"kana\_%"
+# Named or positional parameters; ``%%`` is a literal percent sign, left as it is.
+_PARAMETER = re.compile(r"%%|%\((\w+)\)s|%s")
+# psycopg connection -> names of the statements prepared on it (read from the server first).
+_prepared: "weakref.WeakKeyDictionary[object, set[str]]" = weakref.WeakKeyDictionary()
+
+
+@functools.lru_cache(maxsize=256)
+def _shape(sql: str) -> tuple[str, str, str]:
+    """(name, PREPARE text, EXECUTE text) of a statement: computed once per process."""
+    names: list[str] = []
+    positional = 0
+
+    def number(match: re.Match) -> str:
+        nonlocal positional
+        if match.group(0) == "%%":
+            return "%"  # PREPARE is sent without parameters: no escaping
+        if match.group(1) is None:
+            positional += 1
+            return f"${positional}"
+        if match.group(1) not in names:
+            names.append(match.group(1))
+        return f"${names.index(match.group(1)) + 1}"
+
+    numbered = _PARAMETER.sub(number, sql)
+    if names and positional:
+        raise ValueError("a statement's parameters are all named or all positional")
+    name = _PREFIX + hashlib.blake2b(sql.encode(), digest_size=8).hexdigest()
+    arguments = [f"%({n})s" for n in names] if names else ["%s"] * positional
+    execute = f"EXECUTE {name}" + (f"({', '.join(arguments)})" if arguments else "")
+    # PREPARE's text goes to the server with no parameters: a literal % must not be doubled.
+    return name, f"PREPARE {name} AS {numbered}", execute
+
+
+def statement(sql: str) -> str:
+    """``EXECUTE`` of ``sql`` (its parameters as given to ``cursor.execute``), prepared on this
+    connection first if it is not yet (one round trip, once per connection and shape); ``sql``
+    itself when nothing is to be prepared (see the module docstring)."""
+    if connection.vendor != "postgresql" or connection.settings_dict.get("CONN_MAX_AGE") == 0:
+        return sql
+    name, prepare, execute = _shape(sql)
+    connection.ensure_connection()
+    done = _prepared.get(connection.connection)
+    if done is None:
+        # What the server holds, read once per connection (and after a missing one's error).
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT name FROM pg_prepared_statements WHERE name LIKE %s", [_PREFIX_PATTERN])
+            done = _prepared[connection.connection] = {row[0] for row in cursor.fetchall()}
+    if name not in done:
+        if len(done) >= MAX_PER_CONNECTION:
+            return sql
+        with connection.cursor() as cursor:
+            cursor.execute(prepare)  # no parameters: nothing is interpolated
+        done.add(name)
+    return execute
+
+
+def is_missing(error: BaseException) -> bool:
+    """Whether ``error`` names a prepared statement the server does not hold."""
+    return isinstance(getattr(error, "__cause__", None), errors.InvalidSqlStatementName) or isinstance(
+        error, errors.InvalidSqlStatementName
+    )
+
+
+def forget_if_missing(error: DatabaseError) -> None:
+    """After an error naming a missing prepared statement (the session's statements were
+    discarded behind our back): read what the server holds again on next use. The error
+    itself is the caller's to raise."""
+    if is_missing(error) and connection.connection is not None:
+        _prepared.pop(connection.connection, None)
+
+
+def forget_all() -> None:
+    """As for a new connection: what the server holds is read again on next use (tests)."""
+    _prepared.clear()
+
+
+def again_if_missing(operation: Callable[[], T]) -> T:
+    """Run a transaction (``operation``) that executes prepared statements; if one was
+    discarded behind our back, the transaction failed and was rolled back with nothing
+    stored: run it once more, preparing again, instead of failing the request."""
+    try:
+        return operation()
+    except DatabaseError as error:
+        if not is_missing(error):
+            raise
+        forget_if_missing(error)
+    return operation()
