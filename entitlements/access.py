@@ -550,6 +550,48 @@ def consume(
 _STORED_PAYLOAD = f"SELECT payload FROM {Event._meta.db_table} WHERE workspace_id = %(ws)s AND message_id = %(key)s"
 
 
+# Whether this transaction holds its budget's locks: "on" or "off", set (transaction-local) by
+# the statements below so the ones after them in the same message know without a round trip.
+_LOCKED_SETTING = "kana.budget_locked"
+_IF = "current_setting('" + _LOCKED_SETTING + "', true) = '{}'"
+
+
+def _try_locks(lock_names: list[str]) -> str:
+    """Try each lock, in ``lock_keys_statement``'s sorted order, without waiting; "on" if
+    all were granted. Uncontended (the usual case), the budget is then read once, after them."""
+    granted = "'on'"
+    for name in reversed(lock_names):  # nested: the next key is tried only if this one was granted
+        granted = f"CASE WHEN pg_try_advisory_xact_lock(%({name})s) THEN {granted} ELSE 'off' END"
+    return f"SELECT set_config('{_LOCKED_SETTING}', {granted}, true)"
+
+
+def _locked_if_room(budget_sql: str, lock_sql: str) -> str:
+    """When ``_try_locks`` found them held: the budget read before the locks, which waits for
+    them only if it leaves room for the delta; the row of ``budget_sql`` plus a last column,
+    null when the locks were not taken. No row when the locks were granted at once.
+
+    A budget at its limit is where consumes pile up (every one of them refused): a refusal
+    read this way records nothing and waits for no one, so the refusals of a spent budget no
+    longer queue behind each other's round trips. It is a true answer at the moment of its
+    read (under READ COMMITTED the statement sees every consume committed before it), and
+    usage only shrinks under a budget by voids and moves, which a later consume sees. When
+    there is room, the locks are taken and the decision is the one read after them
+    (``_IF_LOCKED``), as before: zero overspend rests on that read alone."""
+    locks = lock_sql.removeprefix("SELECT ")  # pg_advisory_xact_lock(…), … in sorted order
+    # CASE evaluates its THEN only when its WHEN holds; the arguments left to right. A
+    # condition that names no column is checked once, before anything is read.
+    return (
+        f"SELECT b.*, CASE WHEN b.days_used + b.rows_used + b.held + %(room_delta)s <= %(room_limit)s"
+        f" THEN num_nonnulls({locks}, set_config('{_LOCKED_SETTING}', 'on', true)) END"
+        f" FROM ({budget_sql}) AS b (days_used, rows_used, held, members) WHERE {_IF.format('off')}"
+    )
+
+
+# The budget read after the locks, only if they were taken (no row otherwise): a spent
+# budget's refusal reads its usage rows once.
+_IF_LOCKED = "SELECT * FROM ({budget_sql}) AS b WHERE " + _IF.format("on")
+
+
 def _consume_pipelined(
     workspace: Workspace, *, user_id: str, feature_key: str, delta: Decimal, idempotency_key: str
 ) -> tuple[dict, bool]:
@@ -560,7 +602,10 @@ def _consume_pipelined(
     2. one message: ``BEGIN``, the idempotency lookup, the budget's advisory locks, then
        the period's used and held amounts (``reads.budget_statement``): read after the
        locks were granted, each statement with its own snapshot, so they see every consume
-       of this budget that committed before (zero overspend, as with ``atomic``);
+       of this budget that committed before (zero overspend, as with ``atomic``). A hard
+       limit's locks are tried first (``_try_locks``); when another consume holds them, they
+       are waited for only if the budget read before them leaves room (``_locked_if_room``):
+       a spent budget's refusals wait for no lock;
     3. the ledger's event + usage insert carrying the ``COMMIT`` (a refusal or a replay: a
        bare ``COMMIT``).
 
@@ -583,9 +628,13 @@ def _consume_pipelined(
     def once() -> tuple[dict, bool]:
         now = timezone.now()
         lock_sql, params = lock_keys_statement(subject.lock_keys(workspace.pk, feature.pk))
-        statements = [pipelined.BEGIN + _STORED_PAYLOAD, lock_sql]
+        lock_names = list(params)
         params |= {"ws": workspace.pk, "key": idempotency_key}
-        if not isinstance(chosen, Entitlement):
+        statements = [pipelined.BEGIN + reads.prepared(_STORED_PAYLOAD)]
+        refusable = False
+        if isinstance(chosen, Entitlement):
+            statements.append(lock_sql)
+        else:
             offer, subscription = chosen
             period = period_containing(subscription["started_at"], offer.reset_period, now)
             budget_sql, budget_params = reads.budget_statement(
@@ -598,6 +647,14 @@ def _consume_pipelined(
                 end=period[1],
                 now=now,
             )
+            refusable = offer.limit is not None and not offer.overage_enabled
+            if not refusable:
+                statements.append(lock_sql)  # never refused: no read before the locks
+            else:
+                statements.append(reads.prepared(_try_locks(lock_names)))
+                statements.append(reads.prepared(_locked_if_room(budget_sql, lock_sql)))
+                params |= {"room_delta": delta, "room_limit": offer.limit}
+                budget_sql = _IF_LOCKED.format(budget_sql=budget_sql)
             statements.append(reads.prepared(budget_sql))
             params |= budget_params
         with pipelined.transaction():
@@ -615,9 +672,17 @@ def _consume_pipelined(
                 if isinstance(chosen, Entitlement):
                     entitlement = chosen
                 else:
-                    cursor.nextset()  # past the locks
+                    cursor.nextset()  # past the locks (or the tried ones)
+                    before_locks = None
+                    if refusable:
+                        cursor.nextset()
+                        before_locks = cursor.fetchone()  # None: the tried locks were granted
                     cursor.nextset()
-                    used, held, members = reads.budget_of(cursor.fetchone())
+                    budget_row = cursor.fetchone()  # None when the locks were not taken
+                    if before_locks is not None and before_locks[4] is None:
+                        # Refused on what was committed before any lock (see _locked_if_room).
+                        budget_row = before_locks[:4]
+                    used, held, members = reads.budget_of(budget_row)
                     entitlement = _decide(
                         feature, offer, subscription, period=period, members=members, used=used, held=held, delta=delta
                     )

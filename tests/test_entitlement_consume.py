@@ -1,11 +1,17 @@
 """POST /api/v1/entitlements/consume: check and record atomically; never overspends (SPEC §11)."""
 
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime
 
 import pytest
+from django.db import connections
 
-from features.models import Usage
+from entitlements.access import Subject
+from features.models import Feature, Usage
+from kana.locks import lock_keys_statement
+from users.models import EndUser
 
 from .api_support import feature, track
 from .conftest import requires_postgres
@@ -79,3 +85,45 @@ def test_members_of_one_group_racing_for_its_budget_never_overspend_it(transacti
 
     assert sum(a["recorded"] for _, a in results) == 5
     assert check(tenant, "messages", group_id="acme")["consumption"]["used"] == 5
+
+
+def _consume_in_a_thread(pool, tenant, user_id: str, key: str):
+    def run():
+        try:
+            return consume(tenant, user_id, "messages", key).json()
+        finally:
+            connections.close_all()
+
+    return pool.submit(run)
+
+
+@requires_postgres
+@pytest.mark.postgres
+def test_a_spent_budget_refuses_without_waiting_for_its_lock_and_one_with_room_waits(transactional_db, tenant):
+    feature(tenant, "messages")
+    user_with_package(tenant, "spent", 1)
+    user_with_package(tenant, "roomy", 5)
+    assert consume(tenant, "spent", "messages", "s-1").json()["recorded"] is True
+    messages = Feature.objects.for_workspace(tenant.workspace).get(key="messages")
+    lock_ids = []
+    for user_id in ("spent", "roomy"):
+        user_pk = EndUser.objects.for_workspace(tenant.workspace).get(user_id=user_id).pk
+        keys = Subject(user_pk=user_pk).lock_keys(tenant.workspace.pk, messages.pk)
+        lock_ids += lock_keys_statement(keys)[1].values()
+    holder = connections.create_connection("default")  # another session holds both budgets' locks
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute("BEGIN")
+            for lock_id in lock_ids:
+                cursor.execute("SELECT pg_advisory_xact_lock(%s)", [lock_id])
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            refused = _consume_in_a_thread(pool, tenant, "spent", "s-2").result(timeout=10)
+            assert (refused["recorded"], refused["reason"]) == (False, "limit_reached")
+            waiting = _consume_in_a_thread(pool, tenant, "roomy", "r-1")
+            with pytest.raises(FutureTimeout):
+                waiting.result(timeout=1)  # a budget with room is decided under its lock
+            with holder.cursor() as cursor:
+                cursor.execute("ROLLBACK")
+            assert waiting.result(timeout=10)["recorded"] is True
+    finally:
+        holder.close()

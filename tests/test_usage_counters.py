@@ -120,3 +120,19 @@ def test_a_batch_stored_through_copy_moves_the_counters_once_per_statement(tenan
     assert counter_differences(tenant.workspace.pk) == []
     assert sum(counters(tenant.workspace).values()) == sum(range(20))
     assert {key[1] for key in counters(tenant.workspace)} == {feature.pk}
+
+
+def test_the_counters_triggers_survive_every_migration(db):
+    """A later migration that rebuilds ``features_usage`` (SQLite remakes a table to alter a
+    column) would drop the triggers silently; the counters would then stop moving."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(
+                "SELECT tgname FROM pg_trigger WHERE tgrelid = 'features_usage'::regclass AND NOT tgisinternal"
+            )
+        else:
+            cursor.execute("SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'features_usage'")
+        names = {row[0] for row in cursor.fetchall()}
+    assert names == {f"features_usage_counter_{operation}" for operation in ("insert", "update", "delete")}
