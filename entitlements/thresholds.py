@@ -46,8 +46,9 @@ def notify_usage_thresholds(*, limit: int = 500, now=None) -> tuple[int, int]:
         touched = counters.drain_touched_usage(limit)
         for workspace_id, user_pk, feature_id, day in touched:
             days_by_pair[workspace_id, user_pk, feature_id].add(day)
+        fractions = {workspace_id: thresholds(workspace_id) for workspace_id, _, _ in days_by_pair}
         for (workspace_id, user_pk, feature_id), days in sorted(days_by_pair.items()):
-            crossed += _check_pair(workspace_id, user_pk, feature_id, _moments(days, now))
+            crossed += _check_pair(workspace_id, user_pk, feature_id, _moments(days, now), fractions[workspace_id])
     return len(touched), crossed
 
 
@@ -77,13 +78,12 @@ def _budgets(workspace: Workspace, user_pk: int, feature: Feature, at) -> list[E
     return [e for e in found if e.consumption is not None and e.consumption.budget]
 
 
-def _check_pair(workspace_id: int, user_pk: int, feature_id: int, moments: list) -> int:
+def _check_pair(workspace_id: int, user_pk: int, feature_id: int, moments: list, fractions: list[Decimal]) -> int:
     if not EndUser.objects.filter(pk=user_pk).exists():
         return 0  # deleted since
     workspace = Workspace.objects.get(pk=workspace_id)
     feature = Feature.objects.get(pk=feature_id)
     crossed, seen = 0, set()
-    fractions = thresholds(workspace_id)
     for at in moments:
         for budget in _budgets(workspace, user_pk, feature, at):
             if (budget.owner, budget.period[0]) in seen:
