@@ -28,7 +28,7 @@ from features.incoming import Message
 from features.mapping import Decision
 from features.models import Event, EventStatus, Feature, FeatureType, MessageType
 from kana.db import pipelined
-from kana.locks import lock_keys, lock_keys_statement
+from kana.locks import lock_keys, lock_keys_expressions
 from kana.models import Workspace
 from kana.retries import run_with_retries
 from users import selectors as user_selectors
@@ -557,7 +557,7 @@ _IF = "current_setting('" + _LOCKED_SETTING + "', true) = '{}'"
 
 
 def _try_locks(lock_names: list[str]) -> str:
-    """Try each lock, in ``lock_keys_statement``'s sorted order, without waiting; "on" if
+    """Try each lock, in ``lock_keys_expressions``'s sorted order, without waiting; "on" if
     all were granted. Uncontended (the usual case), the budget is then read once, after them."""
     granted = "'on'"
     for name in reversed(lock_names):  # nested: the next key is tried only if this one was granted
@@ -565,7 +565,7 @@ def _try_locks(lock_names: list[str]) -> str:
     return f"SELECT set_config('{_LOCKED_SETTING}', {granted}, true)"
 
 
-def _locked_if_room(budget_sql: str, lock_sql: str) -> str:
+def _locked_if_room(budget_sql: str, locks: str) -> str:
     """When ``_try_locks`` found them held: the budget read before the locks, which waits for
     them only if it leaves room for the delta; the row of ``budget_sql`` plus a last column,
     null when the locks were not taken. No row when the locks were granted at once.
@@ -577,7 +577,7 @@ def _locked_if_room(budget_sql: str, lock_sql: str) -> str:
     usage only shrinks under a budget by voids and moves, which a later consume sees. When
     there is room, the locks are taken and the decision is the one read after them
     (``_IF_LOCKED``), as before: zero overspend rests on that read alone."""
-    locks = lock_sql.removeprefix("SELECT ")  # pg_advisory_xact_lock(…), … in sorted order
+    # ``locks``: pg_advisory_xact_lock(…), … in sorted order (kana.locks.lock_keys_expressions).
     # CASE evaluates its THEN only when its WHEN holds; the arguments left to right. A
     # condition that names no column is checked once, before anything is read.
     return (
@@ -627,7 +627,8 @@ def _consume_pipelined(
 
     def once() -> tuple[dict, bool]:
         now = timezone.now()
-        lock_sql, params = lock_keys_statement(subject.lock_keys(workspace.pk, feature.pk))
+        lock_expressions, params = lock_keys_expressions(subject.lock_keys(workspace.pk, feature.pk))
+        lock_sql = "SELECT " + lock_expressions
         lock_names = list(params)
         params |= {"ws": workspace.pk, "key": idempotency_key}
         statements = [pipelined.BEGIN + reads.prepared(_STORED_PAYLOAD)]
@@ -652,7 +653,7 @@ def _consume_pipelined(
                 statements.append(lock_sql)  # never refused: no read before the locks
             else:
                 statements.append(reads.prepared(_try_locks(lock_names)))
-                statements.append(reads.prepared(_locked_if_room(budget_sql, lock_sql)))
+                statements.append(reads.prepared(_locked_if_room(budget_sql, lock_expressions)))
                 params |= {"room_delta": delta, "room_limit": offer.limit}
                 budget_sql = _IF_LOCKED.format(budget_sql=budget_sql)
             statements.append(reads.prepared(budget_sql))

@@ -72,10 +72,17 @@ def lock_keys(keys: list[str]) -> None:
 def lock_keys_statement(keys: list[str]) -> tuple[str, dict]:
     """``lock_keys``'s statement (PostgreSQL), with named parameters, for a caller that sends
     it in one message with other statements."""
+    expressions, params = lock_keys_expressions(keys)
+    return "SELECT " + expressions, params
+
+
+def lock_keys_expressions(keys: list[str]) -> tuple[str, dict]:
+    """``pg_advisory_xact_lock(%(lock0)s), …`` in sorted key order, with their parameters: for
+    a caller that takes the locks inside a statement of its own (e.g. only in some CASE)."""
     ids = sorted({_key_to_bigint(k) for k in keys})
     params = {f"lock{n}": lock_id for n, lock_id in enumerate(ids)}
-    # Target-list items are evaluated left to right: the locks are taken in sorted order.
-    return "SELECT " + ", ".join(f"pg_advisory_xact_lock(%({name})s)" for name in params), params
+    # Target-list items (and a CASE's arguments) are evaluated left to right: sorted order.
+    return ", ".join(f"pg_advisory_xact_lock(%({name})s)" for name in params), params
 
 
 def lock_rules_shared_and_read(
