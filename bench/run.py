@@ -69,7 +69,13 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run with smaller sizes")
     parser.add_argument("--only", default="", help="comma-separated scenario ids to run, e.g. S4,S5")
-    parser.add_argument("--workers", type=int, default=4, help="gunicorn sync workers (default 4)")
+    parser.add_argument("--workers", type=int, default=4, help="gunicorn workers (default 4)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="threads per gunicorn worker; above 1 the workers are gthread instead of sync (default 1)",
+    )
     parser.add_argument("--connections", type=int, default=16, help="client connections (default 16)")
     parser.add_argument("--duration", type=float, help="measured seconds per HTTP scenario")
     parser.add_argument("--events", type=int, help="stored unmapped events for S4 (and rows for B-copy/B-update)")

@@ -189,8 +189,11 @@ class Bench:
             self.server_version = cursor.fetchone()[0]
         self.bulk_conn = psycopg.connect(self.env["DATABASE_URL"].replace("postgres://", "postgresql://"))
         self.seed()
-        self.log(f"starting gunicorn ({self.args.workers} sync workers) and a Celery worker")
-        self.services["app"] = stack.gunicorn(self.env, self.port, self.args.workers, self.log_dir)
+        model = f"gthread, {self.args.threads} threads each" if self.args.threads > 1 else "sync"
+        self.log(f"starting gunicorn ({self.args.workers} workers, {model}) and a Celery worker")
+        self.services["app"] = stack.gunicorn(
+            self.env, self.port, self.args.workers, self.log_dir, threads=self.args.threads
+        )
         self.services["worker"] = stack.celery_worker(self.env, self.log_dir)
         stack.wait_for_http(self.port)
         self.wait_for_jobs(timeout=120)
@@ -1047,6 +1050,7 @@ class Bench:
                 "mode": "quick" if self.args.quick else "full",
                 "sizes": self.sizes,
                 "workers": self.args.workers,
+                "threads_per_worker": self.args.threads,
                 "connections": self.args.connections,
                 "machine": machine,
                 "scenarios": [row.as_scenario() for row in self.rows if row.target],

@@ -97,14 +97,18 @@ class Service:
             return ""
 
 
-def gunicorn(env: dict, port: int, workers: int, log_dir: Path) -> Service:
+def gunicorn(env: dict, port: int, workers: int, log_dir: Path, *, threads: int = 1) -> Service:
+    """gunicorn as the README runs it: sync workers, or gthread workers when ``threads`` > 1
+    (the bench's ``--threads``, to compare the worker models on the same code)."""
     argv = [
         sys.executable,
         "-m",
         "gunicorn",
         "kana.wsgi:application",
         "--worker-class",
-        "sync",
+        "gthread" if threads > 1 else "sync",
+        "--threads",
+        str(threads),
         "--workers",
         str(workers),
         "--bind",
