@@ -192,6 +192,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "webhooks.tasks.send_due_deliveries",
         "schedule": SWEEP_INTERVAL_SECONDS,
     },
+    "prune-webhook-history": {
+        "task": "webhooks.tasks.prune_history",
+        "schedule": 24 * 3600.0,
+    },
 }
 # Fractions of a budget whose crossing is notified (usage.threshold_reached; 1.0 also sends
 # usage.limit_reached), once per subject, feature, period and threshold.
@@ -215,6 +219,9 @@ KANA_WEBHOOK_TIMEOUT_SECONDS = env_int("KANA_WEBHOOK_TIMEOUT_SECONDS", 10)
 KANA_WEBHOOK_BACKOFF_BASE_SECONDS = env_int("KANA_WEBHOOK_BACKOFF_BASE_SECONDS", 30)
 KANA_WEBHOOK_BACKOFF_MAX_SECONDS = env_int("KANA_WEBHOOK_BACKOFF_MAX_SECONDS", 3600)
 KANA_WEBHOOK_RETRY_WINDOW_SECONDS = env_int("KANA_WEBHOOK_RETRY_WINDOW_SECONDS", 24 * 3600)
+# Webhook events, deliveries and attempts older than this are pruned daily (webhooks.retention);
+# 0 keeps them forever.
+KANA_WEBHOOK_HISTORY_DAYS = env_int("KANA_WEBHOOK_HISTORY_DAYS", 30)
 # An egress proxy for deliveries (e.g. one that keeps them off the internal network); by
 # default they go straight out, whatever http_proxy says.
 KANA_WEBHOOK_PROXY = os.environ.get("KANA_WEBHOOK_PROXY", "")

@@ -4,7 +4,7 @@ from celery import shared_task
 
 from kana import jobs
 
-from . import delivery
+from . import delivery, retention
 
 # One sweep sends for at most this long, then gives the worker back; the next sweep goes on.
 SWEEP_BUDGET_SECONDS = 30
@@ -31,3 +31,10 @@ def send_due_deliveries() -> int:
 
 
 jobs.sweep_when_a_worker_starts(send_due_deliveries)
+
+
+@shared_task(acks_late=True, ignore_result=True, expires=3600, soft_time_limit=360, time_limit=420)
+def prune_history() -> int:
+    """Daily: delete webhook history past ``KANA_WEBHOOK_HISTORY_DAYS`` (``webhooks.retention``);
+    what one run leaves (a budget of five minutes) the next one takes."""
+    return retention.prune_history(time_budget_seconds=300)
