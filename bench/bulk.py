@@ -23,12 +23,12 @@ TIME = "2026-01-15 10:00:00+00"
 
 # A track event as the app stores it; %-placeholders: external userId, messageId, a number.
 _EVENT_PAYLOAD = (
-    '{"type":"track","event":"Report Exported","userId":"%(uid)s","messageId":"%(mid)s",'
+    '{"type":"track","event":"%(name)s","userId":"%(uid)s","messageId":"%(mid)s",'
     '"timestamp":"2026-01-15T10:00:00.000Z","properties":{"plan":{"tier":"pro"},"format":"pdf","pages":%(n)d},'
     '"context":{"library":{"name":"analytics-node","version":"6.2.0"}}}'
 )
 _EVENT_ROW = (
-    "%(ws)d\t%(mid)s\ttrack\tReport Exported\t%(user_pk)d\t%(uid)s\t"
+    "%(ws)d\t%(mid)s\ttrack\t%(name)s\t%(user_pk)d\t%(uid)s\t"
     + _EVENT_PAYLOAD
     + "\t"
     + TIME
@@ -39,16 +39,17 @@ _EVENT_ROW = (
 )
 
 
-def unmapped_event_chunks(*, workspace_id: int, prefix: str, count: int, users: list[tuple[int, str]]) -> list[bytes]:
-    """``count`` unmapped "Report Exported" events spread over ``users`` (pk, userId)."""
+def unmapped_event_chunks(
+    *, workspace_id: int, prefix: str, count: int, users: list[tuple[int, str]], name: str = "Report Exported"
+) -> list[bytes]:
+    """``count`` unmapped ``name`` events spread over ``users`` (pk, userId)."""
     chunks = []
     for start in range(0, count, ROWS_PER_CHUNK):
         buffer = io.StringIO()
         for i in range(start, min(count, start + ROWS_PER_CHUNK)):
             user_pk, uid = users[i % len(users)]
-            buffer.write(
-                _EVENT_ROW % {"ws": workspace_id, "mid": f"{prefix}-{i}", "user_pk": user_pk, "uid": uid, "n": i % 50}
-            )
+            row = {"ws": workspace_id, "mid": f"{prefix}-{i}", "user_pk": user_pk, "uid": uid, "n": i % 50}
+            buffer.write(_EVENT_ROW % {**row, "name": name})
         chunks.append(buffer.getvalue().encode())
     return chunks
 

@@ -71,6 +71,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--only", default="", help="comma-separated scenario ids to run, e.g. S4,S5")
     parser.add_argument("--workers", type=int, default=4, help="gunicorn workers (default 4)")
     parser.add_argument(
+        "--stored",
+        type=int,
+        default=0,
+        help="events already stored in each HTTP scenario's workspace before it runs (with one "
+        "extra user per 25 of them), to compare the per-request cost at 1x and 10x data (default 0)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,

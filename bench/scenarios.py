@@ -274,8 +274,26 @@ class Bench:
             ),
         )
         bulk.load_users(self.bulk_conn, self.t4.pk, ((self.t4.pk, f"s4-u{i}", "", "", "") for i in range(S4_USERS)))
+        if self.args.stored:
+            self.preload_history(self.args.stored)
         for table in ("users_enduser", "users_useridentity"):
             bulk.vacuum_analyze(self.bulk_conn, table)
+
+    def preload_history(self, count: int) -> None:
+        """``--stored``: each HTTP scenario's workspace starts with ``count`` stored events of
+        its own (an event name no rule maps, so no reprocessing picks them up) and one more user
+        per 25 events, so a run at 10x data shows whether the cost per request grows with it."""
+        self.log(f"storing {count:,} older events and {count // 25:,} more users in each HTTP workspace")
+        for tenant in (self.t1, self.t2, self.t3):
+            bulk.load_users(
+                self.bulk_conn, tenant.pk, ((tenant.pk, f"old-{i}", "", "", "") for i in range(max(1, count // 25)))
+            )
+            owners = [key for key in bulk.user_keys(self.bulk_conn, tenant.pk) if key[1].startswith("old-")]
+            chunks = bulk.unmapped_event_chunks(
+                workspace_id=tenant.pk, prefix="old", count=count, users=owners, name="Page Viewed"
+            )
+            bulk.copy_chunks(self.bulk_conn, "features_event", bulk.EVENT_COLUMNS, chunks)
+        bulk.vacuum_analyze(self.bulk_conn, "features_event")
 
     def wait_for_jobs(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -1051,6 +1069,7 @@ class Bench:
                 "sizes": self.sizes,
                 "workers": self.args.workers,
                 "threads_per_worker": self.args.threads,
+                "stored_events_per_workspace": self.args.stored,
                 "connections": self.args.connections,
                 "machine": machine,
                 "scenarios": [row.as_scenario() for row in self.rows if row.target],
