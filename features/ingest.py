@@ -109,6 +109,7 @@ def _record_usage(
         anonymous_ids,
         begin=pipelined_transaction,
         with_users=pipelined_transaction,
+        prepare=True,  # ingest_usage_messages runs this under prepared.again_if_missing
     )
     fresh, first = _fresh_and_suppressed(messages, known.replayed, known.suppressed)
     if fresh:

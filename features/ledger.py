@@ -308,6 +308,28 @@ def _known_ids_sql(
     return " UNION ALL ".join(branches), params
 
 
+def _single_known_ids_sql(
+    workspace: Workspace, message_id: str, user_id: str | None, anonymous_id: str | None, with_users: bool = False
+) -> tuple[str, list]:
+    """``_known_ids_sql`` for one message (at most one userId or anonymousId; PostgreSQL): each
+    branch compares both columns of a ``(workspace, value)`` unique constraint with ``=``, the
+    form a generic plan (``kana.db.prepared``) reads as at most one row: the unique index's
+    probe, unless the table looked empty when the plan was made (see
+    ``lock_rules_and_find_replays``). The users' tables have no other workspace index
+    (users migrations 0005 and 0006). Rows are ``_known_ids_sql``'s."""
+    wanted = [("message_id, 0, ''", _EVENT_TABLE, "message_id", message_id)]
+    if user_id is not None:
+        wanted.append(("user_id, 1, ''", Suppression._meta.db_table, "user_id", user_id))
+    if anonymous_id is not None:
+        wanted.append(("anonymous_id, 2, user_id", AnonymousLink._meta.db_table, "anonymous_id", anonymous_id))
+    if with_users and user_id is not None:
+        wanted.append(("external_id, 3, user_id::text", UserIdentity._meta.db_table, "external_id", user_id))
+    sql = " UNION ALL ".join(
+        f"SELECT {select} FROM {table} WHERE workspace_id = %s AND {column} = %s" for select, table, column, _ in wanted
+    )
+    return sql, [value for *_, value in wanted for value in (workspace.pk, value)]
+
+
 def _known_ids(rows: list[tuple], with_users: bool = False) -> KnownIds:
     known = KnownIds(set(), set(), {}, {} if with_users else None)
     for value, kind, linked in rows:
@@ -322,6 +344,11 @@ def _known_ids(rows: list[tuple], with_users: bool = False) -> KnownIds:
     return known
 
 
+# Uses of a connection's prepared single-message read before it is prepared again (one
+# round trip): bounds how long a generic plan made on a near-empty table can last.
+READ_REPLAN_EVERY = 1000
+
+
 def lock_rules_and_find_replays(
     workspace: Workspace,
     message_ids: set[str],
@@ -330,16 +357,34 @@ def lock_rules_and_find_replays(
     *,
     begin: bool = False,
     with_users: bool = False,
+    prepare: bool = False,
 ) -> tuple[int, KnownIds]:
     """The rules version (under the shared rules lock) and ``known_ids``, in one round trip:
     this runs for every message Segment sends one at a time. ``begin``: the round trip also
     opens the transaction (inside ``kana.db.pipelined.transaction``); ``with_users``: the
-    read also maps ``user_ids`` to their users (``KnownIds.users``)."""
-    sql, params = _known_ids_sql(workspace, message_ids, user_ids, anonymous_ids, with_users)
-    # Not prepared: its generic plan, once chosen while the tables are small, probes the
-    # (workspace, received_at) index and filters every event of the workspace until the next
-    # ANALYZE; measured 1.5 -> 4.7 ms of PostgreSQL per track as the table grew (docs/performance.md,
-    # "Round 5: s1prep"). The insert's generic plan has no such choice to make.
+    read also maps ``user_ids`` to their users (``KnownIds.users``). ``prepare``: one
+    message's read is a prepared statement (``kana.db.prepared``); a caller that passes it
+    re-runs its transaction once when ``prepared.is_missing`` its error."""
+    single = len(message_ids) == 1 and len(user_ids) <= 1 and len(anonymous_ids) <= 1
+    if prepare and single and connection.vendor == "postgresql":
+        # A single message (Segment sends most one at a time): the form whose every plan is
+        # a unique-index probe, prepared. Parsing and planning the array form was about half
+        # of the read's PostgreSQL time (docs/performance.md, "Round 6: s1pg").
+        (message_id,) = message_ids
+        sql, params = _single_known_ids_sql(
+            workspace, message_id, next(iter(user_ids), None), next(iter(anonymous_ids), None), with_users
+        )
+        # Its PREPARE, if any, goes before the transaction opens. Prepared again every
+        # READ_REPLAN_EVERY uses: a generic plan made while the events were few (a new
+        # database) may tie the unique index with a workspace-leading one at one estimated
+        # row, and keep scanning with the latter as the events grow, until an ANALYZE.
+        sql = prepared.statement(sql, replan_every=READ_REPLAN_EVERY)
+    else:
+        # Not prepared: the array form's generic plan, once chosen while the tables are
+        # small, probes the (workspace, received_at) index and filters every event of the
+        # workspace until the next ANALYZE; measured 1.5 -> 4.7 ms of PostgreSQL per track as
+        # the table grew (docs/performance.md, "Round 5: s1prep").
+        sql, params = _known_ids_sql(workspace, message_ids, user_ids, anonymous_ids, with_users)
     version, rows = lock_rules_shared_and_read(workspace.pk, sql, params, begin=begin)
     return version, _known_ids(rows, with_users)
 

@@ -112,6 +112,7 @@ def test_a_single_track_for_a_known_user_is_two_round_trips(warm):
     sent = _round_trips(lambda: warm.track("known", "Report Exported"))
     assert len(sent) == 2
     assert sent[0].startswith("BEGIN; SELECT pg_advisory_xact_lock_shared")
+    assert sent[0].split("; ")[-1].startswith("EXECUTE kana_")  # the replay and userId read, prepared
     assert sent[1].startswith("EXECUTE kana_") and sent[1].endswith("; COMMIT")
     assert Usage.objects.filter(user__user_id="known").count() == 2
 
@@ -152,9 +153,10 @@ def test_a_track_batch_for_known_users_is_one_transaction_of_fixed_round_trips(w
     assert Usage.objects.filter(user__user_id__startswith="known-").count() == 2 * count
 
 
-# The single track's insert is prepared once per connection (kana.db.prepared): the first
-# track on a connection reads what the server holds and PREPAREs it in a round trip of its
-# own; every later one sends only the two round trips above.
+# The single track's replay read and insert are prepared once per connection
+# (kana.db.prepared): the first track on a connection reads what the server holds and
+# PREPAREs each in a round trip of its own (the read's before the transaction opens); every
+# later one sends only the two round trips above.
 def _first_words(sent: list[str]) -> list[str]:
     return [sql.split()[0] for sql in sent]
 
@@ -168,8 +170,8 @@ def test_a_single_track_s_statements_are_prepared_once_per_connection(warm):
         cursor.execute("DEALLOCATE ALL")
     prepared.forget_all()
     first = _round_trips(lambda: warm.track("known", "Report Exported"))
-    # BEGIN: the lock and the replay check; SELECT: what the server holds; then the insert.
-    assert _first_words(first) == ["BEGIN;", "SELECT", "PREPARE", "EXECUTE"]
+    # SELECT: what the server holds; the read's PREPARE; BEGIN: the lock and the read; the insert's.
+    assert _first_words(first) == ["SELECT", "PREPARE", "BEGIN;", "PREPARE", "EXECUTE"]
     assert first[-1].endswith("; COMMIT")
     assert _first_words(_round_trips(lambda: warm.track("known", "Report Exported"))) == ["BEGIN;", "EXECUTE"]
     assert Usage.objects.filter(user__user_id="known").count() == 3
@@ -210,3 +212,4 @@ def test_only_a_single_event_s_insert_is_prepared(warm):
     assert warm.batch(tracks(2, "pair")).status_code == 200  # creates the users
     sent = _round_trips(lambda: warm.batch(tracks(2, "pair")))
     assert _first_words(sent) == ["BEGIN;", "WITH"]  # a 2-event insert is not prepared
+    assert "EXECUTE" not in sent[0]  # nor a 2-message read (its array form's plan could scan)

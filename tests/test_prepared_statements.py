@@ -56,3 +56,33 @@ def test_no_more_than_the_cap_is_prepared_on_a_connection(monkeypatch):
 def test_nothing_is_prepared_off_postgresql_or_without_kept_connections(monkeypatch):
     monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", 0)
     assert prepared.statement("SELECT %s") == "SELECT %s"
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_statement_with_replan_every_is_prepared_again_after_that_many_uses(django_assert_num_queries):
+    """A generic plan is kept until an ANALYZE; one made while a table was empty can tie the
+    right index with a wrong one (docs/performance.md, "Round 6: s1pg"): ``replan_every``
+    bounds how long it lasts, one round trip per that many uses."""
+    prepared.forget_all()
+    sql = "SELECT %s::int * 2"
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")
+        with django_assert_num_queries(2):  # what the server holds, then PREPARE
+            execute = prepared.statement(sql, replan_every=3)
+        cursor.execute(execute, [4])
+        for _ in range(2):
+            with django_assert_num_queries(0):
+                assert prepared.statement(sql, replan_every=3) == execute
+            cursor.execute(execute, [4])
+        cursor.execute("SELECT prepare_time FROM pg_prepared_statements WHERE name = %s", [prepared._shape(sql)[0]])
+        (first_prepared,) = cursor.fetchone()
+        with django_assert_num_queries(1) as captured:  # the 4th use: DEALLOCATE and PREPARE again
+            assert prepared.statement(sql, replan_every=3) == execute
+        assert captured.captured_queries[0]["sql"].startswith("DEALLOCATE ")
+        cursor.execute(execute, [5])
+        assert cursor.fetchone() == (10,)
+        cursor.execute("SELECT prepare_time FROM pg_prepared_statements WHERE name = %s", [prepared._shape(sql)[0]])
+        assert cursor.fetchone()[0] > first_prepared
+        with django_assert_num_queries(0):
+            prepared.statement(sql, replan_every=3)

@@ -7,9 +7,11 @@ through a workspace-leading index and filtering them: a read that grew with the 
 (docs/performance.md, "Round 5: s3batch").
 """
 
+import pytest
 from django.db import connection
 
-from features.ledger import _known_ids_sql
+from features.ledger import _known_ids_sql, _single_known_ids_sql
+from kana.db import prepared
 
 from .conftest import make_tenant, requires_postgres
 
@@ -62,3 +64,60 @@ def test_a_batch_s_replay_check_probes_the_unique_index_when_statistics_lag(tena
         assert _indexes_of(node) == {"event_unique_message_id"}, node
         assert node.get("Rows Removed by Filter", 0) == 0, node
     assert {value for value, kind, _ in rows if kind == 0} == {f"new-{i}" for i in range(4990, 5001)}
+
+
+def _scan_nodes(plan: dict):
+    if "Relation Name" in plan:
+        yield plan
+    for child in plan.get("Plans", []):
+        yield from _scan_nodes(child)
+
+
+# Each table the single message's read asks, and the unique index that answers for it.
+_UNIQUE_INDEXES = {
+    "features_event": "event_unique_message_id",
+    "users_suppression": "suppression_unique_user_id",
+    "users_anonymouslink": "anonymous_link_unique_anonymous_id",
+    "users_useridentity": "identity_unique_external_id",
+}
+
+
+@requires_postgres
+@pytest.mark.parametrize("sender", ["userId", "anonymousId"])
+def test_a_single_message_s_prepared_read_probes_unique_indexes_even_with_a_generic_plan(tenant, sender):
+    """The single track's read is prepared (``kana.db.prepared``); PostgreSQL may then run a
+    generic plan, made without the values, for good. Every branch of it must still probe its
+    unique index, with statistics from when the tables were small, whatever the workspace."""
+    _store_events(tenant.workspace.pk, "old-", 300)
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE features_event")
+    grown = make_tenant("Grown fast")
+    _store_events(grown.workspace.pk, "new-", 5000)
+    user_id, anonymous_id = ("u1", None) if sender == "userId" else (None, "anon-1")
+    sql, params = _single_known_ids_sql(grown.workspace, "new-4999", user_id, anonymous_id, with_users=True)
+    name, prepare, execute = prepared._shape(sql)
+    with connection.cursor() as cursor:
+        cursor.execute(prepare)
+        try:
+            cursor.execute("SET plan_cache_mode = force_generic_plan")
+            cursor.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + execute, params)
+            (plan,) = cursor.fetchone()[0]
+            cursor.execute(execute, params)
+            rows = cursor.fetchall()
+        finally:
+            cursor.execute("RESET plan_cache_mode")
+            cursor.execute(f"DEALLOCATE {name}")
+    nodes = list(_scan_nodes(plan["Plan"]))
+    expected = (
+        {"features_event", "users_useridentity", "users_suppression"}
+        if user_id
+        else {
+            "features_event",
+            "users_anonymouslink",
+        }
+    )
+    assert {node["Relation Name"] for node in nodes} == expected
+    for node in nodes:
+        assert _indexes_of(node) == {_UNIQUE_INDEXES[node["Relation Name"]]}, node
+        assert node.get("Rows Removed by Filter", 0) == 0, node
+    assert rows == [("new-4999", 0, "")]

@@ -190,7 +190,8 @@ class Suppression(models.Model):
     not stored (Segment's suppress-and-delete). Written by ``users.services.delete_user`` in
     the deletion's transaction; read by ingest with one indexed lookup per run of messages."""
 
-    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+")
+    # No index of its own: the unique (workspace, …) index leads with it (migration 0006).
+    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+", db_index=False)
     user_id = models.CharField(max_length=255)
     created_at = models.DateTimeField(default=timezone.now)
 
@@ -206,7 +207,8 @@ class AnonymousLink(models.Model):
     straight to that userId's user. Keeps the userId, not the user, so merges and unmerges
     need not touch it: the userId resolves to whoever holds it now. The first link wins."""
 
-    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+")
+    # No index of its own: the unique (workspace, …) index leads with it (migration 0006).
+    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+", db_index=False)
     anonymous_id = models.CharField(max_length=255)
     user_id = models.CharField(max_length=255)
     created_at = models.DateTimeField(default=timezone.now)

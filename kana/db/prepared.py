@@ -16,6 +16,13 @@ What a caller must know:
   PostgreSQL, and once a connection holds ``MAX_PER_CONNECTION`` statements (a statement
   whose text varies with its input must not fill the server's memory: callers prepare only
   shapes of a bounded number, this is the backstop).
+- ``statement(sql, replan_every=n)``: the statement is prepared again (``DEALLOCATE`` and
+  ``PREPARE`` in a round trip of their own) after every ``n`` uses on a connection. A
+  generic plan is made once and kept until an ``ANALYZE`` or DDL invalidates it, with the
+  table's size as it was then: one made while a table was empty (and never analyzed) may
+  pick any index that ties at one estimated row, and scan with it as the table grows.
+  Preparing again makes the plan anew from the table's current size; the cost is one
+  round trip per ``n`` uses.
 - A statement discarded behind our back (``DEALLOCATE ALL``, a pooler's new session) fails
   with ``InvalidSqlStatementName``; ``forget_if_missing(error)`` makes the next use prepare
   again, and ``again_if_missing`` re-runs a caller's transaction once.
@@ -41,6 +48,8 @@ _PREFIX_PATTERN = r"kana\_%"
 _PARAMETER = re.compile(r"%%|%\((\w+)\)s|%s")
 # psycopg connection -> names of the statements prepared on it (read from the server first).
 _prepared: "weakref.WeakKeyDictionary[object, set[str]]" = weakref.WeakKeyDictionary()
+# psycopg connection -> uses since it was prepared, of the statements prepared with ``replan_every``.
+_uses: "weakref.WeakKeyDictionary[object, dict[str, int]]" = weakref.WeakKeyDictionary()
 
 
 @functools.lru_cache(maxsize=256)
@@ -70,10 +79,11 @@ def _shape(sql: str) -> tuple[str, str, str]:
     return name, f"PREPARE {name} AS {numbered}", execute
 
 
-def statement(sql: str) -> str:
+def statement(sql: str, *, replan_every: int | None = None) -> str:
     """``EXECUTE`` of ``sql`` (its parameters as given to ``cursor.execute``), prepared on this
-    connection first if it is not yet (one round trip, once per connection and shape); ``sql``
-    itself when nothing is to be prepared (see the module docstring)."""
+    connection first if it is not yet (one round trip, once per connection and shape, and
+    once per ``replan_every`` uses when given); ``sql`` itself when nothing is to be prepared
+    (see the module docstring)."""
     if connection.vendor != "postgresql" or connection.settings_dict.get("CONN_MAX_AGE") == 0:
         return sql
     name, prepare, execute = _shape(sql)
@@ -90,6 +100,15 @@ def statement(sql: str) -> str:
         with connection.cursor() as cursor:
             cursor.execute(prepare)  # no parameters: nothing is interpolated
         done.add(name)
+        if replan_every:
+            _uses.setdefault(connection.connection, {})[name] = 0
+    if replan_every:
+        uses = _uses.setdefault(connection.connection, {})
+        if uses.get(name, 0) >= replan_every:
+            with connection.cursor() as cursor:
+                cursor.execute(f"DEALLOCATE {name}; {prepare}")
+            uses[name] = 0
+        uses[name] = uses.get(name, 0) + 1
     return execute
 
 
@@ -106,11 +125,13 @@ def forget_if_missing(error: DatabaseError) -> None:
     itself is the caller's to raise."""
     if is_missing(error) and connection.connection is not None:
         _prepared.pop(connection.connection, None)
+        _uses.pop(connection.connection, None)
 
 
 def forget_all() -> None:
     """As for a new connection: what the server holds is read again on next use (tests)."""
     _prepared.clear()
+    _uses.clear()
 
 
 def again_if_missing(operation: Callable[[], T]) -> T:
