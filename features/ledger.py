@@ -641,10 +641,14 @@ def void_event(*, event: Event, reason: str, voided_at) -> list[dict]:
 # --- Merges: a user's events and usage follow it into the survivor -----------------------
 
 
-def reassign_user(*, workspace_id: int, absorbed_pk: int, survivor_pk: int) -> None:
-    """Move the absorbed user's events and usage to the survivor."""
-    Event.objects.for_workspace(workspace_id).filter(user_id=absorbed_pk).update(user_id=survivor_pk)
-    Usage.objects.for_workspace(workspace_id).filter(user_id=absorbed_pk).update(user_id=survivor_pk)
+def reassign_user(*, workspace_id: int, absorbed_pk: int, survivor_pk: int) -> list[pipelined.Step]:
+    """The statements that move the absorbed user's events and usage to the survivor: the
+    merge sends them in its own message (``users.signals.user_absorbed``)."""
+    params = [survivor_pk, workspace_id, absorbed_pk]
+    return [
+        pipelined.Step(f"UPDATE {table} SET user_id = %s WHERE workspace_id = %s AND user_id = %s", params)
+        for table in (_EVENT_TABLE, _USAGE_TABLE)
+    ]
 
 
 # What anonymising a kept event removes from its payload: who sent it. ``properties`` stay:
@@ -683,8 +687,10 @@ def _on_user_deleting(sender, *, workspace_id: int, user_pk: int, keep_events: b
 
 
 @receiver(user_absorbed, dispatch_uid="features.ledger.reassign_user")
-def _on_user_absorbed(sender, *, workspace_id: int, absorbed_pk: int, survivor_pk: int, **kwargs) -> None:
-    reassign_user(workspace_id=workspace_id, absorbed_pk=absorbed_pk, survivor_pk=survivor_pk)
+def _on_user_absorbed(
+    sender, *, workspace_id: int, absorbed_pk: int, survivor_pk: int, **kwargs
+) -> list[pipelined.Step]:
+    return reassign_user(workspace_id=workspace_id, absorbed_pk=absorbed_pk, survivor_pk=survivor_pk)
 
 
 def restore_user_events(*, workspace_id: int, restored_pk: int, survivor_pk: int, user_ids: list[str]) -> None:

@@ -54,15 +54,14 @@ def known(segment):
     return EndUser.objects.get(user_id="known")
 
 
-def _receivers_statements(tenant) -> int:
+def _receivers_steps(tenant) -> int:
     """The statements the ``user_absorbed`` receivers (features, entitlements, webhooks: other
-    layers' moves) send for a merge of users with nothing to move, counted apart so that the
-    merge's own round trips are what these tests pin."""
+    layers' moves) hand to the merge for its message; they send none themselves."""
     with transaction.atomic(), CaptureQueriesContext(connection) as captured:
-        user_absorbed.send(EndUser, workspace_id=tenant.workspace.pk, absorbed_pk=-1, survivor_pk=-2)
-    return len(
-        [q for q in captured.captured_queries if not q["sql"].startswith(("SAVEPOINT", "RELEASE", "BEGIN", "COMMIT"))]
-    )
+        responses = user_absorbed.send(EndUser, workspace_id=tenant.workspace.pk, absorbed_pk=-1, survivor_pk=-2)
+    transaction_control = ("SAVEPOINT", "RELEASE", "BEGIN", "COMMIT")
+    assert [q for q in captured.captured_queries if not q["sql"].startswith(transaction_control)] == []
+    return sum(len(steps) for _receiver, steps in responses)
 
 
 def _opens_with_locks_and_reads(sent):
@@ -127,12 +126,17 @@ def test_an_identify_merging_a_bare_user_runs_again_in_atomic_with_set_based_mov
     _identify(segment, "mrg", {"name": "Merging"}, "seed")
     bare = _bare(tenant, "mrgbare@example.com", "cus_2")
     sent, _ = _identify(segment, "mrg", {"email": "mrgbare@example.com"}, "m-merge")
-    # The pipelined attempt and its ROLLBACK, then the same steps in atomic (was 31): BEGIN,
-    # locks + reads, the merge (its two reads, the ledger row, the receivers' six moves, its
-    # own moves and deletion in one), the survivor's write, the event, COMMIT.
+    # The pipelined attempt and its ROLLBACK, then the same steps in atomic (was 31, then 17):
+    # BEGIN, locks + reads, the merge (its two reads, the ledger row, then one message with
+    # the receivers' moves, its own moves and the absorbed row's deletion), the survivor's
+    # write, the event, COMMIT.
     assert sent[1] == "ROLLBACK" and sent[2] == "BEGIN" and sent[-1] == "COMMIT"
     assert sent[3].startswith("SELECT pg_advisory_xact_lock(") and "FOR UPDATE" in sent[3]
-    assert len(sent) == 10 + _receivers_statements(tenant)  # six receivers' statements when this was written
+    assert len(sent) == 10
+    moves = next(sql for sql in sent if "DELETE FROM users_enduser" in sql)
+    assert _receivers_steps(tenant) == 7  # events, usage; subscriptions (noted, moved), holds (2); endpoints
+    assert moves.count(";") == 7 + 4  # those seven, then the merge's own five
+    assert moves.index("UPDATE features_event") < moves.index("DELETE FROM users_enduser")
     survivor = EndUser.objects.get(user_id="mrg")
     assert not EndUser.objects.filter(pk=bare.pk).exists()
     assert MergeRecord.objects.get(absorbed_id=bare.pk).survivor_id == survivor.pk
@@ -156,7 +160,8 @@ def test_a_merge_in_a_transaction_moves_the_absorbed_user_in_a_few_statements(
     bare = _bare(tenant, "mrgbare@example.com", "cus_2")
     # Inside the test's transaction: savepoints, not the pipelined path. The merge's moves and
     # the absorbed row's deletion are one message on PostgreSQL (five statements on SQLite).
-    receivers = _receivers_statements(tenant)
+    # The receivers' statements travel in that message too (one by one on SQLite).
+    receivers = _receivers_steps(tenant) if connection.vendor != "postgresql" else 0
     with django_assert_max_num_queries((18 if connection.vendor != "postgresql" else 12) + receivers):
         assert segment.identify("mrg", {"email": "mrgbare@example.com"}).status_code == 200
     assert not EndUser.objects.filter(pk=bare.pk).exists()

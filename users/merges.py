@@ -67,11 +67,17 @@ def absorb(
         conflicts=[c.as_dict() for c in conflicts],
         billing_conflict=reason in _AUTOMATIC and any(c.field == "billing_id" for c in conflicts),
     )
-    # Events, usage, subscriptions: their owners move them (the ledger row above is written
-    # first: the webhook receiver reads it).
-    user_absorbed.send(EndUser, workspace_id=workspace.pk, absorbed_pk=absorbed.pk, survivor_pk=survivor.pk)
+    # Events, usage, subscriptions: their owners say how to move them (the ledger row above
+    # is written first: the webhook receiver reads it), and their statements travel with the
+    # merge's own, before the absorbed row's deletion, in one message.
+    responses = user_absorbed.send(EndUser, workspace_id=workspace.pk, absorbed_pk=absorbed.pk, survivor_pk=survivor.pk)
+    steps = [step for _receiver, response in responses for step in response or ()]
     moved = {"survivor": survivor.pk, "absorbed": absorbed.pk}
-    pipelined.execute_all([(sql, moved) for sql in _MOVE_AND_DELETE])
+    own = [(sql, [moved[name] for name in names]) for sql, names in _MOVE_AND_DELETE]
+    results = pipelined.execute_all([(step.sql, step.params) for step in steps] + own)
+    for step, rows in zip(steps, results, strict=False):  # results: the steps' then the merge's own
+        if step.then is not None:
+            step.then(rows)
 
 
 _IDENTITIES = UserIdentity._meta.db_table
@@ -85,13 +91,19 @@ _LEDGER = MergeRecord._meta.db_table
 # every row that referred to the user was moved above or by the ``user_absorbed`` receivers,
 # and a reference something forgot to move fails the merge at commit (the foreign keys are
 # checked then) instead of being deleted with the user.
-_MOVE_AND_DELETE = [
-    f"UPDATE {_IDENTITIES} SET user_id = %(survivor)s WHERE user_id = %(absorbed)s",
-    f"DELETE FROM {_MEMBERSHIPS} WHERE user_id = %(absorbed)s "
-    f"AND group_id IN (SELECT group_id FROM {_MEMBERSHIPS} WHERE user_id = %(survivor)s)",
-    f"UPDATE {_MEMBERSHIPS} SET user_id = %(survivor)s WHERE user_id = %(absorbed)s",
-    f"UPDATE {_LEDGER} SET survivor_id = %(survivor)s, survivor_key = %(survivor)s WHERE survivor_id = %(absorbed)s",
-    f"DELETE FROM {EndUser._meta.db_table} WHERE id = %(absorbed)s",
+_MOVE_AND_DELETE = [  # each statement, and the names of its positional parameters
+    (f"UPDATE {_IDENTITIES} SET user_id = %s WHERE user_id = %s", ("survivor", "absorbed")),
+    (
+        f"DELETE FROM {_MEMBERSHIPS} WHERE user_id = %s "
+        f"AND group_id IN (SELECT group_id FROM {_MEMBERSHIPS} WHERE user_id = %s)",
+        ("absorbed", "survivor"),
+    ),
+    (f"UPDATE {_MEMBERSHIPS} SET user_id = %s WHERE user_id = %s", ("survivor", "absorbed")),
+    (
+        f"UPDATE {_LEDGER} SET survivor_id = %s, survivor_key = %s WHERE survivor_id = %s",
+        ("survivor", "survivor", "absorbed"),
+    ),
+    (f"DELETE FROM {EndUser._meta.db_table} WHERE id = %s", ("absorbed",)),
 ]
 
 

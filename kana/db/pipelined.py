@@ -18,7 +18,9 @@ What a caller must know:
   on any exception it sends ``ROLLBACK`` (or finds the server already ended it).
 """
 
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from django.db import DatabaseError, connection
 from psycopg import pq
@@ -31,6 +33,18 @@ def available() -> bool:
 def in_transaction() -> bool:
     raw = connection.connection
     return raw is not None and not raw.closed and raw.info.transaction_status != pq.TransactionStatus.IDLE
+
+
+@dataclass(frozen=True)
+class Step:
+    """A statement handed to another layer to send in its message (``execute_all``), so that
+    work owned by several layers still costs one round trip: ``params`` are positional
+    (``%s``), and ``then``, when given, is called with the statement's rows once the message
+    has run (in the same transaction)."""
+
+    sql: str
+    params: list
+    then: Callable[[list[tuple]], None] | None = None
 
 
 BEGIN = "BEGIN; "
