@@ -3,9 +3,13 @@
 Outside any transaction (as in production), on PostgreSQL, a single identify is one
 transaction whose BEGIN travels with the advisory locks, the reads of its users and the
 replay and suppression check (``users.identity.MessageIdentify``); then the engine's write
-back in one message, the event, COMMIT. A merge rolls that back and runs in ``atomic``
-(its receivers may enqueue work on commit); its moves are set-based (``users.merges``).
+back in one message, the event, COMMIT. A merge goes on in ``atomic`` from there (its
+receivers may enqueue work on commit: ``kana.db.pipelined.atomic``); its moves are
+set-based and travel with the other layers' (``users.merges``).
 """
+
+import tempfile
+from contextlib import contextmanager
 
 import pytest
 from django.db import connection, transaction
@@ -120,28 +124,94 @@ def test_a_replayed_identify_is_two_round_trips_and_changes_nothing(segment, kno
     assert known.name == "Once"
 
 
+@contextmanager
+def _on_the_wire():
+    """The messages the connection sends to the server meanwhile (libpq's trace): Django's
+    log notes a ``BEGIN`` when ``atomic`` starts even when psycopg sends none."""
+    connection.ensure_connection()
+    pgconn = connection.connection.pgconn
+    sent: list[str] = []
+    with tempfile.TemporaryFile("w+") as trace:
+        pgconn.trace(trace.fileno())
+        try:
+            yield sent
+        finally:
+            pgconn.untrace()
+        trace.seek(0)
+        # A line per protocol message: time, direction (F: from the client), length, type, body.
+        for line in trace:
+            _time, direction, _length, kind, body = line.rstrip("\n").split("\t", 4)
+            if direction == "F":
+                sent.append(f"{kind}{body}")
+
+
 @requires_postgres
 @pytest.mark.django_db(transaction=True)
-def test_an_identify_merging_a_bare_user_runs_again_in_atomic_with_set_based_moves(segment, tenant):
+def test_an_identify_merging_a_bare_user_goes_on_in_atomic_with_set_based_moves(segment, tenant):
     _identify(segment, "mrg", {"name": "Merging"}, "seed")
     bare = _bare(tenant, "mrgbare@example.com", "cus_2")
-    sent, _ = _identify(segment, "mrg", {"email": "mrgbare@example.com"}, "m-merge")
-    # The pipelined attempt and its ROLLBACK, then the same steps in atomic (was 31, then 17):
-    # BEGIN, locks + reads, the merge (its two reads, the ledger row, then one message with
-    # the receivers' moves, its own moves and the absorbed row's deletion), the survivor's
-    # write, the event, COMMIT.
-    assert sent[1] == "ROLLBACK" and sent[2] == "BEGIN" and sent[-1] == "COMMIT"
-    assert sent[3].startswith("SELECT pg_advisory_xact_lock(") and "FOR UPDATE" in sent[3]
-    assert len(sent) == 10
+    with _on_the_wire() as wire:
+        sent, _ = _identify(segment, "mrg", {"email": "mrgbare@example.com"}, "m-merge")
+    # Was 31, then 17 (a pipelined attempt rolled back, then everything again in atomic, the
+    # ledger row and the receivers' moves one by one). Now the first message (BEGIN, locks +
+    # reads) shows the merge, and the same transaction goes on as Django's atomic: the
+    # merge's two reads, one message with the ledger row, the receivers' moves, its own moves
+    # and the absorbed row's deletion, the survivor's write, the event, COMMIT.
+    assert len(wire) == 6 and all(message.startswith('Query "') for message in wire)
+    assert wire[0].startswith('Query "BEGIN; SELECT pg_advisory_xact_lock(') and "FOR UPDATE" in wire[0]
+    assert wire[-1] == 'Query "COMMIT"'
+    assert sent[1] == "BEGIN" and len(sent) == 7  # Django's note when atomic starts: nothing sent
     moves = next(sql for sql in sent if "DELETE FROM users_enduser" in sql)
     assert _receivers_steps(tenant) == 7  # events, usage; subscriptions (noted, moved), holds (2); endpoints
-    assert moves.count(";") == 7 + 4  # those seven, then the merge's own five
+    assert moves.startswith("INSERT INTO users_mergerecord") and moves.count(";") == 1 + 7 + 4  # then its own five
     assert moves.index("UPDATE features_event") < moves.index("DELETE FROM users_enduser")
     survivor = EndUser.objects.get(user_id="mrg")
     assert not EndUser.objects.filter(pk=bare.pk).exists()
     assert MergeRecord.objects.get(absorbed_id=bare.pk).survivor_id == survivor.pk
     assert (survivor.email, survivor.billing_id) == ("mrgbare@example.com", "cus_2")
     assert Event.objects.get(message_id="m-merge").user_id == survivor.pk
+
+
+class _Refused(Exception):
+    pass
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_merge_that_fails_after_its_transaction_became_atomic_leaves_nothing(segment, tenant):
+    _identify(segment, "mrg", {"name": "Merging"}, "seed")
+    bare = _bare(tenant, "failbare@example.com", "cus_3")
+    committed = []
+
+    def refuse(sender, **kwargs):
+        transaction.on_commit(lambda: committed.append(True))
+        raise _Refused()
+
+    user_absorbed.connect(refuse, dispatch_uid="test.refuse")
+    try:
+        with pytest.raises(_Refused):
+            segment.post(
+                "/segment/events",
+                {
+                    "type": "identify",
+                    "userId": "mrg",
+                    "messageId": "m-fail",
+                    "traits": {"email": "failbare@example.com"},
+                },
+            )
+    finally:
+        user_absorbed.disconnect(dispatch_uid="test.refuse")
+    # Rolled back as a whole, the callback dropped, the connection back in autocommit with
+    # no transaction open (psycopg's own flag too), and the next identify as usual.
+    assert committed == []
+    assert not pipelined.in_transaction() and connection.get_autocommit() and connection.connection.autocommit
+    assert EndUser.objects.filter(pk=bare.pk).exists() and not MergeRecord.objects.exists()
+    assert not Event.objects.filter(message_id="m-fail").exists()
+    sent, body = _identify(segment, "mrg", {"name": "Again"}, "m-after")
+    assert body["status"] == "processed" and len(sent) == 4
+    sent, _ = _identify(segment, "mrg", {"email": "failbare@example.com"}, "m-fail")
+    assert not EndUser.objects.filter(pk=bare.pk).exists()
+    assert MergeRecord.objects.get(absorbed_id=bare.pk).survivor.user_id == "mrg"
 
 
 @requires_postgres
@@ -158,11 +228,11 @@ def test_a_merge_in_a_transaction_moves_the_absorbed_user_in_a_few_statements(
 ):
     segment.identify("mrg", {"name": "Merging"})
     bare = _bare(tenant, "mrgbare@example.com", "cus_2")
-    # Inside the test's transaction: savepoints, not the pipelined path. The merge's moves and
-    # the absorbed row's deletion are one message on PostgreSQL (five statements on SQLite).
-    # The receivers' statements travel in that message too (one by one on SQLite).
+    # Inside the test's transaction: savepoints, not the pipelined path. The merge's ledger
+    # row, the receivers' moves, its own and the absorbed row's deletion are one message on
+    # PostgreSQL (one statement each on SQLite).
     receivers = _receivers_steps(tenant) if connection.vendor != "postgresql" else 0
-    with django_assert_max_num_queries((18 if connection.vendor != "postgresql" else 12) + receivers):
+    with django_assert_max_num_queries((18 if connection.vendor != "postgresql" else 11) + receivers):
         assert segment.identify("mrg", {"email": "mrgbare@example.com"}).status_code == 200
     assert not EndUser.objects.filter(pk=bare.pk).exists()
     assert UserIdentity.objects.get(external_id="mrg").user.email == "mrgbare@example.com"

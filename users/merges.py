@@ -54,7 +54,7 @@ def absorb(
         for group_pk, joined_at, shared in groups
     ]
     absorbed_snapshot["survivor_before"] = profile_state(before)
-    MergeRecord.objects.create(
+    record = MergeRecord(
         workspace=workspace,
         survivor=survivor,
         survivor_key=survivor.pk,
@@ -67,17 +67,30 @@ def absorb(
         conflicts=[c.as_dict() for c in conflicts],
         billing_conflict=reason in _AUTOMATIC and any(c.field == "billing_id" for c in conflicts),
     )
-    # Events, usage, subscriptions: their owners say how to move them (the ledger row above
-    # is written first: the webhook receiver reads it), and their statements travel with the
-    # merge's own, before the absorbed row's deletion, in one message.
+    # Events, usage, subscriptions: their owners say how to move them, and their statements
+    # travel in one message after the ledger row (a receiver may read it: the webhooks') and
+    # before the merge's own moves and the absorbed row's deletion.
     responses = user_absorbed.send(EndUser, workspace_id=workspace.pk, absorbed_pk=absorbed.pk, survivor_pk=survivor.pk)
     steps = [step for _receiver, response in responses for step in response or ()]
     moved = {"survivor": survivor.pk, "absorbed": absorbed.pk}
     own = [(sql, [moved[name] for name in names]) for sql, names in _MOVE_AND_DELETE]
-    results = pipelined.execute_all([(step.sql, step.params) for step in steps] + own)
-    for step, rows in zip(steps, results, strict=False):  # results: the steps' then the merge's own
+    results = pipelined.execute_all([_insert(record), *((step.sql, step.params) for step in steps), *own])
+    for step, rows in zip(steps, results[1:], strict=False):  # the ledger row's, the steps', the merge's own
         if step.then is not None:
             step.then(rows)
+
+
+_RECORD_FIELDS = [f for f in MergeRecord._meta.concrete_fields if not f.primary_key]
+_INSERT_RECORD_SQL = (
+    f"INSERT INTO {MergeRecord._meta.db_table} ({', '.join(f.column for f in _RECORD_FIELDS)}) "
+    f"VALUES ({', '.join(['%s'] * len(_RECORD_FIELDS))})"
+)
+
+
+def _insert(record: MergeRecord) -> tuple[str, list]:
+    """The ledger row's INSERT as a statement of the merge's message: its values prepared for
+    the database by each field, as the ORM's insert does (JSON, timestamps)."""
+    return _INSERT_RECORD_SQL, [f.get_db_prep_save(f.pre_save(record, True), connection) for f in _RECORD_FIELDS]
 
 
 _IDENTITIES = UserIdentity._meta.db_table
