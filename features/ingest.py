@@ -400,9 +400,11 @@ def _apply_identify(
     if result.ambiguous:
         warnings = [*warnings, _AMBIGUOUS_EMAIL_WARNING]
     applied = [(message, result.user.pk, warnings)]
-    if not ledger.record_processed_events(workspace, applied):
-        raise ConcurrentChange()  # a concurrent request stored it: redo, it is a replay
     links = _anonymous_links(applied)
+    # Nothing after the event but the COMMIT (no anonymousId to look at): it travels with it.
+    then_commit = pipelined_transaction and not links
+    if not ledger.record_processed_events(workspace, applied, then_commit=then_commit):
+        raise ConcurrentChange()  # a concurrent request stored it: redo, it is a replay
     if links and pipelined_transaction:
         # Not a holding workspace (above): events are held under an anonymousId only
         # when it held them before a switch. Rare; they need row locks.

@@ -352,9 +352,16 @@ def known_ids(workspace: Workspace, message_ids: set[str], user_ids: set[str]) -
         return _known_ids(cursor.fetchall())
 
 
-def record_processed_events(workspace: Workspace, applied: list[tuple[Message, int, list[dict]]]) -> set[str]:
+def record_processed_events(
+    workspace: Workspace, applied: list[tuple[Message, int, list[dict]]], *, then_commit: bool = False
+) -> set[str]:
     """Store applied identify/alias/group messages (message, user id, warnings) as processed
-    events; returns the messageIds stored (one stored meanwhile by a concurrent request is not)."""
+    events; returns the messageIds stored (one stored meanwhile by a concurrent request is not).
+
+    ``then_commit`` (PostgreSQL, inside ``kana.db.pipelined.transaction``): the insert carries
+    the transaction's ``COMMIT``. A messageId stored meanwhile must then not be skipped (the
+    profile writes before it would commit without their event): the insert fails on it
+    instead, PostgreSQL skips the ``COMMIT``, and the caller's retry finds the replay."""
     if not applied:
         return set()
     if connection.vendor != "postgresql":  # serialised writers: the caller's check cannot race
@@ -377,12 +384,13 @@ def record_processed_events(workspace: Workspace, applied: list[tuple[Message, i
     processed = Decision(EventStatus.PROCESSED)
     rows = [_event_row(workspace, m, processed, user_pk, warnings=w) for m, user_pk, w in applied]
     values, params = _values_sql(sorted(rows, key=lambda row: row[1]), _EVENT_VALUE_TYPES)  # messageId order
+    sql = f"INSERT INTO {_EVENT_TABLE} ({', '.join(_EVENT_COLUMNS)}) {values}"
+    if then_commit:
+        sql += " RETURNING message_id" + pipelined.COMMIT  # a unique violation is an IntegrityError: retried
+    else:
+        sql += " ON CONFLICT (workspace_id, message_id) DO NOTHING RETURNING message_id"
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"INSERT INTO {_EVENT_TABLE} ({', '.join(_EVENT_COLUMNS)}) {values}"
-            " ON CONFLICT (workspace_id, message_id) DO NOTHING RETURNING message_id",
-            params,
-        )
+        cursor.execute(sql, params)
         return {message_id for (message_id,) in cursor.fetchall()}
 
 

@@ -3,14 +3,16 @@
 Outside any transaction (as in production), on PostgreSQL, a single identify is one
 transaction whose BEGIN travels with the advisory locks, the reads of its users and the
 replay and suppression check (``users.identity.MessageIdentify``); then the engine's write
-back in one message, the event, COMMIT. A merge goes on in ``atomic`` from there (its
+back in one message, the event with the COMMIT. A merge goes on in ``atomic`` from there (its
 receivers may enqueue work on commit: ``kana.db.pipelined.atomic``); its moves are
 set-based and travel with the other layers' (``users.merges``).
 """
 
 import tempfile
+import threading
 from contextlib import contextmanager
 
+import psycopg
 import pytest
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
@@ -24,7 +26,7 @@ from users.profile import ProfileChanges
 from users.services import upsert_user_by_email
 from users.signals import user_absorbed
 
-from .conftest import requires_postgres
+from .conftest import database_url_for_subprocess, requires_postgres, wait_until
 
 
 def _identify(segment, user_id, traits, message_id, **fields):
@@ -73,15 +75,15 @@ def _opens_with_locks_and_reads(sent):
     assert first.startswith("BEGIN; SELECT pg_advisory_xact_lock(")
     assert "FOR UPDATE" in first and "features_event" in first  # the users' lock, then the replay check
     assert first.index("FOR UPDATE") < first.index("features_event")
-    assert sent[-1] == "COMMIT"
+    assert sent[-1].startswith("INSERT INTO features_event") and sent[-1].endswith("; COMMIT")
 
 
 @requires_postgres
 @pytest.mark.django_db(transaction=True)
-def test_an_identify_creating_a_user_is_four_round_trips(segment):
+def test_an_identify_creating_a_user_is_three_round_trips(segment):
     sent, body = _identify(segment, "new-1", {"name": "New", "email": "new-1@example.com"}, "m-create")
     assert body["status"] == "processed"
-    assert len(sent) == 4  # was 10
+    assert len(sent) == 3  # was 10, then 4 (the COMMIT on its own)
     _opens_with_locks_and_reads(sent)
     user = EndUser.objects.get(user_id="new-1")
     assert (user.name, user.email_key) == ("New", "new-1@example.com")
@@ -91,9 +93,9 @@ def test_an_identify_creating_a_user_is_four_round_trips(segment):
 
 @requires_postgres
 @pytest.mark.django_db(transaction=True)
-def test_an_identify_updating_a_known_user_is_four_round_trips(segment, known):
+def test_an_identify_updating_a_known_user_is_three_round_trips(segment, known):
     sent, _ = _identify(segment, "known", {"name": "Renamed", "email": "known@example.com"}, "m-update")
-    assert len(sent) == 4  # was 9
+    assert len(sent) == 3  # was 9, then 4
     _opens_with_locks_and_reads(sent)
     known.refresh_from_db()
     assert known.name == "Renamed"
@@ -102,15 +104,57 @@ def test_an_identify_updating_a_known_user_is_four_round_trips(segment, known):
 
 @requires_postgres
 @pytest.mark.django_db(transaction=True)
-def test_an_identify_claiming_a_bare_user_is_four_round_trips(segment, tenant):
+def test_an_identify_claiming_a_bare_user_is_three_round_trips(segment, tenant):
     bare = _bare(tenant, "claim@example.com", "cus_1")
     sent, _ = _identify(segment, "claimer", {"name": "Claimer", "email": "claim@example.com"}, "m-claim")
-    assert len(sent) == 4  # was 10
+    assert len(sent) == 3  # was 10, then 4
     _opens_with_locks_and_reads(sent)
     bare.refresh_from_db()
     assert (bare.user_id, bare.name, bare.billing_id) == ("claimer", "Claimer", "cus_1")
     assert UserIdentity.objects.get(external_id="claimer").user_id == bare.pk
     assert EndUser.objects.count() == 2  # the warm-up user and the claimed one
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+def test_an_identify_whose_message_id_another_request_stores_meanwhile_changes_nothing(segment, known):
+    # Another request (a different user: it takes other locks) stores the messageId after
+    # this one's replay check: this one's event insert waits for it, then fails; its COMMIT,
+    # which travels with that insert, must not run, or the profile write would stay without
+    # its event. Retried, the message is a replay.
+    columns = [f.column for f in Event._meta.concrete_fields if not f.primary_key]
+    # No user on it: its foreign key, checked at its commit, must not wait for this request's
+    # row lock on the known user (a deadlock, settled otherwise).
+    replaced = {"message_id": "%s", "user_id": "NULL"}
+    copied = ", ".join(replaced.get(column, column) for column in columns)
+    other = psycopg.connect(database_url_for_subprocess())
+    other.execute(
+        f"INSERT INTO features_event ({', '.join(columns)}) SELECT {copied} FROM features_event WHERE message_id = %s",
+        ["m-raced", "seed"],
+    )
+
+    def commit_once_waited_for():
+        with psycopg.connect(database_url_for_subprocess(), autocommit=True) as watcher:
+            pid = other.info.backend_pid
+            wait_until(
+                lambda: watcher.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))", [pid]
+                ).fetchone()[0],
+                message="the identify's insert waiting",
+            )
+        other.commit()
+
+    committer = threading.Thread(target=commit_once_waited_for)
+    committer.start()
+    try:
+        sent, body = _identify(segment, "known", {"name": "Raced"}, "m-raced")
+    finally:
+        committer.join()
+        other.close()
+    assert body["status"] == "duplicate"
+    known.refresh_from_db()
+    assert known.name == "Known"
+    assert Event.objects.filter(message_id="m-raced").count() == 1
 
 
 @requires_postgres
@@ -208,7 +252,7 @@ def test_a_merge_that_fails_after_its_transaction_became_atomic_leaves_nothing(s
     assert EndUser.objects.filter(pk=bare.pk).exists() and not MergeRecord.objects.exists()
     assert not Event.objects.filter(message_id="m-fail").exists()
     sent, body = _identify(segment, "mrg", {"name": "Again"}, "m-after")
-    assert body["status"] == "processed" and len(sent) == 4
+    assert body["status"] == "processed" and len(sent) == 3
     sent, _ = _identify(segment, "mrg", {"email": "failbare@example.com"}, "m-fail")
     assert not EndUser.objects.filter(pk=bare.pk).exists()
     assert MergeRecord.objects.get(absorbed_id=bare.pk).survivor.user_id == "mrg"
@@ -260,11 +304,11 @@ def test_the_write_back_s_statements_are_prepared_once_per_connection(segment, k
         cursor.execute("DEALLOCATE ALL")
     prepared.forget_all()
     sent, _ = _identify(segment, "known", {"name": "Renamed"}, "m-first")
-    # The locks and reads; what the server holds, PREPARE; the update; the event; COMMIT.
+    # The locks and reads; what the server holds, PREPARE; the update; the event and COMMIT.
     assert [sql.split()[0] for sql in sent][1:4] == ["SELECT", "PREPARE", "EXECUTE"]
-    assert len(sent) == 6
+    assert len(sent) == 5
     sent, _ = _identify(segment, "known", {"name": "Renamed again"}, "m-second")
-    assert len(sent) == 4 and sent[1].startswith("EXECUTE kana_")
+    assert len(sent) == 3 and sent[1].startswith("EXECUTE kana_")
     assert EndUser.objects.get(user_id="known").name == "Renamed again"
 
 
@@ -276,4 +320,4 @@ def test_an_identify_after_its_statements_were_discarded_is_applied_once(segment
     sent, answer = _identify(segment, "known", {"name": "After"}, "m-after")
     assert EndUser.objects.get(user_id="known").name == "After"
     assert Event.objects.filter(message_id="m-after").count() == 1
-    assert len(_identify(segment, "known", {"name": "Later"}, "m-later")[0]) == 4
+    assert len(_identify(segment, "known", {"name": "Later"}, "m-later")[0]) == 3
