@@ -1,8 +1,10 @@
 """What entitlements does when users change below it (connected in ``EntitlementsConfig.ready``)."""
 
+from django.db import connection
 from django.dispatch import receiver
 from django.utils import timezone
 
+from kana.db import pipelined
 from users.signals import user_absorbed, user_deleting, user_restored
 
 from .models import Reservation, Subscription, SubscriptionMove
@@ -10,22 +12,42 @@ from .services import subject_key
 
 
 @receiver(user_absorbed, dispatch_uid="entitlements.follow_absorbed_user")
-def follow_absorbed_user(sender, *, workspace_id: int, absorbed_pk: int, survivor_pk: int, **kwargs) -> None:
+def follow_absorbed_user(
+    sender, *, workspace_id: int, absorbed_pk: int, survivor_pk: int, **kwargs
+) -> list[pipelined.Step]:
     """A merged user's subscriptions and holds go to the survivor, in the merge's transaction
     (the absorbed user's row is deleted next, which would otherwise delete them). Each moved
-    subscription is noted, so that undoing the merge hands it back."""
-    subscriptions = Subscription.objects.for_workspace(workspace_id).filter(user_id=absorbed_pk)
-    SubscriptionMove.objects.bulk_create(
-        SubscriptionMove(
-            workspace_id=workspace_id, subscription_id=pk, from_user_key=absorbed_pk, to_user_key=survivor_pk
-        )
-        for pk in subscriptions.values_list("pk", flat=True)
-    )
-    subscriptions.update(user_id=survivor_pk, updated_at=timezone.now())
-    Reservation.objects.for_workspace(workspace_id).filter(user_id=absorbed_pk).update(user_id=survivor_pk)
-    Reservation.objects.for_workspace(workspace_id).filter(subject=subject_key(user_pk=absorbed_pk)).update(
-        subject=subject_key(user_pk=survivor_pk)
-    )
+    subscription is noted, so that undoing the merge hands it back.
+
+    As statements the merge sends in its own message (``users.signals.user_absorbed``): the
+    notes are taken from the subscriptions before they move (the statements run in order)."""
+    now = connection.ops.adapt_datetimefield_value(timezone.now())
+    absorbed_subject, survivor_subject = subject_key(user_pk=absorbed_pk), subject_key(user_pk=survivor_pk)
+    return [
+        pipelined.Step(
+            f"INSERT INTO {_MOVES} (workspace_id, subscription_id, from_user_key, to_user_key, created_at) "
+            f"SELECT workspace_id, id, %s, %s, %s FROM {_SUBSCRIPTIONS} "
+            "WHERE workspace_id = %s AND user_id = %s ORDER BY id",
+            [absorbed_pk, survivor_pk, now, workspace_id, absorbed_pk],
+        ),
+        pipelined.Step(
+            f"UPDATE {_SUBSCRIPTIONS} SET user_id = %s, updated_at = %s WHERE workspace_id = %s AND user_id = %s",
+            [survivor_pk, now, workspace_id, absorbed_pk],
+        ),
+        pipelined.Step(
+            f"UPDATE {_RESERVATIONS} SET user_id = %s WHERE workspace_id = %s AND user_id = %s",
+            [survivor_pk, workspace_id, absorbed_pk],
+        ),
+        pipelined.Step(
+            f"UPDATE {_RESERVATIONS} SET subject = %s WHERE workspace_id = %s AND subject = %s",
+            [survivor_subject, workspace_id, absorbed_subject],
+        ),
+    ]
+
+
+_MOVES = SubscriptionMove._meta.db_table
+_SUBSCRIPTIONS = Subscription._meta.db_table
+_RESERVATIONS = Reservation._meta.db_table
 
 
 @receiver(user_restored, dispatch_uid="entitlements.return_restored_users_subscriptions")

@@ -335,8 +335,7 @@ def ingest_profile_messages(*, workspace: Workspace, messages: list[Message]) ->
 
 
 class _NeedsAtomic(Exception):
-    """The identify merges (a merge's receivers may enqueue work on commit, which only
-    ``atomic`` defers) or links an anonymousId with events held (their row locks need
+    """The identify links an anonymousId with events held (their row locks need
     ``atomic``): roll back, run it again in ``atomic``."""
 
 
@@ -345,8 +344,9 @@ def _record_identify(workspace: Workspace, message: Message) -> Outcome:
     outside any transaction), in fewer round trips: the advisory locks, the reads of its
     users and the replay and suppression check in one (``users.services.MessageIdentify``),
     the engine's write back in one, the event. Creations, updates and claims travel with
-    their ``BEGIN`` and ``COMMIT`` (``kana.db.pipelined``); a merge, or an anonymousId with
-    events held, runs the same steps in ``atomic``.
+    their ``BEGIN`` and ``COMMIT`` (``kana.db.pipelined``); a merge goes on in ``atomic``
+    from its first read (``pipelined.atomic``); an anonymousId with events held runs the
+    same steps again in ``atomic``.
     """
     holds = message.anonymous_id and workspace.anonymous_events == AnonymousEvents.HOLD
     if not holds:
@@ -380,24 +380,42 @@ def _record_identify_once(workspace: Workspace, message: Message, *, pipelined_t
         if not fresh:
             return suppressed.get(message.message_id) or Outcome(message.message_id, "duplicate")
         if pipelined_transaction and identify.merges():
+            # A merge's receivers may enqueue work on commit, which only atomic defers: the
+            # transaction open here (its locks and reads done) becomes Django's.
+            with pipelined.atomic():
+                return _apply_identify(workspace, message, identify, warnings, pipelined_transaction=False)
+        return _apply_identify(workspace, message, identify, warnings, pipelined_transaction=pipelined_transaction)
+
+
+def _apply_identify(
+    workspace: Workspace,
+    message: Message,
+    identify: user_services.MessageIdentify,
+    warnings: list[dict],
+    *,
+    pipelined_transaction: bool,
+) -> Outcome:
+    """The rest of ``_record_identify_once``, once the message is known to be fresh: the
+    engine's write back, the event, the anonymousId's held events."""
+    result = identify.apply(occurred_at=message.occurred_at)
+    if result.ambiguous:
+        warnings = [*warnings, _AMBIGUOUS_EMAIL_WARNING]
+    applied = [(message, result.user.pk, warnings)]
+    links = _anonymous_links(applied)
+    # Nothing after the event but the COMMIT (no anonymousId to look at): it travels with it.
+    then_commit = pipelined_transaction and not links
+    if not ledger.record_processed_events(workspace, applied, then_commit=then_commit):
+        raise ConcurrentChange()  # a concurrent request stored it: redo, it is a replay
+    if links and pipelined_transaction:
+        # Not a holding workspace (above): events are held under an anonymousId only
+        # when it held them before a switch. Rare; they need row locks.
+        if ledger.pending_event_ids(workspace, set(links)):
             raise _NeedsAtomic()
-        result = identify.apply(occurred_at=message.occurred_at)
-        if result.ambiguous:
-            warnings = [*warnings, _AMBIGUOUS_EMAIL_WARNING]
-        applied = [(message, result.user.pk, warnings)]
-        if not ledger.record_processed_events(workspace, applied):
-            raise ConcurrentChange()  # a concurrent request stored it: redo, it is a replay
-        links = _anonymous_links(applied)
-        if links and pipelined_transaction:
-            # Not a holding workspace (above): events are held under an anonymousId only
-            # when it held them before a switch. Rare; they need row locks.
-            if ledger.pending_event_ids(workspace, set(links)):
-                raise _NeedsAtomic()
-        elif links:
-            attribute_pending_events(workspace, links)
-            if workspace.anonymous_events == AnonymousEvents.HOLD:
-                user_services.link_anonymous_ids(workspace=workspace, links={a: u for a, (_pk, u) in links.items()})
-        return Outcome(message.message_id, EventStatus.PROCESSED, "", result.user.pk, warnings)
+    elif links:
+        attribute_pending_events(workspace, links)
+        if workspace.anonymous_events == AnonymousEvents.HOLD:
+            user_services.link_anonymous_ids(workspace=workspace, links={a: u for a, (_pk, u) in links.items()})
+    return Outcome(message.message_id, EventStatus.PROCESSED, "", result.user.pk, warnings)
 
 
 _APPLIERS = {

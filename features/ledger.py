@@ -397,9 +397,16 @@ def known_ids(workspace: Workspace, message_ids: set[str], user_ids: set[str]) -
         return _known_ids(cursor.fetchall())
 
 
-def record_processed_events(workspace: Workspace, applied: list[tuple[Message, int, list[dict]]]) -> set[str]:
+def record_processed_events(
+    workspace: Workspace, applied: list[tuple[Message, int, list[dict]]], *, then_commit: bool = False
+) -> set[str]:
     """Store applied identify/alias/group messages (message, user id, warnings) as processed
-    events; returns the messageIds stored (one stored meanwhile by a concurrent request is not)."""
+    events; returns the messageIds stored (one stored meanwhile by a concurrent request is not).
+
+    ``then_commit`` (PostgreSQL, inside ``kana.db.pipelined.transaction``): the insert carries
+    the transaction's ``COMMIT``. A messageId stored meanwhile must then not be skipped (the
+    profile writes before it would commit without their event): the insert fails on it
+    instead, PostgreSQL skips the ``COMMIT``, and the caller's retry finds the replay."""
     if not applied:
         return set()
     if connection.vendor != "postgresql":  # serialised writers: the caller's check cannot race
@@ -422,12 +429,13 @@ def record_processed_events(workspace: Workspace, applied: list[tuple[Message, i
     processed = Decision(EventStatus.PROCESSED)
     rows = [_event_row(workspace, m, processed, user_pk, warnings=w) for m, user_pk, w in applied]
     values, params = _values_sql(sorted(rows, key=lambda row: row[1]), _EVENT_VALUE_TYPES)  # messageId order
+    sql = f"INSERT INTO {_EVENT_TABLE} ({', '.join(_EVENT_COLUMNS)}) {values}"
+    if then_commit:
+        sql += " RETURNING message_id" + pipelined.COMMIT  # a unique violation is an IntegrityError: retried
+    else:
+        sql += " ON CONFLICT (workspace_id, message_id) DO NOTHING RETURNING message_id"
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"INSERT INTO {_EVENT_TABLE} ({', '.join(_EVENT_COLUMNS)}) {values}"
-            " ON CONFLICT (workspace_id, message_id) DO NOTHING RETURNING message_id",
-            params,
-        )
+        cursor.execute(sql, params)
         return {message_id for (message_id,) in cursor.fetchall()}
 
 
@@ -686,10 +694,14 @@ def void_event(*, event: Event, reason: str, voided_at) -> list[dict]:
 # --- Merges: a user's events and usage follow it into the survivor -----------------------
 
 
-def reassign_user(*, workspace_id: int, absorbed_pk: int, survivor_pk: int) -> None:
-    """Move the absorbed user's events and usage to the survivor."""
-    Event.objects.for_workspace(workspace_id).filter(user_id=absorbed_pk).update(user_id=survivor_pk)
-    Usage.objects.for_workspace(workspace_id).filter(user_id=absorbed_pk).update(user_id=survivor_pk)
+def reassign_user(*, workspace_id: int, absorbed_pk: int, survivor_pk: int) -> list[pipelined.Step]:
+    """The statements that move the absorbed user's events and usage to the survivor: the
+    merge sends them in its own message (``users.signals.user_absorbed``)."""
+    params = [survivor_pk, workspace_id, absorbed_pk]
+    return [
+        pipelined.Step(f"UPDATE {table} SET user_id = %s WHERE workspace_id = %s AND user_id = %s", params)
+        for table in (_EVENT_TABLE, _USAGE_TABLE)
+    ]
 
 
 # What anonymising a kept event removes from its payload: who sent it. ``properties`` stay:
@@ -728,8 +740,10 @@ def _on_user_deleting(sender, *, workspace_id: int, user_pk: int, keep_events: b
 
 
 @receiver(user_absorbed, dispatch_uid="features.ledger.reassign_user")
-def _on_user_absorbed(sender, *, workspace_id: int, absorbed_pk: int, survivor_pk: int, **kwargs) -> None:
-    reassign_user(workspace_id=workspace_id, absorbed_pk=absorbed_pk, survivor_pk=survivor_pk)
+def _on_user_absorbed(
+    sender, *, workspace_id: int, absorbed_pk: int, survivor_pk: int, **kwargs
+) -> list[pipelined.Step]:
+    return reassign_user(workspace_id=workspace_id, absorbed_pk=absorbed_pk, survivor_pk=survivor_pk)
 
 
 def restore_user_events(*, workspace_id: int, restored_pk: int, survivor_pk: int, user_ids: list[str]) -> None:

@@ -3,10 +3,16 @@
 Outside any transaction (as in production), on PostgreSQL, a single identify is one
 transaction whose BEGIN travels with the advisory locks, the reads of its users and the
 replay and suppression check (``users.identity.MessageIdentify``); then the engine's write
-back in one message, the event, COMMIT. A merge rolls that back and runs in ``atomic``
-(its receivers may enqueue work on commit); its moves are set-based (``users.merges``).
+back in one message, the event with the COMMIT. A merge goes on in ``atomic`` from there (its
+receivers may enqueue work on commit: ``kana.db.pipelined.atomic``); its moves are
+set-based and travel with the other layers' (``users.merges``).
 """
 
+import tempfile
+import threading
+from contextlib import contextmanager
+
+import psycopg
 import pytest
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
@@ -20,7 +26,7 @@ from users.profile import ProfileChanges
 from users.services import upsert_user_by_email
 from users.signals import user_absorbed
 
-from .conftest import requires_postgres
+from .conftest import database_url_for_subprocess, requires_postgres, wait_until
 
 
 def _identify(segment, user_id, traits, message_id, **fields):
@@ -54,15 +60,14 @@ def known(segment):
     return EndUser.objects.get(user_id="known")
 
 
-def _receivers_statements(tenant) -> int:
+def _receivers_steps(tenant) -> int:
     """The statements the ``user_absorbed`` receivers (features, entitlements, webhooks: other
-    layers' moves) send for a merge of users with nothing to move, counted apart so that the
-    merge's own round trips are what these tests pin."""
+    layers' moves) hand to the merge for its message; they send none themselves."""
     with transaction.atomic(), CaptureQueriesContext(connection) as captured:
-        user_absorbed.send(EndUser, workspace_id=tenant.workspace.pk, absorbed_pk=-1, survivor_pk=-2)
-    return len(
-        [q for q in captured.captured_queries if not q["sql"].startswith(("SAVEPOINT", "RELEASE", "BEGIN", "COMMIT"))]
-    )
+        responses = user_absorbed.send(EndUser, workspace_id=tenant.workspace.pk, absorbed_pk=-1, survivor_pk=-2)
+    transaction_control = ("SAVEPOINT", "RELEASE", "BEGIN", "COMMIT")
+    assert [q for q in captured.captured_queries if not q["sql"].startswith(transaction_control)] == []
+    return sum(len(steps) for _receiver, steps in responses)
 
 
 def _opens_with_locks_and_reads(sent):
@@ -70,15 +75,15 @@ def _opens_with_locks_and_reads(sent):
     assert first.startswith("BEGIN; SELECT pg_advisory_xact_lock(")
     assert "FOR UPDATE" in first and "features_event" in first  # the users' lock, then the replay check
     assert first.index("FOR UPDATE") < first.index("features_event")
-    assert sent[-1] == "COMMIT"
+    assert sent[-1].startswith("INSERT INTO features_event") and sent[-1].endswith("; COMMIT")
 
 
 @requires_postgres
 @pytest.mark.django_db(transaction=True)
-def test_an_identify_creating_a_user_is_four_round_trips(segment):
+def test_an_identify_creating_a_user_is_three_round_trips(segment):
     sent, body = _identify(segment, "new-1", {"name": "New", "email": "new-1@example.com"}, "m-create")
     assert body["status"] == "processed"
-    assert len(sent) == 4  # was 10
+    assert len(sent) == 3  # was 10, then 4 (the COMMIT on its own)
     _opens_with_locks_and_reads(sent)
     user = EndUser.objects.get(user_id="new-1")
     assert (user.name, user.email_key) == ("New", "new-1@example.com")
@@ -88,9 +93,9 @@ def test_an_identify_creating_a_user_is_four_round_trips(segment):
 
 @requires_postgres
 @pytest.mark.django_db(transaction=True)
-def test_an_identify_updating_a_known_user_is_four_round_trips(segment, known):
+def test_an_identify_updating_a_known_user_is_three_round_trips(segment, known):
     sent, _ = _identify(segment, "known", {"name": "Renamed", "email": "known@example.com"}, "m-update")
-    assert len(sent) == 4  # was 9
+    assert len(sent) == 3  # was 9, then 4
     _opens_with_locks_and_reads(sent)
     known.refresh_from_db()
     assert known.name == "Renamed"
@@ -99,15 +104,57 @@ def test_an_identify_updating_a_known_user_is_four_round_trips(segment, known):
 
 @requires_postgres
 @pytest.mark.django_db(transaction=True)
-def test_an_identify_claiming_a_bare_user_is_four_round_trips(segment, tenant):
+def test_an_identify_claiming_a_bare_user_is_three_round_trips(segment, tenant):
     bare = _bare(tenant, "claim@example.com", "cus_1")
     sent, _ = _identify(segment, "claimer", {"name": "Claimer", "email": "claim@example.com"}, "m-claim")
-    assert len(sent) == 4  # was 10
+    assert len(sent) == 3  # was 10, then 4
     _opens_with_locks_and_reads(sent)
     bare.refresh_from_db()
     assert (bare.user_id, bare.name, bare.billing_id) == ("claimer", "Claimer", "cus_1")
     assert UserIdentity.objects.get(external_id="claimer").user_id == bare.pk
     assert EndUser.objects.count() == 2  # the warm-up user and the claimed one
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+def test_an_identify_whose_message_id_another_request_stores_meanwhile_changes_nothing(segment, known):
+    # Another request (a different user: it takes other locks) stores the messageId after
+    # this one's replay check: this one's event insert waits for it, then fails; its COMMIT,
+    # which travels with that insert, must not run, or the profile write would stay without
+    # its event. Retried, the message is a replay.
+    columns = [f.column for f in Event._meta.concrete_fields if not f.primary_key]
+    # No user on it: its foreign key, checked at its commit, must not wait for this request's
+    # row lock on the known user (a deadlock, settled otherwise).
+    replaced = {"message_id": "%s", "user_id": "NULL"}
+    copied = ", ".join(replaced.get(column, column) for column in columns)
+    other = psycopg.connect(database_url_for_subprocess())
+    other.execute(
+        f"INSERT INTO features_event ({', '.join(columns)}) SELECT {copied} FROM features_event WHERE message_id = %s",
+        ["m-raced", "seed"],
+    )
+
+    def commit_once_waited_for():
+        with psycopg.connect(database_url_for_subprocess(), autocommit=True) as watcher:
+            pid = other.info.backend_pid
+            wait_until(
+                lambda: watcher.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))", [pid]
+                ).fetchone()[0],
+                message="the identify's insert waiting",
+            )
+        other.commit()
+
+    committer = threading.Thread(target=commit_once_waited_for)
+    committer.start()
+    try:
+        sent, body = _identify(segment, "known", {"name": "Raced"}, "m-raced")
+    finally:
+        committer.join()
+        other.close()
+    assert body["status"] == "duplicate"
+    known.refresh_from_db()
+    assert known.name == "Known"
+    assert Event.objects.filter(message_id="m-raced").count() == 1
 
 
 @requires_postgres
@@ -121,23 +168,94 @@ def test_a_replayed_identify_is_two_round_trips_and_changes_nothing(segment, kno
     assert known.name == "Once"
 
 
+@contextmanager
+def _on_the_wire():
+    """The messages the connection sends to the server meanwhile (libpq's trace): Django's
+    log notes a ``BEGIN`` when ``atomic`` starts even when psycopg sends none."""
+    connection.ensure_connection()
+    pgconn = connection.connection.pgconn
+    sent: list[str] = []
+    with tempfile.TemporaryFile("w+") as trace:
+        pgconn.trace(trace.fileno())
+        try:
+            yield sent
+        finally:
+            pgconn.untrace()
+        trace.seek(0)
+        # A line per protocol message: time, direction (F: from the client), length, type, body.
+        for line in trace:
+            _time, direction, _length, kind, body = line.rstrip("\n").split("\t", 4)
+            if direction == "F":
+                sent.append(f"{kind}{body}")
+
+
 @requires_postgres
 @pytest.mark.django_db(transaction=True)
-def test_an_identify_merging_a_bare_user_runs_again_in_atomic_with_set_based_moves(segment, tenant):
+def test_an_identify_merging_a_bare_user_goes_on_in_atomic_with_set_based_moves(segment, tenant):
     _identify(segment, "mrg", {"name": "Merging"}, "seed")
     bare = _bare(tenant, "mrgbare@example.com", "cus_2")
-    sent, _ = _identify(segment, "mrg", {"email": "mrgbare@example.com"}, "m-merge")
-    # The pipelined attempt and its ROLLBACK, then the same steps in atomic (was 31): BEGIN,
-    # locks + reads, the merge (its two reads, the ledger row, the receivers' six moves, its
-    # own moves and deletion in one), the survivor's write, the event, COMMIT.
-    assert sent[1] == "ROLLBACK" and sent[2] == "BEGIN" and sent[-1] == "COMMIT"
-    assert sent[3].startswith("SELECT pg_advisory_xact_lock(") and "FOR UPDATE" in sent[3]
-    assert len(sent) == 10 + _receivers_statements(tenant)  # six receivers' statements when this was written
+    with _on_the_wire() as wire:
+        sent, _ = _identify(segment, "mrg", {"email": "mrgbare@example.com"}, "m-merge")
+    # Was 31, then 17 (a pipelined attempt rolled back, then everything again in atomic, the
+    # ledger row and the receivers' moves one by one). Now the first message (BEGIN, locks +
+    # reads) shows the merge, and the same transaction goes on as Django's atomic: the
+    # merge's two reads, one message with the ledger row, the receivers' moves, its own moves
+    # and the absorbed row's deletion, the survivor's write, the event, COMMIT.
+    assert len(wire) == 6 and all(message.startswith('Query "') for message in wire)
+    assert wire[0].startswith('Query "BEGIN; SELECT pg_advisory_xact_lock(') and "FOR UPDATE" in wire[0]
+    assert wire[-1] == 'Query "COMMIT"'
+    assert sent[1] == "BEGIN" and len(sent) == 7  # Django's note when atomic starts: nothing sent
+    moves = next(sql for sql in sent if "DELETE FROM users_enduser" in sql)
+    assert _receivers_steps(tenant) == 7  # events, usage; subscriptions (noted, moved), holds (2); endpoints
+    assert moves.startswith("INSERT INTO users_mergerecord") and moves.count(";") == 1 + 7 + 4  # then its own five
+    assert moves.index("UPDATE features_event") < moves.index("DELETE FROM users_enduser")
     survivor = EndUser.objects.get(user_id="mrg")
     assert not EndUser.objects.filter(pk=bare.pk).exists()
     assert MergeRecord.objects.get(absorbed_id=bare.pk).survivor_id == survivor.pk
     assert (survivor.email, survivor.billing_id) == ("mrgbare@example.com", "cus_2")
     assert Event.objects.get(message_id="m-merge").user_id == survivor.pk
+
+
+class _Refused(Exception):
+    pass
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_merge_that_fails_after_its_transaction_became_atomic_leaves_nothing(segment, tenant):
+    _identify(segment, "mrg", {"name": "Merging"}, "seed")
+    bare = _bare(tenant, "failbare@example.com", "cus_3")
+    committed = []
+
+    def refuse(sender, **kwargs):
+        transaction.on_commit(lambda: committed.append(True))
+        raise _Refused()
+
+    user_absorbed.connect(refuse, dispatch_uid="test.refuse")
+    try:
+        with pytest.raises(_Refused):
+            segment.post(
+                "/segment/events",
+                {
+                    "type": "identify",
+                    "userId": "mrg",
+                    "messageId": "m-fail",
+                    "traits": {"email": "failbare@example.com"},
+                },
+            )
+    finally:
+        user_absorbed.disconnect(dispatch_uid="test.refuse")
+    # Rolled back as a whole, the callback dropped, the connection back in autocommit with
+    # no transaction open (psycopg's own flag too), and the next identify as usual.
+    assert committed == []
+    assert not pipelined.in_transaction() and connection.get_autocommit() and connection.connection.autocommit
+    assert EndUser.objects.filter(pk=bare.pk).exists() and not MergeRecord.objects.exists()
+    assert not Event.objects.filter(message_id="m-fail").exists()
+    sent, body = _identify(segment, "mrg", {"name": "Again"}, "m-after")
+    assert body["status"] == "processed" and len(sent) == 3
+    sent, _ = _identify(segment, "mrg", {"email": "failbare@example.com"}, "m-fail")
+    assert not EndUser.objects.filter(pk=bare.pk).exists()
+    assert MergeRecord.objects.get(absorbed_id=bare.pk).survivor.user_id == "mrg"
 
 
 @requires_postgres
@@ -154,10 +272,11 @@ def test_a_merge_in_a_transaction_moves_the_absorbed_user_in_a_few_statements(
 ):
     segment.identify("mrg", {"name": "Merging"})
     bare = _bare(tenant, "mrgbare@example.com", "cus_2")
-    # Inside the test's transaction: savepoints, not the pipelined path. The merge's moves and
-    # the absorbed row's deletion are one message on PostgreSQL (five statements on SQLite).
-    receivers = _receivers_statements(tenant)
-    with django_assert_max_num_queries((18 if connection.vendor != "postgresql" else 12) + receivers):
+    # Inside the test's transaction: savepoints, not the pipelined path. The merge's ledger
+    # row, the receivers' moves, its own and the absorbed row's deletion are one message on
+    # PostgreSQL (one statement each on SQLite).
+    receivers = _receivers_steps(tenant) if connection.vendor != "postgresql" else 0
+    with django_assert_max_num_queries((18 if connection.vendor != "postgresql" else 11) + receivers):
         assert segment.identify("mrg", {"email": "mrgbare@example.com"}).status_code == 200
     assert not EndUser.objects.filter(pk=bare.pk).exists()
     assert UserIdentity.objects.get(external_id="mrg").user.email == "mrgbare@example.com"
@@ -185,11 +304,11 @@ def test_the_write_back_s_statements_are_prepared_once_per_connection(segment, k
         cursor.execute("DEALLOCATE ALL")
     prepared.forget_all()
     sent, _ = _identify(segment, "known", {"name": "Renamed"}, "m-first")
-    # The locks and reads; what the server holds, PREPARE; the update; the event; COMMIT.
+    # The locks and reads; what the server holds, PREPARE; the update; the event and COMMIT.
     assert [sql.split()[0] for sql in sent][1:4] == ["SELECT", "PREPARE", "EXECUTE"]
-    assert len(sent) == 6
+    assert len(sent) == 5
     sent, _ = _identify(segment, "known", {"name": "Renamed again"}, "m-second")
-    assert len(sent) == 4 and sent[1].startswith("EXECUTE kana_")
+    assert len(sent) == 3 and sent[1].startswith("EXECUTE kana_")
     assert EndUser.objects.get(user_id="known").name == "Renamed again"
 
 
@@ -201,4 +320,4 @@ def test_an_identify_after_its_statements_were_discarded_is_applied_once(segment
     sent, answer = _identify(segment, "known", {"name": "After"}, "m-after")
     assert EndUser.objects.get(user_id="known").name == "After"
     assert Event.objects.filter(message_id="m-after").count() == 1
-    assert len(_identify(segment, "known", {"name": "Later"}, "m-later")[0]) == 4
+    assert len(_identify(segment, "known", {"name": "Later"}, "m-later")[0]) == 3

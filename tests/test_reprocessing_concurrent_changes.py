@@ -18,6 +18,7 @@ from features.reprocessing import process_chunk
 from kana.jobs import JobStatus
 from tests.conftest import requires_postgres, wait_until
 from tests.usage_support import make_feature, make_rule, make_user, store_unmapped_events
+from users import merges
 from users.merges import merge_users
 from users.services import delete_user
 
@@ -39,18 +40,18 @@ def _is_blocked(pid: int) -> bool:
         return cursor.fetchone()[0]
 
 
-def _hold_open(monkeypatch, name: str):
-    """Make ``ledger.<name>`` (a merge's or deletion's event move) pause after its writes,
+def _hold_open(monkeypatch, module, name: str):
+    """Make ``<module>.<name>`` (a merge's or deletion's event move) pause after its writes,
     inside the caller's transaction, until the returned event is set."""
     changed, release = threading.Event(), threading.Event()
-    original = getattr(ledger, name)
+    original = getattr(module, name)
 
     def held(**kwargs):
         original(**kwargs)
         changed.set()
         release.wait(30)
 
-    monkeypatch.setattr(ledger, name, held)
+    monkeypatch.setattr(module, name, held)
     return changed, release
 
 
@@ -106,7 +107,8 @@ def test_a_chunk_racing_a_merge_records_its_usage_for_the_survivor(transactional
     store_unmapped_events(tenant.workspace, absorbed, _pro_specs())
     rule = make_rule(tenant.workspace, "exports", event="Report Exported", conditions=PRO)
     job = ReprocessingJob.objects.get(rule=rule)
-    changed, release = _hold_open(monkeypatch, "reassign_user")
+    # The events' move travels in the merge's message (users.merges.absorb): held after it.
+    changed, release = _hold_open(monkeypatch, merges, "absorb")
 
     def merge():
         merge_users(workspace=tenant.workspace, user_pks=[absorbed.pk, survivor.pk], survivor_pk=survivor.pk)
@@ -128,7 +130,7 @@ def test_a_chunk_racing_a_user_deletion_maps_what_is_left_once(transactional_db,
     store_unmapped_events(tenant.workspace, user, _pro_specs())
     rule = make_rule(tenant.workspace, "exports", event="Report Exported", conditions=PRO)
     job = ReprocessingJob.objects.get(rule=rule)
-    changed, release = _hold_open(monkeypatch, "forget_user")
+    changed, release = _hold_open(monkeypatch, ledger, "forget_user")
 
     def delete():
         delete_user(workspace=tenant.workspace, user_pk=user.pk, events="keep" if keep else "delete")

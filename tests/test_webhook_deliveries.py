@@ -21,7 +21,7 @@ from webhooks import delivery
 from webhooks.delivery import Answer
 from webhooks.models import DeliveryAttempt, DeliveryStatus, WebhookDelivery, WebhookEndpoint, WebhookEvent
 
-from .api_support import ApiClient, assert_page, identify
+from .api_support import ApiClient, assert_page, bare_user, identify
 from .conftest import requires_broker, requires_postgres, wait_until
 from .webhook_support import Receiver, Reply, create_endpoint, verify_signature
 
@@ -167,6 +167,42 @@ def test_a_real_merge_sends_user_merged_with_both_ids(
         "absorbed_id": absorbed.pk,
         "absorbed_user_ids": ["u-new"],
         "reason": "admin",
+    }
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+def test_an_identify_merge_sends_user_merged_once_its_transaction_committed(api, tenant, tasks_in_process, monkeypatch):
+    # Outside any transaction, as in production: the identify's transaction starts pipelined
+    # and becomes Django's atomic when its first read shows the merge (kana.db.pipelined.atomic);
+    # the delivery's task must still wait for the commit.
+    from kana import jobs
+    from kana.db import pipelined
+
+    enqueued_in_transaction = []
+    enqueue = jobs.enqueue
+
+    def noting(task_name, job_id):
+        enqueued_in_transaction.append(connection.in_atomic_block or pipelined.in_transaction())
+        return enqueue(task_name, job_id)
+
+    monkeypatch.setattr(jobs, "enqueue", noting)
+    survivor = identify(tenant, "u-merging", name="Merging")
+    absorbed = bare_user(tenant, "bare@example.com")
+    with Receiver() as receiver:
+        endpoint = create_endpoint(api, receiver.url, ["user.merged"])
+        assert identify(tenant, "u-merging", email="bare@example.com").pk == survivor.pk
+
+    assert enqueued_in_transaction == [False]
+    (request,) = receiver.requests
+    assert verify_signature(endpoint["secret"], request.headers["Kana-Signature"], request.body)
+    merge = MergeRecord.objects.get()
+    assert request.json["data"] == {
+        "merge_id": merge.pk,
+        "survivor_id": survivor.pk,
+        "absorbed_id": absorbed.pk,
+        "absorbed_user_ids": [],
+        "reason": "identify",
     }
 
 

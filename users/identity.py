@@ -483,8 +483,9 @@ class MessageIdentify:
 
     Then ``apply`` runs the engine on that state, exactly as ``identify_user`` would. Inside
     ``atomic`` (``begin`` False) the same steps run in Django's transaction; a caller in a
-    pipelined one leaves merges (``merges``) to ``atomic``: their receivers may enqueue work
-    on commit, which a transaction unknown to Django cannot defer.
+    pipelined one hands it to ``atomic`` before a merge (``merges``,
+    ``kana.db.pipelined.atomic``): its receivers may enqueue work on commit, which a
+    transaction unknown to Django cannot defer.
     """
 
     def __init__(self, *, workspace: Workspace, row: ProfileRow, read: tuple[str, list], begin: bool):

@@ -54,7 +54,7 @@ def absorb(
         for group_pk, joined_at, shared in groups
     ]
     absorbed_snapshot["survivor_before"] = profile_state(before)
-    MergeRecord.objects.create(
+    record = MergeRecord(
         workspace=workspace,
         survivor=survivor,
         survivor_key=survivor.pk,
@@ -67,11 +67,30 @@ def absorb(
         conflicts=[c.as_dict() for c in conflicts],
         billing_conflict=reason in _AUTOMATIC and any(c.field == "billing_id" for c in conflicts),
     )
-    # Events, usage, subscriptions: their owners move them (the ledger row above is written
-    # first: the webhook receiver reads it).
-    user_absorbed.send(EndUser, workspace_id=workspace.pk, absorbed_pk=absorbed.pk, survivor_pk=survivor.pk)
+    # Events, usage, subscriptions: their owners say how to move them, and their statements
+    # travel in one message after the ledger row (a receiver may read it: the webhooks') and
+    # before the merge's own moves and the absorbed row's deletion.
+    responses = user_absorbed.send(EndUser, workspace_id=workspace.pk, absorbed_pk=absorbed.pk, survivor_pk=survivor.pk)
+    steps = [step for _receiver, response in responses for step in response or ()]
     moved = {"survivor": survivor.pk, "absorbed": absorbed.pk}
-    pipelined.execute_all([(sql, moved) for sql in _MOVE_AND_DELETE])
+    own = [(sql, [moved[name] for name in names]) for sql, names in _MOVE_AND_DELETE]
+    results = pipelined.execute_all([_insert(record), *((step.sql, step.params) for step in steps), *own])
+    for step, rows in zip(steps, results[1:], strict=False):  # the ledger row's, the steps', the merge's own
+        if step.then is not None:
+            step.then(rows)
+
+
+_RECORD_FIELDS = [f for f in MergeRecord._meta.concrete_fields if not f.primary_key]
+_INSERT_RECORD_SQL = (
+    f"INSERT INTO {MergeRecord._meta.db_table} ({', '.join(f.column for f in _RECORD_FIELDS)}) "
+    f"VALUES ({', '.join(['%s'] * len(_RECORD_FIELDS))})"
+)
+
+
+def _insert(record: MergeRecord) -> tuple[str, list]:
+    """The ledger row's INSERT as a statement of the merge's message: its values prepared for
+    the database by each field, as the ORM's insert does (JSON, timestamps)."""
+    return _INSERT_RECORD_SQL, [f.get_db_prep_save(f.pre_save(record, True), connection) for f in _RECORD_FIELDS]
 
 
 _IDENTITIES = UserIdentity._meta.db_table
@@ -85,13 +104,19 @@ _LEDGER = MergeRecord._meta.db_table
 # every row that referred to the user was moved above or by the ``user_absorbed`` receivers,
 # and a reference something forgot to move fails the merge at commit (the foreign keys are
 # checked then) instead of being deleted with the user.
-_MOVE_AND_DELETE = [
-    f"UPDATE {_IDENTITIES} SET user_id = %(survivor)s WHERE user_id = %(absorbed)s",
-    f"DELETE FROM {_MEMBERSHIPS} WHERE user_id = %(absorbed)s "
-    f"AND group_id IN (SELECT group_id FROM {_MEMBERSHIPS} WHERE user_id = %(survivor)s)",
-    f"UPDATE {_MEMBERSHIPS} SET user_id = %(survivor)s WHERE user_id = %(absorbed)s",
-    f"UPDATE {_LEDGER} SET survivor_id = %(survivor)s, survivor_key = %(survivor)s WHERE survivor_id = %(absorbed)s",
-    f"DELETE FROM {EndUser._meta.db_table} WHERE id = %(absorbed)s",
+_MOVE_AND_DELETE = [  # each statement, and the names of its positional parameters
+    (f"UPDATE {_IDENTITIES} SET user_id = %s WHERE user_id = %s", ("survivor", "absorbed")),
+    (
+        f"DELETE FROM {_MEMBERSHIPS} WHERE user_id = %s "
+        f"AND group_id IN (SELECT group_id FROM {_MEMBERSHIPS} WHERE user_id = %s)",
+        ("absorbed", "survivor"),
+    ),
+    (f"UPDATE {_MEMBERSHIPS} SET user_id = %s WHERE user_id = %s", ("survivor", "absorbed")),
+    (
+        f"UPDATE {_LEDGER} SET survivor_id = %s, survivor_key = %s WHERE survivor_id = %s",
+        ("survivor", "survivor", "absorbed"),
+    ),
+    (f"DELETE FROM {EndUser._meta.db_table} WHERE id = %s", ("absorbed",)),
 ]
 
 

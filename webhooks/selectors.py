@@ -1,5 +1,7 @@
 """Reads of webhook endpoints and deliveries, always within one workspace."""
 
+import json
+
 from django.db.models import Prefetch, QuerySet
 
 from kana.models import Workspace
@@ -7,14 +9,19 @@ from kana.models import Workspace
 from .models import DeliveryAttempt, WebhookDelivery, WebhookEndpoint, WebhookEventType
 
 
-def listens_to(workspace_id: int, event_type: str) -> bool:
-    """Whether an active endpoint of the workspace takes ``event_type`` (thresholds aside)."""
-    return any(
-        event_type in events
-        for events in WebhookEndpoint.objects.for_workspace(workspace_id)
-        .filter(active=True)
-        .values_list("events", flat=True)
+def active_endpoint_events_sql(workspace_id: int) -> tuple[str, list]:
+    """The event types of the workspace's active endpoints, as a statement to send in another
+    layer's message (positional parameters); ``endpoint_events`` reads its rows."""
+    return (
+        f"SELECT events FROM {WebhookEndpoint._meta.db_table} WHERE workspace_id = %s AND active = %s",
+        [workspace_id, True],
     )
+
+
+def endpoint_events(rows: list[tuple]) -> list[list[str]]:
+    """Each endpoint's event types from ``active_endpoint_events_sql``'s rows (SQLite's
+    driver gives the JSON column as text, psycopg decodes it)."""
+    return [json.loads(events) if isinstance(events, str) else events for (events,) in rows]
 
 
 def thresholds_for(workspace_id: int) -> list[float]:

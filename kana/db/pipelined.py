@@ -18,9 +18,12 @@ What a caller must know:
   on any exception it sends ``ROLLBACK`` (or finds the server already ended it).
 """
 
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from django.db import DatabaseError, connection
+from django.db import transaction as django_transaction
 from psycopg import pq
 
 
@@ -31,6 +34,18 @@ def available() -> bool:
 def in_transaction() -> bool:
     raw = connection.connection
     return raw is not None and not raw.closed and raw.info.transaction_status != pq.TransactionStatus.IDLE
+
+
+@dataclass(frozen=True)
+class Step:
+    """A statement handed to another layer to send in its message (``execute_all``), so that
+    work owned by several layers still costs one round trip: ``params`` are positional
+    (``%s``), and ``then``, when given, is called with the statement's rows once the message
+    has run (in the same transaction)."""
+
+    sql: str
+    params: list
+    then: Callable[[list[tuple]], None] | None = None
 
 
 BEGIN = "BEGIN; "
@@ -53,6 +68,30 @@ def transaction():
     if in_transaction():
         with connection.cursor() as cursor:
             cursor.execute("COMMIT")
+
+
+@contextmanager
+def atomic():
+    """Inside ``transaction``: from here on, the open transaction is Django's ``atomic``
+    (``on_commit`` callbacks wait for its commit, nested ``atomic`` blocks are savepoints),
+    and the block's end commits it (or rolls it back on an exception).
+
+    For a caller that learns from its first statements' rows that the rest needs ``atomic``
+    (an identify that merges: its receivers may enqueue work on commit): what it did and
+    the locks it holds stay, where rolling back and starting again in ``atomic`` would
+    repeat them (two round trips and the Python of the first pass).
+    """
+    if not in_transaction() or connection.in_atomic_block:
+        raise RuntimeError("pipelined.atomic hands on a transaction opened by pipelined.transaction")
+    # The connection's health was checked by the first statement of the transaction (Django
+    # checks once per request, before the first query): entering atomic checks nothing again.
+    connection.adopt_open_transaction = True
+    try:
+        with django_transaction.atomic():
+            connection.adopt_open_transaction = False
+            yield
+    finally:
+        connection.adopt_open_transaction = False
 
 
 def execute_all(statements: list[tuple[str, list | dict]], *, begin: bool = False) -> list[list[tuple]]:

@@ -12,6 +12,10 @@ caught by neither check until a query fails; the request then answers as it does
 
 The check after an error (``close_if_unusable_or_obsolete`` at the end of a request that
 raised a database error) still runs Django's ``SELECT 1``: it is rare, and it must be sure.
+
+It also lets ``kana.db.pipelined.atomic`` hand a transaction that module opened (its
+``BEGIN`` sent by hand on a connection in autocommit) to Django's ``atomic``, which psycopg
+otherwise refuses (see ``_set_autocommit``).
 """
 
 import select
@@ -36,6 +40,25 @@ def socket_says_alive(connection) -> bool:
 
 
 class DatabaseWrapper(PostgreSQLDatabaseWrapper):
+    # Set by kana.db.pipelined.atomic around its atomic's entry, nowhere else.
+    adopt_open_transaction = False
+
+    def _set_autocommit(self, autocommit):
+        raw = self.connection
+        if (
+            self.adopt_open_transaction
+            and not autocommit
+            and raw.autocommit
+            and raw.info.transaction_status == pq.TransactionStatus.INTRANS
+        ):
+            # psycopg will not turn autocommit off inside a transaction, to keep a caller from
+            # losing track of it; here the caller (kana.db.pipelined.atomic) opened it and
+            # hands it on on purpose. Off, psycopg sends no BEGIN of its own while the
+            # transaction is open, and Django's atomic commits or rolls it back as its own.
+            raw._autocommit = False
+            return
+        super()._set_autocommit(autocommit)
+
     def close_if_health_check_failed(self):
         if self.connection is None or not self.health_check_enabled or self.health_check_done:
             return
