@@ -195,7 +195,12 @@ class MergeRequestSerializer(serializers.Serializer):
 
 
 class ConflictSerializer(serializers.Serializer):
-    field = serializers.CharField(help_text="name, email or billing_id")
+    field = serializers.CharField(
+        help_text=(
+            "name, email or billing_id; or base_package: the users held live base packages "
+            "(comma-separated keys), and the survivor now holds all of them: cancel the one that should end"
+        )
+    )
     survivor = serializers.CharField(help_text="The survivor's value before the merge (blank: none).")
     absorbed = serializers.CharField(help_text="An absorbed user's value.")
     kept = serializers.CharField(help_text="What the merged user keeps.")

@@ -6,6 +6,7 @@ from rest_framework import mixins, serializers
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
+from entitlements.selectors import live_base_subscriptions
 from features import selectors as feature_selectors
 from features.corrections import event_void
 from features.models import Event, Feature, MappingRule, Usage
@@ -77,6 +78,21 @@ def page_of(example: dict) -> dict:
 
 
 # --- Users -----------------------------------------------------------------------------
+
+
+def _base_package_conflicts(held: dict, survivor_pk: int, absorbed_pks: list[int]) -> list[dict]:
+    """A merge moves every subscription as it is: users on two plans become one user holding
+    two live base packages. Kana does not choose (checks use the highest limit); the answer
+    lists it as a conflict whose ``kept`` is both, so the caller can cancel one."""
+    survivor_keys = [sub.package.key for sub in held.get(survivor_pk, [])]
+    absorbed = [(pk, [sub.package.key for sub in held[pk]]) for pk in absorbed_pks if held.get(pk)]
+    if len(survivor_keys) + sum(len(keys) for _, keys in absorbed) < 2:
+        return []
+    kept = ", ".join([*survivor_keys, *(key for _, keys in absorbed for key in keys)])
+    return [
+        {"field": "base_package", "survivor": ", ".join(survivor_keys), "absorbed": ", ".join(keys), "kept": kept}
+        for _, keys in absorbed
+    ]
 
 
 @extend_schema_view(
@@ -179,6 +195,7 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Destr
     @action(detail=False, methods=["post"])
     def merge(self, request):
         body = self.body(s.MergeRequestSerializer)
+        base_packages = live_base_subscriptions(self.workspace, body["user_ids"])
         result = merge_users(
             workspace=self.workspace,
             user_pks=body["user_ids"],
@@ -193,7 +210,10 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Destr
             "survivor": survivor,
             "absorbed_ids": result.absorbed_ids,
             "already_merged": result.already_merged,
-            "conflicts": [c.as_dict() for c in result.conflicts],
+            "conflicts": [
+                *(c.as_dict() for c in result.conflicts),
+                *_base_package_conflicts(base_packages, result.survivor.pk, result.absorbed_ids),
+            ],
         }
         return Response(s.MergeResultSerializer(data, context=self.get_serializer_context()).data)
 

@@ -5,6 +5,7 @@ from django.http import Http404
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
+from entitlements.selectors import live_base_subscriptions
 from users.conflicts import merge_conflicts
 from users.models import MergeReason
 from users.profile import CHOOSABLE_FIELDS, FIELD_CHOICES, merge_preview
@@ -50,6 +51,14 @@ def _field_choices(params) -> dict[str, str]:
     }
 
 
+def _base_packages_after(workspace, users) -> list:
+    """The live base subscriptions the survivor would hold, when more than one: a merge moves
+    every subscription as it is, and Kana does not choose between two plans."""
+    held = live_base_subscriptions(workspace, [u.pk for u in users])
+    subscriptions = [s for u in users for s in held.get(u.pk, [])]
+    return subscriptions if len(subscriptions) > 1 else []
+
+
 @require_GET
 @workspace_view
 def merge_preview_page(request):
@@ -76,6 +85,7 @@ def merge_preview_page(request):
         "result_user_ids": result_ids,
         "conflicts": conflicts,
         "conflict_fields": {c.field for c in conflicts},
+        "base_packages": _base_packages_after(request.workspace, ordered),
         "selected_pks": [u.pk for u in ordered],
         # Per conflicting field, whose value the merge keeps (SPEC §12): newest unless chosen.
         "choices": {field: choices.get(field, "newest") for field in CHOOSABLE_FIELDS},
@@ -112,4 +122,11 @@ def merge(request):
     else:
         absorbed = len(result.absorbed_ids)
         messages.success(request, f"Merged {absorbed} {'user' if absorbed == 1 else 'users'} into {result.survivor}.")
+        held = live_base_subscriptions(request.workspace, [result.survivor.pk]).get(result.survivor.pk, [])
+        if len(held) > 1:
+            keys = ", ".join(sub.package.key for sub in held)
+            messages.warning(
+                request,
+                f"{result.survivor} now holds {len(held)} live base packages ({keys}): cancel one on its plan page.",
+            )
     return redirect("dashboard:user", pk=result.survivor.pk)

@@ -11,7 +11,14 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
 from entitlements.access import evaluate, number, user_subject
-from entitlements.models import Package, PackageFeature, PackageStatus, Subscription, SubscriptionStatus
+from entitlements.models import (
+    LIVE_STATUSES,
+    Package,
+    PackageFeature,
+    PackageStatus,
+    Subscription,
+    SubscriptionStatus,
+)
 from entitlements.services import EntitlementError, subscription_create, subscription_update
 from features.models import Feature
 from users.models import EndUser
@@ -99,6 +106,11 @@ def _page(request, user, subscribe_form=None, status_code=200):
     context = {
         "end_user": user,
         "subscriptions": subscriptions,
+        # More than one is shown as a warning: a merge can leave a user two live base
+        # packages (``entitlements.selectors.live_base_subscriptions``).
+        "live_base_packages": [
+            s for s in subscriptions if s.user_id == user.pk and not s.package.is_addon and s.status in LIVE_STATUSES
+        ],
         "entitlements": _entitlements(workspace, subject, subscriptions),
         "subscribe_form": subscribe_form or SubscribeForm(packages=published),
         "has_published": bool(published),
