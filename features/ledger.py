@@ -534,6 +534,9 @@ def map_events_decided_in_sql(
         UPDATE {Event._meta.db_table} e SET status = %s, unmapped_reason = ''
         FROM decided d
         WHERE e.id = d.id AND d.amount IS NOT NULL AND NOT d.to_python
+            -- The ids again as an array: the events are probed by primary key, not scanned
+            -- whole and hashed (a join on ``decided`` alone planned a scan of the table).
+            AND e.id = ANY(ARRAY(SELECT id FROM decided WHERE amount IS NOT NULL AND NOT to_python))
             AND e.status = %s AND e.user_id IS NOT NULL
         RETURNING e.id, e.user_id, e.occurred_at, d.amount
     ), recorded AS (
