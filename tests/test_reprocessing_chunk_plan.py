@@ -27,6 +27,16 @@ def _event_nodes(plan: dict):
         yield from _event_nodes(child)
 
 
+def _all_nodes(plan: dict):
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from _all_nodes(child)
+
+
+def _under(node: dict) -> set[str]:
+    return {n["Node Type"] for n in _all_nodes(node)}
+
+
 @pytest.fixture
 def chunk_plans():
     """EXPLAIN (FORMAT JSON) of each chunk statement decided in SQL, taken just before it runs."""
@@ -67,3 +77,9 @@ def test_a_chunk_probes_its_events_by_primary_key(tenant, django_capture_on_comm
         # from the primary key: no node reads the table's other events.
         assert node["Node Type"] != "Seq Scan", node
         assert node.get("Index Name") in {"event_unmapped_name_idx", "segment_ingest_event_pkey"}, node
+    for node in _all_nodes(plan):
+        if node["Node Type"] == "Nested Loop":
+            # A loop may probe an index per outer row, never rescan a CTE (the chunk's rows)
+            # per row: that is quadratic in the chunk size.
+            inner = node["Plans"][1]
+            assert "CTE Scan" not in _under(inner), node
