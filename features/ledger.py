@@ -527,6 +527,11 @@ def map_events_decided_in_sql(
     flipped, the ids left to the caller's evaluator, in id order). A row decided here that the
     UPDATE did not flip (a concurrent change committed while the statement ran: its user
     deleted, say) is left to the evaluator too, which reads it as it is now.
+
+    The flip joins ``decided`` to the events on their primary key. Name the candidates in
+    ``decided_sql`` as ``e.id = ANY(ARRAY(...))``: PostgreSQL then estimates a few rows and
+    probes the key for each; estimating the chunk's true size, it scanned and hashed the
+    whole table instead, twice a chunk (docs/performance.md, "Round 7: s4hot").
     """
     sql = f"""
     WITH decided AS MATERIALIZED ({decided_sql}),
@@ -543,10 +548,11 @@ def map_events_decided_in_sql(
     )
     SELECT (SELECT count(*) FROM decided), (SELECT max(id) FROM decided), (SELECT count(*) FROM flipped),
         ARRAY(
-            -- A join, not NOT EXISTS under the OR: that would scan the flipped rows once per row.
-            SELECT d.id FROM decided d LEFT JOIN flipped f ON f.id = d.id
-            WHERE d.to_python OR (d.amount IS NOT NULL AND f.id IS NULL)
-            ORDER BY d.id
+            -- Set operations, not a test per row against ``flipped`` (NOT EXISTS, or a join the
+            -- planner may loop over): hashed or sorted, whatever the estimates say.
+            SELECT id FROM decided WHERE to_python
+            UNION (SELECT id FROM decided WHERE amount IS NOT NULL EXCEPT SELECT id FROM flipped)
+            ORDER BY 1
         )
     """
     values = [*params, EventStatus.MAPPED.value, EventStatus.UNMAPPED.value, workspace_id, feature_id, rule_id]

@@ -152,7 +152,11 @@ def _decided_in_sql(job: ReprocessingJob, rule_set, chunk_size: int) -> tuple[in
     # the candidates first wrote every row twice (S4 in docs/performance.md).
     candidates, params = (_candidate_events(job).order_by("id").values("id")[:chunk_size]).query.sql_with_params()
     table = connection.ops.quote_name(Event._meta.db_table)
-    rows = decision.rows(f"FROM {table} e WHERE e.id IN ({candidates})")
+    # The candidates as an array, not ``IN (subquery)``: PostgreSQL then probes the primary key
+    # for each id; with ``IN`` it hashed the ids and scanned the whole event table per chunk
+    # (100,000 rows read for 5,000 decided), a cost that grew with the table (S4 in
+    # docs/performance.md, "Round 7: s4hot").
+    rows = decision.rows(f"FROM {table} e WHERE e.id = ANY(ARRAY({candidates}))")
     decided = f"SELECT r.id, {decision.amount} AS amount, {decision.to_python} AS to_python FROM {rows}"
     return ledger.map_events_decided_in_sql(
         job.workspace_id, decided, list(params), feature_id=rule.feature_id, rule_id=rule.rule_id
