@@ -88,9 +88,7 @@ class WorkspaceViewSet(GenericViewSet):
         empty optional field counts as absent, so ``?user_id=`` (documented as a non-empty
         string) listed everyone instead of being refused.
         """
-        params = serializer_class(data=self.request.query_params.dict())
-        params.is_valid(raise_exception=True)
-        return {name: value for name, value in params.validated_data.items() if value not in (None, "")}
+        return validated_query(serializer_class, self.request.query_params.dict())
 
     def body(self, serializer_class, *, partial: bool = False) -> dict:
         """The request body, validated: a bad field is a 400 naming it."""
@@ -106,3 +104,11 @@ class WorkspaceViewSet(GenericViewSet):
         page = list(self.paginate_queryset(rows))
         context = {**self.get_serializer_context(), **(context_for_page(page) if context_for_page else {})}
         return self.get_paginated_response(serializer_class(page, many=True, context=context).data)
+
+
+def validated_query(serializer_class, params: dict) -> dict:
+    """Query parameters (a plain dict) validated by ``serializer_class``: a bad one raises the
+    ValidationError that answers 400 naming it; empty optional values are dropped."""
+    query = serializer_class(data=params)
+    query.is_valid(raise_exception=True)
+    return {name: value for name, value in query.validated_data.items() if value not in (None, "")}
