@@ -9,7 +9,7 @@ in what they accept or answer."""
 from entitlements import access
 
 from . import entitlement_serializers as s
-from .base import validated_query
+from .base import validated, validated_query
 
 
 def check_answer(workspace, params: dict) -> dict:
@@ -27,13 +27,12 @@ def check_answer(workspace, params: dict) -> dict:
 
 def consume_answer(workspace, data) -> dict:
     """``POST /api/v1/entitlements/consume``: ``data`` is the parsed JSON body."""
-    body = s.ConsumeSerializer(data=data)
-    body.is_valid(raise_exception=True)
+    body = validated(s.ConsumeSerializer, data)
     answer, _ = access.consume(
         workspace,
-        user_id=body.validated_data["user_id"],
-        feature_key=body.validated_data["feature"],
-        delta=body.validated_data["delta"],
-        idempotency_key=body.validated_data["idempotency_key"],
+        user_id=body["user_id"],
+        feature_key=body["feature"],
+        delta=body["delta"],
+        idempotency_key=body["idempotency_key"],
     )
     return answer
