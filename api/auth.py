@@ -1,7 +1,6 @@
 """REST API authentication by API key, tenant permission and the error format."""
 
 from rest_framework import exceptions, permissions
-from rest_framework import views as drf_views
 from rest_framework.authentication import BaseAuthentication
 
 from kana.errors import error_body
@@ -27,18 +26,31 @@ class ApiKeyAuthentication(BaseAuthentication):
     """``Authorization: Bearer <key>``, ``Basic base64(<key>:)`` or the bare key."""
 
     def authenticate(self, request):
-        header = request.headers.get("Authorization", "")
-        if not header:
+        found = workspace_for_authorization(request.headers.get("Authorization", ""))
+        if found is None:
             return None
-        key = api_key_from_authorization(header)
-        workspace = workspace_for_api_key(key) if key else None
-        if workspace is None:
-            raise exceptions.AuthenticationFailed("unknown or revoked API key")
-        request.workspace = workspace
-        return WorkspacePrincipal(workspace), key
+        request.workspace, key = found
+        return WorkspacePrincipal(request.workspace), key
 
     def authenticate_header(self, request):
-        return 'Bearer realm="kana"'
+        return AUTHENTICATE_HEADER
+
+
+# The WWW-Authenticate of a 401: how to authenticate.
+AUTHENTICATE_HEADER = 'Bearer realm="kana"'
+
+
+def workspace_for_authorization(header: str):
+    """``(workspace, key)`` of the key an Authorization header carries; None without a header
+    (DRF then answers 401 ``not_authenticated``); AuthenticationFailed for a key Kana does not
+    know. The DRF views (``ApiKeyAuthentication``) and the lean front (``api.lean``) both ask it."""
+    if not header:
+        return None
+    key = api_key_from_authorization(header)
+    workspace = workspace_for_api_key(key) if key else None
+    if workspace is None:
+        raise exceptions.AuthenticationFailed("unknown or revoked API key")
+    return workspace, key
 
 
 class HasWorkspace(permissions.BasePermission):
@@ -49,8 +61,11 @@ class HasWorkspace(permissions.BasePermission):
 def exception_handler(exc, context):
     """Every API error in the one envelope, ``{"code", "message", "field"?}`` (plus ``errors``
     for forms)."""
-    # Looked up at call time: rest_framework.views reads the authentication setting while it
-    # is being imported, which imports this module; a module-level import would be circular.
+    # Imported at call time: rest_framework.views reads the authentication setting while it
+    # is being imported, which imports this module; a module-level import would be circular
+    # whenever this module is imported first (api.lean, before any DRF view).
+    from rest_framework import views as drf_views
+
     response = drf_views.exception_handler(exc, context)
     if response is None:
         return None

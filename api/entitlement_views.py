@@ -23,6 +23,7 @@ from users.selectors import user_pk_for
 
 from . import entitlement_serializers as s
 from .base import WorkspaceViewSet
+from .entitlement_requests import check_answer, consume_answer
 from .schema import ErrorSerializer
 
 CONFLICT = OpenApiResponse(ErrorSerializer, description="The request conflicts with the current state: see `code`.")
@@ -226,15 +227,7 @@ class EntitlementViewSet(WorkspaceViewSet):
     )
     @action(detail=False, methods=["get"])
     def check(self, request):
-        query = self.query(s.CheckQuerySerializer)
-        entitlement = access.check(
-            self.workspace,
-            feature_key=query["feature"],
-            user_id=query.get("user_id"),
-            group_id=query.get("group_id"),
-            delta=query.get("delta", 1),
-        )
-        return Response(entitlement.as_dict())
+        return Response(check_answer(self.workspace, request.query_params.dict()))
 
     @extend_schema(
         summary="Usage of a feature: this period and the ones before",
@@ -271,15 +264,7 @@ class EntitlementViewSet(WorkspaceViewSet):
     )
     @action(detail=False, methods=["post"])
     def consume(self, request):
-        body = self.body(s.ConsumeSerializer)
-        answer, _ = access.consume(
-            self.workspace,
-            user_id=body["user_id"],
-            feature_key=body["feature"],
-            delta=body["delta"],
-            idempotency_key=body["idempotency_key"],
-        )
-        return Response(answer)
+        return Response(consume_answer(self.workspace, request.data))
 
 
 class UsageRecordViewSet(WorkspaceViewSet):

@@ -92,9 +92,14 @@ MIDDLEWARE = [
 
 ROOT_URLCONF = "kana.urls"
 WSGI_APPLICATION = "kana.wsgi.application"
-# The ingest POSTs answered in front of Django's request handling (kana/wsgi.py wraps the
-# handler in it); KANA_LEAN_INGEST=0 sends them through Django's views, with the same answers.
-KANA_INGEST_WSGI_APP = "segment_ingest.wsgi.LeanIngestApp" if env_bool("KANA_LEAN_INGEST", True) else ""
+# The hot endpoints answered in front of Django's request handling (kana/wsgi.py puts the
+# lean front, kana.lean, before the handler with these route tables): the ingest POSTs and the
+# entitlement check and consume. KANA_LEAN_INGEST=0 / KANA_LEAN_API=0 send them through
+# Django's views instead, with the same answers.
+KANA_LEAN_ROUTES = [
+    *(["segment_ingest.wsgi.ROUTES"] if env_bool("KANA_LEAN_INGEST", True) else []),
+    *(["api.lean.ROUTES"] if env_bool("KANA_LEAN_API", True) else []),
+]
 
 TEMPLATES = [
     {

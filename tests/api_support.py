@@ -4,15 +4,13 @@ that go through the real ingest endpoints and services (never straight into tabl
 import json
 from datetime import UTC, datetime
 
-from django.test import Client
-
 from features.models import FeatureType
 from features.services import RuleDefinition, feature_create, rule_create
 from users.models import EndUser
 from users.profile import validated_changes
 from users.services import upsert_user_by_email
 
-from .conftest import SegmentClient, Tenant
+from .conftest import SegmentClient, Tenant, api_client
 
 # The fields of a user as the API answers it.
 USER_FIELDS = {
@@ -47,7 +45,7 @@ class ApiClient:
 
     def __init__(self, tenant: Tenant | None, *, auth: str | None = None):
         self.tenant = tenant
-        self.client = Client()
+        self.client = api_client()
         self.auth = auth if auth is not None else f"Bearer {tenant.key}"
 
     def _headers(self):

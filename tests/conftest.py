@@ -99,6 +99,24 @@ def ingest_route(request):
     _ingest_route[0] = "django"
 
 
+_api_route = ["django"]  # the route ApiClient takes, set by the api_route fixture
+
+
+@pytest.fixture(params=list(INGEST_ROUTES))
+def api_route(request):
+    """Runs the test once per route to the REST API (Django's test client, or gunicorn's entry,
+    where the lean front answers the entitlement check and consume); every ApiClient it makes
+    takes that route."""
+    _api_route[0] = request.param
+    yield request.param
+    _api_route[0] = "django"
+
+
+def api_client(**defaults) -> Client:
+    """A test client on the current REST API route (Django's by default, see ``api_route``)."""
+    return INGEST_ROUTES[_api_route[0]](**defaults)
+
+
 def ingest_client(**defaults) -> Client:
     """A test client on the current ingest route (Django's by default, see ``ingest_route``)."""
     return INGEST_ROUTES[_ingest_route[0]](**defaults)

@@ -2,10 +2,15 @@
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from features.models import FeatureType
 
 from .api_support import ApiClient, feature, identify, track
 from .entitlement_support import check, join_group, package, subscribe, user_with_package
+
+# Every test runs on both routes: Django's views and the lean front (api.lean).
+pytestmark = pytest.mark.usefixtures("api_route")
 
 
 def test_it_answers_unknown_feature_and_unknown_user_without_a_404(tenant):

@@ -18,6 +18,9 @@ from .conftest import requires_postgres
 from .entitlement_consume_support import in_parallel
 from .entitlement_support import check, consume, join_group, package, subscribe, user_with_package
 
+# Every test runs on both routes: Django's views and the lean front (api.lean).
+pytestmark = pytest.mark.usefixtures("api_route")
+
 
 def test_it_records_within_the_budget_and_refuses_beyond_it(tenant):
     feature(tenant, "messages")

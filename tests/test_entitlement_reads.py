@@ -17,7 +17,7 @@ from .api_support import ApiClient, feature, identify, track
 from .conftest import requires_postgres
 from .entitlement_support import check, consume, join_group, package, subscribe
 
-pytestmark = requires_postgres
+pytestmark = [requires_postgres, pytest.mark.usefixtures("api_route")]
 
 
 def _hold(tenant, user_id, key, amount, ttl=600):

@@ -16,6 +16,7 @@ from django.db import OperationalError, connection
 from django.test import Client
 
 from features.models import Event
+from kana.lean import LeanApp
 from segment_ingest import handlers
 from segment_ingest.wsgi import LeanIngestApp
 
@@ -94,7 +95,7 @@ def _same_answer(case: str, method: str = "post", **client_options):
 def test_it_is_gunicorns_entry():
     from kana.wsgi import application
 
-    assert isinstance(application, LeanIngestApp)
+    assert isinstance(application, LeanApp)
 
 
 def test_it_answers_the_paths_the_url_conf_routes_to_the_ingest_views():
