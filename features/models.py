@@ -167,14 +167,38 @@ class Usage(models.Model):
 
     # workspace and event have no index of their own: the composite indexes below lead with
     # them, and each usage row (ingest, reprocessing) writes every index of the table.
-    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+", db_index=False)
+    #
+    # Three references have no database constraint (db_constraint=False, migration
+    # features/0007): each would cost a deferred check per usage row at COMMIT, and each is
+    # already guaranteed (docs/architecture.md, "Who writes which table"). Django's on_delete
+    # still applies to them. ``event`` and ``user`` keep theirs: they carry the guarantees.
+    #
+    # workspace: always its event's (``features.ledger`` writes both from one workspace and
+    # moves neither across workspaces), and the event's own reference is checked.
+    workspace = models.ForeignKey(
+        Workspace, on_delete=models.CASCADE, related_name="+", db_index=False, db_constraint=False
+    )
     # Null: the user was deleted with its events kept (``ledger.forget_user``): the usage still
-    # counts for its feature, for no user.
+    # counts for its feature, for no user. Constrained: a merge deletes the absorbed user with
+    # a plain DELETE and relies on this check to fail if any usage was left behind.
     user = models.ForeignKey(EndUser, null=True, blank=True, on_delete=models.CASCADE, related_name="usage")
     # PROTECT: recorded usage is never deleted as a side effect of deleting its feature.
-    feature = models.ForeignKey(Feature, on_delete=models.PROTECT, related_name="usage")
+    # No constraint: usage is written only under the workspace's shared rules lock, with a
+    # feature read under it (the rules version), and ``feature_delete`` takes that lock
+    # exclusively and refuses a feature with usage; a workspace's deletion reaches the usage
+    # through its events, whose references are checked.
+    feature = models.ForeignKey(Feature, on_delete=models.PROTECT, related_name="usage", db_constraint=False)
     event = models.ForeignKey(Event, on_delete=models.CASCADE, related_name="usage", db_index=False)
-    rule = models.ForeignKey(MappingRule, null=True, blank=True, on_delete=models.SET_NULL, related_name="usage")
+    # No constraint, as for the feature: ``rule_delete`` takes the rules lock exclusively and
+    # refuses a rule with usage; SET_NULL is Django's, on an ORM deletion.
+    rule = models.ForeignKey(
+        MappingRule,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="usage",
+        db_constraint=False,
+    )
     amount = models.DecimalField(max_digits=30, decimal_places=9)
     occurred_at = models.DateTimeField()
 
