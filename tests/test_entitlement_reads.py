@@ -186,8 +186,71 @@ def test_a_pipelined_consume_answers_as_the_orm_path(tenant, monkeypatch):
     assert check(tenant, "messages", user_id="fast")["consumption"]["used"] == 3
 
 
+def _grant_sequence(tenant, user_id: str) -> list:
+    """Grants of every kind the budget statement stores an answer for, each sent twice (the
+    second answers the stored answer): within a limit, over it with overage, unlimited,
+    fractional amounts, beside a held reservation, on a group's budget."""
+    answers = []
+    for key, feature_key, delta in [
+        (f"{user_id}-a", "messages", 0.25),
+        (f"{user_id}-b", "messages", 1.5),
+        (f"{user_id}-c", "messages", 1),  # 2.75 of 3, 0.5 held: over the limit, with overage
+        (f"{user_id}-d", "messages", 0.125),
+        (f"{user_id}-e", "exports", 2.5),  # unlimited
+        (f"{user_id}-f", "seats", 1),  # the group's budget
+        (f"{user_id}-g", "seats", 1),  # beyond it: refused
+    ]:
+        for _ in range(2):
+            response = consume(tenant, user_id, feature_key, key, delta=delta)
+            answers.append((response.status_code, response.json()))
+    return answers
+
+
 @pytest.mark.django_db(transaction=True)
-def test_a_consume_is_three_round_trips_recorded_refused_or_replayed(tenant):
+def test_a_consume_stores_the_answer_it_gives_for_every_kind_of_grant_as_the_orm_path(tenant, monkeypatch):
+    feature(tenant, "messages")
+    feature(tenant, "exports")
+    feature(tenant, "seats")
+    package(
+        tenant,
+        "plan",
+        {"feature": "messages", "limit": 3, "overage_enabled": True},
+        {"feature": "exports", "limit": None},
+    )
+    package(tenant, "team", {"feature": "seats", "limit": 1.5})
+    started = (timezone.now() - timedelta(days=3)).isoformat()
+    for user_id in ("orm", "fast"):
+        identify(tenant, user_id)
+        join_group(tenant, user_id, f"team-{user_id}")
+        subscribe(tenant, "plan", user_id=user_id, started_at=started)
+        subscribe(tenant, "team", group_id=f"team-{user_id}", started_at=started)
+        _hold(tenant, user_id, f"hold-{user_id}", 0.5)
+
+    fast = _grant_sequence(tenant, "fast")
+    monkeypatch.setattr(access.pipelined, "available", lambda: False)
+    orm = _grant_sequence(tenant, "orm")
+    assert fast == orm
+    assert [answer["reason"] for _, answer in fast[::2]] == [
+        "within_limit",
+        "within_limit",
+        "overage_enabled",
+        "overage_enabled",
+        "within_limit",
+        "within_limit",
+        "limit_reached",
+    ]
+    assert all(first == replayed for first, replayed in zip(fast[::2], fast[1::2], strict=True))
+    assert fast[4][1]["consumption"] == {
+        "used": 2.75,
+        "budget": 3,
+        "remaining": 0,
+        "held": 0.5,
+        "overage_enabled": True,
+    }
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_consume_is_two_round_trips_recorded_refused_or_replayed(tenant):
     feature(tenant, "messages")
     identify(tenant, "u1")
     package(tenant, "plan", {"feature": "messages", "limit": 1})
@@ -201,15 +264,16 @@ def test_a_consume_is_three_round_trips_recorded_refused_or_replayed(tenant):
         return [query["sql"] for query in captured.captured_queries]
 
     recorded = sent("k1")
-    assert len(recorded) == 3
-    # The idempotency lookup, the tried locks, the read that waits for them only if the budget
-    # has room (when they were held), the budget: prepared.
+    assert len(recorded) == 2
+    # One message: the idempotency lookup, the tried locks, the read that waits for them only
+    # if the budget has room (when they were held), the budget read and the usage it grants
+    # (prepared), then the COMMIT: the locks are never held across a client round trip.
     assert recorded[1].startswith("BEGIN; EXECUTE kana_") and recorded[1].count("EXECUTE") == 4
-    assert recorded[2].startswith("WITH ev AS (INSERT INTO features_event") and recorded[2].endswith("; COMMIT")
+    assert recorded[1].endswith("; COMMIT")
     refused = sent("k2")
-    assert len(refused) == 3 and refused[2] == "COMMIT"
+    assert len(refused) == 2 and refused[1].endswith("; COMMIT")
     replayed = sent("k1")
-    assert len(replayed) == 3 and replayed[2] == "COMMIT"
+    assert len(replayed) == 2 and replayed[1].endswith("; COMMIT")
     assert Usage.objects.filter(event__message_id__in=["k1", "k2"]).count() == 1
 
 
