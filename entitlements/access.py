@@ -591,7 +591,7 @@ def _locked_if_room(budget_sql: str, locks: str) -> str:
     read (under READ COMMITTED the statement sees every consume committed before it), and
     usage only shrinks under a budget by voids and moves, which a later consume sees. When
     there is room, the locks are taken and the decision is the one read after them
-    (``_IF_LOCKED``), as before: zero overspend rests on that read alone."""
+    (``_budget_and_record``), as before: zero overspend rests on that read alone."""
     # ``locks``: pg_advisory_xact_lock(…), … in sorted order (kana.locks.lock_keys_expressions).
     # CASE evaluates its THEN only when its WHEN holds; the arguments left to right. A
     # condition that names no column is checked once, before anything is read.
@@ -616,7 +616,8 @@ def _budget_and_record(budget_sql: str, record_sql: str, *, guarded: bool) -> st
     refusal read before them reads its usage rows once)."""
     where = f" WHERE {_IF.format('on')}" if guarded else ""
     return (
-        f"WITH b (days_used, rows_used, held, members) AS (SELECT * FROM ({budget_sql}) AS b0{where}),"
+        # MATERIALIZED: read once; inlined, each use of a column below ran its sum again.
+        f"WITH b (days_used, rows_used, held, members) AS MATERIALIZED (SELECT * FROM ({budget_sql}) AS b0{where}),"
         " c AS (SELECT b.*, b.days_used + b.rows_used AS used FROM b),"
         " w AS (SELECT c.*, (%(c_limit)s::numeric IS NULL"
         " OR c.used + c.held + %(c_delta)s::numeric <= %(c_limit)s::numeric) AS within FROM c),"
@@ -680,10 +681,10 @@ def _consume_pipelined(
     subject = Subject(user_pk=user_pk, group_pks=tuple(group_pks))
     chosen = _choose_from_rows(feature, rows)
 
-    def granted_payloads(period) -> dict:
+    def granted_payloads(period, now: datetime, overage_enabled: bool) -> dict:
         """The stored payload of a grant for each reason it may have (``_GRANTED_PAYLOAD``)."""
         texts = {}
-        for reason in ("within_limit", "overage_enabled"):
+        for reason in ("within_limit", "overage_enabled") if overage_enabled else ("within_limit",):
             answer = {**Entitlement(True, reason, period=period).as_dict(), "recorded": True}
             message, _ = _usage_message(
                 user_id=user_id,
@@ -698,7 +699,6 @@ def _consume_pipelined(
         return texts
 
     def once() -> tuple[dict, bool]:
-        nonlocal now
         now = timezone.now()
         lock_expressions, params = lock_keys_expressions(subject.lock_keys(workspace.pk, feature.pk))
         lock_sql = "SELECT " + lock_expressions
@@ -754,14 +754,15 @@ def _consume_pipelined(
                 workspace, message, decision, user_pk, rows="d WHERE d.granted", payload=_GRANTED_PAYLOAD
             )
             statements.append(reads.prepared(_budget_and_record(budget_sql, record_sql, guarded=refusable)))
-            payloads = granted_payloads(period)
+            payloads = granted_payloads(period, now, offer.overage_enabled)
             params |= budget_params | record_params
             params |= {
                 "c_delta": delta,
                 "c_limit": offer.limit,
                 "c_overage": offer.overage_enabled,
                 "c_payload_within": payloads["within_limit"],
-                "c_payload_over": payloads["overage_enabled"],
+                # Without overage a grant is always within the limit: this one is never stored.
+                "c_payload_over": payloads.get("overage_enabled", payloads["within_limit"]),
             }
         with pipelined.transaction():
             with connection.cursor() as cursor:
@@ -811,7 +812,6 @@ def _consume_pipelined(
         # Granted, but the key was stored meanwhile by a concurrent request (its insert won).
         return _replay(workspace, idempotency_key, _stored_answer(workspace, idempotency_key) or {})
 
-    now = timezone.now()
     return run_with_retries(once)
 
 
