@@ -256,6 +256,7 @@ def test_a_consume_is_two_round_trips_recorded_refused_or_replayed(tenant):
     package(tenant, "plan", {"feature": "messages", "limit": 1})
     subscribe(tenant, "plan", user_id="u1")
     consume(tenant, "u1", "messages", "warm-up-unknown-user-key", delta=0)  # caches the API key
+    check(tenant, "messages", user_id="u1")  # prepares the budget read alone (a spent budget's)
 
     def sent(key: str) -> list[str]:
         with CaptureQueriesContext(connection) as captured:
@@ -272,9 +273,11 @@ def test_a_consume_is_two_round_trips_recorded_refused_or_replayed(tenant):
     assert recorded[1].endswith("; COMMIT")
     refused = sent("k2")
     assert len(refused) == 2 and refused[1].endswith("; COMMIT")
-    replayed = sent("k1")
-    assert len(replayed) == 2 and replayed[1].endswith("; COMMIT")
-    assert Usage.objects.filter(event__message_id__in=["k1", "k2"]).count() == 1
+    replayed = sent("k1")  # the budget is spent now: the lookup and the budget read alone
+    assert len(replayed) == 2 and replayed[1].endswith("; COMMIT") and replayed[1].count("EXECUTE") == 2
+    refused = sent("k3")
+    assert len(refused) == 2 and refused[1].endswith("; COMMIT") and refused[1].count("EXECUTE") == 2
+    assert Usage.objects.filter(event__message_id__in=["k1", "k2", "k3"]).count() == 1
 
 
 def test_the_statements_are_prepared_once_per_connection(corpus, django_assert_num_queries):
@@ -367,3 +370,36 @@ def test_the_budget_read_probes_its_users_in_the_indexes_whatever_the_plan_was_m
         for probe in probes:
             assert probe["Index Name"] in ("usage_ws_user_feature_idx", "usagecounter_unique_key"), probe
             assert "user_id" in probe["Index Cond"], probe
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_spent_budget_is_refused_by_its_read_alone_and_decided_under_its_locks_once_it_has_room(tenant):
+    feature(tenant, "messages")
+    identify(tenant, "u1")
+    package(tenant, "plan", {"feature": "messages", "limit": 2})
+    subscribe(tenant, "plan", user_id="u1")
+    access._SPENT.clear()
+    assert consume(tenant, "u1", "messages", "k1").json()["recorded"] is True
+    hold = ApiClient(tenant).post(
+        "entitlements/reservations",
+        {"user_id": "u1", "feature": "messages", "amount": 1, "ttl_seconds": 600, "idempotency_key": "h"},
+    )
+    assert hold.status_code == 201
+    assert consume(tenant, "u1", "messages", "k2").json()["reason"] == "limit_reached"  # found spent
+
+    with CaptureQueriesContext(connection) as captured:
+        refused = consume(tenant, "u1", "messages", "k3").json()
+    assert (refused["recorded"], refused["reason"], refused["consumption"]["held"]) == (False, "limit_reached", 1)
+    # The idempotency lookup and the budget read: no lock tried, no insert sent.
+    assert captured.captured_queries[-1]["sql"].startswith("BEGIN; EXECUTE kana_")
+    assert captured.captured_queries[-1]["sql"].count("EXECUTE") == 2
+    assert consume(tenant, "u1", "messages", "k1").json()["recorded"] is True  # a replay still answers first
+
+    released = ApiClient(tenant).post(f"entitlements/reservations/{hold.json()['id']}/release")
+    assert released.status_code == 200
+    with CaptureQueriesContext(connection) as captured:
+        granted = consume(tenant, "u1", "messages", "k4").json()
+    assert (granted["recorded"], granted["consumption"]["used"]) == (True, 2)
+    assert [q["sql"].count("EXECUTE") for q in captured.captured_queries[-2:]] == [2, 4]  # read, then locked
+    assert consume(tenant, "u1", "messages", "k5").json()["reason"] == "limit_reached"
+    assert Usage.objects.filter(event__message_id__in=["k1", "k2", "k3", "k4", "k5"]).count() == 2
