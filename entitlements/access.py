@@ -646,7 +646,7 @@ _GRANTED_PAYLOAD = (
 
 # Hard-limit budgets this process last found spent: (workspace, owner, feature, period start,
 # limit). A consume of one first reads the budget alone, in a message without locks or insert
-# (``_refused_while_spent``): the refusals of a spent budget (most of S7's hot half) cost one
+# (in ``_consume_pipelined``): the refusals of a spent budget (most of S7's hot half) cost one
 # indexed read, not the locks' tries and the insert's statement and triggers. Only a refusal
 # is answered that way, a true answer at the moment of its read (as ``_locked_if_room``'s);
 # a budget with room again goes on to the locked decision. Per process, bounded, never stale
