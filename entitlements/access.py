@@ -392,11 +392,27 @@ def _record(
 ) -> bool:
     """Store one usage event through the ledger (the only writer of events and usage); False
     when ``key`` was stored meanwhile by a concurrent request (a replay)."""
-    now = timezone.now()
+    message, decision = _usage_message(
+        user_id=external_user_id,
+        feature=feature,
+        amount=amount,
+        key=key,
+        occurred_at=occurred_at,
+        source=source,
+        answer=answer,
+    )
+    return key in ledger.record_usage_events(workspace, [(message, decision, user_pk)], then_commit=then_commit)
+
+
+def _usage_message(
+    *, user_id: str, feature: Feature, amount: Decimal, key: str, occurred_at: datetime, source: str, answer: dict
+) -> tuple[Message, Decision]:
+    """The event (and its mapping) that records ``amount`` of ``feature`` under ``key``, with
+    the ``answer`` a replay of the key answers."""
     payload = {
         "type": "track",
         "event": RECORDED_EVENT,
-        "userId": external_user_id,
+        "userId": user_id,
         "messageId": key,
         "timestamp": occurred_at.isoformat(),
         "properties": {"featureId": feature.key, "delta": number(amount)},
@@ -407,13 +423,12 @@ def _record(
         message_id=key,
         payload=payload,
         occurred_at=occurred_at,
-        received_at=now,
-        user_id=external_user_id,
+        received_at=timezone.now(),
+        user_id=user_id,
         name=RECORDED_EVENT,
         properties=payload["properties"],
     )
-    decision = Decision(EventStatus.MAPPED, usages=[(feature.pk, amount, None)])
-    return key in ledger.record_usage_events(workspace, [(message, decision, user_pk)], then_commit=then_commit)
+    return message, Decision(EventStatus.MAPPED, usages=[(feature.pk, amount, None)])
 
 
 def _after(entitlement: Entitlement, amount: Decimal) -> dict | None:
@@ -576,7 +591,7 @@ def _locked_if_room(budget_sql: str, locks: str) -> str:
     read (under READ COMMITTED the statement sees every consume committed before it), and
     usage only shrinks under a budget by voids and moves, which a later consume sees. When
     there is room, the locks are taken and the decision is the one read after them
-    (``_IF_LOCKED``), as before: zero overspend rests on that read alone."""
+    (``_budget_and_record``), as before: zero overspend rests on that read alone."""
     # ``locks``: pg_advisory_xact_lock(…), … in sorted order (kana.locks.lock_keys_expressions).
     # CASE evaluates its THEN only when its WHEN holds; the arguments left to right. A
     # condition that names no column is checked once, before anything is read.
@@ -587,27 +602,88 @@ def _locked_if_room(budget_sql: str, locks: str) -> str:
     )
 
 
-# The budget read after the locks, only if they were taken (no row otherwise): a spent
-# budget's refusal reads its usage rows once.
-_IF_LOCKED = "SELECT * FROM ({budget_sql}) AS b WHERE " + _IF.format("on")
+def _budget_and_record(budget_sql: str, record_sql: str, *, guarded: bool) -> str:
+    """The budget read after the locks and the usage it grants, in one statement: one
+    snapshot, taken once the locks were granted (the statements before it in the message took
+    them), so it sees every consume of this budget that committed before (zero overspend
+    rests on this read alone). ``d`` is the budget's row with whether ``delta`` stays
+    ``within`` the limit and whether it is ``granted`` (within, or overage allowed): the
+    same comparison as ``_decide``, on the same numbers. ``record_sql``: the ledger's CTEs
+    (``ledger.guarded_usage_event``) storing the event for ``d WHERE d.granted``.
+
+    Its row: the budget's columns and whether the event was stored. ``guarded``: only if
+    ``_try_locks``/``_locked_if_room`` took the locks (no row otherwise: a spent budget's
+    refusal read before them reads its usage rows once)."""
+    where = f" WHERE {_IF.format('on')}" if guarded else ""
+    return (
+        # MATERIALIZED: read once; inlined, each use of a column below ran its sum again.
+        f"WITH b (days_used, rows_used, held, members) AS MATERIALIZED (SELECT * FROM ({budget_sql}) AS b0{where}),"
+        " c AS (SELECT b.*, b.days_used + b.rows_used AS used FROM b),"
+        " w AS (SELECT c.*, (%(c_limit)s::numeric IS NULL"
+        " OR c.used + c.held + %(c_delta)s::numeric <= %(c_limit)s::numeric) AS within FROM c),"
+        " d AS (SELECT w.*, (w.within OR %(c_overage)s::boolean) AS granted FROM w), "
+        + record_sql
+        + " SELECT d.days_used, d.rows_used, d.held, d.members, EXISTS (SELECT FROM ev) FROM d"
+    )
+
+
+# The stored answer of a consume the budget statement grants: the answer rendered in Python
+# for its reason (within the limit, or over it with overage), its consumption (the budget once
+# the delta is recorded, as ``_after``) filled in from the row the decision read. Numbers as
+# ``number`` shows them: ``trim_scale`` drops a numeric's trailing zeros, so a whole amount is
+# a JSON integer, read back as an int, and any other a decimal, read back as the same float.
+_GRANTED_PAYLOAD = (
+    "jsonb_set(CASE WHEN d.within THEN %(c_payload_within)s::jsonb ELSE %(c_payload_over)s::jsonb END,"
+    " '{kana,answer,consumption}', jsonb_build_object("
+    "'used', trim_scale(d.used + %(c_delta)s::numeric),"
+    " 'budget', trim_scale(%(c_limit)s::numeric),"
+    " 'remaining', CASE WHEN %(c_limit)s::numeric IS NOT NULL THEN"
+    " trim_scale(greatest(%(c_limit)s::numeric - (d.used + %(c_delta)s::numeric) - d.held, 0)) END,"
+    " 'held', trim_scale(d.held),"
+    " 'overage_enabled', %(c_overage)s::boolean))"
+)
+
+
+# Hard-limit budgets this process last found spent: (workspace, owner, feature, period start,
+# limit). A consume of one first reads the budget alone, in a message without locks or insert
+# (in ``_consume_pipelined``): the refusals of a spent budget (most of S7's hot half) cost one
+# indexed read, not the locks' tries and the insert's statement and triggers. Only a refusal
+# is answered that way, a true answer at the moment of its read (as ``_locked_if_room``'s);
+# a budget with room again goes on to the locked decision. Per process, bounded, never stale
+# in what it answers: it only chooses which message is sent first.
+_SPENT: set[tuple] = set()
+_SPENT_MAX = 4096
+
+
+def _remember_spent(key: tuple, spent: bool) -> None:
+    if not spent:
+        _SPENT.discard(key)
+        return
+    if len(_SPENT) >= _SPENT_MAX:
+        _SPENT.clear()
+    _SPENT.add(key)
 
 
 def _consume_pipelined(
     workspace: Workspace, *, user_id: str, feature_key: str, delta: Decimal, idempotency_key: str
 ) -> tuple[dict, bool]:
-    """``consume`` in three round trips (was thirteen), the same statements in the same order:
+    """``consume`` in two round trips (was thirteen in round 3, three in round 5):
 
     1. ``reads.offers`` (autocommit): the feature, the user, its groups, its subscriptions and
        their packages' rows for the feature: the offer and its period are chosen from them;
-    2. one message: ``BEGIN``, the idempotency lookup, the budget's advisory locks, then
-       the period's used and held amounts (``reads.budget_statement``): read after the
-       locks were granted, each statement with its own snapshot, so they see every consume
-       of this budget that committed before (zero overspend, as with ``atomic``). A hard
-       limit's locks are tried first (``_try_locks``); when another consume holds them, they
-       are waited for only if the budget read before them leaves room (``_locked_if_room``):
-       a spent budget's refusals wait for no lock;
-    3. the ledger's event + usage insert carrying the ``COMMIT`` (a refusal or a replay: a
-       bare ``COMMIT``).
+    2. one message: ``BEGIN``, the idempotency lookup, the budget's advisory locks, then one
+       statement that reads the period's used and held amounts (``reads.budget_statement``)
+       and stores the usage they grant (``_budget_and_record``), and ``COMMIT``. The locks
+       are held only while the server runs the rest of that message: no client round trip,
+       no Python, happens under them. A hard limit's locks are tried first (``_try_locks``);
+       when another consume holds them, they are waited for only if the budget read before
+       them leaves room (``_locked_if_room``): a spent budget's refusals wait for no lock.
+
+    The decision is made twice on the same numbers: in SQL, to store the usage in the
+    statement that read the budget, and in Python (``_decide``), to answer; the stored answer
+    (what a replay answers) is the Python-rendered one with the consumption filled in by SQL
+    (``_GRANTED_PAYLOAD``). tests/test_entitlement_reads.py holds the answers, first and
+    replayed, equal to the ORM path's.
 
     The usage is recorded at the time its budget was read (``now``), so it lands in the period
     it was checked against even when the locks waited across a period boundary.
@@ -625,6 +701,23 @@ def _consume_pipelined(
     subject = Subject(user_pk=user_pk, group_pks=tuple(group_pks))
     chosen = _choose_from_rows(feature, rows)
 
+    def granted_payloads(period, now: datetime, overage_enabled: bool) -> dict:
+        """The stored payload of a grant for each reason it may have (``_GRANTED_PAYLOAD``)."""
+        texts = {}
+        for reason in ("within_limit", "overage_enabled") if overage_enabled else ("within_limit",):
+            answer = {**Entitlement(True, reason, period=period).as_dict(), "recorded": True}
+            message, _ = _usage_message(
+                user_id=user_id,
+                feature=feature,
+                amount=delta,
+                key=idempotency_key,
+                occurred_at=now,
+                source="api:entitlements/consume",
+                answer=answer,
+            )
+            texts[reason] = message.payload_text()
+        return texts
+
     def once() -> tuple[dict, bool]:
         now = timezone.now()
         lock_expressions, params = lock_keys_expressions(subject.lock_keys(workspace.pk, feature.pk))
@@ -633,8 +726,30 @@ def _consume_pipelined(
         params |= {"ws": workspace.pk, "key": idempotency_key}
         statements = [pipelined.BEGIN + reads.prepared(_STORED_PAYLOAD)]
         refusable = False
+        message, decision = _usage_message(
+            user_id=user_id,
+            feature=feature,
+            amount=delta,
+            key=idempotency_key,
+            occurred_at=now,
+            source="api:entitlements/consume",
+            answer={},  # the payload is the statement's (``_GRANTED_PAYLOAD``)
+        )
         if isinstance(chosen, Entitlement):
-            statements.append(lock_sql)
+            if chosen.access:  # binary: recorded with the answer as it is
+                answer = {**chosen.as_dict(), "recorded": True, "consumption": None}
+                message.payload["kana"]["answer"] = answer
+                record_sql, record_params = ledger.guarded_usage_event(
+                    workspace,
+                    message,
+                    decision,
+                    user_pk,
+                    rows="(VALUES (true)) AS d (granted)",
+                    payload="%(c_payload)s::jsonb",
+                )
+                statements.append(lock_sql)
+                statements.append(reads.prepared("WITH " + record_sql + " SELECT EXISTS (SELECT FROM ev)"))
+                params |= record_params | {"c_payload": message.payload_text()}
         else:
             offer, subscription = chosen
             period = period_containing(subscription["started_at"], offer.reset_period, now)
@@ -649,19 +764,57 @@ def _consume_pipelined(
                 now=now,
             )
             refusable = offer.limit is not None and not offer.overage_enabled
+            owner = subject_key(user_pk=subscription["user_id"], group_pk=subscription["group_id"])
+            spent_key = (workspace.pk, owner, feature.pk, period[0], offer.limit)
+            if refusable and spent_key in _SPENT:
+                with pipelined.transaction():
+                    with connection.cursor() as cursor:
+                        try:
+                            cursor.execute(
+                                statements[0] + "; " + reads.prepared(budget_sql) + pipelined.COMMIT,
+                                params | budget_params,
+                            )
+                        except DatabaseError as error:
+                            reads.forget_prepared_if_missing(error)
+                            raise
+                        cursor.nextset()  # past BEGIN's result
+                        stored = cursor.fetchone()
+                        cursor.nextset()
+                        budget_row = cursor.fetchone()
+                if stored is not None:
+                    payload = json.loads(stored[0]) if isinstance(stored[0], str) else stored[0]
+                    return _replay(workspace, idempotency_key, _answer_of(payload))
+                used, held, members = reads.budget_of(budget_row)
+                entitlement = _decide(
+                    feature, offer, subscription, period=period, members=members, used=used, held=held, delta=delta
+                )
+                if not entitlement.access:
+                    return {**entitlement.as_dict(), "recorded": False}, False
+                _remember_spent(spent_key, False)  # room again: decided under the locks below
             if not refusable:
                 statements.append(lock_sql)  # never refused: no read before the locks
             else:
                 statements.append(reads.prepared(_try_locks(lock_names)))
                 statements.append(reads.prepared(_locked_if_room(budget_sql, lock_expressions)))
                 params |= {"room_delta": delta, "room_limit": offer.limit}
-                budget_sql = _IF_LOCKED.format(budget_sql=budget_sql)
-            statements.append(reads.prepared(budget_sql))
-            params |= budget_params
+            record_sql, record_params = ledger.guarded_usage_event(
+                workspace, message, decision, user_pk, rows="d WHERE d.granted", payload=_GRANTED_PAYLOAD
+            )
+            statements.append(reads.prepared(_budget_and_record(budget_sql, record_sql, guarded=refusable)))
+            payloads = granted_payloads(period, now, offer.overage_enabled)
+            params |= budget_params | record_params
+            params |= {
+                "c_delta": delta,
+                "c_limit": offer.limit,
+                "c_overage": offer.overage_enabled,
+                "c_payload_within": payloads["within_limit"],
+                # Without overage a grant is always within the limit: this one is never stored.
+                "c_payload_over": payloads.get("overage_enabled", payloads["within_limit"]),
+            }
         with pipelined.transaction():
             with connection.cursor() as cursor:
                 try:
-                    cursor.execute("; ".join(statements), params)
+                    cursor.execute("; ".join(statements) + pipelined.COMMIT, params)
                 except DatabaseError as error:
                     reads.forget_prepared_if_missing(error)
                     raise
@@ -671,7 +824,12 @@ def _consume_pipelined(
                     payload = json.loads(stored[0]) if isinstance(stored[0], str) else stored[0]
                     return _replay(workspace, idempotency_key, _answer_of(payload))
                 if isinstance(chosen, Entitlement):
-                    entitlement = chosen
+                    if not chosen.access:
+                        return {**chosen.as_dict(), "recorded": False}, False
+                    cursor.nextset()  # past the locks
+                    cursor.nextset()
+                    if cursor.fetchone()[0]:
+                        return answer, False
                 else:
                     cursor.nextset()  # past the locks (or the tried ones)
                     before_locks = None
@@ -680,30 +838,27 @@ def _consume_pipelined(
                         before_locks = cursor.fetchone()  # None: the tried locks were granted
                     cursor.nextset()
                     budget_row = cursor.fetchone()  # None when the locks were not taken
+                    recorded = False
                     if before_locks is not None and before_locks[4] is None:
                         # Refused on what was committed before any lock (see _locked_if_room).
                         budget_row = before_locks[:4]
+                    else:
+                        budget_row, recorded = budget_row[:4], budget_row[4]
                     used, held, members = reads.budget_of(budget_row)
                     entitlement = _decide(
                         feature, offer, subscription, period=period, members=members, used=used, held=held, delta=delta
                     )
-            if not entitlement.access:
-                return {**entitlement.as_dict(), "recorded": False}, False
-            answer = {**entitlement.as_dict(), "recorded": True, "consumption": _after(entitlement, delta)}
-            if _record(
-                workspace,
-                user_pk=user_pk,
-                external_user_id=user_id,
-                feature=feature,
-                amount=delta,
-                key=idempotency_key,
-                occurred_at=now,
-                source="api:entitlements/consume",
-                answer=answer,
-                then_commit=True,
-            ):
-                return answer, False
-        # Stored meanwhile by a concurrent request with the same key (its insert won).
+                    if refusable:
+                        _remember_spent(spent_key, not entitlement.access)
+                    if not entitlement.access:
+                        return {**entitlement.as_dict(), "recorded": False}, False
+                    if recorded:
+                        return {
+                            **entitlement.as_dict(),
+                            "recorded": True,
+                            "consumption": _after(entitlement, delta),
+                        }, False
+        # Granted, but the key was stored meanwhile by a concurrent request (its insert won).
         return _replay(workspace, idempotency_key, _stored_answer(workspace, idempotency_key) or {})
 
     return run_with_retries(once)

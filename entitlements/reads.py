@@ -111,12 +111,20 @@ def budget_statement(
 ) -> tuple[str, dict]:
     """The statement of ``budget`` (named parameters), for a caller that sends it in one
     message with others; ``budget_of`` reads its row."""
+    # The budget's users (``m.pks``), each read as its own range of the (workspace, user,
+    # feature, …) indexes of the counters and the usage rows. The ranges are written as row
+    # comparisons, which only those indexes can take as their bounds: with the user, the
+    # feature and the days as separate conditions (and the users in a CTE), a generic plan
+    # made while the tables were small read the (workspace, feature, …) range of every user
+    # and filtered the budget's users out of it: every counter of the feature, and for a
+    # period that started today the whole workspace's usage of the day, at each read
+    # (docs/performance.md, "Round 7: consumepg").
     if user_pk is not None:
-        members = "SELECT %(user_pk)s::bigint AS user_id"
+        members = "ARRAY[%(user_pk)s::bigint]"
     else:
         members = (
-            f"SELECT user_id FROM {GroupMembership._meta.db_table}"
-            " WHERE workspace_id = %(ws)s AND group_id = %(group_pk)s"
+            f"ARRAY(SELECT user_id FROM {GroupMembership._meta.db_table}"
+            " WHERE workspace_id = %(ws)s AND group_id = %(group_pk)s::bigint)"
         )
     first_day, end_day, partial = split_period(start, end)
     params = {
@@ -130,31 +138,37 @@ def budget_statement(
         "held": ReservationStatus.HELD.value,
         "now": now,
     }
+
+    def ranged(table: str, column: str, low: str, high: str | None) -> str:
+        """The sum of ``amount`` over the members' rows with ``low <= column < high``."""
+        key = f"(r.user_id, r.feature_id, r.{column})"
+        upper = (
+            f"{key} < (p.user_id, %(feature)s, {high})"
+            if high
+            else "(r.user_id, r.feature_id) <= (p.user_id, %(feature)s)"
+        )
+        # LATERAL: one probe per member (a join would let a plan read the workspace's rows once
+        # and match the members after).
+        return (
+            f"coalesce((SELECT sum(s.amount) FROM unnest(m.pks) AS p (user_id), LATERAL (SELECT sum(r.amount) AS amount"
+            f" FROM {table} AS r WHERE r.workspace_id = %(ws)s AND {key} >= (p.user_id, %(feature)s, {low})"
+            f" AND {upper}) AS s), 0)"
+        )
+
     # As counters.period_used: the counters of the whole days, the usage rows of the partial ones.
     days = "0"
     if end_day is None or first_day < end_day:
-        days = (
-            f"(SELECT sum(amount) FROM {UsageCounter._meta.db_table} WHERE workspace_id = %(ws)s"
-            " AND user_id IN (SELECT user_id FROM members) AND feature_id = %(feature)s AND day >= %(first_day)s"
-            + ("" if end_day is None else " AND day < %(end_day)s")
-            + ")"
-        )
-    rows = "0"
-    if partial:
-        ranges = []
-        for n, (range_start, range_end) in enumerate(partial):
-            params[f"from{n}"], params[f"to{n}"] = range_start, range_end
-            ranges.append(f"(occurred_at >= %(from{n})s AND occurred_at < %(to{n})s)")
-        rows = (
-            f"(SELECT sum(amount) FROM {Usage._meta.db_table} WHERE workspace_id = %(ws)s"
-            " AND user_id IN (SELECT user_id FROM members) AND feature_id = %(feature)s"
-            f" AND ({' OR '.join(ranges)}))"
-        )
+        days = ranged(UsageCounter._meta.db_table, "day", "%(first_day)s", None if end_day is None else "%(end_day)s")
+    sums = []
+    for n, (range_start, range_end) in enumerate(partial):
+        params[f"from{n}"], params[f"to{n}"] = range_start, range_end
+        sums.append(ranged(Usage._meta.db_table, "occurred_at", f"%(from{n})s", f"%(to{n})s"))
+    rows = " + ".join(sums) or "0"
     sql = (
-        f"WITH members AS ({members}) SELECT coalesce({days}, 0), coalesce({rows}, 0),"
+        f"SELECT coalesce({days}, 0), coalesce({rows}, 0),"
         f" coalesce((SELECT sum(amount) FROM {Reservation._meta.db_table} WHERE workspace_id = %(ws)s"
         " AND subject = %(owner)s AND feature_id = %(feature)s AND status = %(held)s AND expires_at > %(now)s), 0),"
-        " coalesce((SELECT array_agg(user_id) FROM members), '{}')"
+        f" m.pks FROM (SELECT {members} AS pks) AS m"
     )
     return sql, params
 

@@ -173,6 +173,66 @@ def _insert_returning(
         return {message_id for (message_id,) in cursor.fetchall()}
 
 
+def guarded_usage_event(
+    workspace: Workspace, message: Message, decision: Decision, user_pk: int, *, rows: str, payload: str
+) -> tuple[str, dict]:
+    """One event and its usage as two CTEs (``ev``, ``used``) for a caller's statement: stored
+    once per row of ``rows`` (the caller's ``FROM`` source and condition, at most one row;
+    none: nothing is stored), with ``payload`` (an SQL jsonb expression, which may read those
+    rows) as the event's payload. A messageId stored already, or meanwhile by a concurrent
+    request, is skipped as ``record_usage_events`` skips it; ``ev`` returns
+    ``(id, message_id)`` of what was stored.
+
+    For a decision made on the server in the statement that records it (``entitlements``'s
+    consume: the budget read and the usage insert are one statement, under the budget's
+    lock). Named parameters, each prefixed ``ev_``; every one is cast, so the statement can be
+    prepared."""
+    params = {
+        "ev_ws": workspace.pk,
+        "ev_message_id": message.message_id,
+        "ev_type": str(message.type),
+        "ev_name": message.name,
+        "ev_user": user_pk,
+        "ev_external": message.user_id or message.anonymous_id or "",
+        "ev_occurred_at": message.occurred_at,
+        "ev_received_at": message.received_at,
+        "ev_status": str(decision.status),
+        "ev_reason": str(decision.reason),
+        "ev_warnings": json.dumps(message.warnings) if message.warnings else "[]",
+    }
+    values = [
+        "%(ev_ws)s::bigint",
+        "%(ev_message_id)s::text",
+        "%(ev_type)s::text",
+        "%(ev_name)s::text",
+        "%(ev_user)s::bigint",
+        "%(ev_external)s::text",
+        payload,
+        "%(ev_occurred_at)s::timestamptz",
+        "%(ev_received_at)s::timestamptz",
+        "%(ev_status)s::text",
+        "%(ev_reason)s::text",
+        "%(ev_warnings)s::jsonb",
+    ]
+    usages = []
+    for n, (feature_id, amount, rule_id) in enumerate(decision.usages):
+        params |= {f"ev_feature{n}": feature_id, f"ev_amount{n}": amount, f"ev_rule{n}": rule_id}
+        usages.append(f"(%(ev_feature{n})s::bigint, %(ev_amount{n})s::numeric, %(ev_rule{n})s::bigint)")
+    sql = (
+        f"ev AS (INSERT INTO {_EVENT_TABLE} ({', '.join(_EVENT_COLUMNS)}) SELECT {', '.join(values)} FROM {rows}"
+        " ON CONFLICT (workspace_id, message_id) DO NOTHING RETURNING id, message_id)"
+    )
+    if usages:
+        sql += (
+            f", used AS (INSERT INTO {_USAGE_TABLE}"
+            " (workspace_id, user_id, feature_id, event_id, rule_id, amount, occurred_at)"
+            " SELECT %(ev_ws)s::bigint, %(ev_user)s::bigint, u.feature_id, ev.id, u.rule_id, u.amount,"
+            f" %(ev_occurred_at)s::timestamptz FROM ev, (VALUES {', '.join(usages)}) AS u (feature_id, amount, rule_id)"
+            " ON CONFLICT (event_id, feature_id) DO NOTHING)"
+        )
+    return sql, params
+
+
 _STAGE_SQL = f"""
 CREATE TEMP TABLE IF NOT EXISTS kana_event_stage ON COMMIT DELETE ROWS
     AS SELECT {", ".join(_EVENT_COLUMNS)} FROM {_EVENT_TABLE} WITH NO DATA;

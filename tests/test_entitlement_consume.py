@@ -1,5 +1,10 @@
 """POST /api/v1/entitlements/consume: check and record atomically; never overspends (SPEC §11)."""
 
+import json
+import os
+import subprocess
+import sys
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -14,7 +19,7 @@ from kana.locks import lock_keys_statement
 from users.models import EndUser
 
 from .api_support import feature, track
-from .conftest import requires_postgres
+from .conftest import ROOT, database_url_for_subprocess, requires_postgres
 from .entitlement_consume_support import in_parallel
 from .entitlement_support import check, consume, join_group, package, subscribe, user_with_package
 
@@ -130,3 +135,55 @@ def test_a_spent_budget_refuses_without_waiting_for_its_lock_and_one_with_room_w
             assert waiting.result(timeout=10)["recorded"] is True
     finally:
         holder.close()
+
+
+# One process: consumes 1 of "messages" for "hot", ``count`` times, from ``start`` (epoch
+# seconds) on, keys ``<prefix>-<n>``; prints its answers' (recorded, reason) as JSON.
+_CONSUMER = """
+import json, sys, time
+from decimal import Decimal
+import django
+django.setup()
+from entitlements import access
+from kana.models import Workspace
+workspace_id, start, count, prefix = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+workspace = Workspace.objects.get(pk=workspace_id)
+time.sleep(max(0.0, start - time.time()))
+answers = []
+for n in range(count):
+    answer, _ = access.consume(
+        workspace, user_id="hot", feature_key="messages", delta=Decimal(1), idempotency_key=f"{prefix}-{n}"
+    )
+    answers.append([answer["recorded"], answer["reason"]])
+print(json.dumps(answers))
+"""
+
+
+@requires_postgres
+@pytest.mark.postgres
+def test_eight_processes_consuming_one_budget_past_its_limit_record_exactly_the_limit(transactional_db, tenant):
+    # Real processes, each with its own connection and prepared statements, racing on one
+    # budget as S7's hot subject does: the lock, the read after it and the insert in one message.
+    feature(tenant, "messages")
+    user_with_package(tenant, "hot", 30)
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url_for_subprocess(),
+        "DJANGO_SETTINGS_MODULE": "kana.settings",
+        "KANA_DEBUG": "1",
+    }
+    start = time.time() + 3  # every process set up before the first consume
+    argv = [sys.executable, "-c", _CONSUMER, str(tenant.workspace.pk), str(start), "10"]
+    processes = [
+        subprocess.Popen([*argv, f"p{i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True) for i in range(8)
+    ]
+    answers = []
+    for process in processes:
+        out, _ = process.communicate(timeout=120)
+        assert process.returncode == 0
+        answers += [tuple(answer) for answer in json.loads(out)]
+
+    assert Counter(answers) == {(True, "within_limit"): 30, (False, "limit_reached"): 50}
+    hot = EndUser.objects.for_workspace(tenant.workspace).get(user_id="hot")
+    assert Usage.objects.for_workspace(tenant.workspace).filter(user=hot).count() == 30
+    assert check(tenant, "messages", user_id="hot")["consumption"]["used"] == 30

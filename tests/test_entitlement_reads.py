@@ -186,13 +186,77 @@ def test_a_pipelined_consume_answers_as_the_orm_path(tenant, monkeypatch):
     assert check(tenant, "messages", user_id="fast")["consumption"]["used"] == 3
 
 
+def _grant_sequence(tenant, user_id: str) -> list:
+    """Grants of every kind the budget statement stores an answer for, each sent twice (the
+    second answers the stored answer): within a limit, over it with overage, unlimited,
+    fractional amounts, beside a held reservation, on a group's budget."""
+    answers = []
+    for key, feature_key, delta in [
+        (f"{user_id}-a", "messages", 0.25),
+        (f"{user_id}-b", "messages", 1.5),
+        (f"{user_id}-c", "messages", 1),  # 2.75 of 3, 0.5 held: over the limit, with overage
+        (f"{user_id}-d", "messages", 0.125),
+        (f"{user_id}-e", "exports", 2.5),  # unlimited
+        (f"{user_id}-f", "seats", 1),  # the group's budget
+        (f"{user_id}-g", "seats", 1),  # beyond it: refused
+    ]:
+        for _ in range(2):
+            response = consume(tenant, user_id, feature_key, key, delta=delta)
+            answers.append((response.status_code, response.json()))
+    return answers
+
+
 @pytest.mark.django_db(transaction=True)
-def test_a_consume_is_three_round_trips_recorded_refused_or_replayed(tenant):
+def test_a_consume_stores_the_answer_it_gives_for_every_kind_of_grant_as_the_orm_path(tenant, monkeypatch):
+    feature(tenant, "messages")
+    feature(tenant, "exports")
+    feature(tenant, "seats")
+    package(
+        tenant,
+        "plan",
+        {"feature": "messages", "limit": 3, "overage_enabled": True},
+        {"feature": "exports", "limit": None},
+    )
+    package(tenant, "team", {"feature": "seats", "limit": 1.5})
+    started = (timezone.now() - timedelta(days=3)).isoformat()
+    for user_id in ("orm", "fast"):
+        identify(tenant, user_id)
+        join_group(tenant, user_id, f"team-{user_id}")
+        subscribe(tenant, "plan", user_id=user_id, started_at=started)
+        subscribe(tenant, "team", group_id=f"team-{user_id}", started_at=started)
+        _hold(tenant, user_id, f"hold-{user_id}", 0.5)
+
+    fast = _grant_sequence(tenant, "fast")
+    monkeypatch.setattr(access.pipelined, "available", lambda: False)
+    orm = _grant_sequence(tenant, "orm")
+    assert fast == orm
+    assert [answer["reason"] for _, answer in fast[::2]] == [
+        "within_limit",
+        "within_limit",
+        "overage_enabled",
+        "overage_enabled",
+        "within_limit",
+        "within_limit",
+        "limit_reached",
+    ]
+    assert all(first == replayed for first, replayed in zip(fast[::2], fast[1::2], strict=True))
+    assert fast[4][1]["consumption"] == {
+        "used": 2.75,
+        "budget": 3,
+        "remaining": 0,
+        "held": 0.5,
+        "overage_enabled": True,
+    }
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_consume_is_two_round_trips_recorded_refused_or_replayed(tenant):
     feature(tenant, "messages")
     identify(tenant, "u1")
     package(tenant, "plan", {"feature": "messages", "limit": 1})
     subscribe(tenant, "plan", user_id="u1")
     consume(tenant, "u1", "messages", "warm-up-unknown-user-key", delta=0)  # caches the API key
+    check(tenant, "messages", user_id="u1")  # prepares the budget read alone (a spent budget's)
 
     def sent(key: str) -> list[str]:
         with CaptureQueriesContext(connection) as captured:
@@ -201,16 +265,19 @@ def test_a_consume_is_three_round_trips_recorded_refused_or_replayed(tenant):
         return [query["sql"] for query in captured.captured_queries]
 
     recorded = sent("k1")
-    assert len(recorded) == 3
-    # The idempotency lookup, the tried locks, the read that waits for them only if the budget
-    # has room (when they were held), the budget: prepared.
+    assert len(recorded) == 2
+    # One message: the idempotency lookup, the tried locks, the read that waits for them only
+    # if the budget has room (when they were held), the budget read and the usage it grants
+    # (prepared), then the COMMIT: the locks are never held across a client round trip.
     assert recorded[1].startswith("BEGIN; EXECUTE kana_") and recorded[1].count("EXECUTE") == 4
-    assert recorded[2].startswith("WITH ev AS (INSERT INTO features_event") and recorded[2].endswith("; COMMIT")
+    assert recorded[1].endswith("; COMMIT")
     refused = sent("k2")
-    assert len(refused) == 3 and refused[2] == "COMMIT"
-    replayed = sent("k1")
-    assert len(replayed) == 3 and replayed[2] == "COMMIT"
-    assert Usage.objects.filter(event__message_id__in=["k1", "k2"]).count() == 1
+    assert len(refused) == 2 and refused[1].endswith("; COMMIT")
+    replayed = sent("k1")  # the budget is spent now: the lookup and the budget read alone
+    assert len(replayed) == 2 and replayed[1].endswith("; COMMIT") and replayed[1].count("EXECUTE") == 2
+    refused = sent("k3")
+    assert len(refused) == 2 and refused[1].endswith("; COMMIT") and refused[1].count("EXECUTE") == 2
+    assert Usage.objects.filter(event__message_id__in=["k1", "k2", "k3"]).count() == 1
 
 
 def test_the_statements_are_prepared_once_per_connection(corpus, django_assert_num_queries):
@@ -250,4 +317,89 @@ def test_nothing_is_prepared_when_connections_are_not_kept(corpus):
             assert api.get("entitlements/check", {"feature": "messages", "user_id": "u1"}).status_code == 200
     finally:
         connection.settings_dict["CONN_MAX_AGE"] = keep
-    assert [q["sql"].split()[0] for q in sent.captured_queries] == ["WITH", "WITH"]
+    assert [q["sql"].split()[0] for q in sent.captured_queries] == ["WITH", "SELECT"]
+
+
+def _scans(plan: dict):
+    if "Relation Name" in plan:
+        yield plan
+    for child in plan.get("Plans", []):
+        yield from _scans(child)
+
+
+def _budget_plan(workspace_id: int, **question) -> list[dict]:
+    """The scans of the budget read's generic plan: the one a prepared statement keeps."""
+    sql, params = reads.budget_statement(workspace_id, **question)
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        cursor.execute("EXPLAIN (FORMAT JSON) " + reads.prepared(sql), params)
+        (plan,) = cursor.fetchone()[0]
+    return list(_scans(plan["Plan"]))
+
+
+@pytest.mark.parametrize("owner", ["user", "group"])
+def test_the_budget_read_probes_its_users_in_the_indexes_whatever_the_plan_was_made_with(tenant, owner):
+    # A budget whose period started today: its whole usage is the first day's usage rows.
+    feature(tenant, "messages")
+    for n in range(3):
+        track(tenant, f"u{n}", "Sent", featureId="messages", _at=datetime.now(UTC).isoformat())
+        join_group(tenant, f"u{n}", "acme")
+    # The tables as a new deployment's (or the benchmark's) first consume finds them: a few
+    # rows, never analyzed. The generic plan made then is the one kept.
+    messages = access._feature(tenant.workspace, "messages")
+    user_pk = access.user_selectors.user_pk_for(tenant.workspace, "u0")
+    group_pk = access.find_subject(tenant.workspace, group_id="acme").group_pk
+    now = timezone.now()
+    scans = _budget_plan(
+        tenant.workspace.pk,
+        feature_id=messages.pk,
+        user_pk=user_pk if owner == "user" else None,
+        group_pk=group_pk if owner == "group" else None,
+        owner="budget",
+        start=now - timedelta(days=40, hours=1),  # whole days and a partial first day
+        end=None,
+        now=now,
+    )
+    usage = [s for s in scans if s["Relation Name"] in ("features_usage", "features_usagecounter")]
+    assert {s["Relation Name"] for s in usage} == {"features_usage", "features_usagecounter"}
+    for scan in usage:
+        # The user bounds the index range: no other user's usage is read and filtered out (a
+        # bitmap heap scan's bounds are its bitmap index scans').
+        probes = [scan] if "Index Name" in scan else scan.get("Plans", [])
+        assert probes, scan
+        for probe in probes:
+            assert probe["Index Name"] in ("usage_ws_user_feature_idx", "usagecounter_unique_key"), probe
+            assert "user_id" in probe["Index Cond"], probe
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_spent_budget_is_refused_by_its_read_alone_and_decided_under_its_locks_once_it_has_room(tenant):
+    feature(tenant, "messages")
+    identify(tenant, "u1")
+    package(tenant, "plan", {"feature": "messages", "limit": 2})
+    subscribe(tenant, "plan", user_id="u1")
+    access._SPENT.clear()
+    assert consume(tenant, "u1", "messages", "k1").json()["recorded"] is True
+    hold = ApiClient(tenant).post(
+        "entitlements/reservations",
+        {"user_id": "u1", "feature": "messages", "amount": 1, "ttl_seconds": 600, "idempotency_key": "h"},
+    )
+    assert hold.status_code == 201
+    assert consume(tenant, "u1", "messages", "k2").json()["reason"] == "limit_reached"  # found spent
+
+    with CaptureQueriesContext(connection) as captured:
+        refused = consume(tenant, "u1", "messages", "k3").json()
+    assert (refused["recorded"], refused["reason"], refused["consumption"]["held"]) == (False, "limit_reached", 1)
+    # The idempotency lookup and the budget read: no lock tried, no insert sent.
+    assert captured.captured_queries[-1]["sql"].startswith("BEGIN; EXECUTE kana_")
+    assert captured.captured_queries[-1]["sql"].count("EXECUTE") == 2
+    assert consume(tenant, "u1", "messages", "k1").json()["recorded"] is True  # a replay still answers first
+
+    released = ApiClient(tenant).post(f"entitlements/reservations/{hold.json()['id']}/release")
+    assert released.status_code == 200
+    with CaptureQueriesContext(connection) as captured:
+        granted = consume(tenant, "u1", "messages", "k4").json()
+    assert (granted["recorded"], granted["consumption"]["used"]) == (True, 2)
+    assert [q["sql"].count("EXECUTE") for q in captured.captured_queries[-2:]] == [2, 4]  # read, then locked
+    assert consume(tenant, "u1", "messages", "k5").json()["reason"] == "limit_reached"
+    assert Usage.objects.filter(event__message_id__in=["k1", "k2", "k3", "k4", "k5"]).count() == 2
