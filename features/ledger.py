@@ -21,7 +21,7 @@ from django.dispatch import receiver
 
 from kana.copy_rows import copy_rows
 from kana.db import pipelined, prepared
-from kana.locks import lock_rules_shared_and_read
+from kana.locks import lock_rules_shared_and_read, lock_rules_shared_then_read
 from kana.models import Workspace
 from users.models import AnonymousLink, Suppression, UserIdentity
 from users.signals import user_absorbed, user_deleting, user_restored
@@ -368,15 +368,25 @@ def _known_ids_sql(
     return " UNION ALL ".join(branches), params
 
 
+# The read's row that carries the workspace's rules version (``_single_known_ids_sql``).
+_VERSION_KIND = 4
+
+
 def _single_known_ids_sql(
-    workspace: Workspace, message_id: str, user_id: str | None, anonymous_id: str | None, with_users: bool = False
+    workspace: Workspace,
+    message_id: str,
+    user_id: str | None,
+    anonymous_id: str | None,
+    with_users: bool = False,
+    with_version: bool = False,
 ) -> tuple[str, list]:
     """``_known_ids_sql`` for one message (at most one userId or anonymousId; PostgreSQL): each
     branch compares both columns of a ``(workspace, value)`` unique constraint with ``=``, the
     form a generic plan (``kana.db.prepared``) reads as at most one row: the unique index's
     probe, unless the table looked empty when the plan was made (see
     ``lock_rules_and_find_replays``). The users' tables have no other workspace index
-    (users migrations 0005 and 0006). Rows are ``_known_ids_sql``'s."""
+    (users migrations 0005 and 0006). Rows are ``_known_ids_sql``'s; ``with_version``: one
+    more, ``(rules_version as text, _VERSION_KIND, '')``, the workspace's primary key probed."""
     wanted = [("message_id, 0, ''", _EVENT_TABLE, "message_id", message_id)]
     if user_id is not None:
         wanted.append(("user_id, 1, ''", Suppression._meta.db_table, "user_id", user_id))
@@ -387,7 +397,12 @@ def _single_known_ids_sql(
     sql = " UNION ALL ".join(
         f"SELECT {select} FROM {table} WHERE workspace_id = %s AND {column} = %s" for select, table, column, _ in wanted
     )
-    return sql, [value for *_, value in wanted for value in (workspace.pk, value)]
+    params = [value for *_, value in wanted for value in (workspace.pk, value)]
+    if with_version:
+        workspaces = Workspace._meta.db_table
+        sql += f" UNION ALL SELECT rules_version::text, {_VERSION_KIND}, '' FROM {workspaces} WHERE id = %s"
+        params.append(workspace.pk)
+    return sql, params
 
 
 def _known_ids(rows: list[tuple], with_users: bool = False) -> KnownIds:
@@ -430,21 +445,32 @@ def lock_rules_and_find_replays(
         # A single message (Segment sends most one at a time): the form whose every plan is
         # a unique-index probe, prepared. Parsing and planning the array form was about half
         # of the read's PostgreSQL time (docs/performance.md, "Round 6: s1pg").
+        # The rules version is read by the same statement (a branch of its own), after the
+        # lock's statement as before: one statement fewer in the round trip.
         (message_id,) = message_ids
         sql, params = _single_known_ids_sql(
-            workspace, message_id, next(iter(user_ids), None), next(iter(anonymous_ids), None), with_users
+            workspace,
+            message_id,
+            next(iter(user_ids), None),
+            next(iter(anonymous_ids), None),
+            with_users,
+            with_version=True,
         )
         # Its PREPARE, if any, goes before the transaction opens. Prepared again every
         # READ_REPLAN_EVERY uses: a generic plan made while the events were few (a new
         # database) may tie the unique index with a workspace-leading one at one estimated
         # row, and keep scanning with the latter as the events grow, until an ANALYZE.
         sql = prepared.statement(sql, replan_every=READ_REPLAN_EVERY)
-    else:
-        # Not prepared: the array form's generic plan, once chosen while the tables are
-        # small, probes the (workspace, received_at) index and filters every event of the
-        # workspace until the next ANALYZE; measured 1.5 -> 4.7 ms of PostgreSQL per track as
-        # the table grew (docs/performance.md, "Round 5: s1prep").
-        sql, params = _known_ids_sql(workspace, message_ids, user_ids, anonymous_ids, with_users)
+        rows = lock_rules_shared_then_read(workspace.pk, sql, params, begin=begin)
+        version = next((int(value) for value, kind, _ in rows if kind == _VERSION_KIND), None)
+        if version is None:  # as ``lock_rules_shared`` would fail: no such workspace
+            raise Workspace.DoesNotExist(f"workspace {workspace.pk} does not exist")
+        return version, _known_ids([row for row in rows if row[1] != _VERSION_KIND], with_users)
+    # Not prepared: the array form's generic plan, once chosen while the tables are
+    # small, probes the (workspace, received_at) index and filters every event of the
+    # workspace until the next ANALYZE; measured 1.5 -> 4.7 ms of PostgreSQL per track as
+    # the table grew (docs/performance.md, "Round 5: s1prep").
+    sql, params = _known_ids_sql(workspace, message_ids, user_ids, anonymous_ids, with_users)
     version, rows = lock_rules_shared_and_read(workspace.pk, sql, params, begin=begin)
     return version, _known_ids(rows, with_users)
 

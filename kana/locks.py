@@ -116,6 +116,30 @@ def lock_rules_shared_and_read(
         return version, cursor.fetchall()
 
 
+def lock_rules_shared_then_read(workspace_id: int, sql: str, params: list, *, begin: bool = False) -> list[tuple]:
+    """``lock_rules_shared_and_read`` for a read that reads the rules version itself: the
+    lock's statement, then ``sql``, in a single round trip; returns the read's rows.
+
+    One statement fewer than ``lock_rules_shared_and_read`` (a single track's first round
+    trip: its parsing, planning and execution were about a fifth of that round trip's
+    PostgreSQL time, docs/performance.md "Round 8: s1trig"). The read must be a statement of
+    its own, after the lock's (as here): its snapshot, and so the version it reads, then
+    sees everything committed before the lock was granted (``lock_rules_shared``).
+    """
+    if not _is_postgres():
+        lock_rules_shared(workspace_id)
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchall()
+    with connection.cursor() as cursor:
+        lock = "SELECT pg_advisory_xact_lock_shared(%s, %s); "
+        cursor.execute((pipelined.BEGIN if begin else "") + lock + sql, [RULES_LOCK_NAMESPACE, workspace_id, *params])
+        if begin:
+            cursor.nextset()  # past BEGIN's result
+        cursor.nextset()
+        return cursor.fetchall()
+
+
 def lock_keys_and_read(keys: list[str], reads: list[tuple[str, list]], *, begin: bool = False) -> list[list[tuple]]:
     """``lock_keys`` followed by ``reads`` (each ``(sql, params)``), in one round trip; returns
     each read's rows.

@@ -119,6 +119,18 @@ def test_a_single_track_for_a_known_user_is_two_round_trips(warm):
 
 @requires_postgres
 @pytest.mark.django_db(transaction=True)
+def test_a_single_track_s_first_round_trip_reads_the_rules_version_in_its_replay_read(warm):
+    """Three statements: BEGIN, the shared rules lock, the prepared read (replays, the
+    userId's suppression and user, the rules version); no rules-version SELECT of its own."""
+    warm.track("known", "Report Exported")
+    sent = _round_trips(lambda: warm.track("known", "Report Exported"))
+    statements = sent[0].split("; ")
+    assert [s.split(" ")[0] for s in statements] == ["BEGIN", "SELECT", "EXECUTE"], sent[0]
+    assert "rules_version" not in sent[0]
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
 def test_a_single_track_for_a_new_user_adds_only_the_user_s_creation(warm):
     sent = _round_trips(lambda: warm.track("brand-new", "Report Exported"))
     # + the user and userId insert, + its suppression re-check (a deletion may have won the race)

@@ -79,6 +79,7 @@ _UNIQUE_INDEXES = {
     "users_suppression": "suppression_unique_user_id",
     "users_anonymouslink": "anonymous_link_unique_anonymous_id",
     "users_useridentity": "identity_unique_external_id",
+    "kana_workspace": "kana_workspace_pkey",  # the rules version's branch
 }
 
 
@@ -94,7 +95,9 @@ def test_a_single_message_s_prepared_read_probes_unique_indexes_even_with_a_gene
     grown = make_tenant("Grown fast")
     _store_events(grown.workspace.pk, "new-", 5000)
     user_id, anonymous_id = ("u1", None) if sender == "userId" else (None, "anon-1")
-    sql, params = _single_known_ids_sql(grown.workspace, "new-4999", user_id, anonymous_id, with_users=True)
+    sql, params = _single_known_ids_sql(
+        grown.workspace, "new-4999", user_id, anonymous_id, with_users=True, with_version=True
+    )
     name, prepare, execute = prepared._shape(sql)
     with connection.cursor() as cursor:
         cursor.execute(prepare)
@@ -109,15 +112,16 @@ def test_a_single_message_s_prepared_read_probes_unique_indexes_even_with_a_gene
             cursor.execute(f"DEALLOCATE {name}")
     nodes = list(_scan_nodes(plan["Plan"]))
     expected = (
-        {"features_event", "users_useridentity", "users_suppression"}
+        {"features_event", "users_useridentity", "users_suppression", "kana_workspace"}
         if user_id
         else {
             "features_event",
             "users_anonymouslink",
+            "kana_workspace",
         }
     )
     assert {node["Relation Name"] for node in nodes} == expected
     for node in nodes:
         assert _indexes_of(node) == {_UNIQUE_INDEXES[node["Relation Name"]]}, node
         assert node.get("Rows Removed by Filter", 0) == 0, node
-    assert rows == [("new-4999", 0, "")]
+    assert rows == [("new-4999", 0, ""), (str(grown.workspace.rules_version), 4, "")]

@@ -241,3 +241,51 @@ def test_concurrent_copies_of_one_message_count_once(transactional_db, tenant, t
     assert Event.objects.filter(workspace=tenant.workspace, message_id="once").count() == 1
     assert usage_count(tenant.workspace, "messages") == 1
     assert EndUser.objects.filter(workspace=tenant.workspace, user_id="racer").count() == 1
+
+
+@requires_postgres
+def test_a_track_waiting_for_a_feature_s_creation_is_mapped_to_it(transactional_db, tenant, tasks_in_process):
+    """The rules version is read after the shared rules lock is granted (since round 8 by the
+    replay read's own statement): a track that waited for a feature's creation sees it."""
+    from django.db import connection, transaction
+
+    from features.services import feature_create
+
+    locked, release, answers = threading.Event(), threading.Event(), []
+
+    def create():
+        try:
+            with transaction.atomic():
+                feature = feature_create(workspace=tenant.workspace, key="late")  # takes the lock exclusively
+                locked.set()
+                release.wait(timeout=20)
+            assert feature.pk
+        finally:
+            connections.close_all()
+
+    def send():
+        try:
+            response = SegmentClient(tenant).track("waiter", "Report Exported", {"featureId": "late"})
+            answers.append(response.json()["status"])
+        finally:
+            connections.close_all()
+
+    SegmentClient(tenant).track("waiter", "Warm Up")  # the user exists; statements prepared
+    creator = threading.Thread(target=create)
+    creator.start()
+    assert locked.wait(timeout=20)
+    sender = threading.Thread(target=send)
+    sender.start()
+    with connection.cursor() as cursor:
+        for _ in range(200):  # until the track waits for the rules lock
+            cursor.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+            if cursor.fetchone()[0]:
+                break
+            sender.join(timeout=0.05)
+        else:
+            raise AssertionError("the track never waited for the rules lock")
+    release.set()
+    creator.join(timeout=30)
+    sender.join(timeout=30)
+    assert answers == ["mapped"]
+    assert usage_count(tenant.workspace, "late") == 1

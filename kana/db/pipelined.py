@@ -22,17 +22,20 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from django.db import DatabaseError, connection
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connection, connections
 from django.db import transaction as django_transaction
 from psycopg import pq
 
 
+# Both run on every single track: the connection is looked up once (each attribute read
+# through Django's ``connection`` proxy looks it up again in asgiref's ``Local``).
 def available() -> bool:
-    return connection.vendor == "postgresql" and connection.get_autocommit() and not connection.in_atomic_block
+    db = connections[DEFAULT_DB_ALIAS]
+    return db.vendor == "postgresql" and db.get_autocommit() and not db.in_atomic_block
 
 
 def in_transaction() -> bool:
-    raw = connection.connection
+    raw = connections[DEFAULT_DB_ALIAS].connection
     return raw is not None and not raw.closed and raw.info.transaction_status != pq.TransactionStatus.IDLE
 
 

@@ -35,7 +35,7 @@ import weakref
 from collections.abc import Callable
 from typing import TypeVar
 
-from django.db import DatabaseError, connection
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connection, connections
 from psycopg import errors
 
 T = TypeVar("T")
@@ -84,28 +84,33 @@ def statement(sql: str, *, replan_every: int | None = None) -> str:
     connection first if it is not yet (one round trip, once per connection and shape, and
     once per ``replan_every`` uses when given); ``sql`` itself when nothing is to be prepared
     (see the module docstring)."""
-    if connection.vendor != "postgresql" or connection.settings_dict.get("CONN_MAX_AGE") == 0:
+    # The connection itself, looked up once: each attribute read through Django's
+    # ``connection`` proxy looks it up again in a thread- and task-local (asgiref's ``Local``,
+    # a few microseconds each), and this runs twice per single track.
+    db = connections[DEFAULT_DB_ALIAS]
+    if db.vendor != "postgresql" or db.settings_dict.get("CONN_MAX_AGE") == 0:
         return sql
     name, prepare, execute = _shape(sql)
-    connection.ensure_connection()
-    done = _prepared.get(connection.connection)
+    db.ensure_connection()
+    raw = db.connection
+    done = _prepared.get(raw)
     if done is None:
         # What the server holds, read once per connection (and after a missing one's error).
-        with connection.cursor() as cursor:
+        with db.cursor() as cursor:
             cursor.execute("SELECT name FROM pg_prepared_statements WHERE name LIKE %s", [_PREFIX_PATTERN])
-            done = _prepared[connection.connection] = {row[0] for row in cursor.fetchall()}
+            done = _prepared[raw] = {row[0] for row in cursor.fetchall()}
     if name not in done:
         if len(done) >= MAX_PER_CONNECTION:
             return sql
-        with connection.cursor() as cursor:
+        with db.cursor() as cursor:
             cursor.execute(prepare)  # no parameters: nothing is interpolated
         done.add(name)
         if replan_every:
-            _uses.setdefault(connection.connection, {})[name] = 0
+            _uses.setdefault(raw, {})[name] = 0
     if replan_every:
-        uses = _uses.setdefault(connection.connection, {})
+        uses = _uses.setdefault(raw, {})
         if uses.get(name, 0) >= replan_every:
-            with connection.cursor() as cursor:
+            with db.cursor() as cursor:
                 cursor.execute(f"DEALLOCATE {name}; {prepare}")
             uses[name] = 0
         uses[name] = uses.get(name, 0) + 1
