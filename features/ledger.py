@@ -19,7 +19,6 @@ from decimal import Decimal
 from django.db import connection
 from django.dispatch import receiver
 
-from kana.copy_rows import copy_rows
 from kana.db import pipelined, prepared
 from kana.locks import lock_rules_shared_and_read
 from kana.models import Workspace
@@ -53,14 +52,14 @@ def record_usage_events(
     if connection.vendor != "postgresql":
         _insert_serialised(workspace, decided)
         return {m.message_id for m, _, _ in decided}
-    if len(decided) >= COPY_MIN_EVENTS:
-        return _copy_and_move(workspace, decided, then_commit=then_commit)
+    if len(decided) >= JSON_ROWS_MIN_EVENTS:
+        return _insert_json_rows(workspace, decided, then_commit=then_commit)
     return _insert_returning(workspace, decided, then_commit=then_commit, prepare=prepare)
 
 
-# Fewer events go in with one INSERT statement; more are COPYed into a staging table first
-# (COPY costs two round trips more, but no per-value rendering in Python).
-COPY_MIN_EVENTS = 8
+# Fewer events go in with one INSERT of rendered values; more as two JSON documents
+# (``_insert_json_rows``: no per-value rendering in Python).
+JSON_ROWS_MIN_EVENTS = 8
 _EVENT_COLUMNS = (
     "workspace_id",
     "message_id",
@@ -233,41 +232,74 @@ def guarded_usage_event(
     return sql, params
 
 
-_STAGE_SQL = f"""
-CREATE TEMP TABLE IF NOT EXISTS kana_event_stage ON COMMIT DELETE ROWS
-    AS SELECT {", ".join(_EVENT_COLUMNS)} FROM {_EVENT_TABLE} WITH NO DATA;
-CREATE TEMP TABLE IF NOT EXISTS kana_usage_stage
-    (message_id text, user_id bigint, feature_id bigint, rule_id bigint, amount numeric, occurred_at timestamptz)
-    ON COMMIT DELETE ROWS
-"""
-_UNSTAGE_SQL = f"""
-WITH staged AS (DELETE FROM kana_event_stage RETURNING {", ".join(_EVENT_COLUMNS)}),
-ev AS (
+# The run's rows travel as one JSON document per table, each row an array: the document is a
+# single text parameter (one C-level escape on the client, one parse on the server), where
+# COPY cost a staging table, two more round trips and a Python write per row, and text-format
+# arrays a Python escape per element. The payload and warnings are spliced in as the JSON
+# they already are, so PostgreSQL parses each once, as COPY's jsonb input did.
+_JSON_ROWS_SQL = f"""
+WITH ev AS (
     INSERT INTO {_EVENT_TABLE} ({", ".join(_EVENT_COLUMNS)})
-    SELECT {", ".join(_EVENT_COLUMNS)} FROM staged ORDER BY message_id
+    SELECT %(ws)s, r->>0, r->>1, r->>2, (r->>3)::bigint, r->>4, r->9, (r->>5)::timestamptz,
+        (r->>6)::timestamptz, r->>7, r->>8, r->10
+    FROM jsonb_array_elements(%(events)s::jsonb) AS r
+    ORDER BY r->>0
     ON CONFLICT (workspace_id, message_id) DO NOTHING
     RETURNING id, message_id
 ),
-staged_usage AS (DELETE FROM kana_usage_stage RETURNING *),
-used AS ({_INSERT_USAGE_FOR.format(source="staged_usage")})
+used AS ({
+    _INSERT_USAGE_FOR.format(
+        source="(SELECT u->>0, (u->>1)::bigint, (u->>2)::bigint, (u->>3)::bigint, (u->>4)::numeric,"
+        " (u->>5)::timestamptz FROM jsonb_array_elements(%(usages)s::jsonb) AS u)"
+    )
+})
 SELECT message_id FROM ev
 """
 
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
-def _copy_and_move(workspace: Workspace, decided: list[Decided], *, then_commit: bool = False) -> set[str]:
-    """The same as ``_insert_returning`` for larger runs (PostgreSQL): the
-    rows are COPYed into per-connection staging tables, then moved by one statement that
-    skips stored messageIds (carrying the ``COMMIT`` when ``then_commit``). Returns the
-    messageIds stored."""
+
+def _json_event_rows(decided: list[Decided]) -> str:
+    """The events of ``decided`` as a JSON array of arrays, read by ``_JSON_ROWS_SQL``: the
+    text fields, then the payload and warnings as JSON."""
+    rows = []
+    for m, d, user_pk in decided:
+        head = _dumps(
+            [
+                m.message_id,
+                str(m.type),
+                m.name,
+                user_pk,
+                m.user_id or m.anonymous_id or "",  # a pending event is keyed by its anonymousId
+                m.occurred_at.isoformat(),
+                m.received_at.isoformat(),
+                str(d.status),
+                str(d.reason),
+            ]
+        )
+        warnings = _dumps(m.warnings) if m.warnings else "[]"
+        rows.append(f"{head[:-1]},{m.payload_text()},{warnings}]")
+    return "[" + ",".join(rows) + "]"
+
+
+def _json_usage_rows(decided: list[Decided]) -> str:
+    return _dumps(
+        [
+            [m.message_id, user_pk, feature_id, rule_id, str(amount), m.occurred_at.isoformat()]
+            for m, d, user_pk in decided
+            for feature_id, amount, rule_id in d.usages
+        ]
+    )
+
+
+def _insert_json_rows(workspace: Workspace, decided: list[Decided], *, then_commit: bool = False) -> set[str]:
+    """The same as ``_insert_returning`` for larger runs (PostgreSQL), in one statement of
+    constant text whose rows are two JSON parameters (``_JSON_ROWS_SQL``), carrying the
+    ``COMMIT`` when ``then_commit``. Returns the messageIds stored."""
+    params = {"ws": workspace.pk, "events": _json_event_rows(decided), "usages": _json_usage_rows(decided)}
     with connection.cursor() as cursor:
-        cursor.execute(_STAGE_SQL)
-    copy_rows("kana_event_stage", _EVENT_COLUMNS, (_event_row(workspace, m, d, u) for m, d, u in decided))
-    usages = _usage_rows(decided)
-    if usages:
-        copy_rows("kana_usage_stage", _USAGE_STAGE_COLUMNS, usages)
-    with connection.cursor() as cursor:
-        # As in _insert_returning: a failed move skips the COMMIT, for the caller's ROLLBACK.
-        cursor.execute(_UNSTAGE_SQL + pipelined.COMMIT if then_commit else _UNSTAGE_SQL, {"ws": workspace.pk})
+        # As in _insert_returning: a failed insert skips the COMMIT, for the caller's ROLLBACK.
+        cursor.execute(_JSON_ROWS_SQL + pipelined.COMMIT if then_commit else _JSON_ROWS_SQL, params)
         return {message_id for (message_id,) in cursor.fetchall()}
 
 
