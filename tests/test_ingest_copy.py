@@ -17,7 +17,7 @@ from decimal import Decimal
 import pytest
 from django.db import connections, transaction
 
-from features.ledger import JSON_ROWS_MIN_EVENTS
+from features.ledger import JSON_ROWS_MIN_EVENTS, _text_array
 from features.models import Event, Usage
 from features.services import RuleDefinition, feature_create, rule_create
 from users.models import EndUser
@@ -172,6 +172,8 @@ def test_a_large_batch_keeps_awkward_ids_names_times_and_amounts_exactly(segment
 
     singles, batched = rows("one"), rows("many")
     assert len(batched) == count and batched == singles
+    # The replay read finds them by their awkward messageIds (its arrays are literals).
+    assert segment.batch(awkward("many")).json()["duplicates"] == count
     assert {row[2] for row in batched} == {'-u "0" \\ é🎉', '-u "1" \\ é🎉'}
     assert sorted({row[-1][0][1] for row in batched if row[-1] and row[-1][0][0] == "seats"}) == [
         Decimal("0.000001"),
@@ -273,3 +275,25 @@ def test_a_generated_message_id_is_in_the_stored_payload(segment, tenant):
     assert len(events) == 10
     for event in events:
         assert event.message_id.startswith("kana-") and event.payload["messageId"] == event.message_id
+
+
+@requires_postgres
+@pytest.mark.postgres
+def test_the_replay_read_s_array_literal_keeps_every_value_as_sent(db):
+    values = {
+        "",
+        "NULL",
+        "plain",
+        'q"uote',
+        "back\\slash",
+        "\\",
+        '\\"',
+        "{brace}",
+        "a,b",
+        " spaced ",
+        "é🎉",
+        "tab\tnl\n",
+    }
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SELECT unnest(%s::text[])", [_text_array(values)])
+        assert {value for (value,) in cursor.fetchall()} == values
