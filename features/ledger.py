@@ -53,7 +53,7 @@ def record_usage_events(
         _insert_serialised(workspace, decided)
         return {m.message_id for m, _, _ in decided}
     if len(decided) >= JSON_ROWS_MIN_EVENTS:
-        return _insert_json_rows(workspace, decided, then_commit=then_commit)
+        return _insert_json_rows(workspace, decided, then_commit=then_commit, prepare=prepare)
     return _insert_returning(workspace, decided, then_commit=then_commit, prepare=prepare)
 
 
@@ -241,7 +241,7 @@ def guarded_usage_event(
 _JSON_ROWS_SQL = f"""
 WITH ev AS (
     INSERT INTO {_EVENT_TABLE} ({", ".join(_EVENT_COLUMNS)})
-    SELECT %(ws)s, r->>0, r->>1, r->>2, (r->>3)::bigint, r->>4, payload, (r->>5)::timestamptz,
+    SELECT %(ws)s::bigint, r->>0, r->>1, r->>2, (r->>3)::bigint, r->>4, payload, (r->>5)::timestamptz,
         (r->>6)::timestamptz, r->>7, r->>8, r->9
     FROM ROWS FROM (jsonb_array_elements(%(events)s::jsonb), jsonb_array_elements(%(payloads)s::jsonb))
         AS fields (r, payload)
@@ -292,15 +292,22 @@ def _json_rows(decided: list[Decided]) -> tuple[str, str, str]:
     return _dumps(events), payloads, _dumps(usages)
 
 
-def _insert_json_rows(workspace: Workspace, decided: list[Decided], *, then_commit: bool = False) -> set[str]:
+def _insert_json_rows(
+    workspace: Workspace, decided: list[Decided], *, then_commit: bool = False, prepare: bool = False
+) -> set[str]:
     """The same as ``_insert_returning`` for larger runs (PostgreSQL), in one statement of
     constant text whose rows are two JSON parameters (``_JSON_ROWS_SQL``), carrying the
     ``COMMIT`` when ``then_commit``. Returns the messageIds stored."""
     events, payloads, usages = _json_rows(decided)
     params = {"ws": workspace.pk, "events": events, "payloads": payloads, "usages": usages}
+    # Its text is the same for every run, so it is prepared (``prepare``: the caller re-runs
+    # its transaction when ``prepared.is_missing``): parsing and planning it was ≈ 0.3 ms of
+    # PostgreSQL a batch. The plan reads no table but the conflict arbiter's unique index,
+    # so a generic plan cannot go stale as the tables grow.
+    sql = prepared.statement(_JSON_ROWS_SQL) if prepare else _JSON_ROWS_SQL
     with connection.cursor() as cursor:
         # As in _insert_returning: a failed insert skips the COMMIT, for the caller's ROLLBACK.
-        cursor.execute(_JSON_ROWS_SQL + pipelined.COMMIT if then_commit else _JSON_ROWS_SQL, params)
+        cursor.execute(sql + pipelined.COMMIT if then_commit else sql, params)
         return {message_id for (message_id,) in cursor.fetchall()}
 
 
