@@ -57,7 +57,7 @@ def record_usage_events(
     return _insert_returning(workspace, decided, then_commit=then_commit, prepare=prepare)
 
 
-# Fewer events go in with one INSERT of rendered values; more as two JSON documents
+# Fewer events go in with one INSERT of rendered values; more as JSON documents
 # (``_insert_json_rows``: no per-value rendering in Python).
 JSON_ROWS_MIN_EVENTS = 8
 _EVENT_COLUMNS = (
@@ -296,7 +296,7 @@ def _insert_json_rows(
     workspace: Workspace, decided: list[Decided], *, then_commit: bool = False, prepare: bool = False
 ) -> set[str]:
     """The same as ``_insert_returning`` for larger runs (PostgreSQL), in one statement of
-    constant text whose rows are two JSON parameters (``_JSON_ROWS_SQL``), carrying the
+    constant text whose rows are three JSON parameters (``_JSON_ROWS_SQL``), carrying the
     ``COMMIT`` when ``then_commit``. Returns the messageIds stored."""
     events, payloads, usages = _json_rows(decided)
     params = {"ws": workspace.pk, "events": events, "payloads": payloads, "usages": usages}

@@ -68,7 +68,7 @@ def test_a_100_message_track_batch_runs_a_bounded_number_of_queries(warm, django
 
 @pytest.mark.skipif(not is_postgres(), reason="SQLite splits large inserts by its parameter limit")
 def test_queries_do_not_grow_with_the_batch_size(warm):
-    # From JSON_ROWS_MIN_EVENTS events on, PostgreSQL writes them as two JSON documents, in as
+    # From JSON_ROWS_MIN_EVENTS events on, PostgreSQL writes them as JSON documents, in as
     # many queries as a shorter run's rendered INSERT.
     small_new = queries(lambda: warm.post("/v1/batch", {"batch": tracks(JSON_ROWS_MIN_EVENTS, "small")}))
     many_new = queries(lambda: warm.post("/v1/batch", {"batch": tracks(500, "many")}))
