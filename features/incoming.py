@@ -9,9 +9,13 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime
 
+# One encoder for the process: ``json.dumps`` with options builds a new one on every call,
+# and this runs once per message.
+_compact_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
 
 def compact_json(payload: dict) -> str:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _compact_encode(payload)
 
 
 @dataclass

@@ -4,7 +4,7 @@ The service behind every ingest edge (Segment's endpoints today). Usage messages
 page, screen) are handled in bulk, one transaction per run of consecutive usage messages,
 with a fixed number of queries whatever the run's length: rules lock + version + replay
 check, userId resolution, then ``ledger.record_usage_events`` (events and their usage in
-one statement, or COPY into staging tables for longer runs). Identify, alias and group are
+one statement; longer runs send their rows as JSON documents). Identify, alias and group are
 applied one at a time, in order, by the identity service of ``users``, and stored by the
 ledger as processed events.
 """

@@ -22,6 +22,21 @@ class RuleSet:
     rules: tuple[CompiledRule, ...]
     # featureIds of archived features: events naming them are unmapped, with that reason.
     archived_keys: frozenset[str] = frozenset()
+    # Event name -> the rules that can match it (those naming it or no name), in ``rules``'
+    # order; ``_any_name`` for the names no rule names. Built once per rule set, so an event
+    # is matched against its candidates only, not against every rule of the workspace.
+    _by_name: dict[str, tuple[CompiledRule, ...]] = field(init=False, repr=False, compare=False)
+    _any_name: tuple[CompiledRule, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        names = {rule.event_name for rule in self.rules if rule.event_name is not None}
+        by_name = {name: tuple(r for r in self.rules if r.event_name in (None, name)) for name in names}
+        object.__setattr__(self, "_by_name", by_name)
+        object.__setattr__(self, "_any_name", tuple(r for r in self.rules if r.event_name is None))
+
+    def rules_for(self, event_name: str) -> tuple[CompiledRule, ...]:
+        """The rules that can match an event of this name, oldest first."""
+        return self._by_name.get(event_name, self._any_name)
 
 
 @dataclass
@@ -102,7 +117,7 @@ def _decide(rule_set: RuleSet, event_name: str, properties: dict) -> Decision:
         return Decision(EventStatus.MAPPED, usages=[(feature_id, read_default_amount(properties), None)])
 
     usages: dict[int, tuple[int, Decimal, int | None]] = {}
-    for rule in rule_set.rules:
+    for rule in rule_set.rules_for(event_name):
         if rule.feature_id in usages or not rule.matches(event_name, properties):
             continue
         usages[rule.feature_id] = (rule.feature_id, rule.read_amount(properties), rule.rule_id)

@@ -1,7 +1,9 @@
-"""Batches of usage messages: on PostgreSQL they are written with COPY, the rest with INSERT.
+"""Batches of usage messages: on PostgreSQL, runs of ``JSON_ROWS_MIN_EVENTS`` or more are
+written from JSON documents (they were COPYed into staging tables before round 8), shorter
+ones with rendered INSERT values.
 
-The two paths must store the same rows, and COPY must be as safe under concurrent
-duplicates as INSERT: the unique violation makes the whole transaction retry.
+The two paths must store the same rows, and the bulk one must be as safe under concurrent
+duplicates as INSERT: its insert skips what a concurrent request stored.
 """
 
 import json
@@ -15,7 +17,7 @@ from decimal import Decimal
 import pytest
 from django.db import connections, transaction
 
-from features.ledger import COPY_MIN_EVENTS
+from features.ledger import JSON_ROWS_MIN_EVENTS, _text_array
 from features.models import Event, Usage
 from features.services import RuleDefinition, feature_create, rule_create
 from users.models import EndUser
@@ -23,7 +25,8 @@ from users.models import EndUser
 from .conftest import requires_postgres
 from .test_identify_concurrency import assert_all_ok, in_parallel
 
-# Text COPY must escape: backslashes, tabs, newlines, carriage returns, "\N", non-ASCII.
+# What text COPY had to escape, and JSON must: backslashes, tabs, newlines, carriage returns,
+# "\N", quotes, non-ASCII.
 AWKWARD = 'tab\there\nline\r\\N back\\slash é 🎉 "quoted"'
 
 
@@ -93,7 +96,7 @@ def stored(prefix: str) -> list[tuple]:
 
 def test_a_large_batch_stores_the_same_rows_as_single_messages(segment, tenant):
     rule = setup_rules(tenant.workspace)
-    count = max(COPY_MIN_EVENTS, 10)
+    count = max(JSON_ROWS_MIN_EVENTS, 10)
     for message in messages("single", count):
         assert segment.post("/v1/track", message).status_code == 200
     response = segment.batch(messages("batch", count), context={"library": {"name": "analytics-python"}})
@@ -120,6 +123,63 @@ def test_a_large_batch_stores_the_same_rows_as_single_messages(segment, tenant):
     ]
     assert batched[2][9] == [("seats", Decimal("2.5"), None, batched[2][5], True)]
     assert EndUser.objects.filter(user_id__startswith="batch-").count() == 3
+
+
+def test_a_large_batch_keeps_awkward_ids_names_times_and_amounts_exactly(segment, tenant):
+    # Every text field of the bulk path's JSON rows, and its times and amounts, as a single
+    # message stores them (the single track renders its values as SQL instead).
+    setup_rules(tenant.workspace)
+    count = max(JSON_ROWS_MIN_EVENTS, 10)
+
+    def awkward(prefix: str) -> list[dict]:
+        return [
+            {
+                "type": "track",
+                "userId": f'{prefix}-u "{i % 2}" \\ é🎉',
+                "messageId": f'{prefix}-{i}-"q"\\\t🎉',
+                "event": "Seat Added" if i % 2 else f'Report "{i}" \\N\ttab é🎉',
+                "properties": {"featureId": "seats", "delta": ["1E+2", "0.000001", "3"][i % 3]}
+                if i % 2
+                else {"plan": {"tier": "pro"}},
+                "timestamp": ["0099-03-01T23:59:59.123456+05:30", "2026-01-15T10:00:00.5Z", "9999-12-31T23:59:59Z"][
+                    i % 3
+                ],
+            }
+            for i in range(count)
+        ]
+
+    for message in awkward("one"):
+        assert segment.post("/v1/track", message).json()["success"] is True
+    assert segment.batch(awkward("many")).json()["accepted"] == count
+
+    def rows(prefix: str) -> list[tuple]:
+        found = []
+        for event in Event.objects.filter(message_id__startswith=f"{prefix}-").order_by("id"):
+            usage = [(u.feature.key, u.amount, u.occurred_at) for u in Usage.objects.filter(event=event)]
+            found.append(
+                (
+                    event.message_id.removeprefix(prefix),
+                    event.name,
+                    event.external_user_id.removeprefix(prefix),
+                    event.payload["userId"].removeprefix(prefix),
+                    event.occurred_at,
+                    event.status,
+                    event.unmapped_reason,
+                    usage,
+                )
+            )
+        return sorted(found)
+
+    singles, batched = rows("one"), rows("many")
+    assert len(batched) == count and batched == singles
+    # The replay read finds them by their awkward messageIds (its arrays are literals).
+    assert segment.batch(awkward("many")).json()["duplicates"] == count
+    assert {row[2] for row in batched} == {'-u "0" \\ é🎉', '-u "1" \\ é🎉'}
+    assert sorted({row[-1][0][1] for row in batched if row[-1] and row[-1][0][0] == "seats"}) == [
+        Decimal("0.000001"),
+        Decimal("3"),
+        Decimal("100"),
+    ]
 
 
 def test_a_replayed_large_batch_changes_nothing(segment, tenant):
@@ -193,7 +253,7 @@ def test_a_copy_colliding_with_an_uncommitted_insert_skips_them_without_a_retry(
         holder = pool.submit(hold_rows)
         assert inserted.wait(timeout=30)
         pending = pool.submit(in_parallel, tenant, [lambda c: c.batch(batch)])
-        time.sleep(1)  # the batch's COPY now waits on the uncommitted rows
+        time.sleep(1)  # the batch's insert now waits on the uncommitted rows
         assert not pending.done()
         release.set()
         holder.result(timeout=30)
@@ -215,3 +275,25 @@ def test_a_generated_message_id_is_in_the_stored_payload(segment, tenant):
     assert len(events) == 10
     for event in events:
         assert event.message_id.startswith("kana-") and event.payload["messageId"] == event.message_id
+
+
+@requires_postgres
+@pytest.mark.postgres
+def test_the_replay_read_s_array_literal_keeps_every_value_as_sent(db):
+    values = {
+        "",
+        "NULL",
+        "plain",
+        'q"uote',
+        "back\\slash",
+        "\\",
+        '\\"',
+        "{brace}",
+        "a,b",
+        " spaced ",
+        "é🎉",
+        "tab\tnl\n",
+    }
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SELECT unnest(%s::text[])", [_text_array(values)])
+        assert {value for (value,) in cursor.fetchall()} == values

@@ -5,6 +5,7 @@ from decimal import Decimal
 
 import pytest
 
+from features.mapping import RuleSet, decide
 from features.models import Event, EventStatus, ReprocessingJob, UnmappedReason, Usage
 from features.rules import CompiledRule, InvalidRule, clean_conditions, condition_matches, parse_amount
 from features.selectors import reprocessing_of
@@ -399,3 +400,37 @@ def test_amount_property(segment, tenant, user, django_capture_on_commit_callbac
     response = segment.track("u2", "File Uploaded", {"file": {"megabytes": -1}})
     assert response.json()["status"] == "mapped"
     assert usage_total(tenant.workspace, "storage") == Decimal("1.5")
+
+
+def test_an_event_is_decided_as_if_every_rule_were_tried_in_order():
+    # The rule set hands each event name its candidate rules only (those naming it or no
+    # name): the decision must be the one trying every rule, oldest first, would make.
+    def rule(rule_id, feature_id, name, conditions=(), amount_property=None):
+        return CompiledRule(rule_id, feature_id, name, tuple(conditions), amount_property)
+
+    pro = {"property": "plan", "operator": "equals", "value": "pro"}
+    rules = (
+        rule(1, 10, "Exported", [pro], "pages"),
+        rule(2, 20, None, [pro]),
+        rule(3, 10, None),  # same feature as rule 1: only the oldest matching counts
+        rule(4, 30, "Viewed"),
+        rule(5, 20, "Exported"),
+        rule(6, 40, ""),
+    )
+    rule_set = RuleSet(version=1, feature_ids={}, rules=rules)
+
+    def every_rule(name, properties):
+        usages = {}
+        for r in rules:
+            if r.feature_id not in usages and r.matches(name, properties):
+                usages[r.feature_id] = (r.feature_id, r.read_amount(properties), r.rule_id)
+        return list(usages.values())
+
+    for name in ("Exported", "Viewed", "Other", "", "exported"):
+        for properties in ({}, {"plan": "pro", "pages": 3}, {"plan": "free", "delta": 2}):
+            assert decide(rule_set, name, properties).usages == every_rule(name, properties), (name, properties)
+    assert decide(rule_set, "Exported", {"plan": "pro", "pages": 3}).usages == [
+        (10, Decimal(3), 1),
+        (20, Decimal(1), 2),
+    ]
+    assert [r.rule_id for r in rule_set.rules_for("Other")] == [2, 3]
