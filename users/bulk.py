@@ -9,6 +9,7 @@ and values. Errors come out as Django's, so the engine's retry understands them.
 
 import json
 import operator
+import re
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 
@@ -16,7 +17,7 @@ from django.db import connection, models
 from django.db.models import Q
 from django.db.models.base import ModelState
 
-from kana.copy_rows import copy_rows, next_ids
+from kana.copy_rows import copy_text, copy_text_value, next_ids
 from kana.models import Workspace
 
 from .models import EndUser, UserIdentity
@@ -157,26 +158,61 @@ def copy_in(objects: list[models.Model]) -> None:
     for obj, pk in zip(objects, next_ids(meta.db_table, len(objects)), strict=True):
         obj.pk = pk
         obj._state.adding = False
-    copy_rows(meta.db_table, [f.column for f in fields], _rows_of(objects, fields))
+    copy_text(meta.db_table, [f.column for f in fields], copy_lines(objects, fields))
 
 
-def _rows_of(objects: list[models.Model], fields: list[models.Field], lead: str | None = None) -> Iterator[list]:
-    """Each object's values of ``fields`` (JSON encoded), after its ``lead`` attribute if any.
+def copy_lines(objects: Iterable[models.Model], fields: list[models.Field], lead: str | None = None) -> Iterator[str]:
+    """Each object's values of ``fields`` (after its ``lead`` attribute if any) as a line of
+    COPY's text format.
 
-    One ``attrgetter`` call per object (C) instead of a getattr and a test per field: 16 ->
-    7 µs a user, a fifth of the Python an import spends per created user.
+    Written here rather than by psycopg's ``write_row``, whose per-value dumpers cost ~11 µs
+    for a user's 14 values (~2 µs a datetime); this is ~3 µs: one ``attrgetter`` call per
+    object, each distinct datetime formatted once (a chunk's stamps are a handful of values),
+    and the escaping of COPY's special characters only for a row that has one.
     """
     names = [f.attname for f in fields]
     get = operator.attrgetter(*([lead] if lead else []), *names)
-    offset = 1 if lead else 0
-    json_at = [offset + i for i, f in enumerate(fields) if isinstance(f, models.JSONField)]
+    kinds = ([int] if lead else []) + [_KINDS.get(type(f), str) for f in fields]
+    stamps: dict[datetime, str] = {}
     for obj in objects:
-        row = list(get(obj))
-        for i in json_at:
-            # Most users have no audiences: json.dumps({}) is "{}".
-            value = row[i]
-            row[i] = "{}" if isinstance(value, dict) and not value else json.dumps(value)
-        yield row
+        values = get(obj)
+        if len(kinds) == 1:
+            values = (values,)
+        out = []
+        for kind, value in zip(kinds, values, strict=True):
+            if value is None:
+                out.append("\\N")
+            elif kind is str:
+                out.append(value)
+            elif kind is datetime:
+                text = stamps.get(value)
+                if text is None:
+                    text = stamps[value] = value.isoformat()
+                out.append(text)
+            elif kind is dict:
+                # Most users have no audiences: json.dumps({}) is "{}".
+                out.append("{}" if isinstance(value, dict) and not value else json.dumps(value))
+            else:
+                out.append(str(value))
+        # NUL cannot be in a PostgreSQL text value, so it can stand for the separator while
+        # one search looks for characters to escape in the whole row.
+        line = "\x00".join(out)
+        if _COPY_SPECIAL.search(line):
+            line = "\x00".join(v if v == "\\N" else copy_text_value(v) for v in out)
+        yield line.replace("\x00", "\t") + "\n"
+
+
+_COPY_SPECIAL = re.compile(r"[\\\t\n\r]")
+# How ``copy_lines`` writes each kind of field; any other is a string.
+_KINDS: dict[type, type] = {
+    models.AutoField: int,
+    models.BigAutoField: int,
+    models.ForeignKey: int,
+    models.IntegerField: int,
+    models.BigIntegerField: int,
+    models.DateTimeField: datetime,
+    models.JSONField: dict,
+}
 
 
 # Rows per UPDATE statement on SQLite: 500 rows x 12 parameters stays below its limit.
@@ -199,8 +235,7 @@ def update_users(users: list[EndUser]) -> None:
             )
             copy_sql = f"COPY {scratch} (id, {', '.join(columns)}) FROM STDIN"
             with connection.wrap_database_errors, cursor.cursor.copy(copy_sql) as copy:
-                for row in _rows_of(users, fields, lead="pk"):
-                    copy.write_row(row)
+                copy.write("".join(copy_lines(users, fields, lead="pk")).encode())
             assignments = ", ".join(f"{column} = v.{column}" for column in columns)
             cursor.execute(f"UPDATE {table} SET {assignments} FROM {scratch} AS v WHERE {table}.id = v.id")
             cursor.execute(f"TRUNCATE {scratch}")
