@@ -46,6 +46,8 @@ def clean_rows() -> list[dict]:
     rows += [
         {"user_id": "tab\tnew", "name": "back\\slash\ttab", "email": "odd@example.com"},
         {"user_id": "nl-new", "name": "two\nlines\r\nend", "billing_id": "AbC-1"},
+        {"user_id": "\\N", "name": "\\N"},  # COPY's NULL, as text
+        {"user_id": "uni-\u2028\u00e9", "name": "caf\u00e9 \u00a0\x01"},  # not printable, not special
         {"user_id": "u1", "name": "Ann 2"},  # update
         {"user_id": "claim-b", "email": "b@example.com"},  # claims the bare b@ user
         {"user_id": "u6", "email": "g@example.com"},  # merges u6 into g@ (older)
@@ -162,6 +164,8 @@ def test_an_applied_import_leaves_the_users_identities_flags_and_merges_of_the_p
     # The escaped characters arrive as they were in the file.
     assert EndUser.objects.for_workspace(set_ws).get(user_id="tab\tnew").name == "back\\slash\ttab"
     assert EndUser.objects.for_workspace(set_ws).get(user_id="nl-new").name == "two\nlines\r\nend"
+    assert EndUser.objects.for_workspace(set_ws).get(user_id="\\N").name == "\\N"
+    assert EndUser.objects.for_workspace(set_ws).get(user_id="uni-\u2028\u00e9").name == "caf\u00e9 \u00a0\x01"
 
 
 def test_rows_that_only_create_skip_the_row_by_row_rules(tenant, monkeypatch):
