@@ -5,7 +5,10 @@ Every entry point (``identify_user``, ``upsert_user_by_email``, ``update_user``,
 ``apply_profile_rows``) turns its input into ``ProfileRow``s and runs the same three steps:
 1. read every user the rows can concern, row-locked in id order (``users.bulk.lock_users``);
 2. apply the rows in order to those objects in memory (``_apply_row``: the decision
-   ``_plan_identify``, the field rules ``apply_changes``, the merge step ``absorb``);
+   ``_plan_identify``, the field rules ``apply_changes``, the merge step ``absorb``); in a
+   CSV batch, the rows that can only create (``_rows_that_only_create``: nothing they name
+   exists or is named by another row) are recognised for the whole batch from that read and
+   created directly, with the same field rules;
 3. write back what changed, set-based (``_write_back``).
 A message and a file differ only in size, in ``restamp`` (a message restamps values it
 repeats, a file row does not) and in locking: a message first takes advisory locks on its
