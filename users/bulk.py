@@ -171,11 +171,12 @@ def copy_lines(objects: Iterable[models.Model], fields: list[models.Field], lead
     """
     names = [*([lead] if lead else []), *(f.attname for f in fields)]
     get = operator.attrgetter(*names)
-    kinds = ([int] if lead else []) + [_KINDS.get(type(f), str) for f in fields]
+    kinds = ([int] if lead else []) + [_kind_of(f) for f in fields]
     text_at = [i for i, kind in enumerate(kinds) if kind is str]
     stamp_at = [i for i, kind in enumerate(kinds) if kind is datetime]
     json_at = [i for i, kind in enumerate(kinds) if kind is dict]
     int_at = [i for i, kind in enumerate(kinds) if kind is int]
+    other_at = [i for i, kind in enumerate(kinds) if kind is object]
     stamps: dict[datetime, str] = {}
     for obj in objects:
         values = list(get(obj)) if len(names) > 1 else [get(obj)]
@@ -202,19 +203,26 @@ def copy_lines(objects: Iterable[models.Model], fields: list[models.Field], lead
         for i in int_at:
             value = values[i]
             values[i] = "\\N" if value is None else str(value)
+        for i in other_at:
+            value = values[i]
+            values[i] = "\\N" if value is None else copy_text_value(str(value))
         yield "\t".join(values) + "\n"
 
 
-# How ``copy_lines`` writes each kind of field; any other is a string.
-_KINDS: dict[type, type] = {
-    models.AutoField: int,
-    models.BigAutoField: int,
-    models.ForeignKey: int,
-    models.IntegerField: int,
-    models.BigIntegerField: int,
-    models.DateTimeField: datetime,
-    models.JSONField: dict,
-}
+def _kind_of(field: models.Field) -> type:
+    """How ``copy_lines`` writes a field's values: as text (escaped when needed), a number, a
+    datetime, JSON, or anything else through ``str`` (escaped)."""
+    if isinstance(field, models.ForeignKey):
+        return _kind_of(field.target_field)
+    if isinstance(field, (models.CharField, models.TextField)):
+        return str
+    if isinstance(field, models.IntegerField):  # AutoField and BigAutoField included
+        return int
+    if isinstance(field, models.DateTimeField):
+        return datetime
+    if isinstance(field, models.JSONField):
+        return dict
+    return object
 
 
 # Rows per UPDATE statement on SQLite: 500 rows x 12 parameters stays below its limit.
