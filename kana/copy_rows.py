@@ -5,6 +5,7 @@ statement's arrays in Python: about 180 µs a row for an event. COPY takes the v
 they are. The callers keep the ORM path for SQLite and for small inserts.
 """
 
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
 
@@ -31,6 +32,29 @@ def copy_rows(table: str, columns: Sequence[str], rows: Iterable[Sequence]) -> N
         with log, connection.wrap_database_errors, cursor.cursor.copy(sql) as copy:
             for row in rows:
                 copy.write_row(row)
+
+
+def copy_text(table: str, columns: Sequence[str], lines: Iterable[str]) -> None:
+    """COPY rows already written in COPY's text format (PostgreSQL): one line per row, each
+    ending in a newline, values tab-separated and escaped (``copy_text_value``), NULL as ``\\N``.
+
+    For callers that format their rows faster than psycopg's per-value dumpers (a datetime
+    costs ~2 µs there; a row of 14 values ~11 µs). Logged and wrapped like ``copy_rows``.
+    """
+    sql = f"COPY {connection.ops.quote_name(table)} ({', '.join(columns)}) FROM STDIN"
+    with connection.cursor() as cursor:
+        log = cursor.debug_sql(sql) if hasattr(cursor, "debug_sql") else nullcontext()
+        with log, connection.wrap_database_errors, cursor.cursor.copy(sql) as copy:
+            copy.write("".join(lines).encode())
+
+
+_COPY_SPECIAL = re.compile(r"[\\\t\n\r]")
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def copy_text_value(value: str) -> str:
+    """A string as a value of COPY's text format: backslash, tab, newline and CR escaped."""
+    return value.translate(_COPY_ESCAPES) if _COPY_SPECIAL.search(value) else value
 
 
 def copy_out_csv(sql: str, params: Sequence = ()) -> list[bytes]:
