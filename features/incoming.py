@@ -14,7 +14,7 @@ from datetime import datetime
 _compact_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
-def compact_json(payload: dict) -> str:
+def compact_json(payload: dict | list) -> str:
     return _compact_encode(payload)
 
 

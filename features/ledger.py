@@ -25,7 +25,7 @@ from kana.models import Workspace
 from users.models import AnonymousLink, Suppression, UserIdentity
 from users.signals import user_absorbed, user_deleting, user_restored
 
-from .incoming import Message
+from .incoming import Message, compact_json
 from .mapping import Decision
 from .models import Event, EventStatus, Usage
 
@@ -258,8 +258,6 @@ used AS ({
 SELECT message_id FROM ev
 """
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-
 
 def _json_rows(decided: list[Decided]) -> tuple[str, str, str]:
     """The three documents ``_JSON_ROWS_SQL`` reads: the events' fields (an array per event),
@@ -289,7 +287,7 @@ def _json_rows(decided: list[Decided]) -> tuple[str, str, str]:
         for feature_id, amount, rule_id in d.usages:
             usages.append([m.message_id, user_pk, feature_id, rule_id, str(amount), occurred_text])
     payloads = "[" + ",".join([m.payload_text() for m, _, _ in decided]) + "]"
-    return _dumps(events), payloads, _dumps(usages)
+    return compact_json(events), payloads, compact_json(usages)
 
 
 def _insert_json_rows(
