@@ -273,24 +273,25 @@ class _Batch:
         if user.pk is not None:
             self.dirty[id(user)] = user
 
-    def create(self, user_id: str | None, changes: ProfileChanges, occurred_at: datetime, restamp: bool) -> EndUser:
+    def create(
+        self,
+        user_id: str | None,
+        changes: ProfileChanges,
+        occurred_at: datetime,
+        restamp: bool,
+        *,
+        indexed: bool = True,
+    ) -> EndUser:
+        """A new user from ``changes``. ``indexed`` False: for a row that no other row of the
+        batch names (``_rows_that_only_create``), so no index of the batch needs the user."""
         user = self._new_user(user_id)
         apply_changes(user, changes, occurred_at, restamp_unchanged=restamp)
         self.created.append(user)
-        if user.email_key:
+        if indexed and user.email_key:
             self.by_email[user.email_key].append(user)
         if user_id:
-            self.owner[user_id] = user
-            self.identities.append((user, user_id))
-        return user
-
-    def create_unnamed(self, user_id: str | None, changes: ProfileChanges, occurred_at: datetime) -> EndUser:
-        """``create`` (a file row: no restamp) for a row that no other row of the batch names
-        (``_rows_that_only_create``): no index of the batch needs the new user."""
-        user = self._new_user(user_id)
-        apply_changes(user, changes, occurred_at, restamp_unchanged=False)
-        self.created.append(user)
-        if user_id:
+            if indexed:
+                self.owner[user_id] = user
             self.identities.append((user, user_id))
         return user
 
@@ -767,7 +768,7 @@ def _apply_rows_once(workspace, rows, occurred_at, touched, reason, actor):
         only_creates = _rows_that_only_create(state, rows)
         for row, only_create in zip(rows, only_creates, strict=True):
             if only_create:
-                user = state.create_unnamed(row.user_id, row.changes, occurred_at)
+                user = state.create(row.user_id, row.changes, occurred_at, False, indexed=False)
                 planned.append((row, IdentifyResult(user=user, outcome=IdentifyOutcome.CREATED)))
                 continue
             try:
