@@ -17,10 +17,12 @@ from datetime import timedelta
 from decimal import Decimal
 
 from django.db import connection
+from django.db.models import ProtectedError
+from django.db.models.signals import pre_delete
 from django.dispatch import receiver
 
 from kana.db import pipelined, prepared
-from kana.locks import lock_rules_shared_and_read, lock_rules_shared_then_read
+from kana.locks import lock_rules_exclusive, lock_rules_shared_and_read, lock_rules_shared_then_read
 from kana.models import Workspace
 from users.models import AnonymousLink, Suppression, UserIdentity
 from users.signals import user_absorbed, user_deleting, user_restored
@@ -875,6 +877,24 @@ def forget_user(*, workspace_id: int, user_pk: int, keep_events: bool = True) ->
 @receiver(user_deleting, dispatch_uid="features.ledger.forget_user")
 def _on_user_deleting(sender, *, workspace_id: int, user_pk: int, keep_events: bool = True, **kwargs) -> None:
     forget_user(workspace_id=workspace_id, user_pk=user_pk, keep_events=keep_events)
+
+
+# --- A workspace's deletion: no usage may outlive its event ---------------------------------
+
+
+@receiver(pre_delete, sender=Workspace, dispatch_uid="features.ledger.guard_workspace_deletion")
+def guard_workspace_deletion(sender, instance: Workspace, **kwargs) -> None:
+    """Django's collector deletes a workspace's events (and their usage) from lists it read
+    before deleting anything, and refuses a workspace with usage (PROTECT on the feature).
+    A reprocessing chunk or an attribution that adds usage to a listed event meanwhile would
+    leave that usage behind, its event deleted: the usage's ``event_id`` has no constraint
+    to fail the deletion (migration features/0008). Usage is added to stored events only
+    under the shared rules lock, so this takes it exclusively before the first DELETE, then
+    refuses the deletion as PROTECT would have if usage committed since the collector read.
+    """
+    lock_rules_exclusive(instance.pk)
+    if Usage.objects.for_workspace(instance).exists():
+        raise ProtectedError(f"Workspace {instance.pk} has usage (recorded while it was being deleted)", set())
 
 
 @receiver(user_absorbed, dispatch_uid="features.ledger.reassign_user")

@@ -168,10 +168,10 @@ class Usage(models.Model):
     # workspace and event have no index of their own: the composite indexes below lead with
     # them, and each usage row (ingest, reprocessing) writes every index of the table.
     #
-    # Three references have no database constraint (db_constraint=False, migration
-    # features/0007): each would cost a deferred check per usage row at COMMIT, and each is
-    # already guaranteed (docs/architecture.md, "Who writes which table"). Django's on_delete
-    # still applies to them. ``event`` and ``user`` keep theirs: they carry the guarantees.
+    # Four references have no database constraint (db_constraint=False, migrations
+    # features/0007 and 0008): each would cost a deferred check per usage row at COMMIT, and
+    # each is already guaranteed (docs/architecture.md, "Who writes which table"). Django's
+    # on_delete still applies to them. ``user`` keeps its constraint: it carries guarantees.
     #
     # workspace: always its event's (``features.ledger`` writes both from one workspace and
     # moves neither across workspaces), and the event's own reference is checked.
@@ -180,15 +180,26 @@ class Usage(models.Model):
     )
     # Null: the user was deleted with its events kept (``ledger.forget_user``): the usage still
     # counts for its feature, for no user. Constrained: a merge deletes the absorbed user with
-    # a plain DELETE and relies on this check to fail if any usage was left behind.
+    # a plain DELETE and relies on this check to fail if any usage was left behind, and it is
+    # what keeps a user's deletion from leaving usage on the events it deletes (see ``event``).
     user = models.ForeignKey(EndUser, null=True, blank=True, on_delete=models.CASCADE, related_name="usage")
     # PROTECT: recorded usage is never deleted as a side effect of deleting its feature.
     # No constraint: usage is written only under the workspace's shared rules lock, with a
     # feature read under it (the rules version), and ``feature_delete`` takes that lock
-    # exclusively and refuses a feature with usage; a workspace's deletion reaches the usage
-    # through its events, whose references are checked.
+    # exclusively and refuses a feature with usage; a workspace's deletion takes it too
+    # (``ledger.guard_workspace_deletion``) and is refused if the workspace has usage.
     feature = models.ForeignKey(Feature, on_delete=models.PROTECT, related_name="usage", db_constraint=False)
-    event = models.ForeignKey(Event, on_delete=models.CASCADE, related_name="usage", db_index=False)
+    # No constraint (the costliest check: on a reprocessed event it also writes a row lock
+    # into the event the chunk just flipped). Usage is written either with its event, in one
+    # statement (ingest, consume), or onto a stored event that the writer row-locks, under the
+    # shared rules lock (reprocessing, held anonymous events). Events are deleted only by
+    # ``ledger.forget_user``, under its user's row lock, with the user's usage (a writer's
+    # check of ``user`` waits for that lock, then fails), and by a workspace's deletion, which
+    # takes the rules lock exclusively and is refused if the workspace has usage
+    # (``ledger.guard_workspace_deletion``). CASCADE is Django's.
+    event = models.ForeignKey(
+        Event, on_delete=models.CASCADE, related_name="usage", db_index=False, db_constraint=False
+    )
     # No constraint, as for the feature: ``rule_delete`` takes the rules lock exclusively and
     # refuses a rule with usage; SET_NULL is Django's, on an ORM deletion.
     rule = models.ForeignKey(
