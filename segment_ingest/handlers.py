@@ -34,9 +34,9 @@ from .messages import (
     MAX_BATCH_BYTES,
     MAX_BATCH_MESSAGES,
     MAX_MESSAGE_BYTES,
+    batch_context,
     check_batch,
     parse_message,
-    with_batch_context,
 )
 
 logger = logging.getLogger(__name__)
@@ -216,10 +216,10 @@ def batch(meta: Meta, read: Reader) -> Answer:
     received_at = timezone.now()
     hold_anonymous = _holds(workspace)
     messages, indexes, rejected = [], [], []
+    fill = batch_context(payload)
     for index, item in enumerate(items):
         try:
-            item = with_batch_context(item, payload)
-            messages.append(parse_message(item, received_at=received_at, hold_anonymous=hold_anonymous))
+            messages.append(parse_message(fill(item), received_at=received_at, hold_anonymous=hold_anonymous))
             indexes.append(index)
         except DomainError as exc:
             rejected.append({"index": index, **exc.as_dict()})
