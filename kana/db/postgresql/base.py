@@ -13,22 +13,11 @@ caught by neither check until a query fails; the request then answers as it does
 The check after an error (``close_if_unusable_or_obsolete`` at the end of a request that
 raised a database error) still runs Django's ``SELECT 1``: it is rare, and it must be sure.
 
-A persistent connection's age limit (``CONN_MAX_AGE``) is spread over its last quarter: each
-connection is closed after between ¾ and all of it, at random (``connect``). Without the
-spread, the workers of one server, which all open their connections on their first
-requests, all reach the limit on the same request and all reconnect together, again every
-``CONN_MAX_AGE`` seconds: the first request on a new connection costs a new backend and its
-cold caches (measured: about 22 ms more than a warm one on the bench machine), and with
-every worker paying it at once, requests queue behind them (the open-loop benchmark's
-slowest requests lined up with these reconnects to the millisecond; docs/performance.md,
-"Round 9: tails").
-
 It also lets ``kana.db.pipelined.atomic`` hand a transaction that module opened (its
 ``BEGIN`` sent by hand on a connection in autocommit) to Django's ``atomic``, which psycopg
 otherwise refuses (see ``_set_autocommit``).
 """
 
-import random
 import select
 
 from django.db.backends.postgresql.base import DatabaseWrapper as PostgreSQLDatabaseWrapper
@@ -53,14 +42,6 @@ def socket_says_alive(connection) -> bool:
 class DatabaseWrapper(PostgreSQLDatabaseWrapper):
     # Set by kana.db.pipelined.atomic around its atomic's entry, nowhere else.
     adopt_open_transaction = False
-
-    def connect(self):
-        super().connect()
-        max_age = self.settings_dict["CONN_MAX_AGE"]
-        if self.close_at is not None and max_age:
-            # Never later than CONN_MAX_AGE, as configured; earlier by up to a quarter of it,
-            # so that connections opened together are not all closed together.
-            self.close_at -= random.uniform(0, max_age / 4)
 
     def _set_autocommit(self, autocommit):
         raw = self.connection
