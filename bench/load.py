@@ -276,6 +276,11 @@ class Run:
         self.ok_tags = Counter()
         self.errors = Counter()
         self.latencies: list[float] = []
+        # Open loop: (latency, due, send lag, connect, answer) per request of the window, to
+        # say where the slowest ones spent their time and when they were due.
+        self.timings: list[tuple[float, float, float, float, float]] = []
+        # perf_counter -> wall clock, so the slowest requests can be set beside the server's logs.
+        self.epoch = time.time() - time.perf_counter()
         self.completed_in_window = 0
         self.window_start = self.window_end = 0.0
         self.max_requests = spec.get("max_requests")
@@ -342,8 +347,10 @@ class Run:
         body, tag = made
         async with semaphore:
             protocol = None
+            sent = time.perf_counter()
             try:
                 _, protocol = await loop.create_connection(_ResponseProtocol, self.spec["host"], self.spec["port"])
+                connected = time.perf_counter()
                 status, _close, answer = await protocol.request(self.request_bytes(body))
             except (OSError, ConnectionError) as exc:
                 self.errors[type(exc).__name__] += 1
@@ -356,6 +363,7 @@ class Run:
         if self.window_start <= due:  # every request due in the window counts, however late
             self.completed_in_window += 1
             self.latencies.append(finished - due)
+            self.timings.append((finished - due, due, sent - due, connected - sent, finished - connected))
 
     async def open_loop(self) -> dict:
         """Requests at ``rate`` per second from a fixed schedule (see the module docstring)."""
@@ -384,7 +392,39 @@ class Run:
         report["offered_rate"] = rate
         report["scheduled_in_window"] = sum(1 for i in range(n) if start + i / rate >= self.window_start)
         report["completed_in_window"] = in_window
+        report.update(self.where_the_time_went())
         return report
+
+    SLOWEST = 10
+
+    def where_the_time_went(self) -> dict:
+        """The open loop's tail, taken apart: the client's own lag (from a request's scheduled
+        time until this process began to connect: a busy client, not the server), the connect
+        (the listen queue: no worker free to accept), and the answer (a worker's time on it);
+        and the slowest requests of the window with the wall-clock time they were due."""
+        if not self.timings:
+            return {}
+
+        def p99(values) -> float:
+            ordered = sorted(values)
+            return round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000, 2)
+
+        slowest = sorted(self.timings, reverse=True)[: self.SLOWEST]
+        return {
+            "send_lag_p99_ms": p99(t[2] for t in self.timings),
+            "connect_p99_ms": p99(t[3] for t in self.timings),
+            "answer_p99_ms": p99(t[4] for t in self.timings),
+            "slowest": [
+                {
+                    "due": _clock(self.epoch + due),
+                    "latency_ms": round(latency * 1000, 1),
+                    "send_lag_ms": round(lag * 1000, 1),
+                    "connect_ms": round(connect * 1000, 1),
+                    "answer_ms": round(answer * 1000, 1),
+                }
+                for latency, due, lag, connect, answer in slowest
+            ],
+        }
 
     async def main(self) -> dict:
         if self.spec.get("rate"):
@@ -429,6 +469,11 @@ class Run:
             "max_ms": round(latencies[-1] * 1000, 2) if latencies else None,
             "client_cpu_seconds": round(cpu.user + cpu.system, 2),
         }
+
+
+def _clock(seconds: float) -> str:
+    """A wall-clock time as HH:MM:SS.mmm (UTC), as PostgreSQL's log and the harness print it."""
+    return time.strftime("%H:%M:%S", time.gmtime(seconds)) + f".{int(seconds % 1 * 1000):03d}"
 
 
 def main() -> None:

@@ -84,6 +84,12 @@ def parse_args() -> argparse.Namespace:
         help="threads per gunicorn worker; above 1 the workers are gthread instead of sync (default 1)",
     )
     parser.add_argument("--connections", type=int, default=16, help="client connections (default 16)")
+    parser.add_argument(
+        "--settle",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="before every measured window: VACUUM (ANALYZE), wait for autovacuum, CHECKPOINT (default on)",
+    )
     parser.add_argument("--duration", type=float, help="measured seconds per HTTP scenario")
     parser.add_argument("--events", type=int, help="stored unmapped events for S4 (and rows for B-copy/B-update)")
     parser.add_argument("--import-rows", type=int, help="CSV rows imported in S5")

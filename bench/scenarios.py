@@ -31,6 +31,11 @@ from users.models import EndUser, MergeRecord
 from . import bulk, stack
 
 S1_USERS = 1000
+# How long a window's settling waits for an autovacuum worker already on the database.
+SETTLE_AUTOVACUUM_WAIT = 60
+AUTOVACUUM_HERE = """
+    SELECT 1 FROM pg_stat_activity WHERE backend_type = 'autovacuum worker' AND datname = current_database()
+"""
 # S6/S7: subscribed users spread over, and the one subject half of S7's connections share.
 ENTITLEMENT_USERS = 1000
 ENTITLEMENT_FEATURE = "messages"
@@ -333,6 +338,8 @@ class Bench:
             "rate": rate,
             "count_true": count_true,
         }
+        settled = self.settle() if self.args.settle else None
+        load_average = round(os.getloadavg()[0], 2)
         started = time.monotonic()
         with self.cpu_meter() as meter, self.profiled("app", prefix):
             done = subprocess.run(
@@ -346,12 +353,36 @@ class Bench:
         elapsed = time.monotonic() - started
         result["cpu_cores"] = {**meter.cores, "load_client": round(result["client_cpu_seconds"] / elapsed, 2)}
         result["machine_busy_cores"] = meter.machine_busy
+        result["load_average_at_start"] = load_average
+        result["settle"] = settled
+        result["disturbances"] = meter.disturbances
         # CPU per request is much less sensitive to a busy machine than requests per second.
         if result["issued"]:
             result["cpu_ms_per_request"] = {
                 name: round(used / result["issued"] * 1000, 2) for name, used in meter.seconds.items() if used
             }
         return result
+
+    def settle(self) -> dict:
+        """Before every measured window, baselines included: no scenario pays for the pages an
+        earlier one left behind. ``VACUUM (ANALYZE)`` of the database (what autovacuum would
+        do after the previous window's writes, so it does not start in this one), then wait
+        for any autovacuum worker still on it, then a ``CHECKPOINT`` (the dirty pages of the
+        bulk phases and of the previous window are written now, not by a spread checkpoint
+        whose writes and fsyncs overlap this window). What still happens during the window
+        is reported in its ``disturbances``."""
+        started = time.monotonic()
+        timings = {}
+        with psycopg.connect(self.env["DATABASE_URL"].replace("postgres://", "postgresql://"), autocommit=True) as conn:
+            conn.execute("VACUUM (ANALYZE)")
+            timings["vacuum_s"] = time.monotonic() - started
+            deadline = time.monotonic() + SETTLE_AUTOVACUUM_WAIT
+            while time.monotonic() < deadline and conn.execute(AUTOVACUUM_HERE).fetchone():
+                time.sleep(0.2)
+            timings["autovacuum_wait_s"] = time.monotonic() - started - timings["vacuum_s"]
+            conn.execute("CHECKPOINT")
+        timings["checkpoint_s"] = time.monotonic() - started - timings["vacuum_s"] - timings["autovacuum_wait_s"]
+        return {name: round(seconds, 2) for name, seconds in timings.items()}
 
     def cpu_meter(self) -> stack.CpuMeter:
         with connection.cursor() as cursor:

@@ -170,6 +170,14 @@ def process_cpu_seconds(pids: list[int]) -> float:
     return total / CLOCK_TICKS
 
 
+def run_queue_wait_seconds(pid: int) -> float:
+    """How long a process has waited, runnable, for a CPU (the scheduler's ``run_delay``)."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def peak_rss_kib(pid: int) -> int:
     """A live process's resident-memory high-water mark (0 once it has exited)."""
     try:
@@ -188,11 +196,30 @@ def machine_cpu() -> tuple[float, float]:
     return sum(values) - idle, sum(values)
 
 
+# What else the server did while a window ran: checkpoints (server-wide: any database's
+# writes end up in them) and this database's autovacuum and autoanalyze runs.
+_SERVER_COUNTERS = """
+    SELECT checkpoints_timed + checkpoints_req, buffers_checkpoint, buffers_backend,
+           (SELECT coalesce(sum(autovacuum_count), 0) FROM pg_stat_user_tables),
+           (SELECT coalesce(sum(autoanalyze_count), 0) FROM pg_stat_user_tables)
+    FROM pg_stat_bgwriter
+"""
+_AUTOVACUUM_WORKERS = """
+    SELECT count(*) FILTER (WHERE datname = current_database()), count(*)
+    FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'
+"""
+
+
 class CpuMeter:
     """CPU used while a scenario runs by the app, the worker and the PostgreSQL backends
     serving the benchmark's database (sampled twice a second, so processes that come and
     go are counted): seconds, and cores (1.0 = one core busy the whole time).
-    ``machine_busy`` is the whole machine, whoever used it (other tenants included)."""
+    ``machine_busy`` is the whole machine, whoever used it (other tenants included).
+
+    ``disturbances`` says what else ran in the same time: checkpoints started or ended and the
+    buffers they wrote, autovacuum and autoanalyze runs finished on this database, the samples
+    that saw an autovacuum worker (on this database, on any), and the app's processes that
+    were born during the window (a recycled or restarted gunicorn worker)."""
 
     INTERVAL = 0.5
 
@@ -200,28 +227,76 @@ class CpuMeter:
         self.services, self.dsn, self.exclude = services, dsn, exclude_backends
         self.first: dict[tuple[str, int], float] = {}
         self.last: dict[tuple[str, int], float] = {}
+        self.waited_first: dict[tuple[str, int], float] = {}
+        self.waited_last: dict[tuple[str, int], float] = {}
+        self.connections_opened: dict[int, str] = {}
         self.stopping = threading.Event()
+        self.autovacuum_seen = [0, 0]
+        self.samples = 0
+        self.born: set[tuple[str, int]] = set()
 
     def _sample(self, conn: psycopg.Connection, initial: bool) -> None:
         groups = {name: service.pids() for name, service in self.services.items()}
         rows = conn.execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            "SELECT pid, to_char(backend_start AT TIME ZONE 'UTC', 'HH24:MI:SS.MS'), backend_type"
+            " FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
         ).fetchall()
-        groups["postgres"] = [pid for (pid,) in rows if pid not in self.exclude]
+        groups["postgres"] = [pid for pid, _, _ in rows if pid not in self.exclude]
+        if not initial:
+            for pid, started, kind in rows:
+                if kind == "client backend" and pid not in self.exclude and ("postgres", pid) not in self.first:
+                    self.connections_opened[pid] = started
         for name, pids in groups.items():
             for pid in pids:
                 used = process_cpu_seconds([pid])
+                waited = run_queue_wait_seconds(pid)
                 # A process first seen after the start was born during the scenario.
+                if not initial and (name, pid) not in self.first and name != "postgres":
+                    self.born.add((name, pid))
                 self.first.setdefault((name, pid), used if initial else 0.0)
                 self.last[(name, pid)] = used
+                self.waited_first.setdefault((name, pid), waited if initial else 0.0)
+                self.waited_last[(name, pid)] = waited
+        ours, anywhere = conn.execute(_AUTOVACUUM_WORKERS).fetchone()
+        self.autovacuum_seen[0] += bool(ours)
+        self.autovacuum_seen[1] += bool(anywhere)
+        self.samples += 1
+
+    def _counters(self, conn: psycopg.Connection) -> tuple[int, ...]:
+        conn.execute("SELECT pg_stat_clear_snapshot()")  # the statistics as of now, not cached
+        return tuple(int(v) for v in conn.execute(_SERVER_COUNTERS).fetchone())
 
     def _run(self) -> None:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
+            self.counters_before = self._counters(conn)
             self._sample(conn, initial=True)
             self.ready.set()
             while not self.stopping.wait(self.INTERVAL):
                 self._sample(conn, initial=False)
             self._sample(conn, initial=False)
+            self.counters_after = self._counters(conn)
+
+    @property
+    def disturbances(self) -> dict:
+        delta = [after - before for before, after in zip(self.counters_before, self.counters_after, strict=True)]
+        return {
+            "checkpoints": delta[0],
+            "checkpoint_buffers_written": delta[1],
+            "backend_buffers_written": delta[2],
+            "autovacuums": delta[3],
+            "autoanalyzes": delta[4],
+            "samples_with_autovacuum_here": self.autovacuum_seen[0],
+            "samples_with_autovacuum_anywhere": self.autovacuum_seen[1],
+            "samples": self.samples,
+            "app_processes_born": sorted(f"{name}:{pid}" for name, pid in self.born),
+            # Database connections opened during the window, when (CONN_MAX_AGE expiring, say).
+            "connections_opened_at": sorted(self.connections_opened.values()),
+            # Seconds the app's and PostgreSQL's processes spent runnable but waiting for a CPU.
+            "run_queue_wait_seconds": {
+                name: round(sum(w - self.waited_first[key] for key, w in self.waited_last.items() if key[0] == name), 3)
+                for name in {key[0] for key in self.waited_last}
+            },
+        }
 
     def __enter__(self) -> "CpuMeter":
         self.ready = threading.Event()

@@ -153,3 +153,25 @@ def test_the_s7_check_refuses_a_run_whose_hot_subject_overspent_or_whose_answers
     assert problems(2, {"hot": 2, "spread": 1}) == []
     assert problems(1, {"hot": 2, "spread": 1}) == ["overspend: the hot subject used 2 of a limit of 1"]
     assert problems(2, {"hot": 1, "spread": 1}) == ["hot: 1 consumes answered recorded, 2 usage rows stored"]
+
+
+def test_the_open_loop_says_where_its_slowest_requests_spent_their_time():
+    # A server slower than the offered rate: the late requests waited for the server (their
+    # answer), not for the client (its send lag), and the report says when each was due.
+    import re
+
+    listener = _serial_server(0.05)
+    try:
+        result = _open_loop(listener.getsockname()[1], rate=40, duration=1.0)
+    finally:
+        listener.close()
+    slowest = result["slowest"]
+    assert len(slowest) == 10
+    assert [s["latency_ms"] for s in slowest] == sorted((s["latency_ms"] for s in slowest), reverse=True)
+    assert slowest[0]["latency_ms"] > 500
+    for s in slowest:
+        assert re.fullmatch(r"\d\d:\d\d:\d\d\.\d\d\d", s["due"])
+        parts = s["send_lag_ms"] + s["connect_ms"] + s["answer_ms"]
+        assert abs(parts - s["latency_ms"]) < 1
+        assert s["answer_ms"] > s["send_lag_ms"]
+    assert result["send_lag_p99_ms"] < result["answer_p99_ms"]
