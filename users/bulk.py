@@ -43,40 +43,18 @@ def owners_of(workspace: Workspace, user_ids: set[str]) -> dict[str, int]:
         identities = UserIdentity.objects.for_workspace(workspace).filter(external_id__in=user_ids)
         return dict(identities.values_list("external_id", "user_id"))
     with connection.cursor() as cursor:
-        cursor.execute(*owners_of_sql(workspace, user_ids, many=True))
+        cursor.execute(*owners_of_sql(workspace, user_ids))
         return dict(cursor.fetchall())
 
 
-def owners_of_sql(workspace: Workspace, user_ids: set[str], *, many: bool = False) -> tuple[str, list]:
-    """``owners_of``'s statement (PostgreSQL): rows (userId, user pk). ``many``: for a chunk
-    of keys (see ``_hidden``)."""
+def owners_of_sql(workspace: Workspace, user_ids: set[str]) -> tuple[str, list]:
+    """``owners_of``'s statement (PostgreSQL): rows (userId, user pk)."""
     # One array parameter: an IN list of 1,000 placeholders costs psycopg ~25 ms to parse.
     return (
         f"SELECT external_id, user_id FROM {connection.ops.quote_name(UserIdentity._meta.db_table)} "
-        f"WHERE workspace_id = {_hidden('%s::bigint', many)} AND external_id = ANY({_hidden('%s::text[]', many)})",
+        "WHERE workspace_id = %s AND external_id = ANY(%s::text[])",
         [workspace.pk, text_array(user_ids)],
     )
-
-
-# A chunk's reads (a CSV import's 1,000 rows: ``owners_of``, ``lock_users``) show the planner
-# neither the workspace id nor the keys, only sub-selects it does not read (``_hidden``).
-# Shown both, it weighed 1,000 index descents (one per key of the array literal) against a
-# scan of the workspace's users, whose number it takes from the statistics: for a new
-# workspace, or one whose users are this import's own (uncommitted: neither autovacuum nor
-# an ANALYZE in another session counts them), about one row. So every chunk read every user
-# the import had made so far and filtered them by the keys: PostgreSQL's time per row doubled
-# over a 100,000-row import (docs/performance.md, "Round 9: s5plan"). Hidden, the workspace
-# counts as an average one (the table's rows, as its size now says, over its workspaces) and
-# the array as 10 keys, so probing the keys' index wins once that average is a few dozen
-# users. What it does not cure: statistics saying the table itself is empty (0 rows over
-# pages it has, as an ANALYZE of a table whose rows were all deleted leaves them) still pick
-# the scan, and then each row is compared with the 1,000 keys one by one (a literal array is
-# hashed, a hidden one is not).
-def _hidden(placeholder: str, hide: bool) -> str:
-    """``placeholder`` (``%s::type``) as a sub-select when ``hide``, cast again: ``= ANY((SELECT
-    ...))`` would compare with the sub-select's rows, not with the array's elements."""
-    cast = placeholder.split("::", 1)[1]
-    return f"(SELECT {placeholder})::{cast}" if hide else placeholder
 
 
 def int_array(values: Iterable[int]) -> str:
@@ -95,23 +73,18 @@ def lock_users(workspace: Workspace, pks: set[int], email_keys: set[str]) -> lis
     if connection.vendor != "postgresql":
         match = Q(pk__in=pks) | Q(email_key__in=email_keys) if email_keys else Q(pk__in=pks)
         return list(users.filter(match).order_by("pk").select_for_update())
-    sql, params = lock_users_sql(workspace, pks, email_keys, many=True)
+    sql, params = lock_users_sql(workspace, pks, email_keys)
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         return users_from_rows(cursor.fetchall())
 
 
 def lock_users_sql(
-    workspace: Workspace,
-    pks: set[int],
-    email_keys: set[str],
-    owners_of: set[str] = frozenset(),
-    *,
-    many: bool = False,
+    workspace: Workspace, pks: set[int], email_keys: set[str], owners_of: set[str] = frozenset()
 ) -> tuple[str, list]:
     """``lock_users``'s statement (PostgreSQL), for a caller that sends it with others; its
     rows become users with ``users_from_rows``. ``owners_of``: also the users these userIds
-    resolve to when the statement runs. ``many``: for a chunk of keys (see ``_hidden``)."""
+    resolve to when the statement runs."""
     quote = connection.ops.quote_name
     owned = ""
     params: list = [workspace.pk, int_array(pks), text_array(email_keys)]
@@ -126,8 +99,7 @@ def lock_users_sql(
         params += [workspace.pk, text_array(owners_of)]
     return (
         f"SELECT {_locked_columns()} FROM {quote(EndUser._meta.db_table)} "
-        f"WHERE workspace_id = {_hidden('%s::bigint', many)} AND (id = ANY({_hidden('%s::bigint[]', many)}) "
-        f"OR email_key = ANY({_hidden('%s::text[]', many)}){owned}) "
+        f"WHERE workspace_id = %s AND (id = ANY(%s::bigint[]) OR email_key = ANY(%s::text[]){owned}) "
         "ORDER BY id FOR UPDATE",
         params,
     )
