@@ -254,14 +254,11 @@ def parse_message(
         payload_json=text,
         occurred_at=_occurred_at(times, received_at),
         received_at=received_at,
-        anonymous_id=None if payload.get("anonymousId") is None else _anonymous_id(payload),
+        anonymous_id=_anonymous_id(payload),
     )
     # Kept on the event as sent: Segment sends objects, and the dashboard reads them as such.
-    # (``_object``'s check, inline for the two every message has.)
-    for name in ("context", "integrations"):
-        value = payload.get(name)
-        if value is not None and not isinstance(value, dict):
-            raise MessageError("invalid_type", f"{name} must be an object", name)
+    _object(payload, "context")
+    _object(payload, "integrations")
     if message_type == _IDENTIFY:
         message.user_id = _required_user(payload, "missing_user_id", "an identify")
         message.traits = _object(payload, "traits")
