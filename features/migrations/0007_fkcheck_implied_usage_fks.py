@@ -14,26 +14,9 @@ applies. Reversing adds the constraints back, which validates every usage row.
 import django.db.models.deletion
 from django.db import migrations, models
 
+from kana.db.migration_ops import drop_foreign_key_constraints
+
 IMPLIED = ("workspace", "feature", "rule")
-
-
-def drop_constraints(apps, schema_editor):
-    if schema_editor.connection.vendor != "postgresql":
-        return
-    usage = apps.get_model("features", "Usage")
-    for name in IMPLIED:
-        column = usage._meta.get_field(name).column
-        for constraint in schema_editor._constraint_names(usage, [column], foreign_key=True):
-            schema_editor.execute(schema_editor._delete_fk_sql(usage, constraint))
-
-
-def add_constraints(apps, schema_editor):
-    if schema_editor.connection.vendor != "postgresql":
-        return
-    usage = apps.get_model("features", "Usage")
-    for name in IMPLIED:
-        field = usage._meta.get_field(name)
-        schema_editor.execute(schema_editor._create_fk_sql(usage, field, "_fk_%(to_table)s_%(to_column)s"))
 
 
 class Migration(migrations.Migration):
@@ -79,6 +62,6 @@ class Migration(migrations.Migration):
                     ),
                 ),
             ],
-            database_operations=[migrations.RunPython(drop_constraints, add_constraints)],
+            database_operations=[drop_foreign_key_constraints("features", "Usage", IMPLIED)],
         )
     ]

@@ -15,22 +15,7 @@ validates every usage row.
 import django.db.models.deletion
 from django.db import migrations, models
 
-
-def drop_constraint(apps, schema_editor):
-    if schema_editor.connection.vendor != "postgresql":
-        return
-    usage = apps.get_model("features", "Usage")
-    column = usage._meta.get_field("event").column
-    for constraint in schema_editor._constraint_names(usage, [column], foreign_key=True):
-        schema_editor.execute(schema_editor._delete_fk_sql(usage, constraint))
-
-
-def add_constraint(apps, schema_editor):
-    if schema_editor.connection.vendor != "postgresql":
-        return
-    usage = apps.get_model("features", "Usage")
-    field = usage._meta.get_field("event")
-    schema_editor.execute(schema_editor._create_fk_sql(usage, field, "_fk_%(to_table)s_%(to_column)s"))
+from kana.db.migration_ops import drop_foreign_key_constraints
 
 
 class Migration(migrations.Migration):
@@ -51,6 +36,6 @@ class Migration(migrations.Migration):
                     ),
                 ),
             ],
-            database_operations=[migrations.RunPython(drop_constraint, add_constraint)],
+            database_operations=[drop_foreign_key_constraints("features", "Usage", ("event",))],
         )
     ]

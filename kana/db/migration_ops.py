@@ -1,0 +1,36 @@
+"""Operations that more than one migration needs.
+
+Migrations are history: what is here must keep doing what it did when they were written.
+"""
+
+from django.db import migrations
+
+
+def drop_foreign_key_constraints(app_label: str, model_name: str, field_names: tuple[str, ...]) -> migrations.RunPython:
+    """Drop the database constraints of ``field_names`` (foreign keys of ``app_label.model_name``
+    that stay foreign keys in the state, with ``db_constraint=False``), found by introspection,
+    on PostgreSQL only; reversing adds them back, which validates every row.
+
+    For ``SeparateDatabaseAndState``'s database side: an ``AlterField`` does the same on
+    PostgreSQL, but on SQLite it rebuilds the table (new table, copy, rename), which loses the
+    triggers defined on it; SQLite keeps its ``REFERENCES`` clauses.
+    """
+
+    def drop(apps, schema_editor):
+        if schema_editor.connection.vendor != "postgresql":
+            return
+        model = apps.get_model(app_label, model_name)
+        for name in field_names:
+            column = model._meta.get_field(name).column
+            for constraint in schema_editor._constraint_names(model, [column], foreign_key=True):
+                schema_editor.execute(schema_editor._delete_fk_sql(model, constraint))
+
+    def add(apps, schema_editor):
+        if schema_editor.connection.vendor != "postgresql":
+            return
+        model = apps.get_model(app_label, model_name)
+        for name in field_names:
+            field = model._meta.get_field(name)
+            schema_editor.execute(schema_editor._create_fk_sql(model, field, "_fk_%(to_table)s_%(to_column)s"))
+
+    return migrations.RunPython(drop, add)
