@@ -261,9 +261,10 @@ class UsageTouch(models.Model):
     user_id = models.BigIntegerField()
     feature_id = models.BigIntegerField()
     day = models.DateField()
-    # Bumped by each statement that touches the pair: the upsert row-locks it until that
-    # statement's transaction commits, so the drain (SKIP LOCKED) never takes a pair whose
-    # newest usage it could not see yet.
+    # 1 when the pair is first touched. A later statement that touches it row-locks the row
+    # (PostgreSQL: ``DO UPDATE ... WHERE false``, migration 0009; no new row version) until
+    # its transaction commits, so the drain (SKIP LOCKED) never takes a pair whose newest
+    # usage it could not see yet.
     touches = models.BigIntegerField(default=1, db_default=1)
 
     class Meta:

@@ -1,14 +1,17 @@
 """The daily usage counters (features.counters): exact whichever path writes usage (SPEC §11 Speed)."""
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 
+import psycopg
 from django.core.management import call_command
+from django.db import connection, transaction
 from django.db.models import Sum
 
-from features.counters import counter_differences, period_used, rebuild_usage_counters
+from features.counters import counter_differences, drain_touched_usage, period_used, rebuild_usage_counters
 from features.models import Usage, UsageCounter
 
+from .conftest import database_url_for_subprocess, requires_postgres
 from .usage_support import make_feature
 
 
@@ -136,3 +139,71 @@ def test_the_counters_triggers_survive_every_migration(db):
             cursor.execute("SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'features_usage'")
         names = {row[0] for row in cursor.fetchall()}
     assert names == {f"features_usage_counter_{operation}" for operation in ("insert", "update", "delete")}
+
+
+@requires_postgres
+def test_keys_written_again_update_their_counter_in_place_and_leave_their_touch_row(tenant, segment):
+    """Every statement that writes usage upserts the counter and touch row of each key it
+    touched; a reprocessing chunk does thousands in one transaction. The counters' pages keep
+    room for a second version of each row (migration 0009), so their updates are HOT: no new
+    index entry, no row moved to another page (with full pages, none of these 200 was). A
+    touch row that exists is locked, not rewritten (S4 in docs/performance.md, "Round 10:
+    s4par")."""
+    make_feature(tenant.workspace, "exports")
+
+    def batches(round_):
+        # 200 keys: more rows than one full page holds, in two statements of 100.
+        for first in (0, 100):
+            messages = [
+                {
+                    "type": "track",
+                    "userId": f"u{n}",
+                    "event": "Used",
+                    "messageId": f"r{round_}-{n}",
+                    "timestamp": "2025-01-10T12:00:00Z",
+                    "properties": {"featureId": "exports"},
+                }
+                for n in range(first, first + 100)
+            ]
+            assert segment.batch(messages).status_code == 200
+
+    def writes(table):
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_stat_get_xact_tuples_updated(%s::regclass),"
+                " pg_stat_get_xact_tuples_hot_updated(%s::regclass), (SELECT count(*) FROM " + table + ")",
+                [table, table],
+            )
+            return cursor.fetchone()
+
+    batches(1)
+    counters_before, touches_before = writes("features_usagecounter"), writes("features_usagetouch")
+    batches(2)
+    (updated, hot, rows), touches = writes("features_usagecounter"), writes("features_usagetouch")
+    assert (updated - counters_before[0], rows) == (200, 200)
+    assert hot - counters_before[1] >= 190, f"{hot - counters_before[1]} of 200 counter updates in place"
+    assert touches == touches_before == (0, 0, 200)
+    assert counter_differences(tenant.workspace.pk) == []
+    assert set(counters(tenant.workspace).values()) == {2}
+
+
+@requires_postgres
+def test_the_drain_does_not_take_a_touched_key_whose_usage_is_not_committed(transactional_db, tenant, segment):
+    """The touch row of a key touched before is locked by the next writer of usage on it
+    until that writer commits (migration 0009 locks it instead of bumping ``touches``): the
+    drain skips it meanwhile, and takes it once the usage is visible."""
+    feature = make_feature(tenant.workspace, "exports")
+    track(segment, "u1", "exports", at="2025-01-10T12:00:00Z")
+    usage = Usage.objects.get(workspace=tenant.workspace)
+    key = (tenant.workspace.pk, usage.user_id, feature.pk, date(2025, 1, 10))
+    assert drain_touched_usage() == [key]
+    track(segment, "u1", "exports", at="2025-01-10T13:00:00Z")  # the key's touch row exists again
+
+    with psycopg.connect(database_url_for_subprocess().replace("postgres://", "postgresql://")) as writer:
+        writer.execute("UPDATE features_usage SET amount = amount + 1 WHERE id = %s", [usage.pk])
+        with transaction.atomic():
+            assert drain_touched_usage() == []  # the writer holds it: its usage is not visible yet
+        writer.commit()
+    with transaction.atomic():
+        assert drain_touched_usage() == [key]
+    assert counter_differences(tenant.workspace.pk) == []
