@@ -49,11 +49,32 @@ def owners_of(workspace: Workspace, user_ids: set[str]) -> dict[str, int]:
 
 def owners_of_sql(workspace: Workspace, user_ids: set[str]) -> tuple[str, list]:
     """``owners_of``'s statement (PostgreSQL): rows (userId, user pk)."""
-    # One array parameter: an IN list of 1,000 placeholders costs psycopg ~25 ms to parse.
+    return _owner_probes(workspace, user_ids, "k.key, i.user_id")
+
+
+# The probes' keys as a sub-select, so that the planner takes them for 10 keys, not 1,000:
+# the plan is a nested loop of probes either way (the LATERAL subquery makes it so), but
+# 1,000 email probes costed on a fresh table's default selectivity (23 rows each) pass
+# ``jit_above_cost``, and compiling the statement cost ~60 ms a chunk.
+_UNSIZED_KEYS = "(SELECT %s::text[])"
+
+
+def _owner_probes(workspace: Workspace, user_ids: set[str], columns: str) -> tuple[str, list]:
+    """One probe of the unique (workspace, userId) index per userId, whatever the statistics say.
+
+    ``workspace_id = %s AND external_id = ANY(keys)`` is planned on statistics that cannot
+    see an import's own (uncommitted) users: it scans every user the import has created in
+    the workspace, with the keys as a filter, so a large import is quadratic. Here each key
+    is a LATERAL subquery (``OFFSET 0`` keeps it from being flattened into a join the
+    planner could hash over the workspace): a nested loop by construction, and the unique
+    index is the only one whose columns the equality names. One array parameter: an IN list
+    of 1,000 placeholders costs psycopg ~25 ms to parse.
+    """
+    table = connection.ops.quote_name(UserIdentity._meta.db_table)
     return (
-        f"SELECT external_id, user_id FROM {connection.ops.quote_name(UserIdentity._meta.db_table)} "
-        "WHERE workspace_id = %s AND external_id = ANY(%s::text[])",
-        [workspace.pk, text_array(user_ids)],
+        f"SELECT {columns} FROM unnest({_UNSIZED_KEYS}) AS k(key) CROSS JOIN LATERAL "
+        f"(SELECT user_id FROM {table} WHERE workspace_id = %s AND external_id = k.key OFFSET 0) AS i",
+        [text_array(user_ids), workspace.pk],
     )
 
 
@@ -86,21 +107,29 @@ def lock_users_sql(
     rows become users with ``users_from_rows``. ``owners_of``: also the users these userIds
     resolve to when the statement runs."""
     quote = connection.ops.quote_name
-    owned = ""
-    params: list = [workspace.pk, int_array(pks), text_array(email_keys)]
+    users = quote(EndUser._meta.db_table)
+    # Every read is a probe of an index that only it can use, so no statistics state (a
+    # table never analysed, analysed empty over pages that exist, or analysed before this
+    # import's users) can turn it into a scan of the workspace: the users by id through the
+    # primary key; by email key, one LATERAL probe per key (``OFFSET 0``: not flattened
+    # into a join) of the index that leads with the email key; by userId, the owners'
+    # probes. ``workspace_id + 0`` keeps the indexes that lead with the workspace out of
+    # every plan: with a workspace equality, ``enduser_ws_created_idx`` ties with the right
+    # index whenever the statistics put the workspace at one row or less, and wins, each
+    # probe then reading the whole workspace (15-19 s a chunk at 30,000 users).
+    ids = [
+        "SELECT unnest(%s::bigint[])",
+        f"SELECT u.id FROM unnest({_UNSIZED_KEYS}) AS k(key) CROSS JOIN LATERAL "
+        f"(SELECT id FROM {users} WHERE email_key = k.key AND workspace_id + 0 = %s OFFSET 0) AS u",
+    ]
+    params: list = [workspace.pk, int_array(pks), text_array(email_keys), workspace.pk]
     if owners_of:
-        # ARRAY(...): evaluated once, then an index probe like the other two. A plain
-        # ``id IN (SELECT ...)`` inside the OR is a filter over every user of the workspace
-        # (58 ms instead of 0.15 ms at 50,000 users).
-        owned = (
-            f" OR id = ANY(ARRAY(SELECT user_id FROM {quote(UserIdentity._meta.db_table)} "
-            "WHERE workspace_id = %s AND external_id = ANY(%s::text[])))"
-        )
-        params += [workspace.pk, text_array(owners_of)]
+        owned, owned_params = _owner_probes(workspace, owners_of, "i.user_id")
+        ids.append(owned)
+        params += owned_params
     return (
-        f"SELECT {_locked_columns()} FROM {quote(EndUser._meta.db_table)} "
-        f"WHERE workspace_id = %s AND (id = ANY(%s::bigint[]) OR email_key = ANY(%s::text[]){owned}) "
-        "ORDER BY id FOR UPDATE",
+        f"SELECT {_locked_columns()} FROM {users} "
+        f"WHERE workspace_id + 0 = %s AND id = ANY(ARRAY({' UNION ALL '.join(ids)})) ORDER BY id FOR UPDATE",
         params,
     )
 

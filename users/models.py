@@ -27,8 +27,9 @@ class EndUser(models.Model):
     late, never overwrites a newer value.
     """
 
-    # No index of its own: the unique (workspace, user_id) and the (workspace, email_key) and
-    # (workspace, created_at, id) indexes all lead with it, so one more was only a write per user.
+    # No index of its own: the unique (workspace, user_id), the partial (workspace, email_key)
+    # and the (workspace, created_at, id) indexes all lead with it, so one more was only a
+    # write per user.
     workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="+", db_index=False)
     user_id = models.CharField(max_length=255, null=True, blank=True)
     name = models.CharField(max_length=255, blank=True, default="")
@@ -56,7 +57,11 @@ class EndUser(models.Model):
             ),
         ]
         indexes = [
-            models.Index(fields=["workspace", "email_key"], name="enduser_ws_email_idx"),
+            # Leads with the email key (not the workspace) so that the engine's per-key probe
+            # (``users.bulk.lock_users_sql``, workspace as ``workspace_id + 0``) can use no
+            # other index, whatever the statistics say; the workspace's own "same email"
+            # reads use the partial index below or this one.
+            models.Index(fields=["email_key", "workspace"], name="enduser_email_ws_idx"),
             # Users that have an email: what "same email" looks through. Most users (those
             # tracks create) have none, so this stays small and its probes stay cheap
             # whatever the statistics say about the empty key.
