@@ -42,6 +42,7 @@ import csv
 import gc
 import io
 import logging
+import queue
 import tempfile
 import threading
 import uuid
@@ -517,30 +518,29 @@ def _run(job: ImportJob, progress, row_by_row: bool) -> None:
                     _older_objects_frozen(),
                 ):
                     header, rows = _records(source)
-                    for chunk in _chunks(rows, IMPORT_CHUNK_ROWS):
-                        parsed = _refuse_suppressed(
-                            job.workspace, [(number, _parse_row(number, cells, header)) for number, cells in chunk]
-                        )
-                        to_apply = [row for _, row in parsed if isinstance(row, ProfileRow)]
-                        outcomes = iter(
-                            apply(
-                                workspace=job.workspace,
-                                rows=to_apply,
-                                occurred_at=occurred_at,
-                                touched=touched,
-                                reason=MergeReason.CSV,
-                                actor=job.actor,
+                    with _ParsedAhead(rows, header) as chunks:
+                        for parsed, read in chunks:
+                            parsed = _refuse_suppressed(job.workspace, parsed)
+                            to_apply = [row for _, row in parsed if isinstance(row, ProfileRow)]
+                            outcomes = iter(
+                                apply(
+                                    workspace=job.workspace,
+                                    rows=to_apply,
+                                    occurred_at=occurred_at,
+                                    touched=touched,
+                                    reason=MergeReason.CSV,
+                                    actor=job.actor,
+                                )
+                                if to_apply
+                                else []
                             )
-                            if to_apply
-                            else []
-                        )
-                        for number, row in parsed:
-                            outcome = next(outcomes) if isinstance(row, ProfileRow) else row
-                            report.add_outcome(number, outcome, occurred_at)
-                        processed += len(chunk)
-                        heartbeat.processed = processed
-                        if progress:
-                            progress(processed, job.rows_total)
+                            for number, row in parsed:
+                                outcome = next(outcomes) if isinstance(row, ProfileRow) else row
+                                report.add_outcome(number, outcome, occurred_at)
+                            processed += read
+                            heartbeat.processed = processed
+                            if progress:
+                                progress(processed, job.rows_total)
                     if job.dry_run or report.counts["error"]:
                         raise _RollBack()
                     # In the import's transaction: an import that fails later leaves no entry.
@@ -612,6 +612,75 @@ def _older_objects_frozen() -> Iterator[None]:
         yield
     finally:
         gc.unfreeze()
+
+
+def _parsed_chunks(rows: Iterator[tuple[int, list[str]]], header: _Header) -> Iterator[tuple[list, int]]:
+    """The file's rows parsed, a chunk at a time: ([(row number, ProfileRow | _RowError)], rows)."""
+    for chunk in _chunks(rows, IMPORT_CHUNK_ROWS):
+        yield [(number, _parse_row(number, cells, header)) for number, cells in chunk], len(chunk)
+
+
+# Parsed chunks waiting for the import: enough to keep it busy, few enough for the memory
+# bound (a parsed chunk is about 1 MB).
+_CHUNKS_AHEAD = 2
+_PUT_POLL_SECONDS = 0.1
+_DONE = object()
+
+
+class _ParsedAhead:
+    """The file's parsed chunks, read, decoded and parsed in a thread ahead of the import.
+
+    The import waits for PostgreSQL for much of each chunk (with the interpreter lock
+    released), and the machine has a second core: meanwhile this thread reads and parses the
+    next chunks. It never touches the database, so every decision that does stays in the
+    import's thread, in file order. Chunks arrive in file order; a failure reading the file
+    (bad UTF-8 at line N, broken CSV) arrives in its place and is raised there, after the
+    chunks before it and before any row after it, as when the import read the file itself.
+    At most ``_CHUNKS_AHEAD`` parsed chunks wait (the memory bound); leaving the ``with``
+    stops the thread and waits for it, so the file is not closed under it.
+    """
+
+    def __init__(self, rows: Iterator[tuple[int, list[str]]], header: _Header):
+        self.queue: queue.Queue = queue.Queue(maxsize=_CHUNKS_AHEAD)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._read, args=(rows, header), name="import-reader", daemon=True)
+
+    def __enter__(self) -> "_ParsedAhead":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+    def __iter__(self) -> Iterator[tuple[list, int]]:
+        while True:
+            item = self.queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _read(self, rows: Iterator[tuple[int, list[str]]], header: _Header) -> None:
+        try:
+            for item in _parsed_chunks(rows, header):
+                if not self._put(item):
+                    return
+        except BaseException as exc:  # raised in the import's thread, where the rows stop
+            self._put(exc)
+        else:
+            self._put(_DONE)
+
+    def _put(self, item) -> bool:
+        """Queue one item; False once the import has stopped reading (it failed or ended)."""
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=_PUT_POLL_SECONDS)
+            except queue.Full:
+                continue
+            return True
+        return False
 
 
 def _chunks(rows: Iterator, size: int) -> Iterator[list]:
