@@ -49,33 +49,31 @@ def owners_of(workspace: Workspace, user_ids: set[str]) -> dict[str, int]:
 
 def owners_of_sql(workspace: Workspace, user_ids: set[str]) -> tuple[str, list]:
     """``owners_of``'s statement (PostgreSQL): rows (userId, user pk)."""
-    return _owner_probes(workspace, user_ids, "k.key, i.user_id")
+    return _owner_probes(workspace, user_ids, "k.key, p.user_id")
 
 
-# The probes' keys as a sub-select, so that the planner takes them for 10 keys, not 1,000:
-# the plan is a nested loop of probes either way (the LATERAL subquery makes it so), but
-# 1,000 email probes costed on a fresh table's default selectivity (23 rows each) pass
-# ``jit_above_cost``, and compiling the statement cost ~60 ms a chunk.
-_UNSIZED_KEYS = "(SELECT %s::text[])"
+def _per_key_probes(columns: str, probe: str) -> str:
+    """``probe`` (a statement naming ``k.key``) run once per key of one text[] parameter.
+
+    A plain ``key = ANY(keys)`` is planned on statistics that cannot see an import's own
+    (uncommitted) users: it scans every user the import has created in the workspace, with
+    the keys as a filter, so a large import is quadratic. Here each key is a LATERAL
+    subquery (``OFFSET 0`` keeps it from being flattened into a join the planner could hash
+    over the workspace): a nested loop of index probes by construction. The keys come as a
+    sub-select, so that the planner takes them for 10 keys, not 1,000: 1,000 email probes
+    costed on a fresh table's default selectivity pass ``jit_above_cost``, and compiling the
+    statement cost ~60 ms a chunk. One array parameter: an IN list of 1,000 placeholders
+    costs psycopg ~25 ms to parse.
+    """
+    return f"SELECT {columns} FROM unnest((SELECT %s::text[])) AS k(key) CROSS JOIN LATERAL ({probe} OFFSET 0) AS p"
 
 
 def _owner_probes(workspace: Workspace, user_ids: set[str], columns: str) -> tuple[str, list]:
-    """One probe of the unique (workspace, userId) index per userId, whatever the statistics say.
-
-    ``workspace_id = %s AND external_id = ANY(keys)`` is planned on statistics that cannot
-    see an import's own (uncommitted) users: it scans every user the import has created in
-    the workspace, with the keys as a filter, so a large import is quadratic. Here each key
-    is a LATERAL subquery (``OFFSET 0`` keeps it from being flattened into a join the
-    planner could hash over the workspace): a nested loop by construction, and the unique
-    index is the only one whose columns the equality names. One array parameter: an IN list
-    of 1,000 placeholders costs psycopg ~25 ms to parse.
-    """
+    """One probe of the unique (workspace, userId) index per userId, the only index whose
+    columns the equality names: ``columns`` of the keys ``k`` and probes ``p``."""
     table = connection.ops.quote_name(UserIdentity._meta.db_table)
-    return (
-        f"SELECT {columns} FROM unnest({_UNSIZED_KEYS}) AS k(key) CROSS JOIN LATERAL "
-        f"(SELECT user_id FROM {table} WHERE workspace_id = %s AND external_id = k.key OFFSET 0) AS i",
-        [text_array(user_ids), workspace.pk],
-    )
+    probe = f"SELECT user_id FROM {table} WHERE workspace_id = %s AND external_id = k.key"
+    return _per_key_probes(columns, probe), [text_array(user_ids), workspace.pk]
 
 
 def int_array(values: Iterable[int]) -> str:
@@ -119,12 +117,11 @@ def lock_users_sql(
     # probe then reading the whole workspace (15-19 s a chunk at 30,000 users).
     ids = [
         "SELECT unnest(%s::bigint[])",
-        f"SELECT u.id FROM unnest({_UNSIZED_KEYS}) AS k(key) CROSS JOIN LATERAL "
-        f"(SELECT id FROM {users} WHERE email_key = k.key AND workspace_id + 0 = %s OFFSET 0) AS u",
+        _per_key_probes("p.id", f"SELECT id FROM {users} WHERE email_key = k.key AND workspace_id + 0 = %s"),
     ]
     params: list = [workspace.pk, int_array(pks), text_array(email_keys), workspace.pk]
     if owners_of:
-        owned, owned_params = _owner_probes(workspace, owners_of, "i.user_id")
+        owned, owned_params = _owner_probes(workspace, owners_of, "p.user_id")
         ids.append(owned)
         params += owned_params
     return (

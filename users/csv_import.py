@@ -519,7 +519,7 @@ def _run(job: ImportJob, progress, row_by_row: bool) -> None:
                 ):
                     header, rows = _records(source)
                     with _ParsedAhead(rows, header) as chunks:
-                        for parsed, read in chunks:
+                        for parsed in chunks:
                             parsed = _refuse_suppressed(job.workspace, parsed)
                             to_apply = [row for _, row in parsed if isinstance(row, ProfileRow)]
                             outcomes = iter(
@@ -537,7 +537,7 @@ def _run(job: ImportJob, progress, row_by_row: bool) -> None:
                             for number, row in parsed:
                                 outcome = next(outcomes) if isinstance(row, ProfileRow) else row
                                 report.add_outcome(number, outcome, occurred_at)
-                            processed += read
+                            processed += len(parsed)
                             heartbeat.processed = processed
                             if progress:
                                 progress(processed, job.rows_total)
@@ -614,10 +614,10 @@ def _older_objects_frozen() -> Iterator[None]:
         gc.unfreeze()
 
 
-def _parsed_chunks(rows: Iterator[tuple[int, list[str]]], header: _Header) -> Iterator[tuple[list, int]]:
-    """The file's rows parsed, a chunk at a time: ([(row number, ProfileRow | _RowError)], rows)."""
+def _parsed_chunks(rows: Iterator[tuple[int, list[str]]], header: _Header) -> Iterator[list]:
+    """The file's rows parsed, a chunk at a time: [(row number, ProfileRow | _RowError)]."""
     for chunk in _chunks(rows, IMPORT_CHUNK_ROWS):
-        yield [(number, _parse_row(number, cells, header)) for number, cells in chunk], len(chunk)
+        yield [(number, _parse_row(number, cells, header)) for number, cells in chunk]
 
 
 # Parsed chunks waiting for the import: enough to keep it busy, few enough for the memory
@@ -653,7 +653,7 @@ class _ParsedAhead:
         self.stopped.set()
         self.thread.join()
 
-    def __iter__(self) -> Iterator[tuple[list, int]]:
+    def __iter__(self) -> Iterator[list]:
         while True:
             item = self.queue.get()
             if item is _DONE:

@@ -28,22 +28,14 @@ from django.db import migrations
 TABLES = ("features_usagecounter", "features_usagetouch")
 # 0005's statements, except the touch; reversing puts 0005's functions back.
 _0005 = importlib.import_module("features.migrations.0005_feature_units_and_usage_counters")
-KEY, DAY, UPSERT, DROP_ZEROS, NEW, OLD = (
-    _0005.KEY,
-    _0005.DAY,
-    _0005.UPSERT,
-    _0005.DROP_ZEROS,
-    _0005.NEW,
-    _0005.OLD,
-)
 TOUCH = f"""
-    INSERT INTO features_usagetouch ({KEY})
-    SELECT DISTINCT workspace_id, user_id, feature_id, {DAY} FROM new_rows WHERE user_id IS NOT NULL ORDER BY 1, 2, 3, 4
-    ON CONFLICT ({KEY}) DO UPDATE SET touches = features_usagetouch.touches WHERE false;
+    INSERT INTO features_usagetouch ({_0005.KEY})
+    SELECT DISTINCT workspace_id, user_id, feature_id, {_0005.DAY} FROM new_rows WHERE user_id IS NOT NULL ORDER BY 1, 2, 3, 4
+    ON CONFLICT ({_0005.KEY}) DO UPDATE SET touches = features_usagetouch.touches WHERE false;
 """
 FUNCTIONS = {
-    "insert": UPSERT.format(deltas=NEW) + TOUCH,
-    "update": UPSERT.format(deltas=f"{NEW} UNION ALL {OLD}") + DROP_ZEROS + TOUCH,
+    "insert": _0005.UPSERT.format(deltas=_0005.NEW) + TOUCH,
+    "update": _0005.UPSERT.format(deltas=f"{_0005.NEW} UNION ALL {_0005.OLD}") + _0005.DROP_ZEROS + TOUCH,
 }
 
 
