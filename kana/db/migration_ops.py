@@ -3,6 +3,7 @@
 Migrations are history: what is here must keep doing what it did when they were written.
 """
 
+from django.contrib.postgres.operations import AddIndexConcurrently, RemoveIndexConcurrently
 from django.db import migrations
 
 
@@ -34,3 +35,43 @@ def drop_foreign_key_constraints(app_label: str, model_name: str, field_names: t
             schema_editor.execute(schema_editor._create_fk_sql(model, field, "_fk_%(to_table)s_%(to_column)s"))
 
     return migrations.RunPython(drop, add)
+
+
+class AddIndexConcurrentlyOnPostgres(AddIndexConcurrently):
+    """``CREATE INDEX CONCURRENTLY`` on PostgreSQL, a plain ``AddIndex`` elsewhere (SQLite has
+    no concurrent form, and its databases are small). The migration must be ``atomic = False``.
+
+    A plain ``CREATE INDEX`` holds a SHARE lock on the table until it is built, so every write
+    to a large table waits that long; the concurrent form lets writes go on. If it fails, it
+    leaves an INVALID index behind: drop it (``DROP INDEX CONCURRENTLY <name>``) and migrate again.
+    """
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor == "postgresql":
+            super().database_forwards(app_label, schema_editor, from_state, to_state)
+        else:
+            migrations.AddIndex.database_forwards(self, app_label, schema_editor, from_state, to_state)
+
+    def database_backwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor == "postgresql":
+            super().database_backwards(app_label, schema_editor, from_state, to_state)
+        else:
+            migrations.AddIndex.database_backwards(self, app_label, schema_editor, from_state, to_state)
+
+
+class RemoveIndexConcurrentlyOnPostgres(RemoveIndexConcurrently):
+    """``DROP INDEX CONCURRENTLY`` on PostgreSQL (a plain ``DROP INDEX`` takes an ACCESS
+    EXCLUSIVE lock on the table: it waits for every open transaction on it, and every later
+    read and write waits behind it), a plain ``RemoveIndex`` elsewhere."""
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor == "postgresql":
+            super().database_forwards(app_label, schema_editor, from_state, to_state)
+        else:
+            migrations.RemoveIndex.database_forwards(self, app_label, schema_editor, from_state, to_state)
+
+    def database_backwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor == "postgresql":
+            super().database_backwards(app_label, schema_editor, from_state, to_state)
+        else:
+            migrations.RemoveIndex.database_backwards(self, app_label, schema_editor, from_state, to_state)

@@ -2,8 +2,14 @@
 
 from django.db import migrations, models
 
+from kana.db.migration_ops import AddIndexConcurrentlyOnPostgres, RemoveIndexConcurrentlyOnPostgres
+
 
 class Migration(migrations.Migration):
+    # The users table can be large: both indexes are built and dropped CONCURRENTLY on
+    # PostgreSQL, outside a transaction, so identify, import and merges keep writing meanwhile.
+    # The new index is built before the old one goes, so email lookups always have one.
+    atomic = False
 
     dependencies = [
         ('kana', '0003_workspace_anonymous_event_settings'),
@@ -11,12 +17,12 @@ class Migration(migrations.Migration):
     ]
 
     operations = [
-        migrations.RemoveIndex(
-            model_name='enduser',
-            name='enduser_ws_email_idx',
-        ),
-        migrations.AddIndex(
+        AddIndexConcurrentlyOnPostgres(
             model_name='enduser',
             index=models.Index(fields=['email_key', 'workspace'], name='enduser_email_ws_idx'),
+        ),
+        RemoveIndexConcurrentlyOnPostgres(
+            model_name='enduser',
+            name='enduser_ws_email_idx',
         ),
     ]

@@ -1,0 +1,96 @@
+"""Migrations that rebuild an index on a large table let writes go on while they run.
+
+Each test migrates a database of its own to just before the migration, holds a writer's
+transaction open on the table (as a long import chunk would), starts the migration in a real
+``manage.py migrate`` process, and checks that another writer is not queued behind it.
+"""
+
+import os
+import secrets
+import subprocess
+import sys
+
+import psycopg
+import pytest
+from django.db import connection
+
+from .conftest import ROOT, database_url_for_subprocess, requires_postgres, wait_until
+
+pytestmark = requires_postgres
+
+
+@pytest.fixture
+def scratch_database(db):
+    """An empty database on the test server, dropped afterwards; yields its URL."""
+    name = f"{connection.settings_dict['NAME']}_online_{secrets.token_hex(3)}"
+    server = database_url_for_subprocess().rsplit("/", 1)[0]
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{server}/{name}"
+    finally:
+        with psycopg.connect(f"{server}/postgres", autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _migrate(url: str, *target: str, wait: bool = True):
+    argv = [sys.executable, "manage.py", "migrate", *target, "--no-input", "-v", "0"]
+    env = {**os.environ, "DATABASE_URL": url, "KANA_DEBUG": "1"}
+    if wait:
+        return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True)
+    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _index_waiting_for_a_lock(url: str) -> bool:
+    with psycopg.connect(url, autocommit=True) as probe:
+        row = probe.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND query ~* '^\\s*(CREATE|DROP) INDEX'"
+        ).fetchone()
+        return row[0] > 0
+
+
+def test_the_email_index_migration_lets_writes_to_the_users_table_go_on(scratch_database):
+    _migrate(scratch_database, "users", "0006")
+    with psycopg.connect(scratch_database) as long_writer:
+        # An open transaction that writes the users table, as an import chunk's does.
+        long_writer.execute("LOCK TABLE users_enduser IN ROW EXCLUSIVE MODE")
+        migration = _migrate(scratch_database, "users", "0007", wait=False)
+        try:
+            wait_until(
+                lambda: _index_waiting_for_a_lock(scratch_database),
+                timeout=120,
+                message="the migration's index statement waits for the open transaction",
+            )
+            with psycopg.connect(scratch_database) as other_writer:
+                other_writer.execute("SET lock_timeout = '3s'")
+                # The lock every INSERT and UPDATE takes: a plain CREATE or DROP INDEX would queue
+                # it behind the migration (lock_timeout raises LockNotAvailable); CONCURRENTLY does not.
+                other_writer.execute("LOCK TABLE users_enduser IN ROW EXCLUSIVE MODE")
+                other_writer.execute("SELECT count(*) FROM users_enduser").fetchone()
+                other_writer.rollback()
+        finally:
+            long_writer.rollback()
+            output, _ = migration.communicate(timeout=300)
+        assert migration.returncode == 0, output
+    with psycopg.connect(scratch_database) as check:
+        indexes = dict(
+            check.execute(
+                "SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                "WHERE i.indrelid = 'users_enduser'::regclass"
+            ).fetchall()
+        )
+    assert indexes.get("enduser_email_ws_idx") is True
+    assert "enduser_ws_email_idx" not in indexes
+
+
+def test_the_email_index_migration_reverses(scratch_database):
+    _migrate(scratch_database, "users", "0007")
+    _migrate(scratch_database, "users", "0006")
+    with psycopg.connect(scratch_database) as check:
+        names = {
+            row[0]
+            for row in check.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'users_enduser'").fetchall()
+        }
+    assert "enduser_ws_email_idx" in names
+    assert "enduser_email_ws_idx" not in names
