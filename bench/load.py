@@ -393,7 +393,23 @@ class Run:
         report["scheduled_in_window"] = sum(1 for i in range(n) if start + i / rate >= self.window_start)
         report["completed_in_window"] = in_window
         report.update(self.where_the_time_went())
+        self.write_timings()
         return report
+
+    def write_timings(self) -> None:
+        """Every open-loop request of the window as (due wall-clock time, latency, send lag,
+        connect, answer), in seconds, to the file named by ``$KANA_BENCH_TIMINGS``: to set the
+        slow requests beside a sampler's per-process counters (major faults, say). Off unless
+        that variable is set; the report's ``slowest`` keeps the ten slowest either way."""
+        path = os.environ.get("KANA_BENCH_TIMINGS")
+        if not path or not self.timings:
+            return
+        rows = [
+            [round(self.epoch + due, 4), *(round(t, 5) for t in (latency, lag, connect, answer))]
+            for latency, due, lag, connect, answer in self.timings
+        ]
+        with open(path, "w") as out:
+            json.dump({"fields": ["due", "latency", "send_lag", "connect", "answer"], "rows": rows}, out)
 
     SLOWEST = 10
 
@@ -412,6 +428,7 @@ class Run:
         slowest = sorted(self.timings, reverse=True)[: self.SLOWEST]
         return {
             "send_lag_p99_ms": p99(t[2] for t in self.timings),
+            "over_10ms": sum(1 for t in self.timings if t[0] > 0.010),
             "connect_p99_ms": p99(t[3] for t in self.timings),
             "answer_p99_ms": p99(t[4] for t in self.timings),
             "slowest": [

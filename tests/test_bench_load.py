@@ -175,3 +175,40 @@ def test_the_open_loop_says_where_its_slowest_requests_spent_their_time():
         assert abs(parts - s["latency_ms"]) < 1
         assert s["answer_ms"] > s["send_lag_ms"]
     assert result["send_lag_p99_ms"] < result["answer_p99_ms"]
+
+
+def test_the_open_loop_writes_every_request_of_its_window_when_asked(tmp_path, monkeypatch):
+    # With $KANA_BENCH_TIMINGS, each request's due time (wall clock) and latency, to set the
+    # slow ones beside a sampler's counters; the report counts those over 10 ms.
+    import time
+
+    path = tmp_path / "timings.json"
+    monkeypatch.setenv("KANA_BENCH_TIMINGS", str(path))
+    listener = _serial_server(0.05)  # 20 requests/s served, 40 offered: most wait
+    started = time.time()
+    try:
+        result = _open_loop(listener.getsockname()[1], rate=40, duration=1.0)
+    finally:
+        listener.close()
+    timings = json.loads(path.read_text())
+    assert timings["fields"] == ["due", "latency", "send_lag", "connect", "answer"]
+    rows = sorted(timings["rows"])
+    assert len(rows) == result["completed_in_window"] == 40
+    dues = [row[0] for row in rows]  # on the schedule (every 25 ms), however late the answers
+    assert started <= dues[0] and dues[-1] <= time.time()
+    assert all(abs((b - a) - 0.025) < 0.002 for a, b in zip(dues, dues[1:], strict=False))
+    assert all(row[1] >= 0.05 for row in rows)  # each answer alone takes 50 ms
+    assert result["over_10ms"] == 40
+    assert abs(max(row[1] for row in rows) * 1000 - result["slowest"][0]["latency_ms"]) < 0.1
+
+
+def test_the_open_loop_counts_only_the_requests_over_10_ms_and_writes_no_file_unless_asked(tmp_path, monkeypatch):
+    monkeypatch.delenv("KANA_BENCH_TIMINGS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    listener = _serial_server(0.001)  # far faster than offered: hardly any request waits
+    try:
+        result = _open_loop(listener.getsockname()[1], rate=100, duration=1.0)
+    finally:
+        listener.close()
+    assert result["over_10ms"] < result["completed_in_window"] / 10
+    assert list(tmp_path.iterdir()) == []
