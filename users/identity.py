@@ -539,14 +539,22 @@ class MessageIdentify:
         self.row = row
         user_ids = {row.user_id} if row.user_id else set()
         emails = {row.changes.email_key} - {""}
+        # Prepared (kana.db.prepared; the caller's ``read`` is its to prepare): parsing and
+        # planning the locks and the two reads as text was ≈ 0.8 ms of PostgreSQL CPU per
+        # identify, running them prepared ≈ 0.2 ms (docs/performance.md, "Round 11: s2cpu").
+        # Their texts are a few shapes (a userId or not, an email or not). Each read probes
+        # indexes by construction (``bulk.lock_users_sql``), but a generic plan made while
+        # the tables were near empty may still tie a worse index: prepared again every
+        # READ_REPLAN_EVERY uses.
         owners, users, self.read_rows = lock_keys_and_read(
             identity_lock_keys(workspace, sorted(user_ids), row.changes.email_key),
             [
-                bulk.owners_of_sql(workspace, user_ids),
-                bulk.lock_users_sql(workspace, set(), emails, owners_of=user_ids),
+                _prepared(bulk.owners_of_sql(workspace, user_ids)),
+                _prepared(bulk.lock_users_sql(workspace, set(), emails, owners_of=user_ids)),
                 read,
             ],
             begin=begin,
+            prepare=True,
         )
         self.state = _Batch(workspace, [row], read=(dict(owners), bulk.users_from_rows(users)))
 
@@ -559,6 +567,16 @@ class MessageIdentify:
         result = _apply_row(self.state, self.row, occurred_at, reason, actor, True, seen_by=lambda users: None)
         _write_back_in_one_round_trip(self.state)
         return result.as_result()
+
+
+# Uses of a connection's prepared read before it is prepared again (one round trip): bounds
+# how long a generic plan made on near-empty tables can last (as features.ledger's).
+READ_REPLAN_EVERY = 1000
+
+
+def _prepared(statement: tuple[str, list]) -> tuple[str, list]:
+    sql, params = statement
+    return prepared.statement(sql, replan_every=READ_REPLAN_EVERY), params
 
 
 def _placeholder(column: str) -> str:
