@@ -210,6 +210,11 @@ def _on_the_wire():
 def test_an_identify_merging_a_bare_user_goes_on_in_atomic_with_set_based_moves(segment, tenant):
     _identify(segment, "mrg", {"name": "Merging"}, "seed")
     bare = _bare(tenant, "mrgbare@example.com", "cus_2")
+    # A merge's statements are prepared on the connection's first merge: one first, as a kept
+    # connection would have done.
+    _identify(segment, "mrg-0", {"name": "Merging"}, "seed-0")
+    _bare(tenant, "mrgbare-0@example.com", "cus_0")
+    _identify(segment, "mrg-0", {"email": "mrgbare-0@example.com"}, "m-merge-0")
     with _on_the_wire() as wire:
         sent, _ = _identify(segment, "mrg", {"email": "mrgbare@example.com"}, "m-merge")
     # Was 31, then 17 (a pipelined attempt rolled back, then everything again in atomic, the
@@ -221,9 +226,11 @@ def test_an_identify_merging_a_bare_user_goes_on_in_atomic_with_set_based_moves(
     assert wire[0].startswith('Query "BEGIN; EXECUTE kana_') and "FOR UPDATE" in _as_prepared(wire[0])
     assert wire[-1] == 'Query "COMMIT"'
     assert sent[1] == "BEGIN" and len(sent) == 7  # Django's note when atomic starts: nothing sent
-    moves = next(sql for sql in sent if "DELETE FROM users_enduser" in sql)
+    moves = next(text for text in map(_as_prepared, sent) if "DELETE FROM users_enduser" in text)
     assert _receivers_steps(tenant) == 7  # events, usage; subscriptions (noted, moved), holds (2); endpoints
-    assert moves.startswith("INSERT INTO users_mergerecord") and moves.count(";") == 1 + 7 + 4  # then its own five
+    assert all(statement.startswith("PREPARE kana_") for statement in moves.split("; "))  # each one prepared
+    assert " AS INSERT INTO users_mergerecord" in moves.split(";")[0]
+    assert moves.count(";") == 1 + 7 + 4  # the ledger row, the receivers' seven, then its own five
     assert moves.index("UPDATE features_event") < moves.index("DELETE FROM users_enduser")
     survivor = EndUser.objects.get(user_id="mrg")
     assert not EndUser.objects.filter(pk=bare.pk).exists()
@@ -337,3 +344,28 @@ def test_an_identify_after_its_statements_were_discarded_is_applied_once(segment
     assert EndUser.objects.get(user_id="known").name == "After"
     assert Event.objects.filter(message_id="m-after").count() == 1
     assert len(_identify(segment, "known", {"name": "Later"}, "m-later")[0]) == 3
+
+
+def _merge_pair(segment, tenant, k):
+    _identify(segment, f"mrg-{k}", {"name": "Merging"}, f"seed-{k}")
+    return _bare(tenant, f"mrgbare-{k}@example.com", f"cus_{k}")
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_merge_whose_statement_was_discarded_is_applied_once(segment, tenant):
+    _merge_pair(segment, tenant, 0)
+    _identify(segment, "mrg-0", {"email": "mrgbare-0@example.com"}, "m-merge-0")  # prepares the merge's statements
+    bare = _merge_pair(segment, tenant, 1)
+    # Behind the registry's back, only the merge's ledger row: the first round trip runs, the
+    # merge's message fails in atomic; the identify runs again once, preparing it anew.
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT name FROM pg_prepared_statements WHERE statement LIKE %s", ["%INSERT INTO users_merge%"])
+        ((name,),) = cursor.fetchall()
+        cursor.execute(f"DEALLOCATE {name}")
+    _, body = _identify(segment, "mrg-1", {"email": "mrgbare-1@example.com"}, "m-merge-1")
+    assert body["status"] == "processed"
+    assert not EndUser.objects.filter(pk=bare.pk).exists()
+    assert MergeRecord.objects.filter(absorbed_id=bare.pk).count() == 1
+    assert Event.objects.filter(message_id="m-merge-1").count() == 1
+    assert not pipelined.in_transaction() and connection.get_autocommit()

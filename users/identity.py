@@ -43,7 +43,7 @@ from kana.retries import ConcurrentChange, run_with_retries
 
 from . import bulk
 from .errors import IdentityError
-from .merges import absorb
+from .merges import REPLAN_EVERY, absorb
 from .models import EndUser, MergeReason, Suppression, UserIdentity
 from .profile import SET_AT_FIELDS, UNSET, ProfileChanges, apply_changes, oldest_first
 
@@ -234,6 +234,7 @@ class _Batch:
         self.created: list[EndUser] = []
         self.identities: list[tuple[EndUser, str]] = []
         self.dirty: dict[int, EndUser] = {}  # existing users to write back, by id()
+        self.prepare = False  # a merge's statements prepared (users.merges.absorb)
         self._blank: dict | None = None
 
     def _new_user(self, user_id: str | None) -> EndUser:
@@ -380,7 +381,13 @@ def _apply_row(
         raise _CreatedInThisPass()  # only a pass of several messages meets it: see identify_users
     old_key = survivor.email_key
     absorb(
-        workspace=state.workspace, survivor=survivor, absorbed=absorbed, reason=reason, actor=actor, source=row.label
+        workspace=state.workspace,
+        survivor=survivor,
+        absorbed=absorbed,
+        reason=reason,
+        actor=actor,
+        source=row.label,
+        prepare=state.prepare,
     )
     state.forget(absorbed, survivor)
     survivor.user_id = row.user_id  # the payload's userId becomes canonical
@@ -545,7 +552,7 @@ class MessageIdentify:
         # Their texts are a few shapes (a userId or not, an email or not). Each read probes
         # indexes by construction (``bulk.lock_users_sql``), but a generic plan made while
         # the tables were near empty may still tie a worse index: prepared again every
-        # READ_REPLAN_EVERY uses.
+        # REPLAN_EVERY uses.
         owners, users, self.read_rows = lock_keys_and_read(
             identity_lock_keys(workspace, sorted(user_ids), row.changes.email_key),
             [
@@ -557,6 +564,7 @@ class MessageIdentify:
             prepare=True,
         )
         self.state = _Batch(workspace, [row], read=(dict(owners), bulk.users_from_rows(users)))
+        self.state.prepare = True  # its merge's statements too: the caller re-runs when one is missing
 
     def merges(self) -> bool:
         return self.row.user_id is not None and _plan_of(self.state, self.row)[1].action == "merge"
@@ -569,14 +577,9 @@ class MessageIdentify:
         return result.as_result()
 
 
-# Uses of a connection's prepared read before it is prepared again (one round trip): bounds
-# how long a generic plan made on near-empty tables can last (as features.ledger's).
-READ_REPLAN_EVERY = 1000
-
-
 def _prepared(statement: tuple[str, list]) -> tuple[str, list]:
     sql, params = statement
-    return prepared.statement(sql, replan_every=READ_REPLAN_EVERY), params
+    return prepared.statement(sql, replan_every=REPLAN_EVERY), params
 
 
 def _placeholder(column: str) -> str:
