@@ -456,9 +456,9 @@ def _single_known_ids_sql(
 def single_known_ids_statement(workspace: Workspace, message_id: str, user_id: str | None) -> tuple[str, list]:
     """``known_ids``'s read for one message and its userId, prepared (PostgreSQL), for a
     caller that sends it in a message of its own making (an identify's first round trip:
-    ``users.services.MessageIdentify``); its rows are ``_known_ids_sql``'s. The caller re-runs its transaction once when
-    ``prepared.is_missing`` its error. Prepared again every ``READ_REPLAN_EVERY`` uses, as
-    the single track's read (``lock_rules_and_find_replays``)."""
+    ``users.services.MessageIdentify``); its rows are ``_known_ids_sql``'s. The caller
+    re-runs its transaction once when ``prepared.is_missing`` its error. Prepared again
+    every ``READ_REPLAN_EVERY`` uses, as the single track's read (``lock_rules_and_find_replays``)."""
     if connection.vendor != "postgresql":
         return _known_ids_sql(workspace, {message_id}, {user_id} if user_id else set(), set())
     sql, params = _single_known_ids_sql(workspace, message_id, user_id, None)

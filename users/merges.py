@@ -48,7 +48,7 @@ def absorb(
     ``prepare`` (PostgreSQL): the merge's statements, the other layers' included, are
     prepared ones (``kana.db.prepared``), for a caller that re-runs its transaction once when
     ``prepared.is_missing`` its error (one identify per request). Parsing and planning them as
-    text was ≈ 1.5 ms of PostgreSQL CPU per merge, running them prepared ≈ 0.6 ms
+    text was ≈ 2.1-2.5 ms of PostgreSQL CPU per merge, running them prepared ≈ 0.6-0.7 ms
     (docs/performance.md, "Round 11: s2cpu"); each one's text is a constant.
     """
     # Their PREPAREs, on a connection's first merge, go in round trips of their own.
