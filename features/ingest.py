@@ -365,14 +365,13 @@ def _record_identify_atomic(workspace: Workspace, message: Message) -> Outcome:
 def _record_identify_once(workspace: Workspace, message: Message, *, pipelined_transaction: bool) -> Outcome:
     changes, warnings = _identify_changes(message)
     row = user_services.ProfileRow(changes=changes, user_id=message.user_id, label=f"message:{message.message_id}")
-    named = {message.user_id} if message.user_id else set()
     with pipelined.transaction() if pipelined_transaction else nullcontext():
         identify = user_services.MessageIdentify(
             workspace=workspace,
             row=row,
             # Read after the users are locked: see MessageIdentify for why a suppression
             # found here needs no second look after the write.
-            read=ledger._known_ids_sql(workspace, {message.message_id}, named, set()),
+            read=ledger.single_known_ids_statement(workspace, message.message_id, message.user_id or None),
             begin=pipelined_transaction,
         )
         known = ledger._known_ids(identify.read_rows)
@@ -404,7 +403,7 @@ def _apply_identify(
     links = _anonymous_links(applied)
     # Nothing after the event but the COMMIT (no anonymousId to look at): it travels with it.
     then_commit = pipelined_transaction and not links
-    if not ledger.record_processed_events(workspace, applied, then_commit=then_commit):
+    if not ledger.record_processed_events(workspace, applied, then_commit=then_commit, prepare=True):
         raise ConcurrentChange()  # a concurrent request stored it: redo, it is a replay
     if links and pipelined_transaction:
         # Not a holding workspace (above): events are held under an anonymousId only

@@ -8,7 +8,7 @@ import hashlib
 
 from django.db import connection
 
-from kana.db import pipelined
+from kana.db import pipelined, prepared
 
 # Namespaces for two-key advisory locks (PostgreSQL keeps the two-key space apart from the
 # one-key space, so these never collide with the identity-key locks below).
@@ -140,7 +140,9 @@ def lock_rules_shared_then_read(workspace_id: int, sql: str, params: list, *, be
         return cursor.fetchall()
 
 
-def lock_keys_and_read(keys: list[str], reads: list[tuple[str, list]], *, begin: bool = False) -> list[list[tuple]]:
+def lock_keys_and_read(
+    keys: list[str], reads: list[tuple[str, list]], *, begin: bool = False, prepare: bool = False
+) -> list[list[tuple]]:
     """``lock_keys`` followed by ``reads`` (each ``(sql, params)``), in one round trip; returns
     each read's rows.
 
@@ -148,6 +150,10 @@ def lock_keys_and_read(keys: list[str], reads: list[tuple[str, list]], *, begin:
     READ COMMITTED: every read sees what was committed before the locks were granted, as if
     sent one by one. ``begin`` (inside ``kana.db.pipelined.transaction``): the same message
     opens the transaction. Elsewhere the locks are not needed and the reads run one by one.
+    ``prepare``: the locks' statement is a prepared one (``kana.db.prepared``; one shape per
+    number of keys), for a caller that prepares its reads too and re-runs its transaction
+    when ``prepared.is_missing`` its error (a ``PREPARE``, when the connection lacks the
+    statement, goes first in a round trip of its own).
     """
     if not _is_postgres():
         return pipelined.execute_all(reads)
@@ -155,5 +161,6 @@ def lock_keys_and_read(keys: list[str], reads: list[tuple[str, list]], *, begin:
     if not ids:
         return pipelined.execute_all(reads, begin=begin)
     # Target-list items are evaluated left to right: the locks are taken in sorted order.
-    lock = ("SELECT " + ", ".join(["pg_advisory_xact_lock(%s)"] * len(ids)), ids)
+    lock_sql = "SELECT " + ", ".join(["pg_advisory_xact_lock(%s)"] * len(ids))
+    lock = (prepared.statement(lock_sql) if prepare else lock_sql, ids)
     return pipelined.execute_all([lock, *reads], begin=begin)[1:]

@@ -8,6 +8,7 @@ receivers may enqueue work on commit: ``kana.db.pipelined.atomic``); its moves a
 set-based and travel with the other layers' (``users.merges``).
 """
 
+import re
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -49,6 +50,10 @@ def _warm(segment, db):
     statements are prepared once per connection (``kana.db.prepared``): prepared here, as
     earlier requests on a kept connection would have (the first use is pinned below)."""
     assert segment.identify("warm-up", {"name": "Warm"}).status_code == 200
+    # The first round trip's statements and the event's insert are prepared too, a shape per
+    # kind of message (a userId with or without an email; the insert with the COMMIT or, after
+    # an anonymousId or in a merge, without): each used once, as on a kept connection.
+    assert segment.identify("warm-up", {"email": "warm-up@example.com"}, anonymousId="warm-up").status_code == 200
     if connection.vendor == "postgresql":
         for sql in WRITE_BACK_STATEMENTS:
             prepared.statement(sql)
@@ -70,12 +75,23 @@ def _receivers_steps(tenant) -> int:
     return sum(len(steps) for _receiver, steps in responses)
 
 
+def _as_prepared(sql: str) -> str:
+    """``sql`` with each ``EXECUTE kana_…`` replaced by the text the server holds for it."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT name, statement FROM pg_prepared_statements")
+        texts = dict(cursor.fetchall())
+    return re.sub(r"EXECUTE (kana_\w+)(\((?:[^()']|'[^']*')*\))?", lambda m: texts[m.group(1)], sql)
+
+
 def _opens_with_locks_and_reads(sent):
-    first = sent[0]
-    assert first.startswith("BEGIN; SELECT pg_advisory_xact_lock(")
+    # Every statement of the first round trip and the event's insert is a prepared one.
+    assert sent[0].startswith("BEGIN; EXECUTE kana_") and sent[0].count("EXECUTE kana_") == 4
+    assert sent[-1].startswith("EXECUTE kana_") and sent[-1].endswith("; COMMIT")
+    first = _as_prepared(sent[0])
+    assert first.startswith("BEGIN; PREPARE kana_") and " AS SELECT pg_advisory_xact_lock(" in first
     assert "FOR UPDATE" in first and "features_event" in first  # the users' lock, then the replay check
     assert first.index("FOR UPDATE") < first.index("features_event")
-    assert sent[-1].startswith("INSERT INTO features_event") and sent[-1].endswith("; COMMIT")
+    assert " AS INSERT INTO features_event" in _as_prepared(sent[-1])
 
 
 @requires_postgres
@@ -194,6 +210,11 @@ def _on_the_wire():
 def test_an_identify_merging_a_bare_user_goes_on_in_atomic_with_set_based_moves(segment, tenant):
     _identify(segment, "mrg", {"name": "Merging"}, "seed")
     bare = _bare(tenant, "mrgbare@example.com", "cus_2")
+    # A merge's statements are prepared on the connection's first merge: one first, as a kept
+    # connection would have done.
+    _identify(segment, "mrg-0", {"name": "Merging"}, "seed-0")
+    _bare(tenant, "mrgbare-0@example.com", "cus_0")
+    _identify(segment, "mrg-0", {"email": "mrgbare-0@example.com"}, "m-merge-0")
     with _on_the_wire() as wire:
         sent, _ = _identify(segment, "mrg", {"email": "mrgbare@example.com"}, "m-merge")
     # Was 31, then 17 (a pipelined attempt rolled back, then everything again in atomic, the
@@ -202,12 +223,14 @@ def test_an_identify_merging_a_bare_user_goes_on_in_atomic_with_set_based_moves(
     # merge's two reads, one message with the ledger row, the receivers' moves, its own moves
     # and the absorbed row's deletion, the survivor's write, the event, COMMIT.
     assert len(wire) == 6 and all(message.startswith('Query "') for message in wire)
-    assert wire[0].startswith('Query "BEGIN; SELECT pg_advisory_xact_lock(') and "FOR UPDATE" in wire[0]
+    assert wire[0].startswith('Query "BEGIN; EXECUTE kana_') and "FOR UPDATE" in _as_prepared(wire[0])
     assert wire[-1] == 'Query "COMMIT"'
     assert sent[1] == "BEGIN" and len(sent) == 7  # Django's note when atomic starts: nothing sent
-    moves = next(sql for sql in sent if "DELETE FROM users_enduser" in sql)
+    moves = next(text for text in map(_as_prepared, sent) if "DELETE FROM users_enduser" in text)
     assert _receivers_steps(tenant) == 7  # events, usage; subscriptions (noted, moved), holds (2); endpoints
-    assert moves.startswith("INSERT INTO users_mergerecord") and moves.count(";") == 1 + 7 + 4  # then its own five
+    assert all(statement.startswith("PREPARE kana_") for statement in moves.split("; "))  # each one prepared
+    assert " AS INSERT INTO users_mergerecord" in moves.split(";")[0]
+    assert moves.count(";") == 1 + 7 + 4  # the ledger row, the receivers' seven, then its own five
     assert moves.index("UPDATE features_event") < moves.index("DELETE FROM users_enduser")
     survivor = EndUser.objects.get(user_id="mrg")
     assert not EndUser.objects.filter(pk=bare.pk).exists()
@@ -298,15 +321,15 @@ def test_the_users_lock_probes_the_owner_of_a_user_id_by_index(tenant):
 
 @requires_postgres
 @pytest.mark.django_db(transaction=True)
-def test_the_write_back_s_statements_are_prepared_once_per_connection(segment, known):
+def test_an_identify_s_statements_are_prepared_once_per_connection(segment, known):
     # As a new connection: nothing prepared on the server, nothing recorded for it.
     with connection.cursor() as cursor:
         cursor.execute("DEALLOCATE ALL")
     prepared.forget_all()
     sent, _ = _identify(segment, "known", {"name": "Renamed"}, "m-first")
-    # The locks and reads; what the server holds, PREPARE; the update; the event and COMMIT.
-    assert [sql.split()[0] for sql in sent][1:4] == ["SELECT", "PREPARE", "EXECUTE"]
-    assert len(sent) == 5
+    # What the server holds; the locks' and the three reads' PREPAREs, before the transaction
+    # opens; the locks and reads; the update's PREPARE inside it, the update; the event's.
+    assert [sql.split()[0] for sql in sent] == ["SELECT", *["PREPARE"] * 4, "BEGIN;", *["PREPARE", "EXECUTE"] * 2]
     sent, _ = _identify(segment, "known", {"name": "Renamed again"}, "m-second")
     assert len(sent) == 3 and sent[1].startswith("EXECUTE kana_")
     assert EndUser.objects.get(user_id="known").name == "Renamed again"
@@ -321,3 +344,28 @@ def test_an_identify_after_its_statements_were_discarded_is_applied_once(segment
     assert EndUser.objects.get(user_id="known").name == "After"
     assert Event.objects.filter(message_id="m-after").count() == 1
     assert len(_identify(segment, "known", {"name": "Later"}, "m-later")[0]) == 3
+
+
+def _merge_pair(segment, tenant, k):
+    _identify(segment, f"mrg-{k}", {"name": "Merging"}, f"seed-{k}")
+    return _bare(tenant, f"mrgbare-{k}@example.com", f"cus_{k}")
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_merge_whose_statement_was_discarded_is_applied_once(segment, tenant):
+    _merge_pair(segment, tenant, 0)
+    _identify(segment, "mrg-0", {"email": "mrgbare-0@example.com"}, "m-merge-0")  # prepares the merge's statements
+    bare = _merge_pair(segment, tenant, 1)
+    # Behind the registry's back, only the merge's ledger row: the first round trip runs, the
+    # merge's message fails in atomic; the identify runs again once, preparing it anew.
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT name FROM pg_prepared_statements WHERE statement LIKE %s", ["%INSERT INTO users_merge%"])
+        ((name,),) = cursor.fetchall()
+        cursor.execute(f"DEALLOCATE {name}")
+    _, body = _identify(segment, "mrg-1", {"email": "mrgbare-1@example.com"}, "m-merge-1")
+    assert body["status"] == "processed"
+    assert not EndUser.objects.filter(pk=bare.pk).exists()
+    assert MergeRecord.objects.filter(absorbed_id=bare.pk).count() == 1
+    assert Event.objects.filter(message_id="m-merge-1").count() == 1
+    assert not pipelined.in_transaction() and connection.get_autocommit()

@@ -43,7 +43,7 @@ from kana.retries import ConcurrentChange, run_with_retries
 
 from . import bulk
 from .errors import IdentityError
-from .merges import absorb
+from .merges import REPLAN_EVERY, absorb
 from .models import EndUser, MergeReason, Suppression, UserIdentity
 from .profile import SET_AT_FIELDS, UNSET, ProfileChanges, apply_changes, oldest_first
 
@@ -234,6 +234,7 @@ class _Batch:
         self.created: list[EndUser] = []
         self.identities: list[tuple[EndUser, str]] = []
         self.dirty: dict[int, EndUser] = {}  # existing users to write back, by id()
+        self.prepare = False  # a merge's statements prepared (users.merges.absorb)
         self._blank: dict | None = None
 
     def _new_user(self, user_id: str | None) -> EndUser:
@@ -380,7 +381,13 @@ def _apply_row(
         raise _CreatedInThisPass()  # only a pass of several messages meets it: see identify_users
     old_key = survivor.email_key
     absorb(
-        workspace=state.workspace, survivor=survivor, absorbed=absorbed, reason=reason, actor=actor, source=row.label
+        workspace=state.workspace,
+        survivor=survivor,
+        absorbed=absorbed,
+        reason=reason,
+        actor=actor,
+        source=row.label,
+        prepare=state.prepare,
     )
     state.forget(absorbed, survivor)
     survivor.user_id = row.user_id  # the payload's userId becomes canonical
@@ -539,16 +546,25 @@ class MessageIdentify:
         self.row = row
         user_ids = {row.user_id} if row.user_id else set()
         emails = {row.changes.email_key} - {""}
+        # Prepared (kana.db.prepared; the caller's ``read`` is its to prepare): parsing and
+        # planning the locks and the two reads as text was ≈ 0.8 ms of PostgreSQL CPU per
+        # identify, running them prepared ≈ 0.2 ms (docs/performance.md, "Round 11: s2cpu").
+        # Their texts are a few shapes (a userId or not, an email or not). Each read probes
+        # indexes by construction (``bulk.lock_users_sql``), but a generic plan made while
+        # the tables were near empty may still tie a worse index: prepared again every
+        # REPLAN_EVERY uses.
         owners, users, self.read_rows = lock_keys_and_read(
             identity_lock_keys(workspace, sorted(user_ids), row.changes.email_key),
             [
-                bulk.owners_of_sql(workspace, user_ids),
-                bulk.lock_users_sql(workspace, set(), emails, owners_of=user_ids),
+                _prepared(bulk.owners_of_sql(workspace, user_ids)),
+                _prepared(bulk.lock_users_sql(workspace, set(), emails, owners_of=user_ids)),
                 read,
             ],
             begin=begin,
+            prepare=True,
         )
         self.state = _Batch(workspace, [row], read=(dict(owners), bulk.users_from_rows(users)))
+        self.state.prepare = True  # its merge's statements too: the caller re-runs when one is missing
 
     def merges(self) -> bool:
         return self.row.user_id is not None and _plan_of(self.state, self.row)[1].action == "merge"
@@ -559,6 +575,11 @@ class MessageIdentify:
         result = _apply_row(self.state, self.row, occurred_at, reason, actor, True, seen_by=lambda users: None)
         _write_back_in_one_round_trip(self.state)
         return result.as_result()
+
+
+def _prepared(statement: tuple[str, list]) -> tuple[str, list]:
+    sql, params = statement
+    return prepared.statement(sql, replan_every=REPLAN_EVERY), params
 
 
 def _placeholder(column: str) -> str:

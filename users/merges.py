@@ -8,13 +8,15 @@ is a no-op) with a snapshot of what it was.
 """
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from django.db import connection, transaction
 from django.db.models import Exists, OuterRef
 
 from kana import audit
-from kana.db import pipelined
+from kana.db import pipelined, prepared
 from kana.models import Workspace
 from kana.retries import ConcurrentChange, run_with_retries
 
@@ -37,13 +39,21 @@ def absorb(
     actor: str,
     source: str,
     choices: dict[str, str] | None = None,
+    prepare: bool = False,
 ) -> None:
     """Move everything of ``absorbed`` to ``survivor``, record it, delete ``absorbed``.
 
     The caller holds row locks on both users and saves the survivor afterwards.
     ``choices``: an admin's per-field choice (``users.profile.absorb_profile``).
+    ``prepare`` (PostgreSQL): the merge's statements, the other layers' included, are
+    prepared ones (``kana.db.prepared``), for a caller that re-runs its transaction once when
+    ``prepared.is_missing`` its error (one identify per request). Parsing and planning them as
+    text was ≈ 2.1-2.5 ms of PostgreSQL CPU per merge, running them prepared ≈ 0.6-0.7 ms
+    (docs/performance.md, "Round 11: s2cpu"); each one's text is a constant.
     """
-    absorbed_ids, groups = _absorbed_user_ids_and_groups(survivor.pk, absorbed.pk)
+    # Their PREPAREs, on a connection's first merge, go in round trips of their own.
+    ready = partial(prepared.statement, replan_every=REPLAN_EVERY) if prepare else _as_is
+    absorbed_ids, groups = _absorbed_user_ids_and_groups(survivor.pk, absorbed.pk, ready)
     before = copy.copy(survivor)
     absorb_profile(survivor, absorbed, choices)
     conflicts = merge_conflicts(before, [absorbed], survivor)
@@ -74,7 +84,8 @@ def absorb(
     steps = [step for _receiver, response in responses for step in response or ()]
     moved = {"survivor": survivor.pk, "absorbed": absorbed.pk}
     own = [(sql, [moved[name] for name in names]) for sql, names in _MOVE_AND_DELETE]
-    results = pipelined.execute_all([_insert(record), *((step.sql, step.params) for step in steps), *own])
+    statements = [_insert(record), *((step.sql, step.params) for step in steps), *own]
+    results = pipelined.execute_all([(ready(sql), params) for sql, params in statements])
     for step, rows in zip(steps, results[1:], strict=False):  # the ledger row's, the steps', the merge's own
         if step.then is not None:
             step.then(rows)
@@ -120,7 +131,20 @@ _MOVE_AND_DELETE = [  # each statement, and the names of its positional paramete
 ]
 
 
-def _absorbed_user_ids_and_groups(survivor_pk: int, absorbed_pk: int) -> tuple[list[str], list[tuple]]:
+# Uses of a connection's prepared statement (a merge's, an identify's reads) before it is
+# prepared again (one round trip): a generic plan made on near-empty tables (a new database)
+# may tie a workspace-only index with the right one, and keep scanning the workspace with it
+# as the tables grow, until an ANALYZE. As features.ledger's single-message read.
+REPLAN_EVERY = 1000
+
+
+def _as_is(sql: str) -> str:
+    return sql
+
+
+def _absorbed_user_ids_and_groups(
+    survivor_pk: int, absorbed_pk: int, ready: Callable[[str], str] = _as_is
+) -> tuple[list[str], list[tuple]]:
     """The absorbed user's userIds (oldest first), and its memberships (group id, joined at,
     whether the survivor is in that group too), in one round trip on PostgreSQL."""
     if connection.vendor != "postgresql":  # SQLite's driver gives raw timestamps as text: the ORM parses them
@@ -135,11 +159,13 @@ def _absorbed_user_ids_and_groups(survivor_pk: int, absorbed_pk: int) -> tuple[l
         return list(user_ids.values_list("external_id", flat=True)), list(groups)
     identities, groups = pipelined.execute_all(
         [
-            (f"SELECT external_id FROM {_IDENTITIES} WHERE user_id = %s ORDER BY created_at, id", [absorbed_pk]),
+            (ready(f"SELECT external_id FROM {_IDENTITIES} WHERE user_id = %s ORDER BY created_at, id"), [absorbed_pk]),
             (
-                f"SELECT m.group_id, m.joined_at, EXISTS (SELECT 1 FROM {_MEMBERSHIPS} s "
-                "WHERE s.user_id = %s AND s.group_id = m.group_id) "
-                f"FROM {_MEMBERSHIPS} m WHERE m.user_id = %s ORDER BY m.group_id",
+                ready(
+                    f"SELECT m.group_id, m.joined_at, EXISTS (SELECT 1 FROM {_MEMBERSHIPS} s "
+                    "WHERE s.user_id = %s AND s.group_id = m.group_id) "
+                    f"FROM {_MEMBERSHIPS} m WHERE m.user_id = %s ORDER BY m.group_id"
+                ),
                 [survivor_pk, absorbed_pk],
             ),
         ]
