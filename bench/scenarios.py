@@ -196,7 +196,10 @@ class Bench:
         self.bulk_conn = psycopg.connect(self.env["DATABASE_URL"].replace("postgres://", "postgresql://"))
         self.seed()
         model = f"gthread, {self.args.threads} threads each" if self.args.threads > 1 else "sync"
-        self.log(f"starting gunicorn ({self.args.workers} workers, {model}) and a Celery worker")
+        self.log(
+            f"starting gunicorn ({self.args.workers} workers, {model}) and a Celery worker "
+            f"({stack.WORKER_CONCURRENCY} processes)"
+        )
         self.services["app"] = stack.gunicorn(
             self.env, self.port, self.args.workers, self.log_dir, threads=self.args.threads
         )
@@ -398,7 +401,7 @@ class Bench:
         directory = Path(self.args.profile)
         directory.mkdir(parents=True, exist_ok=True)
         pid = self.services[service].process.pid
-        return stack.Profiler(pid, directory / f"{name}.txt", subprocesses=service == "app")
+        return stack.Profiler(pid, directory / f"{name}.txt", subprocesses=True)  # gunicorn and prefork children
 
     @staticmethod
     def http_problems(result: dict) -> list[str]:

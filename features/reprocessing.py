@@ -90,9 +90,17 @@ def part_ranges(
     of events; with the candidates spread over the range, as a backlog is, they hold about
     as many. A range of no more than ``KANA_REPROCESS_PART_MIN_CHUNKS`` chunks of ids per
     part is one part: a second worker would not pay for its claim, and small jobs stay one row.
+    A rule's first candidate is one probe of an index in id order (by event name, or by
+    status), cheap under the exclusive rules lock ``_start_job`` holds.
     """
-    first = _unmapped_for(workspace_id, rule, feature_id).filter(id__lte=last_event_id).order_by("id").first()
-    start = first.pk - 1 if first is not None else last_event_id
+    if feature_id is not None:
+        # A new feature's job is one part from the start: its candidates (events that named
+        # the feature's key) are few, and the probe for the first of them would walk every
+        # unmapped event of the workspace under the exclusive rules lock that blocks ingest.
+        return [(0, last_event_id)]
+    candidates = _unmapped_for(workspace_id, rule, None).filter(id__lte=last_event_id).order_by("id")
+    first = candidates.values_list("id", flat=True).first()
+    start = first - 1 if first is not None else last_event_id
     parts = max(1, settings.KANA_REPROCESS_PARTS)
     span = last_event_id - start
     if parts == 1 or span <= parts * settings.KANA_REPROCESS_PART_MIN_CHUNKS * settings.KANA_REPROCESS_CHUNK_SIZE:

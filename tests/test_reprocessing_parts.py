@@ -73,6 +73,8 @@ def test_small_ranges_and_a_single_part_setting_are_not_split(tenant, small_part
     small_parts.KANA_REPROCESS_PARTS = 1
     more = store_unmapped_events(tenant.workspace, user, [("E", {})] * 100, prefix="more")
     assert part_ranges(tenant.workspace.pk, more[-1].pk) == [(events[0].pk - 1, more[-1].pk)]
+    # A new feature's job is never split (its candidates are few; no probe under the lock).
+    assert part_ranges(tenant.workspace.pk, more[-1].pk, feature_id=1) == [(0, more[-1].pk)]
     # No candidate at all: one empty part.
     assert part_ranges(tenant.workspace.pk, more[-1].pk, rule=_named("Nothing")) == [(more[-1].pk, more[-1].pk)]
 
