@@ -209,14 +209,17 @@ def _store_spread(workspace, total: int, users: int = 20) -> int:
 @requires_broker
 def test_two_workers_run_one_rules_parts_at_once_mapping_every_event_once(workers, tenant, settings):
     redis.Redis.from_url(django_settings.REDIS_URL).flushdb()
-    settings.KANA_REPROCESS_CHUNK_SIZE = 500
+    settings.KANA_REPROCESS_CHUNK_SIZE = 200
     settings.KANA_REPROCESS_PARTS = 2
     settings.KANA_REPROCESS_PART_MIN_CHUNKS = 4
     total = 20_000
     pro = _store_spread(tenant.workspace, total)
     make_feature(tenant.workspace, "pro-exports")
-    first = workers(KANA_REPROCESS_CHUNK_SIZE=500, KANA_JOBS_PER_WORKSPACE=1)
-    second = workers(KANA_REPROCESS_CHUNK_SIZE=500, KANA_JOBS_PER_WORKSPACE=1)
+    first = workers(KANA_REPROCESS_CHUNK_SIZE=200, KANA_JOBS_PER_WORKSPACE=1)
+    second = workers(KANA_REPROCESS_CHUNK_SIZE=200, KANA_JOBS_PER_WORKSPACE=1)
+    # Both workers ready before the parts are sent: else the first one ready could take both
+    # parts in turn, on a quiet machine, before the second one listens.
+    wait_until(lambda: " ready." in first.output() and " ready." in second.output(), timeout=60, message="workers")
     rule = make_rule(tenant.workspace, "pro-exports", event="Report Exported", conditions=PRO)
     parts = _parts(rule)
     assert len(parts) == 2
