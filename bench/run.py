@@ -4,10 +4,11 @@
     python bench/run.py --quick    # one- to two-minute smoke with smaller sizes
 
 It creates its own PostgreSQL database (dropped at the end), migrates, creates workspaces and
-keys, starts gunicorn (sync workers) and a Celery worker, measures the baselines (B-insert,
-B-copy, B-update) and the scenarios (S1-S8) of BENCH.md (the project's benchmark plan), checks after every
-scenario that each message sent was stored exactly once, prints one table and writes it as
-JSON to bench/results/latest.json. See docs/performance.md for what the figures mean.
+keys, starts gunicorn (sync workers) and a Celery worker (2 task processes, as the README's
+production worker), measures the baselines (B-insert, B-copy, B-update) and the scenarios
+(S1-S8) of BENCH.md (the project's benchmark plan), checks after every scenario that each
+message sent was stored exactly once, prints one table and writes it as JSON to
+bench/results/latest.json. See docs/performance.md for what the figures mean.
 """
 
 import argparse

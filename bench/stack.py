@@ -121,9 +121,10 @@ def gunicorn(env: dict, port: int, workers: int, log_dir: Path, *, threads: int 
     return Service("gunicorn", argv, env, log_dir / "gunicorn.log").start()
 
 
-def celery_worker_argv(*options: str, loglevel: str = "WARNING") -> list[str]:
-    """``celery worker`` for the project, one task at a time (solo pool), without gossip or
-    mingle; ``options`` are added (the tests' worker runs beat too). Shared with the tests."""
+def celery_worker_argv(*options: str, loglevel: str = "WARNING", concurrency: int = 1) -> list[str]:
+    """``celery worker`` for the project without gossip or mingle: one task at a time (solo
+    pool), or ``concurrency`` tasks at once in prefork processes (the README's production
+    worker runs 2); ``options`` are added (the tests' worker runs beat too). Shared with the tests."""
     return [
         sys.executable,
         "-m",
@@ -131,8 +132,8 @@ def celery_worker_argv(*options: str, loglevel: str = "WARNING") -> list[str]:
         "-A",
         "kana",
         "worker",
-        "--pool=solo",
-        "--concurrency=1",
+        "--pool=solo" if concurrency == 1 else "--pool=prefork",
+        f"--concurrency={concurrency}",
         f"--loglevel={loglevel}",
         "--without-gossip",
         "--without-mingle",
@@ -140,8 +141,14 @@ def celery_worker_argv(*options: str, loglevel: str = "WARNING") -> list[str]:
     ]
 
 
+# Task processes of the bench's worker: what the README's production worker runs
+# (``celery -A kana worker --concurrency 2``), so a rule's reprocessing parts run at once.
+WORKER_CONCURRENCY = 2
+
+
 def celery_worker(env: dict, log_dir: Path) -> Service:
-    return Service("worker", celery_worker_argv(), env, log_dir / "worker.log").start()
+    argv = celery_worker_argv(concurrency=WORKER_CONCURRENCY)
+    return Service("worker", argv, env, log_dir / "worker.log").start()
 
 
 def wait_for_http(port: int, path: str = "/healthz", timeout: float = 60) -> None:

@@ -281,6 +281,13 @@ class ReprocessingJob(Job):
     The job walks unmapped events with ids up to ``last_event_id`` (the newest event when the
     rule was committed; later events were evaluated with the rule at ingest) in id order;
     ``cursor`` is the last id handled, so a killed worker's successor resumes after it.
+
+    A large job is split when it is created into parts (``reprocessing.part_ranges``): one
+    row per part, each over its own id range (``cursor`` starts at the range's lower bound,
+    exclusive; ``last_event_id`` is its upper bound) with its own claim, cursor, failures and
+    progress, so two workers can run one rule's reprocessing at once. Every part but the
+    first points to the first (``part_of``); the rule's progress sums its parts, and the
+    workspace's job limit counts them as one job.
     """
 
     rule = models.ForeignKey(MappingRule, null=True, blank=True, on_delete=models.CASCADE, related_name="jobs")
@@ -292,6 +299,8 @@ class ReprocessingJob(Job):
     # Failed attempts at the chunk after ``cursor`` (reset when a chunk commits): a chunk that
     # keeps failing ends the job as failed, with ``error`` saying why, instead of looping.
     failures = models.PositiveIntegerField(default=0)
+    # The first part of the job this row is a part of; null for a first part (or a job in one part).
+    part_of = models.ForeignKey("self", null=True, blank=True, on_delete=models.CASCADE, related_name="+")
 
     class Meta:
         indexes = [models.Index(fields=["status", "heartbeat_at"], name="job_status_heartbeat_idx")]

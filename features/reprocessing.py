@@ -33,7 +33,7 @@ from users import services as user_services
 
 from . import ledger
 from .mapping import decide, load_rule_set
-from .models import Event, EventStatus, ReprocessingJob, UnmappedReason
+from .models import Event, EventStatus, MappingRule, ReprocessingJob, UnmappedReason
 from .preview import decide_chunk_in_sql
 
 logger = logging.getLogger(__name__)
@@ -53,21 +53,60 @@ def claim_job(job_id: int) -> bool:
 
 def claim_job_or_wait(job_id: int, *, limit: int) -> jobs.Claim:
     """``claim_job`` unless ``limit`` other jobs of the job's workspace are running now: then
-    WAIT, and the job stays queued for a later try (the task sends it again)."""
-    return jobs.claim_within_limit(ReprocessingJob, job_id, take_over_running=True, workspace_limit=limit)
+    WAIT, and the job stays queued for a later try (the task sends it again). The parts of
+    one job count as one job: they run at once, which is what they are for."""
+    return jobs.claim_within_limit(
+        ReprocessingJob, job_id, take_over_running=True, workspace_limit=limit, same_job_field="part_of"
+    )
 
 
 def _candidate_events(job: ReprocessingJob):
-    events = Event.objects.for_workspace(job.workspace_id).filter(
-        status=EventStatus.UNMAPPED, id__gt=job.cursor, id__lte=job.last_event_id
-    )
-    if job.feature_id is not None:
+    events = _unmapped_for(job.workspace_id, job.rule, job.feature_id)
+    return events.filter(id__gt=job.cursor, id__lte=job.last_event_id)
+
+
+def _unmapped_for(workspace_id: int, rule: MappingRule | None, feature_id: int | None):
+    events = Event.objects.for_workspace(workspace_id).filter(status=EventStatus.UNMAPPED)
+    if feature_id is not None:
         # A new feature only concerns events that named it as featureId.
         events = events.filter(unmapped_reason=UnmappedReason.UNKNOWN_FEATURE)
-    elif job.rule is not None and job.rule.event_name is not None:
+    elif rule is not None and rule.event_name is not None:
         # Narrow in SQL by the rule's event name; the evaluator decides the rest.
-        events = events.filter(name=job.rule.event_name)
+        events = events.filter(name=rule.event_name)
     return events
+
+
+def part_ranges(
+    workspace_id: int, last_event_id: int, *, rule: MappingRule | None = None, feature_id: int | None = None
+) -> list[tuple[int, int]]:
+    """The id ranges a new job's parts walk, as (start cursor, last event id) pairs: each part
+    maps the candidates with ``start < id <= last``; together they cover every candidate up to
+    ``last_event_id`` once, without gap or overlap.
+
+    The range runs from just before the job's first candidate (one index probe: the
+    workspace's unmapped events by name or by status, in id order) to ``last_event_id``, cut
+    into ``KANA_REPROCESS_PARTS`` equal spans of ids. Ids are not candidates (mapped events
+    and other workspaces' events are between them), so the parts may hold different numbers
+    of events; with the candidates spread over the range, as a backlog is, they hold about
+    as many. A range of no more than ``KANA_REPROCESS_PART_MIN_CHUNKS`` chunks of ids per
+    part is one part: a second worker would not pay for its claim, and small jobs stay one row.
+    A rule's first candidate is one probe of an index in id order (by event name, or by
+    status), cheap under the exclusive rules lock ``_start_job`` holds.
+    """
+    if feature_id is not None:
+        # A new feature's job is one part from the start: its candidates (events that named
+        # the feature's key) are few, and the probe for the first of them would walk every
+        # unmapped event of the workspace under the exclusive rules lock that blocks ingest.
+        return [(0, last_event_id)]
+    candidates = _unmapped_for(workspace_id, rule, None).filter(id__lte=last_event_id).order_by("id")
+    first = candidates.values_list("id", flat=True).first()
+    start = first - 1 if first is not None else last_event_id
+    parts = max(1, settings.KANA_REPROCESS_PARTS)
+    span = last_event_id - start
+    if parts == 1 or span <= parts * settings.KANA_REPROCESS_PART_MIN_CHUNKS * settings.KANA_REPROCESS_CHUNK_SIZE:
+        return [(start, last_event_id)]
+    bounds = [start + span * i // parts for i in range(parts + 1)]
+    return list(zip(bounds, bounds[1:], strict=False))
 
 
 def process_chunk(job_id: int, chunk_size: int | None = None) -> ChunkResult:

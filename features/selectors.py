@@ -6,10 +6,11 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 from django.db.models import Count, QuerySet, Sum
-from django.db.models.functions import TruncDate
+from django.db.models.functions import Coalesce, TruncDate
 from django.utils import timezone
 
 from features.models import Event, EventStatus
+from kana.jobs import JobStatus
 from kana.models import Workspace
 from users.models import EndUser
 from users.selectors import sharing_an_email
@@ -135,18 +136,44 @@ def reprocessing_of(rule: MappingRule) -> Progress:
 
 
 def reprocessing_by_rule(workspace: Workspace | int, rule_pks: list[int]) -> dict[int, Progress]:
-    """``reprocessing_of`` for a page of rules, in one query."""
-    latest: dict[int, Progress] = {}
+    """``reprocessing_of`` for a page of rules, in one query.
+
+    A job split into parts (``features.reprocessing.part_ranges``) is summed over them:
+    scanned and mapped add up; it is failed if any part failed (with that part's error),
+    done when every part is, queued while none has started, running otherwise."""
+    parts: dict[int, list[tuple]] = {}
     jobs = (
         ReprocessingJob.objects.for_workspace(workspace)
         .filter(rule_id__in=rule_pks)
-        .order_by("rule_id", "-pk")
-        .values_list("rule_id", "pk", "status", "scanned", "mapped", "error")
+        .annotate(job=Coalesce("part_of_id", "pk"))
+        .order_by("rule_id", "-job", "pk")
+        .values_list("rule_id", "job", "status", "scanned", "mapped", "error")
     )
     for rule_pk, job_pk, status, scanned, mapped, error in jobs:
-        error = error if status == "failed" else ""
-        latest.setdefault(rule_pk, Progress(status=status, scanned=scanned, mapped=mapped, job_id=job_pk, error=error))
-    return {pk: latest.get(pk, Progress(status="done", scanned=0, mapped=0)) for pk in rule_pks}
+        latest = parts.setdefault(rule_pk, [])
+        if not latest or latest[0][0] == job_pk:  # the rule's newest job only
+            latest.append((job_pk, status, scanned, mapped, error))
+    return {pk: _summed(parts[pk]) if pk in parts else Progress(status="done", scanned=0, mapped=0) for pk in rule_pks}
+
+
+def _summed(parts: list[tuple]) -> Progress:
+    statuses = [status for _job, status, _s, _m, _e in parts]
+    failed = next((error for _job, status, _s, _m, error in parts if status == JobStatus.FAILED), None)
+    if failed is not None:
+        status, error = JobStatus.FAILED, failed
+    elif all(s == JobStatus.DONE for s in statuses):
+        status, error = JobStatus.DONE, ""
+    elif all(s == JobStatus.QUEUED for s in statuses):
+        status, error = JobStatus.QUEUED, ""
+    else:
+        status, error = JobStatus.RUNNING, ""
+    return Progress(
+        status=status.value,
+        scanned=sum(p[2] for p in parts),
+        mapped=sum(p[3] for p in parts),
+        job_id=parts[0][0],
+        error=error,
+    )
 
 
 # The explorer looks at the newest unmapped events only: enough to see what to write a rule

@@ -21,6 +21,7 @@ from kana.jobs import JobStatus
 from kana.locks import lock_rules_exclusive
 from kana.models import Workspace
 
+from . import reprocessing
 from .models import Feature, FeatureType, MappingRule, ReprocessingJob, Usage
 from .rules import InvalidRule, clean_conditions
 
@@ -67,15 +68,24 @@ def _rule_summary(rule: MappingRule) -> dict:
 def _start_job(
     *, workspace: Workspace, rule: MappingRule | None = None, feature: Feature | None = None
 ) -> ReprocessingJob:
-    """Create a job covering every event committed so far and enqueue it after commit.
+    """Create a job covering every event committed so far and enqueue it after commit: in
+    parts over id ranges when it is large (``reprocessing.part_ranges``); returns the first.
 
     Must be called under the exclusive rules lock: events after ``last_event_id`` are
     ingested with the new rule or feature already visible.
     """
     last_event_id = Event.objects.for_workspace(workspace).aggregate(last=Max("id"))["last"] or 0
-    job = ReprocessingJob.objects.create(workspace=workspace, rule=rule, feature=feature, last_event_id=last_event_id)
-    jobs.enqueue_on_commit(REPROCESSING_TASK, job.pk)
-    return job
+    ranges = reprocessing.part_ranges(
+        workspace.pk, last_event_id, rule=rule, feature_id=feature.pk if feature is not None else None
+    )
+    first = None
+    for start, last in ranges:
+        part = ReprocessingJob.objects.create(
+            workspace=workspace, rule=rule, feature=feature, cursor=start, last_event_id=last, part_of=first
+        )
+        first = first or part
+        jobs.enqueue_on_commit(REPROCESSING_TASK, part.pk)
+    return first
 
 
 def feature_create(

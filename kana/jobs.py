@@ -139,25 +139,40 @@ class Claim(models.TextChoices):
     FINISHED = "finished"  # done, failed, or someone else's: nothing to run
 
 
-def claim_within_limit(model: type[Job], job_id: int, *, take_over_running: bool, workspace_limit: int) -> Claim:
+def claim_within_limit(
+    model: type[Job],
+    job_id: int,
+    *,
+    take_over_running: bool,
+    workspace_limit: int,
+    same_job_field: str | None = None,
+) -> Claim:
     """``claim``, unless ``workspace_limit`` other jobs of the job's workspace are running (with
     a fresh heartbeat): then WAIT, and the job stays queued, stamped as sent now.
 
     The per-tenant cap PostHog's tasks have: one workspace's backfill cannot hold every
     worker. Claims of one workspace are serialised by an advisory lock, so the cap is exact.
+    ``same_job_field``: a nullable foreign key from a row to the first row of the job it is a
+    part of (reprocessing jobs split into parts); the running parts of one job count as one
+    job, and the job's own parts do not count against it.
     """
     now = timezone.now()
     with transaction.atomic():
-        job = model.objects.filter(pk=job_id).values("workspace_id", "status").first()
+        fields = ("workspace_id", "status", same_job_field) if same_job_field else ("workspace_id", "status")
+        job = model.objects.filter(pk=job_id).values(*fields).first()
         if job is None or job["status"] not in UNFINISHED:
             return Claim.FINISHED
         lock_workspace_jobs(job["workspace_id"])
-        running = (
-            model.objects.for_workspace(job["workspace_id"])
-            .filter(status=JobStatus.RUNNING, heartbeat_at__gte=now - _stale_after())
-            .exclude(pk=job_id)
-            .count()
+        others = model.objects.for_workspace(job["workspace_id"]).filter(
+            status=JobStatus.RUNNING, heartbeat_at__gte=now - _stale_after()
         )
+        if same_job_field:
+            same_job = Coalesce(same_job_field, "pk")
+            own = job[same_job_field] or job_id
+            others = others.annotate(same_job=same_job).exclude(same_job=own)
+            running = others.values("same_job").distinct().count()
+        else:
+            running = others.exclude(pk=job_id).count()
         if running >= workspace_limit:
             model.objects.filter(pk=job_id, status=JobStatus.QUEUED).update(heartbeat_at=now)
             return Claim.WAIT
