@@ -41,6 +41,17 @@ def _run(job: ReprocessingJob) -> None:
         pass
 
 
+def _a_big_rule_and_a_small_one(tenant) -> tuple[list[ReprocessingJob], ReprocessingJob]:
+    """Two rules of one workspace: one over 100 events (3 parts), one over 3 (one part)."""
+    user = make_user(tenant.workspace, "u1")
+    store_unmapped_events(tenant.workspace, user, [("E", {})] * 100)
+    store_unmapped_events(tenant.workspace, user, [("Small", {})] * 3, prefix="s")
+    make_feature(tenant.workspace, "f")
+    big = _parts(make_rule(tenant.workspace, "f", event="E", name="big"))
+    (small,) = _parts(make_rule(tenant.workspace, "f", event="Small", name="small"))
+    return big, small
+
+
 def test_parts_cover_the_candidates_without_gap_or_overlap(tenant, small_parts):
     user = make_user(tenant.workspace, "u1")
     # Events of another name first: the range starts at the rule's first candidate.
@@ -145,12 +156,7 @@ def test_a_rules_newest_job_is_its_progress_not_an_older_one(tenant, small_parts
 
 
 def test_the_workspace_limit_counts_a_jobs_parts_as_one_job(tenant, small_parts):
-    user = make_user(tenant.workspace, "u1")
-    store_unmapped_events(tenant.workspace, user, [("E", {})] * 100)
-    store_unmapped_events(tenant.workspace, user, [("Small", {})] * 3, prefix="s")
-    make_feature(tenant.workspace, "f")
-    big = _parts(make_rule(tenant.workspace, "f", event="E", name="big"))
-    (small,) = _parts(make_rule(tenant.workspace, "f", event="Small", name="small"))
+    big, small = _a_big_rule_and_a_small_one(tenant)
     other = make_tenant("Other")
     store_unmapped_events(other.workspace, make_user(other.workspace, "u1"), [("E", {})] * 3)
     make_feature(other.workspace, "f")
@@ -168,12 +174,7 @@ def test_the_workspace_limit_counts_a_jobs_parts_as_one_job(tenant, small_parts)
 
 
 def test_a_stalled_part_does_not_count_and_a_part_may_join_its_running_job(tenant, small_parts):
-    user = make_user(tenant.workspace, "u1")
-    store_unmapped_events(tenant.workspace, user, [("E", {})] * 100)
-    store_unmapped_events(tenant.workspace, user, [("Small", {})] * 3, prefix="s")
-    make_feature(tenant.workspace, "f")
-    big = _parts(make_rule(tenant.workspace, "f", event="E", name="big"))
-    (small,) = _parts(make_rule(tenant.workspace, "f", event="Small", name="small"))
+    big, small = _a_big_rule_and_a_small_one(tenant)
     assert claim_job_or_wait(small.pk, limit=1) == Claim.CLAIMED
     assert claim_job_or_wait(big[1].pk, limit=1) == Claim.WAIT
     stale = T0  # long ago: the small job's worker died

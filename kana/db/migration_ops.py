@@ -3,6 +3,8 @@
 Migrations are history: what is here must keep doing what it did when they were written.
 """
 
+import functools
+
 from django.contrib.postgres.operations import AddIndexConcurrently, RemoveIndexConcurrently
 from django.db import migrations
 
@@ -37,41 +39,37 @@ def drop_foreign_key_constraints(app_label: str, model_name: str, field_names: t
     return migrations.RunPython(drop, add)
 
 
-class AddIndexConcurrentlyOnPostgres(AddIndexConcurrently):
-    """``CREATE INDEX CONCURRENTLY`` on PostgreSQL, a plain ``AddIndex`` elsewhere (SQLite has
-    no concurrent form, and its databases are small). The migration must be ``atomic = False``.
+class _ConcurrentlyOnPostgres:
+    """The concurrent form of an index operation on PostgreSQL, ``plain`` elsewhere (SQLite
+    has no concurrent form, and its databases are small). The migration must be
+    ``atomic = False``."""
 
-    A plain ``CREATE INDEX`` holds a SHARE lock on the table until it is built, so every write
-    to a large table waits that long; the concurrent form lets writes go on. If it fails, it
-    leaves an INVALID index behind: drop it (``DROP INDEX CONCURRENTLY <name>``) and migrate again.
-    """
+    plain: type
+
+    def _form(self, schema_editor, method: str):
+        if schema_editor.connection.vendor == "postgresql":
+            return getattr(super(), method)
+        return functools.partial(getattr(self.plain, method), self)
 
     def database_forwards(self, app_label, schema_editor, from_state, to_state):
-        if schema_editor.connection.vendor == "postgresql":
-            super().database_forwards(app_label, schema_editor, from_state, to_state)
-        else:
-            migrations.AddIndex.database_forwards(self, app_label, schema_editor, from_state, to_state)
+        self._form(schema_editor, "database_forwards")(app_label, schema_editor, from_state, to_state)
 
     def database_backwards(self, app_label, schema_editor, from_state, to_state):
-        if schema_editor.connection.vendor == "postgresql":
-            super().database_backwards(app_label, schema_editor, from_state, to_state)
-        else:
-            migrations.AddIndex.database_backwards(self, app_label, schema_editor, from_state, to_state)
+        self._form(schema_editor, "database_backwards")(app_label, schema_editor, from_state, to_state)
 
 
-class RemoveIndexConcurrentlyOnPostgres(RemoveIndexConcurrently):
+class AddIndexConcurrentlyOnPostgres(_ConcurrentlyOnPostgres, AddIndexConcurrently):
+    """``CREATE INDEX CONCURRENTLY`` on PostgreSQL. A plain ``CREATE INDEX`` holds a SHARE lock
+    on the table until it is built, so every write to a large table waits that long; the
+    concurrent form lets writes go on. If it fails, it leaves an INVALID index behind: drop it
+    (``DROP INDEX CONCURRENTLY <name>``) and migrate again."""
+
+    plain = migrations.AddIndex
+
+
+class RemoveIndexConcurrentlyOnPostgres(_ConcurrentlyOnPostgres, RemoveIndexConcurrently):
     """``DROP INDEX CONCURRENTLY`` on PostgreSQL (a plain ``DROP INDEX`` takes an ACCESS
     EXCLUSIVE lock on the table: it waits for every open transaction on it, and every later
-    read and write waits behind it), a plain ``RemoveIndex`` elsewhere."""
+    read and write waits behind it)."""
 
-    def database_forwards(self, app_label, schema_editor, from_state, to_state):
-        if schema_editor.connection.vendor == "postgresql":
-            super().database_forwards(app_label, schema_editor, from_state, to_state)
-        else:
-            migrations.RemoveIndex.database_forwards(self, app_label, schema_editor, from_state, to_state)
-
-    def database_backwards(self, app_label, schema_editor, from_state, to_state):
-        if schema_editor.connection.vendor == "postgresql":
-            super().database_backwards(app_label, schema_editor, from_state, to_state)
-        else:
-            migrations.RemoveIndex.database_backwards(self, app_label, schema_editor, from_state, to_state)
+    plain = migrations.RemoveIndex
