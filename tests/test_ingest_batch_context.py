@@ -38,7 +38,7 @@ def shaped(fields: dict) -> dict:
     return {key: value for key, value in fields.items() if value != "absent"}
 
 
-@pytest.mark.parametrize("batch_context_value, batch_integrations", itertools.product(OBJECTS, OBJECTS[:3]))
+@pytest.mark.parametrize("batch_context_value, batch_integrations", list(itertools.product(OBJECTS, OBJECTS[:3])))
 @pytest.mark.parametrize("batch_sent_at", TIMES)
 def test_every_message_is_filled_as_before(batch_context_value, batch_integrations, batch_sent_at):
     batch = shaped(
