@@ -458,11 +458,11 @@ def single_known_ids_statement(workspace: Workspace, message_id: str, user_id: s
     caller that sends it in a message of its own making (an identify's first round trip:
     ``users.services.MessageIdentify``); its rows are ``_known_ids_sql``'s. The caller
     re-runs its transaction once when ``prepared.is_missing`` its error. Prepared again
-    every ``READ_REPLAN_EVERY`` uses, as the single track's read (``lock_rules_and_find_replays``)."""
+    every ``prepared.REPLAN_EVERY`` uses, as the single track's read (``lock_rules_and_find_replays``)."""
     if connection.vendor != "postgresql":
         return _known_ids_sql(workspace, {message_id}, {user_id} if user_id else set(), set())
     sql, params = _single_known_ids_sql(workspace, message_id, user_id, None)
-    return prepared.statement(sql, replan_every=READ_REPLAN_EVERY), params
+    return prepared.statement(sql, replan_every=prepared.REPLAN_EVERY), params
 
 
 def _known_ids(rows: list[tuple], with_users: bool = False) -> KnownIds:
@@ -477,11 +477,6 @@ def _known_ids(rows: list[tuple], with_users: bool = False) -> KnownIds:
         else:
             known.users[value] = int(linked)
     return known
-
-
-# Uses of a connection's prepared single-message read before it is prepared again (one
-# round trip): bounds how long a generic plan made on a near-empty table can last.
-READ_REPLAN_EVERY = 1000
 
 
 def lock_rules_and_find_replays(
@@ -517,10 +512,10 @@ def lock_rules_and_find_replays(
             with_version=True,
         )
         # Its PREPARE, if any, goes before the transaction opens. Prepared again every
-        # READ_REPLAN_EVERY uses: a generic plan made while the events were few (a new
+        # prepared.REPLAN_EVERY uses: a generic plan made while the events were few (a new
         # database) may tie the unique index with a workspace-leading one at one estimated
         # row, and keep scanning with the latter as the events grow, until an ANALYZE.
-        sql = prepared.statement(sql, replan_every=READ_REPLAN_EVERY)
+        sql = prepared.statement(sql, replan_every=prepared.REPLAN_EVERY)
         rows = lock_rules_shared_then_read(workspace.pk, sql, params, begin=begin)
         version = next((int(value) for value, kind, _ in rows if kind == _VERSION_KIND), None)
         if version is None:  # as ``lock_rules_shared`` would fail: no such workspace

@@ -614,8 +614,8 @@ def _older_objects_frozen() -> Iterator[None]:
     objects made since the last pass is collected by it, before the next chunk, so memory
     stays bounded (objects alive at a pass, the chunks parsed ahead, are plain rows without
     cycles). Measured earlier and not kept: pausing during each chunk and collecting while
-    its objects were still alive saved nothing. The caller's collector state and the frozen objects are
-    given back at the end, even a failed import's.
+    its objects were still alive saved nothing. The caller's collector state and the frozen
+    objects are given back at the end, even a failed import's.
     """
     gc.freeze()
     enabled = gc.isenabled()

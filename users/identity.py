@@ -43,7 +43,7 @@ from kana.retries import ConcurrentChange, run_with_retries
 
 from . import bulk
 from .errors import IdentityError
-from .merges import REPLAN_EVERY, absorb
+from .merges import absorb
 from .models import EndUser, MergeReason, Suppression, UserIdentity
 from .profile import SET_AT_FIELDS, UNSET, ProfileChanges, apply_changes, oldest_first
 
@@ -552,7 +552,7 @@ class MessageIdentify:
         # Their texts are a few shapes (a userId or not, an email or not). Each read probes
         # indexes by construction (``bulk.lock_users_sql``), but a generic plan made while
         # the tables were near empty may still tie a worse index: prepared again every
-        # REPLAN_EVERY uses.
+        # prepared.REPLAN_EVERY uses.
         owners, users, self.read_rows = lock_keys_and_read(
             identity_lock_keys(workspace, sorted(user_ids), row.changes.email_key),
             [
@@ -579,7 +579,7 @@ class MessageIdentify:
 
 def _prepared(statement: tuple[str, list]) -> tuple[str, list]:
     sql, params = statement
-    return prepared.statement(sql, replan_every=REPLAN_EVERY), params
+    return prepared.statement(sql, replan_every=prepared.REPLAN_EVERY), params
 
 
 def _placeholder(column: str) -> str:

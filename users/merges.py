@@ -52,7 +52,7 @@ def absorb(
     (docs/performance.md, "Round 11: s2cpu"); each one's text is a constant.
     """
     # Their PREPAREs, on a connection's first merge, go in round trips of their own.
-    ready = partial(prepared.statement, replan_every=REPLAN_EVERY) if prepare else _as_is
+    ready = partial(prepared.statement, replan_every=prepared.REPLAN_EVERY) if prepare else _as_is
     absorbed_ids, groups = _absorbed_user_ids_and_groups(survivor.pk, absorbed.pk, ready)
     before = copy.copy(survivor)
     absorb_profile(survivor, absorbed, choices)
@@ -129,13 +129,6 @@ _MOVE_AND_DELETE = [  # each statement, and the names of its positional paramete
     ),
     (f"DELETE FROM {EndUser._meta.db_table} WHERE id = %s", ("absorbed",)),
 ]
-
-
-# Uses of a connection's prepared statement (a merge's, an identify's reads) before it is
-# prepared again (one round trip): a generic plan made on near-empty tables (a new database)
-# may tie a workspace-only index with the right one, and keep scanning the workspace with it
-# as the tables grow, until an ANALYZE. As features.ledger's single-message read.
-REPLAN_EVERY = 1000
 
 
 def _as_is(sql: str) -> str:

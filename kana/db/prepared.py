@@ -42,6 +42,11 @@ T = TypeVar("T")
 
 # Statements per connection before new shapes go unprepared.
 MAX_PER_CONNECTION = 64
+# ``replan_every`` of the hot paths' reads and merges (the track's and identify's reads, a
+# merge's statements): a generic plan made on near-empty tables (a new database) may tie a
+# workspace-only index with the right one and keep scanning the workspace with it as the
+# tables grow, until an ANALYZE; preparing again costs one round trip per this many uses.
+REPLAN_EVERY = 1000
 _PREFIX = "kana_"
 _PREFIX_PATTERN = r"kana\_%"
 # Named or positional parameters; ``%%`` is a literal percent sign, left as it is.
