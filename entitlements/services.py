@@ -244,6 +244,17 @@ def _check_package_rules(subscription: Subscription) -> None:
         raise EntitlementError("addon_without_base", "an add-on needs a live base package first", "package", 409)
 
 
+def _require_published(package: Package) -> None:
+    """Only a published package takes subscriptions: a draft is not sold yet, an archived one no longer."""
+    if package.status != PackageStatus.PUBLISHED:
+        raise EntitlementError(
+            "package_not_published",
+            f"package {package.key!r} is {package.status}: it takes no subscriptions",
+            "package",
+            409,
+        )
+
+
 def _notify(subscription: Subscription, change: str, entry_id: int) -> None:
     notification.send(
         sender=Subscription,
@@ -266,13 +277,7 @@ def subscription_create(
 ) -> Subscription:
     if (user is None) == (group is None):
         raise EntitlementError("invalid_subject", "a subscription belongs to a user_id or a group_id", "user_id")
-    if package.status != PackageStatus.PUBLISHED:
-        raise EntitlementError(
-            "package_not_published",
-            f"package {package.key!r} is {package.status}: it takes no subscriptions",
-            "package",
-            409,
-        )
+    _require_published(package)
     with transaction.atomic():
         subject = subject_key(user_pk=user.pk if user else None, group_pk=group.pk if group else None)
         _lock_subject(workspace, subject)
@@ -310,13 +315,7 @@ def subscription_update(
         subscription = Subscription.objects.for_workspace(workspace).select_related("package").get(pk=subscription.pk)
         before = subscription_summary(subscription)
         if package is not None and package.pk != subscription.package_id:
-            if package.status != PackageStatus.PUBLISHED:
-                raise EntitlementError(
-                    "package_not_published",
-                    f"package {package.key!r} is {package.status}: it takes no subscriptions",
-                    "package",
-                    409,
-                )
+            _require_published(package)
             if package.is_addon != subscription.package.is_addon:
                 raise EntitlementError(
                     "package_kind_mismatch",

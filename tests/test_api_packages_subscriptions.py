@@ -41,6 +41,19 @@ def test_archived_and_draft_packages_take_no_subscriptions(tenant):
         assert_error(response, 409, "package_not_published")
 
 
+def test_a_plan_change_to_an_unpublished_package_is_refused_and_changes_nothing(tenant):
+    identify(tenant, "u1")
+    package(tenant, "basic")
+    package(tenant, "old")
+    package(tenant, "new", status="draft")
+    ApiClient(tenant).patch("packages/old", {"status": "archived"})
+    basic = subscribe(tenant, "basic", user_id="u1")
+    api = ApiClient(tenant)
+    for key in ("old", "new"):
+        assert_error(api.patch(f"subscriptions/{basic['id']}", {"package": key}), 409, "package_not_published")
+    assert api.get(f"subscriptions/{basic['id']}").json()["package"] == "basic"
+
+
 def test_one_live_base_package_per_subject_and_add_ons_need_one(tenant):
     identify(tenant, "u1")
     package(tenant, "basic")
