@@ -775,7 +775,9 @@ def map_events_decided_in_sql(
         cursor.execute(sql, values)
         scanned, last_id, flipped, to_python, ids_and_users, times, amounts = cursor.fetchone()
     usage_left = None
-    if ids_and_users is not None and ids_and_users[0]:
+    # ``ids_and_users`` is NULL when no row went to the evaluator, and empty when rows did but
+    # none was flipped (PostgreSQL builds ARRAY[NULL, NULL] of arrays as an empty array).
+    if ids_and_users:
         usage_left = FlippedInSql(feature_id, rule_id, list(ids_and_users[0]), list(ids_and_users[1]), times, amounts)
     return scanned, last_id, flipped, list(to_python), usage_left
 
