@@ -598,15 +598,41 @@ def record_processed_events(
 UsageRow = tuple[int, int, int | None, Decimal]
 
 
-def map_events(workspace_id: int, event_ids: list[int], usages: list[UsageRow]) -> int:
+@dataclass(frozen=True)
+class FlippedInSql:
+    """Events a reprocessing chunk's SQL statement flipped to mapped without writing their
+    usage (``map_events_decided_in_sql``: the chunk has rows for the evaluator too), each with
+    the user and time that statement returned and its amount for the rule's feature. They get
+    their usage in ``map_events``'s statement, with the evaluator's rows."""
+
+    feature_id: int
+    rule_id: int
+    event_ids: list[int]
+    user_ids: list[int]
+    occurred_at: list
+    amounts: list[Decimal]
+
+
+def map_events(
+    workspace_id: int, event_ids: list[int], usages: list[UsageRow], *, flipped_in_sql: FlippedInSql | None = None
+) -> int:
     """Flip still-unmapped events to mapped and record their usage; returns events flipped.
 
     Usage is written only for the rows this UPDATE flipped, with the event's user and
     original time, so an event can never be counted by two runs. A detached event (its user
     was deleted, its events kept) gets usage without a user: it counts for the feature.
+
+    ``flipped_in_sql`` (PostgreSQL): events flipped earlier in this transaction whose usage
+    goes in with this statement's, so the transaction writes all its usage in one statement.
+    That is what keeps the daily counters deadlock-free: their trigger takes a statement's
+    counter keys in key order, so writers that take all their keys in one statement wait for
+    each other in one global order; a transaction writing usage in two statements takes its
+    keys in two runs, and two such transactions can each hold a key the other needs.
     """
     if connection.vendor == "postgresql":
-        return _map_events_postgres(workspace_id, event_ids, usages)
+        return _map_events_postgres(workspace_id, event_ids, usages, flipped_in_sql)
+    if flipped_in_sql is not None:
+        raise ValueError("events are flipped in SQL on PostgreSQL only")
     flipped = dict(Event.objects.filter(id__in=event_ids, status=EventStatus.UNMAPPED).values_list("id", "user_id"))
     times = dict(Event.objects.filter(id__in=list(flipped)).values_list("id", "occurred_at"))
     Event.objects.filter(id__in=list(flipped)).update(status=EventStatus.MAPPED, unmapped_reason="")
@@ -642,44 +668,71 @@ WITH flipped AS (
     SELECT %(workspace_id)s, flipped.user_id, u.feature_id, u.event_id, u.rule_id, u.amount, flipped.occurred_at
     FROM unnest(%(u_event)s::bigint[], %(u_feature)s::bigint[], %(u_rule)s::bigint[], %(u_amount)s::numeric[])
         AS u(event_id, feature_id, rule_id, amount)
-    JOIN flipped ON flipped.id = u.event_id
+    JOIN flipped ON flipped.id = u.event_id{{flipped_in_sql}}
     ON CONFLICT (event_id, feature_id) DO NOTHING
 )
 SELECT count(*) FROM flipped
 """
+# The usage of events a chunk's SQL statement flipped (``FlippedInSql``), in the same INSERT.
+_FLIPPED_IN_SQL = """
+    UNION ALL
+    SELECT %(workspace_id)s, f.user_id, %(f_feature)s, f.event_id, %(f_rule)s, f.amount, f.occurred_at
+    FROM unnest(%(f_event)s::bigint[], %(f_user)s::bigint[], %(f_occurred)s::timestamptz[], %(f_amount)s::numeric[])
+        AS f(event_id, user_id, occurred_at, amount)"""
+_MAP_EVENTS_ONLY_SQL = _MAP_EVENTS_SQL.format(flipped_in_sql="")
+_MAP_EVENTS_WITH_FLIPPED_SQL = _MAP_EVENTS_SQL.format(flipped_in_sql=_FLIPPED_IN_SQL)
 
 
-def _map_events_postgres(workspace_id: int, event_ids: list[int], usages: list[UsageRow]) -> int:
-    u_event, u_feature, u_rule, u_amount = (list(column) for column in zip(*usages, strict=True))
-    with connection.cursor() as cursor:
-        cursor.execute(
-            _MAP_EVENTS_SQL,
-            {
-                "mapped": EventStatus.MAPPED.value,
-                "unmapped": EventStatus.UNMAPPED.value,
-                "workspace_id": workspace_id,
-                "event_ids": event_ids,
-                "u_event": u_event,
-                "u_feature": u_feature,
-                "u_rule": u_rule,
-                "u_amount": u_amount,
-            },
+def _map_events_postgres(
+    workspace_id: int, event_ids: list[int], usages: list[UsageRow], flipped_in_sql: FlippedInSql | None
+) -> int:
+    u_event, u_feature, u_rule, u_amount = (
+        (list(column) for column in zip(*usages, strict=True)) if usages else [[]] * 4
+    )
+    params = {
+        "mapped": EventStatus.MAPPED.value,
+        "unmapped": EventStatus.UNMAPPED.value,
+        "workspace_id": workspace_id,
+        "event_ids": event_ids,
+        "u_event": u_event,
+        "u_feature": u_feature,
+        "u_rule": u_rule,
+        "u_amount": u_amount,
+    }
+    sql = _MAP_EVENTS_ONLY_SQL
+    if flipped_in_sql is not None:
+        sql = _MAP_EVENTS_WITH_FLIPPED_SQL
+        params.update(
+            f_feature=flipped_in_sql.feature_id,
+            f_rule=flipped_in_sql.rule_id,
+            f_event=flipped_in_sql.event_ids,
+            f_user=flipped_in_sql.user_ids,
+            f_occurred=flipped_in_sql.occurred_at,
+            f_amount=flipped_in_sql.amounts,
         )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
         return cursor.fetchone()[0]
 
 
 def map_events_decided_in_sql(
     workspace_id: int, decided_sql: str, params: list, *, feature_id: int, rule_id: int
-) -> tuple[int, int | None, int, list[int]]:
+) -> tuple[int, int | None, int, list[int], FlippedInSql | None]:
     """Reprocessing decided in SQL (PostgreSQL), one statement for a chunk.
 
     ``decided_sql`` selects the chunk's candidates (locked by the caller's query) as
     ``id, amount, to_python``: rows with an amount and not ``to_python`` are flipped (if still
     unmapped, with a user) and get one usage row for the rule, at the event's user and time,
     exactly as ``map_events`` records them. Returns (candidates, their highest id, events
-    flipped, the ids left to the caller's evaluator, in id order). A row decided here that the
-    UPDATE did not flip (a concurrent change committed while the statement ran: its user
-    deleted, say) is left to the evaluator too, which reads it as it is now.
+    flipped, the ids left to the caller's evaluator, in id order, and the flipped events
+    whose usage is left to the caller). A row decided here that the UPDATE did not flip (a
+    concurrent change committed while the statement ran: its user deleted, say) is left to
+    the evaluator too, which reads it as it is now.
+
+    When any row is left to the evaluator, the flipped rows' usage is not written here but
+    returned (``FlippedInSql``) for the caller's ``map_events``: the chunk then writes all its
+    usage in one statement, so its counter keys are taken in one key order (see ``map_events``;
+    two parts of one job writing usage in two statements each deadlocked on them).
 
     The flip joins ``decided`` to the events on their primary key. Name the candidates in
     ``decided_sql`` as ``e.id = ANY(ARRAY(...))``: PostgreSQL then estimates a few rows and
@@ -694,25 +747,39 @@ def map_events_decided_in_sql(
         WHERE e.id = d.id AND d.amount IS NOT NULL AND NOT d.to_python
             AND e.status = %s AND e.user_id IS NOT NULL
         RETURNING e.id, e.user_id, e.occurred_at, d.amount
+    ), to_evaluator AS MATERIALIZED (
+        -- Set operations, not a test per row against ``flipped`` (NOT EXISTS, or a join the
+        -- planner may loop over): hashed or sorted, whatever the estimates say.
+        SELECT id FROM decided WHERE to_python
+        UNION (SELECT id FROM decided WHERE amount IS NOT NULL EXCEPT SELECT id FROM flipped)
     ), recorded AS (
         INSERT INTO {Usage._meta.db_table} (workspace_id, user_id, feature_id, event_id, rule_id, amount, occurred_at)
         SELECT %s, user_id, %s, id, %s, amount, occurred_at FROM flipped
+        WHERE NOT EXISTS (SELECT FROM to_evaluator)
         ON CONFLICT (event_id, feature_id) DO NOTHING
     )
     SELECT (SELECT count(*) FROM decided), (SELECT max(id) FROM decided), (SELECT count(*) FROM flipped),
-        ARRAY(
-            -- Set operations, not a test per row against ``flipped`` (NOT EXISTS, or a join the
-            -- planner may loop over): hashed or sorted, whatever the estimates say.
-            SELECT id FROM decided WHERE to_python
-            UNION (SELECT id FROM decided WHERE amount IS NOT NULL EXCEPT SELECT id FROM flipped)
-            ORDER BY 1
-        )
+        ARRAY(SELECT id FROM to_evaluator ORDER BY 1),
+        CASE WHEN EXISTS (SELECT FROM to_evaluator) THEN (
+            SELECT ARRAY[array_agg(id ORDER BY id), array_agg(user_id ORDER BY id)] FROM flipped
+        ) END,
+        CASE WHEN EXISTS (SELECT FROM to_evaluator) THEN (
+            SELECT array_agg(occurred_at ORDER BY id) FROM flipped
+        ) END,
+        CASE WHEN EXISTS (SELECT FROM to_evaluator) THEN (
+            SELECT array_agg(amount ORDER BY id) FROM flipped
+        ) END
     """
     values = [*params, EventStatus.MAPPED.value, EventStatus.UNMAPPED.value, workspace_id, feature_id, rule_id]
     with connection.cursor() as cursor:
         cursor.execute(sql, values)
-        scanned, last_id, flipped, to_python = cursor.fetchone()
-    return scanned, last_id, flipped, list(to_python)
+        scanned, last_id, flipped, to_python, ids_and_users, times, amounts = cursor.fetchone()
+    usage_left = None
+    # ``ids_and_users`` is NULL when no row went to the evaluator, and empty when rows did but
+    # none was flipped (PostgreSQL builds ARRAY[NULL, NULL] of arrays as an empty array).
+    if ids_and_users:
+        usage_left = FlippedInSql(feature_id, rule_id, list(ids_and_users[0]), list(ids_and_users[1]), times, amounts)
+    return scanned, last_id, flipped, list(to_python), usage_left
 
 
 def attach_detached_events(user_by_event: dict[int, int]) -> None:

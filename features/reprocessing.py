@@ -9,7 +9,9 @@ A job walks the workspace's unmapped events in id order, a chunk per transaction
    re-checks each row, see ``_decided_in_sql``);
 4. decide each event with the same evaluator as ingest (``features.mapping.decide``);
 5. flip the mapped events' status in one UPDATE that only touches rows still unmapped, and
-   record usage for exactly the rows it flipped (ON CONFLICT DO NOTHING on (event, feature));
+   record usage for exactly the rows it flipped (ON CONFLICT DO NOTHING on (event, feature)),
+   all of a chunk's usage in one INSERT: the counters' trigger then takes the chunk's counter
+   keys in key order, so chunks running at once (a job's parts) cannot deadlock on them;
 6. advance the cursor and counters, and commit.
 A worker killed mid-chunk loses only that uncommitted chunk; its successor resumes at the
 cursor, and the status check plus the unique (event, feature) constraint make a repeat harmless.
@@ -118,6 +120,7 @@ def process_chunk(job_id: int, chunk_size: int | None = None) -> ChunkResult:
             return ChunkResult(0, 0, True)
         rule_set = load_rule_set(job.workspace_id, lock_rules_shared(job.workspace_id))
         in_sql = _decided_in_sql(job, rule_set, chunk_size)
+        flipped_in_sql = None  # usage of events the SQL statement flipped, written with the evaluator's
         if in_sql is None:
             # Only what the evaluator needs: user and time are joined in SQL when usage is written.
             rows = list(
@@ -125,7 +128,7 @@ def process_chunk(job_id: int, chunk_size: int | None = None) -> ChunkResult:
             )
             scanned, last_id, mapped = len(rows), rows[-1][0] if rows else None, 0
         else:
-            scanned, last_id, mapped, python_ids = in_sql
+            scanned, last_id, mapped, python_ids, flipped_in_sql = in_sql
             # The rows SQL left to the evaluator, locked already by the statement that decided the rest.
             rows = (
                 list(
@@ -152,7 +155,9 @@ def process_chunk(job_id: int, chunk_size: int | None = None) -> ChunkResult:
                 new_reasons[decision.reason].append(event_id)
         if orphans:
             _attach_users(job.workspace, orphans)
-        mapped += ledger.map_events(job.workspace_id, mapped_ids, usages) if mapped_ids else 0
+        if mapped_ids or flipped_in_sql:
+            # The chunk's one usage write: its counter keys taken in one key order (ledger.map_events).
+            mapped += ledger.map_events(job.workspace_id, mapped_ids, usages, flipped_in_sql=flipped_in_sql)
         ledger.set_unmapped_reasons(new_reasons)
         finished = scanned < chunk_size
         updates = {
@@ -171,11 +176,14 @@ def process_chunk(job_id: int, chunk_size: int | None = None) -> ChunkResult:
 _READ = ("id", "name", "unmapped_reason", "payload__properties", "user_id", "external_user_id")
 
 
-def _decided_in_sql(job: ReprocessingJob, rule_set, chunk_size: int) -> tuple[int, int | None, int, list[int]] | None:
+def _decided_in_sql(
+    job: ReprocessingJob, rule_set, chunk_size: int
+) -> tuple[int, int | None, int, list[int], ledger.FlippedInSql | None] | None:
     """A rule job's chunk decided and mapped in SQL where the rule's conditions allow it
     (``features.preview.decide_chunk_in_sql``: the rows SQL decides are exactly those the
     evaluator would decide the same way). Returns (rows scanned, the last id, events mapped,
-    the ids left to the evaluator), or None when the chunk goes to Python whole: SQLite, a
+    the ids left to the evaluator, the usage of the mapped events when the chunk left rows to
+    the evaluator: written with theirs, in one statement), or None when the chunk goes to Python whole: SQLite, a
     feature's job, a rule no longer active, or a condition SQL cannot express."""
     if connection.vendor != "postgresql" or job.feature_id is not None or job.rule_id is None:
         return None
