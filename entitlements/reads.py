@@ -26,6 +26,7 @@ from django.db import DatabaseError, connection
 
 from features.counters import split_period
 from features.models import Feature, Usage, UsageCounter
+from kana.db import kept_cursor
 from kana.db import prepared as prepared_statements
 from users.models import Group, GroupMembership, UserIdentity
 
@@ -72,9 +73,10 @@ forget_prepared_if_missing = prepared_statements.forget_if_missing
 _prepared = prepared_statements._prepared  # the connections' registry (tests reset it)
 
 
-def _execute(cursor, sql: str, params: dict) -> None:
+def _rows(sql: str, params: dict) -> list[tuple]:
+    # On the kept cursor (kana.db.kept_cursor): an entitlement check is these two statements.
     try:
-        cursor.execute(prepared(sql), params)
+        return kept_cursor.rows(prepared(sql), params)
     except DatabaseError as error:
         forget_prepared_if_missing(error)
         raise
@@ -93,9 +95,7 @@ def offers(workspace_id: int, *, feature_key: str, user_id: str | None, group_id
         "user_id": user_id,
         "group_id": group_id if user_id is None else None,
     }
-    with connection.cursor() as cursor:
-        _execute(cursor, _OFFERS_SQL, params)
-        return cursor.fetchall()
+    return _rows(_OFFERS_SQL, params)
 
 
 def budget_statement(
@@ -183,6 +183,5 @@ def budget(workspace_id: int, **question) -> tuple[Decimal, Decimal, list[int]]:
     ``user_pk`` or by every member of ``group_pk``: ``counters.period_used`` and
     ``access.held_amount`` in one statement (``budget_statement``'s keywords)."""
     sql, params = budget_statement(workspace_id, **question)
-    with connection.cursor() as cursor:
-        _execute(cursor, sql, params)
-        return budget_of(cursor.fetchone())
+    (row,) = _rows(sql, params)
+    return budget_of(row)

@@ -21,7 +21,7 @@ from django.db.models import ProtectedError
 from django.db.models.signals import pre_delete
 from django.dispatch import receiver
 
-from kana.db import pipelined, prepared
+from kana.db import kept_cursor, pipelined, prepared
 from kana.locks import lock_rules_exclusive, lock_rules_shared_and_read, lock_rules_shared_then_read
 from kana.models import Workspace
 from users.models import AnonymousLink, Suppression, UserIdentity
@@ -167,11 +167,10 @@ def _insert_returning(
     if prepare and len(decided) == 1 and len(usages) <= PREPARED_MAX_USAGES:
         # The single track's insert: parsing and planning it was half of its PostgreSQL time.
         sql = prepared.statement(sql)
-    with connection.cursor() as cursor:
-        # With the COMMIT in the same message: if the insert fails, PostgreSQL skips the
-        # COMMIT and the transaction is left aborted, for the caller's ROLLBACK.
-        cursor.execute(sql + pipelined.COMMIT if then_commit else sql, params)
-        return {message_id for (message_id,) in cursor.fetchall()}
+    # With the COMMIT in the same message: if the insert fails, PostgreSQL skips the
+    # COMMIT and the transaction is left aborted, for the caller's ROLLBACK. On the kept
+    # cursor (kana.db.kept_cursor): this is a single track's second round trip.
+    return {message_id for (message_id,) in kept_cursor.rows(sql + pipelined.COMMIT if then_commit else sql, params)}
 
 
 def guarded_usage_event(

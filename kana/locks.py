@@ -8,7 +8,7 @@ import hashlib
 
 from django.db import connection
 
-from kana.db import pipelined, prepared
+from kana.db import kept_cursor, pipelined, prepared
 
 # Namespaces for two-key advisory locks (PostgreSQL keeps the two-key space apart from the
 # one-key space, so these never collide with the identity-key locks below).
@@ -131,13 +131,14 @@ def lock_rules_shared_then_read(workspace_id: int, sql: str, params: list, *, be
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
             return cursor.fetchall()
-    with connection.cursor() as cursor:
-        lock = "SELECT pg_advisory_xact_lock_shared(%s, %s); "
-        cursor.execute((pipelined.BEGIN if begin else "") + lock + sql, [RULES_LOCK_NAMESPACE, workspace_id, *params])
-        if begin:
-            cursor.nextset()  # past BEGIN's result
-        cursor.nextset()
-        return cursor.fetchall()
+    lock = "SELECT pg_advisory_xact_lock_shared(%s, %s); "
+    # A single track's first round trip: on the kept cursor (kana.db.kept_cursor). The read's
+    # result follows BEGIN's (if sent) and the lock's.
+    return kept_cursor.rows(
+        (pipelined.BEGIN if begin else "") + lock + sql,
+        [RULES_LOCK_NAMESPACE, workspace_id, *params],
+        result=2 if begin else 1,
+    )
 
 
 def lock_keys_and_read(

@@ -77,13 +77,12 @@ class _Rejected(Exception):
 
 def _read_body(meta: Meta, read: Reader, limit: int, too_large_code: str) -> bytes:
     """The request body, gunzipped when sent so, refused beyond ``limit`` bytes."""
-    too_large = _Rejected(error_answer(too_large_code, f"the body may be at most {limit // 1024} KB", 413))
     try:
         declared = int(meta.get("CONTENT_LENGTH") or 0)
     except ValueError:
         declared = 0
     if declared > limit * 4:
-        raise too_large
+        raise _too_large(limit, too_large_code)
     raw = read(limit * 4 + 1)
     if meta.get("HTTP_CONTENT_ENCODING", "").lower() == "gzip":
         try:
@@ -94,8 +93,13 @@ def _read_body(meta: Meta, read: Reader, limit: int, too_large_code: str) -> byt
     else:
         body = raw
     if len(body) > limit:
-        raise too_large
+        raise _too_large(limit, too_large_code)
     return body
+
+
+def _too_large(limit: int, too_large_code: str) -> _Rejected:
+    # Built only when refused: its JSON answer was encoded on every request before.
+    return _Rejected(error_answer(too_large_code, f"the body may be at most {limit // 1024} KB", 413))
 
 
 def _authenticate(meta: Meta, body: bytes, parsed):
