@@ -6,10 +6,14 @@ they are. The callers keep the ORM path for SQLite and for small inserts.
 """
 
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
+from itertools import islice
+from typing import TypeVar
 
 from django.db import connection
+
+T = TypeVar("T")
 
 
 def next_ids(table: str, count: int) -> list[int]:
@@ -42,18 +46,39 @@ def copy_rows(table: str, columns: Sequence[str], rows: Iterable[Sequence]) -> N
                 copy.write_row(row)
 
 
-def copy_text(table: str, columns: Sequence[str], lines: Iterable[str]) -> None:
+# Rows per piece of a streamed COPY: about 16-32 KB of text for a user's row, so the
+# server starts inserting the first rows while the rest are still being formatted.
+COPY_PIECE_ROWS = 200
+
+
+def copy_text(
+    table: str, columns: Sequence[str], lines: Iterable[str], *, while_finishing: Callable[[], T] | None = None
+) -> T | None:
     """COPY rows already written in COPY's text format (PostgreSQL): one line per row, each
-    ending in a newline, values tab-separated and escaped (``copy_text_value``), NULL as ``\\N``.
+    ending in a newline, values tab-separated and escaped (``copy_text_value``), NULL as ``\\N``;
+    an item of ``lines`` may also be several whole lines.
 
     For callers that format their rows faster than psycopg's per-value dumpers (a datetime
     costs ~2 µs there; a row of 14 values ~11 µs). Logged and wrapped like ``copy_rows``.
+
+    The lines are sent in pieces of ``COPY_PIECE_ROWS`` as they are formatted: the server
+    inserts (heap and indexes, ~4 times the formatting's cost for a user) the rows already
+    sent while this process formats the next ones, instead of waiting for the whole text.
+    ``while_finishing``, if given, runs after the last piece is sent and before the COPY's
+    end is awaited (the server still inserting the tail): its result is returned. An error
+    of the server (a unique violation) is raised at the end, as for one piece.
     """
     sql = f"COPY {connection.ops.quote_name(table)} ({', '.join(columns)}) FROM STDIN"
+    result = None
+    lines = iter(lines)
     with connection.cursor() as cursor:
         log = cursor.debug_sql(sql) if hasattr(cursor, "debug_sql") else nullcontext()
         with log, connection.wrap_database_errors, cursor.cursor.copy(sql) as copy:
-            copy.write("".join(lines).encode())
+            while piece := list(islice(lines, COPY_PIECE_ROWS)):
+                copy.write("".join(piece).encode())
+            if while_finishing is not None:
+                result = while_finishing()
+    return result
 
 
 _COPY_SPECIAL = re.compile(r"[\\\t\n\r]")

@@ -11,6 +11,7 @@ import json
 import operator
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
+from typing import TypeVar
 
 from django.db import connection, models
 from django.db.models import Q
@@ -20,6 +21,8 @@ from kana.copy_rows import copy_text, copy_text_value, next_ids
 from kana.models import Workspace
 
 from .models import EndUser, UserIdentity
+
+T = TypeVar("T")
 
 # The profile columns the engine writes back for users it changed.
 PROFILE_COLUMNS = [
@@ -168,22 +171,25 @@ def _text_parser(field: models.Field) -> Callable[[str], object] | None:
     return None
 
 
-def copy_in(objects: list[models.Model]) -> None:
+def copy_in(objects: list[models.Model], *, while_finishing: Callable[[], T] | None = None) -> T | None:
     """Insert new rows with COPY, their ids drawn from the table's sequence first (PostgreSQL).
 
     ``bulk_create`` prepares every value through the ORM, about 100 µs a row for a user and
     its identity; COPY takes the values as they are. Same rows, same defaults (the objects
     were built by their model's constructor). Errors are Django's (a unique violation is an
-    ``IntegrityError``, which the caller's retry understands).
+    ``IntegrityError``, which the caller's retry understands). ``while_finishing``: as for
+    ``copy_text`` (work done while the server inserts the last rows sent); its result.
     """
     if not objects:
-        return
+        return while_finishing() if while_finishing is not None else None
     meta = objects[0]._meta
     fields = list(meta.concrete_fields)
     for obj, pk in zip(objects, next_ids(meta.db_table, len(objects)), strict=True):
         obj.pk = pk
         obj._state.adding = False
-    copy_text(meta.db_table, [f.column for f in fields], copy_lines(objects, fields))
+    return copy_text(
+        meta.db_table, [f.column for f in fields], copy_lines(objects, fields), while_finishing=while_finishing
+    )
 
 
 def copy_lines(objects: Iterable[models.Model], fields: list[models.Field], lead: str | None = None) -> Iterator[str]:

@@ -439,17 +439,27 @@ def _write_back(state: _Batch) -> None:
     now = timezone.now()
     for user in state.created:
         user.updated_at = now
+    copy_identities = connection.vendor == "postgresql" and len(state.identities) >= _BULK_MIN_ROWS
+
+    def identity_lines() -> str:
+        # Plain rows (the users have their ids by now); their own ids come from the column default.
+        stamp = now.isoformat()
+        workspace_pk = state.workspace.pk
+        return "".join(
+            f"{workspace_pk}\t{user.pk}\t{copy_text_value(uid)}\t{stamp}\n" for user, uid in state.identities
+        )
+
+    identities_text = None
     if connection.vendor == "postgresql" and len(state.created) >= _BULK_MIN_ROWS:
-        bulk.copy_in(state.created)
+        # The identities' text is formatted while the server inserts the users' last rows.
+        identities_text = bulk.copy_in(state.created, while_finishing=identity_lines if copy_identities else None)
     else:
         EndUser.objects.bulk_create(state.created, batch_size=1000)
-    if connection.vendor == "postgresql" and len(state.identities) >= _BULK_MIN_ROWS:
-        # Plain rows (the users got their ids above); their own ids come from the column default.
-        stamp = now.isoformat()
+    if copy_identities:
         copy_text(
             UserIdentity._meta.db_table,
             ("workspace_id", "user_id", "external_id", "created_at"),
-            (f"{state.workspace.pk}\t{user.pk}\t{copy_text_value(uid)}\t{stamp}\n" for user, uid in state.identities),
+            [identities_text if identities_text is not None else identity_lines()],
         )
     else:
         UserIdentity.objects.bulk_create(
