@@ -32,10 +32,7 @@ def rows(sql: str, params, *, result: int = 0) -> list[tuple]:
     db = connections[DEFAULT_DB_ALIAS]
     if db.queries_logged or db.execute_wrappers or db.vendor != "postgresql":
         with db.cursor() as cursor:
-            cursor.execute(sql, params)
-            for _ in range(result):
-                cursor.nextset()
-            return cursor.fetchall()
+            return _fetch(cursor, sql, params, result)
     db.close_if_health_check_failed()
     db.ensure_connection()
     db.validate_thread_sharing()
@@ -45,8 +42,11 @@ def rows(sql: str, params, *, result: int = 0) -> list[tuple]:
         kept = _kept.get(raw)
         if kept is None or kept[1] != db.timezone or kept[0].closed:
             kept = _kept[raw] = (db.create_cursor(), db.timezone)
-        cursor = kept[0]
-        cursor.execute(sql, params)
-        for _ in range(result):
-            cursor.nextset()
-        return cursor.fetchall()
+        return _fetch(kept[0], sql, params, result)
+
+
+def _fetch(cursor, sql: str, params, result: int) -> list[tuple]:
+    cursor.execute(sql, params)
+    for _ in range(result):
+        cursor.nextset()
+    return cursor.fetchall()
