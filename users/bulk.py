@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from typing import TypeVar
 
-from django.db import connection, models
+from django.db import OperationalError, connection, models, transaction
 from django.db.models import Q
 from django.db.models.base import ModelState
 
@@ -190,6 +190,45 @@ def copy_in(objects: list[models.Model], *, while_finishing: Callable[[], T] | N
     return copy_text(
         meta.db_table, [f.column for f in fields], copy_lines(objects, fields), while_finishing=while_finishing
     )
+
+
+def count_created_users_for_the_planner(created: int) -> bool:
+    """Before a transaction that created ``created`` users commits: ``ANALYZE`` the users'
+    table when the planner's estimate of its size is below that (PostgreSQL). True if it ran.
+
+    The commit checks each new identity's reference to its user with ``SELECT 1 … WHERE id =
+    $1 FOR KEY SHARE``. When the table was analysed while empty over pages that exist (every
+    user deleted, then analysed), the planner estimates it at no rows however it grows: the
+    primary key and ``enduser_ws_created_idx`` (whose last column is ``id``) then cost the
+    same, the tie goes to the latter, and each check walks that whole index, so the commit
+    is quadratic in the users created (1.2 s a check at 8,000). Autovacuum cannot correct it:
+    it does not see this transaction's rows; an ``ANALYZE`` here does, and the checks are
+    planned after it. A table never analysed is estimated from its size, and is left alone.
+
+    The lock ``ANALYZE`` takes is held until the commit, and a second import waiting for it
+    could wait on a user this one's checks lock: the lock is only tried, and when another
+    import or a vacuum holds it the statistics are left as they are.
+    """
+    if connection.vendor != "postgresql" or created <= 0:
+        return False
+    table = EndUser._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT reltuples, relpages, pg_relation_size(oid) / current_setting('block_size')::int "
+            "FROM pg_class WHERE oid = %s::regclass",
+            [table],
+        )
+        tuples, pages, pages_now = cursor.fetchone()
+        # PostgreSQL's own estimate (estimate_rel_size): the analysed density times the size now.
+        if tuples < 0 or pages == 0 or tuples / pages * pages_now >= created:
+            return False
+        try:
+            with transaction.atomic():
+                cursor.execute(f"LOCK TABLE {connection.ops.quote_name(table)} IN SHARE UPDATE EXCLUSIVE MODE NOWAIT")
+        except OperationalError:
+            return False
+        cursor.execute(f"ANALYZE {connection.ops.quote_name(table)}")
+    return True
 
 
 def copy_lines(objects: Iterable[models.Model], fields: list[models.Field], lead: str | None = None) -> Iterator[str]:

@@ -64,6 +64,7 @@ from kana.errors import DomainError
 from kana.locks import lock_keys
 from kana.models import Workspace
 
+from .bulk import count_created_users_for_the_planner
 from .csv_format import COLUMNS, READ_COLUMNS, unescape_cell
 from .errors import IdentityError
 from .identifiers import InvalidIdentifier, clean_identifier
@@ -553,6 +554,8 @@ def _run(job: ImportJob, progress, row_by_row: bool) -> None:
                     applied = True
             except _RollBack:
                 pass
+            if applied:
+                count_created_users_for_the_planner(report.counts["created"])
             heartbeat.stop()
             report_path = report.save(job)
             ImportJob.objects.filter(pk=job.pk).update(
