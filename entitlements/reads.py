@@ -74,9 +74,10 @@ _prepared = prepared_statements._prepared  # the connections' registry (tests re
 
 
 def _rows(sql: str, params: dict) -> list[tuple]:
-    # On the kept cursor (kana.db.kept_cursor): an entitlement check is these two statements.
+    # On the kept cursor with the values bound server-side (kana.db.kept_cursor.prepared_rows):
+    # an entitlement check is these two statements.
     try:
-        return kept_cursor.rows(prepared(sql), params)
+        return kept_cursor.prepared_rows(sql, params)
     except DatabaseError as error:
         forget_prepared_if_missing(error)
         raise

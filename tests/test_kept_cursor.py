@@ -1,12 +1,16 @@
 """kana.db.kept_cursor: a hot statement on a psycopg cursor kept per connection, answering
 and failing as Django's cursor does, and logged whenever Django logs statements."""
 
+from datetime import UTC, date, datetime, timedelta, timezone
+from decimal import Decimal
+
+import psycopg
 import pytest
-from django.db import DatabaseError, IntegrityError, connection, transaction
+from django.db import DatabaseError, DataError, IntegrityError, ProgrammingError, connection, transaction
 from django.db.transaction import TransactionManagementError
 from django.test.utils import CaptureQueriesContext
 
-from kana.db import kept_cursor
+from kana.db import kept_cursor, prepared
 
 from .conftest import requires_postgres
 
@@ -75,3 +79,86 @@ def test_a_statement_in_a_broken_atomic_block_is_refused_as_by_django():
             kept_cursor.rows("SELECT * FROM no_such_table_here", [])
         with pytest.raises(TransactionManagementError):
             kept_cursor.rows("SELECT 1", [])
+
+
+# --- prepared_rows: a prepared statement's values bound server-side ------------------------
+
+KINDS_SQL = (
+    "SELECT %(text)s::text, %(short)s::varchar, %(big)s::bigint, %(small)s::int, %(day)s::date,"
+    " %(utc)s::timestamptz, %(india)s::timestamptz, %(nothing)s::text, %(text)s = %(short)s"
+)
+
+
+def _kinds():
+    return {
+        "text": "O'Brien \\ 100% é \u3000 ; --",
+        "short": "O'Brien \\ 100% é \u3000 ; --",
+        "big": -(2**62),
+        "small": 7,
+        "day": date(2026, 2, 28),
+        "utc": datetime(2026, 12, 3, 23, 59, 59, 999999, tzinfo=UTC),
+        "india": datetime(2026, 12, 3, 5, 30, 0, 1, tzinfo=timezone(timedelta(hours=5, minutes=30))),
+        "nothing": None,
+    }
+
+
+def _last_statement_text(pid: int) -> str:
+    """What PostgreSQL shows as the backend's last statement, read from another connection."""
+    with psycopg.connect(**connection.get_connection_params()) as other:
+        return other.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone()[0]
+
+
+@requires_postgres
+def test_prepared_rows_bind_every_kind_of_value_server_side_with_the_rows_of_the_executed_text():
+    (pid,) = kept_cursor.rows("SELECT pg_backend_pid()", [])[0]
+    as_text = kept_cursor.rows(prepared.statement(KINDS_SQL), _kinds())
+    assert _last_statement_text(pid).startswith("EXECUTE ")  # the values formatted into the text
+    bound = kept_cursor.prepared_rows(KINDS_SQL, _kinds())
+    # Bound to the statement PREPARE made: the server shows its text, not an EXECUTE's.
+    assert _last_statement_text(pid).startswith("PREPARE ")
+    assert bound == as_text
+    assert bound[0][0] == _kinds()["text"] and bound[0][6] == _kinds()["india"] and bound[0][8] is True
+
+
+@requires_postgres
+def test_prepared_rows_leave_values_they_do_not_write_to_psycopg():
+    sql = "SELECT %(flag)s::boolean, %(amount)s::numeric, %(naive)s::timestamptz"
+    params = {"flag": True, "amount": Decimal("1.50"), "naive": datetime(2026, 12, 3, 12)}
+    assert kept_cursor.prepared_rows(sql, params) == kept_cursor.rows(prepared.statement(sql), params)
+    for run in (kept_cursor.prepared_rows, lambda sql, params: kept_cursor.rows(prepared.statement(sql), params)):
+        with pytest.raises(DataError):  # psycopg refuses a NUL in a text, as before
+            run("SELECT %(text)s::text", {"text": "a\x00b"})
+
+
+@requires_postgres
+def test_prepared_rows_errors_are_djangos_and_a_discarded_statement_is_prepared_again():
+    sql = "SELECT 10 / %(divisor)s::int"
+    assert kept_cursor.prepared_rows(sql, {"divisor": 5}) == [(2,)]
+    with pytest.raises(DataError):
+        kept_cursor.prepared_rows(sql, {"divisor": 0})
+    connection.errors_occurred = False
+    with pytest.raises(ProgrammingError):  # more than one row where one is expected
+        kept_cursor.prepared_rows("SELECT (SELECT x FROM generate_series(1, %(n)s::int) AS x)", {"n": 2})
+    assert connection.errors_occurred  # what the request's end checks the connection for
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")  # behind the registry's back
+    with pytest.raises(DatabaseError) as missing:
+        kept_cursor.prepared_rows(sql, {"divisor": 5})
+    assert prepared.is_missing(missing.value)
+    prepared.forget_if_missing(missing.value)
+    assert kept_cursor.prepared_rows(sql, {"divisor": 5}) == [(2,)]
+
+
+@requires_postgres
+def test_prepared_rows_run_inside_the_callers_transaction(django_assert_num_queries):
+    sql = "SELECT pg_current_xact_id()::text, %(n)s::int"
+    kept_cursor.prepared_rows(sql, {"n": 0})  # prepared before the transaction
+    with transaction.atomic():
+        first = kept_cursor.prepared_rows(sql, {"n": 1})  # the transaction's first statement
+        second = kept_cursor.prepared_rows(sql, {"n": 2})
+        (third,) = kept_cursor.rows("SELECT pg_current_xact_id()::text", [])
+    assert first[0][0] == second[0][0] == third[0]
+    outside = kept_cursor.prepared_rows(sql, {"n": 3})
+    assert outside[0][0] != first[0][0]
+    with django_assert_num_queries(1):  # logged and counted as any statement whenever Django counts
+        assert kept_cursor.prepared_rows(sql, {"n": 4})[0][1] == 4

@@ -16,14 +16,24 @@ by Django's own ``create_cursor``:
 Whenever Django records or wraps statements (``queries_logged``: ``DEBUG``, the test suite's
 query counts; ``execute_wrappers``: instrumentation), the statement goes through Django's
 cursor as before, so it is logged and counted exactly as any other. Off PostgreSQL too.
+
+``prepared_rows`` runs one prepared statement (``kana.db.prepared``) the same way, its values
+bound server-side rather than formatted by psycopg into an ``EXECUTE`` text.
 """
 
 import weakref
+from datetime import date, datetime
 
 from django.db import DEFAULT_DB_ALIAS, connections
+from psycopg import errors, generators, pq
+from psycopg.adapt import Transformer
+
+from . import prepared
 
 # psycopg connection -> (the kept cursor, the time zone it was made for).
 _kept: "weakref.WeakKeyDictionary[object, tuple[object, object]]" = weakref.WeakKeyDictionary()
+_TUPLES_OK = pq.ExecStatus.TUPLES_OK
+_IDLE = pq.TransactionStatus.IDLE
 
 
 def rows(sql: str, params, *, result: int = 0) -> list[tuple]:
@@ -33,16 +43,83 @@ def rows(sql: str, params, *, result: int = 0) -> list[tuple]:
     if db.queries_logged or db.execute_wrappers or db.vendor != "postgresql":
         with db.cursor() as cursor:
             return _fetch(cursor, sql, params, result)
+    _checked(db)
+    with db.wrap_database_errors:
+        return _fetch(_cursor(db), sql, params, result)
+
+
+def prepared_rows(sql: str, params: dict) -> list[tuple]:
+    """The rows of one statement ``sql`` (named parameters), prepared on the connection
+    (``kana.db.prepared``) and run with its values bound server-side: sent as text in the
+    protocol's Bind message, each read by PostgreSQL's input function of the parameter's type
+    as PREPARE inferred it, instead of formatted by psycopg into an ``EXECUTE name(…)`` text
+    (≈ 11 % of an entitlement check's CPU: docs/performance.md, "Round 13: s6lat"). The same
+    prepared statement and plan either way, so the same rows.
+
+    Sent as ``rows(prepared.statement(sql), params)`` instead (Django's cursor, or the kept one
+    with ``EXECUTE`` text) whenever that path has something to do that this one does not:
+    statements logged or wrapped, not PostgreSQL, nothing prepared, a transaction psycopg has
+    yet to BEGIN, or a value whose text form this module does not write."""
+    db = connections[DEFAULT_DB_ALIAS]
+    if db.queries_logged or db.execute_wrappers or db.vendor != "postgresql":
+        return rows(prepared.statement(sql), params)
+    found = prepared.bound(sql)  # prepares it first when needed
+    values = None if found is None else _texts(params, found[1])
+    if values is None:
+        return rows(prepared.statement(sql) if found is not None else sql, params)
+    _checked(db)
+    raw = db.connection
+    if not raw.autocommit and raw.pgconn.transaction_status == _IDLE:
+        # psycopg sends the BEGIN of Django's atomic with the transaction's first statement.
+        return rows(prepared.statement(sql), params)
+    with db.wrap_database_errors:
+        cursor = _cursor(db)
+        with raw.lock:
+            raw.pgconn.send_query_prepared(found[0].encode(), values)
+            (result,) = raw.wait(generators.execute(raw.pgconn))
+        if result.status != _TUPLES_OK:
+            raise errors.error_from_result(result, encoding="utf-8")  # Django's client_encoding
+        # The kept cursor's loaders: Django's time zone, and its adapters for the result's types.
+        loader = Transformer.from_context(cursor)
+        loader.set_pgresult(result)
+        return loader.load_rows(0, result.ntuples, tuple)
+
+
+def _texts(params: dict, order: tuple[str, ...] | int) -> list[bytes | None] | None:
+    """The values in ``$n`` order as the text PostgreSQL's input functions read, written as
+    psycopg's text dumpers write them (``str``); None when one is of a type left to psycopg
+    (a bool, a naive datetime, a text with a NUL character that psycopg refuses…)."""
+    if isinstance(order, int):
+        return None
+    texts: list[bytes | None] = []
+    for name in order:
+        value = params[name]
+        kind = type(value)
+        if value is None:
+            texts.append(None)
+        elif kind is str and "\x00" not in value:
+            texts.append(value.encode())  # UTF-8: the client_encoding Django connects with
+        elif kind is int or kind is date or (kind is datetime and value.utcoffset() is not None):
+            texts.append(str(value).encode())
+        else:
+            return None
+    return texts
+
+
+def _checked(db) -> None:
+    """What Django's cursor checks before a statement."""
     db.close_if_health_check_failed()
     db.ensure_connection()
     db.validate_thread_sharing()
     db.validate_no_broken_transaction()
-    with db.wrap_database_errors:
-        raw = db.connection
-        kept = _kept.get(raw)
-        if kept is None or kept[1] != db.timezone or kept[0].closed:
-            kept = _kept[raw] = (db.create_cursor(), db.timezone)
-        return _fetch(kept[0], sql, params, result)
+
+
+def _cursor(db):
+    raw = db.connection
+    kept = _kept.get(raw)
+    if kept is None or kept[1] != db.timezone or kept[0].closed:
+        kept = _kept[raw] = (db.create_cursor(), db.timezone)
+    return kept[0]
 
 
 def _fetch(cursor, sql: str, params, result: int) -> list[tuple]:

@@ -23,6 +23,10 @@ What a caller must know:
   pick any index that ties at one estimated row, and scan with it as the table grows.
   Preparing again makes the plan anew from the table's current size; the cost is one
   round trip per ``n`` uses.
+- ``bound(sql)``: the prepared statement's name and its parameters in ``$n`` order, for a
+  caller that sends the values in the protocol's Bind message instead of an ``EXECUTE`` text
+  (``kana.db.kept_cursor.prepared_rows``: the entitlement check's statements). The same
+  prepared statement, its types inferred from its text as for ``EXECUTE``, so the same plan.
 - A statement discarded behind our back (``DEALLOCATE ALL``, a pooler's new session) fails
   with ``InvalidSqlStatementName``; ``forget_if_missing(error)`` makes the next use prepare
   again, and ``again_if_missing`` re-runs a caller's transaction once.
@@ -84,18 +88,49 @@ def _shape(sql: str) -> tuple[str, str, str]:
     return name, f"PREPARE {name} AS {numbered}", execute
 
 
+@functools.lru_cache(maxsize=256)
+def _order(sql: str) -> tuple[str, ...] | int:
+    """A statement's parameters in ``$n`` order, as ``_shape`` numbers them: their names (a
+    name used twice is one parameter), or how many positional ones."""
+    names: list[str] = []
+    positional = 0
+    for match in _PARAMETER.finditer(sql):
+        if match.group(0) == "%%":
+            continue
+        if match.group(1) is None:
+            positional += 1
+        elif match.group(1) not in names:
+            names.append(match.group(1))
+    return tuple(names) if names else positional
+
+
 def statement(sql: str, *, replan_every: int | None = None) -> str:
     """``EXECUTE`` of ``sql`` (its parameters as given to ``cursor.execute``), prepared on this
     connection first if it is not yet (one round trip, once per connection and shape, and
     once per ``replan_every`` uses when given); ``sql`` itself when nothing is to be prepared
     (see the module docstring)."""
+    shape = _prepared_shape(sql, replan_every)
+    return sql if shape is None else shape[2]
+
+
+def bound(sql: str) -> tuple[str, tuple[str, ...] | int] | None:
+    """For a caller that binds the values server-side (``kana.db.kept_cursor.prepared_rows``):
+    the name of ``sql``'s prepared statement on this connection, prepared first as
+    ``statement`` does, and its parameters in ``$n`` order (their names, or how many
+    positional ones); None when ``statement`` would send ``sql`` itself."""
+    shape = _prepared_shape(sql, None)
+    return None if shape is None else (shape[0], _order(sql))
+
+
+def _prepared_shape(sql: str, replan_every: int | None) -> tuple[str, str, str] | None:
     # The connection itself, looked up once: each attribute read through Django's
     # ``connection`` proxy looks it up again in a thread- and task-local (asgiref's ``Local``,
     # a few microseconds each), and this runs twice per single track.
     db = connections[DEFAULT_DB_ALIAS]
     if db.vendor != "postgresql" or db.settings_dict.get("CONN_MAX_AGE") == 0:
-        return sql
-    name, prepare, execute = _shape(sql)
+        return None
+    shape = _shape(sql)
+    name, prepare, _ = shape
     db.ensure_connection()
     raw = db.connection
     done = _prepared.get(raw)
@@ -106,7 +141,7 @@ def statement(sql: str, *, replan_every: int | None = None) -> str:
             done = _prepared[raw] = {row[0] for row in cursor.fetchall()}
     if name not in done:
         if len(done) >= MAX_PER_CONNECTION:
-            return sql
+            return None
         with db.cursor() as cursor:
             cursor.execute(prepare)  # no parameters: nothing is interpolated
         done.add(name)
@@ -119,7 +154,7 @@ def statement(sql: str, *, replan_every: int | None = None) -> str:
                 cursor.execute(f"DEALLOCATE {name}; {prepare}")
             uses[name] = 0
         uses[name] = uses.get(name, 0) + 1
-    return execute
+    return shape
 
 
 def is_missing(error: BaseException) -> bool:
