@@ -96,11 +96,17 @@ _USAGE_STAGE_COLUMNS = ("message_id", "user_id", "feature_id", "rule_id", "amoun
 _USAGE_VALUE_TYPES = ("text", "bigint", "bigint", "bigint", "numeric", "timestamptz")
 _EVENT_TABLE = Event._meta.db_table
 _USAGE_TABLE = Usage._meta.db_table
-_INSERT_USAGE_FOR = f"""
+_INSERT_NEW_EVENTS_USAGE = f"""
     INSERT INTO {_USAGE_TABLE} (workspace_id, user_id, feature_id, event_id, rule_id, amount, occurred_at)
     SELECT %(ws)s, u.user_id, u.feature_id, ev.id, u.rule_id, u.amount, u.occurred_at
-    FROM {{source}} AS u ({", ".join(_USAGE_STAGE_COLUMNS)}) JOIN ev USING (message_id)
+    FROM {{source}} AS u ({", ".join(_USAGE_STAGE_COLUMNS)}) JOIN ev USING (message_id)"""
+# Several messages may repeat a messageId: the usage rows of both copies join the one event
+# stored, and the second (event, feature) is skipped here.
+_INSERT_USAGE_FOR = (
+    _INSERT_NEW_EVENTS_USAGE
+    + """
     ON CONFLICT (event_id, feature_id) DO NOTHING"""
+)
 
 
 def _event_row(
@@ -161,7 +167,13 @@ def _insert_returning(
     usages = _usage_rows(decided)
     if usages:
         usage_sql, usage_params = _values_sql(usages, _USAGE_VALUE_TYPES)
-        sql += ", used AS (" + _INSERT_USAGE_FOR.format(source=f"({usage_sql})").replace("%(ws)s", "%s") + ")"
+        # One message: its usage rows are for the one event this statement has just inserted
+        # (``ev`` returns only rows it inserted), one per feature (``Decision.usages``), so no
+        # (event, feature) can exist already. Without ``ON CONFLICT`` the rows go in without a
+        # speculative insertion (its lock, the unique index probed first, a confirmation
+        # record in WAL): docs/performance.md, "Round 13: s1pg".
+        insert_usage = _INSERT_NEW_EVENTS_USAGE if len(decided) == 1 else _INSERT_USAGE_FOR
+        sql += ", used AS (" + insert_usage.format(source=f"({usage_sql})").replace("%(ws)s", "%s") + ")"
         params += [workspace.pk, *usage_params]  # the workspace comes first in the usage SELECT
     sql += " SELECT message_id FROM ev"
     if prepare and len(decided) == 1 and len(usages) <= PREPARED_MAX_USAGES:

@@ -201,13 +201,16 @@ class Usage(models.Model):
         Event, on_delete=models.CASCADE, related_name="usage", db_index=False, db_constraint=False
     )
     # No constraint, as for the feature: ``rule_delete`` takes the rules lock exclusively and
-    # refuses a rule with usage; SET_NULL is Django's, on an ORM deletion.
+    # refuses a rule with usage; SET_NULL is Django's, on an ORM deletion. Its index is partial
+    # (``usage_rule_idx``): every read of it looks a rule up, and usage mapped by featureId
+    # (most single tracks, every consume) has no rule, so it writes no index entry.
     rule = models.ForeignKey(
         MappingRule,
         null=True,
         blank=True,
         on_delete=models.SET_NULL,
         related_name="usage",
+        db_index=False,
         db_constraint=False,
     )
     amount = models.DecimalField(max_digits=30, decimal_places=9)
@@ -220,6 +223,7 @@ class Usage(models.Model):
         indexes = [
             models.Index(fields=["workspace", "user", "feature", "occurred_at"], name="usage_ws_user_feature_idx"),
             models.Index(fields=["workspace", "feature", "occurred_at"], name="usage_ws_feature_idx"),
+            models.Index(fields=["rule"], name="usage_rule_idx", condition=models.Q(rule__isnull=False)),
         ]
 
 

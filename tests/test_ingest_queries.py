@@ -246,3 +246,33 @@ def test_a_short_run_s_insert_is_not_prepared(warm):
     sent = _round_trips(lambda: warm.batch(tracks(2, "pair")))
     assert _first_words(sent) == ["BEGIN;", "WITH"]  # a 2-event insert is not prepared
     assert "EXECUTE" not in sent[0]  # nor a 2-message read (its array form's plan could scan)
+
+
+# A single track's usage rows are for the one event its statement has just inserted, one per
+# feature, so they go in without ON CONFLICT: no speculative insertion (its lock, the unique
+# index probed first, a confirmation record in WAL). The event's insert keeps its own: it is
+# what decides a concurrent replay.
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_single_track_s_usage_is_inserted_without_a_speculative_insertion(warm):
+    sent = _round_trips(lambda: warm.track("known", "Report Exported"))
+    name = sent[-1].split()[1].split("(")[0]
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements WHERE name = %s", [name])
+        (statement,) = cursor.fetchone()
+    event_insert, usage_insert = statement.split("INSERT INTO")[1:]
+    assert "ON CONFLICT (workspace_id, message_id) DO NOTHING" in event_insert
+    assert "ON CONFLICT" not in usage_insert
+    assert Usage.objects.filter(user__user_id="known", event__status="mapped").count() == 1
+
+
+# Messages of one batch may repeat a messageId: both copies' usage rows join the one event
+# stored, so a batch's usage insert keeps skipping the (event, feature) already written.
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("count", [2, JSON_ROWS_MIN_EVENTS])
+def test_a_batch_repeating_a_message_id_stores_one_event_and_one_usage_row(warm, count):
+    messages = [{**message, "messageId": "twice"} for message in tracks(2, "rep")] + tracks(count - 2, "other")
+    assert warm.batch(messages).status_code == 200
+    assert Event.objects.filter(message_id="twice").count() == 1
+    assert Usage.objects.filter(event__message_id="twice").count() == 1
+    assert Usage.objects.filter(user__user_id__startswith="other-").count() == count - 2

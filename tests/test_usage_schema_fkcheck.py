@@ -183,3 +183,29 @@ def test_a_feature_that_gets_usage_while_it_is_being_deleted_is_not_deleted(tran
     assert outcome == "feature_in_use"
     assert Feature.objects.filter(pk=exports.pk).exists()
     assert Usage.objects.get(event=event).feature_id == exports.pk
+
+
+# The usage's rule index is partial (migration features/0011): usage mapped by featureId has no
+# rule and writes no entry into it (one index insert less for such a track), and every read of
+# it looks a rule up, which the partial index still serves.
+@requires_postgres
+def test_the_rule_index_leaves_out_usage_without_a_rule_and_serves_the_rule_s_lookups(tenant):
+    feature(tenant, "exports")
+    used = rule(tenant, "exports", "Exported")
+    client = SegmentClient(tenant)
+    client.track("u1", "Exported")
+    client.track("u1", "Sent", {"featureId": "exports"})
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_get_expr(i.indpred, i.indrelid) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+            " WHERE i.indrelid = 'features_usage'::regclass AND 'rule_id' = ALL (SELECT attname FROM pg_attribute"
+            " WHERE attrelid = i.indrelid AND attnum = ANY (i.indkey))"
+        )
+        assert cursor.fetchall() == [("(rule_id IS NOT NULL)",)]
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        cursor.execute("EXPLAIN UPDATE features_usage SET rule_id = NULL WHERE rule_id IN (%s)", [used.pk])
+        set_null_plan = "\n".join(row[0] for row in cursor.fetchall())
+    assert "usage_rule_idx" in Usage.objects.filter(rule=used).explain()  # rule_is_used
+    assert "usage_rule_idx" in set_null_plan  # Django's SET_NULL on the rule's deletion
+    assert Usage.objects.filter(rule=used).count() == 1
+    assert Usage.objects.filter(rule__isnull=True).count() == 1
