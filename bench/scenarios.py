@@ -680,6 +680,17 @@ class Bench:
                     "seconds": round(seconds, 2),
                     "job_seconds": round(job_seconds, 2),
                     "parts": len(parts),
+                    # Each part's events and when it ended after the job was created: how evenly
+                    # the parts shared the work (the job takes as long as its slowest part).
+                    "part_shares": [
+                        {
+                            "scanned": p.scanned,
+                            "ended_after_seconds": round(
+                                ((p.finished_at or p.heartbeat_at) - p.created_at).total_seconds(), 2
+                            ),
+                        }
+                        for p in sorted(parts, key=lambda p: p.pk)
+                    ],
                     "load_copy_rows_per_second": round(n / load_seconds),
                     "cpu_cores": meter.cores,
                     "cpu_ms_per_1000_events": {

@@ -286,12 +286,13 @@ class ReprocessingJob(Job):
     rule was committed; later events were evaluated with the rule at ingest) in id order;
     ``cursor`` is the last id handled, so a killed worker's successor resumes after it.
 
-    A large job is split when it is created into parts (``reprocessing.part_ranges``): one
-    row per part, each over its own id range (``cursor`` starts at the range's lower bound,
-    exclusive; ``last_event_id`` is its upper bound) with its own claim, cursor, failures and
-    progress, so two workers can run one rule's reprocessing at once. Every part but the
-    first points to the first (``part_of``); the rule's progress sums its parts, and the
-    workspace's job limit counts them as one job.
+    A large job is created as parts (``reprocessing.job_parts``): one row per part, with its
+    own claim, cursor, failures and progress, so two workers can run one rule's reprocessing
+    at once. The parts share the job's range: each walks a *slice* of it, ``(cursor,
+    slice_end]``, and claims the next slice (the next chunk of the job's candidates) when its
+    own is walked, so the parts end together however the candidates lie in the range. Every
+    part but the first points to the first (``part_of``); the rule's progress sums its parts,
+    and the workspace's job limit counts them as one job.
     """
 
     rule = models.ForeignKey(MappingRule, null=True, blank=True, on_delete=models.CASCADE, related_name="jobs")
@@ -305,6 +306,9 @@ class ReprocessingJob(Job):
     failures = models.PositiveIntegerField(default=0)
     # The first part of the job this row is a part of; null for a first part (or a job in one part).
     part_of = models.ForeignKey("self", null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    # A part's slice of the job's range: it walks ``cursor < id <= slice_end``. Null for a job
+    # in one part, which walks up to ``last_event_id``.
+    slice_end = models.BigIntegerField(null=True, blank=True)
 
     class Meta:
         indexes = [models.Index(fields=["status", "heartbeat_at"], name="job_status_heartbeat_idx")]

@@ -4,15 +4,17 @@ A job walks the workspace's unmapped events in id order, a chunk per transaction
 1. lock the job row (two runners of one job, e.g. after a redelivery, take turns);
 2. take the workspace's rules lock shared, like ingest, and read the rules at that version:
    a rule cannot change while a chunk maps with it;
-3. read the next chunk of unmapped events after ``cursor`` and up to ``last_event_id``
-   (the evaluator's path locks them; the SQL path leaves the row locks to its flip, which
-   re-checks each row, see ``_decided_in_sql``);
+3. read the next chunk of unmapped events after ``cursor`` and up to ``last_event_id`` (a
+   part of a split job: up to the end of its slice, ``slice_end``) (the evaluator's path
+   locks them; the SQL path leaves the row locks to its flip, which re-checks each row, see
+   ``_decided_in_sql``);
 4. decide each event with the same evaluator as ingest (``features.mapping.decide``);
 5. flip the mapped events' status in one UPDATE that only touches rows still unmapped, and
    record usage for exactly the rows it flipped (ON CONFLICT DO NOTHING on (event, feature)),
    all of a chunk's usage in one INSERT: the counters' trigger then takes the chunk's counter
    keys in key order, so chunks running at once (a job's parts) cannot deadlock on them;
-6. advance the cursor and counters, and commit.
+6. advance the cursor and counters (a part whose slice is walked claims the next chunk of
+   the job's candidates, ``_claim_next_slice``), and commit.
 A worker killed mid-chunk loses only that uncommitted chunk; its successor resumes at the
 cursor, and the status check plus the unique (event, feature) constraint make a repeat harmless.
 """
@@ -23,12 +25,12 @@ from dataclasses import dataclass
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import F
+from django.db.models import F, Max, Q
 from django.utils import timezone
 
 from kana import jobs
 from kana.jobs import JobStatus
-from kana.locks import lock_rules_shared
+from kana.locks import lock_keys, lock_rules_shared
 from kana.models import Workspace
 from kana.retries import run_with_retries
 from users import services as user_services
@@ -63,8 +65,11 @@ def claim_job_or_wait(job_id: int, *, limit: int) -> jobs.Claim:
 
 
 def _candidate_events(job: ReprocessingJob):
+    """The job's candidates after its cursor: up to its slice's end for a part of a split job
+    (``slice_end``), up to ``last_event_id`` for a job in one part."""
     events = _unmapped_for(job.workspace_id, job.rule, job.feature_id)
-    return events.filter(id__gt=job.cursor, id__lte=job.last_event_id)
+    end = job.slice_end if job.slice_end is not None else job.last_event_id
+    return events.filter(id__gt=job.cursor, id__lte=end)
 
 
 def _unmapped_for(workspace_id: int, rule: MappingRule | None, feature_id: int | None):
@@ -78,37 +83,60 @@ def _unmapped_for(workspace_id: int, rule: MappingRule | None, feature_id: int |
     return events
 
 
-def part_ranges(
+def job_parts(
     workspace_id: int, last_event_id: int, *, rule: MappingRule | None = None, feature_id: int | None = None
-) -> list[tuple[int, int]]:
-    """The id ranges a new job's parts walk, as (start cursor, last event id) pairs: each part
-    maps the candidates with ``start < id <= last``; together they cover every candidate up to
-    ``last_event_id`` once, without gap or overlap.
+) -> tuple[int, int]:
+    """Where a new job starts and how many parts run it: (start cursor, parts). The job maps
+    the candidates with ``start < id <= last_event_id``.
 
-    The range runs from just before the job's first candidate (one index probe: the
-    workspace's unmapped events by name or by status, in id order) to ``last_event_id``, cut
-    into ``KANA_REPROCESS_PARTS`` equal spans of ids. Ids are not candidates (mapped events
-    and other workspaces' events are between them), so the parts may hold different numbers
-    of events; with the candidates spread over the range, as a backlog is, they hold about
-    as many. A range of no more than ``KANA_REPROCESS_PART_MIN_CHUNKS`` chunks of ids per
-    part is one part: a second worker would not pay for its claim, and small jobs stay one row.
-    A rule's first candidate is one probe of an index in id order (by event name, or by
-    status), cheap under the exclusive rules lock ``_start_job`` holds.
+    The start is just before the job's first candidate (one probe of an index in id order:
+    the workspace's unmapped events by name or by status, cheap under the exclusive rules lock
+    ``_start_job`` holds). A job is split into ``KANA_REPROCESS_PARTS`` parts only when its
+    range spans more than ``KANA_REPROCESS_PART_MIN_CHUNKS`` chunks of ids per part (the span
+    is free to read and bounds the candidates from above): a second worker would not pay for
+    its claim on a small job, and small jobs stay one row. The parts do not divide the range
+    between them at creation: they claim it a chunk of candidates at a time
+    (``_claim_next_slice``), so they share the work however the candidates lie in it.
     """
     if feature_id is not None:
         # A new feature's job is one part from the start: its candidates (events that named
         # the feature's key) are few, and the probe for the first of them would walk every
         # unmapped event of the workspace under the exclusive rules lock that blocks ingest.
-        return [(0, last_event_id)]
+        return 0, 1
     candidates = _unmapped_for(workspace_id, rule, None).filter(id__lte=last_event_id).order_by("id")
     first = candidates.values_list("id", flat=True).first()
     start = first - 1 if first is not None else last_event_id
     parts = max(1, settings.KANA_REPROCESS_PARTS)
-    span = last_event_id - start
-    if parts == 1 or span <= parts * settings.KANA_REPROCESS_PART_MIN_CHUNKS * settings.KANA_REPROCESS_CHUNK_SIZE:
-        return [(start, last_event_id)]
-    bounds = [start + span * i // parts for i in range(parts + 1)]
-    return list(zip(bounds, bounds[1:], strict=False))
+    if last_event_id - start <= parts * settings.KANA_REPROCESS_PART_MIN_CHUNKS * settings.KANA_REPROCESS_CHUNK_SIZE:
+        return start, 1
+    return start, parts
+
+
+def _claim_next_slice(job: ReprocessingJob, chunk_size: int) -> tuple[int, int] | None:
+    """The next slice of a split job's range for the part ``job``, as (cursor, slice_end): from
+    the end of the last slice any part claimed to the id of the ``chunk_size``-th candidate
+    after it (or ``last_event_id``, when fewer are left). None when every slice is claimed.
+
+    Called in the chunk's transaction, which holds the part's row lock and writes the slice
+    with the chunk's cursor: a chunk that rolls back gives its claim back with it, and a
+    killed worker's successor resumes the slice the part's row records. Claims of one job's
+    parts are serialised by a lock taken here, last in the chunk (after the rules lock, the
+    events' and the counters' locks) and held only until its commit; the slices' ends are
+    read after it, in their own statement, so each claim starts where the one committed
+    before it ended: the slices follow each other without gap or overlap.
+    """
+    first = job.part_of_id or job.pk
+    lock_keys([f"reprocessing-job-slices:{first}"])
+    parts = ReprocessingJob.objects.filter(Q(pk=first) | Q(part_of_id=first))
+    claimed_to = parts.aggregate(end=Max("slice_end"))["end"]
+    if claimed_to >= job.last_event_id:
+        return None
+    # An index walk of one chunk of candidates (event_unmapped_name_idx or event_ws_status_idx).
+    ahead = _unmapped_for(job.workspace_id, job.rule, job.feature_id).filter(
+        id__gt=claimed_to, id__lte=job.last_event_id
+    )
+    nth = list(ahead.order_by("id").values_list("id", flat=True)[chunk_size - 1 : chunk_size])
+    return claimed_to, nth[0] if nth else job.last_event_id
 
 
 def process_chunk(job_id: int, chunk_size: int | None = None) -> ChunkResult:
@@ -159,7 +187,7 @@ def process_chunk(job_id: int, chunk_size: int | None = None) -> ChunkResult:
             # The chunk's one usage write: its counter keys taken in one key order (ledger.map_events).
             mapped += ledger.map_events(job.workspace_id, mapped_ids, usages, flipped_in_sql=flipped_in_sql)
         ledger.set_unmapped_reasons(new_reasons)
-        finished = scanned < chunk_size
+        finished = scanned < chunk_size  # no candidate left in the range (or the part's slice)
         updates = {
             "scanned": F("scanned") + scanned,
             "mapped": F("mapped") + mapped,
@@ -167,6 +195,13 @@ def process_chunk(job_id: int, chunk_size: int | None = None) -> ChunkResult:
         }
         if scanned:
             updates.update(cursor=last_id, failures=0)
+        if job.slice_end is not None and (finished or last_id == job.slice_end):
+            # A part that walked its slice claims the next one with this chunk; it is done
+            # when the job's whole range is claimed.
+            next_slice = _claim_next_slice(job, chunk_size)
+            finished = next_slice is None
+            if next_slice is not None:
+                updates.update(cursor=next_slice[0], slice_end=next_slice[1], failures=0)
         if finished:
             updates.update(status=JobStatus.DONE, finished_at=timezone.now())
         ReprocessingJob.objects.filter(pk=job_id).update(**updates)

@@ -138,7 +138,7 @@ def reprocessing_of(rule: MappingRule) -> Progress:
 def reprocessing_by_rule(workspace: Workspace | int, rule_pks: list[int]) -> dict[int, Progress]:
     """``reprocessing_of`` for a page of rules, in one query.
 
-    A job split into parts (``features.reprocessing.part_ranges``) is summed over them:
+    A job split into parts (``features.reprocessing.job_parts``) is summed over them:
     scanned and mapped add up; it is failed if any part failed (with that part's error),
     done when every part is, queued while none has started, running otherwise."""
     parts: dict[int, list[tuple]] = {}

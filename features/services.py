@@ -69,19 +69,28 @@ def _start_job(
     *, workspace: Workspace, rule: MappingRule | None = None, feature: Feature | None = None
 ) -> ReprocessingJob:
     """Create a job covering every event committed so far and enqueue it after commit: in
-    parts over id ranges when it is large (``reprocessing.part_ranges``); returns the first.
+    parts when it is large (``reprocessing.job_parts``); returns the first.
 
     Must be called under the exclusive rules lock: events after ``last_event_id`` are
     ingested with the new rule or feature already visible.
     """
     last_event_id = Event.objects.for_workspace(workspace).aggregate(last=Max("id"))["last"] or 0
-    ranges = reprocessing.part_ranges(
+    start, parts = reprocessing.job_parts(
         workspace.pk, last_event_id, rule=rule, feature_id=feature.pk if feature is not None else None
     )
+    # The parts of a split job start with an empty slice at the start: each claims its first
+    # chunk of candidates with its first chunk (reprocessing._claim_next_slice).
+    slice_end = start if parts > 1 else None
     first = None
-    for start, last in ranges:
+    for _part in range(parts):
         part = ReprocessingJob.objects.create(
-            workspace=workspace, rule=rule, feature=feature, cursor=start, last_event_id=last, part_of=first
+            workspace=workspace,
+            rule=rule,
+            feature=feature,
+            cursor=start,
+            last_event_id=last_event_id,
+            slice_end=slice_end,
+            part_of=first,
         )
         first = first or part
         jobs.enqueue_on_commit(REPROCESSING_TASK, part.pk)

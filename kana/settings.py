@@ -221,9 +221,10 @@ KANA_API_KEY_CACHE_SECONDS = env_int("KANA_API_KEY_CACHE_SECONDS", 5)
 KANA_JOBS_PER_WORKSPACE = env_int("KANA_JOBS_PER_WORKSPACE", 1)
 # Rows per reprocessing chunk: one chunk holds the events' properties in memory.
 KANA_REPROCESS_CHUNK_SIZE = env_int("KANA_REPROCESS_CHUNK_SIZE", 5000)
-# Parts a large reprocessing job is split into at creation, each over its own id range, so
-# as many workers can run one rule's job at once (PostgreSQL runs a chunk on one backend, one
-# core). Only ranges of more than KANA_REPROCESS_PART_MIN_CHUNKS chunks of ids per part are split.
+# Parts a large reprocessing job is created as, so as many workers can run one rule's job at
+# once (PostgreSQL runs a chunk on one backend, one core); the parts share the job's range a
+# chunk of candidates at a time. Only ranges of more than KANA_REPROCESS_PART_MIN_CHUNKS
+# chunks of ids per part are split.
 KANA_REPROCESS_PARTS = env_int("KANA_REPROCESS_PARTS", 2)
 KANA_REPROCESS_PART_MIN_CHUNKS = env_int("KANA_REPROCESS_PART_MIN_CHUNKS", 4)
 # CSV imports with more rows than this run in a Celery worker instead of the request.

@@ -21,6 +21,7 @@ import pytest
 
 from features.counters import counter_differences
 from features.models import Event, EventStatus, MessageType, ReprocessingJob, UnmappedReason, Usage
+from features.reprocessing import process_chunk
 from features.selectors import reprocessing_of
 
 from .conftest import ROOT, database_url_for_subprocess, requires_postgres
@@ -32,7 +33,7 @@ IN_SQL = {"plan": {"tier": "pro"}}
 TO_EVALUATOR = {"plan.tier": "pro"}
 PER_GROUP = 20
 
-# One process per part: ``features.reprocessing.process_chunk`` over the whole part (one
+# One process per part: ``features.reprocessing.process_chunk`` over the part's slice (one
 # chunk), paused at the evaluator's first decision (after the chunk's SQL statement) until
 # the test writes a line on stdin.
 _PART = """
@@ -78,7 +79,7 @@ def _start_part(job_id: int, chunk_size: int) -> subprocess.Popen:
 
 
 def _crossing_events(workspace, first, second) -> list[Event]:
-    """Four groups of events in id order, all on one day: the first part's range holds
+    """Four groups of events in id order, all on one day: the first part's slice holds
     ``first``'s events decided in SQL then ``second``'s left to the evaluator, the second
     part's ``second``'s in SQL then ``first``'s to the evaluator. So each part's SQL statement
     takes one user's counter key and its evaluator's rows need the other user's."""
@@ -117,13 +118,18 @@ def test_two_parts_mixed_chunks_crossing_on_counter_keys_never_deadlock(
     make_feature(tenant.workspace, "exports")
     rule = make_rule(tenant.workspace, "exports", event="Report Exported", conditions=PRO)
     parts = list(ReprocessingJob.objects.filter(rule=rule).order_by("pk"))
-    # Two parts, split between the second and the third group.
-    assert [(p.cursor, p.last_event_id) for p in parts] == [
-        (events[0].pk - 1, events[2 * PER_GROUP - 1].pk),
-        (events[2 * PER_GROUP - 1].pk, events[-1].pk),
+    # Each part's first chunk (an empty slice) claims two groups: the slices meet between the
+    # second and the third group.
+    half = 2 * PER_GROUP
+    for part in parts:
+        process_chunk(part.pk, half)
+        part.refresh_from_db()
+    assert [(p.cursor, p.slice_end) for p in parts] == [
+        (events[0].pk - 1, events[half - 1].pk),
+        (events[half - 1].pk, events[-1].pk),
     ]
 
-    processes = [_start_part(part.pk, chunk_size=4 * PER_GROUP) for part in parts]
+    processes = [_start_part(part.pk, chunk_size=half) for part in parts]
     try:
         # Both parts past their SQL statement, before their evaluator's rows are written.
         assert [p.stdout.readline().split() for p in processes] == [["paused"], ["paused"]]
@@ -138,7 +144,6 @@ def test_two_parts_mixed_chunks_crossing_on_counter_keys_never_deadlock(
                 process.wait()
 
     # Neither chunk was aborted (a deadlock is an OperationalError the task would retry).
-    half = 2 * PER_GROUP
     assert outcomes == [f"done [{half}, {half}, true]"] * 2
     progress = reprocessing_of(rule)
     assert (progress.status, progress.scanned, progress.mapped) == ("done", 4 * PER_GROUP, 4 * PER_GROUP)

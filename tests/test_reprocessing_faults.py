@@ -64,6 +64,41 @@ def test_a_worker_killed_mid_job_is_finished_by_another_without_double_counting(
     assert Event.objects.filter(workspace=tenant.workspace, status=EventStatus.MAPPED).count() == total // 2
 
 
+@requires_broker
+def test_a_worker_killed_while_running_a_rules_parts_leaves_them_to_another_exactly_once(workers, tenant, settings):
+    """The same with the job in two parts sharing the range a slice at a time: the killed
+    worker's part keeps the slice it claimed (its row records it), the successor resumes it
+    and claims the rest, and every event is mapped once."""
+    redis.Redis.from_url(settings.REDIS_URL).flushdb()
+    settings.KANA_REPROCESS_CHUNK_SIZE = 500
+    settings.KANA_REPROCESS_PART_MIN_CHUNKS = 1
+    total = 20_000
+    _store_many(tenant.workspace, total)
+    make_feature(tenant.workspace, "pro-exports")
+    first = workers(KANA_REPROCESS_CHUNK_SIZE=500)
+    rule = make_rule(tenant.workspace, "pro-exports", conditions=PRO)
+    parts = lambda: list(ReprocessingJob.objects.filter(rule=rule).order_by("pk"))  # noqa: E731
+    assert len(parts()) == 2
+
+    wait_until(lambda: sum(p.scanned for p in parts()) >= 3000, timeout=120, interval=0.05, message="chunks")
+    first.kill(signal.SIGKILL)
+    killed = parts()
+    assert sum(p.scanned for p in killed) < total, first.output()[-2000:]
+    assert usage_count(tenant.workspace, "pro-exports") == sum(p.mapped for p in killed)
+    # Every claimed slice is one chunk of candidates, walked in whole chunks.
+    assert all(p.slice_end is not None and p.scanned % 500 == 0 for p in killed)
+
+    second = workers(KANA_REPROCESS_CHUNK_SIZE=500)
+    wait_until(
+        lambda: all(p.status == JobStatus.DONE for p in parts()), timeout=240, message="the second worker finished"
+    )
+    done = parts()
+    assert (sum(p.scanned for p in done), sum(p.mapped for p in done)) == (total, total // 2), second.output()[-2000:]
+    assert usage_count(tenant.workspace, "pro-exports") == total // 2
+    assert Usage.objects.filter(rule=rule).values("event").distinct().count() == total // 2
+    assert Event.objects.filter(workspace=tenant.workspace, status=EventStatus.MAPPED).count() == total // 2
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
