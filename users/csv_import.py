@@ -281,7 +281,12 @@ def _parse_row(number: int, cells: list[str], header: _Header) -> ProfileRow | _
 
 
 class _Report:
-    """Counts, a bounded sample (errors first) and the full report streamed to a temp file."""
+    """Counts, a bounded sample (errors first) and the full report streamed to a temp file.
+
+    A chunk's rows are written as one ``_ReportPiece``, formatted while PostgreSQL inserts
+    the chunk's last rows and added once the chunk's savepoint is released (a retried chunk
+    formats a new piece; the discarded one was never added).
+    """
 
     def __init__(self):
         self.counts = {"created": 0, "updated": 0, "merged": 0, "unchanged": 0, "error": 0}
@@ -289,14 +294,59 @@ class _Report:
         self.others: list[dict] = []
         self.file = tempfile.TemporaryFile(mode="w+b")
         self.text = io.TextIOWrapper(self.file, encoding="utf-8", newline="")
+        csv.writer(self.text).writerow(REPORT_COLUMNS)
+
+    def piece(self, parsed: list, outcomes: list, occurred_at: datetime) -> "_ReportPiece":
+        """The report rows of a chunk (``parsed``: [(row number, ProfileRow | _RowError)];
+        ``outcomes``: one per ProfileRow, in order), not yet added."""
+        piece = _ReportPiece(self)
+        outcomes = iter(outcomes)
+        for number, row in parsed:
+            piece.add_outcome(number, next(outcomes) if isinstance(row, ProfileRow) else row, occurred_at)
+        return piece
+
+    def add(self, piece: "_ReportPiece") -> None:
+        for result, count in piece.counts.items():
+            self.counts[result] += count
+        self.text.write(piece.text.getvalue())
+        self.errors += piece.errors
+        self.others += piece.others
+
+    def sample(self) -> list[dict]:
+        room = REPORT_SAMPLE_ROWS - len(self.errors)
+        return sorted(self.errors + self.others[:room], key=lambda row: row["row"])
+
+    def save(self, job: ImportJob) -> str:
+        self.text.flush()
+        self.file.seek(0)
+        name = f"imports/{job.workspace_id}/report-{job.pk}-{uuid.uuid4().hex}.csv"
+        name = default_storage.save(name, File(self.file))
+        self.close()
+        return name
+
+    def close(self) -> None:
+        if not self.text.closed:
+            self.text.close()
+
+
+class _ReportPiece:
+    """One chunk's report rows: its counts, its rows of the full report as text, and the
+    sample rows it adds within the room the report had left when it was formatted."""
+
+    def __init__(self, report: _Report):
+        self.counts = dict.fromkeys(report.counts, 0)
+        self.errors: list[dict] = []
+        self.others: list[dict] = []
+        self.error_room = REPORT_SAMPLE_ROWS - len(report.errors)
+        self.other_room = REPORT_SAMPLE_ROWS - len(report.others)
+        self.text = io.StringIO(newline="")
         self.writer = csv.writer(self.text)
-        self.writer.writerow(REPORT_COLUMNS)
 
     def add(self, number: int, result: str, *, kana_id=None, code="", error="", note="", changes=()) -> None:
         self.counts[result] += 1
         self.writer.writerow((number, result, error, code, kana_id or "", note))
-        kept = self.errors if result == "error" else self.others
-        if len(kept) < REPORT_SAMPLE_ROWS:
+        kept, room = (self.errors, self.error_room) if result == "error" else (self.others, self.other_room)
+        if len(kept) < room:
             kept.append(
                 {
                     "row": number,
@@ -317,22 +367,6 @@ class _Report:
         else:
             changes = _changed_fields(outcome, occurred_at)
             self.add(number, _RESULTS[outcome.outcome], kana_id=outcome.user.pk, note=_note(outcome), changes=changes)
-
-    def sample(self) -> list[dict]:
-        room = REPORT_SAMPLE_ROWS - len(self.errors)
-        return sorted(self.errors + self.others[:room], key=lambda row: row["row"])
-
-    def save(self, job: ImportJob) -> str:
-        self.text.flush()
-        self.file.seek(0)
-        name = f"imports/{job.workspace_id}/report-{job.pk}-{uuid.uuid4().hex}.csv"
-        name = default_storage.save(name, File(self.file))
-        self.close()
-        return name
-
-    def close(self) -> None:
-        if not self.text.closed:
-            self.text.close()
 
 
 # A CSV row stamps a field (``*_set_at`` = the import's time) only when it changes its value.
@@ -523,28 +557,28 @@ def _run(job: ImportJob, progress, row_by_row: bool) -> None:
                         for parsed in chunks:
                             parsed = _refuse_suppressed(job.workspace, parsed)
                             to_apply = [row for _, row in parsed if isinstance(row, ProfileRow)]
-                            outcomes = iter(
-                                apply(
+                            # The chunk's report is formatted while the server inserts its last rows.
+                            report_piece = partial(report.piece, parsed, occurred_at=occurred_at)
+                            if to_apply:
+                                outcomes, piece = apply(
                                     workspace=job.workspace,
                                     rows=to_apply,
                                     occurred_at=occurred_at,
                                     touched=touched,
                                     reason=MergeReason.CSV,
                                     actor=job.actor,
+                                    while_writing=report_piece,
                                 )
-                                if to_apply
-                                else []
-                            )
-                            for number, row in parsed:
-                                outcome = next(outcomes) if isinstance(row, ProfileRow) else row
-                                report.add_outcome(number, outcome, occurred_at)
+                            else:
+                                outcomes, piece = [], report_piece([])
+                            report.add(piece)
                             processed += len(parsed)
                             heartbeat.processed = processed
                             if progress:
                                 progress(processed, job.rows_total)
                             # The chunk's rows, users and outcomes released, the paused collector
                             # walks what the chunk left (_older_objects_frozen says why here).
-                            del parsed, to_apply, outcomes
+                            del parsed, to_apply, outcomes, piece, report_piece
                             gc.collect(0)
                     if job.dry_run or report.counts["error"]:
                         raise _RollBack()
