@@ -281,12 +281,7 @@ def _parse_row(number: int, cells: list[str], header: _Header) -> ProfileRow | _
 
 
 class _Report:
-    """Counts, a bounded sample (errors first) and the full report streamed to a temp file.
-
-    A chunk's rows are written as one ``_ReportPiece``, formatted while PostgreSQL inserts
-    the chunk's last rows and added once the chunk's savepoint is released (a retried chunk
-    formats a new piece; the discarded one was never added).
-    """
+    """Counts, a bounded sample (errors first) and the full report streamed to a temp file."""
 
     def __init__(self):
         self.counts = {"created": 0, "updated": 0, "merged": 0, "unchanged": 0, "error": 0}
@@ -294,59 +289,14 @@ class _Report:
         self.others: list[dict] = []
         self.file = tempfile.TemporaryFile(mode="w+b")
         self.text = io.TextIOWrapper(self.file, encoding="utf-8", newline="")
-        csv.writer(self.text).writerow(REPORT_COLUMNS)
-
-    def piece(self, parsed: list, outcomes: list, occurred_at: datetime) -> "_ReportPiece":
-        """The report rows of a chunk (``parsed``: [(row number, ProfileRow | _RowError)];
-        ``outcomes``: one per ProfileRow, in order), not yet added."""
-        piece = _ReportPiece(self)
-        outcomes = iter(outcomes)
-        for number, row in parsed:
-            piece.add_outcome(number, next(outcomes) if isinstance(row, ProfileRow) else row, occurred_at)
-        return piece
-
-    def add(self, piece: "_ReportPiece") -> None:
-        for result, count in piece.counts.items():
-            self.counts[result] += count
-        self.text.write(piece.text.getvalue())
-        self.errors += piece.errors
-        self.others += piece.others
-
-    def sample(self) -> list[dict]:
-        room = REPORT_SAMPLE_ROWS - len(self.errors)
-        return sorted(self.errors + self.others[:room], key=lambda row: row["row"])
-
-    def save(self, job: ImportJob) -> str:
-        self.text.flush()
-        self.file.seek(0)
-        name = f"imports/{job.workspace_id}/report-{job.pk}-{uuid.uuid4().hex}.csv"
-        name = default_storage.save(name, File(self.file))
-        self.close()
-        return name
-
-    def close(self) -> None:
-        if not self.text.closed:
-            self.text.close()
-
-
-class _ReportPiece:
-    """One chunk's report rows: its counts, its rows of the full report as text, and the
-    sample rows it adds within the room the report had left when it was formatted."""
-
-    def __init__(self, report: _Report):
-        self.counts = dict.fromkeys(report.counts, 0)
-        self.errors: list[dict] = []
-        self.others: list[dict] = []
-        self.error_room = REPORT_SAMPLE_ROWS - len(report.errors)
-        self.other_room = REPORT_SAMPLE_ROWS - len(report.others)
-        self.text = io.StringIO(newline="")
         self.writer = csv.writer(self.text)
+        self.writer.writerow(REPORT_COLUMNS)
 
     def add(self, number: int, result: str, *, kana_id=None, code="", error="", note="", changes=()) -> None:
         self.counts[result] += 1
         self.writer.writerow((number, result, error, code, kana_id or "", note))
-        kept, room = (self.errors, self.error_room) if result == "error" else (self.others, self.other_room)
-        if len(kept) < room:
+        kept = self.errors if result == "error" else self.others
+        if len(kept) < REPORT_SAMPLE_ROWS:
             kept.append(
                 {
                     "row": number,
@@ -367,6 +317,22 @@ class _ReportPiece:
         else:
             changes = _changed_fields(outcome, occurred_at)
             self.add(number, _RESULTS[outcome.outcome], kana_id=outcome.user.pk, note=_note(outcome), changes=changes)
+
+    def sample(self) -> list[dict]:
+        room = REPORT_SAMPLE_ROWS - len(self.errors)
+        return sorted(self.errors + self.others[:room], key=lambda row: row["row"])
+
+    def save(self, job: ImportJob) -> str:
+        self.text.flush()
+        self.file.seek(0)
+        name = f"imports/{job.workspace_id}/report-{job.pk}-{uuid.uuid4().hex}.csv"
+        name = default_storage.save(name, File(self.file))
+        self.close()
+        return name
+
+    def close(self) -> None:
+        if not self.text.closed:
+            self.text.close()
 
 
 # A CSV row stamps a field (``*_set_at`` = the import's time) only when it changes its value.
@@ -556,23 +522,24 @@ def _run(job: ImportJob, progress, row_by_row: bool) -> None:
                     header, rows = _records(source)
                     with _ParsedAhead(rows, header) as chunks:
                         for parsed in chunks:
+                            errors_before = report.counts["error"]
                             parsed = _refuse_suppressed(job.workspace, parsed)
                             to_apply = [row for _, row in parsed if isinstance(row, ProfileRow)]
-                            # The chunk's report is formatted while the server inserts its last rows.
-                            report_piece = partial(report.piece, parsed, occurred_at=occurred_at)
-                            if to_apply:
-                                outcomes, piece = apply(
+                            outcomes = iter(
+                                apply(
                                     workspace=job.workspace,
                                     rows=to_apply,
                                     occurred_at=occurred_at,
                                     touched=touched,
                                     reason=MergeReason.CSV,
                                     actor=job.actor,
-                                    while_writing=report_piece,
                                 )
-                            else:
-                                outcomes, piece = [], report_piece([])
-                            report.add(piece)
+                                if to_apply
+                                else []
+                            )
+                            for number, row in parsed:
+                                outcome = next(outcomes) if isinstance(row, ProfileRow) else row
+                                report.add_outcome(number, outcome, occurred_at)
                             processed += len(parsed)
                             heartbeat.processed = processed
                             if progress:
@@ -581,13 +548,11 @@ def _run(job: ImportJob, progress, row_by_row: bool) -> None:
                             # walks what the chunks left (_older_objects_frozen says why here):
                             # after a chunk with an error row (a caught error's traceback holds
                             # the chunk's frame in a cycle), else every few chunks.
+                            del parsed, to_apply, outcomes
                             unswept += 1
-                            if piece.counts["error"] or unswept == _CHUNKS_PER_YOUNG_PASS:
-                                del parsed, to_apply, outcomes, piece, report_piece
+                            if report.counts["error"] != errors_before or unswept == _CHUNKS_PER_YOUNG_PASS:
                                 gc.collect(0)
                                 unswept = 0
-                            else:
-                                del parsed, to_apply, outcomes, piece, report_piece
                     if job.dry_run or report.counts["error"]:
                         raise _RollBack()
                     # In the import's transaction: an import that fails later leaves no entry.
@@ -644,7 +609,7 @@ def _refuse_suppressed(workspace: Workspace, parsed: list[tuple[int, "ProfileRow
 
 # Chunks between two young passes of the collector when they report no error: a pass walks
 # the chunks parsed ahead whatever the interval, and a chunk without errors leaves no
-# garbage for it (_older_objects_frozen), so a pass per chunk was ≈ 1-2 µs a row for nothing.
+# garbage for it (_older_objects_frozen), so a pass per chunk cost ≈ 1-5 µs a row for nothing.
 _CHUNKS_PER_YOUNG_PASS = 8
 
 
@@ -667,11 +632,12 @@ def _older_objects_frozen() -> Iterator[None]:
     alive at a pass, the chunks parsed ahead, are plain rows without cycles). A chunk of rows
     that apply leaves no cyclic garbage (round 13: every young pass of a 10,000-row import of
     creates freed 0 objects, walking the ≈ 5,000 objects of the chunks parsed ahead for
-    0.6-4 ms); a chunk with an error row does (the error's traceback holds the frame that
-    caught it, which holds the error), so it is swept at once, and any other garbage waits at
-    most ``_CHUNKS_PER_YOUNG_PASS`` chunks. Measured earlier and not kept: pausing during each
-    chunk and collecting while its objects were still alive saved nothing. The caller's
-    collector state and the frozen objects are given back at the end, even a failed import's.
+    0.6-4 ms); a chunk with an error row can (an engine error's traceback holds the frame
+    that caught it, which holds the error), so it is swept at once, and any other garbage
+    waits at most ``_CHUNKS_PER_YOUNG_PASS`` chunks. Measured earlier and not kept: pausing
+    during each chunk and collecting while its objects were still alive saved nothing. The
+    caller's collector state and the frozen objects are given back at the end, even a failed
+    import's.
     """
     gc.freeze()
     enabled = gc.isenabled()

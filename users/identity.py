@@ -24,11 +24,10 @@ which serialises them outright.
 import json
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
-from typing import TypeVar
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -49,8 +48,6 @@ from .models import EndUser, MergeReason, Suppression, UserIdentity
 from .profile import SET_AT_FIELDS, UNSET, ProfileChanges, apply_changes, oldest_first
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 class IdentifyOutcome:
@@ -437,13 +434,8 @@ def _plan_of(state: _Batch, row: ProfileRow) -> tuple[EndUser | None, _IdentifyP
 _BULK_MIN_ROWS = 8
 
 
-def _write_back(state: _Batch, while_writing: Callable[[], T] | None = None) -> T | None:
-    """Creations, claims and updates of one batch: a few statements whatever its size.
-
-    ``while_writing``, if given, runs once the users have their ids, while the server inserts
-    the identities' last rows when they go by COPY (else after the writes): its result is
-    returned. It must not touch the database.
-    """
+def _write_back(state: _Batch) -> None:
+    """Creations, claims and updates of one batch: a few statements whatever its size."""
     now = timezone.now()
     for user in state.created:
         user.updated_at = now
@@ -463,15 +455,12 @@ def _write_back(state: _Batch, while_writing: Callable[[], T] | None = None) -> 
         identities_text = bulk.copy_in(state.created, while_finishing=identity_lines if copy_identities else None)
     else:
         EndUser.objects.bulk_create(state.created, batch_size=1000)
-    written = None
     if copy_identities:
-        written = copy_text(
+        copy_text(
             UserIdentity._meta.db_table,
             ("workspace_id", "user_id", "external_id", "created_at"),
             [identities_text if identities_text is not None else identity_lines()],
-            while_finishing=while_writing,
         )
-        while_writing = None
     else:
         UserIdentity.objects.bulk_create(
             [
@@ -488,7 +477,6 @@ def _write_back(state: _Batch, while_writing: Callable[[], T] | None = None) -> 
     else:
         for user in dirty:
             user.save(update_fields=bulk.PROFILE_COLUMNS)  # updated_at: auto_now
-    return while_writing() if while_writing is not None else written
 
 
 # --- Entry points ---------------------------------------------------------------------
@@ -750,16 +738,9 @@ def apply_profile_rows(
     reason: str = MergeReason.CSV,
     actor: str = "",
     one_at_a_time: bool = False,
-    while_writing: "Callable[[list[RowOutcome]], T] | None" = None,
-) -> "list[RowOutcome] | tuple[list[RowOutcome], T]":
+) -> list[RowOutcome]:
     """A batch of rows in one pass of the engine: a few queries per call, whatever its size.
     Runs in a savepoint, retried as a whole.
-
-    ``while_writing``: called with the outcomes (the created users' ids drawn) while the
-    server inserts the batch's last rows (the identities' COPY), so a caller's Python (the
-    CSV import's report of the batch) overlaps PostgreSQL's work; it must not touch the
-    database. Called again for each retry; what is returned is the pair (outcomes, its
-    result of the attempt that stuck). After the writes when there is nothing to overlap.
 
     ``one_at_a_time``: each row in a savepoint of its own, with a message's advisory locks:
     the reference the one-pass path is tested against (same outcomes). Either way a row
@@ -771,13 +752,12 @@ def apply_profile_rows(
     leaving two users flagged ``same_email`` instead of merged.
     """
     if one_at_a_time:
-        outcomes = _apply_rows_singly(workspace, rows, occurred_at, touched, reason, actor)
-        return outcomes if while_writing is None else (outcomes, while_writing(outcomes))
-    outcomes, newly_touched, written = run_with_retries(
-        lambda: _apply_rows_once(workspace, rows, occurred_at, touched, reason, actor, while_writing)
+        return _apply_rows_singly(workspace, rows, occurred_at, touched, reason, actor)
+    outcomes, newly_touched = run_with_retries(
+        lambda: _apply_rows_once(workspace, rows, occurred_at, touched, reason, actor)
     )
     touched.update(newly_touched)
-    return outcomes if while_writing is None else (outcomes, written)
+    return outcomes
 
 
 def _apply_rows_singly(workspace, rows, occurred_at, touched, reason, actor) -> list[RowOutcome]:
@@ -800,7 +780,7 @@ def _apply_rows_singly(workspace, rows, occurred_at, touched, reason, actor) -> 
     return outcomes
 
 
-def _apply_rows_once(workspace, rows, occurred_at, touched, reason, actor, while_writing=None):
+def _apply_rows_once(workspace, rows, occurred_at, touched, reason, actor):
     with transaction.atomic():
         state = _Batch(workspace, rows)
         planned: list[tuple[ProfileRow, RowOutcome]] = []
@@ -831,13 +811,14 @@ def _apply_rows_once(workspace, rows, occurred_at, touched, reason, actor, while
                 touched_here[id(user)] = row.label
             planned.append((row, result.as_result()))
 
-        outcomes: list[RowOutcome] = [outcome for _, outcome in planned]
-        written = _write_back(state, partial(while_writing, outcomes) if while_writing is not None else None)
+        _write_back(state)
         newly_touched: dict[int, str] = {}
+        outcomes: list[RowOutcome] = []
         for row, outcome in planned:
             if isinstance(outcome, IdentifyResult):
                 newly_touched.update((pk, row.label) for pk in _touched_by(outcome))
-        return outcomes, newly_touched, written
+            outcomes.append(outcome)
+        return outcomes, newly_touched
 
 
 # --- Track: resolving userIds in bulk --------------------------------------------------
