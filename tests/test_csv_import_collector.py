@@ -1,6 +1,5 @@
 """The paused collector's young passes during an import (``_older_objects_frozen``): after
-every ``_CHUNKS_PER_YOUNG_PASS``-th chunk, and after each chunk with an error row, whose
-garbage holds cycles (the caught error's traceback and the frame that caught it)."""
+every ``_CHUNKS_PER_YOUNG_PASS``-th chunk, and after each chunk with an error row."""
 
 import gc
 
@@ -38,7 +37,8 @@ def test_chunks_without_errors_are_swept_every_few_chunks(tenant, young_passes):
     chunks = 3 * csv_import._CHUNKS_PER_YOUNG_PASS + 1
     job = run_import(tenant.workspace, _file([f"u{i},N {i},u{i}@example.com" for i in range(chunks * CHUNK)]))
     assert job.status == "done" and job.applied and job.counts()["created"] == chunks * CHUNK
-    assert len(young_passes) == 3
+    # What makes the interval safe: chunks of rows that apply leave no cyclic garbage.
+    assert young_passes == [0, 0, 0]
 
 
 def test_each_chunk_with_an_error_row_is_swept_and_its_cycles_freed(tenant, young_passes):
@@ -49,11 +49,3 @@ def test_each_chunk_with_an_error_row_is_swept_and_its_cycles_freed(tenant, youn
     job = run_import(tenant.workspace, _file(rows))
     assert job.status == "done" and not job.applied and job.counts()["error"] == 4
     assert len(young_passes) == 4
-
-
-def test_a_chunk_with_an_engine_error_leaves_garbage_the_pass_frees(tenant, young_passes):
-    rows = [f"u{i},N {i},u{i}@example.com" for i in range(CHUNK - 1)] + ["u0,Again,again@example.com"]
-    job = run_import(tenant.workspace, _file(rows))
-    assert job.counts()["error"] == 1  # duplicate_row, raised and caught inside the engine
-    assert len(young_passes) == 1
-    assert young_passes[0] > 0

@@ -546,8 +546,7 @@ def _run(job: ImportJob, progress, row_by_row: bool) -> None:
                                 progress(processed, job.rows_total)
                             # The chunk's rows, users and outcomes released, the paused collector
                             # walks what the chunks left (_older_objects_frozen says why here):
-                            # after a chunk with an error row (a caught error's traceback holds
-                            # the chunk's frame in a cycle), else every few chunks.
+                            # after a chunk with an error row, else every few chunks.
                             del parsed, to_apply, outcomes
                             unswept += 1
                             if report.counts["error"] != errors_before or unswept == _CHUNKS_PER_YOUNG_PASS:
@@ -632,9 +631,9 @@ def _older_objects_frozen() -> Iterator[None]:
     alive at a pass, the chunks parsed ahead, are plain rows without cycles). A chunk of rows
     that apply leaves no cyclic garbage (round 13: every young pass of a 10,000-row import of
     creates freed 0 objects, walking the ≈ 5,000 objects of the chunks parsed ahead for
-    0.6-4 ms); a chunk with an error row can (an engine error's traceback holds the frame
-    that caught it, which holds the error), so it is swept at once, and any other garbage
-    waits at most ``_CHUNKS_PER_YOUNG_PASS`` chunks. Measured earlier and not kept: pausing
+    0.6-4 ms). A chunk with an error row is still swept at once, as a precaution (errors
+    are exceptions, whose tracebacks can hold cycles; none was found in the round 13 tests),
+    and any other garbage waits at most ``_CHUNKS_PER_YOUNG_PASS`` chunks. Measured earlier and not kept: pausing
     during each chunk and collecting while its objects were still alive saved nothing. The
     caller's collector state and the frozen objects are given back at the end, even a failed
     import's.
