@@ -32,20 +32,25 @@ IDENTITIES = UserIdentity._meta.db_table
 ROWS = 2000
 
 
+def _old_users(cursor, count: int) -> None:
+    """``count`` users of another workspace, made before the import, and their identities."""
+    other = make_tenant("Other").workspace
+    cursor.execute(
+        f"INSERT INTO {USERS} (workspace_id, user_id, name, email, email_key, billing_id, "
+        "billing_provider, audiences, created_at, updated_at) "
+        "SELECT %s, 'old' || g, '', '', '', '', '', '{}', now(), now() FROM generate_series(1, %s) g",
+        [other.pk, count],
+    )
+    cursor.execute(
+        f"INSERT INTO {IDENTITIES} (workspace_id, external_id, user_id, created_at) "
+        f"SELECT workspace_id, user_id, id, now() FROM {USERS}"
+    )
+
+
 def _analyse_empty_over_pages() -> None:
     """500 users and identities written and deleted, then analysed: 0 rows over pages."""
     with connection.cursor() as cursor:
-        other = make_tenant("Other").workspace
-        cursor.execute(
-            f"INSERT INTO {USERS} (workspace_id, user_id, name, email, email_key, billing_id, "
-            "billing_provider, audiences, created_at, updated_at) "
-            "SELECT %s, 'old' || g, '', '', '', '', '', '{}', now(), now() FROM generate_series(1, 500) g",
-            [other.pk],
-        )
-        cursor.execute(
-            f"INSERT INTO {IDENTITIES} (workspace_id, external_id, user_id, created_at) "
-            f"SELECT workspace_id, user_id, id, now() FROM {USERS}"
-        )
+        _old_users(cursor, 500)
         cursor.execute(f"DELETE FROM {IDENTITIES}")
         cursor.execute(f"DELETE FROM {USERS}")
         cursor.execute(f"ANALYZE {USERS}, {IDENTITIES}")
@@ -64,7 +69,11 @@ def _plans_sent_while(run) -> list[dict]:
     notices: list[str] = []
     connection.ensure_connection()
     raw = connection.connection
-    raw.add_notice_handler(lambda diagnostic: notices.append(diagnostic.message_primary or ""))
+
+    def collect(diagnostic) -> None:
+        notices.append(diagnostic.message_primary or "")
+
+    raw.add_notice_handler(collect)
     with connection.cursor() as cursor:
         cursor.execute("LOAD 'auto_explain'")
         for setting, value in (
@@ -79,7 +88,7 @@ def _plans_sent_while(run) -> list[dict]:
     finally:
         with connection.cursor() as cursor:
             cursor.execute("SET auto_explain.log_min_duration = -1")
-        raw._notice_handlers.clear()
+        raw.remove_notice_handler(collect)
     plans = []
     for notice in notices:
         _, _, body = notice.partition("duration:")
@@ -103,13 +112,7 @@ def _never_analysed() -> None:
 def _analysed_small() -> None:
     """Analysed when the install had 20 users; the import then adds many more."""
     with connection.cursor() as cursor:
-        other = make_tenant("Other").workspace
-        cursor.execute(
-            f"INSERT INTO {USERS} (workspace_id, user_id, name, email, email_key, billing_id, "
-            "billing_provider, audiences, created_at, updated_at) "
-            "SELECT %s, 'old' || g, '', '', '', '', '', '{}', now(), now() FROM generate_series(1, 20) g",
-            [other.pk],
-        )
+        _old_users(cursor, 20)
         cursor.execute(f"ANALYZE {USERS}, {IDENTITIES}")
 
 

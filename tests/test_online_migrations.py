@@ -50,38 +50,71 @@ def _index_waiting_for_a_lock(url: str) -> bool:
         return row[0] > 0
 
 
-def test_the_email_index_migration_lets_writes_to_the_users_table_go_on(scratch_database):
-    _migrate(scratch_database, "users", "0006")
-    with psycopg.connect(scratch_database) as long_writer:
-        # An open transaction that writes the users table, as an import chunk's does.
-        long_writer.execute("LOCK TABLE users_enduser IN ROW EXCLUSIVE MODE")
-        migration = _migrate(scratch_database, "users", "0007", wait=False)
+def _migrate_while_another_transaction_writes(url: str, app: str, target: str, table: str) -> None:
+    """Migrate ``app`` to ``target`` while a writer's transaction on ``table`` stays open, and
+    check that a second writer is not queued behind the migration's index statements."""
+    with psycopg.connect(url) as long_writer:
+        # An open transaction that writes the table, as an import chunk's or a track's does.
+        long_writer.execute(f"LOCK TABLE {table} IN ROW EXCLUSIVE MODE")
+        migration = _migrate(url, app, target, wait=False)
         try:
             wait_until(
-                lambda: _index_waiting_for_a_lock(scratch_database),
+                lambda: _index_waiting_for_a_lock(url),
                 timeout=120,
                 message="the migration's index statement waits for the open transaction",
             )
-            with psycopg.connect(scratch_database) as other_writer:
+            with psycopg.connect(url) as other_writer:
                 other_writer.execute("SET lock_timeout = '3s'")
                 # The lock every INSERT and UPDATE takes: a plain CREATE or DROP INDEX would queue
                 # it behind the migration (lock_timeout raises LockNotAvailable); CONCURRENTLY does not.
-                other_writer.execute("LOCK TABLE users_enduser IN ROW EXCLUSIVE MODE")
-                other_writer.execute("SELECT count(*) FROM users_enduser").fetchone()
+                other_writer.execute(f"LOCK TABLE {table} IN ROW EXCLUSIVE MODE")
+                other_writer.execute(f"SELECT count(*) FROM {table}").fetchone()
                 other_writer.rollback()
         finally:
             long_writer.rollback()
             output, _ = migration.communicate(timeout=300)
         assert migration.returncode == 0, output
-    with psycopg.connect(scratch_database) as check:
-        indexes = dict(
-            check.execute(
-                "SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-                "WHERE i.indrelid = 'users_enduser'::regclass"
-            ).fetchall()
-        )
-    assert indexes.get("enduser_email_ws_idx") is True
+
+
+def _indexes(url: str, table: str) -> dict[str, tuple[bool, str]]:
+    """The table's indexes: name -> (valid, definition)."""
+    with psycopg.connect(url) as check:
+        rows = check.execute(
+            "SELECT c.relname, i.indisvalid, pg_get_indexdef(i.indexrelid) FROM pg_index i "
+            "JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = %s::regclass",
+            [table],
+        ).fetchall()
+    return {name: (valid, definition) for name, valid, definition in rows}
+
+
+def test_the_email_index_migration_lets_writes_to_the_users_table_go_on(scratch_database):
+    _migrate(scratch_database, "users", "0006")
+    _migrate_while_another_transaction_writes(scratch_database, "users", "0007", "users_enduser")
+    indexes = _indexes(scratch_database, "users_enduser")
+    assert indexes["enduser_email_ws_idx"][0] is True
     assert "enduser_ws_email_idx" not in indexes
+
+
+def test_the_partial_rule_index_migration_lets_writes_to_the_usage_table_go_on(scratch_database):
+    _migrate(scratch_database, "features", "0010")
+    _migrate_while_another_transaction_writes(scratch_database, "features", "0011", "features_usage")
+    on_rule = {
+        name: (valid, definition)
+        for name, (valid, definition) in _indexes(scratch_database, "features_usage").items()
+        if "(rule_id)" in definition
+    }
+    # The partial index alone, valid; the full one dropped.
+    assert list(on_rule) == ["usage_rule_idx"], on_rule
+    valid, definition = on_rule["usage_rule_idx"]
+    assert valid is True and "WHERE (rule_id IS NOT NULL)" in definition
+
+
+def test_the_partial_rule_index_migration_reverses(scratch_database):
+    _migrate(scratch_database, "features", "0011")
+    _migrate(scratch_database, "features", "0010")
+    on_rule = [d for d in _indexes(scratch_database, "features_usage").values() if "(rule_id)" in d[1]]
+    assert len(on_rule) == 1 and "WHERE" not in on_rule[0][1], on_rule
+    _migrate(scratch_database, "features", "0011")
 
 
 def test_the_email_index_migration_reverses(scratch_database):
