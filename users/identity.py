@@ -170,27 +170,44 @@ class TouchedUsers:
             )
             return dict(cursor.fetchall())
 
-    def update(self, pairs: Iterable[tuple[int, str]]) -> None:
-        pairs = dict(pairs)
+    def update(self, pairs: Iterable[tuple[int, str]], *, created: Iterable[tuple[int, str]] = ()) -> None:
+        """Remember ``pairs`` (user pk -> label), a later pair of a pk replacing an earlier one.
+
+        ``created``: pairs of users these rows created, whose ids were just drawn from the
+        users' sequence, so no earlier pair can have them: they are inserted without
+        ``ON CONFLICT``, whose speculative insertion cost PostgreSQL ≈ 1 µs a pair more
+        (2.0 against 1.05 µs, 100 chunks of 1,000 pairs), on an import's every created user.
+        """
+        pairs, created = dict(pairs), dict(created)
         if self._memory is not None:
+            self._memory.update(created)
             self._memory.update(pairs)
             return
-        if not pairs:
+        if not pairs and not created:
             return
+        table = self._TABLE
+        statements, params = [], []
+        if created:
+            statements.append(f"INSERT INTO {table} (user_pk, label) SELECT * FROM unnest(%s::bigint[], %s::text[])")
+            params += [bulk.int_array(created), bulk.text_array(created.values())]
+        if pairs:
+            statements.append(
+                f"INSERT INTO {table} (user_pk, label) SELECT * FROM unnest(%s::bigint[], %s::text[]) "
+                "ON CONFLICT (user_pk) DO UPDATE SET label = EXCLUDED.label"
+            )
+            params += [bulk.int_array(pairs), bulk.text_array(pairs.values())]
+        # Both kinds in one statement (one round trip): the two sets of pks are disjoint.
+        sql = f"WITH created AS ({statements[0]}) {statements[1]}" if len(statements) == 2 else statements[0]
         with connection.cursor() as cursor:
             if not self._created:
                 # An earlier import in the same transaction (tests) may have left one.
                 cursor.execute(
-                    f"CREATE TEMP TABLE IF NOT EXISTS {self._TABLE} (user_pk bigint PRIMARY KEY, label text NOT NULL) "
+                    f"CREATE TEMP TABLE IF NOT EXISTS {table} (user_pk bigint PRIMARY KEY, label text NOT NULL) "
                     "ON COMMIT DROP"
                 )
-                cursor.execute(f"TRUNCATE {self._TABLE}")
+                cursor.execute(f"TRUNCATE {table}")
                 self._created = True
-            cursor.execute(
-                f"INSERT INTO {self._TABLE} (user_pk, label) SELECT * FROM unnest(%s::bigint[], %s::text[]) "
-                "ON CONFLICT (user_pk) DO UPDATE SET label = EXCLUDED.label",
-                [bulk.int_array(pairs), bulk.text_array(pairs.values())],
-            )
+            cursor.execute(sql, params)
 
 
 def _labels_of(touched: "dict[int, str] | TouchedUsers", pks: Iterable[int]) -> dict[int, str]:
@@ -753,10 +770,14 @@ def apply_profile_rows(
     """
     if one_at_a_time:
         return _apply_rows_singly(workspace, rows, occurred_at, touched, reason, actor)
-    outcomes, newly_touched = run_with_retries(
+    outcomes, newly_touched, created = run_with_retries(
         lambda: _apply_rows_once(workspace, rows, occurred_at, touched, reason, actor)
     )
-    touched.update(newly_touched)
+    if isinstance(touched, TouchedUsers):
+        touched.update(newly_touched, created=created)
+    else:
+        touched.update(created)
+        touched.update(newly_touched)
     return outcomes
 
 
@@ -812,13 +833,18 @@ def _apply_rows_once(workspace, rows, occurred_at, touched, reason, actor):
             planned.append((row, result.as_result()))
 
         _write_back(state)
+        # The users this batch created are kept apart: their ids are new (TouchedUsers.update).
         newly_touched: dict[int, str] = {}
+        created: dict[int, str] = {}
         outcomes: list[RowOutcome] = []
         for row, outcome in planned:
             if isinstance(outcome, IdentifyResult):
-                newly_touched.update((pk, row.label) for pk in _touched_by(outcome))
+                if outcome.outcome == IdentifyOutcome.CREATED:
+                    created[outcome.user.pk] = row.label
+                else:
+                    newly_touched.update((pk, row.label) for pk in _touched_by(outcome))
             outcomes.append(outcome)
-        return outcomes, newly_touched
+        return outcomes, newly_touched, created
 
 
 # --- Track: resolving userIds in bulk --------------------------------------------------
