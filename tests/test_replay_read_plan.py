@@ -101,6 +101,9 @@ def test_a_single_message_s_prepared_read_probes_unique_indexes_even_with_a_gene
     )
     name, prepare, execute = prepared._shape(sql)
     with connection.cursor() as cursor:
+        # An earlier test's track on this connection may have prepared the same statement.
+        cursor.execute("DEALLOCATE ALL")
+        prepared.forget_all()
         cursor.execute(prepare)
         try:
             cursor.execute("SET plan_cache_mode = force_generic_plan")
