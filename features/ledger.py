@@ -48,9 +48,16 @@ def record_usage_events(
     A messageId that another request stored meanwhile is skipped by the insert itself (it
     waits for that request to commit) and is not returned: its message is a replay. Rows go
     in messageId order, so concurrent batches replaying the same messages wait on each
-    other in one order, which cannot deadlock.
+    other in one order, which cannot deadlock. A messageId repeated in ``decided`` is stored
+    once, as its first copy: event and usage alike.
     """
-    decided = sorted(decided, key=lambda item: item[0].message_id)
+    first: dict[str, Decided] = {}
+    for item in decided:
+        first.setdefault(item[0].message_id, item)
+    # One row per messageId: each usage row is then for an event this statement inserts
+    # (``ev`` returns only those), one per feature (``Decision.usages``), so no (event,
+    # feature) can exist already and the usage insert needs no ``ON CONFLICT``.
+    decided = sorted(first.values(), key=lambda item: item[0].message_id)
     if connection.vendor != "postgresql":
         _insert_serialised(workspace, decided)
         return {m.message_id for m, _, _ in decided}
@@ -100,13 +107,6 @@ _INSERT_NEW_EVENTS_USAGE = f"""
     INSERT INTO {_USAGE_TABLE} (workspace_id, user_id, feature_id, event_id, rule_id, amount, occurred_at)
     SELECT %(ws)s, u.user_id, u.feature_id, ev.id, u.rule_id, u.amount, u.occurred_at
     FROM {{source}} AS u ({", ".join(_USAGE_STAGE_COLUMNS)}) JOIN ev USING (message_id)"""
-# Several messages may repeat a messageId: the usage rows of both copies join the one event
-# stored, and the second (event, feature) is skipped here.
-_INSERT_USAGE_FOR = (
-    _INSERT_NEW_EVENTS_USAGE
-    + """
-    ON CONFLICT (event_id, feature_id) DO NOTHING"""
-)
 
 
 def _event_row(
@@ -167,13 +167,12 @@ def _insert_returning(
     usages = _usage_rows(decided)
     if usages:
         usage_sql, usage_params = _values_sql(usages, _USAGE_VALUE_TYPES)
-        # One message: its usage rows are for the one event this statement has just inserted
-        # (``ev`` returns only rows it inserted), one per feature (``Decision.usages``), so no
-        # (event, feature) can exist already. Without ``ON CONFLICT`` the rows go in without a
-        # speculative insertion (its lock, the unique index probed first, a confirmation
-        # record in WAL): docs/performance.md, "Round 13: s1pg".
-        insert_usage = _INSERT_NEW_EVENTS_USAGE if len(decided) == 1 else _INSERT_USAGE_FOR
-        sql += ", used AS (" + insert_usage.format(source=f"({usage_sql})").replace("%(ws)s", "%s") + ")"
+        # Usage rows only for events this statement has just inserted, one per messageId and
+        # feature (``record_usage_events``), so no (event, feature) can exist already. Without
+        # ``ON CONFLICT`` the rows go in without a speculative insertion (its lock, the unique
+        # index probed first, a confirmation record in WAL): docs/performance.md, "Round 13:
+        # s1pg" and "Round 14: s3batch".
+        sql += ", used AS (" + _INSERT_NEW_EVENTS_USAGE.format(source=f"({usage_sql})").replace("%(ws)s", "%s") + ")"
         params += [workspace.pk, *usage_params]  # the workspace comes first in the usage SELECT
     sql += " SELECT message_id FROM ev"
     if prepare and len(decided) == 1 and len(usages) <= PREPARED_MAX_USAGES:
@@ -263,7 +262,7 @@ WITH ev AS (
     RETURNING id, message_id
 ),
 used AS ({
-    _INSERT_USAGE_FOR.format(
+    _INSERT_NEW_EVENTS_USAGE.format(
         source="(SELECT u->>0, (u->>1)::bigint, (u->>2)::bigint, (u->>3)::bigint, (u->>4)::numeric,"
         " (u->>5)::timestamptz FROM jsonb_array_elements(%(usages)s::jsonb) AS u)"
     )
@@ -316,10 +315,9 @@ def _insert_json_rows(
     # PostgreSQL a batch. The plan reads no table but the conflict arbiter's unique index,
     # so a generic plan cannot go stale as the tables grow.
     sql = prepared.statement(_JSON_ROWS_SQL) if prepare else _JSON_ROWS_SQL
-    with connection.cursor() as cursor:
-        # As in _insert_returning: a failed insert skips the COMMIT, for the caller's ROLLBACK.
-        cursor.execute(sql + pipelined.COMMIT if then_commit else sql, params)
-        return {message_id for (message_id,) in cursor.fetchall()}
+    # As in _insert_returning: a failed insert skips the COMMIT, for the caller's ROLLBACK;
+    # and on the kept cursor, as the run's first round trip (``lock_rules_shared_then_read``).
+    return {message_id for (message_id,) in kept_cursor.rows(sql + pipelined.COMMIT if then_commit else sql, params)}
 
 
 def _insert_serialised(workspace: Workspace, decided: list[Decided]) -> None:
@@ -379,11 +377,18 @@ def _text_array(values: set[str]) -> str:
 
 
 def _known_ids_sql(
-    workspace: Workspace, message_ids: set[str], user_ids: set[str], anonymous_ids: set[str], with_users: bool = False
+    workspace: Workspace,
+    message_ids: set[str],
+    user_ids: set[str],
+    anonymous_ids: set[str],
+    with_users: bool = False,
+    with_version: bool = False,
 ) -> tuple[str, list]:
     """One read for what a run asks before storing anything: which messageIds are stored
     (replays), which userIds are suppressed, which anonymousIds are linked to a userId. Each
-    branch is an indexed lookup on a unique constraint; rows are (value, kind, linked userId)."""
+    branch is an indexed lookup on a unique constraint; rows are (value, kind, linked userId).
+    ``with_version`` (PostgreSQL): one more row, the workspace's rules version, as
+    ``_single_known_ids_sql`` reads it."""
 
     # PostgreSQL: one array parameter per list, so the statement's text is the same for every
     # batch size (psycopg caches its parse of a short statement; splitting one with hundreds
@@ -398,10 +403,19 @@ def _known_ids_sql(
     # S3's PostgreSQL time, docs/performance.md "Round 5: s3batch"). Hidden, the workspace
     # counts as an average one, and a probe that finds ≤ 1 row costs less than any scan.
     # LIMIT 1 (the pair is unique) keeps each probe a parameterised subquery.
+    #
+    # The userIds' users (PostgreSQL) are probed the same way, one per userId. As
+    # ``external_id = ANY(array)`` the planner estimated the array's selectivity element by
+    # element against the column's statistics: ≈ 0.3 ms of planning for a batch's 100 userIds,
+    # more than running the read; and with the workspace's users counted, it chose between
+    # reading all of them (a 1,000-user workspace: 900 rows read and filtered away) and the
+    # probes (docs/performance.md, "Round 14: s3batch"). The suppressions stay a plain
+    # ``ANY``: a workspace has few, and their read plans in a fraction of that.
     as_array = connection.vendor == "postgresql"
+    probed = (_EVENT_TABLE, UserIdentity._meta.db_table)
 
     def branch(select: str, table: str, column: str, values: set[str]) -> tuple[str, list]:
-        if as_array and table == _EVENT_TABLE:
+        if as_array and table in probed:
             return (
                 f"SELECT found.* FROM unnest(%s::text[]) AS wanted(value), LATERAL (SELECT {select} FROM {table}"
                 f" WHERE workspace_id = (SELECT %s::bigint) AND {column} = wanted.value LIMIT 1) AS found",
@@ -424,11 +438,16 @@ def _known_ids_sql(
         sql, values_params = branch(select, table, column, values)
         branches.append(sql)
         params += values_params
+    if with_version:
+        branches.append(_VERSION_BRANCH)
+        params.append(workspace.pk)
     return " UNION ALL ".join(branches), params
 
 
-# The read's row that carries the workspace's rules version (``_single_known_ids_sql``).
+# The read's row that carries the workspace's rules version (``with_version``): the
+# workspace's primary key probed.
 _VERSION_KIND = 4
+_VERSION_BRANCH = f"SELECT rules_version::text, {_VERSION_KIND}, '' FROM {Workspace._meta.db_table} WHERE id = %s"
 
 
 def _single_known_ids_sql(
@@ -458,8 +477,7 @@ def _single_known_ids_sql(
     )
     params = [value for *_, value in wanted for value in (workspace.pk, value)]
     if with_version:
-        workspaces = Workspace._meta.db_table
-        sql += f" UNION ALL SELECT rules_version::text, {_VERSION_KIND}, '' FROM {workspaces} WHERE id = %s"
+        sql += " UNION ALL " + _VERSION_BRANCH
         params.append(workspace.pk)
     return sql, params
 
@@ -506,13 +524,14 @@ def lock_rules_and_find_replays(
     read also maps ``user_ids`` to their users (``KnownIds.users``). ``prepare``: one
     message's read is a prepared statement (``kana.db.prepared``); a caller that passes it
     re-runs its transaction once when ``prepared.is_missing`` its error."""
-    single = len(message_ids) == 1 and len(user_ids) <= 1 and len(anonymous_ids) <= 1
-    if prepare and single and connection.vendor == "postgresql":
+    if connection.vendor != "postgresql":
+        sql, params = _known_ids_sql(workspace, message_ids, user_ids, anonymous_ids, with_users)
+        version, rows = lock_rules_shared_and_read(workspace.pk, sql, params, begin=begin)
+        return version, _known_ids(rows, with_users)
+    if prepare and len(message_ids) == 1 and len(user_ids) <= 1 and len(anonymous_ids) <= 1:
         # A single message (Segment sends most one at a time): the form whose every plan is
         # a unique-index probe, prepared. Parsing and planning the array form was about half
         # of the read's PostgreSQL time (docs/performance.md, "Round 6: s1pg").
-        # The rules version is read by the same statement (a branch of its own), after the
-        # lock's statement as before: one statement fewer in the round trip.
         (message_id,) = message_ids
         sql, params = _single_known_ids_sql(
             workspace,
@@ -527,18 +546,20 @@ def lock_rules_and_find_replays(
         # database) may tie the unique index with a workspace-leading one at one estimated
         # row, and keep scanning with the latter as the events grow, until an ANALYZE.
         sql = prepared.statement(sql, replan_every=prepared.REPLAN_EVERY)
-        rows = lock_rules_shared_then_read(workspace.pk, sql, params, begin=begin)
-        version = next((int(value) for value, kind, _ in rows if kind == _VERSION_KIND), None)
-        if version is None:  # as ``lock_rules_shared`` would fail: no such workspace
-            raise Workspace.DoesNotExist(f"workspace {workspace.pk} does not exist")
-        return version, _known_ids([row for row in rows if row[1] != _VERSION_KIND], with_users)
-    # Not prepared: the array form's generic plan, once chosen while the tables are
-    # small, probes the (workspace, received_at) index and filters every event of the
-    # workspace until the next ANALYZE; measured 1.5 -> 4.7 ms of PostgreSQL per track as
-    # the table grew (docs/performance.md, "Round 5: s1prep").
-    sql, params = _known_ids_sql(workspace, message_ids, user_ids, anonymous_ids, with_users)
-    version, rows = lock_rules_shared_and_read(workspace.pk, sql, params, begin=begin)
-    return version, _known_ids(rows, with_users)
+    else:
+        # Not prepared: a generic plan of the array form, made once while the events were few
+        # (a new or emptied table), probes a workspace-leading index and filters every event
+        # of the workspace, for each messageId, until it is made again (docs/performance.md,
+        # "Round 5: s1prep" and "Round 14: s3batch"). Planned each time, it follows the
+        # table's size.
+        sql, params = _known_ids_sql(workspace, message_ids, user_ids, anonymous_ids, with_users, with_version=True)
+    # The rules version is read by the same statement (a branch of its own), after the lock's
+    # statement as before: one statement fewer in the round trip.
+    rows = lock_rules_shared_then_read(workspace.pk, sql, params, begin=begin)
+    version = next((int(value) for value, kind, _ in rows if kind == _VERSION_KIND), None)
+    if version is None:  # as ``lock_rules_shared`` would fail: no such workspace
+        raise Workspace.DoesNotExist(f"workspace {workspace.pk} does not exist")
+    return version, _known_ids([row for row in rows if row[1] != _VERSION_KIND], with_users)
 
 
 def known_ids(workspace: Workspace, message_ids: set[str], user_ids: set[str]) -> KnownIds:

@@ -275,6 +275,13 @@ def default_amount(properties: dict) -> Decimal | None:
     return parse_amount(properties.get("delta", 1))
 
 
+# The amount of an event without a delta (most events), read once: Decimals are immutable,
+# so every usage row may share it.
+_ONE = read_amount(1)
+
+
 def read_default_amount(properties: dict) -> Decimal:
     """``default_amount``, raising AmountError (which says why) when there is none."""
-    return read_amount(properties.get("delta", 1))
+    delta = properties.get("delta", _MISSING)
+    # Reading the 1 anew was a few µs per mapped event.
+    return _ONE if delta is _MISSING else read_amount(delta)

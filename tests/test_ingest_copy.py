@@ -17,9 +17,11 @@ from decimal import Decimal
 import pytest
 from django.db import connections, transaction
 
-from features.ledger import JSON_ROWS_MIN_EVENTS, _text_array
+from features.ledger import JSON_ROWS_MIN_EVENTS, _text_array, record_usage_events
+from features.mapping import Decision
 from features.models import Event, Usage
 from features.services import RuleDefinition, feature_create, rule_create
+from segment_ingest.messages import parse_message
 from users.models import EndUser
 
 from .conftest import requires_postgres
@@ -297,3 +299,58 @@ def test_the_replay_read_s_array_literal_keeps_every_value_as_sent(db):
     with connections["default"].cursor() as cursor:
         cursor.execute("SELECT unnest(%s::text[])", [_text_array(values)])
         assert {value for (value,) in cursor.fetchall()} == values
+
+
+@pytest.mark.parametrize("count", [2, JSON_ROWS_MIN_EVENTS, 100])
+def test_a_run_repeating_a_message_id_is_stored_as_its_first_copy(tenant, count):
+    """``ledger.record_usage_events`` stores one row per messageId, its first copy's: event and
+    usage alike (the usage insert relies on it: it has no ``ON CONFLICT`` to skip a second
+    (event, feature)). Before, both copies' usage rows joined the one event stored, which
+    could be the other copy's: an unmapped event with usage."""
+    feature = feature_create(workspace=tenant.workspace, key="exports")
+    user = EndUser.objects.create(workspace=tenant.workspace, user_id="dup-user")
+    received = datetime(2026, 1, 15, 10, 0, tzinfo=UTC)
+
+    def message(message_id: str, name: str):
+        payload = {"type": "track", "userId": "dup-user", "event": name, "messageId": message_id}
+        return parse_message(payload, received_at=received)
+
+    unmapped = Decision("unmapped", "no_matching_rule")
+    mapped = Decision("mapped", usages=[(feature.pk, Decimal("2"), None)])
+    decided = [(message("twice", "First Copy"), unmapped, user.pk), (message("twice", "Second Copy"), mapped, user.pk)]
+    decided += [(message(f"other-{n}", "Other"), mapped, user.pk) for n in range(count - 2)]
+    with transaction.atomic():
+        stored = record_usage_events(tenant.workspace, decided)
+    assert stored == {"twice", *(f"other-{n}" for n in range(count - 2))}
+    event = Event.objects.get(workspace=tenant.workspace, message_id="twice")
+    assert (event.name, event.status) == ("First Copy", "unmapped")
+    assert not Usage.objects.filter(event=event).exists()
+    assert Usage.objects.filter(workspace=tenant.workspace).count() == count - 2
+
+
+@pytest.mark.parametrize("count", [2, JSON_ROWS_MIN_EVENTS])
+def test_a_batch_maps_with_the_rules_of_the_version_it_read(segment, tenant, count):
+    """Each batch reads the rules version in its first round trip (with its replay read) and
+    maps with the rules of that version: a rule created between two batches maps the second,
+    at the default amount of 1 when the event has no delta."""
+    feature_create(workspace=tenant.workspace, key="exports")
+
+    def batch(prefix: str) -> list[dict]:
+        return [
+            {"type": "track", "userId": f"v-user-{i % 2}", "messageId": f"{prefix}-{i}", "event": "Report Exported"}
+            for i in range(count)
+        ]
+
+    assert segment.batch(batch("before")).json()["accepted"] == count
+    rule = rule_create(
+        workspace=tenant.workspace,
+        definition=RuleDefinition(name="Exports", feature_key="exports", event_name="Report Exported"),
+    )
+    assert segment.batch(batch("after")).json()["accepted"] == count
+    after = Event.objects.filter(message_id__startswith="after-")
+    assert sorted(after.values_list("status", flat=True)) == ["mapped"] * count
+    assert (
+        sorted(Usage.objects.filter(event__in=after).values_list("amount", "rule_id"))
+        == [(Decimal(1), rule.pk)] * count
+    )
+    # (The first batch's events are the rule's reprocessing's to map, after it commits.)

@@ -10,8 +10,9 @@ through a workspace-leading index and filtering them: a read that grew with the 
 import pytest
 from django.db import connection
 
-from features.ledger import _known_ids_sql, _single_known_ids_sql
+from features.ledger import _VERSION_KIND, _known_ids_sql, _single_known_ids_sql
 from kana.db import prepared
+from users.models import EndUser, UserIdentity
 
 from .conftest import make_tenant, requires_postgres
 
@@ -100,6 +101,9 @@ def test_a_single_message_s_prepared_read_probes_unique_indexes_even_with_a_gene
     )
     name, prepare, execute = prepared._shape(sql)
     with connection.cursor() as cursor:
+        # An earlier test's track on this connection may have prepared the same statement.
+        cursor.execute("DEALLOCATE ALL")
+        prepared.forget_all()
         cursor.execute(prepare)
         try:
             cursor.execute("SET plan_cache_mode = force_generic_plan")
@@ -125,3 +129,29 @@ def test_a_single_message_s_prepared_read_probes_unique_indexes_even_with_a_gene
         assert _indexes_of(node) == {_UNIQUE_INDEXES[node["Relation Name"]]}, node
         assert node.get("Rows Removed by Filter", 0) == 0, node
     assert rows == [("new-4999", 0, ""), (str(grown.workspace.rules_version), 4, "")]
+
+
+@requires_postgres
+def test_a_batch_s_read_probes_the_userids_it_was_sent_and_reads_no_other_user(tenant):
+    """The batch's read of its userIds' users (``with_users``) probes the (workspace, userId)
+    unique index once per userId, whatever the workspace holds: as ``= ANY(array)`` the
+    planner read all of a 1,000-user workspace's identities and filtered them."""
+    users = EndUser.objects.bulk_create(EndUser(workspace=tenant.workspace, user_id=f"u{i}") for i in range(1, 1001))
+    UserIdentity.objects.bulk_create(
+        UserIdentity(workspace=tenant.workspace, user=user, external_id=user.user_id) for user in users
+    )
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE users_useridentity")
+    sent = {f"u{i}" for i in range(1, 101)} | {"nobody"}
+    sql, params = _known_ids_sql(tenant.workspace, {"m-1", "m-2"}, sent, set(), with_users=True, with_version=True)
+    with connection.cursor() as cursor:
+        cursor.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params)
+        (plan,) = cursor.fetchone()[0]
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    (identities,) = [node for node in _scan_nodes(plan["Plan"]) if node["Relation Name"] == "users_useridentity"]
+    assert _indexes_of(identities) == {"identity_unique_external_id"}, identities
+    assert identities.get("Rows Removed by Filter", 0) == 0, identities
+    assert identities["Actual Loops"] == len(sent)  # one probe per userId sent
+    assert {value for value, kind, _ in rows if kind == 3} == sent - {"nobody"}
+    assert [value for value, kind, _ in rows if kind == _VERSION_KIND] == [str(tenant.workspace.rules_version)]

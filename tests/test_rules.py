@@ -7,7 +7,16 @@ import pytest
 
 from features.mapping import RuleSet, decide
 from features.models import Event, EventStatus, ReprocessingJob, UnmappedReason, Usage
-from features.rules import CompiledRule, InvalidRule, clean_conditions, condition_matches, parse_amount
+from features.rules import (
+    AmountError,
+    CompiledRule,
+    InvalidRule,
+    clean_conditions,
+    condition_matches,
+    parse_amount,
+    read_amount,
+    read_default_amount,
+)
 from features.selectors import reprocessing_of
 from features.services import FeatureError, RuleDefinition, rule_create, rule_delete, rule_update
 from tests.usage_support import T0, make_feature, make_rule, make_user, store_unmapped_events, usage_count, usage_total
@@ -434,3 +443,22 @@ def test_an_event_is_decided_as_if_every_rule_were_tried_in_order():
         (20, Decimal(1), 2),
     ]
     assert [r.rule_id for r in rule_set.rules_for("Other")] == [2, 3]
+
+
+@pytest.mark.parametrize(
+    "properties",
+    [{}, {"delta": 1}, {"delta": "1"}, {"delta": 2.5}, {"delta": None}, {"delta": "x"}, {"delta": True}, {"other": 3}],
+)
+def test_the_default_amount_is_the_delta_read_or_1(properties):
+    """``read_default_amount`` without a delta is the amount 1 read once (shared by every
+    event); with one, it reads it: the same value, or the same error, as reading the delta."""
+    expected = properties.get("delta", 1)
+    try:
+        wanted = read_amount(expected)
+    except AmountError as exc:
+        with pytest.raises(AmountError) as raised:
+            read_default_amount(properties)
+        assert raised.value.reason == exc.reason
+        return
+    got = read_default_amount(properties)
+    assert (got, str(got)) == (wanted, str(wanted))
