@@ -289,3 +289,15 @@ def test_message_rows_in_an_atomic_block_are_sent_as_one_message_in_its_transact
         second = _message_rows_without_text([kept_cursor.Statement(sql, [2], prepare=True)])
         (third,) = kept_cursor.rows("SELECT pg_current_xact_id()::text", [])
     assert first[0][0] == second[0][0] == third[0]
+
+
+@requires_postgres
+def test_a_pipeline_whose_results_are_left_unread_closes_its_connection():
+    kept_cursor.rows("SELECT 1", [])
+    raw = connection.connection
+    pipeline = kept_cursor._pipeline(raw.pgconn, [(None, b"SELECT pg_sleep(0.2)", [])])
+    next(pipeline)  # sent; now waiting for the result
+    pipeline.close()  # as when a wait is interrupted
+    assert raw.closed  # not left in pipeline mode for the next request
+    connection.close()
+    assert kept_cursor.rows("SELECT 2", []) == [(2,)]  # a new connection

@@ -18,7 +18,9 @@ query counts; ``execute_wrappers``: instrumentation), the statement goes through
 cursor as before, so it is logged and counted exactly as any other. Off PostgreSQL too.
 
 ``prepared_rows`` runs one prepared statement (``kana.db.prepared``) the same way, its values
-bound server-side rather than formatted by psycopg into an ``EXECUTE`` text.
+bound server-side rather than formatted by psycopg into an ``EXECUTE`` text; ``message_rows``
+the statements of one round trip (a single track's ``BEGIN``, lock and read; its insert and
+``COMMIT``) as one libpq pipeline, its prepared statements' values bound the same way.
 """
 
 import weakref
@@ -168,7 +170,12 @@ def _pipeline(pgconn, sent: list[tuple[bytes | None, bytes | None, list]]):
             results.extend(got)
     finally:
         if pgconn.pipeline_status:
-            pgconn.exit_pipeline_mode()
+            try:
+                pgconn.exit_pipeline_mode()
+            except errors.OperationalError:
+                # Results left unread (a wait interrupted): the session's state is unknown, so
+                # the connection is closed; Django opens a new one for the next request.
+                pgconn.finish()
 
 
 def _as_one_message(statements: list[Statement], result: int) -> list[tuple]:
