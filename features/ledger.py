@@ -11,6 +11,7 @@ Idempotency is the database's: ``(workspace, message_id)`` is unique on events a
 (``ON CONFLICT DO NOTHING``) rather than checking first and racing.
 """
 
+import functools
 import json
 from dataclasses import dataclass
 from datetime import timedelta
@@ -159,22 +160,11 @@ def _insert_returning(
     (``ON CONFLICT DO NOTHING``, which waits for that request to commit), so a replay race
     is decided by the database, not by retrying.
     """
-    events_sql, params = _values_sql([_event_row(workspace, m, d, u) for m, d, u in decided], _EVENT_VALUE_TYPES)
-    sql = (
-        f"WITH ev AS (INSERT INTO {_EVENT_TABLE} ({', '.join(_EVENT_COLUMNS)}) {events_sql}"
-        " ON CONFLICT (workspace_id, message_id) DO NOTHING RETURNING id, message_id)"
-    )
     usages = _usage_rows(decided)
+    sql = _insert_returning_sql(len(decided), len(usages))
+    params = [value for m, d, u in decided for value in _event_row(workspace, m, d, u)]
     if usages:
-        usage_sql, usage_params = _values_sql(usages, _USAGE_VALUE_TYPES)
-        # Usage rows only for events this statement has just inserted, one per messageId and
-        # feature (``record_usage_events``), so no (event, feature) can exist already. Without
-        # ``ON CONFLICT`` the rows go in without a speculative insertion (its lock, the unique
-        # index probed first, a confirmation record in WAL): docs/performance.md, "Round 13:
-        # s1pg" and "Round 14: s3batch".
-        sql += ", used AS (" + _INSERT_NEW_EVENTS_USAGE.format(source=f"({usage_sql})").replace("%(ws)s", "%s") + ")"
-        params += [workspace.pk, *usage_params]  # the workspace comes first in the usage SELECT
-    sql += " SELECT message_id FROM ev"
+        params += [workspace.pk, *(value for row in usages for value in row)]  # the workspace first in the usage SELECT
     # With the COMMIT in the same round trip: if the insert fails, PostgreSQL skips the
     # COMMIT and the transaction is left aborted, for the caller's ROLLBACK. On the kept
     # cursor (kana.db.kept_cursor): this is a single track's second round trip.
@@ -187,6 +177,27 @@ def _insert_returning(
             statements.append(kept_cursor.Statement("COMMIT"))
         return {message_id for (message_id,) in kept_cursor.message_rows(statements)}
     return {message_id for (message_id,) in kept_cursor.rows(sql + pipelined.COMMIT if then_commit else sql, params)}
+
+
+@functools.lru_cache(maxsize=256)
+def _insert_returning_sql(event_count: int, usage_count: int) -> str:
+    """``_insert_returning``'s statement for so many events and usage rows: its text depends on
+    the counts alone, so it is built once per process and shape (building it was ≈ 20 µs of a
+    single track's app CPU; fewer than ``JSON_ROWS_MIN_EVENTS`` events take this form)."""
+    events_sql, _ = _values_sql([()] * event_count, _EVENT_VALUE_TYPES)
+    sql = (
+        f"WITH ev AS (INSERT INTO {_EVENT_TABLE} ({', '.join(_EVENT_COLUMNS)}) {events_sql}"
+        " ON CONFLICT (workspace_id, message_id) DO NOTHING RETURNING id, message_id)"
+    )
+    if usage_count:
+        usage_sql, _ = _values_sql([()] * usage_count, _USAGE_VALUE_TYPES)
+        # Usage rows only for events this statement has just inserted, one per messageId and
+        # feature (``record_usage_events``), so no (event, feature) can exist already. Without
+        # ``ON CONFLICT`` the rows go in without a speculative insertion (its lock, the unique
+        # index probed first, a confirmation record in WAL): docs/performance.md, "Round 13:
+        # s1pg" and "Round 14: s3batch".
+        sql += ", used AS (" + _INSERT_NEW_EVENTS_USAGE.format(source=f"({usage_sql})").replace("%(ws)s", "%s") + ")"
+    return sql + " SELECT message_id FROM ev"
 
 
 def guarded_usage_event(
