@@ -11,6 +11,7 @@ Idempotency is the database's: ``(workspace, message_id)`` is unique on events a
 (``ON CONFLICT DO NOTHING``) rather than checking first and racing.
 """
 
+import functools
 import json
 from dataclasses import dataclass
 from datetime import timedelta
@@ -159,29 +160,44 @@ def _insert_returning(
     (``ON CONFLICT DO NOTHING``, which waits for that request to commit), so a replay race
     is decided by the database, not by retrying.
     """
-    events_sql, params = _values_sql([_event_row(workspace, m, d, u) for m, d, u in decided], _EVENT_VALUE_TYPES)
+    usages = _usage_rows(decided)
+    sql = _insert_returning_sql(len(decided), len(usages))
+    params = [value for m, d, u in decided for value in _event_row(workspace, m, d, u)]
+    if usages:
+        params += [workspace.pk, *(value for row in usages for value in row)]  # the workspace first in the usage SELECT
+    # With the COMMIT in the same round trip: if the insert fails, PostgreSQL skips the
+    # COMMIT and the transaction is left aborted, for the caller's ROLLBACK. On the kept
+    # cursor (kana.db.kept_cursor): this is a single track's second round trip.
+    if prepare and len(decided) == 1 and len(usages) <= PREPARED_MAX_USAGES:
+        # The single track's insert: parsing and planning it was half of its PostgreSQL time.
+        # Its values are bound server-side (``message_rows``): formatting them into an
+        # ``EXECUTE`` text was the largest part of the app's CPU in the track's statements.
+        statements = [kept_cursor.Statement(sql, params, prepare=True)]
+        if then_commit:
+            statements.append(kept_cursor.Statement("COMMIT"))
+        return {message_id for (message_id,) in kept_cursor.message_rows(statements)}
+    return {message_id for (message_id,) in kept_cursor.rows(sql + pipelined.COMMIT if then_commit else sql, params)}
+
+
+@functools.lru_cache(maxsize=256)
+def _insert_returning_sql(event_count: int, usage_count: int) -> str:
+    """``_insert_returning``'s statement for so many events and usage rows: its text depends on
+    the counts alone, so it is built once per process and shape (building it was ≈ 20 µs of a
+    single track's app CPU; fewer than ``JSON_ROWS_MIN_EVENTS`` events take this form)."""
+    events_sql, _ = _values_sql([()] * event_count, _EVENT_VALUE_TYPES)
     sql = (
         f"WITH ev AS (INSERT INTO {_EVENT_TABLE} ({', '.join(_EVENT_COLUMNS)}) {events_sql}"
         " ON CONFLICT (workspace_id, message_id) DO NOTHING RETURNING id, message_id)"
     )
-    usages = _usage_rows(decided)
-    if usages:
-        usage_sql, usage_params = _values_sql(usages, _USAGE_VALUE_TYPES)
+    if usage_count:
+        usage_sql, _ = _values_sql([()] * usage_count, _USAGE_VALUE_TYPES)
         # Usage rows only for events this statement has just inserted, one per messageId and
         # feature (``record_usage_events``), so no (event, feature) can exist already. Without
         # ``ON CONFLICT`` the rows go in without a speculative insertion (its lock, the unique
         # index probed first, a confirmation record in WAL): docs/performance.md, "Round 13:
         # s1pg" and "Round 14: s3batch".
         sql += ", used AS (" + _INSERT_NEW_EVENTS_USAGE.format(source=f"({usage_sql})").replace("%(ws)s", "%s") + ")"
-        params += [workspace.pk, *usage_params]  # the workspace comes first in the usage SELECT
-    sql += " SELECT message_id FROM ev"
-    if prepare and len(decided) == 1 and len(usages) <= PREPARED_MAX_USAGES:
-        # The single track's insert: parsing and planning it was half of its PostgreSQL time.
-        sql = prepared.statement(sql)
-    # With the COMMIT in the same message: if the insert fails, PostgreSQL skips the
-    # COMMIT and the transaction is left aborted, for the caller's ROLLBACK. On the kept
-    # cursor (kana.db.kept_cursor): this is a single track's second round trip.
-    return {message_id for (message_id,) in kept_cursor.rows(sql + pipelined.COMMIT if then_commit else sql, params)}
+    return sql + " SELECT message_id FROM ev"
 
 
 def guarded_usage_event(
@@ -545,7 +561,7 @@ def lock_rules_and_find_replays(
         # prepared.REPLAN_EVERY uses: a generic plan made while the events were few (a new
         # database) may tie the unique index with a workspace-leading one at one estimated
         # row, and keep scanning with the latter as the events grow, until an ANALYZE.
-        sql = prepared.statement(sql, replan_every=prepared.REPLAN_EVERY)
+        read = kept_cursor.Statement(sql, params, prepare=True, replan_every=prepared.REPLAN_EVERY)
     else:
         # Not prepared: a generic plan of the array form, made once while the events were few
         # (a new or emptied table), probes a workspace-leading index and filters every event
@@ -553,9 +569,10 @@ def lock_rules_and_find_replays(
         # "Round 5: s1prep" and "Round 14: s3batch"). Planned each time, it follows the
         # table's size.
         sql, params = _known_ids_sql(workspace, message_ids, user_ids, anonymous_ids, with_users, with_version=True)
+        read = kept_cursor.Statement(sql, params)
     # The rules version is read by the same statement (a branch of its own), after the lock's
     # statement as before: one statement fewer in the round trip.
-    rows = lock_rules_shared_then_read(workspace.pk, sql, params, begin=begin)
+    rows = lock_rules_shared_then_read(workspace.pk, read, begin=begin)
     version = next((int(value) for value, kind, _ in rows if kind == _VERSION_KIND), None)
     if version is None:  # as ``lock_rules_shared`` would fail: no such workspace
         raise Workspace.DoesNotExist(f"workspace {workspace.pk} does not exist")

@@ -116,9 +116,9 @@ def lock_rules_shared_and_read(
         return version, cursor.fetchall()
 
 
-def lock_rules_shared_then_read(workspace_id: int, sql: str, params: list, *, begin: bool = False) -> list[tuple]:
+def lock_rules_shared_then_read(workspace_id: int, read: kept_cursor.Statement, *, begin: bool = False) -> list[tuple]:
     """``lock_rules_shared_and_read`` for a read that reads the rules version itself: the
-    lock's statement, then ``sql``, in a single round trip; returns the read's rows.
+    lock's statement, then ``read``, in a single round trip; returns the read's rows.
 
     One statement fewer than ``lock_rules_shared_and_read`` (a single track's first round
     trip: its parsing, planning and execution were about a fifth of that round trip's
@@ -129,16 +129,13 @@ def lock_rules_shared_then_read(workspace_id: int, sql: str, params: list, *, be
     if not _is_postgres():
         lock_rules_shared(workspace_id)
         with connection.cursor() as cursor:
-            cursor.execute(sql, params)
+            cursor.execute(read.sql, read.params)
             return cursor.fetchall()
-    lock = "SELECT pg_advisory_xact_lock_shared(%s, %s); "
-    # A single track's first round trip: on the kept cursor (kana.db.kept_cursor). The read's
-    # result follows BEGIN's (if sent) and the lock's.
-    return kept_cursor.rows(
-        (pipelined.BEGIN if begin else "") + lock + sql,
-        [RULES_LOCK_NAMESPACE, workspace_id, *params],
-        result=2 if begin else 1,
-    )
+    lock = kept_cursor.Statement("SELECT pg_advisory_xact_lock_shared(%s, %s)", [RULES_LOCK_NAMESPACE, workspace_id])
+    # A single track's first round trip: on the kept cursor (kana.db.kept_cursor), a prepared
+    # read's values bound server-side. The read's result follows BEGIN's (if sent) and the lock's.
+    statements = [kept_cursor.Statement("BEGIN"), lock, read] if begin else [lock, read]
+    return kept_cursor.message_rows(statements, result=len(statements) - 1)
 
 
 def lock_keys_and_read(

@@ -122,6 +122,36 @@ def test_a_single_track_for_a_known_user_is_two_round_trips(warm):
 
 @requires_postgres
 @pytest.mark.django_db(transaction=True)
+def test_a_single_track_s_prepared_statements_have_their_values_bound_server_side(warm, monkeypatch):
+    """When Django logs nothing (production), the same two round trips go as pipelines
+    (kana.db.kept_cursor.message_rows): the lock's statement, then the read and the insert by
+    their prepared names with their values in Bind messages; no text for psycopg to format."""
+    from kana.db import kept_cursor
+
+    pipelines = []
+    original = kept_cursor._pipeline
+
+    def spy(pgconn, sent):
+        pipelines.append([(name, text) for name, text, _values in sent])
+        return original(pgconn, sent)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a single track's statement sent as text")
+
+    monkeypatch.setattr(kept_cursor, "_pipeline", spy)
+    monkeypatch.setattr(kept_cursor, "rows", refused)
+    response = warm.track("bound", "Report Exported", messageId="bound-1")
+    assert response.status_code == 200 and response.json()["status"] == "mapped", response.content
+    assert len(pipelines) == 2
+    (begin, lock, read), (insert, commit) = pipelines
+    assert begin == (None, b"BEGIN") and lock == (None, b"SELECT pg_advisory_xact_lock_shared($1, $2)")
+    assert read[0].startswith(b"kana_") and insert[0].startswith(b"kana_") and commit == (None, b"COMMIT")
+    assert not pipelined.in_transaction()
+    assert Usage.objects.filter(event__message_id="bound-1").count() == 1
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
 def test_a_single_track_s_first_round_trip_reads_the_rules_version_in_its_replay_read(warm):
     """Three statements: BEGIN, the shared rules lock, the prepared read (replays, the
     userId's suppression and user, the rules version); no rules-version SELECT of its own."""

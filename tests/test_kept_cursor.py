@@ -123,7 +123,7 @@ def test_prepared_rows_bind_every_kind_of_value_server_side_with_the_rows_of_the
 @requires_postgres
 def test_prepared_rows_leave_values_they_do_not_write_to_psycopg():
     sql = "SELECT %(flag)s::boolean, %(amount)s::numeric, %(naive)s::timestamptz"
-    params = {"flag": True, "amount": Decimal("1.50"), "naive": datetime(2026, 12, 3, 12)}
+    params = {"flag": True, "amount": Decimal("Infinity"), "naive": datetime(2026, 12, 3, 12)}
     assert kept_cursor.prepared_rows(sql, params) == kept_cursor.rows(prepared.statement(sql), params)
     for run in (kept_cursor.prepared_rows, lambda sql, params: kept_cursor.rows(prepared.statement(sql), params)):
         with pytest.raises(DataError):  # psycopg refuses a NUL in a text, as before
@@ -162,3 +162,142 @@ def test_prepared_rows_run_inside_the_callers_transaction(django_assert_num_quer
     assert outside[0][0] != first[0][0]
     with django_assert_num_queries(1):  # logged and counted as any statement whenever Django counts
         assert kept_cursor.prepared_rows(sql, {"n": 4})[0][1] == 4
+
+
+# --- message_rows: statements in one round trip, prepared ones' values bound server-side -----
+
+LOCK_SQL = "SELECT pg_advisory_xact_lock_shared(%s, %s)"
+POSITIONAL_KINDS_SQL = (
+    "SELECT %s::text, %s::varchar, %s::bigint, %s::int, %s::date, %s::timestamptz, %s::timestamptz, %s::text,"
+    " %s::numeric, %s::numeric"
+)
+
+
+def _positional_kinds() -> list:
+    return [*_kinds().values(), Decimal("1.000000000"), Decimal("-12.5E+3")]
+
+
+def _message_rows_without_text(statements, **kwargs):
+    """``message_rows`` where the text path (``rows``) fails: the rows came through the pipeline."""
+
+    def refused(*args, **kwargs):
+        raise AssertionError("sent as text")
+
+    original, kept_cursor.rows = kept_cursor.rows, refused
+    try:
+        return kept_cursor.message_rows(statements, **kwargs)
+    finally:
+        kept_cursor.rows = original
+
+
+@requires_postgres
+def test_message_rows_bind_every_kind_of_value_with_the_rows_of_the_one_message_text():
+    statements = [
+        kept_cursor.Statement("SELECT %s::int + 1", [1]),
+        kept_cursor.Statement(POSITIONAL_KINDS_SQL, _positional_kinds(), prepare=True),
+    ]
+    as_text = kept_cursor._as_one_message(statements, 1)
+    bound = _message_rows_without_text(statements, result=1)
+    assert bound == as_text
+    assert list(bound[0]) == [*_positional_kinds()[:7], None, *_positional_kinds()[8:]]
+    assert _message_rows_without_text(statements) == [(2,)]
+
+
+@requires_postgres
+def test_message_rows_leave_values_they_do_not_write_to_the_one_message_text():
+    sql = "SELECT %s::boolean, %s::numeric, %s::timestamptz"
+    params = [True, Decimal("Infinity"), datetime(2026, 12, 3, 12)]
+    seen = []
+    original = kept_cursor.rows
+
+    def spy(sql, params, *, result=0):
+        seen.append(sql)
+        return original(sql, params, result=result)
+
+    kept_cursor.rows = spy
+    try:
+        got = kept_cursor.message_rows([kept_cursor.Statement(sql, params, prepare=True)])
+    finally:
+        kept_cursor.rows = original
+    assert seen == [prepared.statement(sql)] and got == original(prepared.statement(sql), params)
+
+
+@requires_postgres
+def test_message_rows_open_and_commit_a_transaction_in_one_round_trip_each():
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE message_rows_probe (id integer PRIMARY KEY)")
+    try:
+        insert = kept_cursor.Statement("INSERT INTO message_rows_probe VALUES (%s) RETURNING id", [1], prepare=True)
+        rows = _message_rows_without_text(
+            [kept_cursor.Statement("BEGIN"), kept_cursor.Statement(LOCK_SQL, [1, 99]), insert], result=2
+        )
+        assert rows == [(1,)]
+        assert connection.connection.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+        with psycopg.connect(**connection.get_connection_params()) as other:
+            assert other.execute("SELECT count(*) FROM message_rows_probe").fetchone() == (0,)
+            held = other.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 99").fetchone()
+            assert held == (1,)  # the lock's statement ran, in the transaction
+        assert _message_rows_without_text([kept_cursor.Statement("COMMIT")]) == []
+        assert connection.connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        with psycopg.connect(**connection.get_connection_params()) as other:
+            assert other.execute("SELECT count(*) FROM message_rows_probe").fetchone() == (1,)
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("DROP TABLE message_rows_probe")
+
+
+@requires_postgres
+def test_a_failed_statement_skips_the_commit_after_it_and_leaves_the_transaction_aborted():
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE message_rows_probe (id integer PRIMARY KEY)")
+    try:
+        insert = kept_cursor.Statement("INSERT INTO message_rows_probe VALUES (%s) RETURNING id", [1], prepare=True)
+        kept_cursor.message_rows([insert])  # autocommit: stored
+        _message_rows_without_text([kept_cursor.Statement("BEGIN"), kept_cursor.Statement(LOCK_SQL, [1, 99])])
+        with pytest.raises(IntegrityError):  # Django's error class
+            _message_rows_without_text([insert, kept_cursor.Statement("COMMIT")])
+        # As after one message "EXECUTE …; COMMIT" whose EXECUTE failed: the caller rolls back.
+        assert connection.connection.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+        with connection.cursor() as cursor:
+            cursor.execute("ROLLBACK")
+        assert _message_rows_without_text([kept_cursor.Statement("SELECT %s::int", [5])]) == [(5,)]
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("DROP TABLE message_rows_probe")
+
+
+@requires_postgres
+def test_message_rows_report_a_discarded_statement_as_missing_and_prepare_it_again():
+    statements = [kept_cursor.Statement("SELECT 10 / %s::int", [5], prepare=True)]
+    assert kept_cursor.message_rows(statements) == [(2,)]
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")  # behind the registry's back
+    with pytest.raises(DatabaseError) as missing:
+        _message_rows_without_text(statements)
+    assert prepared.is_missing(missing.value)
+    prepared.forget_if_missing(missing.value)
+    assert _message_rows_without_text(statements) == [(2,)]
+
+
+@requires_postgres
+def test_message_rows_in_an_atomic_block_are_sent_as_one_message_in_its_transaction():
+    sql = "SELECT pg_current_xact_id()::text, %s::int"
+    kept_cursor.message_rows([kept_cursor.Statement(sql, [0], prepare=True)])  # prepared before
+    with transaction.atomic():
+        # psycopg has yet to send atomic's BEGIN: the statements go as text, after it.
+        first = kept_cursor.message_rows([kept_cursor.Statement(sql, [1], prepare=True)])
+        second = _message_rows_without_text([kept_cursor.Statement(sql, [2], prepare=True)])
+        (third,) = kept_cursor.rows("SELECT pg_current_xact_id()::text", [])
+    assert first[0][0] == second[0][0] == third[0]
+
+
+@requires_postgres
+def test_a_pipeline_whose_results_are_left_unread_closes_its_connection():
+    kept_cursor.rows("SELECT 1", [])
+    raw = connection.connection
+    pipeline = kept_cursor._pipeline(raw.pgconn, [(None, b"SELECT pg_sleep(0.2)", [])])
+    next(pipeline)  # sent; now waiting for the result
+    pipeline.close()  # as when a wait is interrupted
+    assert raw.closed  # not left in pipeline mode for the next request
+    connection.close()
+    assert kept_cursor.rows("SELECT 2", []) == [(2,)]  # a new connection

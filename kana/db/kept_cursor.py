@@ -18,11 +18,15 @@ query counts; ``execute_wrappers``: instrumentation), the statement goes through
 cursor as before, so it is logged and counted exactly as any other. Off PostgreSQL too.
 
 ``prepared_rows`` runs one prepared statement (``kana.db.prepared``) the same way, its values
-bound server-side rather than formatted by psycopg into an ``EXECUTE`` text.
+bound server-side rather than formatted by psycopg into an ``EXECUTE`` text; ``message_rows``
+the statements of one round trip (a single track's ``BEGIN``, lock and read; its insert and
+``COMMIT``) as one libpq pipeline, its prepared statements' values bound the same way.
 """
 
 import weakref
 from datetime import date, datetime
+from decimal import Decimal
+from typing import NamedTuple
 
 from django.db import DEFAULT_DB_ALIAS, connections
 from psycopg import errors, generators, pq
@@ -33,6 +37,9 @@ from . import prepared
 # psycopg connection -> (the kept cursor, the time zone it was made for).
 _kept: "weakref.WeakKeyDictionary[object, tuple[object, object]]" = weakref.WeakKeyDictionary()
 _TUPLES_OK = pq.ExecStatus.TUPLES_OK
+_COMMAND_OK = pq.ExecStatus.COMMAND_OK
+_PIPELINE_SYNC = pq.ExecStatus.PIPELINE_SYNC
+_PIPELINE_ABORTED = pq.ExecStatus.PIPELINE_ABORTED
 _IDLE = pq.TransactionStatus.IDLE
 
 
@@ -85,21 +92,116 @@ def prepared_rows(sql: str, params: dict) -> list[tuple]:
         return loader.load_rows(0, result.ntuples, tuple)
 
 
-def _texts(params: dict, order: tuple[str, ...] | int) -> list[bytes | None] | None:
+class Statement(NamedTuple):
+    """One statement of ``message_rows``, with its positional (``%s``) parameters: prepared on
+    the connection when ``prepare`` (``kana.db.prepared``; again every ``replan_every`` uses
+    when given), else sent with its text."""
+
+    sql: str
+    params: list | tuple = ()
+    prepare: bool = False
+    replan_every: int | None = None
+
+
+def message_rows(statements: list[Statement], *, result: int = 0) -> list[tuple]:
+    """The rows of statement ``result`` of ``statements``, run in order in one round trip, on
+    the default database, in the caller's transaction (a ``BEGIN`` among them opens it, a
+    ``COMMIT`` ends it).
+
+    Sent as one pipeline (libpq's pipeline mode: each statement's Bind and Execute, then one
+    Sync), every prepared statement's values bound server-side as ``prepared_rows`` binds
+    them: no ``EXECUTE name(…)`` text for psycopg to format and PostgreSQL to parse. The
+    statements run one after the other, each with its own snapshot, as in one
+    multi-statement message; a failed one skips the rest (a ``COMMIT`` after it too) and
+    leaves the transaction aborted, for the caller's ``ROLLBACK``, as in one message.
+
+    Sent as that one message instead (``rows`` of the ``EXECUTE`` texts joined) whenever
+    ``prepared_rows`` would fall back: statements logged or wrapped, not PostgreSQL, nothing
+    prepared, a transaction psycopg has yet to BEGIN, or a value whose text form
+    ``_texts`` does not write."""
+    db = connections[DEFAULT_DB_ALIAS]
+    if db.queries_logged or db.execute_wrappers or db.vendor != "postgresql":
+        return _as_one_message(statements, result)
+    sent = []
+    for statement in statements:
+        if statement.prepare:
+            found = prepared.bound(statement.sql, replan_every=statement.replan_every)
+            name = None if found is None else found[0].encode()
+        else:
+            found, name = (prepared.numbered(statement.sql), prepared.order(statement.sql)), None
+        values = None if found is None else _texts(statement.params, found[1])
+        if values is None:
+            return _as_one_message(statements, result)
+        sent.append((name, found[0].encode() if name is None else None, values))
+    _checked(db)
+    raw = db.connection
+    if not raw.autocommit and raw.pgconn.transaction_status == _IDLE:
+        return _as_one_message(statements, result)  # psycopg sends atomic's BEGIN with it
+    with db.wrap_database_errors:
+        cursor = _cursor(db)
+        with raw.lock:
+            results = raw.wait(_pipeline(raw.pgconn, sent))
+        for got in results:
+            if got.status not in (_TUPLES_OK, _COMMAND_OK, _PIPELINE_ABORTED):
+                raise errors.error_from_result(got, encoding="utf-8")  # Django's client_encoding
+        loader = Transformer.from_context(cursor)
+        loader.set_pgresult(results[result])
+        return loader.load_rows(0, results[result].ntuples, tuple)
+
+
+def _pipeline(pgconn, sent: list[tuple[bytes | None, bytes | None, list]]):
+    """A generator for ``connection.wait``: the statements (prepared statement's name, or
+    text; values) sent in pipeline mode and one Sync, every result read up to the Sync's;
+    returns one result per statement."""
+    pgconn.enter_pipeline_mode()
+    try:
+        for name, text, values in sent:
+            if name is None:
+                pgconn.send_query_params(text, values or None)
+            else:
+                pgconn.send_query_prepared(name, values)
+        pgconn.pipeline_sync()
+        yield from generators.send(pgconn)
+        results = []
+        while True:
+            got = yield from generators.fetch_many(pgconn)
+            if got and got[0].status == _PIPELINE_SYNC:
+                return results
+            results.extend(got)
+    finally:
+        if pgconn.pipeline_status:
+            try:
+                pgconn.exit_pipeline_mode()
+            except errors.OperationalError:
+                # Results left unread (a wait interrupted): the session's state is unknown, so
+                # the connection is closed; Django opens a new one for the next request.
+                pgconn.finish()
+
+
+def _as_one_message(statements: list[Statement], result: int) -> list[tuple]:
+    sql = "; ".join(prepared.statement(s.sql, replan_every=s.replan_every) if s.prepare else s.sql for s in statements)
+    return rows(sql, [value for s in statements for value in s.params], result=result)
+
+
+def _texts(params: dict | list | tuple, order: tuple[str, ...] | int) -> list[bytes | None] | None:
     """The values in ``$n`` order as the text PostgreSQL's input functions read, written as
     psycopg's text dumpers write them (``str``); None when one is of a type left to psycopg
-    (a bool, a naive datetime, a text with a NUL character that psycopg refuses…)."""
-    if isinstance(order, int):
-        return None
+    (a bool, a naive datetime, a text with a NUL character that psycopg refuses, a Decimal
+    NaN or infinity…). ``order``: the names of ``params`` in ``$n`` order, or (positional
+    ``params``) their count."""
     texts: list[bytes | None] = []
-    for name in order:
-        value = params[name]
+    for value in params if isinstance(order, int) else (params[name] for name in order):
         kind = type(value)
         if value is None:
             texts.append(None)
         elif kind is str and "\x00" not in value:
             texts.append(value.encode())  # UTF-8: the client_encoding Django connects with
-        elif kind is int or kind is date or (kind is datetime and value.utcoffset() is not None):
+        elif (
+            kind is int
+            or kind is date
+            or (kind is datetime and value.utcoffset() is not None)
+            or (kind is Decimal and value.is_finite())
+        ):
             texts.append(str(value).encode())
         else:
             return None
