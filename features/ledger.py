@@ -971,10 +971,17 @@ def void_event(*, event: Event, reason: str, voided_at) -> list[dict]:
 
 def reassign_user(*, workspace_id: int, absorbed_pk: int, survivor_pk: int) -> list[pipelined.Step]:
     """The statements that move the absorbed user's events and usage to the survivor: the
-    merge sends them in its own message (``users.signals.user_absorbed``)."""
-    params = [survivor_pk, workspace_id, absorbed_pk]
+    merge sends them in its own message (``users.signals.user_absorbed``).
+
+    ``workspace_id + 0``: the workspace is checked, not probed, so the user's own index is the
+    only one that answers. Statistics lag a workspace that grows fast (a new tenant, the
+    benchmark's S2): estimating its events at one row, the planner tied the workspace-only
+    ``(workspace_id, received_at)`` index with ``(workspace_id, user_id, …)`` and read every
+    event of the workspace to find the absorbed user's, on every merge (docs/performance.md,
+    "Round 14: s2conc")."""
+    params = [survivor_pk, absorbed_pk, workspace_id]
     return [
-        pipelined.Step(f"UPDATE {table} SET user_id = %s WHERE workspace_id = %s AND user_id = %s", params)
+        pipelined.Step(f"UPDATE {table} SET user_id = %s WHERE user_id = %s AND workspace_id + 0 = %s", params)
         for table in (_EVENT_TABLE, _USAGE_TABLE)
     ]
 

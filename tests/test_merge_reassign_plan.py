@@ -1,0 +1,74 @@
+"""A merge moves the absorbed user's events and usage by probing that user, whatever the statistics say.
+
+PostgreSQL's statistics lag a workspace that grows fast (a new tenant's first hours; the
+benchmark's S2, whose workspace starts without events). Estimating its events at about one
+row, the planner tied the workspace-only ``(workspace_id, received_at)`` index with the
+(workspace, user) one and, with it, read every event of the workspace to find the absorbed
+user's: a cost per merge that grew with the workspace (docs/performance.md, "Round 14: s2conc").
+"""
+
+import pytest
+from django.db import connection
+
+from features.ledger import reassign_user
+from features.models import Event
+from kana.db import prepared
+from users.models import EndUser
+
+from .conftest import make_tenant, requires_postgres
+
+
+def _scan_nodes(plan: dict):
+    if "Relation Name" in plan:
+        yield plan
+    for child in plan.get("Plans", []):
+        yield from _scan_nodes(child)
+
+
+def _store_events(workspace_id: int, prefix: str, count: int, user_pk: int | None) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO features_event (workspace_id, message_id, type, name, external_user_id, payload,"
+            " occurred_at, received_at, status, unmapped_reason, warnings, user_id)"
+            " SELECT %s, %s || g, 'track', 'Report Exported', '', '{}', now(), now(), 'unmapped', '', '[]', %s"
+            " FROM generate_series(1, %s) AS g",
+            [workspace_id, prefix, user_pk, count],
+        )
+
+
+@requires_postgres
+@pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
+def test_a_merge_moves_the_absorbed_user_s_events_without_reading_the_workspace_s_others(tenant, plan_cache_mode):
+    _store_events(tenant.workspace.pk, "old-", 300, None)
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE features_event")  # statistics from before the new tenant's events
+        cursor.execute("ANALYZE features_usage")
+    grown = make_tenant("Grown fast")
+    survivor, absorbed, other = (
+        EndUser.objects.create(workspace=grown.workspace, user_id=name) for name in ("survivor", "absorbed", "other")
+    )
+    _store_events(grown.workspace.pk, "other-", 5000, other.pk)
+    _store_events(grown.workspace.pk, "absorbed-", 3, absorbed.pk)
+    steps = reassign_user(workspace_id=grown.workspace.pk, absorbed_pk=absorbed.pk, survivor_pk=survivor.pk)
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")  # an earlier test may have prepared the same statements
+        prepared.forget_all()
+        cursor.execute(f"SET plan_cache_mode = {plan_cache_mode}")
+        try:
+            for step in steps:
+                name, prepare, execute = prepared._shape(step.sql)
+                cursor.execute(prepare)
+                cursor.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + execute, step.params)
+                (plan,) = cursor.fetchone()[0]
+                cursor.execute(f"DEALLOCATE {name}")
+                nodes = list(_scan_nodes(plan["Plan"]))
+                assert nodes
+                for node in nodes:
+                    # Only the absorbed user's rows are read: none of the workspace's others.
+                    assert node.get("Rows Removed by Filter", 0) == 0, node
+        finally:
+            cursor.execute("RESET plan_cache_mode")
+    # EXPLAIN ANALYZE ran the updates: the absorbed user's events are the survivor's now.
+    assert Event.objects.filter(user_id=survivor.pk).count() == 3
+    assert Event.objects.filter(user_id=absorbed.pk).count() == 0
+    assert Event.objects.filter(user_id=other.pk).count() == 5000
