@@ -222,48 +222,48 @@ def test_message_rows_leave_values_they_do_not_write_to_the_one_message_text():
     assert seen == [prepared.statement(sql)] and got == original(prepared.statement(sql), params)
 
 
-@requires_postgres
-def test_message_rows_open_and_commit_a_transaction_in_one_round_trip_each():
+@pytest.fixture
+def probe_insert():
+    """A scratch table's prepared INSERT of the row 1, the table dropped afterwards."""
     with connection.cursor() as cursor:
         cursor.execute("CREATE TABLE message_rows_probe (id integer PRIMARY KEY)")
     try:
-        insert = kept_cursor.Statement("INSERT INTO message_rows_probe VALUES (%s) RETURNING id", [1], prepare=True)
-        rows = _message_rows_without_text(
-            [kept_cursor.Statement("BEGIN"), kept_cursor.Statement(LOCK_SQL, [1, 99]), insert], result=2
-        )
-        assert rows == [(1,)]
-        assert connection.connection.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
-        with psycopg.connect(**connection.get_connection_params()) as other:
-            assert other.execute("SELECT count(*) FROM message_rows_probe").fetchone() == (0,)
-            held = other.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 99").fetchone()
-            assert held == (1,)  # the lock's statement ran, in the transaction
-        assert _message_rows_without_text([kept_cursor.Statement("COMMIT")]) == []
-        assert connection.connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-        with psycopg.connect(**connection.get_connection_params()) as other:
-            assert other.execute("SELECT count(*) FROM message_rows_probe").fetchone() == (1,)
+        yield kept_cursor.Statement("INSERT INTO message_rows_probe VALUES (%s) RETURNING id", [1], prepare=True)
     finally:
         with connection.cursor() as cursor:
             cursor.execute("DROP TABLE message_rows_probe")
 
 
 @requires_postgres
-def test_a_failed_statement_skips_the_commit_after_it_and_leaves_the_transaction_aborted():
+def test_message_rows_open_and_commit_a_transaction_in_one_round_trip_each(probe_insert):
+    insert = probe_insert
+    rows = _message_rows_without_text(
+        [kept_cursor.Statement("BEGIN"), kept_cursor.Statement(LOCK_SQL, [1, 99]), insert], result=2
+    )
+    assert rows == [(1,)]
+    assert connection.connection.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+    with psycopg.connect(**connection.get_connection_params()) as other:
+        assert other.execute("SELECT count(*) FROM message_rows_probe").fetchone() == (0,)
+        held = other.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 99").fetchone()
+        assert held == (1,)  # the lock's statement ran, in the transaction
+    assert _message_rows_without_text([kept_cursor.Statement("COMMIT")]) == []
+    assert connection.connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    with psycopg.connect(**connection.get_connection_params()) as other:
+        assert other.execute("SELECT count(*) FROM message_rows_probe").fetchone() == (1,)
+
+
+@requires_postgres
+def test_a_failed_statement_skips_the_commit_after_it_and_leaves_the_transaction_aborted(probe_insert):
+    insert = probe_insert
+    kept_cursor.message_rows([insert])  # autocommit: stored
+    _message_rows_without_text([kept_cursor.Statement("BEGIN"), kept_cursor.Statement(LOCK_SQL, [1, 99])])
+    with pytest.raises(IntegrityError):  # Django's error class
+        _message_rows_without_text([insert, kept_cursor.Statement("COMMIT")])
+    # As after one message "EXECUTE …; COMMIT" whose EXECUTE failed: the caller rolls back.
+    assert connection.connection.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
     with connection.cursor() as cursor:
-        cursor.execute("CREATE TABLE message_rows_probe (id integer PRIMARY KEY)")
-    try:
-        insert = kept_cursor.Statement("INSERT INTO message_rows_probe VALUES (%s) RETURNING id", [1], prepare=True)
-        kept_cursor.message_rows([insert])  # autocommit: stored
-        _message_rows_without_text([kept_cursor.Statement("BEGIN"), kept_cursor.Statement(LOCK_SQL, [1, 99])])
-        with pytest.raises(IntegrityError):  # Django's error class
-            _message_rows_without_text([insert, kept_cursor.Statement("COMMIT")])
-        # As after one message "EXECUTE …; COMMIT" whose EXECUTE failed: the caller rolls back.
-        assert connection.connection.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
-        with connection.cursor() as cursor:
-            cursor.execute("ROLLBACK")
-        assert _message_rows_without_text([kept_cursor.Statement("SELECT %s::int", [5])]) == [(5,)]
-    finally:
-        with connection.cursor() as cursor:
-            cursor.execute("DROP TABLE message_rows_probe")
+        cursor.execute("ROLLBACK")
+    assert _message_rows_without_text([kept_cursor.Statement("SELECT %s::int", [5])]) == [(5,)]
 
 
 @requires_postgres

@@ -216,6 +216,15 @@ def _labels_of(touched: "dict[int, str] | TouchedUsers", pks: Iterable[int]) -> 
     return {pk: touched[pk] for pk in pks if pk in touched}
 
 
+def _remember(touched: "dict[int, str] | TouchedUsers", pairs: dict[int, str], *, created: dict[int, str]) -> None:
+    """``touched`` learns ``pairs`` and the ``created`` users' pairs (``TouchedUsers.update``)."""
+    if isinstance(touched, TouchedUsers):
+        touched.update(pairs, created=created)
+    else:
+        touched.update(created)
+        touched.update(pairs)
+
+
 class _CreatedInThisPass(Exception):
     """A merge would absorb, or survive into, a user this pass created and has not written."""
 
@@ -773,11 +782,7 @@ def apply_profile_rows(
     outcomes, newly_touched, created = run_with_retries(
         lambda: _apply_rows_once(workspace, rows, occurred_at, touched, reason, actor)
     )
-    if isinstance(touched, TouchedUsers):
-        touched.update(newly_touched, created=created)
-    else:
-        touched.update(created)
-        touched.update(newly_touched)
+    _remember(touched, newly_touched, created=created)
     return outcomes
 
 

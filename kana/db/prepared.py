@@ -92,13 +92,13 @@ def _shape(sql: str) -> tuple[str, str, str]:
 def numbered(sql: str) -> str:
     """``sql`` with its parameters numbered ``$1``, ``$2``… as ``PREPARE`` receives it, for a
     caller that sends it unprepared with its values bound (``kana.db.kept_cursor.message_rows``);
-    the values go in ``_order``'s order."""
+    the values go in ``order``'s order."""
     name, prepare, _ = _shape(sql)
     return prepare.removeprefix(f"PREPARE {name} AS ")
 
 
 @functools.lru_cache(maxsize=256)
-def _order(sql: str) -> tuple[str, ...] | int:
+def order(sql: str) -> tuple[str, ...] | int:
     """A statement's parameters in ``$n`` order, as ``_shape`` numbers them: their names (a
     name used twice is one parameter), or how many positional ones."""
     names: list[str] = []
@@ -122,11 +122,6 @@ def statement(sql: str, *, replan_every: int | None = None) -> str:
     return sql if shape is None else shape[2]
 
 
-def order(sql: str) -> tuple[str, ...] | int:
-    """``sql``'s parameters in ``$n`` order: their names, or how many positional ones."""
-    return _order(sql)
-
-
 def bound(sql: str, *, replan_every: int | None = None) -> tuple[str, tuple[str, ...] | int] | None:
     """For a caller that binds the values server-side (``kana.db.kept_cursor.prepared_rows``
     and ``message_rows``): the name of ``sql``'s prepared statement on this connection,
@@ -134,7 +129,7 @@ def bound(sql: str, *, replan_every: int | None = None) -> tuple[str, tuple[str,
     ``$n`` order (their names, or how many positional ones); None when ``statement`` would
     send ``sql`` itself."""
     shape = _prepared_shape(sql, replan_every)
-    return None if shape is None else (shape[0], _order(sql))
+    return None if shape is None else (shape[0], order(sql))
 
 
 def _prepared_shape(sql: str, replan_every: int | None) -> tuple[str, str, str] | None:
