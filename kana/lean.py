@@ -100,8 +100,9 @@ def _only_djangos(receivers: list, djangos: frozenset) -> bool:
 
 class _Signals:
     """``request_started`` and ``request_finished`` for a lean request, their receivers'
-    work done directly while only Django's own are connected (a signal's dispatch and three
-    ``connections.all()``, each a walk through asgiref's ``Local``, were ≈ 50 µs a track).
+    work done directly while only Django's own are connected (the two dispatches, three
+    ``connections.all()`` and a ``caches.all()``, each a walk through asgiref's ``Local``, were
+    24 µs a request measured alone, 8 µs this way: docs/performance.md, "Round 15: s1lean").
 
     What those receivers do, done here in their order: at the start, every open connection's
     query log cleared (``reset_queries``) and the connection closed if it is past
