@@ -22,7 +22,7 @@ from django.db.models import ProtectedError
 from django.db.models.signals import pre_delete
 from django.dispatch import receiver
 
-from kana.db import kept_cursor, pipelined, prepared
+from kana.db import kept_cursor, on_postgres, pipelined, prepared
 from kana.locks import lock_rules_exclusive, lock_rules_shared_and_read, lock_rules_shared_then_read
 from kana.models import Workspace
 from users.models import AnonymousLink, Suppression, UserIdentity
@@ -59,7 +59,7 @@ def record_usage_events(
     # (``ev`` returns only those), one per feature (``Decision.usages``), so no (event,
     # feature) can exist already and the usage insert needs no ``ON CONFLICT``.
     decided = sorted(first.values(), key=lambda item: item[0].message_id)
-    if connection.vendor != "postgresql":
+    if not on_postgres():
         _insert_serialised(workspace, decided)
         return {m.message_id for m, _, _ in decided}
     if len(decided) >= JSON_ROWS_MIN_EVENTS:
@@ -540,7 +540,7 @@ def lock_rules_and_find_replays(
     read also maps ``user_ids`` to their users (``KnownIds.users``). ``prepare``: one
     message's read is a prepared statement (``kana.db.prepared``); a caller that passes it
     re-runs its transaction once when ``prepared.is_missing`` its error."""
-    if connection.vendor != "postgresql":
+    if not on_postgres():
         sql, params = _known_ids_sql(workspace, message_ids, user_ids, anonymous_ids, with_users)
         version, rows = lock_rules_shared_and_read(workspace.pk, sql, params, begin=begin)
         return version, _known_ids(rows, with_users)

@@ -8,7 +8,7 @@ import hashlib
 
 from django.db import connection
 
-from kana.db import kept_cursor, pipelined, prepared
+from kana.db import kept_cursor, on_postgres, pipelined, prepared
 
 # Namespaces for two-key advisory locks (PostgreSQL keeps the two-key space apart from the
 # one-key space, so these never collide with the identity-key locks below).
@@ -17,7 +17,7 @@ JOBS_LOCK_NAMESPACE = 2
 
 
 def _is_postgres() -> bool:
-    return connection.vendor == "postgresql"
+    return on_postgres()
 
 
 def lock_rules_shared(workspace_id: int) -> int:

@@ -3,10 +3,9 @@
 import hashlib
 import secrets
 import string
-import threading
+import time
 from dataclasses import dataclass
 
-from cachetools import TTLCache
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
@@ -57,8 +56,7 @@ def api_key_revoke(*, api_key: ApiKey, actor: str = "") -> None:
         if revoked:
             before = {"name": api_key.name, "prefix": api_key.prefix, "revoked": False}
             audit.record(api_key.workspace_id, actor, "key.revoke", api_key.pk, before=before, after={"revoked": True})
-    with _key_cache_lock:
-        _key_cache.clear()
+    _key_cache.clear()
 
 
 class WorkspaceError(DomainError):
@@ -120,17 +118,18 @@ def workspace_settings_update(*, workspace: Workspace, changes: dict, actor: str
             )
         for name, value in after.items():
             setattr(current, name, value)
-    with _key_cache_lock:
-        _key_cache.clear()
+    _key_cache.clear()
     return current
 
 
-# Per-process cache of key hash -> workspace. Only positive answers are cached, for
-# KANA_API_KEY_CACHE_SECONDS, so a revoked key stops working within that time on every
-# process (at once on the process that revoked it). TTLCache is not thread-safe: gthread
-# workers share it, hence the lock.
-_key_cache: TTLCache = TTLCache(maxsize=10_000, ttl=settings.KANA_API_KEY_CACHE_SECONDS)
-_key_cache_lock = threading.Lock()
+# Per-process cache of key hash -> (workspace, when the entry expires on the monotonic clock).
+# Only positive answers are cached, for KANA_API_KEY_CACHE_SECONDS, so a revoked key stops
+# working within that time on every process (at once on the process that revoked it: the
+# cache is cleared). A plain dict, read and written one operation at a time, which is atomic
+# for gthread workers' threads: no lock (cachetools' TTLCache needed one, and its expiry
+# bookkeeping and the lock were most of a cached lookup's cost on every track).
+_KEY_CACHE_MAX = 10_000
+_key_cache: dict[str, tuple[Workspace, float]] = {}
 
 
 def workspace_for_api_key(raw_key: str) -> Workspace | None:
@@ -140,16 +139,27 @@ def workspace_for_api_key(raw_key: str) -> Workspace | None:
     if not raw_key or len(raw_key) > 200 or not raw_key.isascii():
         return None
     key_hash = hash_api_key(raw_key)
-    with _key_cache_lock:
-        cached = _key_cache.get(key_hash)
-    if cached is not None:
-        return cached
+    cached = _key_cache.get(key_hash)
+    if cached is not None and time.monotonic() < cached[1]:
+        return cached[0]
     api_key = ApiKey.objects.select_related("workspace").filter(key_hash=key_hash, revoked_at__isnull=True).first()
     if api_key is None:
         return None
-    with _key_cache_lock:
-        _key_cache[key_hash] = api_key.workspace
+    now = time.monotonic()
+    if len(_key_cache) >= _KEY_CACHE_MAX:
+        _forget_expired(now)
+    _key_cache[key_hash] = (api_key.workspace, now + settings.KANA_API_KEY_CACHE_SECONDS)
     return api_key.workspace
+
+
+def _forget_expired(now: float) -> None:
+    """Room in a full key cache: the expired entries dropped, or all of them if none is
+    (a miss then reads one key again; TTLCache dropped its oldest)."""
+    for key_hash, (_, expires) in list(_key_cache.items()):
+        if expires <= now:
+            _key_cache.pop(key_hash, None)
+    if len(_key_cache) >= _KEY_CACHE_MAX:
+        _key_cache.clear()
 
 
 @transaction.atomic

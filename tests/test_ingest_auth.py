@@ -5,8 +5,11 @@ import gzip
 import hashlib
 import hmac
 import json
+import time
+from types import SimpleNamespace
 
 import pytest
+from django.utils import timezone
 
 from features.models import Event
 from kana.models import ApiKey
@@ -87,6 +90,38 @@ def test_a_revoked_key_stops_working_and_the_others_keep_working(segment, tenant
     assert response.status_code == 401 and response.json()["code"] == "invalid_api_key"
     ok(segment.post("/v1/track", TRACK, auth=f"Bearer {second}"))
     assert Event.objects.count() == 2
+
+
+def test_a_key_revoked_by_another_process_stops_working_once_its_cache_entry_expires(
+    segment, tenant, settings, monkeypatch
+):
+    from kana import services
+
+    ok(segment.post("/v1/track", TRACK))  # the key is now cached in this process
+    # Revoked by another process: this process's cache is not cleared, only its TTL ends it.
+    ApiKey.objects.filter(workspace=tenant.workspace).update(revoked_at=timezone.now())
+    ok(segment.post("/v1/track", TRACK))
+
+    later = time.monotonic() + settings.KANA_API_KEY_CACHE_SECONDS
+    monkeypatch.setattr(services, "time", SimpleNamespace(monotonic=lambda: later))
+    response = segment.post("/v1/track", TRACK)
+    assert response.status_code == 401 and response.json()["code"] == "invalid_api_key"
+    assert Event.objects.count() == 2
+
+
+def test_a_full_key_cache_still_answers_every_key_right(segment, tenant, monkeypatch):
+    from kana import services
+
+    monkeypatch.setattr(services, "_KEY_CACHE_MAX", 2)
+    keys = [tenant.key, *(api_key_issue(workspace=tenant.workspace, name=f"k{i}").raw_key for i in range(3))]
+    for _ in range(2):
+        for key in keys:
+            ok(segment.post("/v1/track", TRACK, auth=f"Bearer {key}"))
+    assert len(services._key_cache) <= 2
+    api_key_revoke(api_key=ApiKey.objects.get(workspace=tenant.workspace, name="k0"))
+    response = segment.post("/v1/track", TRACK, auth=f"Bearer {keys[1]}")
+    assert response.status_code == 401 and response.json()["code"] == "invalid_api_key"
+    assert Event.objects.count() == 8
 
 
 def test_the_key_is_checked_before_the_body_is_judged(segment, tenant):

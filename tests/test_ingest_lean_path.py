@@ -238,3 +238,89 @@ def test_a_failed_request_leaves_no_transaction_open():
     assert connection.connection is None
     assert _post_through_gunicorns_entry(tenant, _json(TRACK)) == 200
     assert Event.objects.count() == 1
+
+
+# --- The request signals' work on the lean path (kana.lean._Signals) -----------------------
+# With Django's own receivers alone (as in production and here: pytest-django leaves them
+# connected) the front does their work itself; these pin that the work still happens.
+
+
+@pytest.mark.django_db(transaction=True)  # the request's close_old_connections would end a test's transaction
+def test_a_request_clears_the_query_log_and_leaves_no_urlconf_set():
+    from django.urls import get_urlconf
+
+    from kana.wsgi import application
+
+    tenant = make_tenant()
+    connection.ensure_connection()
+    connection.queries_log.append({"sql": "left by an earlier request", "time": "0.000"})
+    assert _post_through_gunicorns_entry(tenant, _json(TRACK)) == 200
+    assert not any(q["sql"] == "left by an earlier request" for q in connection.queries_log)  # reset_queries
+
+    # A request Django answers (a GET: 405) sets the URLconf and its end resets it; a lean
+    # request after it finds none set and sets none.
+    environ = Client()._base_environ(PATH_INFO="/v1/track", REQUEST_METHOD="GET")
+    application(environ, lambda status, headers: None).close()
+    assert get_urlconf() is None
+    assert _post_through_gunicorns_entry(tenant, _json({**TRACK, "messageId": "m-2"})) == 200
+    assert get_urlconf() is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_other_receivers_get_the_signals_and_djangos_work_still_happens():
+    from django.core.signals import request_finished, request_started
+    from django.urls import get_urlconf, set_urlconf
+
+    tenant = make_tenant()
+    got = []
+
+    def started(sender, environ, **kwargs):
+        got.append(("started", sender, environ["PATH_INFO"]))
+
+    def finished(sender, **kwargs):
+        got.append(("finished", sender))
+
+    request_started.connect(started)
+    request_finished.connect(finished)
+    set_urlconf("left.by.an.earlier.request")
+    try:
+        assert _post_through_gunicorns_entry(tenant, _json(TRACK)) == 200
+        assert get_urlconf() is None  # Django's receivers ran too
+    finally:
+        request_started.disconnect(started)
+        request_finished.disconnect(finished)
+        set_urlconf(None)
+    assert [entry[0] for entry in got] == ["started", "finished"]
+    assert got[0][2] == "/v1/track" and got[0][1] is got[1][1] and issubclass(got[0][1], LeanApp)
+    # Disconnected again: the next request sends them to nobody else.
+    assert _post_through_gunicorns_entry(tenant, _json({**TRACK, "messageId": "m-2"})) == 200
+    assert len(got) == 2
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_connection_past_conn_max_age_is_closed_before_and_after_a_lean_request():
+    import time
+
+    tenant = make_tenant()
+    assert _post_through_gunicorns_entry(tenant, _json(TRACK)) == 200
+    old = connection.connection
+    assert old is not None and connection.close_at is not None  # persistent (CONN_MAX_AGE)
+
+    # Past its age when the request starts: closed first, the request runs on a new one.
+    connection.close_at = time.monotonic() - 1
+    assert _post_through_gunicorns_entry(tenant, _json({**TRACK, "messageId": "m-2"})) == 200
+    assert old.closed and connection.connection is not None and connection.connection is not old
+
+    # Past its age by the time the request ends: closed when it ends.
+    ingest = handlers.ingest_messages
+
+    def ages_the_connection(**kwargs):
+        outcomes = ingest(**kwargs)
+        connection.close_at = time.monotonic() - 1
+        return outcomes
+
+    with mock.patch.object(handlers, "ingest_messages", side_effect=ages_the_connection):
+        assert _post_through_gunicorns_entry(tenant, _json({**TRACK, "messageId": "m-3"})) == 200
+    assert connection.connection is None
+    assert Event.objects.count() == 3

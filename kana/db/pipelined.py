@@ -28,7 +28,8 @@ from psycopg import pq
 
 
 # Both run on every single track: the connection is looked up once (each attribute read
-# through Django's ``connection`` proxy looks it up again in asgiref's ``Local``).
+# through Django's ``connection`` proxy looks it up again in asgiref's ``Local``), and the
+# transaction status read from libpq's connection (``raw.info`` builds a ConnectionInfo).
 def available() -> bool:
     db = connections[DEFAULT_DB_ALIAS]
     return db.vendor == "postgresql" and db.get_autocommit() and not db.in_atomic_block
@@ -36,7 +37,7 @@ def available() -> bool:
 
 def in_transaction() -> bool:
     raw = connections[DEFAULT_DB_ALIAS].connection
-    return raw is not None and not raw.closed and raw.info.transaction_status != pq.TransactionStatus.IDLE
+    return raw is not None and not raw.closed and raw.pgconn.transaction_status != pq.TransactionStatus.IDLE
 
 
 @dataclass(frozen=True)

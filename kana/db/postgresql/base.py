@@ -28,9 +28,12 @@ def socket_says_alive(connection) -> bool:
     """True when an idle psycopg connection looks usable without sending anything."""
     if connection is None or connection.closed or connection.broken:
         return False
-    if connection.pgconn.status != pq.ConnStatus.OK:
+    # Read from libpq's connection: ``connection.info`` builds a ConnectionInfo per read
+    # (about half of this check's Python, once a request).
+    pgconn = connection.pgconn
+    if pgconn.status != pq.ConnStatus.OK:
         return False
-    if connection.info.transaction_status != pq.TransactionStatus.IDLE:
+    if pgconn.transaction_status != pq.TransactionStatus.IDLE:
         return False  # a request left a transaction open: not reusable as it is
     try:
         readable, _, _ = select.select([connection.fileno()], [], [], 0)
