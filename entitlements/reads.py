@@ -43,11 +43,11 @@ WITH f AS (
     ORDER BY id LIMIT 1
 ), m AS (
     SELECT coalesce(array_agg(group_id ORDER BY group_id), '{{}}') AS pks FROM {GroupMembership._meta.db_table}
-    WHERE workspace_id = %(ws)s AND user_id = (SELECT pk FROM u)
+    WHERE workspace_id + 0 = %(ws)s AND user_id = (SELECT pk FROM u)
 ), s AS (
     SELECT s.id, s.user_id, s.group_id, s.package_id, s.status, s.started_at
     FROM {Subscription._meta.db_table} s, m
-    WHERE s.workspace_id = %(ws)s
+    WHERE s.workspace_id + 0 = %(ws)s
       AND (s.user_id = (SELECT pk FROM u) OR s.group_id = ANY (m.pks) OR s.group_id = (SELECT pk FROM g))
 )
 SELECT (SELECT id FROM f), (SELECT type FROM f), (SELECT archived_at FROM f), (SELECT pk FROM u),
@@ -59,6 +59,14 @@ LEFT JOIN s ON true
 LEFT JOIN {PackageFeature._meta.db_table} pf
     ON pf.workspace_id = %(ws)s AND pf.package_id = s.package_id AND pf.feature_id = (SELECT id FROM f)
 """
+
+
+# The memberships and subscriptions are found by the subject's own indexes, the workspace
+# checked, not probed (``workspace_id + 0``): a plan made with the values (a prepared
+# statement's first five, or every check when connections are not kept) puts a workspace
+# newer than the statistics at one row, and its workspace-only index then ties with the
+# subject's and wins, the check reading every subscription of the workspace
+# (docs/performance.md, "Round 15: s2ties"). The generic plan probed the subject's already.
 
 
 def available() -> bool:

@@ -20,26 +20,33 @@ def follow_absorbed_user(
     subscription is noted, so that undoing the merge hands it back.
 
     As statements the merge sends in its own message (``users.signals.user_absorbed``): the
-    notes are taken from the subscriptions before they move (the statements run in order)."""
+    notes are taken from the subscriptions before they move (the statements run in order).
+
+    The user's rows are found by the user's own index, the workspace checked, not probed
+    (``workspace_id + 0``), and the holds by subject with the workspace hidden from the planner
+    (a sub-select): given a workspace newer than the statistics, the planner puts its rows at
+    one, and the workspace-only index ties with the right one and wins, each merge then reading
+    every subscription or hold of the workspace (docs/performance.md, "Round 15: s2ties")."""
     now = connection.ops.adapt_datetimefield_value(timezone.now())
     absorbed_subject, survivor_subject = subject_key(user_pk=absorbed_pk), subject_key(user_pk=survivor_pk)
     return [
         pipelined.Step(
             f"INSERT INTO {_MOVES} (workspace_id, subscription_id, from_user_key, to_user_key, created_at) "
             f"SELECT workspace_id, id, %s, %s, %s FROM {_SUBSCRIPTIONS} "
-            "WHERE workspace_id = %s AND user_id = %s ORDER BY id",
-            [absorbed_pk, survivor_pk, now, workspace_id, absorbed_pk],
+            "WHERE user_id = %s AND workspace_id + 0 = %s ORDER BY id",
+            [absorbed_pk, survivor_pk, now, absorbed_pk, workspace_id],
         ),
         pipelined.Step(
-            f"UPDATE {_SUBSCRIPTIONS} SET user_id = %s, updated_at = %s WHERE workspace_id = %s AND user_id = %s",
-            [survivor_pk, now, workspace_id, absorbed_pk],
+            f"UPDATE {_SUBSCRIPTIONS} SET user_id = %s, updated_at = %s WHERE user_id = %s AND workspace_id + 0 = %s",
+            [survivor_pk, now, absorbed_pk, workspace_id],
         ),
         pipelined.Step(
-            f"UPDATE {_RESERVATIONS} SET user_id = %s WHERE workspace_id = %s AND user_id = %s",
-            [survivor_pk, workspace_id, absorbed_pk],
+            f"UPDATE {_RESERVATIONS} SET user_id = %s WHERE user_id = %s AND workspace_id + 0 = %s",
+            [survivor_pk, absorbed_pk, workspace_id],
         ),
         pipelined.Step(
-            f"UPDATE {_RESERVATIONS} SET subject = %s WHERE workspace_id = %s AND subject = %s",
+            f"UPDATE {_RESERVATIONS} SET subject = %s "
+            "WHERE workspace_id = (SELECT CAST(%s AS bigint)) AND subject = %s",
             [survivor_subject, workspace_id, absorbed_subject],
         ),
     ]

@@ -481,6 +481,12 @@ def _single_known_ids_sql(
     ``lock_rules_and_find_replays``). The users' tables have no other workspace index
     (users migrations 0005 and 0006). Rows are ``_known_ids_sql``'s; ``with_version``: one
     more, ``(rules_version as text, _VERSION_KIND, '')``, the workspace's primary key probed."""
+    # The events' workspace is hidden from the planner (a sub-select), as in ``_known_ids_sql``:
+    # a prepared statement's first five plans (and the five after each ``replan_every``) are
+    # custom, made with the values; given a workspace newer than the statistics, the planner
+    # puts its events at one row, the workspace-only ``(workspace, received_at)`` index ties
+    # with the unique one and wins (a smaller index), and each of those runs read every event
+    # of the workspace (docs/performance.md, "Round 15: s2ties").
     wanted = [("message_id, 0, ''", _EVENT_TABLE, "message_id", message_id)]
     if user_id is not None:
         wanted.append(("user_id, 1, ''", Suppression._meta.db_table, "user_id", user_id))
@@ -489,7 +495,9 @@ def _single_known_ids_sql(
     if with_users and user_id is not None:
         wanted.append(("external_id, 3, user_id::text", UserIdentity._meta.db_table, "external_id", user_id))
     sql = " UNION ALL ".join(
-        f"SELECT {select} FROM {table} WHERE workspace_id = %s AND {column} = %s" for select, table, column, _ in wanted
+        f"SELECT {select} FROM {table} WHERE workspace_id = {'(SELECT %s::bigint)' if table == _EVENT_TABLE else '%s'}"
+        f" AND {column} = %s"
+        for select, table, column, _ in wanted
     )
     params = [value for *_, value in wanted for value in (workspace.pk, value)]
     if with_version:

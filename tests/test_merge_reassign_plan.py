@@ -10,8 +10,11 @@ user's: a cost per merge that grew with the workspace (docs/performance.md, "Rou
 import pytest
 from django.db import connection
 
+from entitlements.models import Package, Reservation, Subscription, SubscriptionMove
+from entitlements.receivers import follow_absorbed_user
+from entitlements.services import subject_key
 from features.ledger import reassign_user
-from features.models import Event
+from features.models import Event, Feature
 from kana.db import prepared
 from users.models import EndUser
 
@@ -72,3 +75,73 @@ def test_a_merge_moves_the_absorbed_user_s_events_without_reading_the_workspace_
     assert Event.objects.filter(user_id=survivor.pk).count() == 3
     assert Event.objects.filter(user_id=absorbed.pk).count() == 0
     assert Event.objects.filter(user_id=other.pk).count() == 5000
+
+
+def _store_subscriptions_and_holds(workspace_id: int, user_pk: int, count: int) -> None:
+    """``count`` subscriptions and holds of one user (a package and a feature of their own)."""
+    package = Package.objects.create(workspace_id=workspace_id, key=f"plan-{user_pk}")
+    feature = Feature.objects.create(workspace_id=workspace_id, key=f"feature-{user_pk}")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO entitlements_subscription (workspace_id, user_id, package_id, status, started_at,"
+            " created_at, updated_at) SELECT %s, %s, %s, 'active', now(), now(), now() FROM generate_series(1, %s)",
+            [workspace_id, user_pk, package.pk, count],
+        )
+        cursor.execute(
+            "INSERT INTO entitlements_reservation (workspace_id, user_id, subject, feature_id, amount, status,"
+            " idempotency_key, expires_at, created_at) SELECT %s, %s, %s, %s, 1, 'held', %s || g, now(), now()"
+            " FROM generate_series(1, %s) AS g",
+            [workspace_id, user_pk, subject_key(user_pk=user_pk), feature.pk, f"hold-{user_pk}-", count],
+        )
+
+
+@requires_postgres
+@pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
+def test_a_merge_moves_the_absorbed_user_s_subscriptions_and_holds_without_reading_the_workspace_s_others(
+    tenant, plan_cache_mode
+):
+    """The entitlements' receiver of a merge (its four statements) reads the absorbed user's
+    subscriptions and holds only, with statistics from before the workspace's: a custom plan
+    that knew the workspace tied the workspace-only indexes with the user's (or the subject's)
+    and read every subscription and hold of the workspace (docs/performance.md, "Round 15: s2ties")."""
+    for old in EndUser.objects.bulk_create(EndUser(workspace=tenant.workspace, user_id=f"old-{i}") for i in range(100)):
+        _store_subscriptions_and_holds(tenant.workspace.pk, old.pk, 3)
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE entitlements_subscription")  # statistics from before the new tenant's rows
+        cursor.execute("ANALYZE entitlements_reservation")
+    grown = make_tenant("Grown fast")
+    survivor, absorbed, other = (
+        EndUser.objects.create(workspace=grown.workspace, user_id=name) for name in ("survivor", "absorbed", "other")
+    )
+    _store_subscriptions_and_holds(grown.workspace.pk, other.pk, 5000)
+    _store_subscriptions_and_holds(grown.workspace.pk, absorbed.pk, 3)
+    steps = follow_absorbed_user(
+        EndUser, workspace_id=grown.workspace.pk, absorbed_pk=absorbed.pk, survivor_pk=survivor.pk
+    )
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")  # an earlier test may have prepared the same statements
+        prepared.forget_all()
+        cursor.execute(f"SET plan_cache_mode = {plan_cache_mode}")
+        try:
+            for step in steps:
+                name, prepare, execute = prepared._shape(step.sql)
+                cursor.execute(prepare)
+                cursor.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + execute, step.params)
+                (plan,) = cursor.fetchone()[0]
+                cursor.execute(f"DEALLOCATE {name}")
+                nodes = [
+                    node
+                    for node in _scan_nodes(plan["Plan"])
+                    if node["Relation Name"] != "entitlements_subscriptionmove"
+                ]
+                assert nodes
+                for node in nodes:
+                    # Only the absorbed user's rows are read: none of the workspace's others.
+                    assert node.get("Rows Removed by Filter", 0) == 0, node
+        finally:
+            cursor.execute("RESET plan_cache_mode")
+    # EXPLAIN ANALYZE ran the statements: the absorbed user's subscriptions and holds are the survivor's.
+    assert Subscription.objects.filter(user_id=survivor.pk).count() == 3
+    assert SubscriptionMove.objects.filter(workspace=grown.workspace, from_user_key=absorbed.pk).count() == 3
+    assert Reservation.objects.filter(user_id=survivor.pk, subject=subject_key(user_pk=survivor.pk)).count() == 3
+    assert Reservation.objects.filter(user_id=other.pk, subject=subject_key(user_pk=other.pk)).count() == 5000
