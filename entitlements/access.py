@@ -520,7 +520,7 @@ def consume(
     """Check and record in one atomic step: never overspends a hard limit, whatever the
     concurrency. Returns (answer, replayed). A refusal records nothing (and keeps the key free).
 
-    Three round trips on PostgreSQL outside any transaction (``_consume_pipelined``)."""
+    Two round trips on PostgreSQL outside any transaction (``_consume_pipelined``)."""
     if pipelined.available():
         return _consume_pipelined(
             workspace, user_id=user_id, feature_key=feature_key, delta=delta, idempotency_key=idempotency_key
@@ -673,7 +673,8 @@ def _consume_pipelined(
 
     1. ``reads.offers`` (autocommit): the feature, the user, its groups, its subscriptions and
        their packages' rows for the feature: the offer and its period are chosen from them;
-    2. one message: ``BEGIN``, the idempotency lookup, the budget's advisory locks, then one
+    2. one message (a libpq pipeline, its values bound server-side: ``kept_cursor.message_results``):
+       ``BEGIN``, the idempotency lookup, the budget's advisory locks, then one
        statement that reads the period's used and held amounts (``reads.budget_statement``)
        and stores the usage they grant (``_budget_and_record``), and ``COMMIT``. The locks
        are held only while the server runs the rest of that message: no client round trip,
@@ -686,6 +687,9 @@ def _consume_pipelined(
     (what a replay answers) is the Python-rendered one with the consumption filled in by SQL
     (``_GRANTED_PAYLOAD``). tests/test_entitlement_reads.py holds the answers, first and
     replayed, equal to the ORM path's.
+
+    A budget this process last found spent (``_SPENT``) is first read with the idempotency
+    lookup in one statement outside any transaction (``_STORED_AND_BUDGET``): no lock, no insert.
 
     The usage is recorded at the time its budget was read (``now``), so it lands in the period
     it was checked against even when the locks waited across a period boundary.
