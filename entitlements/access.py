@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import NamedTuple
 
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, transaction
 from django.db.models import Q, Sum
 from django.utils import timezone
 
@@ -27,7 +27,7 @@ from features import counters, ledger
 from features.incoming import Message
 from features.mapping import Decision
 from features.models import Event, EventStatus, Feature, FeatureType, MessageType
-from kana.db import pipelined
+from kana.db import kept_cursor, pipelined
 from kana.locks import lock_keys, lock_keys_expressions
 from kana.models import Workspace
 from kana.retries import run_with_retries
@@ -520,7 +520,7 @@ def consume(
     """Check and record in one atomic step: never overspends a hard limit, whatever the
     concurrency. Returns (answer, replayed). A refusal records nothing (and keeps the key free).
 
-    Three round trips on PostgreSQL outside any transaction (``_consume_pipelined``)."""
+    Two round trips on PostgreSQL outside any transaction (``_consume_pipelined``)."""
     if pipelined.available():
         return _consume_pipelined(
             workspace, user_id=user_id, feature_key=feature_key, delta=delta, idempotency_key=idempotency_key
@@ -563,6 +563,8 @@ def consume(
 
 
 _STORED_PAYLOAD = f"SELECT payload FROM {Event._meta.db_table} WHERE workspace_id = %(ws)s AND message_id = %(key)s"
+# A budget this process last found spent (``_SPENT``): the idempotency lookup beside its read.
+_STORED_AND_BUDGET = "SELECT (" + _STORED_PAYLOAD.replace("{", "{{").replace("}", "}}") + "), b.* FROM ({budget}) AS b"
 
 
 # Whether this transaction holds its budget's locks: "on" or "off", set (transaction-local) by
@@ -671,7 +673,8 @@ def _consume_pipelined(
 
     1. ``reads.offers`` (autocommit): the feature, the user, its groups, its subscriptions and
        their packages' rows for the feature: the offer and its period are chosen from them;
-    2. one message: ``BEGIN``, the idempotency lookup, the budget's advisory locks, then one
+    2. one message (a libpq pipeline, its values bound server-side: ``kept_cursor.message_results``):
+       ``BEGIN``, the idempotency lookup, the budget's advisory locks, then one
        statement that reads the period's used and held amounts (``reads.budget_statement``)
        and stores the usage they grant (``_budget_and_record``), and ``COMMIT``. The locks
        are held only while the server runs the rest of that message: no client round trip,
@@ -684,6 +687,9 @@ def _consume_pipelined(
     (what a replay answers) is the Python-rendered one with the consumption filled in by SQL
     (``_GRANTED_PAYLOAD``). tests/test_entitlement_reads.py holds the answers, first and
     replayed, equal to the ORM path's.
+
+    A budget this process last found spent (``_SPENT``) is first read with the idempotency
+    lookup in one statement outside any transaction (``_STORED_AND_BUDGET``): no lock, no insert.
 
     The usage is recorded at the time its budget was read (``now``), so it lands in the period
     it was checked against even when the locks waited across a period boundary.
@@ -720,12 +726,44 @@ def _consume_pipelined(
 
     def once() -> tuple[dict, bool]:
         now = timezone.now()
-        lock_expressions, params = lock_keys_expressions(subject.lock_keys(workspace.pk, feature.pk))
+        params = {"ws": workspace.pk, "key": idempotency_key}
+        if not isinstance(chosen, Entitlement):
+            offer, subscription = chosen
+            period = period_containing(subscription["started_at"], offer.reset_period, now)
+            owner = subject_key(user_pk=subscription["user_id"], group_pk=subscription["group_id"])
+            budget_sql, budget_params = reads.budget_statement(
+                workspace.pk,
+                feature_id=feature.pk,
+                user_pk=subscription["user_id"],
+                group_pk=subscription["group_id"],
+                owner=owner,
+                start=period[0],
+                end=period[1],
+                now=now,
+            )
+            params |= budget_params
+            refusable = offer.limit is not None and not offer.overage_enabled
+            spent_key = (workspace.pk, owner, feature.pk, period[0], offer.limit)
+            if refusable and spent_key in _SPENT:
+                # One statement, outside any transaction: the idempotency lookup and the
+                # budget read in one snapshot (a transaction of two reads under READ
+                # COMMITTED gave each its own), its values bound server-side.
+                ((stored, *budget_row),) = reads.rows(_STORED_AND_BUDGET.format(budget=budget_sql), params)
+                if stored is not None:
+                    payload = json.loads(stored) if isinstance(stored, str) else stored
+                    return _replay(workspace, idempotency_key, _answer_of(payload))
+                used, held, members = reads.budget_of(budget_row)
+                entitlement = _decide(
+                    feature, offer, subscription, period=period, members=members, used=used, held=held, delta=delta
+                )
+                if not entitlement.access:
+                    return {**entitlement.as_dict(), "recorded": False}, False
+                _remember_spent(spent_key, False)  # room again: decided under the locks below
+        lock_expressions, lock_params = lock_keys_expressions(subject.lock_keys(workspace.pk, feature.pk))
         lock_sql = "SELECT " + lock_expressions
-        lock_names = list(params)
-        params |= {"ws": workspace.pk, "key": idempotency_key}
-        statements = [pipelined.BEGIN + reads.prepared(_STORED_PAYLOAD)]
-        refusable = False
+        params |= lock_params
+        # (statement, prepared): sent in one round trip, the values bound server-side.
+        statements = [("BEGIN", False), (_STORED_PAYLOAD, True)]
         message, decision = _usage_message(
             user_id=user_id,
             feature=feature,
@@ -747,117 +785,74 @@ def _consume_pipelined(
                     rows="(VALUES (true)) AS d (granted)",
                     payload="%(c_payload)s::jsonb",
                 )
-                statements.append(lock_sql)
-                statements.append(reads.prepared("WITH " + record_sql + " SELECT EXISTS (SELECT FROM ev)"))
+                statements.append((lock_sql, False))
+                statements.append(("WITH " + record_sql + " SELECT EXISTS (SELECT FROM ev)", True))
                 params |= record_params | {"c_payload": message.payload_text()}
         else:
-            offer, subscription = chosen
-            period = period_containing(subscription["started_at"], offer.reset_period, now)
-            budget_sql, budget_params = reads.budget_statement(
-                workspace.pk,
-                feature_id=feature.pk,
-                user_pk=subscription["user_id"],
-                group_pk=subscription["group_id"],
-                owner=subject_key(user_pk=subscription["user_id"], group_pk=subscription["group_id"]),
-                start=period[0],
-                end=period[1],
-                now=now,
-            )
-            refusable = offer.limit is not None and not offer.overage_enabled
-            owner = subject_key(user_pk=subscription["user_id"], group_pk=subscription["group_id"])
-            spent_key = (workspace.pk, owner, feature.pk, period[0], offer.limit)
-            if refusable and spent_key in _SPENT:
-                with pipelined.transaction():
-                    with connection.cursor() as cursor:
-                        try:
-                            cursor.execute(
-                                statements[0] + "; " + reads.prepared(budget_sql) + pipelined.COMMIT,
-                                params | budget_params,
-                            )
-                        except DatabaseError as error:
-                            reads.forget_prepared_if_missing(error)
-                            raise
-                        cursor.nextset()  # past BEGIN's result
-                        stored = cursor.fetchone()
-                        cursor.nextset()
-                        budget_row = cursor.fetchone()
-                if stored is not None:
-                    payload = json.loads(stored[0]) if isinstance(stored[0], str) else stored[0]
-                    return _replay(workspace, idempotency_key, _answer_of(payload))
-                used, held, members = reads.budget_of(budget_row)
-                entitlement = _decide(
-                    feature, offer, subscription, period=period, members=members, used=used, held=held, delta=delta
-                )
-                if not entitlement.access:
-                    return {**entitlement.as_dict(), "recorded": False}, False
-                _remember_spent(spent_key, False)  # room again: decided under the locks below
             if not refusable:
-                statements.append(lock_sql)  # never refused: no read before the locks
+                statements.append((lock_sql, False))  # never refused: no read before the locks
             else:
-                statements.append(reads.prepared(_try_locks(lock_names)))
-                statements.append(reads.prepared(_locked_if_room(budget_sql, lock_expressions)))
+                statements.append((_try_locks(list(lock_params)), True))
+                statements.append((_locked_if_room(budget_sql, lock_expressions), True))
                 params |= {"room_delta": delta, "room_limit": offer.limit}
             record_sql, record_params = ledger.guarded_usage_event(
                 workspace, message, decision, user_pk, rows="d WHERE d.granted", payload=_GRANTED_PAYLOAD
             )
-            statements.append(reads.prepared(_budget_and_record(budget_sql, record_sql, guarded=refusable)))
+            statements.append((_budget_and_record(budget_sql, record_sql, guarded=refusable), True))
             payloads = granted_payloads(period, now, offer.overage_enabled)
-            params |= budget_params | record_params
+            params |= record_params
             params |= {
                 "c_delta": delta,
                 "c_limit": offer.limit,
-                "c_overage": offer.overage_enabled,
+                # As text: boolean's input reads it (a bool would leave the message to psycopg).
+                "c_overage": "true" if offer.overage_enabled else "false",
                 "c_payload_within": payloads["within_limit"],
                 # Without overage a grant is always within the limit: this one is never stored.
                 "c_payload_over": payloads.get("overage_enabled", payloads["within_limit"]),
             }
+        statements.append(("COMMIT", False))
         with pipelined.transaction():
-            with connection.cursor() as cursor:
-                try:
-                    cursor.execute("; ".join(statements) + pipelined.COMMIT, params)
-                except DatabaseError as error:
-                    reads.forget_prepared_if_missing(error)
-                    raise
-                cursor.nextset()  # past BEGIN's result
-                stored = cursor.fetchone()
-                if stored is not None:
-                    payload = json.loads(stored[0]) if isinstance(stored[0], str) else stored[0]
-                    return _replay(workspace, idempotency_key, _answer_of(payload))
-                if isinstance(chosen, Entitlement):
-                    if not chosen.access:
-                        return {**chosen.as_dict(), "recorded": False}, False
-                    cursor.nextset()  # past the locks
-                    cursor.nextset()
-                    if cursor.fetchone()[0]:
-                        return answer, False
+            try:
+                results = kept_cursor.message_results(
+                    [kept_cursor.Statement(sql, params, prepare=prepare) for sql, prepare in statements]
+                )
+            except DatabaseError as error:
+                reads.forget_prepared_if_missing(error)
+                raise
+            stored = results[1][0] if results[1] else None
+            if stored is not None:
+                payload = json.loads(stored[0]) if isinstance(stored[0], str) else stored[0]
+                return _replay(workspace, idempotency_key, _answer_of(payload))
+            if isinstance(chosen, Entitlement):
+                if not chosen.access:
+                    return {**chosen.as_dict(), "recorded": False}, False
+                if results[3][0][0]:  # after the locks
+                    return answer, False
+            else:
+                before_locks = None
+                if refusable:
+                    before_locks = results[3][0] if results[3] else None  # None: the tried locks were granted
+                budget_rows = results[-2]  # none when the locks were not taken
+                recorded = False
+                if before_locks is not None and before_locks[4] is None:
+                    # Refused on what was committed before any lock (see _locked_if_room).
+                    budget_row = before_locks[:4]
                 else:
-                    cursor.nextset()  # past the locks (or the tried ones)
-                    before_locks = None
-                    if refusable:
-                        cursor.nextset()
-                        before_locks = cursor.fetchone()  # None: the tried locks were granted
-                    cursor.nextset()
-                    budget_row = cursor.fetchone()  # None when the locks were not taken
-                    recorded = False
-                    if before_locks is not None and before_locks[4] is None:
-                        # Refused on what was committed before any lock (see _locked_if_room).
-                        budget_row = before_locks[:4]
-                    else:
-                        budget_row, recorded = budget_row[:4], budget_row[4]
-                    used, held, members = reads.budget_of(budget_row)
-                    entitlement = _decide(
-                        feature, offer, subscription, period=period, members=members, used=used, held=held, delta=delta
-                    )
-                    if refusable:
-                        _remember_spent(spent_key, not entitlement.access)
-                    if not entitlement.access:
-                        return {**entitlement.as_dict(), "recorded": False}, False
-                    if recorded:
-                        return {
-                            **entitlement.as_dict(),
-                            "recorded": True,
-                            "consumption": _after(entitlement, delta),
-                        }, False
+                    budget_row, recorded = budget_rows[0][:4], budget_rows[0][4]
+                used, held, members = reads.budget_of(budget_row)
+                entitlement = _decide(
+                    feature, offer, subscription, period=period, members=members, used=used, held=held, delta=delta
+                )
+                if refusable:
+                    _remember_spent(spent_key, not entitlement.access)
+                if not entitlement.access:
+                    return {**entitlement.as_dict(), "recorded": False}, False
+                if recorded:
+                    return {
+                        **entitlement.as_dict(),
+                        "recorded": True,
+                        "consumption": _after(entitlement, delta),
+                    }, False
         # Granted, but the key was stored meanwhile by a concurrent request (its insert won).
         return _replay(workspace, idempotency_key, _stored_answer(workspace, idempotency_key) or {})
 

@@ -91,6 +91,12 @@ def _rows(sql: str, params: dict) -> list[tuple]:
         raise
 
 
+def rows(sql: str, params: dict) -> list[tuple]:
+    """The rows of a caller's statement around ``budget_statement`` (named parameters),
+    prepared and its values bound server-side as ``offers`` and ``budget`` are."""
+    return _rows(sql, params)
+
+
 def offers(workspace_id: int, *, feature_key: str, user_id: str | None, group_id: str | None) -> list[tuple]:
     """One row per subscription of the subject (one row with null subscription columns when
     it has none): feature id, type, archived_at, user pk, group pk, group pks, then the

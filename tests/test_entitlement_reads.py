@@ -273,11 +273,14 @@ def test_a_consume_is_two_round_trips_recorded_refused_or_replayed(tenant):
     assert recorded[1].endswith("; COMMIT")
     refused = sent("k2")
     assert len(refused) == 2 and refused[1].endswith("; COMMIT")
-    replayed = sent("k1")  # the budget is spent now: the lookup and the budget read alone
-    assert len(replayed) == 2 and replayed[1].endswith("; COMMIT") and replayed[1].count("EXECUTE") == 2
+    # The budget is spent now: the lookup and the budget read alone, one statement, no transaction
+    # (prepared by a first refusal).
+    assert consume(tenant, "u1", "messages", "k0").json()["reason"] == "limit_reached"
+    replayed = sent("k1")
+    assert len(replayed) == 2 and replayed[1].startswith("EXECUTE kana_") and replayed[1].count("EXECUTE") == 1
     refused = sent("k3")
-    assert len(refused) == 2 and refused[1].endswith("; COMMIT") and refused[1].count("EXECUTE") == 2
-    assert Usage.objects.filter(event__message_id__in=["k1", "k2", "k3"]).count() == 1
+    assert len(refused) == 2 and refused[1].startswith("EXECUTE kana_") and refused[1].count("EXECUTE") == 1
+    assert Usage.objects.filter(event__message_id__in=["k0", "k1", "k2", "k3"]).count() == 1
 
 
 def test_the_statements_are_prepared_once_per_connection(corpus, django_assert_num_queries):
@@ -390,9 +393,9 @@ def test_a_spent_budget_is_refused_by_its_read_alone_and_decided_under_its_locks
     with CaptureQueriesContext(connection) as captured:
         refused = consume(tenant, "u1", "messages", "k3").json()
     assert (refused["recorded"], refused["reason"], refused["consumption"]["held"]) == (False, "limit_reached", 1)
-    # The idempotency lookup and the budget read: no lock tried, no insert sent.
-    assert captured.captured_queries[-1]["sql"].startswith("BEGIN; EXECUTE kana_")
-    assert captured.captured_queries[-1]["sql"].count("EXECUTE") == 2
+    # The idempotency lookup and the budget read, one statement: no lock tried, no insert sent.
+    assert captured.captured_queries[-1]["sql"].startswith("EXECUTE kana_")
+    assert captured.captured_queries[-1]["sql"].count("EXECUTE") == 1
     assert consume(tenant, "u1", "messages", "k1").json()["recorded"] is True  # a replay still answers first
 
     released = ApiClient(tenant).post(f"entitlements/reservations/{hold.json()['id']}/release")
@@ -400,6 +403,6 @@ def test_a_spent_budget_is_refused_by_its_read_alone_and_decided_under_its_locks
     with CaptureQueriesContext(connection) as captured:
         granted = consume(tenant, "u1", "messages", "k4").json()
     assert (granted["recorded"], granted["consumption"]["used"]) == (True, 2)
-    assert [q["sql"].count("EXECUTE") for q in captured.captured_queries[-2:]] == [2, 4]  # read, then locked
+    assert [q["sql"].count("EXECUTE") for q in captured.captured_queries[-2:]] == [1, 4]  # read, then locked
     assert consume(tenant, "u1", "messages", "k5").json()["reason"] == "limit_reached"
     assert Usage.objects.filter(event__message_id__in=["k1", "k2", "k3", "k4", "k5"]).count() == 2

@@ -10,7 +10,7 @@ from django.db import DatabaseError, DataError, IntegrityError, ProgrammingError
 from django.db.transaction import TransactionManagementError
 from django.test.utils import CaptureQueriesContext
 
-from kana.db import kept_cursor, prepared
+from kana.db import kept_cursor, pipelined, prepared
 
 from .conftest import requires_postgres
 
@@ -191,12 +191,37 @@ def _message_rows_without_text(statements, **kwargs):
 
 
 @requires_postgres
+def test_message_results_give_each_statements_rows_bound_with_one_dict_as_the_one_message_text():
+    # The consume's second round trip: named values shared by the message's statements, some
+    # prepared, some not, one without parameters; every statement's rows, none for BEGIN/COMMIT.
+    params = _kinds() | {"n": 4}
+    statements = [
+        kept_cursor.Statement("BEGIN", params),
+        kept_cursor.Statement(KINDS_SQL, params, prepare=True),
+        kept_cursor.Statement("SELECT %(n)s::int + 1, %(small)s::int", params),
+        kept_cursor.Statement("SELECT x FROM generate_series(1, %(n)s::int) AS x", params, prepare=True),
+        kept_cursor.Statement("COMMIT", params),
+    ]
+    as_text = kept_cursor._as_one_message(statements, tuple(range(5)))
+    original, kept_cursor._as_one_message = kept_cursor._as_one_message, None  # bound, or it fails
+    try:
+        bound = kept_cursor.message_results(statements)
+        assert kept_cursor.message_results(statements, wanted=(3, 2)) == [bound[3], bound[2]]
+    finally:
+        kept_cursor._as_one_message = original
+    assert bound == as_text
+    assert bound[0] == bound[4] == [] and bound[2] == [(5, 7)] and bound[3] == [(1,), (2,), (3,), (4,)]
+    assert list(bound[1][0]) == [*_kinds().values()][:7] + [None, True]
+    assert not pipelined.in_transaction()
+
+
+@requires_postgres
 def test_message_rows_bind_every_kind_of_value_with_the_rows_of_the_one_message_text():
     statements = [
         kept_cursor.Statement("SELECT %s::int + 1", [1]),
         kept_cursor.Statement(POSITIONAL_KINDS_SQL, _positional_kinds(), prepare=True),
     ]
-    as_text = kept_cursor._as_one_message(statements, 1)
+    (as_text,) = kept_cursor._as_one_message(statements, (1,))
     bound = _message_rows_without_text(statements, result=1)
     assert bound == as_text
     assert list(bound[0]) == [*_positional_kinds()[:7], None, *_positional_kinds()[8:]]

@@ -93,12 +93,12 @@ def prepared_rows(sql: str, params: dict) -> list[tuple]:
 
 
 class Statement(NamedTuple):
-    """One statement of ``message_rows``, with its positional (``%s``) parameters: prepared on
-    the connection when ``prepare`` (``kana.db.prepared``; again every ``replan_every`` uses
-    when given), else sent with its text."""
+    """One statement of ``message_rows``, with its positional (``%s``) or named (``%(name)s``,
+    a dict) parameters: prepared on the connection when ``prepare`` (``kana.db.prepared``;
+    again every ``replan_every`` uses when given), else sent with its text."""
 
     sql: str
-    params: list | tuple = ()
+    params: list | tuple | dict = ()
     prepare: bool = False
     replan_every: int | None = None
 
@@ -119,9 +119,20 @@ def message_rows(statements: list[Statement], *, result: int = 0) -> list[tuple]
     ``prepared_rows`` would fall back: statements logged or wrapped, not PostgreSQL, nothing
     prepared, a transaction psycopg has yet to BEGIN, or a value whose text form
     ``_texts`` does not write."""
+    return message_results(statements, wanted=(result,))[0]
+
+
+def message_results(statements: list[Statement], *, wanted: tuple[int, ...] | None = None) -> list[list[tuple]]:
+    """The rows of each statement ``wanted`` (all when None), in that order, of ``statements``
+    run as ``message_rows`` runs them: one round trip, values bound server-side, or one
+    message of ``EXECUTE`` texts when it falls back (then every statement's params must be
+    the same dict of named values, or all positional). A statement that returns no rows
+    (``BEGIN``, ``COMMIT``) has ``[]``."""
+    if wanted is None:
+        wanted = tuple(range(len(statements)))
     db = connections[DEFAULT_DB_ALIAS]
     if db.queries_logged or db.execute_wrappers or db.vendor != "postgresql":
-        return _as_one_message(statements, result)
+        return _as_one_message(statements, wanted)
     sent = []
     for statement in statements:
         if statement.prepare:
@@ -131,12 +142,12 @@ def message_rows(statements: list[Statement], *, result: int = 0) -> list[tuple]
             found, name = (prepared.numbered(statement.sql), prepared.order(statement.sql)), None
         values = None if found is None else _texts(statement.params, found[1])
         if values is None:
-            return _as_one_message(statements, result)
+            return _as_one_message(statements, wanted)
         sent.append((name, found[0].encode() if name is None else None, values))
     _checked(db)
     raw = db.connection
     if not raw.autocommit and raw.pgconn.transaction_status == _IDLE:
-        return _as_one_message(statements, result)  # psycopg sends atomic's BEGIN with it
+        return _as_one_message(statements, wanted)  # psycopg sends atomic's BEGIN with it
     with db.wrap_database_errors:
         cursor = _cursor(db)
         with raw.lock:
@@ -145,8 +156,15 @@ def message_rows(statements: list[Statement], *, result: int = 0) -> list[tuple]
             if got.status not in (_TUPLES_OK, _COMMAND_OK, _PIPELINE_ABORTED):
                 raise errors.error_from_result(got, encoding="utf-8")  # Django's client_encoding
         loader = Transformer.from_context(cursor)
-        loader.set_pgresult(results[result])
-        return loader.load_rows(0, results[result].ntuples, tuple)
+        rows = []
+        for n in wanted:
+            got = results[n]
+            if got.status != _TUPLES_OK:
+                rows.append([])
+                continue
+            loader.set_pgresult(got)
+            rows.append(loader.load_rows(0, got.ntuples, tuple))
+        return rows
 
 
 def _pipeline(pgconn, sent: list[tuple[bytes | None, bytes | None, list]]):
@@ -178,9 +196,31 @@ def _pipeline(pgconn, sent: list[tuple[bytes | None, bytes | None, list]]):
                 pgconn.finish()
 
 
-def _as_one_message(statements: list[Statement], result: int) -> list[tuple]:
+def _as_one_message(statements: list[Statement], wanted: tuple[int, ...]) -> list[list[tuple]]:
     sql = "; ".join(prepared.statement(s.sql, replan_every=s.replan_every) if s.prepare else s.sql for s in statements)
-    return rows(sql, [value for s in statements for value in s.params], result=result)
+    named = [s.params for s in statements if isinstance(s.params, dict)]
+    # Named values: one dict shared by the message's statements (Django's cursor takes one).
+    params = named[0] if named else [value for s in statements for value in s.params]
+    if len(wanted) == 1:
+        return [rows(sql, params, result=wanted[0])]
+    db = connections[DEFAULT_DB_ALIAS]
+    if db.queries_logged or db.execute_wrappers or db.vendor != "postgresql":
+        with db.cursor() as cursor:
+            return _fetch_each(cursor, sql, params, wanted)
+    _checked(db)
+    with db.wrap_database_errors:
+        return _fetch_each(_cursor(db), sql, params, wanted)
+
+
+def _fetch_each(cursor, sql: str, params, wanted: tuple[int, ...]) -> list[list[tuple]]:
+    cursor.execute(sql, params)
+    found = {}
+    for n in range(max(wanted) + 1):
+        if n:
+            cursor.nextset()
+        if n in wanted:
+            found[n] = [] if cursor.description is None else cursor.fetchall()
+    return [found[n] for n in wanted]
 
 
 def _texts(params: dict | list | tuple, order: tuple[str, ...] | int) -> list[bytes | None] | None:
@@ -190,7 +230,9 @@ def _texts(params: dict | list | tuple, order: tuple[str, ...] | int) -> list[by
     NaN or infinity…). ``order``: the names of ``params`` in ``$n`` order, or (positional
     ``params``) their count."""
     texts: list[bytes | None] = []
-    for value in params if isinstance(order, int) else (params[name] for name in order):
+    # A statement without parameters (``BEGIN``) binds none, whatever its message shares.
+    in_order = (params[name] for name in order) if isinstance(order, tuple) else (params if order else ())
+    for value in in_order:
         kind = type(value)
         if value is None:
             texts.append(None)
