@@ -26,11 +26,14 @@ the statements of one round trip (a single track's ``BEGIN``, lock and read; its
 import weakref
 from datetime import date, datetime
 from decimal import Decimal
+from enum import StrEnum
 from typing import NamedTuple
 
 from django.db import DEFAULT_DB_ALIAS, connections
 from psycopg import errors, generators, pq
 from psycopg.adapt import Transformer
+from psycopg.types.json import Json, Jsonb
+from psycopg.types.numeric import Int2, Int4, Int8
 
 from . import prepared
 
@@ -119,9 +122,38 @@ def message_rows(statements: list[Statement], *, result: int = 0) -> list[tuple]
     ``prepared_rows`` would fall back: statements logged or wrapped, not PostgreSQL, nothing
     prepared, a transaction psycopg has yet to BEGIN, or a value whose text form
     ``_texts`` does not write."""
+    got = _run_pipeline(statements)
+    if got is None:
+        return _as_one_message(statements, result)
+    loader, results = got
+    loader.set_pgresult(results[result])
+    return loader.load_rows(0, results[result].ntuples, tuple)
+
+
+def message_results(statements: list[Statement]) -> list[list[tuple]]:
+    """``message_rows`` for a caller that wants every statement's rows: one list per
+    statement, in order ([] for a statement that returns none), from the same one round trip
+    (a pipeline, or the one message of ``EXECUTE`` texts when ``message_rows`` would fall back)."""
+    got = _run_pipeline(statements)
+    if got is None:
+        return _all_of_one_message(statements)
+    loader, results = got
+    every = []
+    for got_result in results:
+        if got_result.status == _TUPLES_OK:
+            loader.set_pgresult(got_result)
+            every.append(loader.load_rows(0, got_result.ntuples, tuple))
+        else:
+            every.append([])
+    return every
+
+
+def _run_pipeline(statements: list[Statement]):
+    """(a loader for the kept cursor, one result per statement) of ``statements`` run as one
+    pipeline; None when they must go as one text message instead (see ``message_rows``)."""
     db = connections[DEFAULT_DB_ALIAS]
     if db.queries_logged or db.execute_wrappers or db.vendor != "postgresql":
-        return _as_one_message(statements, result)
+        return None
     sent = []
     for statement in statements:
         if statement.prepare:
@@ -131,12 +163,12 @@ def message_rows(statements: list[Statement], *, result: int = 0) -> list[tuple]
             found, name = (prepared.numbered(statement.sql), prepared.order(statement.sql)), None
         values = None if found is None else _texts(statement.params, found[1])
         if values is None:
-            return _as_one_message(statements, result)
+            return None
         sent.append((name, found[0].encode() if name is None else None, values))
     _checked(db)
     raw = db.connection
     if not raw.autocommit and raw.pgconn.transaction_status == _IDLE:
-        return _as_one_message(statements, result)  # psycopg sends atomic's BEGIN with it
+        return None  # psycopg sends atomic's BEGIN with it
     with db.wrap_database_errors:
         cursor = _cursor(db)
         with raw.lock:
@@ -144,9 +176,8 @@ def message_rows(statements: list[Statement], *, result: int = 0) -> list[tuple]
         for got in results:
             if got.status not in (_TUPLES_OK, _COMMAND_OK, _PIPELINE_ABORTED):
                 raise errors.error_from_result(got, encoding="utf-8")  # Django's client_encoding
-        loader = Transformer.from_context(cursor)
-        loader.set_pgresult(results[result])
-        return loader.load_rows(0, results[result].ntuples, tuple)
+        # The kept cursor's loaders: Django's time zone, and its adapters for the results' types.
+        return Transformer.from_context(cursor), results
 
 
 def _pipeline(pgconn, sent: list[tuple[bytes | None, bytes | None, list]]):
@@ -178,24 +209,44 @@ def _pipeline(pgconn, sent: list[tuple[bytes | None, bytes | None, list]]):
                 pgconn.finish()
 
 
-def _as_one_message(statements: list[Statement], result: int) -> list[tuple]:
+def _one_message(statements: list[Statement]) -> tuple[str, list]:
     sql = "; ".join(prepared.statement(s.sql, replan_every=s.replan_every) if s.prepare else s.sql for s in statements)
-    return rows(sql, [value for s in statements for value in s.params], result=result)
+    return sql, [value for s in statements for value in s.params]
+
+
+def _as_one_message(statements: list[Statement], result: int) -> list[tuple]:
+    return rows(*_one_message(statements), result=result)
+
+
+def _all_of_one_message(statements: list[Statement]) -> list[list[tuple]]:
+    """Every statement's rows of the one text message (``rows``' cursor choice)."""
+    sql, params = _one_message(statements)
+    db = connections[DEFAULT_DB_ALIAS]
+    if db.queries_logged or db.execute_wrappers or db.vendor != "postgresql":
+        with db.cursor() as cursor:
+            return _fetch_all(cursor, sql, params, len(statements))
+    _checked(db)
+    with db.wrap_database_errors:
+        return _fetch_all(_cursor(db), sql, params, len(statements))
 
 
 def _texts(params: dict | list | tuple, order: tuple[str, ...] | int) -> list[bytes | None] | None:
     """The values in ``$n`` order as the text PostgreSQL's input functions read, written as
-    psycopg's text dumpers write them (``str``); None when one is of a type left to psycopg
-    (a bool, a naive datetime, a text with a NUL character that psycopg refuses, a Decimal
-    NaN or infinity…). ``order``: the names of ``params`` in ``$n`` order, or (positional
-    ``params``) their count."""
+    psycopg's text dumpers write them (``str``; a bool ``t`` or ``f``; a text choice, a
+    ``StrEnum``, its text; Django's integer and JSON values, psycopg's ``Int2``/``Int4``/``Int8``
+    and ``Json``/``Jsonb`` with their ``dumps``: the number, that function's text); None when
+    one is of a type left to psycopg (a naive datetime, a text with a NUL character that
+    psycopg refuses, a Decimal NaN or infinity…). ``order``: the names of ``params`` in
+    ``$n`` order, or (positional ``params``) their count."""
     texts: list[bytes | None] = []
     for value in params if isinstance(order, int) else (params[name] for name in order):
         kind = type(value)
         if value is None:
             texts.append(None)
-        elif kind is str and "\x00" not in value:
-            texts.append(value.encode())  # UTF-8: the client_encoding Django connects with
+        elif (kind is str or isinstance(value, StrEnum)) and "\x00" not in value:
+            # UTF-8: the client_encoding Django connects with. A StrEnum (Django's text
+            # choices) finds psycopg's str dumper first in its MRO: its text is its value.
+            texts.append(value.encode())
         elif (
             kind is int
             or kind is date
@@ -203,6 +254,16 @@ def _texts(params: dict | list | tuple, order: tuple[str, ...] | int) -> list[by
             or (kind is Decimal and value.is_finite())
         ):
             texts.append(str(value).encode())
+        elif kind is Int8 or kind is Int4 or kind is Int2:
+            # Django's integer fields' values on psycopg 3 (``adapt_integerfield_value``).
+            texts.append(str(int(value)).encode())
+        elif kind is bool:
+            texts.append(b"t" if value else b"f")  # psycopg's BoolDumper
+        elif (kind is Jsonb or kind is Json) and value.dumps is not None:
+            # Django's JSONField values (``adapt_json_value``): psycopg's JSON dumper writes
+            # what the wrapper's ``dumps`` returns.
+            text = value.dumps(value.obj)
+            texts.append(text.encode() if isinstance(text, str) else bytes(text))
         else:
             return None
     return texts
@@ -222,6 +283,16 @@ def _cursor(db):
     if kept is None or kept[1] != db.timezone or kept[0].closed:
         kept = _kept[raw] = (db.create_cursor(), db.timezone)
     return kept[0]
+
+
+def _fetch_all(cursor, sql: str, params, count: int) -> list[list[tuple]]:
+    cursor.execute(sql, params)
+    every = []
+    for index in range(count):
+        if index:
+            cursor.nextset()
+        every.append(cursor.fetchall() if cursor.description else [])
+    return every
 
 
 def _fetch(cursor, sql: str, params, result: int) -> list[tuple]:
