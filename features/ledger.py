@@ -506,16 +506,16 @@ def _single_known_ids_sql(
     return sql, params
 
 
-def single_known_ids_statement(workspace: Workspace, message_id: str, user_id: str | None) -> tuple[str, list]:
+def single_known_ids_statement(workspace: Workspace, message_id: str, user_id: str | None) -> kept_cursor.Statement:
     """``known_ids``'s read for one message and its userId, prepared (PostgreSQL), for a
     caller that sends it in a message of its own making (an identify's first round trip:
     ``users.services.MessageIdentify``); its rows are ``_known_ids_sql``'s. The caller
     re-runs its transaction once when ``prepared.is_missing`` its error. Prepared again
     every ``prepared.REPLAN_EVERY`` uses, as the single track's read (``lock_rules_and_find_replays``)."""
     if connection.vendor != "postgresql":
-        return _known_ids_sql(workspace, {message_id}, {user_id} if user_id else set(), set())
+        return kept_cursor.Statement(*_known_ids_sql(workspace, {message_id}, {user_id} if user_id else set(), set()))
     sql, params = _single_known_ids_sql(workspace, message_id, user_id, None)
-    return prepared.statement(sql, replan_every=prepared.REPLAN_EVERY), params
+    return kept_cursor.Statement(sql, params, prepare=True, replan_every=prepared.REPLAN_EVERY)
 
 
 def _known_ids(rows: list[tuple], with_users: bool = False) -> KnownIds:
@@ -642,8 +642,13 @@ def record_processed_events(
         sql += " ON CONFLICT (workspace_id, message_id) DO NOTHING RETURNING message_id"
     if prepare and len(rows) == 1:
         # Parsing and planning the insert as text was ≈ 0.1-0.2 ms of PostgreSQL CPU an identify;
-        # its plan reads no table (but the unique index's arbiter), so it cannot go stale.
-        sql = prepared.statement(sql)
+        # its plan reads no table (but the unique index's arbiter), so it cannot go stale. Its
+        # values (the payload among them) bound server-side in a pipeline (``message_rows``),
+        # not formatted into an ``EXECUTE`` text: docs/performance.md, "Round 15: s2app".
+        statements = [kept_cursor.Statement(sql, params, prepare=True)]
+        if then_commit:
+            statements.append(kept_cursor.Statement("COMMIT"))
+        return {message_id for (message_id,) in kept_cursor.message_rows(statements)}
     with connection.cursor() as cursor:
         cursor.execute(sql + pipelined.COMMIT if then_commit else sql, params)
         return {message_id for (message_id,) in cursor.fetchall()}

@@ -8,7 +8,7 @@ import hashlib
 
 from django.db import connection
 
-from kana.db import kept_cursor, on_postgres, pipelined, prepared
+from kana.db import kept_cursor, on_postgres, pipelined
 
 # Namespaces for two-key advisory locks (PostgreSQL keeps the two-key space apart from the
 # one-key space, so these never collide with the identity-key locks below).
@@ -139,10 +139,9 @@ def lock_rules_shared_then_read(workspace_id: int, read: kept_cursor.Statement, 
 
 
 def lock_keys_and_read(
-    keys: list[str], reads: list[tuple[str, list]], *, begin: bool = False, prepare: bool = False
+    keys: list[str], reads: list[kept_cursor.Statement], *, begin: bool = False, prepare: bool = False
 ) -> list[list[tuple]]:
-    """``lock_keys`` followed by ``reads`` (each ``(sql, params)``), in one round trip; returns
-    each read's rows.
+    """``lock_keys`` followed by ``reads``, in one round trip; returns each read's rows.
 
     PostgreSQL runs the statements of one message in order, each with its own snapshot under
     READ COMMITTED: every read sees what was committed before the locks were granted, as if
@@ -151,14 +150,18 @@ def lock_keys_and_read(
     ``prepare``: the locks' statement is a prepared one (``kana.db.prepared``; one shape per
     number of keys), for a caller that prepares its reads too and re-runs its transaction
     when ``prepared.is_missing`` its error (a ``PREPARE``, when the connection lacks the
-    statement, goes first in a round trip of its own).
+    statement, goes first in a round trip of its own). The round trip is a pipeline on the
+    kept cursor (``kana.db.kept_cursor.message_results``): the prepared statements' values
+    bound server-side (an identify's first round trip: formatting them into ``EXECUTE``
+    texts was the largest part of its app CPU, docs/performance.md "Round 15: s2app").
     """
     if not _is_postgres():
-        return pipelined.execute_all(reads)
+        return pipelined.execute_all([(read.sql, read.params) for read in reads])
     ids = sorted({_key_to_bigint(k) for k in keys})
-    if not ids:
-        return pipelined.execute_all(reads, begin=begin)
-    # Target-list items are evaluated left to right: the locks are taken in sorted order.
-    lock_sql = "SELECT " + ", ".join(["pg_advisory_xact_lock(%s)"] * len(ids))
-    lock = (prepared.statement(lock_sql) if prepare else lock_sql, ids)
-    return pipelined.execute_all([lock, *reads], begin=begin)[1:]
+    statements = [kept_cursor.Statement("BEGIN")] if begin else []
+    if ids:
+        # Target-list items are evaluated left to right: the locks are taken in sorted order.
+        lock_sql = "SELECT " + ", ".join(["pg_advisory_xact_lock(%s)"] * len(ids))
+        statements.append(kept_cursor.Statement(lock_sql, ids, prepare=prepare))
+    results = kept_cursor.message_results([*statements, *reads])
+    return results[len(statements) :]

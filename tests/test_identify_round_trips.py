@@ -369,3 +369,90 @@ def test_a_merge_whose_statement_was_discarded_is_applied_once(segment, tenant):
     assert MergeRecord.objects.filter(absorbed_id=bare.pk).count() == 1
     assert Event.objects.filter(message_id="m-merge-1").count() == 1
     assert not pipelined.in_transaction() and connection.get_autocommit()
+
+
+@pytest.fixture
+def pipelines(monkeypatch):
+    """``watch()``: from then on, the pipelines the connection sends (``kana.db.kept_cursor``)
+    are listed, by statement (the prepared statement's name, or the text sent), and the
+    one-message text paths are refused."""
+    from kana.db import kept_cursor
+
+    sent = []
+    original = kept_cursor._pipeline
+
+    def spy(pgconn, statements):
+        sent.append([name or text for name, text, _values in statements])
+        return original(pgconn, statements)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("an identify's statements sent as text")
+
+    def watch():
+        monkeypatch.setattr(kept_cursor, "_pipeline", spy)
+        monkeypatch.setattr(kept_cursor, "_all_of_one_message", refused)
+        monkeypatch.setattr(kept_cursor, "_as_one_message", refused)
+        return sent
+
+    return watch
+
+
+def _post_identify(segment, user_id, traits, message_id) -> str:
+    body = {"type": "identify", "userId": user_id, "messageId": message_id, "traits": traits}
+    response = segment.post("/segment/events", body)
+    assert response.status_code == 200, response.content
+    assert not pipelined.in_transaction()
+    return response.json()["status"]
+
+
+def _prepared_names(pipeline) -> bool:
+    return all(statement.startswith(b"kana_") for statement in pipeline)
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+def test_an_identify_s_round_trips_are_pipelines_of_bound_prepared_statements(segment, tenant, known, pipelines):
+    """When Django logs nothing (production), each round trip of an identify is a pipeline
+    (``kana.db.kept_cursor.message_results``): its prepared statements by name, their values
+    in Bind messages, no ``EXECUTE`` text for psycopg to format."""
+    bare = _bare(tenant, "piped@example.com", "cus_p")
+    sent = pipelines()
+    for user_id, traits, message_id in [
+        ("piped-new", {"name": "New", "email": "piped-new@example.com"}, "p-create"),
+        ("known", {"name": "Renamed", "email": "known@example.com"}, "p-update"),
+        ("piped-claimer", {"name": "Claimer", "email": "piped@example.com"}, "p-claim"),
+    ]:
+        sent.clear()
+        assert _post_identify(segment, user_id, traits, message_id) == "processed"
+        assert len(sent) == 3, message_id
+        (begin, *first), write_back, (insert, commit) = sent
+        assert begin == b"BEGIN" and len(first) == 4 and _prepared_names(first)  # locks, owners, users, replays
+        assert _prepared_names(write_back) and insert.startswith(b"kana_") and commit == b"COMMIT"
+    assert EndUser.objects.get(user_id="piped-new").email == "piped-new@example.com"
+    assert EndUser.objects.get(user_id="known").name == "Renamed"
+    bare.refresh_from_db()
+    assert (bare.user_id, bare.name, bare.billing_id) == ("piped-claimer", "Claimer", "cus_p")
+    assert Event.objects.filter(message_id__startswith="p-").count() == 3
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+def test_an_identify_merging_sends_its_merge_as_pipelines_of_bound_prepared_statements(segment, tenant, pipelines):
+    _merge_pair(segment, tenant, 0)
+    _identify(segment, "mrg-0", {"email": "mrgbare-0@example.com"}, "m-merge-0")  # prepares the merge's statements
+    bare = _merge_pair(segment, tenant, 1)
+    sent = pipelines()
+    assert _post_identify(segment, "mrg-1", {"email": "mrgbare-1@example.com"}, "m-merge-1") == "processed"
+    # The first round trip; the merge's reads; its ledger row, the receivers' moves and its
+    # own; the survivor's write; the event. Django's atomic sends the COMMIT.
+    assert len(sent) == 5
+    first, reads, moves, write_back, (insert,) = sent
+    assert first[0] == b"BEGIN" and _prepared_names(first[1:])
+    assert len(reads) == 2 and len(moves) == 1 + 7 + 5
+    assert all(_prepared_names(p) for p in (reads, moves, write_back)) and insert.startswith(b"kana_")
+    assert connection.get_autocommit()
+    survivor = EndUser.objects.get(user_id="mrg-1")
+    assert not EndUser.objects.filter(pk=bare.pk).exists()
+    assert MergeRecord.objects.get(absorbed_id=bare.pk).survivor_id == survivor.pk
+    assert (survivor.email, survivor.billing_id) == ("mrgbare-1@example.com", "cus_1")
+    assert Event.objects.get(message_id="m-merge-1").user_id == survivor.pk

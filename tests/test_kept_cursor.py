@@ -1,6 +1,7 @@
 """kana.db.kept_cursor: a hot statement on a psycopg cursor kept per connection, answering
 and failing as Django's cursor does, and logged whenever Django logs statements."""
 
+import json
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -11,6 +12,7 @@ from django.db.transaction import TransactionManagementError
 from django.test.utils import CaptureQueriesContext
 
 from kana.db import kept_cursor, pipelined, prepared
+from users.models import MergeReason, MergeRecord
 
 from .conftest import requires_postgres
 
@@ -226,6 +228,86 @@ def test_message_rows_bind_every_kind_of_value_with_the_rows_of_the_one_message_
     assert bound == as_text
     assert list(bound[0]) == [*_positional_kinds()[:7], None, *_positional_kinds()[8:]]
     assert _message_rows_without_text(statements) == [(2,)]
+
+
+def _django_values() -> list:
+    """Values as Django's fields prepare them for psycopg 3 (a merge's ledger row): an
+    ``Int8`` (a foreign key), a text choice, a bool, a ``Jsonb`` with Django's own ``dumps``."""
+    snapshot = MergeRecord._meta.get_field("absorbed_snapshot")
+    survivor_key = MergeRecord._meta.get_field("survivor_key")
+    flag = MergeRecord._meta.get_field("billing_conflict")
+    return [
+        survivor_key.get_db_prep_save(2**40, connection),
+        MergeReason.IDENTIFY,
+        flag.get_db_prep_save(True, connection),
+        flag.get_db_prep_save(False, connection),
+        snapshot.get_db_prep_save({"name": "O'Brien é", "at": "2026-12-04T00:00:00Z", "n": [1, None]}, connection),
+    ]
+
+
+DJANGO_VALUES_SQL = "SELECT %s::bigint, %s::text, %s::boolean, %s::boolean, %s::jsonb"
+
+
+@requires_postgres
+def test_message_rows_bind_django_s_field_values_with_the_rows_of_the_one_message_text():
+    values = _django_values()
+    assert [type(v).__name__ for v in values] == ["Int8", "MergeReason", "bool", "bool", "Jsonb"]
+    statements = [kept_cursor.Statement(DJANGO_VALUES_SQL, values, prepare=True)]
+    bound = _message_rows_without_text(statements)
+    assert bound == kept_cursor._as_one_message(statements, 0)
+    assert bound[0][:4] == (2**40, "identify", True, False)
+    assert json.loads(bound[0][4]) == {
+        "name": "O'Brien é",
+        "at": "2026-12-04T00:00:00Z",
+        "n": [1, None],
+    }  # Django loads JSON
+
+
+def _message_results_without_text(statements):
+    def refused(*args, **kwargs):
+        raise AssertionError("sent as text")
+
+    original, kept_cursor._all_of_one_message = kept_cursor._all_of_one_message, refused
+    try:
+        return kept_cursor.message_results(statements)
+    finally:
+        kept_cursor._all_of_one_message = original
+
+
+@requires_postgres
+def test_message_results_give_every_statement_s_rows_as_the_one_message_text(probe_insert):
+    statements = [
+        kept_cursor.Statement("BEGIN"),
+        kept_cursor.Statement(LOCK_SQL, [1, 99]),
+        kept_cursor.Statement("SELECT %s::int + 1 WHERE false", [1], prepare=True),
+        probe_insert,
+        kept_cursor.Statement(POSITIONAL_KINDS_SQL, _positional_kinds(), prepare=True),
+        kept_cursor.Statement("UPDATE message_rows_probe SET id = id + %s", [1], prepare=True),
+        kept_cursor.Statement("SELECT id FROM message_rows_probe"),
+        kept_cursor.Statement("ROLLBACK"),
+    ]
+    bound = _message_results_without_text(statements)
+    as_text = kept_cursor._all_of_one_message(statements)
+    assert bound == as_text
+    assert bound == [
+        [],
+        [("",)],
+        [],
+        [(1,)],
+        [tuple(_positional_kinds()[:7]) + (None,) + tuple(_positional_kinds()[8:])],
+        [],
+        [(2,)],
+        [],
+    ]
+    assert connection.connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
+@requires_postgres
+def test_message_results_are_sent_as_one_logged_message_whenever_django_logs():
+    statements = [kept_cursor.Statement("SELECT %s::int", [1]), kept_cursor.Statement("SELECT %s::text", ["a"])]
+    with CaptureQueriesContext(connection) as captured:
+        assert kept_cursor.message_results(statements) == [[(1,)], [("a",)]]
+    assert [query["sql"] for query in captured.captured_queries] == ["SELECT 1::int; SELECT 'a'::text"]
 
 
 @requires_postgres

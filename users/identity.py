@@ -36,7 +36,7 @@ from django.utils import timezone
 
 from kana import audit
 from kana.copy_rows import copy_text, copy_text_value
-from kana.db import pipelined, prepared
+from kana.db import kept_cursor, prepared
 from kana.locks import lock_keys, lock_keys_and_read
 from kana.models import Workspace
 from kana.retries import ConcurrentChange, run_with_retries
@@ -578,7 +578,7 @@ class MessageIdentify:
     transaction unknown to Django cannot defer.
     """
 
-    def __init__(self, *, workspace: Workspace, row: ProfileRow, read: tuple[str, list], begin: bool):
+    def __init__(self, *, workspace: Workspace, row: ProfileRow, read: kept_cursor.Statement, begin: bool):
         self.row = row
         user_ids = {row.user_id} if row.user_id else set()
         emails = {row.changes.email_key} - {""}
@@ -613,9 +613,9 @@ class MessageIdentify:
         return result.as_result()
 
 
-def _prepared(statement: tuple[str, list]) -> tuple[str, list]:
+def _prepared(statement: tuple[str, list]) -> kept_cursor.Statement:
     sql, params = statement
-    return prepared.statement(sql, replan_every=prepared.REPLAN_EVERY), params
+    return kept_cursor.Statement(sql, params, prepare=True, replan_every=prepared.REPLAN_EVERY)
 
 
 def _placeholder(column: str) -> str:
@@ -677,8 +677,12 @@ def _write_back_in_one_round_trip(state: _Batch) -> None:
     if not statements:
         return
     # Prepared once per connection (kana.db.prepared): their texts are the four constants above
-    # and their generic plans have no choice to make (inserts, an update by primary key).
-    results = pipelined.execute_all([(prepared.statement(sql), params) for sql, params in statements])
+    # and their generic plans have no choice to make (inserts, an update by primary key). Their
+    # values bound server-side in a pipeline (kana.db.kept_cursor.message_results), not formatted
+    # into EXECUTE texts: docs/performance.md, "Round 15: s2app".
+    results = kept_cursor.message_results(
+        [kept_cursor.Statement(sql, params, prepare=True) for sql, params in statements]
+    )
     for user in state.created:
         ((user.pk,),) = results[0]
         user._state.adding = False

@@ -10,13 +10,12 @@ is a no-op) with a snapshot of what it was.
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 
 from django.db import connection, transaction
 from django.db.models import Exists, OuterRef
 
 from kana import audit
-from kana.db import pipelined, prepared
+from kana.db import kept_cursor, pipelined, prepared
 from kana.models import Workspace
 from kana.retries import ConcurrentChange, run_with_retries
 
@@ -52,8 +51,8 @@ def absorb(
     (docs/performance.md, "Round 11: s2cpu"); each one's text is a constant.
     """
     # Their PREPAREs, on a connection's first merge, go in round trips of their own.
-    ready = partial(prepared.statement, replan_every=prepared.REPLAN_EVERY) if prepare else _as_is
-    absorbed_ids, groups = _absorbed_user_ids_and_groups(survivor.pk, absorbed.pk, ready)
+    run = _prepared_message if prepare else _text_message
+    absorbed_ids, groups = _absorbed_user_ids_and_groups(survivor.pk, absorbed.pk, run)
     before = copy.copy(survivor)
     absorb_profile(survivor, absorbed, choices)
     conflicts = merge_conflicts(before, [absorbed], survivor)
@@ -85,7 +84,7 @@ def absorb(
     moved = {"survivor": survivor.pk, "absorbed": absorbed.pk}
     own = [(sql, [moved[name] for name in names]) for sql, names in _MOVE_AND_DELETE]
     statements = [_insert(record), *((step.sql, step.params) for step in steps), *own]
-    results = pipelined.execute_all([(ready(sql), params) for sql, params in statements])
+    results = run(statements)
     for step, rows in zip(steps, results[1:], strict=False):  # the ledger row's, the steps', the merge's own
         if step.then is not None:
             step.then(rows)
@@ -131,12 +130,25 @@ _MOVE_AND_DELETE = [  # each statement, and the names of its positional paramete
 ]
 
 
-def _as_is(sql: str) -> str:
-    return sql
+def _text_message(statements: list[tuple[str, list]]) -> list[list[tuple]]:
+    return pipelined.execute_all(statements)
+
+
+def _prepared_message(statements: list[tuple[str, list]]) -> list[list[tuple]]:
+    """The statements prepared (again every ``prepared.REPLAN_EVERY`` uses), sent in one
+    pipeline with their values bound server-side (``kana.db.kept_cursor.message_results``):
+    formatting them into ``EXECUTE`` texts was the largest part of a merge's app CPU after
+    its statements were prepared (docs/performance.md, "Round 15: s2app")."""
+    return kept_cursor.message_results(
+        [
+            kept_cursor.Statement(sql, params, prepare=True, replan_every=prepared.REPLAN_EVERY)
+            for sql, params in statements
+        ]
+    )
 
 
 def _absorbed_user_ids_and_groups(
-    survivor_pk: int, absorbed_pk: int, ready: Callable[[str], str] = _as_is
+    survivor_pk: int, absorbed_pk: int, run: Callable[[list[tuple[str, list]]], list[list[tuple]]] = _text_message
 ) -> tuple[list[str], list[tuple]]:
     """The absorbed user's userIds (oldest first), and its memberships (group id, joined at,
     whether the survivor is in that group too), in one round trip on PostgreSQL."""
@@ -150,15 +162,13 @@ def _absorbed_user_ids_and_groups(
             .values_list("group_id", "joined_at", "shared")
         )
         return list(user_ids.values_list("external_id", flat=True)), list(groups)
-    identities, groups = pipelined.execute_all(
+    identities, groups = run(
         [
-            (ready(f"SELECT external_id FROM {_IDENTITIES} WHERE user_id = %s ORDER BY created_at, id"), [absorbed_pk]),
+            (f"SELECT external_id FROM {_IDENTITIES} WHERE user_id = %s ORDER BY created_at, id", [absorbed_pk]),
             (
-                ready(
-                    f"SELECT m.group_id, m.joined_at, EXISTS (SELECT 1 FROM {_MEMBERSHIPS} s "
-                    "WHERE s.user_id = %s AND s.group_id = m.group_id) "
-                    f"FROM {_MEMBERSHIPS} m WHERE m.user_id = %s ORDER BY m.group_id"
-                ),
+                f"SELECT m.group_id, m.joined_at, EXISTS (SELECT 1 FROM {_MEMBERSHIPS} s "
+                "WHERE s.user_id = %s AND s.group_id = m.group_id) "
+                f"FROM {_MEMBERSHIPS} m WHERE m.user_id = %s ORDER BY m.group_id",
                 [survivor_pk, absorbed_pk],
             ),
         ]

@@ -26,11 +26,14 @@ the statements of one round trip (a single track's ``BEGIN``, lock and read; its
 import weakref
 from datetime import date, datetime
 from decimal import Decimal
+from enum import StrEnum
 from typing import NamedTuple
 
 from django.db import DEFAULT_DB_ALIAS, connections
 from psycopg import errors, generators, pq
 from psycopg.adapt import Transformer
+from psycopg.types.json import Json, Jsonb
+from psycopg.types.numeric import Int2, Int4, Int8
 
 from . import prepared
 
@@ -225,10 +228,12 @@ def _fetch_each(cursor, sql: str, params, wanted: tuple[int, ...]) -> list[list[
 
 def _texts(params: dict | list | tuple, order: tuple[str, ...] | int) -> list[bytes | None] | None:
     """The values in ``$n`` order as the text PostgreSQL's input functions read, written as
-    psycopg's text dumpers write them (``str``); None when one is of a type left to psycopg
-    (a bool, a naive datetime, a text with a NUL character that psycopg refuses, a Decimal
-    NaN or infinity…). ``order``: the names of ``params`` in ``$n`` order, or (positional
-    ``params``) their count."""
+    psycopg's text dumpers write them (``str``; a bool ``t`` or ``f``; a text choice, a
+    ``StrEnum``, its text; Django's integer and JSON values, psycopg's ``Int2``/``Int4``/``Int8``
+    and ``Json``/``Jsonb`` with their ``dumps``: the number, that function's text); None when
+    one is of a type left to psycopg (a naive datetime, a text with a NUL character that
+    psycopg refuses, a Decimal NaN or infinity…). ``order``: the names of ``params`` in
+    ``$n`` order, or (positional ``params``) their count."""
     texts: list[bytes | None] = []
     # A statement without parameters (``BEGIN``) binds none, whatever its message shares.
     in_order = (params[name] for name in order) if isinstance(order, tuple) else (params if order else ())
@@ -236,8 +241,10 @@ def _texts(params: dict | list | tuple, order: tuple[str, ...] | int) -> list[by
         kind = type(value)
         if value is None:
             texts.append(None)
-        elif kind is str and "\x00" not in value:
-            texts.append(value.encode())  # UTF-8: the client_encoding Django connects with
+        elif (kind is str or isinstance(value, StrEnum)) and "\x00" not in value:
+            # UTF-8: the client_encoding Django connects with. A StrEnum (Django's text
+            # choices) finds psycopg's str dumper first in its MRO: its text is its value.
+            texts.append(value.encode())
         elif (
             kind is int
             or kind is date
@@ -245,6 +252,16 @@ def _texts(params: dict | list | tuple, order: tuple[str, ...] | int) -> list[by
             or (kind is Decimal and value.is_finite())
         ):
             texts.append(str(value).encode())
+        elif kind is Int8 or kind is Int4 or kind is Int2:
+            # Django's integer fields' values on psycopg 3 (``adapt_integerfield_value``).
+            texts.append(str(int(value)).encode())
+        elif kind is bool:
+            texts.append(b"t" if value else b"f")  # psycopg's BoolDumper
+        elif (kind is Jsonb or kind is Json) and value.dumps is not None:
+            # Django's JSONField values (``adapt_json_value``): psycopg's JSON dumper writes
+            # what the wrapper's ``dumps`` returns.
+            text = value.dumps(value.obj)
+            texts.append(text.encode() if isinstance(text, str) else bytes(text))
         else:
             return None
     return texts
