@@ -390,7 +390,6 @@ def pipelines(monkeypatch):
 
     def watch():
         monkeypatch.setattr(kept_cursor, "_pipeline", spy)
-        monkeypatch.setattr(kept_cursor, "_all_of_one_message", refused)
         monkeypatch.setattr(kept_cursor, "_as_one_message", refused)
         return sent
 

@@ -254,7 +254,7 @@ def test_message_rows_bind_django_s_field_values_with_the_rows_of_the_one_messag
     assert [type(v).__name__ for v in values] == ["Int8", "MergeReason", "bool", "bool", "Jsonb"]
     statements = [kept_cursor.Statement(DJANGO_VALUES_SQL, values, prepare=True)]
     bound = _message_rows_without_text(statements)
-    assert bound == kept_cursor._as_one_message(statements, 0)
+    assert bound == kept_cursor._as_one_message(statements, (0,))[0]
     assert bound[0][:4] == (2**40, "identify", True, False)
     assert json.loads(bound[0][4]) == {
         "name": "O'Brien é",
@@ -267,11 +267,11 @@ def _message_results_without_text(statements):
     def refused(*args, **kwargs):
         raise AssertionError("sent as text")
 
-    original, kept_cursor._all_of_one_message = kept_cursor._all_of_one_message, refused
+    original, kept_cursor._as_one_message = kept_cursor._as_one_message, refused
     try:
         return kept_cursor.message_results(statements)
     finally:
-        kept_cursor._all_of_one_message = original
+        kept_cursor._as_one_message = original
 
 
 @requires_postgres
@@ -287,7 +287,7 @@ def test_message_results_give_every_statement_s_rows_as_the_one_message_text(pro
         kept_cursor.Statement("ROLLBACK"),
     ]
     bound = _message_results_without_text(statements)
-    as_text = kept_cursor._all_of_one_message(statements)
+    as_text = kept_cursor._as_one_message(statements, tuple(range(len(statements))))
     assert bound == as_text
     assert bound == [
         [],
@@ -315,18 +315,18 @@ def test_message_rows_leave_values_they_do_not_write_to_the_one_message_text():
     sql = "SELECT %s::boolean, %s::numeric, %s::timestamptz"
     params = [True, Decimal("Infinity"), datetime(2026, 12, 3, 12)]
     seen = []
-    original = kept_cursor.rows
+    original = kept_cursor._fetch_each
 
-    def spy(sql, params, *, result=0):
+    def spy(cursor, sql, params, wanted):
         seen.append(sql)
-        return original(sql, params, result=result)
+        return original(cursor, sql, params, wanted)
 
-    kept_cursor.rows = spy
+    kept_cursor._fetch_each = spy
     try:
         got = kept_cursor.message_rows([kept_cursor.Statement(sql, params, prepare=True)])
     finally:
-        kept_cursor.rows = original
-    assert seen == [prepared.statement(sql)] and got == original(prepared.statement(sql), params)
+        kept_cursor._fetch_each = original
+    assert seen == [prepared.statement(sql)] and got == kept_cursor.rows(prepared.statement(sql), params)
 
 
 @pytest.fixture

@@ -204,8 +204,6 @@ def _as_one_message(statements: list[Statement], wanted: tuple[int, ...]) -> lis
     named = [s.params for s in statements if isinstance(s.params, dict)]
     # Named values: one dict shared by the message's statements (Django's cursor takes one).
     params = named[0] if named else [value for s in statements for value in s.params]
-    if len(wanted) == 1:
-        return [rows(sql, params, result=wanted[0])]
     db = connections[DEFAULT_DB_ALIAS]
     if db.queries_logged or db.execute_wrappers or db.vendor != "postgresql":
         with db.cursor() as cursor:
