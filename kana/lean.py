@@ -127,13 +127,18 @@ class _Signals:
             import_string(cache["BACKEND"]).close is not BaseCache.close for cache in settings.CACHES.values()
         )
 
-    def started(self, sender, environ) -> None:
-        receivers = request_started.receivers
-        seen, plain = self.seen_started
+    def _only_djangos(self, signal, seen_attribute: str, djangos) -> bool:
+        """Whether only Django's ``djangos`` receive ``signal``, from the verdict remembered in
+        ``seen_attribute`` while its receivers are the same list."""
+        receivers = signal.receivers
+        seen, plain = getattr(self, seen_attribute)
         if receivers != seen:
-            plain = _only_djangos(receivers, _DJANGOS_STARTED)
-            self.seen_started = (list(receivers), plain)
-        if not plain:
+            plain = _only_djangos(receivers, djangos)
+            setattr(self, seen_attribute, (list(receivers), plain))
+        return plain
+
+    def started(self, sender, environ) -> None:
+        if not self._only_djangos(request_started, "seen_started", _DJANGOS_STARTED):
             request_started.send(sender=sender, environ=environ)
             return
         for db in connections.all(initialized_only=True):
@@ -141,12 +146,7 @@ class _Signals:
             db.close_if_unusable_or_obsolete()
 
     def finished(self, sender) -> None:
-        receivers = request_finished.receivers
-        seen, plain = self.seen_finished
-        if receivers != seen:
-            plain = _only_djangos(receivers, _DJANGOS_FINISHED)
-            self.seen_finished = (list(receivers), plain)
-        if not plain:
+        if not self._only_djangos(request_finished, "seen_finished", _DJANGOS_FINISHED):
             request_finished.send(sender=sender)
             return
         for db in connections.all(initialized_only=True):

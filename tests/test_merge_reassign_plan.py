@@ -28,6 +28,25 @@ def _scan_nodes(plan: dict):
         yield from _scan_nodes(child)
 
 
+def _read_nodes_of_each_step(steps, plan_cache_mode: str):
+    """Each step prepared as the merge prepares it, run under EXPLAIN ANALYZE with
+    ``plan_cache_mode``: its plan's scan nodes, one list a step (the steps' writes are done)."""
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")  # an earlier test may have prepared the same statements
+        prepared.forget_all()
+        cursor.execute(f"SET plan_cache_mode = {plan_cache_mode}")
+        try:
+            for step in steps:
+                name, prepare, execute = prepared._shape(step.sql)
+                cursor.execute(prepare)
+                cursor.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + execute, step.params)
+                (plan,) = cursor.fetchone()[0]
+                cursor.execute(f"DEALLOCATE {name}")
+                yield list(_scan_nodes(plan["Plan"]))
+        finally:
+            cursor.execute("RESET plan_cache_mode")
+
+
 def _store_events(workspace_id: int, prefix: str, count: int, user_pk: int | None) -> None:
     with connection.cursor() as cursor:
         cursor.execute(
@@ -53,24 +72,11 @@ def test_a_merge_moves_the_absorbed_user_s_events_without_reading_the_workspace_
     _store_events(grown.workspace.pk, "other-", 5000, other.pk)
     _store_events(grown.workspace.pk, "absorbed-", 3, absorbed.pk)
     steps = reassign_user(workspace_id=grown.workspace.pk, absorbed_pk=absorbed.pk, survivor_pk=survivor.pk)
-    with connection.cursor() as cursor:
-        cursor.execute("DEALLOCATE ALL")  # an earlier test may have prepared the same statements
-        prepared.forget_all()
-        cursor.execute(f"SET plan_cache_mode = {plan_cache_mode}")
-        try:
-            for step in steps:
-                name, prepare, execute = prepared._shape(step.sql)
-                cursor.execute(prepare)
-                cursor.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + execute, step.params)
-                (plan,) = cursor.fetchone()[0]
-                cursor.execute(f"DEALLOCATE {name}")
-                nodes = list(_scan_nodes(plan["Plan"]))
-                assert nodes
-                for node in nodes:
-                    # Only the absorbed user's rows are read: none of the workspace's others.
-                    assert node.get("Rows Removed by Filter", 0) == 0, node
-        finally:
-            cursor.execute("RESET plan_cache_mode")
+    for nodes in _read_nodes_of_each_step(steps, plan_cache_mode):
+        assert nodes
+        for node in nodes:
+            # Only the absorbed user's rows are read: none of the workspace's others.
+            assert node.get("Rows Removed by Filter", 0) == 0, node
     # EXPLAIN ANALYZE ran the updates: the absorbed user's events are the survivor's now.
     assert Event.objects.filter(user_id=survivor.pk).count() == 3
     assert Event.objects.filter(user_id=absorbed.pk).count() == 0
@@ -118,28 +124,12 @@ def test_a_merge_moves_the_absorbed_user_s_subscriptions_and_holds_without_readi
     steps = follow_absorbed_user(
         EndUser, workspace_id=grown.workspace.pk, absorbed_pk=absorbed.pk, survivor_pk=survivor.pk
     )
-    with connection.cursor() as cursor:
-        cursor.execute("DEALLOCATE ALL")  # an earlier test may have prepared the same statements
-        prepared.forget_all()
-        cursor.execute(f"SET plan_cache_mode = {plan_cache_mode}")
-        try:
-            for step in steps:
-                name, prepare, execute = prepared._shape(step.sql)
-                cursor.execute(prepare)
-                cursor.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + execute, step.params)
-                (plan,) = cursor.fetchone()[0]
-                cursor.execute(f"DEALLOCATE {name}")
-                nodes = [
-                    node
-                    for node in _scan_nodes(plan["Plan"])
-                    if node["Relation Name"] != "entitlements_subscriptionmove"
-                ]
-                assert nodes
-                for node in nodes:
-                    # Only the absorbed user's rows are read: none of the workspace's others.
-                    assert node.get("Rows Removed by Filter", 0) == 0, node
-        finally:
-            cursor.execute("RESET plan_cache_mode")
+    for step_nodes in _read_nodes_of_each_step(steps, plan_cache_mode):
+        nodes = [node for node in step_nodes if node["Relation Name"] != "entitlements_subscriptionmove"]
+        assert nodes
+        for node in nodes:
+            # Only the absorbed user's rows are read: none of the workspace's others.
+            assert node.get("Rows Removed by Filter", 0) == 0, node
     # EXPLAIN ANALYZE ran the statements: the absorbed user's subscriptions and holds are the survivor's.
     assert Subscription.objects.filter(user_id=survivor.pk).count() == 3
     assert SubscriptionMove.objects.filter(workspace=grown.workspace, from_user_key=absorbed.pk).count() == 3

@@ -49,13 +49,19 @@ _IDLE = pq.TransactionStatus.IDLE
 def rows(sql: str, params, *, result: int = 0) -> list[tuple]:
     """The rows of statement ``result`` (0: the first) of ``sql`` (one or more statements in
     one message) run with ``params``, on the default database, in the caller's transaction."""
+    return _on_a_cursor(_fetch, sql, params, result)
+
+
+def _on_a_cursor(fetch, sql: str, params, which):
+    """``fetch(cursor, sql, params, which)`` on the kept cursor, or on Django's while Django
+    logs or wraps statements (or the database is not PostgreSQL)."""
     db = connections[DEFAULT_DB_ALIAS]
     if db.queries_logged or db.execute_wrappers or db.vendor != "postgresql":
         with db.cursor() as cursor:
-            return _fetch(cursor, sql, params, result)
+            return fetch(cursor, sql, params, which)
     _checked(db)
     with db.wrap_database_errors:
-        return _fetch(_cursor(db), sql, params, result)
+        return fetch(_cursor(db), sql, params, which)
 
 
 def prepared_rows(sql: str, params: dict) -> list[tuple]:
@@ -204,13 +210,7 @@ def _as_one_message(statements: list[Statement], wanted: tuple[int, ...]) -> lis
     named = [s.params for s in statements if isinstance(s.params, dict)]
     # Named values: one dict shared by the message's statements (Django's cursor takes one).
     params = named[0] if named else [value for s in statements for value in s.params]
-    db = connections[DEFAULT_DB_ALIAS]
-    if db.queries_logged or db.execute_wrappers or db.vendor != "postgresql":
-        with db.cursor() as cursor:
-            return _fetch_each(cursor, sql, params, wanted)
-    _checked(db)
-    with db.wrap_database_errors:
-        return _fetch_each(_cursor(db), sql, params, wanted)
+    return _on_a_cursor(_fetch_each, sql, params, wanted)
 
 
 def _fetch_each(cursor, sql: str, params, wanted: tuple[int, ...]) -> list[list[tuple]]:
