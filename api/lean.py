@@ -18,12 +18,13 @@ OPTIONS, 405) are left to Django, which answers them as before.
 """
 
 import io
-from urllib.parse import unquote_plus
+from urllib.parse import parse_qsl, unquote_plus
 
+from django.conf import settings
+from django.core.exceptions import TooManyFieldsSent
 from django.core.handlers.wsgi import WSGIRequest, get_bytes_from_wsgi
 from django.core.signals import setting_changed
 from django.db import InterfaceError, OperationalError
-from django.http import QueryDict
 from django.urls import Resolver404, resolve
 from rest_framework import exceptions
 from rest_framework.parsers import JSONParser
@@ -144,8 +145,27 @@ def _refusal(exc: Exception) -> Answer | None:
 
 
 def _query(environ) -> dict:
-    # As ``request.query_params.dict()``: Django's decoding, the last value of a repeated name.
-    return QueryDict(get_bytes_from_wsgi(environ, "QUERY_STRING", "")).dict()
+    """``request.query_params.dict()``: the query decoded as ``QueryDict`` decodes it (the
+    same ``parse_qsl`` call, the same fallback charset and field limit), each name with its
+    last value, in the order of their first appearance, without building the ``QueryDict``
+    (its per-value ``appendlist`` and text checks were ≈ 7 µs of a check's 11 here)."""
+    raw = get_bytes_from_wsgi(environ, "QUERY_STRING", "")
+    try:
+        text = raw.decode(settings.DEFAULT_CHARSET)
+    except UnicodeDecodeError:
+        text = raw.decode("iso-8859-1")  # as QueryDict: "some user agents are misbehaving"
+    try:
+        pairs = parse_qsl(
+            text,
+            keep_blank_values=True,
+            encoding=settings.DEFAULT_CHARSET,
+            max_num_fields=settings.DATA_UPLOAD_MAX_NUMBER_FIELDS,
+        )
+    except ValueError as exc:  # QueryDict's reading of it: too many fields
+        raise TooManyFieldsSent(
+            "The number of GET/POST parameters exceeded settings.DATA_UPLOAD_MAX_NUMBER_FIELDS."
+        ) from exc
+    return dict(pairs)
 
 
 def check(environ, read) -> Answer:

@@ -137,19 +137,27 @@ class _Signals:
             setattr(self, seen_attribute, (list(receivers), plain))
         return plain
 
-    def started(self, sender, environ) -> None:
+    def started(self, sender, environ) -> list | None:
+        """The request's start; returns the connections it found open when they are all the
+        configured ones (for ``finished``), else None."""
         if not self._only_djangos(request_started, "seen_started", _DJANGOS_STARTED):
             request_started.send(sender=sender, environ=environ)
-            return
-        for db in connections.all(initialized_only=True):
+            return None
+        opened = connections.all(initialized_only=True)
+        for db in opened:
             db.queries_log.clear()
             db.close_if_unusable_or_obsolete()
+        # Every configured connection's wrapper exists already (a thread's requests after its
+        # first): none can appear during the request, and a closed one keeps its wrapper, so
+        # the end walks this same list instead of asking asgiref's ``Local`` again.
+        return opened if len(opened) == len(connections.settings) else None
 
-    def finished(self, sender) -> None:
+    def finished(self, sender, opened: list | None = None) -> None:
+        """The request's end; ``opened``: what ``started`` returned."""
         if not self._only_djangos(request_finished, "seen_finished", _DJANGOS_FINISHED):
             request_finished.send(sender=sender)
             return
-        for db in connections.all(initialized_only=True):
+        for db in connections.all(initialized_only=True) if opened is None else opened:
             db.close_if_unusable_or_obsolete()
         if self.caches_close:
             for cache in caches.all(initialized_only=True):
@@ -160,10 +168,10 @@ class _Body(list):
     """The answer's body; the WSGI server calls ``close`` once it is sent, which ends the
     request as Django's ``HttpResponse.close`` does."""
 
-    __slots__ = ("sender", "signals")
+    __slots__ = ("sender", "signals", "opened")
 
     def close(self):
-        self.signals.finished(self.sender)
+        self.signals.finished(self.sender, self.opened)
 
 
 class LeanApp:
@@ -228,7 +236,7 @@ class LeanApp:
         ):
             return self.django_app(environ, start_response)
 
-        self.signals.started(self.__class__, environ)
+        opened = self.signals.started(self.__class__, environ)
         try:
             status, extra, body = route.handler(environ, reader(environ))
             if status >= 400:
@@ -245,6 +253,7 @@ class LeanApp:
         answer = _Body((body,))
         answer.sender = self.__class__
         answer.signals = self.signals
+        answer.opened = opened
         return answer
 
     @staticmethod

@@ -333,3 +333,38 @@ def test_a_kept_serializer_validates_as_a_new_one(serializer_class):
         except ValidationError as exc:
             got = exc.detail
         assert got == expected, data
+
+
+QUERIES = [
+    "",
+    "user_id=u1&feature=messages&delta=2",
+    "feature=a&user_id=u1&feature=b",  # the last value, where the name first appeared
+    "feature&user_id=&&delta",  # names without values, empty pairs
+    "user+id=a+b&feature=%6D%65ssages%20x",  # '+' and percent escapes
+    "feature=%E9%FF",  # escapes that are not UTF-8
+    "feature=caf\xe9",  # a raw byte that is not UTF-8 (the environ's latin-1 text)
+    "a=1;b=2",  # ';' does not separate
+]
+
+
+@pytest.mark.parametrize("query", QUERIES)
+def test_the_query_is_read_as_djangos_querydict_reads_it(query):
+    from django.core.handlers.wsgi import get_bytes_from_wsgi
+    from django.http import QueryDict
+
+    environ = {"QUERY_STRING": query}
+    expected = QueryDict(get_bytes_from_wsgi(environ, "QUERY_STRING", "")).dict()
+    got = lean._query(environ)
+    assert got == expected and list(got) == list(expected)
+
+
+def test_too_many_query_fields_are_refused_as_django_refuses_them(settings):
+    from django.core.exceptions import TooManyFieldsSent
+    from django.http import QueryDict
+
+    settings.DATA_UPLOAD_MAX_NUMBER_FIELDS = 2
+    with pytest.raises(TooManyFieldsSent):
+        QueryDict(b"a=1&b=2&c=3")
+    with pytest.raises(TooManyFieldsSent):
+        lean._query({"QUERY_STRING": "a=1&b=2&c=3"})
+    assert lean._query({"QUERY_STRING": "a=1&b=2"}) == {"a": "1", "b": "2"}

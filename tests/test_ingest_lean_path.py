@@ -324,3 +324,39 @@ def test_a_connection_past_conn_max_age_is_closed_before_and_after_a_lean_reques
         assert _post_through_gunicorns_entry(tenant, _json({**TRACK, "messageId": "m-3"})) == 200
     assert connection.connection is None
     assert Event.objects.count() == 3
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_threads_first_request_closes_at_its_end_the_connection_it_opened_once_past_its_age():
+    # The front's end walks the connections its start found open when those were all of them;
+    # a thread's first request finds none: the one it opens must still be looked at when it ends.
+    import threading
+    import time
+
+    from django.db import connections
+
+    tenant = make_tenant()
+    ingest = handlers.ingest_messages
+    seen = {}
+
+    def ages_the_connection(**kwargs):
+        outcomes = ingest(**kwargs)
+        connection.close_at = time.monotonic() - 1
+        return outcomes
+
+    def first_request_of_a_thread():
+        try:
+            seen["open before"] = connections.all(initialized_only=True)
+            seen["status"] = _post_through_gunicorns_entry(tenant, _json(TRACK))
+            seen["open after"] = connection.connection
+        finally:
+            connections.close_all()
+
+    with mock.patch.object(handlers, "ingest_messages", side_effect=ages_the_connection):
+        thread = threading.Thread(target=first_request_of_a_thread)
+        thread.start()
+        thread.join()
+    assert seen["open before"] == [] and seen["status"] == 200
+    assert seen["open after"] is None  # opened by the request, past its age at its end: closed
+    assert Event.objects.count() == 1

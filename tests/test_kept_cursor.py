@@ -408,3 +408,21 @@ def test_a_pipeline_whose_results_are_left_unread_closes_its_connection():
     assert raw.closed  # not left in pipeline mode for the next request
     connection.close()
     assert kept_cursor.rows("SELECT 2", []) == [(2,)]  # a new connection
+
+
+@requires_postgres
+def test_the_kept_loaders_read_each_statements_own_columns_in_djangos_time_zone():
+    # One set of loaders per kept cursor, reused statement after statement: each result's rows
+    # still come with its own columns' types.
+    at = datetime(2026, 12, 4, 13, 0, tzinfo=timezone(timedelta(hours=2)))
+    first = kept_cursor.prepared_rows("SELECT %(at)s::timestamptz, %(n)s::int", {"at": at, "n": 1})
+    second = kept_cursor.prepared_rows("SELECT %(n)s::text, %(at)s::timestamptz", {"at": at, "n": "x"})
+    third = kept_cursor.message_results(
+        [
+            kept_cursor.Statement("SELECT %s::date, %s::numeric", [date(2026, 12, 4), Decimal("1.5")]),
+            kept_cursor.Statement("SELECT %s::timestamptz", [at], prepare=True),
+        ]
+    )
+    assert first == [(at, 1)] and first[0][0].tzinfo == UTC
+    assert second == [("x", at)] and second[0][1].tzinfo == UTC
+    assert third == [[(date(2026, 12, 4), Decimal("1.5"))], [(at,)]] and third[1][0][0].tzinfo == UTC

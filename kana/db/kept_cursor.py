@@ -23,6 +23,7 @@ the statements of one round trip (a single track's ``BEGIN``, lock and read; its
 ``COMMIT``) as one libpq pipeline, its prepared statements' values bound the same way.
 """
 
+import functools
 import weakref
 from datetime import date, datetime
 from decimal import Decimal
@@ -37,8 +38,9 @@ from psycopg.types.numeric import Int2, Int4, Int8
 
 from . import prepared
 
-# psycopg connection -> (the kept cursor, the time zone it was made for).
-_kept: "weakref.WeakKeyDictionary[object, tuple[object, object]]" = weakref.WeakKeyDictionary()
+# psycopg connection -> (the kept cursor, the time zone it was made for, the loaders of the
+# rows it reads past psycopg's cursor: a ``Transformer`` of the cursor's adapters).
+_kept: "weakref.WeakKeyDictionary[object, tuple[object, object, Transformer]]" = weakref.WeakKeyDictionary()
 _TUPLES_OK = pq.ExecStatus.TUPLES_OK
 _COMMAND_OK = pq.ExecStatus.COMMAND_OK
 _PIPELINE_SYNC = pq.ExecStatus.PIPELINE_SYNC
@@ -79,7 +81,7 @@ def prepared_rows(sql: str, params: dict) -> list[tuple]:
     db = connections[DEFAULT_DB_ALIAS]
     if db.queries_logged or db.execute_wrappers or db.vendor != "postgresql":
         return rows(prepared.statement(sql), params)
-    found = prepared.bound(sql)  # prepares it first when needed
+    found = prepared.bound(sql, db=db)  # prepares it first when needed
     values = None if found is None else _texts(params, found[1])
     if values is None:
         return rows(prepared.statement(sql) if found is not None else sql, params)
@@ -89,16 +91,13 @@ def prepared_rows(sql: str, params: dict) -> list[tuple]:
         # psycopg sends the BEGIN of Django's atomic with the transaction's first statement.
         return rows(prepared.statement(sql), params)
     with db.wrap_database_errors:
-        cursor = _cursor(db)
+        loader = _loader(db)
         with raw.lock:
             raw.pgconn.send_query_prepared(found[0].encode(), values)
             (result,) = raw.wait(generators.execute(raw.pgconn))
         if result.status != _TUPLES_OK:
             raise errors.error_from_result(result, encoding="utf-8")  # Django's client_encoding
-        # The kept cursor's loaders: Django's time zone, and its adapters for the result's types.
-        loader = Transformer.from_context(cursor)
-        loader.set_pgresult(result)
-        return loader.load_rows(0, result.ntuples, tuple)
+        return _loaded(loader, result)
 
 
 class Statement(NamedTuple):
@@ -145,35 +144,36 @@ def message_results(statements: list[Statement], *, wanted: tuple[int, ...] | No
     sent = []
     for statement in statements:
         if statement.prepare:
-            found = prepared.bound(statement.sql, replan_every=statement.replan_every)
-            name = None if found is None else found[0].encode()
+            # The wrapper passed on: looked up once per round trip, not once per statement.
+            found = prepared.bound(statement.sql, replan_every=statement.replan_every, db=db)
+            if found is None:
+                return _as_one_message(statements, wanted)
+            name, text, order = found[0].encode(), None, found[1]
         else:
-            found, name = (prepared.numbered(statement.sql), prepared.order(statement.sql)), None
-        values = None if found is None else _texts(statement.params, found[1])
+            name, (text, order) = None, _unprepared(statement.sql)
+        values = _texts(statement.params, order)
         if values is None:
             return _as_one_message(statements, wanted)
-        sent.append((name, found[0].encode() if name is None else None, values))
+        sent.append((name, text, values))
     _checked(db)
     raw = db.connection
     if not raw.autocommit and raw.pgconn.transaction_status == _IDLE:
         return _as_one_message(statements, wanted)  # psycopg sends atomic's BEGIN with it
     with db.wrap_database_errors:
-        cursor = _cursor(db)
+        loader = _loader(db)
         with raw.lock:
             results = raw.wait(_pipeline(raw.pgconn, sent))
         for got in results:
             if got.status not in (_TUPLES_OK, _COMMAND_OK, _PIPELINE_ABORTED):
                 raise errors.error_from_result(got, encoding="utf-8")  # Django's client_encoding
-        loader = Transformer.from_context(cursor)
-        rows = []
-        for n in wanted:
-            got = results[n]
-            if got.status != _TUPLES_OK:
-                rows.append([])
-                continue
-            loader.set_pgresult(got)
-            rows.append(loader.load_rows(0, got.ntuples, tuple))
-        return rows
+        return [_loaded(loader, results[n]) if results[n].status == _TUPLES_OK else [] for n in wanted]
+
+
+@functools.lru_cache(maxsize=256)
+def _unprepared(sql: str) -> tuple[bytes, tuple[str, ...] | int]:
+    """An unprepared statement of ``message_results`` (``BEGIN``, a lock, ``COMMIT``) as it is
+    sent: its text numbered ``$n`` and encoded, and its parameters' order; once per process."""
+    return prepared.numbered(sql).encode(), prepared.order(sql)
 
 
 def _pipeline(pgconn, sent: list[tuple[bytes | None, bytes | None, list]]):
@@ -237,16 +237,23 @@ def _texts(params: dict | list | tuple, order: tuple[str, ...] | int) -> list[by
     in_order = (params[name] for name in order) if isinstance(order, tuple) else (params if order else ())
     for value in in_order:
         kind = type(value)
-        if value is None:
+        # The commonest kinds first (a track's values are mostly texts and integers): each
+        # branch takes values no other branch takes, so their order changes no text.
+        if kind is str:
+            if "\x00" in value:
+                return None
+            texts.append(value.encode())  # UTF-8: the client_encoding Django connects with
+        elif kind is int:
+            texts.append(str(value).encode())
+        elif value is None:
             texts.append(None)
-        elif (kind is str or isinstance(value, StrEnum)) and "\x00" not in value:
-            # UTF-8: the client_encoding Django connects with. A StrEnum (Django's text
-            # choices) finds psycopg's str dumper first in its MRO: its text is its value.
+        elif isinstance(value, StrEnum) and "\x00" not in value:
+            # A StrEnum (Django's text choices) finds psycopg's str dumper first in its MRO:
+            # its text is its value.
             texts.append(value.encode())
         elif (
-            kind is int
+            (kind is datetime and value.utcoffset() is not None)
             or kind is date
-            or (kind is datetime and value.utcoffset() is not None)
             or (kind is Decimal and value.is_finite())
         ):
             texts.append(str(value).encode())
@@ -273,12 +280,34 @@ def _checked(db) -> None:
     db.validate_no_broken_transaction()
 
 
-def _cursor(db):
+def _kept_for(db) -> tuple:
     raw = db.connection
     kept = _kept.get(raw)
     if kept is None or kept[1] != db.timezone or kept[0].closed:
-        kept = _kept[raw] = (db.create_cursor(), db.timezone)
-    return kept[0]
+        cursor = db.create_cursor()
+        kept = _kept[raw] = (cursor, db.timezone, Transformer.from_context(cursor))
+    return kept
+
+
+def _cursor(db):
+    return _kept_for(db)[0]
+
+
+def _loader(db) -> Transformer:
+    """The kept cursor's loaders (Django's time zone, and the cursor's adapters for each
+    result's types), for rows read past the cursor. One per kept cursor, as psycopg's cursor
+    keeps one: it keeps the loader it made for each type (Django's time zone loader is a
+    Python class, made again by a new ``Transformer`` for every result that has a
+    ``timestamptz``), so a statement's rows cost their loading alone."""
+    return _kept_for(db)[2]
+
+
+def _loaded(loader: Transformer, result) -> list[tuple]:
+    loader.set_pgresult(result)
+    try:
+        return loader.load_rows(0, result.ntuples, tuple)
+    finally:
+        loader.set_pgresult(None)  # the result is not kept alive until the next statement
 
 
 def _fetch(cursor, sql: str, params, result: int) -> list[tuple]:

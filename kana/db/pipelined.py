@@ -56,22 +56,33 @@ BEGIN = "BEGIN; "
 COMMIT = "; COMMIT"
 
 
-@contextmanager
-def transaction():
-    """The block's statements form one transaction (see the module docstring)."""
-    try:
-        yield
-    except BaseException:
+class transaction:  # noqa: N801 - used as a function: ``with pipelined.transaction():``
+    """The block's statements form one transaction (see the module docstring).
+
+    A class rather than ``@contextmanager``: a single track enters it once, and the generator
+    machinery (the helper object, the generator, its frame resumed twice) cost about a
+    microsecond more than two plain method calls."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if kind is not None:
+            # Any exception (BaseException too): the transaction is rolled back, the
+            # exception goes on.
+            if in_transaction():
+                try:
+                    with connection.cursor() as cursor:
+                        cursor.execute("ROLLBACK")
+                except DatabaseError:
+                    connection.close()  # a broken connection: the server rolls back on its own
+            return False
         if in_transaction():
-            try:
-                with connection.cursor() as cursor:
-                    cursor.execute("ROLLBACK")
-            except DatabaseError:
-                connection.close()  # a broken connection: the server rolls back on its own
-        raise
-    if in_transaction():
-        with connection.cursor() as cursor:
-            cursor.execute("COMMIT")
+            with connection.cursor() as cursor:
+                cursor.execute("COMMIT")
+        return False
 
 
 @contextmanager

@@ -122,27 +122,34 @@ def statement(sql: str, *, replan_every: int | None = None) -> str:
     return sql if shape is None else shape[2]
 
 
-def bound(sql: str, *, replan_every: int | None = None) -> tuple[str, tuple[str, ...] | int] | None:
+def bound(sql: str, *, replan_every: int | None = None, db=None) -> tuple[str, tuple[str, ...] | int] | None:
     """For a caller that binds the values server-side (``kana.db.kept_cursor.prepared_rows``
     and ``message_rows``): the name of ``sql``'s prepared statement on this connection,
     prepared first as ``statement`` does (``replan_every`` as there), and its parameters in
     ``$n`` order (their names, or how many positional ones); None when ``statement`` would
-    send ``sql`` itself."""
-    shape = _prepared_shape(sql, replan_every)
+    send ``sql`` itself. ``db``: the default database's wrapper, when the caller has looked
+    it up already."""
+    shape = _prepared_shape(sql, replan_every, db)
     return None if shape is None else (shape[0], order(sql))
 
 
-def _prepared_shape(sql: str, replan_every: int | None) -> tuple[str, str, str] | None:
-    # The connection itself, looked up once: each attribute read through Django's
-    # ``connection`` proxy looks it up again in a thread- and task-local (asgiref's ``Local``,
-    # a few microseconds each), and this runs twice per single track.
-    db = connections[DEFAULT_DB_ALIAS]
+def _prepared_shape(sql: str, replan_every: int | None, db=None) -> tuple[str, str, str] | None:
+    # The connection itself, looked up once (or passed by a caller that has it): each
+    # attribute read through Django's ``connection`` proxy looks it up again in a thread- and
+    # task-local (asgiref's ``Local``, ≈ 1 µs each), and this runs twice per single track.
+    if db is None:
+        db = connections[DEFAULT_DB_ALIAS]
     if db.vendor != "postgresql" or db.settings_dict.get("CONN_MAX_AGE") == 0:
         return None
     shape = _shape(sql)
     name, prepare, _ = shape
-    db.ensure_connection()
     raw = db.connection
+    if raw is None:
+        # Opened here only when it is not yet: ``ensure_connection`` itself (its async check
+        # and the call, twice a track) is what the caller's statement does next anyway
+        # (``kept_cursor._checked``, or Django's cursor).
+        db.ensure_connection()
+        raw = db.connection
     done = _prepared.get(raw)
     if done is None:
         # What the server holds, read once per connection (and after a missing one's error).
