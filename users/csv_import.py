@@ -62,7 +62,7 @@ from typing import BinaryIO
 from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import default_storage
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, Error, connection, transaction
 from django.utils import timezone
 
 from kana import audit, jobs
@@ -572,8 +572,6 @@ def _run(job: ImportJob, progress, row_by_row: bool) -> None:
                     applied = True
             except _RollBack:
                 pass
-            if applied:
-                count_created_users_for_the_planner(report.counts["created"])
             heartbeat.stop()
             report_path = report.save(job)
             ImportJob.objects.filter(pk=job.pk).update(
@@ -613,9 +611,9 @@ class _ChecksPerChunk:
     chunk's first statement. The same checks, on the same rows: only when they run changes.
     A failed check fails the import there, as it failed its COMMIT, and nothing is applied.
 
-    The checks' plans are made on the users' statistics as they are when they first run, so
-    ``count_created_users_for_the_planner`` runs before each chunk's (see its docstring: a
-    table analysed empty made each check walk every user created so far).
+    The checks' plans are made on the users' statistics as they are when they run, so
+    ``count_created_users_for_the_planner`` looks at them first (see its docstring: a table
+    analysed empty made each check walk every user created so far).
     """
 
     def __init__(self):
@@ -633,7 +631,7 @@ class _ChecksPerChunk:
         # rollback; a failed check then is not the error to report.
         try:
             self.wait()
-        except DatabaseError:
+        except Error:
             pass
 
     def fire(self, *, created: int) -> None:
