@@ -809,16 +809,18 @@ class ParserProcessDied(RuntimeError):
 
 class _ParsedInChild(_ParsedAhead):
     """The file read, decoded and parsed in a forked child process, its chunks handed back
-    through a pipe; the parent's reader thread rebuilds each chunk's rows and queues them.
+    through a pipe; the parent's reader thread reads and unpickles each chunk and queues it,
+    and the import's thread rebuilds its rows as it takes it.
 
     Why a process: the reader thread's parse (≈ 11 µs a row) holds the interpreter lock the
     import's thread needs between its statements; a child parses on the machine's other core,
-    and the parent only unpickles plain tuples and builds the rows (≈ 3 µs a row). Forked, not
-    spawned: the child starts in milliseconds with the code and settings already loaded and
-    shares the parent's pages, and ``os.fork`` (unlike ``multiprocessing``) is allowed in
-    Celery's daemonic prefork workers. The child runs only the parse (no database, no lock
-    another thread of the parent could hold, no imports) and always leaves by ``os._exit``,
-    so nothing of the parent (its database connection, its atexit hooks) runs twice.
+    and the parent only unpickles plain tuples (the reader thread) and builds the rows (≈ 2.5
+    µs a row, the import's thread). Forked, not spawned: the child starts in milliseconds with
+    the code and settings already loaded and shares the parent's pages, and ``os.fork``
+    (unlike ``multiprocessing``) is allowed in Celery's daemonic prefork workers. The child
+    runs only the parse (no database, no lock another thread of the parent could hold, no
+    imports) and always leaves by ``os._exit``, so nothing of the parent (its database
+    connection, its atexit hooks) runs twice.
 
     Failures keep the thread's promises: a bad file (bad UTF-8 at line N, broken CSV) comes
     back as its CsvFileError in place of the chunk it stopped; any other exception in the
@@ -866,6 +868,14 @@ class _ParsedInChild(_ParsedAhead):
         self._reap(block=True)
         os.close(self.readable)
 
+    def __iter__(self) -> Iterator[list]:
+        # The rows are rebuilt here, in the import's thread, not in the reader thread: there the
+        # rebuild (≈ 2.5 µs a row) held the interpreter lock whenever one of the import's
+        # statements returned, and the import waited for it (docs/performance.md, "Round 16:
+        # s5pg"); here it runs while PostgreSQL checks the previous chunk (_ChecksPerChunk).
+        for flat in super().__iter__():
+            yield _rows_from_child(flat)
+
     def _reap(self, *, block: bool) -> bool:
         """Reap the child if it has exited (or wait for it with ``block``); True once reaped."""
         with self.reaped:
@@ -883,7 +893,7 @@ class _ParsedInChild(_ParsedAhead):
                 frame = pickle.loads(self._read_exactly(length))
                 kind = frame[0]
                 if kind == _ROWS:
-                    if not self._put(_rows_from_child(frame[1])):
+                    if not self._put(frame[1]):  # rebuilt by the import's thread (__iter__)
                         return
                 elif kind == _FILE_ERROR:
                     raise CsvFileError(frame[1], frame[2])
