@@ -289,3 +289,23 @@ def test_a_large_import_is_parsed_in_a_child_of_a_prefork_worker(tenant, transac
         assert not session_grandchildren(worker.process.pid)  # reaped
     finally:
         worker.stop()
+
+
+def test_the_import_thread_rebuilds_the_childs_rows_not_the_reader_thread(tenant, children, monkeypatch):
+    """The reader thread only reads and unpickles: rebuilding a chunk's rows there held the
+    interpreter lock whenever one of the import's statements returned (round 16)."""
+    monkeypatch.setattr(csv_import, "IMPORT_CHUNK_ROWS", 4)
+    rebuilt_in = set()
+    rebuild = csv_import._rows_from_child
+
+    def recorded(flat):
+        rebuilt_in.add(threading.current_thread().name)
+        return rebuild(flat)
+
+    monkeypatch.setattr(csv_import, "_rows_from_child", recorded)
+
+    job = run_import(tenant.workspace, csv_bytes([{"user_id": f"u{n}"} for n in range(10)]))
+
+    assert job.applied and job.counts()["created"] == 10
+    assert len(children) == 1
+    assert rebuilt_in == {threading.current_thread().name}

@@ -202,19 +202,23 @@ def copy_in(objects: list[models.Model], *, while_finishing: Callable[[], T] | N
 
 
 def count_created_users_for_the_planner(created: int) -> bool:
-    """Before a transaction that created ``created`` users commits: ``ANALYZE`` the users'
-    table when the planner's estimate of its size is below that (PostgreSQL). True if it ran.
+    """Before the deferred checks of a transaction that created ``created`` users run (a CSV
+    import runs them after each chunk, ``users.csv_import._ChecksPerChunk``): ``ANALYZE`` the
+    users' table when the planner's estimate of its size is below that (PostgreSQL). True if
+    it ran.
 
-    The commit checks each new identity's reference to its user with ``SELECT 1 … WHERE id =
+    The checks test each new identity's reference to its user with ``SELECT 1 … WHERE id =
     $1 FOR KEY SHARE``. When the table was analysed while empty over pages that exist (every
     user deleted, then analysed), the planner estimates it at no rows however it grows: the
     primary key and ``enduser_ws_created_idx`` (whose last column is ``id``) then cost the
-    same, the tie goes to the latter, and each check walks that whole index, so the commit
-    is quadratic in the users created (1.2 s a check at 8,000). Autovacuum cannot correct it:
+    same, the tie goes to the latter, and each check walks that whole index, so the checks
+    are quadratic in the users created (1.2 s a check at 8,000). Autovacuum cannot correct it:
     it does not see this transaction's rows; an ``ANALYZE`` here does, and the checks are
     planned after it. A table never analysed is estimated from its size, and is left alone.
 
-    The lock ``ANALYZE`` takes is held until the commit, and a second import waiting for it
+    The lock ``ANALYZE`` takes is held until the commit (from the first chunk whose checks
+    needed it, in an import: other analyses and vacuums of the table skip it or wait that
+    long), and a second import waiting for it
     could wait on a user this one's checks lock: the lock is only tried, and when another
     import or a vacuum holds it the statistics are left as they are.
     """

@@ -62,10 +62,11 @@ from typing import BinaryIO
 from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import default_storage
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, Error, connection, transaction
 from django.utils import timezone
 
 from kana import audit, jobs
+from kana.db import kept_cursor
 from kana.errors import DomainError
 from kana.locks import lock_keys
 from kana.models import Workspace
@@ -525,12 +526,13 @@ def _run(job: ImportJob, progress, row_by_row: bool) -> None:
                     default_storage.open(job.source_path, "rb") as source,
                     _older_objects_frozen(),
                 ):
-                    with _parsed_ahead(source, job.rows_total) as chunks:
+                    with _parsed_ahead(source, job.rows_total) as chunks, _ChecksPerChunk() as checks:
                         for parsed in chunks:
+                            checks.wait()  # the previous chunk's, before this chunk's first statement
                             errors_before = report.counts["error"]
                             parsed = _refuse_suppressed(job.workspace, parsed)
                             to_apply = [row for _, row in parsed if isinstance(row, ProfileRow)]
-                            outcomes = iter(
+                            applied_rows = (
                                 apply(
                                     workspace=job.workspace,
                                     rows=to_apply,
@@ -542,17 +544,22 @@ def _run(job: ImportJob, progress, row_by_row: bool) -> None:
                                 if to_apply
                                 else []
                             )
+                            processed += len(parsed)
+                            heartbeat.processed = processed
+                            if progress:  # before the checks are sent: it may use the connection
+                                progress(processed, job.rows_total)
+                            if not job.dry_run and not report.counts["error"]:
+                                # A dry run, or an import that already has an error row, is
+                                # rolled back: its checks would never run.
+                                checks.fire(created=report.counts["created"] + _created_in(applied_rows))
+                            outcomes = iter(applied_rows)
                             for number, row in parsed:
                                 outcome = next(outcomes) if isinstance(row, ProfileRow) else row
                                 report.add_outcome(number, outcome, occurred_at)
-                            processed += len(parsed)
-                            heartbeat.processed = processed
-                            if progress:
-                                progress(processed, job.rows_total)
                             # The chunk's rows, users and outcomes released, the paused collector
                             # walks what the chunks left (_older_objects_frozen says why here):
                             # after a chunk with an error row, else every few chunks.
-                            del parsed, to_apply, outcomes
+                            del parsed, to_apply, outcomes, applied_rows
                             unswept += 1
                             if report.counts["error"] != errors_before or unswept == _CHUNKS_PER_YOUNG_PASS:
                                 gc.collect(0)
@@ -565,8 +572,6 @@ def _run(job: ImportJob, progress, row_by_row: bool) -> None:
                     applied = True
             except _RollBack:
                 pass
-            if applied:
-                count_created_users_for_the_planner(report.counts["created"])
             heartbeat.stop()
             report_path = report.save(job)
             ImportJob.objects.filter(pk=job.pk).update(
@@ -586,6 +591,62 @@ def _run(job: ImportJob, progress, row_by_row: bool) -> None:
     finally:
         heartbeat.stop()
         report.close()
+
+
+def _created_in(outcomes: list) -> int:
+    return sum(1 for o in outcomes if isinstance(o, IdentifyResult) and o.outcome == IdentifyOutcome.CREATED)
+
+
+class _ChecksPerChunk:
+    """The import's deferred foreign-key checks run after each chunk, while this thread
+    reports the chunk and takes the next, instead of all at COMMIT.
+
+    Each row a chunk creates queues two checks (the user's workspace, the identity's user):
+    ≈ 6-7 µs of PostgreSQL a created row, which at COMMIT ran after everything else, with
+    nothing to overlap them. ``SET CONSTRAINTS ALL IMMEDIATE`` checks every row queued so
+    far (PostgreSQL applies it retroactively) and ``SET CONSTRAINTS ALL DEFERRED`` puts the
+    constraints back as Django made them (every deferrable constraint of the schema is
+    initially deferred: tests/test_csv_import_checks_per_chunk.py pins it). Both are sent
+    without waiting (``kana.db.kept_cursor.send_unawaited``) and read back before the next
+    chunk's first statement. The same checks, on the same rows: only when they run changes.
+    A failed check fails the import there, as it failed its COMMIT, and nothing is applied.
+
+    The checks' plans are made on the users' statistics as they are when they run, so
+    ``count_created_users_for_the_planner`` looks at them first (see its docstring: a table
+    analysed empty made each check walk every user created so far).
+    """
+
+    def __init__(self):
+        self.pending = kept_cursor.Unawaited()
+        self.planner_checked_at = 0  # users created when the statistics were last looked at
+
+    def __enter__(self) -> "_ChecksPerChunk":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.wait()
+            return
+        # Leaving on a failure: the connection is read back to a usable state for the
+        # rollback; a failed check then is not the error to report.
+        try:
+            self.wait()
+        except Error:
+            pass
+
+    def fire(self, *, created: int) -> None:
+        if connection.vendor != "postgresql":
+            return  # SQLite has no SET CONSTRAINTS: its checks stay at COMMIT
+        if created > 2 * self.planner_checked_at:
+            # Looked at again each time the import has doubled: a plan goes wrong only when the
+            # planner takes the table for (nearly) empty, not for half its size (a round trip a
+            # chunk was ≈ 0.7 µs a row).
+            count_created_users_for_the_planner(created)
+            self.planner_checked_at = created
+        self.pending = kept_cursor.send_unawaited(["SET CONSTRAINTS ALL IMMEDIATE", "SET CONSTRAINTS ALL DEFERRED"])
+
+    def wait(self) -> None:
+        self.pending.wait()
 
 
 def _refuse_suppressed(workspace: Workspace, parsed: list[tuple[int, "ProfileRow | _RowError"]]) -> list:
@@ -748,16 +809,18 @@ class ParserProcessDied(RuntimeError):
 
 class _ParsedInChild(_ParsedAhead):
     """The file read, decoded and parsed in a forked child process, its chunks handed back
-    through a pipe; the parent's reader thread rebuilds each chunk's rows and queues them.
+    through a pipe; the parent's reader thread reads and unpickles each chunk and queues it,
+    and the import's thread rebuilds its rows as it takes it.
 
     Why a process: the reader thread's parse (≈ 11 µs a row) holds the interpreter lock the
     import's thread needs between its statements; a child parses on the machine's other core,
-    and the parent only unpickles plain tuples and builds the rows (≈ 3 µs a row). Forked, not
-    spawned: the child starts in milliseconds with the code and settings already loaded and
-    shares the parent's pages, and ``os.fork`` (unlike ``multiprocessing``) is allowed in
-    Celery's daemonic prefork workers. The child runs only the parse (no database, no lock
-    another thread of the parent could hold, no imports) and always leaves by ``os._exit``,
-    so nothing of the parent (its database connection, its atexit hooks) runs twice.
+    and the parent only unpickles plain tuples (the reader thread) and builds the rows (≈ 2.5
+    µs a row, the import's thread). Forked, not spawned: the child starts in milliseconds with
+    the code and settings already loaded and shares the parent's pages, and ``os.fork``
+    (unlike ``multiprocessing``) is allowed in Celery's daemonic prefork workers. The child
+    runs only the parse (no database, no lock another thread of the parent could hold, no
+    imports) and always leaves by ``os._exit``, so nothing of the parent (its database
+    connection, its atexit hooks) runs twice.
 
     Failures keep the thread's promises: a bad file (bad UTF-8 at line N, broken CSV) comes
     back as its CsvFileError in place of the chunk it stopped; any other exception in the
@@ -805,6 +868,14 @@ class _ParsedInChild(_ParsedAhead):
         self._reap(block=True)
         os.close(self.readable)
 
+    def __iter__(self) -> Iterator[list]:
+        # The rows are rebuilt here, in the import's thread, not in the reader thread: there the
+        # rebuild (≈ 2.5 µs a row) held the interpreter lock whenever one of the import's
+        # statements returned, and the import waited for it (docs/performance.md, "Round 16:
+        # s5pg"); here it runs while PostgreSQL checks the previous chunk (_ChecksPerChunk).
+        for flat in super().__iter__():
+            yield _rows_from_child(flat)
+
     def _reap(self, *, block: bool) -> bool:
         """Reap the child if it has exited (or wait for it with ``block``); True once reaped."""
         with self.reaped:
@@ -822,7 +893,7 @@ class _ParsedInChild(_ParsedAhead):
                 frame = pickle.loads(self._read_exactly(length))
                 kind = frame[0]
                 if kind == _ROWS:
-                    if not self._put(_rows_from_child(frame[1])):
+                    if not self._put(frame[1]):  # rebuilt by the import's thread (__iter__)
                         return
                 elif kind == _FILE_ERROR:
                     raise CsvFileError(frame[1], frame[2])

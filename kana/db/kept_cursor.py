@@ -315,3 +315,87 @@ def _fetch(cursor, sql: str, params, result: int) -> list[tuple]:
     for _ in range(result):
         cursor.nextset()
     return cursor.fetchall()
+
+
+class Unawaited:
+    """Statements ``send_unawaited`` sent on the default connection, their results not read
+    yet. ``wait()`` reads them, raising the first failure as Django's error, and must run
+    before anything else uses the connection: until then it is in libpq's pipeline mode with
+    results pending, and another statement's results would be read as these."""
+
+    def __init__(self, db=None):
+        self._db = db  # None: nothing pending (the statements ran when they were sent)
+
+    def wait(self) -> None:
+        db, self._db = self._db, None
+        if db is None:
+            return
+        raw = db.connection
+        with db.wrap_database_errors:
+            with raw.lock:
+                results = raw.wait(_read_to_sync(raw.pgconn))
+            for got in results:
+                if got.status not in (_TUPLES_OK, _COMMAND_OK, _PIPELINE_ABORTED):
+                    raise errors.error_from_result(got, encoding="utf-8")  # Django's client_encoding
+
+
+def send_unawaited(statements: list[str]) -> Unawaited:
+    """Send ``statements`` (texts without parameters, nor rows wanted) to run in order in the
+    caller's transaction, and return without waiting for them: the caller works on while
+    PostgreSQL runs them, then calls ``wait()`` before its next statement.
+
+    One libpq pipeline and its Sync, as ``message_results`` sends it, only not read here.
+    Whenever ``message_results`` would send text through Django's cursor (statements logged
+    or wrapped, not PostgreSQL, a transaction psycopg has yet to BEGIN), they run there and
+    then, and ``wait()`` has nothing to do."""
+    db = connections[DEFAULT_DB_ALIAS]
+    if db.queries_logged or db.execute_wrappers or db.vendor != "postgresql":
+        return _run_now(db, statements)
+    _checked(db)
+    raw = db.connection
+    if not raw.autocommit and raw.pgconn.transaction_status == _IDLE:
+        return _run_now(db, statements)  # psycopg sends atomic's BEGIN with the first one
+    with db.wrap_database_errors, raw.lock:
+        raw.wait(_send_only(raw.pgconn, [statement.encode() for statement in statements]))
+    return Unawaited(db)
+
+
+def _run_now(db, statements: list[str]) -> Unawaited:
+    with db.cursor() as cursor:
+        for statement in statements:
+            cursor.execute(statement)
+    return Unawaited()
+
+
+def _send_only(pgconn, texts: list[bytes]):
+    """A generator for ``connection.wait``: ``texts`` sent in pipeline mode and one Sync,
+    flushed; the results are left for ``_read_to_sync``."""
+    pgconn.enter_pipeline_mode()
+    try:
+        for text in texts:
+            pgconn.send_query_params(text, None)
+        pgconn.pipeline_sync()
+        yield from generators.send(pgconn)
+    except BaseException:
+        # Not all sent (an interrupted flush): what the server has is unknown, so the
+        # connection is closed, as ``_pipeline`` does; Django opens a new one.
+        pgconn.finish()
+        raise
+
+
+def _read_to_sync(pgconn):
+    """A generator for ``connection.wait``: every result up to the Sync's, then out of
+    pipeline mode; returns the statements' results."""
+    try:
+        results = []
+        while True:
+            got = yield from generators.fetch_many(pgconn)
+            if got and got[0].status == _PIPELINE_SYNC:
+                return results
+            results.extend(got)
+    finally:
+        if pgconn.pipeline_status:
+            try:
+                pgconn.exit_pipeline_mode()
+            except errors.OperationalError:
+                pgconn.finish()  # results left unread: as in ``_pipeline``
