@@ -180,8 +180,8 @@ def budget_statement(
         # five executions the prepared statement keeps its generic plan. With the values in
         # view, a custom plan put a workspace newer than the statistics at no rows and cost a
         # third of the generic one, and PostgreSQL planned the statement again at every
-        # execution: ≈ 0.4 ms of PostgreSQL's CPU per consume (docs/performance.md, "Round 16:
-        # s7plan").
+        # execution: 0.3-0.8 ms of PostgreSQL's CPU per consume (docs/performance.md, "Round
+        # 16: s7plan").
         for name, type_ in (low, high) if high else (low,):
             values[name] = f"%({name})s::{type_}"
         lo = f"m.{low[0]}"

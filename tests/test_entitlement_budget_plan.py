@@ -213,11 +213,7 @@ def test_the_budget_read_probes_only_its_users_feature_and_days(tenant, statisti
 def test_the_prepared_budget_read_keeps_its_generic_plan(tenant, statistics, owner):
     """After its first five executions a prepared statement keeps its generic plan only if
     that plan costs no more than the custom ones did; otherwise PostgreSQL plans it again at
-    every execution (≈ 0.7 ms of a consume's PostgreSQL CPU in the full run's state).
-
-    A user's budget only: a group's multiplies each member's probe by the planner's guess of
-    the members, and with other workspaces' statistics its generic plan still costs more
-    than the custom ones (the same plan, planned at each execution)."""
+    every execution (0.3-0.8 ms of a consume's PostgreSQL CPU in the full run's state)."""
     budget = _Budget(tenant)
     _hold_catalog_rows()
     _forget_statistics()
