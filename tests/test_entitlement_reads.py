@@ -323,56 +323,7 @@ def test_nothing_is_prepared_when_connections_are_not_kept(corpus):
     assert [q["sql"].split()[0] for q in sent.captured_queries] == ["WITH", "SELECT"]
 
 
-def _scans(plan: dict):
-    if "Relation Name" in plan:
-        yield plan
-    for child in plan.get("Plans", []):
-        yield from _scans(child)
-
-
-def _budget_plan(workspace_id: int, **question) -> list[dict]:
-    """The scans of the budget read's generic plan: the one a prepared statement keeps."""
-    sql, params = reads.budget_statement(workspace_id, **question)
-    with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-        cursor.execute("EXPLAIN (FORMAT JSON) " + reads.prepared(sql), params)
-        (plan,) = cursor.fetchone()[0]
-    return list(_scans(plan["Plan"]))
-
-
-@pytest.mark.parametrize("owner", ["user", "group"])
-def test_the_budget_read_probes_its_users_in_the_indexes_whatever_the_plan_was_made_with(tenant, owner):
-    # A budget whose period started today: its whole usage is the first day's usage rows.
-    feature(tenant, "messages")
-    for n in range(3):
-        track(tenant, f"u{n}", "Sent", featureId="messages", _at=datetime.now(UTC).isoformat())
-        join_group(tenant, f"u{n}", "acme")
-    # The tables as a new deployment's (or the benchmark's) first consume finds them: a few
-    # rows, never analyzed. The generic plan made then is the one kept.
-    messages = access._feature(tenant.workspace, "messages")
-    user_pk = access.user_selectors.user_pk_for(tenant.workspace, "u0")
-    group_pk = access.find_subject(tenant.workspace, group_id="acme").group_pk
-    now = timezone.now()
-    scans = _budget_plan(
-        tenant.workspace.pk,
-        feature_id=messages.pk,
-        user_pk=user_pk if owner == "user" else None,
-        group_pk=group_pk if owner == "group" else None,
-        owner="budget",
-        start=now - timedelta(days=40, hours=1),  # whole days and a partial first day
-        end=None,
-        now=now,
-    )
-    usage = [s for s in scans if s["Relation Name"] in ("features_usage", "features_usagecounter")]
-    assert {s["Relation Name"] for s in usage} == {"features_usage", "features_usagecounter"}
-    for scan in usage:
-        # The user bounds the index range: no other user's usage is read and filtered out (a
-        # bitmap heap scan's bounds are its bitmap index scans').
-        probes = [scan] if "Index Name" in scan else scan.get("Plans", [])
-        assert probes, scan
-        for probe in probes:
-            assert probe["Index Name"] in ("usage_ws_user_feature_idx", "usagecounter_unique_key"), probe
-            assert "user_id" in probe["Index Cond"], probe
+# The budget read's plan under each statistics state: tests/test_entitlement_budget_plan.py.
 
 
 @pytest.mark.django_db(transaction=True)
