@@ -666,6 +666,28 @@ def _remember_spent(key: tuple, spent: bool) -> None:
     _SPENT.add(key)
 
 
+# The last period found per (anchor, reset period) in this process. Periods partition time
+# from their anchor (``entitlements.periods``), so a remembered period that contains ``now`` is
+# the one ``period_containing`` computes again (≈ 8 µs a consume: its boundaries' month
+# arithmetic). Bounded as ``_SPENT``; a ``never`` period (no end) is not kept.
+_PERIODS: dict[tuple[datetime, str], tuple[datetime, datetime]] = {}
+_PERIODS_MAX = 4096
+
+
+def _period_at(anchor: datetime, reset_period: str, now: datetime) -> tuple[datetime, datetime | None]:
+    """``period_containing(anchor, reset_period, now)``."""
+    key = (anchor, reset_period)
+    period = _PERIODS.get(key)
+    if period is not None and period[0] <= now < period[1]:
+        return period
+    period = period_containing(anchor, reset_period, now)
+    if period[1] is not None:
+        if len(_PERIODS) >= _PERIODS_MAX:
+            _PERIODS.clear()
+        _PERIODS[key] = period
+    return period
+
+
 def _consume_pipelined(
     workspace: Workspace, *, user_id: str, feature_key: str, delta: Decimal, idempotency_key: str
 ) -> tuple[dict, bool]:
@@ -707,20 +729,14 @@ def _consume_pipelined(
     subject = Subject(user_pk=user_pk, group_pks=tuple(group_pks))
     chosen = _choose_from_rows(feature, rows)
 
-    def granted_payloads(period, now: datetime, overage_enabled: bool) -> dict:
-        """The stored payload of a grant for each reason it may have (``_GRANTED_PAYLOAD``)."""
+    def granted_payloads(message: Message, period, overage_enabled: bool) -> dict:
+        """The stored payload of a grant for each reason it may have (``_GRANTED_PAYLOAD``):
+        ``message``'s payload with that reason's answer (the message is built once a
+        consume, not again per reason: its payload differs only in the answer)."""
+        kana = message.payload["kana"]
         texts = {}
         for reason in ("within_limit", "overage_enabled") if overage_enabled else ("within_limit",):
-            answer = {**Entitlement(True, reason, period=period).as_dict(), "recorded": True}
-            message, _ = _usage_message(
-                user_id=user_id,
-                feature=feature,
-                amount=delta,
-                key=idempotency_key,
-                occurred_at=now,
-                source="api:entitlements/consume",
-                answer=answer,
-            )
+            kana["answer"] = {**Entitlement(True, reason, period=period).as_dict(), "recorded": True}
             texts[reason] = message.payload_text()
         return texts
 
@@ -729,7 +745,7 @@ def _consume_pipelined(
         params = {"ws": workspace.pk, "key": idempotency_key}
         if not isinstance(chosen, Entitlement):
             offer, subscription = chosen
-            period = period_containing(subscription["started_at"], offer.reset_period, now)
+            period = _period_at(subscription["started_at"], offer.reset_period, now)
             owner = subject_key(user_pk=subscription["user_id"], group_pk=subscription["group_id"])
             budget_sql, budget_params = reads.budget_statement(
                 workspace.pk,
@@ -799,7 +815,7 @@ def _consume_pipelined(
                 workspace, message, decision, user_pk, rows="d WHERE d.granted", payload=_GRANTED_PAYLOAD
             )
             statements.append((_budget_and_record(budget_sql, record_sql, guarded=refusable), True))
-            payloads = granted_payloads(period, now, offer.overage_enabled)
+            payloads = granted_payloads(message, period, offer.overage_enabled)
             params |= record_params
             params |= {
                 "c_delta": delta,
