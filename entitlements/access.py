@@ -666,6 +666,29 @@ def _remember_spent(key: tuple, spent: bool) -> None:
     _SPENT.add(key)
 
 
+# The offers' rows (``reads.offers``) of subjects whose budget this process last refused as
+# spent, by (workspace, user id, feature key), for ``_consume_pipelined``: only a guess of
+# what the next consume of the subject reads, always checked against the rows read beside it.
+_SPENT_OFFERS: dict[tuple[int, str, str], list[tuple]] = {}
+# ``reads.offers``' statement beside a spent budget's read, in one dict of values: its feature
+# key named apart from the budget's feature id (both ``feature`` in their own statements).
+_OFFERS_BESIDE_BUDGET = reads._OFFERS_SQL.replace("%(feature)s", "%(offers_feature)s")
+
+
+class _OffersChanged(Exception):
+    """The offers read beside a spent budget's read are not the ones it was made for."""
+
+    def __init__(self, rows: list[tuple]):
+        super().__init__("the subject's offers changed")
+        self.rows = rows
+
+
+def _remember_spent_offers(subject_id: tuple[int, str, str], rows: list[tuple]) -> None:
+    if subject_id not in _SPENT_OFFERS and len(_SPENT_OFFERS) >= _SPENT_MAX:
+        _SPENT_OFFERS.clear()
+    _SPENT_OFFERS[subject_id] = rows
+
+
 # The last period found per (anchor, reset period) in this process. Periods partition time
 # from their anchor (``entitlements.periods``), so a remembered period that contains ``now`` is
 # the one ``period_containing`` computes again (≈ 8 µs a consume: its boundaries' month
@@ -715,8 +738,33 @@ def _consume_pipelined(
 
     The usage is recorded at the time its budget was read (``now``), so it lands in the period
     it was checked against even when the locks waited across a period boundary.
+
+    A subject whose budget this process last refused as spent (``_SPENT_OFFERS``) has its
+    offers read in the same round trip as that budget read, the read made for the offers
+    this process last read for it: one round trip for its next refusal. Offers read
+    otherwise (a subscription, package or feature changed) void that read; the consume
+    starts again from them.
     """
-    rows = reads.offers(workspace.pk, feature_key=feature_key, user_id=user_id, group_id=None)
+    request = {"user_id": user_id, "feature_key": feature_key, "delta": delta, "idempotency_key": idempotency_key}
+    guessed = _SPENT_OFFERS.get((workspace.pk, user_id, feature_key))
+    if guessed is not None:
+        try:
+            return _consume_with_offers(workspace, guessed, **request)
+        except _OffersChanged as changed:
+            rows = changed.rows
+    else:
+        rows = reads.offers(workspace.pk, feature_key=feature_key, user_id=user_id, group_id=None)
+    return _consume_with_offers(workspace, rows, **request)
+
+
+def _consume_with_offers(
+    workspace: Workspace, rows: list[tuple], *, user_id: str, feature_key: str, delta: Decimal, idempotency_key: str
+) -> tuple[dict, bool]:
+    """``_consume_pipelined`` given the subject's offers' rows (``reads.offers``), or the
+    rows this process last read for a subject it found spent (``_SPENT_OFFERS``), which the
+    spent budget's read checks (``_OffersChanged`` when they differ)."""
+    subject_id = (workspace.pk, user_id, feature_key)
+    guessed = _SPENT_OFFERS.get(subject_id) is rows
     feature_pk, feature_type, archived_at, user_pk, _, group_pks = rows[0][:6]
     if feature_pk is None:
         return {**Entitlement(False, "unknown_feature").as_dict(), "recorded": False}, False
@@ -764,7 +812,24 @@ def _consume_pipelined(
                 # One statement, outside any transaction: the idempotency lookup and the
                 # budget read in one snapshot (a transaction of two reads under READ
                 # COMMITTED gave each its own), its values bound server-side.
-                ((stored, *budget_row),) = reads.rows(_STORED_AND_BUDGET.format(budget=budget_sql), params)
+                stored_and_budget = _STORED_AND_BUDGET.format(budget=budget_sql)
+                if guessed:
+                    params |= {"offers_feature": feature_key, "user_id": user_id, "group_id": None}
+                    try:
+                        fresh, ((stored, *budget_row),) = kept_cursor.message_results(
+                            [
+                                kept_cursor.Statement(_OFFERS_BESIDE_BUDGET, params, prepare=True),
+                                kept_cursor.Statement(stored_and_budget, params, prepare=True),
+                            ]
+                        )
+                    except DatabaseError as error:
+                        reads.forget_prepared_if_missing(error)
+                        raise
+                    if fresh != rows:
+                        _SPENT_OFFERS.pop(subject_id, None)
+                        raise _OffersChanged(fresh)
+                else:
+                    ((stored, *budget_row),) = reads.rows(stored_and_budget, params)
                 if stored is not None:
                     payload = json.loads(stored) if isinstance(stored, str) else stored
                     return _replay(workspace, idempotency_key, _answer_of(payload))
@@ -773,8 +838,10 @@ def _consume_pipelined(
                     feature, offer, subscription, period=period, members=members, used=used, held=held, delta=delta
                 )
                 if not entitlement.access:
+                    _remember_spent_offers(subject_id, rows)
                     return {**entitlement.as_dict(), "recorded": False}, False
                 _remember_spent(spent_key, False)  # room again: decided under the locks below
+                _SPENT_OFFERS.pop(subject_id, None)
         lock_expressions, lock_params = lock_keys_expressions(subject.lock_keys(workspace.pk, feature.pk))
         lock_sql = "SELECT " + lock_expressions
         params |= lock_params
@@ -861,6 +928,10 @@ def _consume_pipelined(
                 )
                 if refusable:
                     _remember_spent(spent_key, not entitlement.access)
+                    if entitlement.access:
+                        _SPENT_OFFERS.pop(subject_id, None)
+                    else:
+                        _remember_spent_offers(subject_id, rows)
                 if not entitlement.access:
                     return {**entitlement.as_dict(), "recorded": False}, False
                 if recorded:

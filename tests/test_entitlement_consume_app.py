@@ -13,6 +13,10 @@ from rest_framework.exceptions import ParseError
 from api import lean
 from entitlements import access
 from entitlements.periods import DAY, MONTH, NEVER, WEEK, YEAR, period_containing
+from features.models import Usage
+
+from .api_support import ApiClient, feature, identify
+from .entitlement_support import consume, package, subscribe
 
 BODIES = [
     b'{"user_id":"u1","feature":"messages","delta":1,"idempotency_key":"k1"}',
@@ -105,3 +109,39 @@ def test_the_remembered_periods_are_bounded(monkeypatch):
         anchor = datetime(2026, 1, 1 + day, tzinfo=UTC)
         assert access._period_at(anchor, MONTH, at) == period_containing(anchor, MONTH, at)
         assert len(access._PERIODS) <= 3
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_known_spent_subjects_changed_offers_are_decided_on_as_they_are_now(tenant):
+    """The offers read beside a spent budget's read are checked against the ones that read was
+    made for: a subscription added, or one past due or cancelled, since the subject was found
+    spent is decided on as it is now (as a process that never saw the subject decides)."""
+    feature(tenant, "messages")
+    identify(tenant, "u1")
+    package(tenant, "small", {"feature": "messages", "limit": 1})
+    package(tenant, "big", {"feature": "messages", "limit": 3}, is_addon=True)
+    small = subscribe(tenant, "small", user_id="u1")
+    assert consume(tenant, "u1", "messages", "k1").json()["recorded"] is True
+    for key in ("k2", "k3"):  # spent: the second is the one-round-trip refusal
+        refused = consume(tenant, "u1", "messages", key).json()
+        assert (refused["reason"], refused["consumption"]["budget"]) == ("limit_reached", 1)
+    # Known spent where the consume is pipelined (PostgreSQL); elsewhere the same answers.
+    assert any(subject[1] == "u1" for subject in access._SPENT_OFFERS) == access.pipelined.available()
+
+    big = subscribe(tenant, "big", user_id="u1")  # its own period, from now
+    for n, key in enumerate(("k4", "k5", "k6"), start=1):
+        granted = consume(tenant, "u1", "messages", key).json()
+        assert (granted["recorded"], granted["consumption"]["used"], granted["consumption"]["budget"]) == (True, n, 3)
+    for key in ("k7", "k8"):
+        refused = consume(tenant, "u1", "messages", key).json()
+        assert (refused["reason"], refused["consumption"]["budget"]) == ("limit_reached", 3)
+
+    response = ApiClient(tenant).patch(f"subscriptions/{big['id']}", {"status": "past_due"})
+    assert response.status_code == 200, response.content
+    refused = consume(tenant, "u1", "messages", "k9").json()  # the small package's budget again
+    assert (refused["reason"], refused["consumption"]["budget"]) == ("limit_reached", 1)
+    response = ApiClient(tenant).patch(f"subscriptions/{small['id']}", {"status": "cancelled"})
+    assert response.status_code == 200, response.content
+    refused = consume(tenant, "u1", "messages", "k10").json()
+    assert (refused["reason"], refused["consumption"]) == ("subscription_inactive", None)
+    assert Usage.objects.filter(event__message_id__startswith="k").count() == 4
