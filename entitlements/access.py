@@ -749,22 +749,28 @@ def _consume_pipelined(
     guessed = _SPENT_OFFERS.get((workspace.pk, user_id, feature_key))
     if guessed is not None:
         try:
-            return _consume_with_offers(workspace, guessed, **request)
+            return _consume_with_offers(workspace, guessed, guessed=True, **request)
         except _OffersChanged as changed:
             rows = changed.rows
     else:
         rows = reads.offers(workspace.pk, feature_key=feature_key, user_id=user_id, group_id=None)
-    return _consume_with_offers(workspace, rows, **request)
+    return _consume_with_offers(workspace, rows, guessed=False, **request)
 
 
 def _consume_with_offers(
-    workspace: Workspace, rows: list[tuple], *, user_id: str, feature_key: str, delta: Decimal, idempotency_key: str
+    workspace: Workspace,
+    rows: list[tuple],
+    *,
+    guessed: bool,
+    user_id: str,
+    feature_key: str,
+    delta: Decimal,
+    idempotency_key: str,
 ) -> tuple[dict, bool]:
     """``_consume_pipelined`` given the subject's offers' rows (``reads.offers``), or the
-    rows this process last read for a subject it found spent (``_SPENT_OFFERS``), which the
-    spent budget's read checks (``_OffersChanged`` when they differ)."""
+    rows this process last read for a subject it found spent (``_SPENT_OFFERS``, ``guessed``),
+    which the spent budget's read checks (``_OffersChanged`` when they differ)."""
     subject_id = (workspace.pk, user_id, feature_key)
-    guessed = _SPENT_OFFERS.get(subject_id) is rows
     feature_pk, feature_type, archived_at, user_pk, _, group_pks = rows[0][:6]
     if feature_pk is None:
         return {**Entitlement(False, "unknown_feature").as_dict(), "recorded": False}, False
