@@ -5,10 +5,11 @@ content negotiation, the request wrapper, the response's rendering) and Django's
 cost more Python than the check itself. ``ROUTES`` (named by ``settings.KANA_LEAN_ROUTES``)
 answers ``GET /api/v1/entitlements/check`` and ``POST /api/v1/entitlements/consume`` with the
 same steps, in the same order, as the DRF views: the key through ``api.auth`` (401
-``not_authenticated`` / ``invalid_api_key`` with ``WWW-Authenticate``), the body through DRF's
-own ``JSONParser``, the parameters and the call through ``api.entitlement_requests`` (which the
-views call too), every refusal through the API's exception handler, the answer through DRF's
-``JSONRenderer``, and the ``Allow``/``Vary`` headers asked of the DRF view itself. There are
+``not_authenticated`` / ``invalid_api_key`` with ``WWW-Authenticate``), the body read as DRF's
+``JSONParser`` reads it (``_parsed``), the parameters and the call through
+``api.entitlement_requests`` (which the views call too), every refusal through the API's
+exception handler, the answer as DRF's ``JSONRenderer`` renders it (``_rendered``), and the
+``Allow``/``Vary`` headers asked of the DRF view itself. There are
 no throttles on the API (``REST_FRAMEWORK`` names none).
 
 A request whose answer DRF would negotiate differently (an ``Accept`` other than JSON or
