@@ -5,10 +5,11 @@ content negotiation, the request wrapper, the response's rendering) and Django's
 cost more Python than the check itself. ``ROUTES`` (named by ``settings.KANA_LEAN_ROUTES``)
 answers ``GET /api/v1/entitlements/check`` and ``POST /api/v1/entitlements/consume`` with the
 same steps, in the same order, as the DRF views: the key through ``api.auth`` (401
-``not_authenticated`` / ``invalid_api_key`` with ``WWW-Authenticate``), the body through DRF's
-own ``JSONParser``, the parameters and the call through ``api.entitlement_requests`` (which the
-views call too), every refusal through the API's exception handler, the answer through DRF's
-``JSONRenderer``, and the ``Allow``/``Vary`` headers asked of the DRF view itself. There are
+``not_authenticated`` / ``invalid_api_key`` with ``WWW-Authenticate``), the body read as DRF's
+``JSONParser`` reads it (``_parsed``), the parameters and the call through
+``api.entitlement_requests`` (which the views call too), every refusal through the API's
+exception handler, the answer as DRF's ``JSONRenderer`` renders it (``_rendered``), and the
+``Allow``/``Vary`` headers asked of the DRF view itself. There are
 no throttles on the API (``REST_FRAMEWORK`` names none).
 
 A request whose answer DRF would negotiate differently (an ``Accept`` other than JSON or
@@ -27,8 +28,10 @@ from django.core.signals import setting_changed
 from django.db import InterfaceError, OperationalError
 from django.urls import Resolver404, resolve
 from rest_framework import exceptions
+from rest_framework.compat import LONG_SEPARATORS, SHORT_SEPARATORS
 from rest_framework.parsers import JSONParser
 from rest_framework.renderers import JSONRenderer
+from rest_framework.utils import json
 
 from kana import errors
 from kana.lean import Answer, Route, answer_of
@@ -47,8 +50,36 @@ _JSON_ACCEPTS = frozenset({"*/*", "application/json"})
 # Bodies DRF's JSONParser reads as UTF-8 (the request's charset, else DEFAULT_CHARSET).
 _JSON_BODIES = frozenset({"application/json", "application/json; charset=utf-8"})
 
-_render = JSONRenderer().render
+_renderer = JSONRenderer()
+_render = _renderer.render
 _parser = JSONParser()
+# ``_renderer.render(data)`` for the answers the front claims (no ``indent``: their Accept has
+# no parameters): ``json.dumps(cls=…)`` made a new encoder for every answer; this one is made
+# once, with the same class and options (the renderer's are class attributes, read at import).
+_encode = _renderer.encoder_class(
+    ensure_ascii=_renderer.ensure_ascii,
+    allow_nan=not _renderer.strict,
+    separators=SHORT_SEPARATORS if _renderer.compact else LONG_SEPARATORS,
+).encode
+_parse_constant = json.strict_constant if _parser.strict else None
+
+
+def _rendered(data) -> bytes:
+    """``_render(data)``: the same bytes, \\u2028 and \\u2029 escaped as DRF escapes them."""
+    if data is None:
+        return b""
+    return _encode(data).replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").encode()
+
+
+def _parsed(body: bytes):
+    """``_parser.parse`` of a UTF-8 body (DRF's ``JSONParser``: ``json.load`` of a codecs
+    stream reader): a body that decodes is the same text either way, read here without the
+    reader. A body it refuses (or that does not decode: the reader drops a truncated last
+    character instead of refusing it) goes to DRF's parser, for its own answer."""
+    try:
+        return json.loads(body.decode("utf-8"), parse_constant=_parse_constant)
+    except ValueError:
+        return _parser.parse(io.BytesIO(body), None, {"encoding": "utf-8"})
 
 
 def _negotiates_plain_json(environ) -> bool:
@@ -118,7 +149,7 @@ def _answered(environ, respond) -> Answer:
         found = workspace_for_authorization(environ.get("HTTP_AUTHORIZATION", ""))
         if found is None:
             raise exceptions.NotAuthenticated()
-        return 200, headers, _render(respond(found[0]))
+        return 200, headers, _rendered(respond(found[0]))
     except (OperationalError, InterfaceError) as exc:
         # DRF re-raises these; the URL conf's json_errors_view answers 503 with Retry-After.
         return answer_of(database_unavailable_response(WSGIRequest(environ), exc))
@@ -175,7 +206,7 @@ def check(environ, read) -> Answer:
 def consume(environ, read) -> Answer:
     def respond(workspace):
         body = read(int(environ["CONTENT_LENGTH"]))
-        return consume_answer(workspace, _parser.parse(io.BytesIO(body), None, {"encoding": "utf-8"}))
+        return consume_answer(workspace, _parsed(body))
 
     return _answered(environ, respond)
 

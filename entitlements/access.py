@@ -666,6 +666,51 @@ def _remember_spent(key: tuple, spent: bool) -> None:
     _SPENT.add(key)
 
 
+# The offers' rows (``reads.offers``) of subjects whose budget this process last refused as
+# spent, by (workspace, user id, feature key), for ``_consume_pipelined``: only a guess of
+# what the next consume of the subject reads, always checked against the rows read beside it.
+_SPENT_OFFERS: dict[tuple[int, str, str], list[tuple]] = {}
+# ``reads.offers``' statement beside a spent budget's read, in one dict of values: its feature
+# key named apart from the budget's feature id (both ``feature`` in their own statements).
+_OFFERS_BESIDE_BUDGET = reads._OFFERS_SQL.replace("%(feature)s", "%(offers_feature)s")
+
+
+class _OffersChanged(Exception):
+    """The offers read beside a spent budget's read are not the ones it was made for."""
+
+    def __init__(self, rows: list[tuple]):
+        super().__init__("the subject's offers changed")
+        self.rows = rows
+
+
+def _remember_spent_offers(subject_id: tuple[int, str, str], rows: list[tuple]) -> None:
+    if subject_id not in _SPENT_OFFERS and len(_SPENT_OFFERS) >= _SPENT_MAX:
+        _SPENT_OFFERS.clear()
+    _SPENT_OFFERS[subject_id] = rows
+
+
+# The last period found per (anchor, reset period) in this process. Periods partition time
+# from their anchor (``entitlements.periods``), so a remembered period that contains ``now`` is
+# the one ``period_containing`` computes again (≈ 8 µs a consume: its boundaries' month
+# arithmetic). Bounded as ``_SPENT``; a ``never`` period (no end) is not kept.
+_PERIODS: dict[tuple[datetime, str], tuple[datetime, datetime]] = {}
+_PERIODS_MAX = 4096
+
+
+def _period_at(anchor: datetime, reset_period: str, now: datetime) -> tuple[datetime, datetime | None]:
+    """``period_containing(anchor, reset_period, now)``."""
+    key = (anchor, reset_period)
+    period = _PERIODS.get(key)
+    if period is not None and period[0] <= now < period[1]:
+        return period
+    period = period_containing(anchor, reset_period, now)
+    if period[1] is not None:
+        if len(_PERIODS) >= _PERIODS_MAX:
+            _PERIODS.clear()
+        _PERIODS[key] = period
+    return period
+
+
 def _consume_pipelined(
     workspace: Workspace, *, user_id: str, feature_key: str, delta: Decimal, idempotency_key: str
 ) -> tuple[dict, bool]:
@@ -693,8 +738,39 @@ def _consume_pipelined(
 
     The usage is recorded at the time its budget was read (``now``), so it lands in the period
     it was checked against even when the locks waited across a period boundary.
+
+    A subject whose budget this process last refused as spent (``_SPENT_OFFERS``) has its
+    offers read in the same round trip as that budget read, the read made for the offers
+    this process last read for it: one round trip for its next refusal. Offers read
+    otherwise (a subscription, package or feature changed) void that read; the consume
+    starts again from them.
     """
-    rows = reads.offers(workspace.pk, feature_key=feature_key, user_id=user_id, group_id=None)
+    request = {"user_id": user_id, "feature_key": feature_key, "delta": delta, "idempotency_key": idempotency_key}
+    guessed = _SPENT_OFFERS.get((workspace.pk, user_id, feature_key))
+    if guessed is not None:
+        try:
+            return _consume_with_offers(workspace, guessed, guessed=True, **request)
+        except _OffersChanged as changed:
+            rows = changed.rows
+    else:
+        rows = reads.offers(workspace.pk, feature_key=feature_key, user_id=user_id, group_id=None)
+    return _consume_with_offers(workspace, rows, guessed=False, **request)
+
+
+def _consume_with_offers(
+    workspace: Workspace,
+    rows: list[tuple],
+    *,
+    guessed: bool,
+    user_id: str,
+    feature_key: str,
+    delta: Decimal,
+    idempotency_key: str,
+) -> tuple[dict, bool]:
+    """``_consume_pipelined`` given the subject's offers' rows (``reads.offers``), or the
+    rows this process last read for a subject it found spent (``_SPENT_OFFERS``, ``guessed``),
+    which the spent budget's read checks (``_OffersChanged`` when they differ)."""
+    subject_id = (workspace.pk, user_id, feature_key)
     feature_pk, feature_type, archived_at, user_pk, _, group_pks = rows[0][:6]
     if feature_pk is None:
         return {**Entitlement(False, "unknown_feature").as_dict(), "recorded": False}, False
@@ -707,20 +783,14 @@ def _consume_pipelined(
     subject = Subject(user_pk=user_pk, group_pks=tuple(group_pks))
     chosen = _choose_from_rows(feature, rows)
 
-    def granted_payloads(period, now: datetime, overage_enabled: bool) -> dict:
-        """The stored payload of a grant for each reason it may have (``_GRANTED_PAYLOAD``)."""
+    def granted_payloads(message: Message, period, overage_enabled: bool) -> dict:
+        """The stored payload of a grant for each reason it may have (``_GRANTED_PAYLOAD``):
+        ``message``'s payload with that reason's answer (the message is built once a
+        consume, not again per reason: its payload differs only in the answer)."""
+        kana = message.payload["kana"]
         texts = {}
         for reason in ("within_limit", "overage_enabled") if overage_enabled else ("within_limit",):
-            answer = {**Entitlement(True, reason, period=period).as_dict(), "recorded": True}
-            message, _ = _usage_message(
-                user_id=user_id,
-                feature=feature,
-                amount=delta,
-                key=idempotency_key,
-                occurred_at=now,
-                source="api:entitlements/consume",
-                answer=answer,
-            )
+            kana["answer"] = {**Entitlement(True, reason, period=period).as_dict(), "recorded": True}
             texts[reason] = message.payload_text()
         return texts
 
@@ -729,7 +799,7 @@ def _consume_pipelined(
         params = {"ws": workspace.pk, "key": idempotency_key}
         if not isinstance(chosen, Entitlement):
             offer, subscription = chosen
-            period = period_containing(subscription["started_at"], offer.reset_period, now)
+            period = _period_at(subscription["started_at"], offer.reset_period, now)
             owner = subject_key(user_pk=subscription["user_id"], group_pk=subscription["group_id"])
             budget_sql, budget_params = reads.budget_statement(
                 workspace.pk,
@@ -748,7 +818,24 @@ def _consume_pipelined(
                 # One statement, outside any transaction: the idempotency lookup and the
                 # budget read in one snapshot (a transaction of two reads under READ
                 # COMMITTED gave each its own), its values bound server-side.
-                ((stored, *budget_row),) = reads.rows(_STORED_AND_BUDGET.format(budget=budget_sql), params)
+                stored_and_budget = _STORED_AND_BUDGET.format(budget=budget_sql)
+                if guessed:
+                    params |= {"offers_feature": feature_key, "user_id": user_id, "group_id": None}
+                    try:
+                        fresh, ((stored, *budget_row),) = kept_cursor.message_results(
+                            [
+                                kept_cursor.Statement(_OFFERS_BESIDE_BUDGET, params, prepare=True),
+                                kept_cursor.Statement(stored_and_budget, params, prepare=True),
+                            ]
+                        )
+                    except DatabaseError as error:
+                        reads.forget_prepared_if_missing(error)
+                        raise
+                    if fresh != rows:
+                        _SPENT_OFFERS.pop(subject_id, None)
+                        raise _OffersChanged(fresh)
+                else:
+                    ((stored, *budget_row),) = reads.rows(stored_and_budget, params)
                 if stored is not None:
                     payload = json.loads(stored) if isinstance(stored, str) else stored
                     return _replay(workspace, idempotency_key, _answer_of(payload))
@@ -757,8 +844,10 @@ def _consume_pipelined(
                     feature, offer, subscription, period=period, members=members, used=used, held=held, delta=delta
                 )
                 if not entitlement.access:
+                    _remember_spent_offers(subject_id, rows)
                     return {**entitlement.as_dict(), "recorded": False}, False
                 _remember_spent(spent_key, False)  # room again: decided under the locks below
+                _SPENT_OFFERS.pop(subject_id, None)
         lock_expressions, lock_params = lock_keys_expressions(subject.lock_keys(workspace.pk, feature.pk))
         lock_sql = "SELECT " + lock_expressions
         params |= lock_params
@@ -799,7 +888,7 @@ def _consume_pipelined(
                 workspace, message, decision, user_pk, rows="d WHERE d.granted", payload=_GRANTED_PAYLOAD
             )
             statements.append((_budget_and_record(budget_sql, record_sql, guarded=refusable), True))
-            payloads = granted_payloads(period, now, offer.overage_enabled)
+            payloads = granted_payloads(message, period, offer.overage_enabled)
             params |= record_params
             params |= {
                 "c_delta": delta,
@@ -845,6 +934,10 @@ def _consume_pipelined(
                 )
                 if refusable:
                     _remember_spent(spent_key, not entitlement.access)
+                    if entitlement.access:
+                        _SPENT_OFFERS.pop(subject_id, None)
+                    else:
+                        _remember_spent_offers(subject_id, rows)
                 if not entitlement.access:
                     return {**entitlement.as_dict(), "recorded": False}, False
                 if recorded:

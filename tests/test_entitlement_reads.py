@@ -250,7 +250,7 @@ def test_a_consume_stores_the_answer_it_gives_for_every_kind_of_grant_as_the_orm
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_consume_is_two_round_trips_recorded_refused_or_replayed(tenant):
+def test_a_consume_is_two_round_trips_recorded_refused_or_replayed_and_one_on_a_known_spent_budget(tenant):
     feature(tenant, "messages")
     identify(tenant, "u1")
     package(tenant, "plan", {"feature": "messages", "limit": 1})
@@ -273,13 +273,13 @@ def test_a_consume_is_two_round_trips_recorded_refused_or_replayed(tenant):
     assert recorded[1].endswith("; COMMIT")
     refused = sent("k2")
     assert len(refused) == 2 and refused[1].endswith("; COMMIT")
-    # The budget is spent now: the lookup and the budget read alone, one statement, no transaction
-    # (prepared by a first refusal).
+    # The budget is spent now, and this process knows it: the subject's offers and, beside them,
+    # the lookup and the budget read in one statement: one round trip, no transaction.
     assert consume(tenant, "u1", "messages", "k0").json()["reason"] == "limit_reached"
     replayed = sent("k1")
-    assert len(replayed) == 2 and replayed[1].startswith("EXECUTE kana_") and replayed[1].count("EXECUTE") == 1
+    assert len(replayed) == 1 and replayed[0].startswith("EXECUTE kana_") and replayed[0].count("EXECUTE") == 2
     refused = sent("k3")
-    assert len(refused) == 2 and refused[1].startswith("EXECUTE kana_") and refused[1].count("EXECUTE") == 1
+    assert len(refused) == 1 and refused[0].startswith("EXECUTE kana_") and refused[0].count("EXECUTE") == 2
     assert Usage.objects.filter(event__message_id__in=["k0", "k1", "k2", "k3"]).count() == 1
 
 
@@ -333,6 +333,7 @@ def test_a_spent_budget_is_refused_by_its_read_alone_and_decided_under_its_locks
     package(tenant, "plan", {"feature": "messages", "limit": 2})
     subscribe(tenant, "plan", user_id="u1")
     access._SPENT.clear()
+    access._SPENT_OFFERS.clear()
     assert consume(tenant, "u1", "messages", "k1").json()["recorded"] is True
     hold = ApiClient(tenant).post(
         "entitlements/reservations",
@@ -344,9 +345,10 @@ def test_a_spent_budget_is_refused_by_its_read_alone_and_decided_under_its_locks
     with CaptureQueriesContext(connection) as captured:
         refused = consume(tenant, "u1", "messages", "k3").json()
     assert (refused["recorded"], refused["reason"], refused["consumption"]["held"]) == (False, "limit_reached", 1)
-    # The idempotency lookup and the budget read, one statement: no lock tried, no insert sent.
+    # The offers, then the idempotency lookup and the budget read in one statement, one round
+    # trip: no lock tried, no insert sent.
     assert captured.captured_queries[-1]["sql"].startswith("EXECUTE kana_")
-    assert captured.captured_queries[-1]["sql"].count("EXECUTE") == 1
+    assert captured.captured_queries[-1]["sql"].count("EXECUTE") == 2
     assert consume(tenant, "u1", "messages", "k1").json()["recorded"] is True  # a replay still answers first
 
     released = ApiClient(tenant).post(f"entitlements/reservations/{hold.json()['id']}/release")
@@ -354,6 +356,6 @@ def test_a_spent_budget_is_refused_by_its_read_alone_and_decided_under_its_locks
     with CaptureQueriesContext(connection) as captured:
         granted = consume(tenant, "u1", "messages", "k4").json()
     assert (granted["recorded"], granted["consumption"]["used"]) == (True, 2)
-    assert [q["sql"].count("EXECUTE") for q in captured.captured_queries[-2:]] == [1, 4]  # read, then locked
+    assert [q["sql"].count("EXECUTE") for q in captured.captured_queries[-2:]] == [2, 4]  # read, then locked
     assert consume(tenant, "u1", "messages", "k5").json()["reason"] == "limit_reached"
     assert Usage.objects.filter(event__message_id__in=["k1", "k2", "k3", "k4", "k5"]).count() == 2
