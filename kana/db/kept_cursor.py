@@ -176,33 +176,12 @@ def _unprepared(sql: str) -> tuple[bytes, tuple[str, ...] | int]:
     return prepared.numbered(sql).encode(), prepared.order(sql)
 
 
-def _pipeline(pgconn, sent: list[tuple[bytes | None, bytes | None, list]]):
+def _pipeline(pgconn, sent: list[tuple[bytes | None, bytes | None, list | None]]):
     """A generator for ``connection.wait``: the statements (prepared statement's name, or
     text; values) sent in pipeline mode and one Sync, every result read up to the Sync's;
     returns one result per statement."""
-    pgconn.enter_pipeline_mode()
-    try:
-        for name, text, values in sent:
-            if name is None:
-                pgconn.send_query_params(text, values or None)
-            else:
-                pgconn.send_query_prepared(name, values)
-        pgconn.pipeline_sync()
-        yield from generators.send(pgconn)
-        results = []
-        while True:
-            got = yield from generators.fetch_many(pgconn)
-            if got and got[0].status == _PIPELINE_SYNC:
-                return results
-            results.extend(got)
-    finally:
-        if pgconn.pipeline_status:
-            try:
-                pgconn.exit_pipeline_mode()
-            except errors.OperationalError:
-                # Results left unread (a wait interrupted): the session's state is unknown, so
-                # the connection is closed; Django opens a new one for the next request.
-                pgconn.finish()
+    yield from _send(pgconn, sent)
+    return (yield from _read_to_sync(pgconn))
 
 
 def _as_one_message(statements: list[Statement], wanted: tuple[int, ...]) -> list[list[tuple]]:
@@ -370,15 +349,25 @@ def _run_now(db, statements: list[str]) -> Unawaited:
 def _send_only(pgconn, texts: list[bytes]):
     """A generator for ``connection.wait``: ``texts`` sent in pipeline mode and one Sync,
     flushed; the results are left for ``_read_to_sync``."""
+    yield from _send(pgconn, [(None, text, None) for text in texts])
+
+
+def _send(pgconn, sent: list[tuple[bytes | None, bytes | None, list | None]]):
+    """A generator for ``connection.wait``: the statements (prepared statement's name, or
+    text; values) sent in pipeline mode and one Sync, flushed; the results are left for
+    ``_read_to_sync``."""
     pgconn.enter_pipeline_mode()
     try:
-        for text in texts:
-            pgconn.send_query_params(text, None)
+        for name, text, values in sent:
+            if name is None:
+                pgconn.send_query_params(text, values or None)
+            else:
+                pgconn.send_query_prepared(name, values)
         pgconn.pipeline_sync()
         yield from generators.send(pgconn)
     except BaseException:
         # Not all sent (an interrupted flush): what the server has is unknown, so the
-        # connection is closed, as ``_pipeline`` does; Django opens a new one.
+        # connection is closed; Django opens a new one for the next request.
         pgconn.finish()
         raise
 
@@ -398,4 +387,6 @@ def _read_to_sync(pgconn):
             try:
                 pgconn.exit_pipeline_mode()
             except errors.OperationalError:
-                pgconn.finish()  # results left unread: as in ``_pipeline``
+                # Results left unread (a wait interrupted): the session's state is unknown, so the
+                # connection is closed; Django opens a new one for the next request.
+                pgconn.finish()
