@@ -17,7 +17,7 @@ from users.models import EndUser, ImportJob, ImportStatus
 
 from .conftest import ROOT, WorkerProcess, database_url_for_subprocess, requires_broker, wait_until
 from .csv_helpers import csv_bytes, identify, run_import
-from .test_csv_import_pipeline import awkward_rows, full_report, masked_sample
+from .test_csv_import_pipeline import awkward_rows, file_with_a_decoding_error_mid_way, full_report, masked_sample
 
 pytestmark = pytest.mark.django_db
 
@@ -89,14 +89,7 @@ def test_rows_parsed_in_the_child_are_applied_as_the_threads_are(tenant, childre
 
 
 def test_a_decoding_error_found_by_the_child_fails_as_in_the_thread(tenant, other_tenant, children, monkeypatch):
-    monkeypatch.setattr(csv_import, "IMPORT_CHUNK_ROWS", 3)
-    monkeypatch.setattr(csv_import, "_READ_BLOCK_BYTES", 64)
-    monkeypatch.setattr(csv_import, "scan_csv", lambda binary: 40)
-    rows = [{"user_id": f"u{i}", "name": f"N{i}"} for i in range(40)]
-    rows[25]["name"] = "Zoë"
-    data = csv_bytes(rows).replace("Zoë".encode(), "Zoë".encode("cp1252"))
-    bad = data.index(b"\xeb")
-    rows_before_its_block = data[: bad // 64 * 64].count(b"\n") - 1
+    data, bad, rows_before_its_block = file_with_a_decoding_error_mid_way(monkeypatch)
     progress: list[tuple[int, int]] = []
 
     job = run_import(tenant.workspace, data, progress=lambda *p: progress.append(p))

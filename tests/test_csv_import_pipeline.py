@@ -101,9 +101,10 @@ def test_rows_are_decided_in_file_order_across_chunks(tenant, monkeypatch):
     assert not job.applied and EndUser.objects.for_workspace(tenant.workspace).count() == 0
 
 
-def test_a_decoding_error_mid_file_fails_after_the_chunks_before_it(tenant, monkeypatch):
-    """The file changed between the check and the run (or the check was wrong): the error
-    arrives where the rows stop, after the whole chunks before it, as when read inline."""
+def file_with_a_decoding_error_mid_way(monkeypatch) -> tuple[bytes, int, int]:
+    """40 rows whose 26th (line 27) is not UTF-8, read in chunks of 3 rows and blocks of 64
+    bytes, the up-front check told it is fine: (the file, the bad byte's offset, the rows
+    before the block that holds it)."""
     monkeypatch.setattr(csv_import, "IMPORT_CHUNK_ROWS", 3)
     monkeypatch.setattr(csv_import, "_READ_BLOCK_BYTES", 64)
     monkeypatch.setattr(csv_import, "scan_csv", lambda binary: 40)
@@ -111,7 +112,13 @@ def test_a_decoding_error_mid_file_fails_after_the_chunks_before_it(tenant, monk
     rows[25]["name"] = "Zoë"
     data = csv_bytes(rows).replace("Zoë".encode(), "Zoë".encode("cp1252"))
     bad = data.index(b"\xeb")
-    rows_before_its_block = data[: bad // 64 * 64].count(b"\n") - 1
+    return data, bad, data[: bad // 64 * 64].count(b"\n") - 1
+
+
+def test_a_decoding_error_mid_file_fails_after_the_chunks_before_it(tenant, monkeypatch):
+    """The file changed between the check and the run (or the check was wrong): the error
+    arrives where the rows stop, after the whole chunks before it, as when read inline."""
+    data, bad, rows_before_its_block = file_with_a_decoding_error_mid_way(monkeypatch)
     progress: list[tuple[int, int]] = []
 
     job = run_import(tenant.workspace, data, progress=lambda *p: progress.append(p))
