@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import NamedTuple
 
-from django.db import DatabaseError, transaction
+from django.db import transaction
 from django.db.models import Q, Sum
 from django.utils import timezone
 
@@ -670,9 +670,6 @@ def _remember_spent(key: tuple, spent: bool) -> None:
 # spent, by (workspace, user id, feature key), for ``_consume_pipelined``: only a guess of
 # what the next consume of the subject reads, always checked against the rows read beside it.
 _SPENT_OFFERS: dict[tuple[int, str, str], list[tuple]] = {}
-# ``reads.offers``' statement beside a spent budget's read, in one dict of values: its feature
-# key named apart from the budget's feature id (both ``feature`` in their own statements).
-_OFFERS_BESIDE_BUDGET = reads._OFFERS_SQL.replace("%(feature)s", "%(offers_feature)s")
 
 
 class _OffersChanged(Exception):
@@ -821,16 +818,12 @@ def _consume_with_offers(
                 stored_and_budget = _STORED_AND_BUDGET.format(budget=budget_sql)
                 if guessed:
                     params |= {"offers_feature": feature_key, "user_id": user_id, "group_id": None}
-                    try:
-                        fresh, ((stored, *budget_row),) = kept_cursor.message_results(
-                            [
-                                kept_cursor.Statement(_OFFERS_BESIDE_BUDGET, params, prepare=True),
-                                kept_cursor.Statement(stored_and_budget, params, prepare=True),
-                            ]
-                        )
-                    except DatabaseError as error:
-                        reads.forget_prepared_if_missing(error)
-                        raise
+                    fresh, ((stored, *budget_row),) = reads.message_results(
+                        [
+                            kept_cursor.Statement(reads.OFFERS_BESIDE_BUDGET_SQL, params, prepare=True),
+                            kept_cursor.Statement(stored_and_budget, params, prepare=True),
+                        ]
+                    )
                     if fresh != rows:
                         _SPENT_OFFERS.pop(subject_id, None)
                         raise _OffersChanged(fresh)
@@ -901,13 +894,9 @@ def _consume_with_offers(
             }
         statements.append(("COMMIT", False))
         with pipelined.transaction():
-            try:
-                results = kept_cursor.message_results(
-                    [kept_cursor.Statement(sql, params, prepare=prepare) for sql, prepare in statements]
-                )
-            except DatabaseError as error:
-                reads.forget_prepared_if_missing(error)
-                raise
+            results = reads.message_results(
+                [kept_cursor.Statement(sql, params, prepare=prepare) for sql, prepare in statements]
+            )
             stored = results[1][0] if results[1] else None
             if stored is not None:
                 payload = json.loads(stored[0]) if isinstance(stored[0], str) else stored[0]

@@ -97,6 +97,16 @@ def rows(sql: str, params: dict) -> list[tuple]:
     return _rows(sql, params)
 
 
+def message_results(statements: list[kept_cursor.Statement]) -> list[list[tuple]]:
+    """``kept_cursor.message_results`` of a caller's message around ``budget_statement``,
+    a prepared statement the connection lost forgotten as ``rows`` forgets it."""
+    try:
+        return kept_cursor.message_results(statements)
+    except DatabaseError as error:
+        forget_prepared_if_missing(error)
+        raise
+
+
 def offers(workspace_id: int, *, feature_key: str, user_id: str | None, group_id: str | None) -> list[tuple]:
     """One row per subscription of the subject (one row with null subscription columns when
     it has none): feature id, type, archived_at, user pk, group pk, group pks, then the
@@ -111,6 +121,11 @@ def offers(workspace_id: int, *, feature_key: str, user_id: str | None, group_id
         "group_id": group_id if user_id is None else None,
     }
     return _rows(_OFFERS_SQL, params)
+
+
+# ``offers``' statement for a message that holds a budget read too, in one dict of values: its
+# feature key named apart from the budget's feature id (both ``feature`` in their own statements).
+OFFERS_BESIDE_BUDGET_SQL = _OFFERS_SQL.replace("%(feature)s", "%(offers_feature)s")
 
 
 def budget_statement(
