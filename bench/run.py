@@ -117,6 +117,7 @@ def main() -> int:
     sizes = configure(args)
     from bench import stack
 
+    stack.compile_bytecode()
     database = database_name()
     log_dir = Path(tempfile.mkdtemp(prefix="kana-bench-"))
     env = {
