@@ -81,6 +81,7 @@ from .identity import (
     ProfileRow,
     TouchedUsers,
     apply_profile_rows,
+    build_new_users,
     suppressed_user_ids,
 )
 from .models import ImportJob, ImportStatus, MergeReason
@@ -560,10 +561,21 @@ def _run(job: ImportJob, progress, row_by_row: bool) -> None:
                 ):
                     with _parsed_ahead(source, job.rows_total) as chunks, _ChecksPerChunk() as checks:
                         for parsed in chunks:
+                            # What needs nothing read is done while PostgreSQL still checks the
+                            # previous chunk: the chunk's userIds, and the users its rows would
+                            # create (build_new_users: the engine's only per-row work without a read).
+                            to_apply = [row for _, row in parsed if isinstance(row, ProfileRow)]
+                            named = {row.user_id for row in to_apply if row.user_id}
+                            new_users = (
+                                None
+                                if row_by_row
+                                else build_new_users(workspace=job.workspace, rows=to_apply, occurred_at=occurred_at)
+                            )
                             checks.wait()  # the previous chunk's, before this chunk's first statement
                             errors_before = report.counts["error"]
-                            parsed = _refuse_suppressed(job.workspace, parsed)
-                            to_apply = [row for _, row in parsed if isinstance(row, ProfileRow)]
+                            parsed, to_apply, new_users = _refuse_suppressed(
+                                job.workspace, parsed, to_apply, named, new_users
+                            )
                             applied_rows = (
                                 apply(
                                     workspace=job.workspace,
@@ -572,6 +584,7 @@ def _run(job: ImportJob, progress, row_by_row: bool) -> None:
                                     touched=touched,
                                     reason=MergeReason.CSV,
                                     actor=job.actor,
+                                    new_users=new_users,
                                 )
                                 if to_apply
                                 else []
@@ -588,7 +601,7 @@ def _run(job: ImportJob, progress, row_by_row: bool) -> None:
                             # The chunk's rows, users and outcomes released, the paused collector
                             # walks what the chunks left (_older_objects_frozen says why here):
                             # after a chunk with an error row, else every few chunks.
-                            del parsed, to_apply, applied_rows
+                            del parsed, to_apply, new_users, applied_rows
                             unswept += 1
                             if report.counts["error"] != errors_before or unswept == _CHUNKS_PER_YOUNG_PASS:
                                 gc.collect(0)
@@ -678,15 +691,22 @@ class _ChecksPerChunk:
         self.pending.wait()
 
 
-def _refuse_suppressed(workspace: Workspace, parsed: list[tuple[int, "ProfileRow | _RowError"]]) -> list:
+def _refuse_suppressed(
+    workspace: Workspace,
+    parsed: list[tuple[int, "ProfileRow | _RowError"]],
+    to_apply: list[ProfileRow],
+    named: set[str],
+    new_users: list | None,
+) -> tuple[list, list[ProfileRow], list | None]:
     """A row naming a deleted user's userId is an error, as a Segment message naming it is
     ``suppressed``: an import does not bring back a user that was deleted on request (one
-    indexed lookup per chunk). Lifting the suppression lets the row in."""
-    named = {row.user_id for _, row in parsed if isinstance(row, ProfileRow) and row.user_id}
+    indexed lookup per chunk of the userIds it ``named``). Lifting the suppression lets the
+    row in. The chunk with those rows as errors, and its rows still ``to_apply`` with their
+    ``new_users`` (``build_new_users``; None stays None)."""
     suppressed = suppressed_user_ids(workspace=workspace, user_ids=named)
     if not suppressed:
-        return parsed
-    return [
+        return parsed, to_apply, new_users
+    refused = [
         (
             number,
             _RowError(
@@ -699,6 +719,11 @@ def _refuse_suppressed(workspace: Workspace, parsed: list[tuple[int, "ProfileRow
         )
         for number, row in parsed
     ]
+    kept = [row.user_id not in suppressed for row in to_apply]
+    to_apply = [row for row, keep in zip(to_apply, kept, strict=True) if keep]
+    if new_users is not None:
+        new_users = [user for user, keep in zip(new_users, kept, strict=True) if keep]
+    return refused, to_apply, new_users
 
 
 # Chunks between two young passes of the collector when they report no error: a pass walks
