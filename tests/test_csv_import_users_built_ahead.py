@@ -1,14 +1,12 @@
 """The users a CSV chunk would create are built ahead of the engine's read
 (``users.identity.build_new_users``, while PostgreSQL checks the previous chunk); the engine
 still decides, after its read, which rows only create, and only those take their built user.
-Same outcomes, same users, same ``created_at`` order as building them in the engine."""
+Same outcomes, same users, same ``created_at`` order as building them in the engine; a retried
+pass builds its own (tests/test_identity_engine_races.py, with a real concurrent identify)."""
 
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from django.db import connections, transaction
 from django.utils import timezone
 
 from users import services
@@ -17,7 +15,6 @@ from users.identity import IdentifyOutcome, build_new_users
 from users.models import EndUser
 from users.profile import validated_changes
 
-from .conftest import requires_postgres
 from .csv_helpers import bare, identify
 
 pytestmark = pytest.mark.django_db
@@ -106,48 +103,3 @@ def test_the_rows_left_after_suppressed_ones_keep_their_own_built_users(tenant):
     assert to_apply == [rows[0], rows[2]]
     assert new_users[0] is built[0] and new_users[1] is built[2]
     assert [u.name for u in new_users] == ["A", "C"]
-
-
-@requires_postgres
-def test_a_retried_pass_builds_its_own_users(transactional_db, tenant):
-    """The first pass gave its built users ids before its COPY failed on a concurrent
-    identify's userId; the retry reads again and creates every other user anew."""
-    rows = [row(f"row {i}", user_id=f"x-{i}", name=f"Row {i}") for i in range(10)]
-    built = build_new_users(workspace=tenant.workspace, rows=rows, occurred_at=timezone.now())
-    held, release = threading.Event(), threading.Event()
-
-    def identify_and_hold():  # another connection identifies x-0 and keeps its transaction open
-        try:
-            with transaction.atomic():
-                changes, _ = validated_changes(email="x0@example.com")
-                services.identify_user(
-                    workspace=tenant.workspace, user_id="x-0", changes=changes, occurred_at=timezone.now()
-                )
-                held.set()
-                assert release.wait(timeout=30)
-        finally:
-            connections.close_all()
-
-    def import_rows():
-        try:
-            return services.apply_profile_rows(
-                workspace=tenant.workspace, rows=rows, occurred_at=timezone.now(), touched={}, new_users=built
-            )
-        finally:
-            connections.close_all()
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        holder = pool.submit(identify_and_hold)
-        assert held.wait(timeout=30)
-        importing = pool.submit(import_rows)
-        time.sleep(1)  # the first pass's COPY now waits on x-0's uncommitted row
-        assert not importing.done()
-        release.set()
-        holder.result(timeout=30)
-        outcomes = importing.result(timeout=60)
-
-    assert outcomes[0].outcome == "updated" and {o.outcome for o in outcomes[1:]} == {"created"}
-    assert not any(outcome.user is user for outcome, user in zip(outcomes, built, strict=True))
-    stored_users = {u.user_id: u for u in EndUser.objects.for_workspace(tenant.workspace)}
-    assert {o.user.pk for o in outcomes} == {u.pk for u in stored_users.values()}
-    assert [stored_users[f"x-{i}"].name for i in range(10)] == [f"Row {i}" for i in range(10)]

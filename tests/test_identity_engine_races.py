@@ -13,6 +13,7 @@ from django.db import connections, transaction
 from django.utils import timezone
 
 from users import services
+from users.identity import build_new_users
 from users.models import EndUser, UserIdentity
 from users.profile import validated_changes
 
@@ -21,11 +22,17 @@ from .conftest import requires_postgres
 pytestmark = [requires_postgres, pytest.mark.postgres]
 
 
-def test_a_csv_batch_colliding_with_an_uncommitted_identify_retries_and_updates_that_user(transactional_db, tenant):
+@pytest.mark.parametrize("built_ahead", [False, True], ids=["built by the engine", "built ahead"])
+def test_a_csv_batch_colliding_with_an_uncommitted_identify_retries_and_updates_that_user(
+    transactional_db, tenant, built_ahead
+):
+    """``built_ahead``: the CSV import's users built before the batch's read
+    (``build_new_users``); the first pass gave them ids, so the retry builds its own."""
     rows = []
     for i in range(10):  # enough rows for the COPY path
         changes, _ = validated_changes(name=f"Row {i}")
         rows.append(services.ProfileRow(changes=changes, user_id=f"x-{i}", label=f"row {i}"))
+    built = build_new_users(workspace=tenant.workspace, rows=rows, occurred_at=timezone.now()) if built_ahead else None
     held, release = threading.Event(), threading.Event()
 
     def identify_and_hold():  # another connection identifies x-0 and keeps its transaction open
@@ -43,7 +50,7 @@ def test_a_csv_batch_colliding_with_an_uncommitted_identify_retries_and_updates_
     def import_rows():
         try:
             return services.apply_profile_rows(
-                workspace=tenant.workspace, rows=rows, occurred_at=timezone.now(), touched={}
+                workspace=tenant.workspace, rows=rows, occurred_at=timezone.now(), touched={}, new_users=built
             )
         finally:
             connections.close_all()
@@ -65,3 +72,6 @@ def test_a_csv_batch_colliding_with_an_uncommitted_identify_retries_and_updates_
     x0 = EndUser.objects.get(user_id="x-0")
     assert (x0.name, x0.email) == ("Row 0", "x0@example.com")
     assert UserIdentity.objects.filter(external_id__startswith="x-").count() == 10
+    if built_ahead:
+        assert not any(outcome.user is user for outcome, user in zip(outcomes, built, strict=True))
+        assert [EndUser.objects.get(user_id=f"x-{i}").name for i in range(10)] == [f"Row {i}" for i in range(10)]
