@@ -363,6 +363,27 @@ def test_suppressed_user_ids_are_refused_in_a_chunk_of_many_user_ids(tenant):
     }
 
 
+@pytest.mark.parametrize("suppressions", [3, 400], ids=["fewer than the userIds", "more than the userIds"])
+def test_many_user_ids_are_matched_against_the_workspaces_suppressions_only(tenant, other_tenant, suppressions):
+    """150 userIds against a workspace with few suppressions (read whole, matched in Python)
+    or with more than 150 (probed by key, PostgreSQL): the same answer, and never another
+    workspace's suppressions."""
+    from users.models import Suppression
+
+    gone = [f"gone-{i}" for i in range(suppressions)]
+    for workspace, names in ((tenant.workspace, gone), (other_tenant.workspace, ["u7", "u8", *gone])):
+        Suppression.objects.bulk_create([Suppression(workspace=workspace, user_id=name) for name in names])
+    asked = {f"u{i}" for i in range(148)} | {"gone-1", "gone-2"}
+
+    assert services.suppressed_user_ids(workspace=tenant.workspace, user_ids=asked) == {"gone-1", "gone-2"}
+    assert services.suppressed_user_ids(workspace=other_tenant.workspace, user_ids=asked) == {
+        "u7",
+        "u8",
+        "gone-1",
+        "gone-2",
+    }
+
+
 def test_the_import_gives_back_the_garbage_collectors_frozen_objects_even_when_it_fails(tenant, monkeypatch):
     import gc
 
