@@ -307,7 +307,7 @@ class _Report:
         Its lines go to the file in one ``writerows``. A plain created row (no note, nothing
         changed to list), the bulk of a large import, is only counted and written once the
         sample has its rows: the general path's notes, changes and sample checks cost more
-        than the line (≈ 1.4 µs a row against ≈ 0.5; docs/performance.md, "Round 17").
+        than the line (≈ 1.4 µs a row against ≈ 0.7; docs/performance.md, "Round 17").
         """
         outcomes = iter(applied)
         lines = []
