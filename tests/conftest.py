@@ -205,7 +205,23 @@ class WorkerProcess:
             self.process.wait(timeout=30)
 
     def stop(self) -> None:
-        self.kill(signal.SIGTERM if self.process and self.process.poll() is None else signal.SIGKILL)
+        """A warm shutdown; a kill if the worker is still there 30 s later.
+
+        This worker runs beat inside it (``-B``, for the sweepers; production runs beat on its
+        own, README). Once, in CI, such a worker did not finish its warm shutdown after its
+        broker had gone down and come back (test_reprocessing_faults.py's Redis outage: the
+        test had passed, its teardown failed on the wait). Its log's tail is printed then, so
+        the hang stays visible without failing a test whose assertions all held.
+        """
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                print(f"worker {self.process.pid} still running 30 s after SIGTERM; killed. Its log ends:")
+                print(self.output()[-2000:])
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=30)
         if getattr(self, "log", None):
             self.log.close()
 
