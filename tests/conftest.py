@@ -213,15 +213,12 @@ class WorkerProcess:
         test had passed, its teardown failed on the wait). Its log's tail is printed then, so
         the hang stays visible without failing a test whose assertions all held.
         """
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                print(f"worker {self.process.pid} still running 30 s after SIGTERM; killed. Its log ends:")
-                print(self.output()[-2000:])
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=30)
+        try:
+            self.kill(signal.SIGTERM)
+        except subprocess.TimeoutExpired:
+            print(f"worker {self.process.pid} still running 30 s after SIGTERM; killed. Its log ends:")
+            print(self.output()[-2000:])
+            self.kill(signal.SIGKILL)
         if getattr(self, "log", None):
             self.log.close()
 
