@@ -35,7 +35,6 @@ from django.db.models.base import ModelState
 from django.utils import timezone
 
 from kana import audit
-from kana.copy_rows import copy_text, copy_text_value
 from kana.db import kept_cursor, prepared
 from kana.locks import lock_keys, lock_keys_and_read
 from kana.models import Workspace
@@ -496,28 +495,12 @@ def _write_back(state: _Batch) -> None:
     now = timezone.now()
     for user in state.created:
         user.updated_at = now
-    copy_identities = connection.vendor == "postgresql" and len(state.identities) >= _BULK_MIN_ROWS
-
-    def identity_lines() -> str:
-        # Plain rows (the users have their ids by now); their own ids come from the column default.
-        stamp = now.isoformat()
-        workspace_pk = state.workspace.pk
-        return "".join(
-            f"{workspace_pk}\t{user.pk}\t{copy_text_value(uid)}\t{stamp}\n" for user, uid in state.identities
-        )
-
-    identities_text = None
     if connection.vendor == "postgresql" and len(state.created) >= _BULK_MIN_ROWS:
-        # The identities' text is formatted while the server inserts the users' last rows.
-        identities_text = bulk.copy_in(state.created, while_finishing=identity_lines if copy_identities else None)
+        bulk.copy_in(state.created)
     else:
         EndUser.objects.bulk_create(state.created, batch_size=1000)
-    if copy_identities:
-        copy_text(
-            UserIdentity._meta.db_table,
-            ("workspace_id", "user_id", "external_id", "created_at"),
-            [identities_text if identities_text is not None else identity_lines()],
-        )
+    if connection.vendor == "postgresql" and len(state.identities) >= _BULK_MIN_ROWS:
+        bulk.copy_identities(state.workspace, state.identities, now)
     else:
         UserIdentity.objects.bulk_create(
             [
