@@ -145,18 +145,13 @@ RowOutcome = IdentifyResult | IdentityError
 class TouchedUsers:
     """The users earlier rows of one import named (user pk -> row label), for ``duplicate_row``.
 
-    On PostgreSQL the pairs live in temporary tables of the import's transaction, not in
+    On PostgreSQL the pairs live in a temporary table of the import's transaction, not in
     this process: memory stays flat whatever the file's size (a dict costs ~140 bytes a row).
-    The users the rows created are one row per ``update`` (their ids' range and two arrays):
-    their ids were just drawn from the sequence, so no other pair can have them, and a row a
-    user cost the import ≈ 4 ms a chunk of 1,000 (docs/performance.md, "Round 18"). The
-    other users named are one row each, a later label replacing an earlier one; a created
-    user named again by a later row is there too, and that label wins. Use it inside one
-    transaction. Elsewhere it is a dict. ``apply_profile_rows`` also accepts a plain dict.
+    Use it inside one transaction. Elsewhere it is a dict. ``apply_profile_rows`` also
+    accepts a plain dict.
     """
 
     _TABLE = "kana_csv_touched_users"
-    _CREATED = "kana_csv_created_users"
 
     def __init__(self):
         self._memory: dict[int, str] | None = None if connection.vendor == "postgresql" else {}
@@ -168,22 +163,20 @@ class TouchedUsers:
             return {pk: self._memory[pk] for pk in pks if pk in self._memory}
         if not self._created or not pks:
             return {}
-        # The created users' rows whose range holds one of the ids: only they are unnested.
-        # Then the other pairs, whose labels replace theirs (``ORDER BY``: they come last).
-        sql = (
-            f"SELECT c.pk, c.label, 0 FROM {self._CREATED} t "
-            "CROSS JOIN LATERAL unnest(t.pks, t.labels) AS c(pk, label) "
-            "WHERE t.first_pk <= %(last)s AND t.last_pk >= %(first)s AND c.pk = ANY(%(pks)s::bigint[]) "
-            f"UNION ALL SELECT user_pk, label, 1 FROM {self._TABLE} WHERE user_pk = ANY(%(pks)s::bigint[]) "
-            "ORDER BY 3"
-        )
         with connection.cursor() as cursor:
-            cursor.execute(sql, {"first": min(pks), "last": max(pks), "pks": bulk.int_array(pks)})
-            return {pk: label for pk, label, _ in cursor.fetchall()}
+            cursor.execute(
+                f"SELECT user_pk, label FROM {self._TABLE} WHERE user_pk = ANY(%s::bigint[])", [bulk.int_array(pks)]
+            )
+            return dict(cursor.fetchall())
 
     def update(self, pairs: Iterable[tuple[int, str]], *, created: Iterable[tuple[int, str]] = ()) -> None:
-        """Remember ``pairs`` (user pk -> label), a later pair of a pk replacing an earlier one,
-        and the ``created`` users' pairs (users these rows created: no earlier pair has them)."""
+        """Remember ``pairs`` (user pk -> label), a later pair of a pk replacing an earlier one.
+
+        ``created``: pairs of users these rows created, whose ids were just drawn from the
+        users' sequence, so no earlier pair can have them: they are inserted without
+        ``ON CONFLICT``, whose speculative insertion cost PostgreSQL ≈ 1 µs a pair more
+        (2.0 against 1.05 µs, 100 chunks of 1,000 pairs), on an import's every created user.
+        """
         pairs, created = dict(pairs), dict(created)
         if self._memory is not None:
             self._memory.update(created)
@@ -191,39 +184,27 @@ class TouchedUsers:
             return
         if not pairs and not created:
             return
+        table = self._TABLE
         statements, params = [], []
         if created:
-            statements.append(
-                f"INSERT INTO {self._CREATED} (first_pk, last_pk, pks, labels) "
-                "VALUES (%s, %s, %s::bigint[], %s::text[])"
-            )
-            params += [min(created), max(created), bulk.int_array(created), bulk.text_array(created.values())]
+            statements.append(f"INSERT INTO {table} (user_pk, label) SELECT * FROM unnest(%s::bigint[], %s::text[])")
+            params += [bulk.int_array(created), bulk.text_array(created.values())]
         if pairs:
             statements.append(
-                f"INSERT INTO {self._TABLE} (user_pk, label) SELECT * FROM unnest(%s::bigint[], %s::text[]) "
+                f"INSERT INTO {table} (user_pk, label) SELECT * FROM unnest(%s::bigint[], %s::text[]) "
                 "ON CONFLICT (user_pk) DO UPDATE SET label = EXCLUDED.label"
             )
             params += [bulk.int_array(pairs), bulk.text_array(pairs.values())]
-        # Both kinds in one statement (one round trip).
+        # Both kinds in one statement (one round trip): the two sets of pks are disjoint.
         sql = f"WITH created AS ({statements[0]}) {statements[1]}" if len(statements) == 2 else statements[0]
         with connection.cursor() as cursor:
             if not self._created:
-                # An earlier import in the same transaction (tests) may have left them.
+                # An earlier import in the same transaction (tests) may have left one.
                 cursor.execute(
-                    f"CREATE TEMP TABLE IF NOT EXISTS {self._TABLE} (user_pk bigint PRIMARY KEY, label text NOT NULL) "
+                    f"CREATE TEMP TABLE IF NOT EXISTS {table} (user_pk bigint PRIMARY KEY, label text NOT NULL) "
                     "ON COMMIT DROP"
                 )
-                cursor.execute(
-                    f"CREATE TEMP TABLE IF NOT EXISTS {self._CREATED} (first_pk bigint NOT NULL, "
-                    "last_pk bigint NOT NULL, pks bigint[] NOT NULL, labels text[] NOT NULL) ON COMMIT DROP"
-                )
-                # Stored out of line as they are: compressing a chunk's ≈ 18 KB of arrays cost the
-                # server 1.2 ms of the 1.6 its insert took, and they are read once at most.
-                cursor.execute(
-                    f"ALTER TABLE {self._CREATED} ALTER COLUMN pks SET STORAGE EXTERNAL, "
-                    "ALTER COLUMN labels SET STORAGE EXTERNAL"
-                )
-                cursor.execute(f"TRUNCATE {self._TABLE}, {self._CREATED}")
+                cursor.execute(f"TRUNCATE {table}")
                 self._created = True
             cursor.execute(sql, params)
 
