@@ -33,9 +33,9 @@ def copy_binary(table: str, columns: Sequence[str], types: Sequence[str], rows: 
     ``types``: each column's PostgreSQL type (``"int8"``, ``"text"``, ``"timestamptz"``,
     ``"jsonb"`` …), exactly the column's (an ``int4`` column takes no ``int8`` value), which
     picks psycopg's binary dumper (in C) for each value. The server then reads every value as
-    it is stored instead of parsing text: for a user's row (five timestamps, two integers,
-    seven strings) the COPY cost the server about a quarter less CPU than the same rows as
-    text (docs/performance.md, "Round 18"). Rows are sent as psycopg's buffer fills, so the
+    it is stored instead of parsing text, and nothing is escaped here; in a CSV import, whose
+    COPYs are mostly index inserts, that costs the same as text did (docs/performance.md,
+    "Round 18"). Rows are sent as psycopg's buffer fills, so the
     server inserts the first ones while the rest are dumped (every 32 KiB: for users, every
     ≈ 250 rows). Logged and wrapped like any other query: a unique violation is Django's
     ``IntegrityError``, which the engine's retry understands.

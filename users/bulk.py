@@ -189,7 +189,7 @@ def copy_in(objects: list[models.Model]) -> None:
     if not objects:
         return
     meta = objects[0]._meta
-    fields = list(meta.concrete_fields)
+    fields = tuple(meta.concrete_fields)
     for obj, pk in zip(objects, next_ids(meta.db_table, len(objects)), strict=True):
         obj.pk = pk
         obj._state.adding = False
@@ -200,7 +200,7 @@ def copy_in(objects: list[models.Model]) -> None:
 def copy_identities(workspace: Workspace, pairs: Iterable[tuple[EndUser, str]], created_at: datetime) -> None:
     """Insert identities, a (user, userId) pair each, with COPY (PostgreSQL): the users have
     their ids by now, the identities' own come from the column's default."""
-    fields = [UserIdentity._meta.get_field(name) for name in ("workspace", "user", "external_id", "created_at")]
+    fields = tuple(UserIdentity._meta.get_field(name) for name in ("workspace", "user", "external_id", "created_at"))
     workspace_pk = workspace.pk
     copy_binary(
         UserIdentity._meta.db_table,
@@ -222,10 +222,12 @@ _BINARY_TYPES = {
 }
 
 
-def copy_types(fields: Iterable[models.Field]) -> list[str]:
+@functools.cache
+def copy_types(fields: tuple[models.Field, ...]) -> tuple[str, ...]:
     """Each field's column type as ``copy_binary`` takes it (PostgreSQL); ``varchar(n)`` is
-    ``text`` there (the same bytes). A type missing here is a ``ValueError``, at the first
-    COPY of its table: a new column's type gets its line in ``_BINARY_TYPES``."""
+    ``text`` there (the same bytes). Worked out once per set of fields (a COPY a chunk asks
+    again). A type missing here is a ``ValueError``, at the first COPY of its table: a new
+    column's type gets its line in ``_BINARY_TYPES``."""
     types = []
     for field in fields:
         db_type = field.db_type(connection)  # a foreign key's is its target's
@@ -233,7 +235,7 @@ def copy_types(fields: Iterable[models.Field]) -> list[str]:
         if db_type not in _BINARY_TYPES:
             raise ValueError(f"no binary COPY type for {field.model.__name__}.{field.name} ({db_type})")
         types.append(_BINARY_TYPES[db_type])
-    return types
+    return tuple(types)
 
 
 def count_created_users_for_the_planner(created: int) -> bool:
@@ -298,7 +300,7 @@ def update_users(users: list[EndUser]) -> None:
                 f"SELECT id, {', '.join(columns)} FROM {table} WITH NO DATA"
             )
             get = operator.attrgetter("pk", *(f.attname for f in fields))
-            copy_binary(scratch, ["id", *columns], copy_types([EndUser._meta.pk, *fields]), map(get, users))
+            copy_binary(scratch, ["id", *columns], copy_types((EndUser._meta.pk, *fields)), map(get, users))
             assignments = ", ".join(f"{column} = v.{column}" for column in columns)
             cursor.execute(f"UPDATE {table} SET {assignments} FROM {scratch} AS v WHERE {table}.id = v.id")
             cursor.execute(f"TRUNCATE {scratch}")
