@@ -5,6 +5,6 @@ class EntitlementsConfig(AppConfig):
     name = "entitlements"
 
     def ready(self):
-        # The receivers (a merged user's subscriptions follow it) and the tasks (reservation
-        # sweep, threshold crossings), registered so they can be found by name.
-        from . import receivers, tasks  # noqa: F401
+        # The receivers: a merged user's subscriptions follow it. The tasks (reservation sweep,
+        # threshold crossings) are beat's, imported by a worker at start, not here.
+        from . import receivers  # noqa: F401

@@ -33,10 +33,10 @@ from django.db import connection
 from kana.jobs import JobStatus
 from kana.models import Workspace
 
+from .definitions import RuleDefinition, clean_rule_definition
 from .mapping import RuleSet, decide, load_rule_set
 from .models import Event, EventStatus, ReprocessingJob, UnmappedReason
 from .rules import CompiledRule, _number, _parts
-from .services import RuleDefinition, rule_definition_clean
 
 SAMPLE_SIZE = 20
 # Candidates read per query while looking for the sample (in id order, until 20 hits).
@@ -74,7 +74,7 @@ def rule_preview(*, workspace: Workspace, definition: RuleDefinition) -> RulePre
     """
     if not (definition.name or "").strip():
         definition = RuleDefinition(**{**definition.__dict__, "name": "preview"})
-    feature, conditions = rule_definition_clean(workspace, definition)
+    feature, conditions = clean_rule_definition(workspace, definition)
     if feature.archived_at is not None:
         return RulePreview()  # rules of an archived feature map nothing (load_rule_set skips them)
     rule = CompiledRule(

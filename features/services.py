@@ -8,7 +8,6 @@ rule is committed (and ingest maps it with the rule). Nothing is counted zero ti
 
 import logging
 import re
-from dataclasses import dataclass
 
 from django.db import transaction
 from django.db.models import F, Max, ProtectedError
@@ -16,14 +15,14 @@ from django.utils import timezone
 
 from features.models import Event
 from kana import audit, jobs
-from kana.errors import DomainError
 from kana.jobs import JobStatus
 from kana.locks import lock_rules_exclusive
 from kana.models import Workspace
 
 from . import reprocessing
+from .definitions import RuleDefinition, clean_rule_definition
+from .errors import FeatureError
 from .models import Feature, FeatureType, MappingRule, ReprocessingJob, Usage
-from .rules import InvalidRule, clean_conditions
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +31,6 @@ _FEATURE_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
 
 # The Celery task that runs a ReprocessingJob (features/tasks.py), by name.
 REPROCESSING_TASK = "features.tasks.run_reprocessing_job"
-
-
-class FeatureError(DomainError):
-    """A feature or rule change the services refuse."""
 
 
 def _bump_rules_version(workspace: Workspace) -> None:
@@ -196,41 +191,9 @@ def feature_delete(*, workspace: Workspace, feature: Feature, actor: str = "") -
         audit.record(workspace, actor, "feature.delete", feature.key, before=_feature_summary(feature))
 
 
-@dataclass
-class RuleDefinition:
-    name: str
-    feature_key: str
-    event_name: str | None = None
-    conditions: list | None = None
-    amount_property: str | None = None
-    active: bool = True
-
-
-def _clean_definition(workspace: Workspace, definition: RuleDefinition) -> tuple[Feature, list[dict]]:
-    if not (definition.name or "").strip():
-        raise FeatureError("invalid_rule", "a rule needs a name", "name")
-    feature = Feature.objects.for_workspace(workspace).filter(key=definition.feature_key).first()
-    if feature is None:
-        raise FeatureError("unknown_feature", f"no feature with id {definition.feature_key!r}", "feature", status=404)
-    try:
-        conditions = clean_conditions(definition.conditions)
-    except InvalidRule as exc:
-        raise FeatureError("invalid_rule", exc.message, exc.field) from None
-    # A blank event name is no event name ("" or " " used to pass and make a rule match everything).
-    if not (definition.event_name or "").strip() and not conditions:
-        raise FeatureError("invalid_rule", "a rule needs an event name or at least one condition", "conditions")
-    return feature, conditions
-
-
-def rule_definition_clean(workspace: Workspace, definition: RuleDefinition) -> tuple[Feature, list[dict]]:
-    """The rule's feature and cleaned conditions, as ``rule_create`` would save them; raises
-    FeatureError as it does (rule preview validates with it)."""
-    return _clean_definition(workspace, definition)
-
-
 def rule_create(*, workspace: Workspace, definition: RuleDefinition, actor: str = "") -> MappingRule:
     """Create a rule and reprocess the workspace's stored unmapped events against it."""
-    feature, conditions = _clean_definition(workspace, definition)
+    feature, conditions = clean_rule_definition(workspace, definition)
     event_name = (definition.event_name or "").strip() or None
     amount_property = (definition.amount_property or "").strip() or None
     with transaction.atomic():
@@ -284,7 +247,7 @@ def rule_update(
                     "conditions",
                     status=409,
                 )
-            feature, conditions = _clean_definition(workspace, definition)
+            feature, conditions = clean_rule_definition(workspace, definition)
             rule.feature, rule.conditions = feature, conditions
             rule.event_name = (definition.event_name or "").strip() or None
             rule.amount_property = (definition.amount_property or "").strip() or None

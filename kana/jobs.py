@@ -10,15 +10,16 @@ its id. The row is the truth; the broker is only a doorbell:
   message was lost and running jobs whose worker stopped beating (``stalled_job_ids``); it
   stamps every job it re-sends, so a job waiting behind a busy queue is re-sent once per
   stale period, not at every sweep.
-Tasks are found by name in Celery's registry, so a service that enqueues a job does not
-import the module of its task (which imports the service).
+Tasks are found by name (``enqueue``): a service that enqueues a job does not import the
+module of its task (which imports the service), and Celery itself is imported only where a
+task is defined or sent, not at Django's start (every command and web worker would pay its
+≈ 70 ms: docs/performance.md, "Round 19").
 """
 
+import importlib
 import logging
 from functools import partial
 
-from celery import current_app, shared_task
-from celery.signals import worker_ready
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, close_old_connections, models, transaction
 from django.db.models.functions import Coalesce
@@ -56,7 +57,7 @@ MESSAGE_EXPIRES_SECONDS = 15 * 60
 def job_task(*, max_retries: int, soft_time_limit: int, time_limit: int):
     """The Celery task decorator of a kind of job: JOB_TASK_OPTIONS, messages that expire after
     MESSAGE_EXPIRES_SECONDS, and the kind's own retry count and time limits."""
-    return shared_task(
+    return celery_app().task(
         **JOB_TASK_OPTIONS,
         expires=MESSAGE_EXPIRES_SECONDS,
         max_retries=max_retries,
@@ -97,7 +98,7 @@ def enqueue(task_name: str, job_id: int) -> bool:
     """Send a job's task now. False (logged) when the broker is unreachable: the job stays
     queued and the sweeper sends it once the broker is back. In the embedded default
     (eager tasks) the task runs here and its errors propagate."""
-    task = current_app.tasks[task_name]
+    task = registered_task(task_name)
     try:
         task.delay(job_id=job_id)
     except Exception:  # kombu/redis raise many types when the broker is unreachable
@@ -106,6 +107,22 @@ def enqueue(task_name: str, job_id: int) -> bool:
         logger.warning("job not enqueued; the sweeper will retry", extra={"task": task_name, "job_id": job_id})
         return False
     return True
+
+
+def celery_app():
+    """Kana's Celery app (``kana.celery``), configured from the settings; imported on first use."""
+    from .celery import app
+
+    return app
+
+
+def registered_task(task_name: str):
+    """The task called ``task_name`` (``<app>.tasks.<function>``), its module imported first:
+    a task registers with the app when its module is imported, which a worker does at start
+    and any other process only here."""
+    app = celery_app()
+    importlib.import_module(task_name.rpartition(".")[0])
+    return app.tasks[task_name]
 
 
 def enqueue_on_commit(task_name: str, job_id: int) -> None:
@@ -221,6 +238,8 @@ def sweep_when_a_worker_starts(task) -> None:
             task.delay()
         except Exception:  # the broker may be unreachable right at start: beat will sweep later
             logger.warning("initial sweep not enqueued", extra={"task": task.name})
+
+    from celery.signals import worker_ready
 
     worker_ready.connect(send, weak=False, dispatch_uid=f"sweep-at-start:{task.name}")
 

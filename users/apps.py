@@ -4,7 +4,5 @@ from django.apps import AppConfig
 class UsersConfig(AppConfig):
     name = "users"
     verbose_name = "Kana users"
-
-    def ready(self):
-        # The tasks register with Celery, so an import job can be sent by name (kana.jobs).
-        from . import tasks  # noqa: F401
+    # Its tasks (users/tasks.py) are imported by a worker at start and by ``kana.jobs`` when
+    # an import job is sent, not here: Django's start does not import Celery.

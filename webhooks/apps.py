@@ -5,6 +5,7 @@ class WebhooksConfig(AppConfig):
     name = "webhooks"
 
     def ready(self):
-        # The receivers connect to kana.signals.notification and users.signals.user_absorbed;
-        # the tasks register with Celery, so a delivery can be sent by name (kana.jobs).
-        from . import receivers, tasks  # noqa: F401
+        # The receivers connect to kana.signals.notification and users.signals.user_absorbed.
+        # The tasks are imported by a worker at start and by kana.jobs when a delivery is
+        # sent, not here.
+        from . import receivers  # noqa: F401
