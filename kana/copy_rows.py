@@ -35,10 +35,10 @@ def copy_binary(table: str, columns: Sequence[str], types: Sequence[str], rows: 
     picks psycopg's binary dumper (in C) for each value. The server then reads every value as
     it is stored instead of parsing text, and nothing is escaped here; in a CSV import, whose
     COPYs are mostly index inserts, that costs the same as text did (docs/performance.md,
-    "Round 18"). Rows are sent as psycopg's buffer fills, so the
-    server inserts the first ones while the rest are dumped (every 32 KiB: for users, every
-    ≈ 250 rows). Logged and wrapped like any other query: a unique violation is Django's
-    ``IntegrityError``, which the engine's retry understands.
+    "Round 18"). Rows are sent as psycopg's buffer fills, so the server inserts the first ones
+    while the rest are dumped (every 32 KiB: for users, every ≈ 250 rows). Logged and wrapped
+    like any other query: a unique violation is Django's ``IntegrityError``, which the engine's
+    retry understands.
     """
     sql = f"COPY {connection.ops.quote_name(table)} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)"
     with connection.cursor() as cursor:
