@@ -4,27 +4,28 @@ The service behind every ingest edge (Segment's endpoints today). Usage messages
 page, screen) are handled in bulk, one transaction per run of consecutive usage messages,
 with a fixed number of queries whatever the run's length: rules lock + version + replay
 check, userId resolution, then ``ledger.record_usage_events`` (events and their usage in
-one statement; longer runs send their rows as JSON documents). Identify, alias and group are
-applied one at a time, in order, by the identity service of ``users``, and stored by the
-ledger as processed events.
+one statement; longer runs send their rows as JSON documents). A single one of a userId that
+has a user is first tried in one round trip, decided with the rules this process holds
+(``_record_known_user_usage``). Identify, alias and group are applied one at a time, in
+order, by the identity service of ``users``, and stored by the ledger as processed events.
 """
 
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
-from django.db import connection, transaction
+from django.db import IntegrityError, OperationalError, connection, transaction
 
 from kana.db import pipelined, prepared
 from kana.locks import lock_rules_shared
 from kana.models import AnonymousEvents, Workspace
-from kana.retries import ConcurrentChange, run_with_retries
+from kana.retries import ConcurrentChange, is_retryable, run_with_retries
 from users import services as user_services
 from users.profile import UNSET, validated_changes
 
 from . import ledger
 from .incoming import Message
-from .mapping import Decision, decide, load_rule_set
+from .mapping import Decision, cached_rule_set, decide, load_rule_set
 from .models import USAGE_TYPES, EventStatus, MessageType
 
 # The answer to a message naming a suppressed userId (SPEC §12): not stored.
@@ -73,9 +74,48 @@ def _run_kind(message: Message) -> str:
 
 
 def ingest_usage_messages(*, workspace: Workspace, messages: list[Message]) -> list[Outcome]:
+    if len(messages) == 1 and messages[0].user_id and pipelined.available():
+        # Segment's commonest message: one track of a user it has identified before.
+        outcome = _record_known_user_usage(workspace, messages[0])
+        if outcome is not None:
+            return [outcome]
     run = _ingest_usage_pipelined if pipelined.available() else _ingest_usage_once
     # A single event's insert is a prepared statement (ledger.record_usage_events).
     return prepared.again_if_missing(lambda: run_with_retries(lambda: run(workspace, messages)))
+
+
+def _record_known_user_usage(workspace: Workspace, message: Message) -> Outcome | None:
+    """A single usage message of a userId that has a user, decided with the rules this
+    process holds and stored in one round trip without ``BEGIN`` or ``COMMIT``
+    (``ledger.record_known_user_usage``), provided they are still the workspace's rules. None
+    when it stored nothing for another reason than a replay (no rules loaded yet, the rules
+    moved, the userId has no user or is suppressed, a concurrent change the database
+    reported): the caller then records the message the usual way, whose reads answer each of
+    those, so a miss costs one round trip more and never another answer.
+
+    Exactness is the usual path's (docs/architecture.md, "Rules and retroactive
+    reprocessing"): the decision stands only if the version read after the shared rules lock
+    was granted is the one it was made with, and the lock is held until the event commits.
+    """
+    rule_set = cached_rule_set(workspace.pk)
+    if rule_set is None:
+        return None
+    decision = decide(rule_set, message.name, message.properties)
+    if len(decision.usages) > ledger.PREPARED_MAX_USAGES:
+        return None  # one prepared shape per number of usage rows: keep them few
+    try:
+        done = prepared.again_if_missing(
+            lambda: ledger.record_known_user_usage(workspace, message, decision, rules_version=rule_set.version)
+        )
+    except (IntegrityError, OperationalError) as exc:
+        if not is_retryable(exc):
+            raise
+        return None  # e.g. the user deleted after the statement's snapshot: its FK check failed
+    if done.user_pk is None:
+        return None
+    if not done.stored:
+        return Outcome(message.message_id, "duplicate")
+    return Outcome(message.message_id, decision.status, decision.reason, done.user_pk)
 
 
 def _ingest_usage_pipelined(workspace: Workspace, messages: list[Message]) -> list[Outcome]:

@@ -23,7 +23,12 @@ from django.db.models.signals import pre_delete
 from django.dispatch import receiver
 
 from kana.db import kept_cursor, on_postgres, pipelined, prepared
-from kana.locks import lock_rules_exclusive, lock_rules_shared_and_read, lock_rules_shared_then_read
+from kana.locks import (
+    lock_rules_exclusive,
+    lock_rules_shared_and_read,
+    lock_rules_shared_then_read,
+    lock_rules_shared_then_run,
+)
 from kana.models import Workspace
 from users.models import AnonymousLink, Suppression, UserIdentity
 from users.signals import user_absorbed, user_deleting, user_restored
@@ -201,25 +206,32 @@ def _insert_returning_sql(event_count: int, usage_count: int) -> str:
 
 
 def guarded_usage_event(
-    workspace: Workspace, message: Message, decision: Decision, user_pk: int, *, rows: str, payload: str
+    workspace: Workspace,
+    message: Message,
+    decision: Decision,
+    user_pk: int | None,
+    *,
+    rows: str,
+    payload: str,
+    user: str | None = None,
 ) -> tuple[str, dict]:
     """One event and its usage as two CTEs (``ev``, ``used``) for a caller's statement: stored
     once per row of ``rows`` (the caller's ``FROM`` source and condition, at most one row;
     none: nothing is stored), with ``payload`` (an SQL jsonb expression, which may read those
     rows) as the event's payload. A messageId stored already, or meanwhile by a concurrent
     request, is skipped as ``record_usage_events`` skips it; ``ev`` returns
-    ``(id, message_id)`` of what was stored.
+    ``(id, message_id)`` of what was stored. The event's user is ``user_pk``, or ``user`` when
+    given: an SQL expression that reads ``rows`` (the user found by the statement itself).
 
     For a decision made on the server in the statement that records it (``entitlements``'s
     consume: the budget read and the usage insert are one statement, under the budget's
-    lock). Named parameters, each prefixed ``ev_``; every one is cast, so the statement can be
-    prepared."""
+    lock), and for a single track of a known user (``record_known_user_usage``). Named
+    parameters, each prefixed ``ev_``; every one is cast, so the statement can be prepared."""
     params = {
         "ev_ws": workspace.pk,
         "ev_message_id": message.message_id,
         "ev_type": str(message.type),
         "ev_name": message.name,
-        "ev_user": user_pk,
         "ev_external": message.user_id or message.anonymous_id or "",
         "ev_occurred_at": message.occurred_at,
         "ev_received_at": message.received_at,
@@ -227,12 +239,15 @@ def guarded_usage_event(
         "ev_reason": str(decision.reason),
         "ev_warnings": json.dumps(message.warnings) if message.warnings else "[]",
     }
+    if user is None:
+        params["ev_user"] = user_pk
+        user = "%(ev_user)s::bigint"
     values = [
         "%(ev_ws)s::bigint",
         "%(ev_message_id)s::text",
         "%(ev_type)s::text",
         "%(ev_name)s::text",
-        "%(ev_user)s::bigint",
+        user,
         "%(ev_external)s::text",
         payload,
         "%(ev_occurred_at)s::timestamptz",
@@ -247,17 +262,69 @@ def guarded_usage_event(
         usages.append(f"(%(ev_feature{n})s::bigint, %(ev_amount{n})s::numeric, %(ev_rule{n})s::bigint)")
     sql = (
         f"ev AS (INSERT INTO {_EVENT_TABLE} ({', '.join(_EVENT_COLUMNS)}) SELECT {', '.join(values)} FROM {rows}"
-        " ON CONFLICT (workspace_id, message_id) DO NOTHING RETURNING id, message_id)"
+        " ON CONFLICT (workspace_id, message_id) DO NOTHING RETURNING id, message_id, user_id)"
     )
     if usages:
+        # Usage only for the event this statement has just inserted (``ev`` returns nothing
+        # else), one row per feature (``Decision.usages``): no (event, feature) can exist
+        # already, so no ``ON CONFLICT`` (and no speculative insertion), as in
+        # ``_insert_returning_sql``.
         sql += (
             f", used AS (INSERT INTO {_USAGE_TABLE}"
             " (workspace_id, user_id, feature_id, event_id, rule_id, amount, occurred_at)"
-            " SELECT %(ev_ws)s::bigint, %(ev_user)s::bigint, u.feature_id, ev.id, u.rule_id, u.amount,"
-            f" %(ev_occurred_at)s::timestamptz FROM ev, (VALUES {', '.join(usages)}) AS u (feature_id, amount, rule_id)"
-            " ON CONFLICT (event_id, feature_id) DO NOTHING)"
+            " SELECT %(ev_ws)s::bigint, ev.user_id, u.feature_id, ev.id, u.rule_id, u.amount,"
+            " %(ev_occurred_at)s::timestamptz"
+            f" FROM ev, (VALUES {', '.join(usages)}) AS u (feature_id, amount, rule_id))"
         )
     return sql, params
+
+
+# The user of a single track's userId, found by the statement that stores the track
+# (``record_known_user_usage``): none (nothing is stored) when the userId has no user, is
+# suppressed (its user was deleted), or the workspace's rules moved past the version the
+# track was decided with. Each lookup compares both columns of a ``(workspace, value)``
+# unique constraint (or the primary key) with ``=``: a unique-index probe in any plan.
+_KNOWN_USER_SQL = f"""known AS (
+    SELECT i.user_id FROM {UserIdentity._meta.db_table} AS i
+    WHERE i.workspace_id = %(ev_ws)s::bigint AND i.external_id = %(ev_external)s::text
+      AND (SELECT w.rules_version FROM {Workspace._meta.db_table} AS w WHERE w.id = %(ev_ws)s::bigint)
+          = %(ev_rules_version)s::bigint
+      AND NOT EXISTS (
+          SELECT FROM {Suppression._meta.db_table} AS s
+          WHERE s.workspace_id = %(ev_ws)s::bigint AND s.user_id = %(ev_external)s::text))"""
+
+
+@dataclass(frozen=True)
+class KnownUserUsage:
+    """What ``record_known_user_usage`` did: ``user_pk`` None when it stored nothing because
+    the userId's user is not there to take it (none, suppressed) or the rules moved; else
+    ``stored`` False means the messageId was stored already (a replay)."""
+
+    user_pk: int | None
+    stored: bool
+
+
+def record_known_user_usage(
+    workspace: Workspace, message: Message, decision: Decision, *, rules_version: int
+) -> KnownUserUsage:
+    """A single usage message of a userId, decided with the rules at ``rules_version``, stored
+    with its usage in one round trip and one implicit transaction (PostgreSQL, outside any
+    transaction: ``kana.db.pipelined.available``), if its userId has a user and the rules
+    are still at that version.
+
+    The round trip is the shared rules lock's statement, then this statement (prepared, one
+    shape per number of usage rows): it reads the rules version with a snapshot taken after
+    the lock was granted, exactly as the two-round-trip path reads it (``kana.locks``), and
+    stores nothing unless it is ``rules_version``. The replay check is the event insert's
+    ``ON CONFLICT``. The caller re-runs it once when ``prepared.is_missing`` its error."""
+    record_sql, params = guarded_usage_event(
+        workspace, message, decision, None, rows="known", payload="%(ev_payload)s::jsonb", user="known.user_id"
+    )
+    params["ev_payload"] = message.payload_text()
+    params["ev_rules_version"] = rules_version
+    sql = f"WITH {_KNOWN_USER_SQL}, {record_sql} SELECT (SELECT user_id FROM known), EXISTS (SELECT FROM ev)"
+    user_pk, stored = lock_rules_shared_then_run(workspace.pk, kept_cursor.Statement(sql, params, prepare=True))[0]
+    return KnownUserUsage(user_pk, stored)
 
 
 # The run's rows travel as JSON documents, each a single text parameter (one C-level escape

@@ -86,6 +86,13 @@ def load_rule_set(workspace_id: int, version: int) -> RuleSet:
     return rule_set
 
 
+def cached_rule_set(workspace_id: int) -> RuleSet | None:
+    """The workspace's rules this process loaded last, at whatever version they were then (a
+    caller that uses them must check that version, under the rules lock, as
+    ``ledger.record_known_user_usage`` does); None when none are loaded yet."""
+    return _cache.get(workspace_id)
+
+
 def decide(rule_set: RuleSet, event_name: str, properties: dict) -> Decision:
     """Which features one event counts for, and how much; or why it maps to none.
 

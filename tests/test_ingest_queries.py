@@ -94,11 +94,15 @@ def test_a_replayed_batch_stops_after_the_replay_check(warm, django_assert_max_n
 
 
 # Outside any transaction (as in production: no ATOMIC_REQUESTS), a single usage message on
-# PostgreSQL is one transaction in two round trips: BEGIN travels with the rules lock, the
-# rules version, the replay check and the userId lookup; COMMIT with the event and usage
-# insert (kana.db.pipelined). No health-check SELECT 1 either (kana.db.postgresql). The
-# insert is a prepared statement (kana.db.prepared), prepared by the
-# ``warm`` fixture's track on this connection (see the tests at the end for the first use).
+# PostgreSQL of a userId that has a user is one round trip and one implicit transaction
+# (kana.locks.lock_rules_shared_then_run): the shared rules lock's statement, then one
+# prepared statement that finds the user, checks the rules version the process decided the
+# message with, and inserts the event and its usage (features.ledger.record_known_user_usage).
+# Any other single message (a new user, rules that moved) then goes the usual way, in two
+# round trips: BEGIN travels with the rules lock, the rules version, the replay check and the
+# userId lookup; COMMIT with the event and usage insert (kana.db.pipelined). No health-check
+# SELECT 1 either (kana.db.postgresql). The statements are prepared (kana.db.prepared) by
+# the first tracks on this connection (see the tests at the end for the first use).
 def _round_trips(call) -> list[str]:
     with CaptureQueriesContext(connection) as captured:
         response = call()
@@ -109,23 +113,42 @@ def _round_trips(call) -> list[str]:
 
 @requires_postgres
 @pytest.mark.django_db(transaction=True)
-def test_a_single_track_for_a_known_user_is_two_round_trips(warm):
+def test_a_single_track_for_a_known_user_is_one_round_trip(warm):
     first = warm.track("known", "Report Exported")
     assert first.json()["status"] == "mapped"
     sent = _round_trips(lambda: warm.track("known", "Report Exported"))
-    assert len(sent) == 2
-    assert sent[0].startswith("BEGIN; SELECT pg_advisory_xact_lock_shared")
-    assert sent[0].split("; ")[-1].startswith("EXECUTE kana_")  # the replay and userId read, prepared
-    assert sent[1].startswith("EXECUTE kana_") and sent[1].endswith("; COMMIT")
+    assert len(sent) == 1
+    lock, insert = sent[0].split("; ")
+    assert lock.startswith("SELECT pg_advisory_xact_lock_shared")
+    assert insert.startswith("EXECUTE kana_")  # the user's lookup, the version's check and the insert
+    assert "BEGIN" not in sent[0] and "COMMIT" not in sent[0]
     assert Usage.objects.filter(user__user_id="known").count() == 2
 
 
 @requires_postgres
 @pytest.mark.django_db(transaction=True)
+def test_a_known_user_s_track_after_the_rules_moved_is_decided_again_the_usual_way(warm, tenant):
+    assert warm.track("known", "Report Exported").status_code == 200
+    feature_create(workspace=tenant.workspace, key="other")  # the rules version moves
+    sent = _round_trips(lambda: warm.track("known", "Report Exported"))
+    # The one-round-trip statement stores nothing; then the usual two round trips, with the new
+    # rules' two reads (features, rules) between them.
+    assert [sql.split()[0] for sql in sent] == ["SELECT", "BEGIN;", "SELECT", "SELECT", "EXECUTE"]
+    assert "features_feature" in sent[2] and "features_mappingrule" in sent[3]
+    assert sent[-1].endswith("; COMMIT")
+    # The usual path loaded the new rules: the next track is one round trip again.
+    assert len(_round_trips(lambda: warm.track("known", "Report Exported"))) == 1
+    assert Usage.objects.filter(user__user_id="known").count() == 3
+
+
+@requires_postgres
+@pytest.mark.django_db(transaction=True)
 def test_a_single_track_s_prepared_statements_have_their_values_bound_server_side(warm, monkeypatch):
-    """When Django logs nothing (production), the same two round trips go as pipelines
+    """When Django logs nothing (production), the same round trips go as pipelines
     (kana.db.kept_cursor.message_rows): the lock's statement, then the read and the insert by
-    their prepared names with their values in Bind messages; no text for psycopg to format."""
+    their prepared names with their values in Bind messages; no text for psycopg to format.
+    The first track of a user goes the usual way (two round trips, after the one that finds
+    no user); its user's next one is a single pipeline."""
     from kana.db import kept_cursor
 
     pipelines = []
@@ -142,43 +165,57 @@ def test_a_single_track_s_prepared_statements_have_their_values_bound_server_sid
     monkeypatch.setattr(kept_cursor, "rows", refused)
     response = warm.track("bound", "Report Exported", messageId="bound-1")
     assert response.status_code == 200 and response.json()["status"] == "mapped", response.content
-    assert len(pipelines) == 2
-    (begin, lock, read), (insert, commit) = pipelines
+    assert len(pipelines) == 3
+    (no_user_lock, no_user), (begin, lock, read), (insert, commit) = pipelines
+    assert no_user_lock == (None, b"SELECT pg_advisory_xact_lock_shared($1, $2)") and no_user[0].startswith(b"kana_")
     assert begin == (None, b"BEGIN") and lock == (None, b"SELECT pg_advisory_xact_lock_shared($1, $2)")
     assert read[0].startswith(b"kana_") and insert[0].startswith(b"kana_") and commit == (None, b"COMMIT")
     assert not pipelined.in_transaction()
-    assert Usage.objects.filter(event__message_id="bound-1").count() == 1
+
+    pipelines.clear()
+    response = warm.track("bound", "Report Exported", messageId="bound-2")
+    assert response.status_code == 200 and response.json()["status"] == "mapped", response.content
+    assert pipelines == [[no_user_lock, no_user]]  # the same prepared statement
+    assert not pipelined.in_transaction()
+    assert Usage.objects.filter(event__message_id__startswith="bound-").count() == 2
 
 
 @requires_postgres
 @pytest.mark.django_db(transaction=True)
 def test_a_single_track_s_first_round_trip_reads_the_rules_version_in_its_replay_read(warm):
-    """Three statements: BEGIN, the shared rules lock, the prepared read (replays, the
-    userId's suppression and user, the rules version); no rules-version SELECT of its own."""
+    """The usual path (a new user's track): three statements, BEGIN, the shared rules lock,
+    the prepared read (replays, the userId's suppression and user, the rules version); no
+    rules-version SELECT of its own. A known user's: two, the lock and the prepared insert."""
     warm.track("known", "Report Exported")
+    sent = _round_trips(lambda: warm.track("new", "Report Exported"))
+    statements = sent[1].split("; ")
+    assert [s.split(" ")[0] for s in statements] == ["BEGIN", "SELECT", "EXECUTE"], sent[1]
+    assert "rules_version" not in sent[1]
     sent = _round_trips(lambda: warm.track("known", "Report Exported"))
-    statements = sent[0].split("; ")
-    assert [s.split(" ")[0] for s in statements] == ["BEGIN", "SELECT", "EXECUTE"], sent[0]
+    assert [s.split(" ")[0] for s in sent[0].split("; ")] == ["SELECT", "EXECUTE"], sent[0]
     assert "rules_version" not in sent[0]
 
 
 @requires_postgres
 @pytest.mark.django_db(transaction=True)
 def test_a_single_track_for_a_new_user_adds_only_the_user_s_creation(warm):
+    assert warm.track("known", "Report Exported").status_code == 200  # prepares the one-round-trip statement
     sent = _round_trips(lambda: warm.track("brand-new", "Report Exported"))
-    # + the user and userId insert, + its suppression re-check (a deletion may have won the race)
-    assert len(sent) == 4
+    # The one round trip that finds no user, the usual two, + the user and userId insert, +
+    # its suppression re-check (a deletion may have won the race)
+    assert len(sent) == 5
+    assert sent[0].startswith("SELECT pg_advisory_xact_lock_shared") and sent[1].startswith("BEGIN;")
     assert Event.objects.filter(external_user_id="brand-new", status="mapped").count() == 1
 
 
 @requires_postgres
 @pytest.mark.django_db(transaction=True)
-def test_a_replayed_single_track_is_two_round_trips_and_stores_nothing(warm):
+def test_a_replayed_single_track_is_one_round_trip_and_stores_nothing(warm):
     assert warm.track("again", "Report Exported", messageId="same").json()["status"] == "mapped"
     replay = []
     sent = _round_trips(lambda: replay.append(warm.track("again", "Report Exported", messageId="same")) or replay[0])
     assert replay[0].json()["status"] == "duplicate"
-    assert sent[0].startswith("BEGIN;") and sent[1] == "COMMIT"
+    assert len(sent) == 1 and sent[0].startswith("SELECT pg_advisory_xact_lock_shared")
     assert Event.objects.filter(message_id="same").count() == 1
     assert Usage.objects.filter(event__message_id="same").count() == 1
 
@@ -201,10 +238,10 @@ def test_a_track_batch_for_known_users_is_one_transaction_of_fixed_round_trips(w
     assert Usage.objects.filter(user__user_id__startswith="known-").count() == 2 * count
 
 
-# The single track's replay read and insert are prepared once per connection
-# (kana.db.prepared): the first track on a connection reads what the server holds and
-# PREPAREs each in a round trip of its own (the read's before the transaction opens); every
-# later one sends only the two round trips above.
+# The single track's statements are prepared once per connection (kana.db.prepared): the
+# first track on a connection reads what the server holds and PREPAREs each in a round trip
+# of its own (the read's before the transaction opens); every later one sends only the
+# round trips above.
 def _first_words(sent: list[str]) -> list[str]:
     return [sql.split()[0] for sql in sent]
 
@@ -218,11 +255,18 @@ def test_a_single_track_s_statements_are_prepared_once_per_connection(warm):
         cursor.execute("DEALLOCATE ALL")
     prepared.forget_all()
     first = _round_trips(lambda: warm.track("known", "Report Exported"))
-    # SELECT: what the server holds; the read's PREPARE; BEGIN: the lock and the read; the insert's.
-    assert _first_words(first) == ["SELECT", "PREPARE", "BEGIN;", "PREPARE", "EXECUTE"]
-    assert first[-1].endswith("; COMMIT")
-    assert _first_words(_round_trips(lambda: warm.track("known", "Report Exported"))) == ["BEGIN;", "EXECUTE"]
-    assert Usage.objects.filter(user__user_id="known").count() == 3
+    # SELECT: what the server holds; the one-round-trip statement's PREPARE; SELECT: the lock and it.
+    assert _first_words(first) == ["SELECT", "PREPARE", "SELECT"]
+    assert first[-1].split("; ")[1].startswith("EXECUTE kana_")
+    again = _round_trips(lambda: warm.track("known", "Report Exported"))
+    assert len(again) == 1 and again[0].startswith("SELECT pg_advisory_xact_lock_shared")
+    # A new user's track: the one round trip that finds no user, then the usual path, whose read
+    # and insert are prepared the first time too (between them: the user's insert and its
+    # suppression re-check).
+    new = _round_trips(lambda: warm.track("new", "Report Exported"))
+    assert _first_words(new) == ["SELECT", "PREPARE", "BEGIN;", "WITH", "SELECT", "PREPARE", "EXECUTE"], new
+    assert new[-1].endswith("; COMMIT")
+    assert Usage.objects.filter(user__user_id__in=["known", "new"]).count() == 4
 
 
 @requires_postgres
@@ -236,7 +280,8 @@ def test_a_track_after_its_statements_were_discarded_is_stored_once_and_they_are
     assert not pipelined.in_transaction()
     assert Event.objects.filter(message_id="after-deallocate").count() == 1
     assert Usage.objects.filter(event__message_id="after-deallocate").count() == 1
-    assert _first_words(_round_trips(lambda: warm.track("known", "Report Exported"))) == ["BEGIN;", "EXECUTE"]
+    sent = _round_trips(lambda: warm.track("known", "Report Exported"))
+    assert len(sent) == 1 and sent[0].startswith("SELECT pg_advisory_xact_lock_shared")
 
 
 @requires_postgres
@@ -264,8 +309,11 @@ def test_nothing_is_prepared_for_a_track_when_connections_are_not_kept(warm):
         sent = _round_trips(lambda: warm.track("known", "Report Exported"))
     finally:
         connection.settings_dict["CONN_MAX_AGE"] = keep
-    assert len(sent) == 4  # + the new user's insert and its suppression re-check
+    # The one round trip that finds no user, the usual two, + the new user's insert and its
+    # suppression re-check
+    assert len(sent) == 5
     assert not any("PREPARE" in sql or "EXECUTE" in sql or "pg_prepared_statements" in sql for sql in sent)
+    assert sent[0].startswith("SELECT pg_advisory_xact_lock_shared") and "; WITH known AS (" in sent[0]
     assert sent[-1].startswith("WITH ev AS (INSERT INTO features_event")
 
 
@@ -285,15 +333,17 @@ def test_a_short_run_s_insert_is_not_prepared(warm):
 @requires_postgres
 @pytest.mark.django_db(transaction=True)
 def test_a_single_track_s_usage_is_inserted_without_a_speculative_insertion(warm):
-    sent = _round_trips(lambda: warm.track("known", "Report Exported"))
-    name = sent[-1].split()[1].split("(")[0]
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT statement FROM pg_prepared_statements WHERE name = %s", [name])
-        (statement,) = cursor.fetchone()
-    event_insert, usage_insert = statement.split("INSERT INTO")[1:]
-    assert "ON CONFLICT (workspace_id, message_id) DO NOTHING" in event_insert
-    assert "ON CONFLICT" not in usage_insert
-    assert Usage.objects.filter(user__user_id="known", event__status="mapped").count() == 1
+    new_user = _round_trips(lambda: warm.track("known", "Report Exported"))  # the usual path's insert
+    known_user = _round_trips(lambda: warm.track("known", "Report Exported"))  # the one-round-trip statement
+    for executed in (new_user[-1], known_user[-1].split("; ")[1]):
+        name = executed.split()[1].split("(")[0]
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT statement FROM pg_prepared_statements WHERE name = %s", [name])
+            (statement,) = cursor.fetchone()
+        event_insert, usage_insert = statement.split("INSERT INTO")[1:]
+        assert "ON CONFLICT (workspace_id, message_id) DO NOTHING" in event_insert
+        assert "ON CONFLICT" not in usage_insert
+    assert Usage.objects.filter(user__user_id="known", event__status="mapped").count() == 2
 
 
 # Messages of one batch may repeat a messageId: both copies' usage rows join the one event
