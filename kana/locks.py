@@ -139,17 +139,17 @@ def lock_rules_shared_then_read(workspace_id: int, read: kept_cursor.Statement, 
 
 
 def lock_rules_shared_then_run(workspace_id: int, statement: kept_cursor.Statement) -> list[tuple]:
-    """The shared rules lock, then ``statement`` (named parameters), in one round trip and one transaction of
-    their own (PostgreSQL, outside any transaction: ``kana.db.pipelined.available``); returns
-    the statement's rows.
+    """The shared rules lock, then ``statement`` (named parameters), in one round trip and a
+    transaction of their own (PostgreSQL, outside any transaction:
+    ``kana.db.pipelined.available``); returns the statement's rows.
 
     Sent as one pipeline without ``BEGIN``: PostgreSQL runs a pipeline's statements up to its
     Sync in one implicit transaction, committed at the Sync (rolled back if one fails), each
     with its own snapshot under READ COMMITTED. So the lock is held until the statement's
     work is committed, and the statement reads what was committed before the lock was
-    granted: the same order and snapshots as ``BEGIN``, lock, statement, ``COMMIT``, without
-    the two messages' statements of their own (a single track: ``features.ledger.
-    record_known_user_usage``)."""
+    granted: the order and snapshots of ``BEGIN``, lock, statement, ``COMMIT``, without
+    executing ``BEGIN`` and ``COMMIT`` as statements (a single track of a known user:
+    ``features.ledger.record_known_user_usage``)."""
     # Named values, in one dict for both (the one message of texts it may be sent as instead
     # takes a single set of values).
     params = {**statement.params, "rules_lock_namespace": RULES_LOCK_NAMESPACE, "rules_lock_workspace": workspace_id}
