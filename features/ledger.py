@@ -242,6 +242,16 @@ def guarded_usage_event(
     if user is None:
         params["ev_user"] = user_pk
         user = "%(ev_user)s::bigint"
+    for n, (feature_id, amount, rule_id) in enumerate(decision.usages):
+        params |= {f"ev_feature{n}": feature_id, f"ev_amount{n}": amount, f"ev_rule{n}": rule_id}
+    return _guarded_usage_event_sql(len(decision.usages), rows, payload, user), params
+
+
+@functools.lru_cache(maxsize=64)
+def _guarded_usage_event_sql(usage_count: int, rows: str, payload: str, user: str) -> str:
+    """``guarded_usage_event``'s CTEs: their text depends on these alone, so it is built once
+    per process and shape (a single track's statement is built on every track, as
+    ``_insert_returning_sql``)."""
     values = [
         "%(ev_ws)s::bigint",
         "%(ev_message_id)s::text",
@@ -256,10 +266,9 @@ def guarded_usage_event(
         "%(ev_reason)s::text",
         "%(ev_warnings)s::jsonb",
     ]
-    usages = []
-    for n, (feature_id, amount, rule_id) in enumerate(decision.usages):
-        params |= {f"ev_feature{n}": feature_id, f"ev_amount{n}": amount, f"ev_rule{n}": rule_id}
-        usages.append(f"(%(ev_feature{n})s::bigint, %(ev_amount{n})s::numeric, %(ev_rule{n})s::bigint)")
+    usages = [
+        f"(%(ev_feature{n})s::bigint, %(ev_amount{n})s::numeric, %(ev_rule{n})s::bigint)" for n in range(usage_count)
+    ]
     sql = (
         f"ev AS (INSERT INTO {_EVENT_TABLE} ({', '.join(_EVENT_COLUMNS)}) SELECT {', '.join(values)} FROM {rows}"
         " ON CONFLICT (workspace_id, message_id) DO NOTHING RETURNING id, message_id, user_id)"
@@ -276,7 +285,7 @@ def guarded_usage_event(
             " %(ev_occurred_at)s::timestamptz"
             f" FROM ev, (VALUES {', '.join(usages)}) AS u (feature_id, amount, rule_id))"
         )
-    return sql, params
+    return sql
 
 
 # The user of a single track's userId, found by the statement that stores the track
@@ -322,9 +331,14 @@ def record_known_user_usage(
     )
     params["ev_payload"] = message.payload_text()
     params["ev_rules_version"] = rules_version
-    sql = f"WITH {_KNOWN_USER_SQL}, {record_sql} SELECT (SELECT user_id FROM known), EXISTS (SELECT FROM ev)"
+    sql = _known_user_usage_sql(record_sql)
     user_pk, stored = lock_rules_shared_then_run(workspace.pk, kept_cursor.Statement(sql, params, prepare=True))[0]
     return KnownUserUsage(user_pk, stored)
+
+
+@functools.lru_cache(maxsize=16)
+def _known_user_usage_sql(record_sql: str) -> str:
+    return f"WITH {_KNOWN_USER_SQL}, {record_sql} SELECT (SELECT user_id FROM known), EXISTS (SELECT FROM ev)"
 
 
 # The run's rows travel as JSON documents, each a single text parameter (one C-level escape
