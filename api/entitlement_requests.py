@@ -24,7 +24,7 @@ _DELTA_DEFAULT = s.CheckQuerySerializer._declared_fields["delta"].default
 
 def check_query(params: dict) -> dict:
     """``validated_query(CheckQuerySerializer, params)``, the same dict, without DRF's field
-    machinery (≈ 8 % of a check's CPU: docs/performance.md, "Round 13: s6lat") when every
+    machinery (≈ 8 % of a check's CPU: docs/performance-history.md, "Round 13: s6lat") when every
     value is one the serializer takes as it is: a text of printable ASCII, not empty, no
     leading or trailing space, within its max_length (nothing to trim, no NUL or surrogate),
     and a delta of plain digits. Any other query, and every refusal, is the serializer's own:
@@ -72,7 +72,7 @@ _CONSUME_DELTA_DEFAULT = s.ConsumeSerializer._declared_fields["delta"].default
 
 def consume_body(data) -> dict:
     """``validated(ConsumeSerializer, data)``'s values, without DRF's field machinery (≈ 6 % of
-    a consume's app CPU, docs/performance.md, "Round 15: s7cpu"), for a body whose every value
+    a consume's app CPU, docs/performance-history.md, "Round 15: s7cpu"), for a body whose every value
     the serializer takes as it is: the three texts as ``check_query`` takes a text, and a delta
     absent or a JSON integer (not a bool) from 0 to 20 digits. Any other body, and every
     refusal, is the serializer's own. tests/test_entitlement_consume_body.py holds the two equal."""

@@ -40,7 +40,7 @@ def compile_bytecode() -> None:
     install compiles them. A machine whose environment sets ``PYTHONDONTWRITEBYTECODE``
     (this one does) never writes them, so each process the run starts (gunicorn's workers,
     the Celery worker, every ``manage.py`` of S5) compiled the app's ≈ 80 modules from
-    source again: ≈ 75 ms a start (docs/performance.md, "Round 17"). ``compileall`` writes
+    source again: ≈ 75 ms a start (docs/performance-history.md, "Round 17"). ``compileall`` writes
     them whatever that setting says; modules unchanged since are only checked.
     """
     compileall.compile_dir(ROOT, quiet=1, rx=_NOT_IMPORTED)

@@ -66,7 +66,7 @@ LEFT JOIN {PackageFeature._meta.db_table} pf
 # statement's first five, or every check when connections are not kept) puts a workspace
 # newer than the statistics at one row, and its workspace-only index then ties with the
 # subject's and wins, the check reading every subscription of the workspace
-# (docs/performance.md, "Round 15: s2ties"). The generic plan probed the subject's already.
+# (docs/performance-history.md, "Round 15: s2ties"). The generic plan probed the subject's already.
 
 
 def available() -> bool:
@@ -148,7 +148,7 @@ def budget_statement(
     # made while the tables were small read the (workspace, feature, …) range of every user
     # and filtered the budget's users out of it: every counter of the feature, and for a
     # period that started today the whole workspace's usage of the day, at each read
-    # (docs/performance.md, "Round 7: consumepg"). ``ranged`` says what else each range
+    # (docs/performance-history.md, "Round 7: consumepg"). ``ranged`` says what else each range
     # carries, and why.
     if user_pk is not None:
         members = "ARRAY[%(user_pk)s::bigint]"
@@ -195,7 +195,7 @@ def budget_statement(
         # five executions the prepared statement keeps its generic plan. With the values in
         # view, a custom plan put a workspace newer than the statistics at no rows and cost a
         # third of the generic one, and PostgreSQL planned the statement again at every
-        # execution: 0.3-0.8 ms of PostgreSQL's CPU per consume (docs/performance.md, "Round
+        # execution: 0.3-0.8 ms of PostgreSQL's CPU per consume (docs/performance-history.md, "Round
         # 16: s7plan").
         for name, type_ in (low, high) if high else (low,):
             values[name] = f"%({name})s::{type_}"

@@ -26,7 +26,7 @@ def follow_absorbed_user(
     (``workspace_id + 0``), and the holds by subject with the workspace hidden from the planner
     (a sub-select): given a workspace newer than the statistics, the planner puts its rows at
     one, and the workspace-only index ties with the right one and wins, each merge then reading
-    every subscription or hold of the workspace (docs/performance.md, "Round 15: s2ties")."""
+    every subscription or hold of the workspace (docs/performance-history.md, "Round 15: s2ties")."""
     now = connection.ops.adapt_datetimefield_value(timezone.now())
     absorbed_subject, survivor_subject = subject_key(user_pk=absorbed_pk), subject_key(user_pk=survivor_pk)
     return [

@@ -199,7 +199,7 @@ def _insert_returning_sql(event_count: int, usage_count: int) -> str:
         # Usage rows only for events this statement has just inserted, one per messageId and
         # feature (``record_usage_events``), so no (event, feature) can exist already. Without
         # ``ON CONFLICT`` the rows go in without a speculative insertion (its lock, the unique
-        # index probed first, a confirmation record in WAL): docs/performance.md, "Round 13:
+        # index probed first, a confirmation record in WAL): docs/performance-history.md, "Round 13:
         # s1pg" and "Round 14: s3batch".
         sql += ", used AS (" + _INSERT_NEW_EVENTS_USAGE.format(source=f"({usage_sql})").replace("%(ws)s", "%s") + ")"
     return sql + " SELECT message_id FROM ev"
@@ -497,7 +497,7 @@ def _known_ids_sql(
     # that grows fast (a new tenant; S3 and S1, whose workspace starts empty): estimating
     # ~1 row, it scanned all of the workspace's stored events through a workspace-leading
     # index and filtered them, on every batch (21 ms a read at 28,000 events; the bulk of
-    # S3's PostgreSQL time, docs/performance.md "Round 5: s3batch"). Hidden, the workspace
+    # S3's PostgreSQL time, docs/performance-history.md "Round 5: s3batch"). Hidden, the workspace
     # counts as an average one, and a probe that finds ≤ 1 row costs less than any scan.
     # LIMIT 1 (the pair is unique) keeps each probe a parameterised subquery.
     #
@@ -506,7 +506,7 @@ def _known_ids_sql(
     # element against the column's statistics: ≈ 0.3 ms of planning for a batch's 100 userIds,
     # more than running the read; and with the workspace's users counted, it chose between
     # reading all of them (a 1,000-user workspace: 900 rows read and filtered away) and the
-    # probes (docs/performance.md, "Round 14: s3batch"). The suppressions stay a plain
+    # probes (docs/performance-history.md, "Round 14: s3batch"). The suppressions stay a plain
     # ``ANY``: a workspace has few, and their read plans in a fraction of that.
     as_array = connection.vendor == "postgresql"
     probed = (_EVENT_TABLE, UserIdentity._meta.db_table)
@@ -567,7 +567,7 @@ def _single_known_ids_sql(
     # custom, made with the values; given a workspace newer than the statistics, the planner
     # puts its events at one row, the workspace-only ``(workspace, received_at)`` index ties
     # with the unique one and wins (a smaller index), and each of those runs read every event
-    # of the workspace (docs/performance.md, "Round 15: s2ties").
+    # of the workspace (docs/performance-history.md, "Round 15: s2ties").
     wanted = [("message_id, 0, ''", _EVENT_TABLE, "message_id", message_id)]
     if user_id is not None:
         wanted.append(("user_id, 1, ''", Suppression._meta.db_table, "user_id", user_id))
@@ -636,7 +636,7 @@ def lock_rules_and_find_replays(
     if prepare and len(message_ids) == 1 and len(user_ids) <= 1 and len(anonymous_ids) <= 1:
         # A single message (Segment sends most one at a time): the form whose every plan is
         # a unique-index probe, prepared. Parsing and planning the array form was about half
-        # of the read's PostgreSQL time (docs/performance.md, "Round 6: s1pg").
+        # of the read's PostgreSQL time (docs/performance-history.md, "Round 6: s1pg").
         (message_id,) = message_ids
         sql, params = _single_known_ids_sql(
             workspace,
@@ -654,7 +654,7 @@ def lock_rules_and_find_replays(
     else:
         # Not prepared: a generic plan of the array form, made once while the events were few
         # (a new or emptied table), probes a workspace-leading index and filters every event
-        # of the workspace, for each messageId, until it is made again (docs/performance.md,
+        # of the workspace, for each messageId, until it is made again (docs/performance-history.md,
         # "Round 5: s1prep" and "Round 14: s3batch"). Planned each time, it follows the
         # table's size.
         sql, params = _known_ids_sql(workspace, message_ids, user_ids, anonymous_ids, with_users, with_version=True)
@@ -725,7 +725,7 @@ def record_processed_events(
         # Parsing and planning the insert as text was ≈ 0.1-0.2 ms of PostgreSQL CPU an identify;
         # its plan reads no table (but the unique index's arbiter), so it cannot go stale. Its
         # values (the payload among them) bound server-side in a pipeline (``message_rows``),
-        # not formatted into an ``EXECUTE`` text: docs/performance.md, "Round 15: s2app".
+        # not formatted into an ``EXECUTE`` text: docs/performance-history.md, "Round 15: s2app".
         statements = [kept_cursor.Statement(sql, params, prepare=True)]
         if then_commit:
             statements.append(kept_cursor.Statement("COMMIT"))
@@ -880,7 +880,7 @@ def map_events_decided_in_sql(
     The flip joins ``decided`` to the events on their primary key. Name the candidates in
     ``decided_sql`` as ``e.id = ANY(ARRAY(...))``: PostgreSQL then estimates a few rows and
     probes the key for each; estimating the chunk's true size, it scanned and hashed the
-    whole table instead, twice a chunk (docs/performance.md, "Round 7: s4hot").
+    whole table instead, twice a chunk (docs/performance-history.md, "Round 7: s4hot").
     """
     sql = f"""
     WITH decided AS MATERIALIZED ({decided_sql}),
@@ -1071,7 +1071,7 @@ def reassign_user(*, workspace_id: int, absorbed_pk: int, survivor_pk: int) -> l
     only one that answers. Statistics lag a workspace that grows fast (a new tenant, the
     benchmark's S2): estimating its events at one row, the planner tied the workspace-only
     ``(workspace_id, received_at)`` index with ``(workspace_id, user_id, …)`` and read every
-    event of the workspace to find the absorbed user's, on every merge (docs/performance.md,
+    event of the workspace to find the absorbed user's, on every merge (docs/performance-history.md,
     "Round 14: s2conc")."""
     params = [survivor_pk, absorbed_pk, workspace_id]
     return [

@@ -231,13 +231,13 @@ def _decided_in_sql(
     # returns. A merge or deletion that changed a row after this statement's snapshot is
     # waited for and seen by the flip (a row it no longer flips goes to the evaluator, which
     # reads it as it is now); one that starts later waits for this chunk's row locks. Locking
-    # the candidates first wrote every row twice (S4 in docs/performance.md).
+    # the candidates first wrote every row twice (S4 in docs/performance-history.md).
     candidates, params = (_candidate_events(job).order_by("id").values("id")[:chunk_size]).query.sql_with_params()
     table = connection.ops.quote_name(Event._meta.db_table)
     # The candidates as an array, not ``IN (subquery)``: PostgreSQL then probes the primary key
     # for each id; with ``IN`` it hashed the ids and scanned the whole event table per chunk
     # (100,000 rows read for 5,000 decided), a cost that grew with the table (S4 in
-    # docs/performance.md, "Round 7: s4hot").
+    # docs/performance-history.md, "Round 7: s4hot").
     rows = decision.rows(f"FROM {table} e WHERE e.id = ANY(ARRAY({candidates}))")
     decided = f"SELECT r.id, {decision.amount} AS amount, {decision.to_python} AS to_python FROM {rows}"
     return ledger.map_events_decided_in_sql(

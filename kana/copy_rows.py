@@ -34,7 +34,7 @@ def copy_binary(table: str, columns: Sequence[str], types: Sequence[str], rows: 
     ``"jsonb"`` …), exactly the column's (an ``int4`` column takes no ``int8`` value), which
     picks psycopg's binary dumper (in C) for each value. The server then reads every value as
     it is stored instead of parsing text, and nothing is escaped here; in a CSV import, whose
-    COPYs are mostly index inserts, that costs the same as text did (docs/performance.md,
+    COPYs are mostly index inserts, that costs the same as text did (docs/performance-history.md,
     "Round 18"). Rows are sent as psycopg's buffer fills, so the server inserts the first ones
     while the rest are dumped (every 32 KiB: for users, every ≈ 250 rows). Logged and wrapped
     like any other query: a unique violation is Django's ``IntegrityError``, which the engine's

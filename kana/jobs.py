@@ -13,7 +13,7 @@ its id. The row is the truth; the broker is only a doorbell:
 Tasks are found by name (``enqueue``): a service that enqueues a job does not import the
 module of its task (which imports the service), and Celery itself is imported only where a
 task is defined or sent, not at Django's start (every command and web worker paid for it:
-≈ 45 ms of a command's start-up, 10 MB of its memory; docs/performance.md, "Round 19").
+≈ 45 ms of a command's start-up, 10 MB of its memory; docs/performance-history.md, "Round 19").
 """
 
 import importlib

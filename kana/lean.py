@@ -102,7 +102,7 @@ class _Signals:
     """``request_started`` and ``request_finished`` for a lean request, their receivers'
     work done directly while only Django's own are connected (the two dispatches, three
     ``connections.all()`` and a ``caches.all()``, each a walk through asgiref's ``Local``, were
-    24 µs a request measured alone, 8 µs this way: docs/performance.md, "Round 15: s1lean").
+    24 µs a request measured alone, 8 µs this way: docs/performance-history.md, "Round 15: s1lean").
 
     What those receivers do, done here in their order: at the start, every open connection's
     query log cleared (``reset_queries``) and the connection closed if it is past

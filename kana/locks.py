@@ -122,7 +122,7 @@ def lock_rules_shared_then_read(workspace_id: int, read: kept_cursor.Statement, 
 
     One statement fewer than ``lock_rules_shared_and_read`` (a single track's first round
     trip: its parsing, planning and execution were about a fifth of that round trip's
-    PostgreSQL time, docs/performance.md "Round 8: s1trig"). The read must be a statement of
+    PostgreSQL time, docs/performance-history.md "Round 8: s1trig"). The read must be a statement of
     its own, after the lock's (as here): its snapshot, and so the version it reads, then
     sees everything committed before the lock was granted (``lock_rules_shared``).
     """
@@ -175,7 +175,7 @@ def lock_keys_and_read(
     statement, goes first in a round trip of its own). The round trip is a pipeline on the
     kept cursor (``kana.db.kept_cursor.message_results``): the prepared statements' values
     bound server-side (an identify's first round trip: formatting them into ``EXECUTE``
-    texts was the largest part of its app CPU, docs/performance.md "Round 15: s2app").
+    texts was the largest part of its app CPU, docs/performance-history.md "Round 15: s2app").
     """
     if not _is_postgres():
         return pipelined.execute_all([(read.sql, read.params) for read in reads])

@@ -125,7 +125,7 @@ DATABASE_URL = os.environ.get("DATABASE_URL") or f"sqlite:///{DEFAULT_SQLITE_PAT
 # first requests, so all the workers of one server reach their age together and reconnect
 # together; each new connection costs its first request about 20 ms more (a new backend, cold
 # caches), and the server's other requests queue behind the four at once. At 60 s that was the
-# open-loop benchmark's slowest requests, to the millisecond (docs/performance.md, "Round 9: tails").
+# open-loop benchmark's slowest requests, to the millisecond (docs/performance-history.md, "Round 9: tails").
 DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 600))}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DEFAULT_SQLITE_PATH.parent.mkdir(exist_ok=True)

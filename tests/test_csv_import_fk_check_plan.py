@@ -7,7 +7,7 @@ user deleted, then analysed), the planner counts it empty: both indexes that hol
 then cost the same, and the tie went to ``enduser_ws_created_idx`` (workspace_id,
 created_at, id), whose scan for ``id = $1`` walks the whole index. Each check then read
 every user the import had created, and the COMMIT grew quadratically (1.2 s a check at
-8,000 rows; docs/performance.md, "What is left (after round 12)").
+8,000 rows; docs/performance-history.md, "What is left (after round 12)").
 
 The test builds that state, runs a real import with ``auto_explain`` sending the plan of
 every statement, the checks included, to the client, and asserts the plan of the checks.

@@ -8,7 +8,7 @@ on those statistics: taken before the workspace had rows, with only other worksp
 (the benchmark's full run: ~1M rows of other workspaces when S7 starts), or never taken.
 Only the (workspace, user, feature, occurred_at) index reads just the budget's rows; the
 user's foreign-key index reads every usage row of the user (every feature, every day), the
-(workspace, feature, occurred_at) one every user's (docs/performance.md, "Round 16: s7plan").
+(workspace, feature, occurred_at) one every user's (docs/performance-history.md, "Round 16: s7plan").
 
 Each state is made here, in the test's transaction (catalog rows touched first, so that
 ``ANALYZE``'s in-place updates of ``pg_class`` are rolled back with it): the plan asserted

@@ -1,4 +1,4 @@
-"""A consume's app-side shortcuts give what the steps they replace give (docs/performance.md,
+"""A consume's app-side shortcuts give what the steps they replace give (docs/performance-history.md,
 "Round 16: s7app"): the lean front's body read (``api.lean._parsed``) and answer rendering
 (``api.lean._rendered``) against DRF's ``JSONParser`` and ``JSONRenderer``, and a consume's
 remembered period (``entitlements.access._period_at``) against ``period_containing``."""

@@ -4,7 +4,7 @@ PostgreSQL's statistics lag a workspace that grows fast (a new tenant's first ho
 the workspace, the planner put its rows at about one, tied the workspace-only index with the
 subject's and read every subscription of the workspace to find the subject's: in the first
 plans of each connection's prepared check, and in every check when connections are not kept
-(docs/performance.md, "Round 15: s2ties").
+(docs/performance-history.md, "Round 15: s2ties").
 """
 
 import pytest

@@ -4,7 +4,7 @@ PostgreSQL's statistics lag a workspace that grows fast (a new tenant's first ho
 benchmark's S2, whose workspace starts without events). Estimating its events at about one
 row, the planner tied the workspace-only ``(workspace_id, received_at)`` index with the
 (workspace, user) one and, with it, read every event of the workspace to find the absorbed
-user's: a cost per merge that grew with the workspace (docs/performance.md, "Round 14: s2conc").
+user's: a cost per merge that grew with the workspace (docs/performance-history.md, "Round 14: s2conc").
 """
 
 import pytest
@@ -109,7 +109,7 @@ def test_a_merge_moves_the_absorbed_user_s_subscriptions_and_holds_without_readi
     """The entitlements' receiver of a merge (its four statements) reads the absorbed user's
     subscriptions and holds only, with statistics from before the workspace's: a custom plan
     that knew the workspace tied the workspace-only indexes with the user's (or the subject's)
-    and read every subscription and hold of the workspace (docs/performance.md, "Round 15: s2ties")."""
+    and read every subscription and hold of the workspace (docs/performance-history.md, "Round 15: s2ties")."""
     for old in EndUser.objects.bulk_create(EndUser(workspace=tenant.workspace, user_id=f"old-{i}") for i in range(100)):
         _store_subscriptions_and_holds(tenant.workspace.pk, old.pk, 3)
     with connection.cursor() as cursor:

@@ -62,7 +62,7 @@ def test_nothing_is_prepared_off_postgresql_or_without_kept_connections(monkeypa
 @pytest.mark.django_db(transaction=True)
 def test_a_statement_with_replan_every_is_prepared_again_after_that_many_uses(django_assert_num_queries):
     """A generic plan is kept until an ANALYZE; one made while a table was empty can tie the
-    right index with a wrong one (docs/performance.md, "Round 6: s1pg"): ``replan_every``
+    right index with a wrong one (docs/performance-history.md, "Round 6: s1pg"): ``replan_every``
     bounds how long it lasts, one round trip per that many uses."""
     prepared.forget_all()
     sql = "SELECT %s::int * 2"

@@ -4,7 +4,7 @@ PostgreSQL's statistics lag a workspace that grows fast (a new tenant's first ho
 benchmark's S1 and S3, whose workspaces start empty). Estimating its events at about one
 row, the planner read a batch's messageIds by scanning every stored event of the workspace
 through a workspace-leading index and filtering them: a read that grew with the workspace
-(docs/performance.md, "Round 5: s3batch").
+(docs/performance-history.md, "Round 5: s3batch").
 """
 
 import pytest
@@ -93,7 +93,7 @@ def test_a_single_message_s_prepared_read_probes_unique_indexes_with_either_plan
     values, then may run a generic plan, made without them, for good. Every branch of either
     must probe its unique index, with statistics from before the workspace's events: a custom
     plan that knew the workspace put its events at one row and read them all through the
-    workspace-only index (docs/performance.md, "Round 15: s2ties")."""
+    workspace-only index (docs/performance-history.md, "Round 15: s2ties")."""
     _store_events(tenant.workspace.pk, "old-", 300)
     with connection.cursor() as cursor:
         cursor.execute("ANALYZE features_event")

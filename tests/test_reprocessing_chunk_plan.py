@@ -3,7 +3,7 @@
 The chunk decided in SQL named its candidates as ``e.id IN (subquery)`` and joined the flip
 to them: PostgreSQL hashed the candidate ids and read every event of the table to find
 them, twice a chunk (once to decide, once to flip), so each chunk's cost grew with the
-stored events and a rule over N events cost O(N²) reads (docs/performance.md, "Round 7:
+stored events and a rule over N events cost O(N²) reads (docs/performance-history.md, "Round 7:
 s4hot").
 """
 

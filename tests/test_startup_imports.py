@@ -1,7 +1,7 @@
 """What Django's start imports, and that it is enough for any module to be imported first.
 
 Celery is imported only where a task is defined or sent (``kana.jobs``), not at Django's
-start: every command and web worker would pay for it (docs/performance.md, "Round 19").
+start: every command and web worker would pay for it (docs/performance-history.md, "Round 19").
 Since the apps no longer import their tasks at ``ready()``, nothing fixes the order in which
 the rest of a package is first imported: any module must import cleanly first, after
 ``django.setup()``, as a view, a command or a task may be the first to need it.

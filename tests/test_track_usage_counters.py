@@ -6,7 +6,7 @@ PostgreSQL only: the statement-level trigger with its transition table is Postgr
 has row triggers and no touched keys drained the same way). Transactional, so that a single
 track goes as production sends it: two pipelined round trips, its COMMIT with the insert.
 (Round 16's s1pg measured a form in which the track's statement kept its counter itself and the
-trigger skipped it; not merged: docs/performance.md, "Round 16: s1pg".)
+trigger skipped it; not merged: docs/performance-history.md, "Round 16: s1pg".)
 """
 
 from datetime import date

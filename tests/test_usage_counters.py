@@ -147,7 +147,7 @@ def test_keys_written_again_update_their_counter_in_place_and_leave_their_touch_
     touched; a reprocessing chunk does thousands in one transaction. The counters' pages keep
     room for a second version of each row (migration 0009), so their updates are HOT: no new
     index entry, no row moved to another page (with full pages, none of these 200 was). A
-    touch row that exists is locked, not rewritten (S4 in docs/performance.md, "Round 10:
+    touch row that exists is locked, not rewritten (S4 in docs/performance-history.md, "Round 10:
     s4par")."""
     make_feature(tenant.workspace, "exports")
 

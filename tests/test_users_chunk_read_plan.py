@@ -6,7 +6,7 @@ them: with ``workspace_id = … AND key = ANY(keys)`` the planner scanned every 
 import had created in the workspace, with the keys as a filter, and a large import was
 quadratic; hiding the workspace from the planner fixed that only where other workspaces
 had been analysed, and on a fresh install kept the scan with an unhashed filter, ~100x
-slower (docs/performance.md, "Round 9: s5plan" and "Round 10: s5probe").
+slower (docs/performance-history.md, "Round 9: s5plan" and "Round 10: s5probe").
 
 Each test builds one statistics state inside its transaction, creates many uncommitted
 users of the workspace as an import does, and asserts from ``EXPLAIN (FORMAT JSON)`` that

@@ -307,7 +307,7 @@ class _Report:
         Its lines go to the file in one ``writerows``. A plain created row (no note, nothing
         changed to list), the bulk of a large import, is only counted and written once the
         sample has its rows: the general path's notes, changes and sample checks cost more
-        than the line (≈ 1.4 µs a row against ≈ 0.7; docs/performance.md, "Round 17").
+        than the line (≈ 1.4 µs a row against ≈ 0.7; docs/performance-history.md, "Round 17").
         """
         outcomes = iter(applied)
         lines = []
@@ -925,7 +925,7 @@ class _ParsedInChild(_ParsedAhead):
     def __iter__(self) -> Iterator[list]:
         # The rows are rebuilt here, in the import's thread, not in the reader thread: there the
         # rebuild (≈ 2.5 µs a row) held the interpreter lock whenever one of the import's
-        # statements returned, and the import waited for it (docs/performance.md, "Round 16:
+        # statements returned, and the import waited for it (docs/performance-history.md, "Round 16:
         # s5pg"); here it runs while PostgreSQL checks the previous chunk (_ChecksPerChunk).
         for flat in super().__iter__():
             yield _rows_from_child(flat)

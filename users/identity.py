@@ -598,7 +598,7 @@ class MessageIdentify:
         emails = {row.changes.email_key} - {""}
         # Prepared (kana.db.prepared; the caller's ``read`` is its to prepare): parsing and
         # planning the locks and the two reads as text was ≈ 0.8 ms of PostgreSQL CPU per
-        # identify, running them prepared ≈ 0.2 ms (docs/performance.md, "Round 11: s2cpu").
+        # identify, running them prepared ≈ 0.2 ms (docs/performance-history.md, "Round 11: s2cpu").
         # Their texts are a few shapes (a userId or not, an email or not). Each read probes
         # indexes by construction (``bulk.lock_users_sql``), but a generic plan made while
         # the tables were near empty may still tie a worse index: prepared again every
@@ -693,7 +693,7 @@ def _write_back_in_one_round_trip(state: _Batch) -> None:
     # Prepared once per connection (kana.db.prepared): their texts are the four constants above
     # and their generic plans have no choice to make (inserts, an update by primary key). Their
     # values bound server-side in a pipeline (kana.db.kept_cursor.message_results), not formatted
-    # into EXECUTE texts: docs/performance.md, "Round 15: s2app".
+    # into EXECUTE texts: docs/performance-history.md, "Round 15: s2app".
     results = kept_cursor.message_results(
         [kept_cursor.Statement(sql, params, prepare=True) for sql, params in statements]
     )
@@ -1060,7 +1060,7 @@ def suppressed_user_ids(*, workspace: Workspace, user_ids: set[str]) -> set[str]
             # A CSV chunk's 1,000 userIds against a workspace's suppressions, which are
             # usually few or none: when there are no more of them than userIds asked, they
             # are read whole and matched here (≈ 0.1 ms), instead of the userIds sent as an
-            # array, parsed and probed one by one (≈ 1 ms a chunk; docs/performance.md,
+            # array, parsed and probed one by one (≈ 1 ms a chunk; docs/performance-history.md,
             # "Round 17"). The same committed rows either way, read by one statement.
             cursor.execute(
                 f"SELECT user_id FROM {table} WHERE workspace_id = %s ORDER BY user_id LIMIT %s",

@@ -48,7 +48,7 @@ def absorb(
     prepared ones (``kana.db.prepared``), for a caller that re-runs its transaction once when
     ``prepared.is_missing`` its error (one identify per request). Parsing and planning them as
     text was ≈ 2.1-2.5 ms of PostgreSQL CPU per merge, running them prepared ≈ 0.6-0.7 ms
-    (docs/performance.md, "Round 11: s2cpu"); each one's text is a constant.
+    (docs/performance-history.md, "Round 11: s2cpu"); each one's text is a constant.
     """
     # Their PREPAREs, on a connection's first merge, go in round trips of their own.
     run = _prepared_message if prepare else _text_message
@@ -138,7 +138,7 @@ def _prepared_message(statements: list[tuple[str, list]]) -> list[list[tuple]]:
     """The statements prepared (again every ``prepared.REPLAN_EVERY`` uses), sent in one
     pipeline with their values bound server-side (``kana.db.kept_cursor.message_results``):
     formatting them into ``EXECUTE`` texts was the largest part of a merge's app CPU after
-    its statements were prepared (docs/performance.md, "Round 15: s2app")."""
+    its statements were prepared (docs/performance-history.md, "Round 15: s2app")."""
     return kept_cursor.message_results(
         [
             kept_cursor.Statement(sql, params, prepare=True, replan_every=prepared.REPLAN_EVERY)

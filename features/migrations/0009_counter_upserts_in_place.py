@@ -1,5 +1,5 @@
 """The triggers' writes to the daily usage counters and the touched keys become cheaper for
-keys already written (docs/performance.md, "Round 10: s4par").
+keys already written (docs/performance-history.md, "Round 10: s4par").
 
 Each statement that writes usage upserts the counter and the touch row of every (user,
 feature, day) key it touched; a reprocessing chunk of 5,000 events does thousands in one

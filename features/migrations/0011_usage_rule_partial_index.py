@@ -1,7 +1,7 @@
 """The usage's rule index becomes partial (``WHERE rule_id IS NOT NULL``): usage mapped by
 featureId (most single tracks, every consume) has no rule and wrote a NULL entry into it that
 no read looks up; every read of it is by rule (``rule_is_used``, Django's SET_NULL), which the
-partial index serves (docs/performance.md, "Round 13: s1pg").
+partial index serves (docs/performance-history.md, "Round 13: s1pg").
 
 The usage table is the largest and most written: the partial index is built, and the full one
 then dropped, ``CONCURRENTLY`` on PostgreSQL, so ingest's writes go on while they run

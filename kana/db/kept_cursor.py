@@ -4,7 +4,7 @@ Each ``connection.cursor()`` costs a track or an entitlement check more Python t
 statement's own client work: the connection looked up through asgiref's ``Local`` on every
 attribute of Django's ``connection`` proxy, the ``async_unsafe`` check, a new psycopg cursor
 (its adapters and transformer), Django's time zone check of it, the ``CursorWrapper`` and its
-execute wrappers (docs/performance.md, "Round 12: leancpu"). ``rows`` does what Django's
+execute wrappers (docs/performance-history.md, "Round 12: leancpu"). ``rows`` does what Django's
 cursor does that matters, once per statement, on one psycopg cursor made once per connection
 by Django's own ``create_cursor``:
 
@@ -71,7 +71,7 @@ def prepared_rows(sql: str, params: dict) -> list[tuple]:
     (``kana.db.prepared``) and run with its values bound server-side: sent as text in the
     protocol's Bind message, each read by PostgreSQL's input function of the parameter's type
     as PREPARE inferred it, instead of formatted by psycopg into an ``EXECUTE name(…)`` text
-    (≈ 11 % of an entitlement check's CPU: docs/performance.md, "Round 13: s6lat"). The same
+    (≈ 11 % of an entitlement check's CPU: docs/performance-history.md, "Round 13: s6lat"). The same
     prepared statement and plan either way, so the same rows.
 
     Sent as ``rows(prepared.statement(sql), params)`` instead (Django's cursor, or the kept one

@@ -1,7 +1,7 @@
 """Statements PREPAREd once per connection and EXECUTEd by name, alone or in a message with others.
 
 For a hot path's short statements PostgreSQL spends more time parsing and planning than
-running them (EXPLAIN and backend CPU per statement: docs/performance.md, "Round 5: s1prep"
+running them (EXPLAIN and backend CPU per statement: docs/performance-history.md, "Round 5: s1prep"
 and the entitlement reads of round 4). Django's server-side binding cannot carry the
 multi-statement messages of ``kana.db.pipelined``, so statements are prepared as text: one
 ``PREPARE`` per connection and statement shape, in a round trip of its own (it only parses

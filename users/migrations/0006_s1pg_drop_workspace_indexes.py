@@ -4,7 +4,7 @@ Each table's ``(workspace, value)`` unique index leads with the workspace, so it
 read by workspace too. Left in place, the single-column index is a second candidate for the
 ingest's per-message probe ``workspace_id = $1 AND value = $2``: a plan made while a table is
 small (a prepared statement's generic plan lives until the next ANALYZE) may pick it and then
-filter every row of the workspace (docs/performance.md, "Round 6: s1pg"). One index write less
+filter every row of the workspace (docs/performance-history.md, "Round 6: s1pg"). One index write less
 per row, too. As in features 0006: the state only loses ``db_index``, the database side drops
 the indexes by name, found by introspection (an ``AlterField`` would rebuild SQLite tables).
 """
