@@ -538,6 +538,21 @@ def _fail(job_id: int, code: str, message: str) -> None:
 
 
 def _run(job: ImportJob, progress, row_by_row: bool) -> None:
+    """The import in one transaction of its own, at the top level: its rows, its audit entry
+    and the job's ``done`` commit together, or nothing does.
+
+    At the top level, not in a savepoint: PostgreSQL frees the deferred checks' trigger events
+    that ``SET CONSTRAINTS ALL IMMEDIATE`` has fired only outside a subtransaction (one could
+    still roll back). In a savepoint every chunk's checks walked the events of every chunk
+    before it, kept to the end: PostgreSQL's CPU a row grew with the import (21 µs a row at its
+    start, 53 at its millionth row; docs/performance-history.md, "Round 21: s5grow").
+
+    A dry run, or an import with a row error, rolls that transaction back; the job's ``done``
+    and report are then written in a second one. Between the two another runner of the same
+    job (a redelivery) may take the job's lock and apply the file again: it reaches the same
+    answer, and whichever writes ``done`` first is the one kept (``_finish`` writes only a
+    running job).
+    """
     occurred_at = timezone.now()
     apply = partial(apply_profile_rows, one_at_a_time=row_by_row)
     report = _Report()
@@ -546,19 +561,11 @@ def _run(job: ImportJob, progress, row_by_row: bool) -> None:
     processed = 0
     unswept = 0  # chunks done since the collector's last young pass
     try:
-        with transaction.atomic():
-            # Two runners of one job (a redelivery racing a slow worker) take turns; the
-            # second finds it done.
-            lock_keys([f"csv-import:{job.pk}"])
-            if ImportJob.objects.filter(pk=job.pk, status=ImportStatus.RUNNING).count() != 1:
-                return
-            applied = False
-            try:
-                with (
-                    transaction.atomic(),
-                    default_storage.open(job.source_path, "rb") as source,
-                    _older_objects_frozen(),
-                ):
+        try:
+            with transaction.atomic():
+                if not _still_running(job):
+                    return
+                with default_storage.open(job.source_path, "rb") as source, _older_objects_frozen():
                     with _parsed_ahead(source, job.rows_total) as chunks, _ChecksPerChunk() as checks:
                         for parsed in chunks:
                             # What needs nothing read is done while PostgreSQL still checks the
@@ -606,33 +613,47 @@ def _run(job: ImportJob, progress, row_by_row: bool) -> None:
                             if report.counts["error"] != errors_before or unswept == _CHUNKS_PER_YOUNG_PASS:
                                 gc.collect(0)
                                 unswept = 0
-                    if job.dry_run or report.counts["error"]:
-                        raise _RollBack()
-                    # In the import's transaction: an import that fails later leaves no entry.
-                    summary = {"file_name": job.file_name, "rows": processed, **report.counts}
-                    audit.record(job.workspace, job.actor, "csv.apply", job.pk, after=summary)
-                    applied = True
-            except _RollBack:
-                pass
-            heartbeat.stop()
-            report_path = report.save(job)
-            ImportJob.objects.filter(pk=job.pk).update(
-                status=ImportStatus.DONE,
-                applied=applied,
-                rows_processed=processed,
-                created=report.counts["created"],
-                updated=report.counts["updated"],
-                merged=report.counts["merged"],
-                unchanged=report.counts["unchanged"],
-                errors=report.counts["error"],
-                sample=report.sample(),
-                report_path=report_path,
-                heartbeat_at=timezone.now(),
-                finished_at=timezone.now(),
-            )
+                if job.dry_run or report.counts["error"]:
+                    raise _RollBack()
+                # In the import's transaction: an import that fails later leaves no entry.
+                summary = {"file_name": job.file_name, "rows": processed, **report.counts}
+                audit.record(job.workspace, job.actor, "csv.apply", job.pk, after=summary)
+                _finish(job, report, heartbeat, processed, applied=True)
+            return
+        except _RollBack:
+            pass
+        with transaction.atomic():
+            if _still_running(job):
+                _finish(job, report, heartbeat, processed, applied=False)
     finally:
         heartbeat.stop()
         report.close()
+
+
+def _still_running(job: ImportJob) -> bool:
+    """Takes the job's lock for the rest of the transaction: two runners of one job (a
+    redelivery racing a slow worker) take turns, and the second finds it done."""
+    lock_keys([f"csv-import:{job.pk}"])
+    return ImportJob.objects.filter(pk=job.pk, status=ImportStatus.RUNNING).count() == 1
+
+
+def _finish(job: ImportJob, report: "_Report", heartbeat: _Heartbeat, processed: int, *, applied: bool) -> None:
+    heartbeat.stop()
+    report_path = report.save(job)
+    ImportJob.objects.filter(pk=job.pk).update(
+        status=ImportStatus.DONE,
+        applied=applied,
+        rows_processed=processed,
+        created=report.counts["created"],
+        updated=report.counts["updated"],
+        merged=report.counts["merged"],
+        unchanged=report.counts["unchanged"],
+        errors=report.counts["error"],
+        sample=report.sample(),
+        report_path=report_path,
+        heartbeat_at=timezone.now(),
+        finished_at=timezone.now(),
+    )
 
 
 def _created_in(outcomes: list) -> int:
