@@ -6,9 +6,9 @@ import io
 import pytest
 from django.utils import timezone
 
-from users import services
+from users import csv_import, services
 from users.csv_import import CsvFileError, open_import_report
-from users.models import EndUser, ImportStatus, MergeRecord
+from users.models import EndUser, ImportJob, ImportStatus, MergeRecord
 from users.profile import validated_changes
 
 from .csv_helpers import T0, bare, csv_bytes, export_text, identify, result_rows, run_import, snapshot
@@ -400,3 +400,24 @@ def test_the_import_gives_back_the_garbage_collectors_frozen_objects_even_when_i
     with pytest.raises(RuntimeError):
         run_import(tenant.workspace, csv_bytes([{"user_id": "u1"}]))
     assert gc.get_freeze_count() == before
+
+
+def test_a_rolled_back_import_leaves_alone_a_job_another_runner_finished_meanwhile(tenant, monkeypatch):
+    """A dry run (or an import with a row error) is rolled back, then the job's ``done`` is
+    written in a second transaction under the job's lock, and only if the job is still
+    running: a runner of the same job that finished it in between (a redelivery) is kept."""
+    real = csv_import._still_running
+    looks = []
+
+    def still_running(job):
+        looks.append(job.pk)
+        if len(looks) == 2:  # after the rollback, before the second transaction takes the lock
+            ImportJob.objects.filter(pk=job.pk).update(status=ImportStatus.DONE, applied=True, created=7)
+        return real(job)
+
+    monkeypatch.setattr(csv_import, "_still_running", still_running)
+    job = run_import(tenant.workspace, csv_bytes([{"user_id": "new", "email": "new@example.com"}]), dry_run=True)
+
+    assert len(looks) == 2
+    assert (job.status, job.applied, job.created) == (ImportStatus.DONE, True, 7)
+    assert not EndUser.objects.filter(workspace=tenant.workspace).exists()
