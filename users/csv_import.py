@@ -456,10 +456,6 @@ def _claim(job_id: int, workspace_limit: int | None = None) -> bool:
     return claimed == jobs.Claim.CLAIMED
 
 
-class _RollBack(Exception):
-    pass
-
-
 class _Heartbeat:
     """Writes a running job's progress from its own thread and database connection.
 
@@ -561,70 +557,69 @@ def _run(job: ImportJob, progress, row_by_row: bool) -> None:
     processed = 0
     unswept = 0  # chunks done since the collector's last young pass
     try:
-        try:
-            with transaction.atomic():
-                if not _still_running(job):
-                    return
-                with default_storage.open(job.source_path, "rb") as source, _older_objects_frozen():
-                    with _parsed_ahead(source, job.rows_total) as chunks, _ChecksPerChunk() as checks:
-                        for parsed in chunks:
-                            # What needs nothing read is done while PostgreSQL still checks the
-                            # previous chunk: the chunk's userIds, and the users its rows would
-                            # create (build_new_users: the engine's only per-row work without a read).
-                            to_apply = [row for _, row in parsed if isinstance(row, ProfileRow)]
-                            named = {row.user_id for row in to_apply if row.user_id}
-                            new_users = (
-                                None
-                                if row_by_row
-                                else build_new_users(workspace=job.workspace, rows=to_apply, occurred_at=occurred_at)
+        with transaction.atomic():
+            if not _still_running(job):
+                return
+            with default_storage.open(job.source_path, "rb") as source, _older_objects_frozen():
+                with _parsed_ahead(source, job.rows_total) as chunks, _ChecksPerChunk() as checks:
+                    for parsed in chunks:
+                        # What needs nothing read is done while PostgreSQL still checks the
+                        # previous chunk: the chunk's userIds, and the users its rows would
+                        # create (build_new_users: the engine's only per-row work without a read).
+                        to_apply = [row for _, row in parsed if isinstance(row, ProfileRow)]
+                        named = {row.user_id for row in to_apply if row.user_id}
+                        new_users = (
+                            None
+                            if row_by_row
+                            else build_new_users(workspace=job.workspace, rows=to_apply, occurred_at=occurred_at)
+                        )
+                        checks.wait()  # the previous chunk's, before this chunk's first statement
+                        errors_before = report.counts["error"]
+                        parsed, to_apply, new_users = _refuse_suppressed(
+                            job.workspace, parsed, to_apply, named, new_users
+                        )
+                        applied_rows = (
+                            apply(
+                                workspace=job.workspace,
+                                rows=to_apply,
+                                occurred_at=occurred_at,
+                                touched=touched,
+                                reason=MergeReason.CSV,
+                                actor=job.actor,
+                                new_users=new_users,
                             )
-                            checks.wait()  # the previous chunk's, before this chunk's first statement
-                            errors_before = report.counts["error"]
-                            parsed, to_apply, new_users = _refuse_suppressed(
-                                job.workspace, parsed, to_apply, named, new_users
-                            )
-                            applied_rows = (
-                                apply(
-                                    workspace=job.workspace,
-                                    rows=to_apply,
-                                    occurred_at=occurred_at,
-                                    touched=touched,
-                                    reason=MergeReason.CSV,
-                                    actor=job.actor,
-                                    new_users=new_users,
-                                )
-                                if to_apply
-                                else []
-                            )
-                            processed += len(parsed)
-                            heartbeat.processed = processed
-                            if progress:  # before the checks are sent: it may use the connection
-                                progress(processed, job.rows_total)
-                            if not job.dry_run and not report.counts["error"]:
-                                # A dry run, or an import that already has an error row, is
-                                # rolled back: its checks would never run.
-                                checks.fire(created=report.counts["created"] + _created_in(applied_rows))
-                            report.add_chunk(parsed, applied_rows, occurred_at)
-                            # The chunk's rows, users and outcomes released, the paused collector
-                            # walks what the chunks left (_older_objects_frozen says why here):
-                            # after a chunk with an error row, else every few chunks.
-                            del parsed, to_apply, new_users, applied_rows
-                            unswept += 1
-                            if report.counts["error"] != errors_before or unswept == _CHUNKS_PER_YOUNG_PASS:
-                                gc.collect(0)
-                                unswept = 0
-                if job.dry_run or report.counts["error"]:
-                    raise _RollBack()
+                            if to_apply
+                            else []
+                        )
+                        processed += len(parsed)
+                        heartbeat.processed = processed
+                        if progress:  # before the checks are sent: it may use the connection
+                            progress(processed, job.rows_total)
+                        if not job.dry_run and not report.counts["error"]:
+                            # A dry run, or an import that already has an error row, is
+                            # rolled back: its checks would never run.
+                            checks.fire(created=report.counts["created"] + _created_in(applied_rows))
+                        report.add_chunk(parsed, applied_rows, occurred_at)
+                        # The chunk's rows, users and outcomes released, the paused collector
+                        # walks what the chunks left (_older_objects_frozen says why here):
+                        # after a chunk with an error row, else every few chunks.
+                        del parsed, to_apply, new_users, applied_rows
+                        unswept += 1
+                        if report.counts["error"] != errors_before or unswept == _CHUNKS_PER_YOUNG_PASS:
+                            gc.collect(0)
+                            unswept = 0
+            rolled_back = job.dry_run or bool(report.counts["error"])
+            if rolled_back:
+                transaction.set_rollback(True)
+            else:
                 # In the import's transaction: an import that fails later leaves no entry.
                 summary = {"file_name": job.file_name, "rows": processed, **report.counts}
                 audit.record(job.workspace, job.actor, "csv.apply", job.pk, after=summary)
                 _finish(job, report, heartbeat, processed, applied=True)
-            return
-        except _RollBack:
-            pass
-        with transaction.atomic():
-            if _still_running(job):
-                _finish(job, report, heartbeat, processed, applied=False)
+        if rolled_back:
+            with transaction.atomic():
+                if _still_running(job):
+                    _finish(job, report, heartbeat, processed, applied=False)
     finally:
         heartbeat.stop()
         report.close()
@@ -634,7 +629,7 @@ def _still_running(job: ImportJob) -> bool:
     """Takes the job's lock for the rest of the transaction: two runners of one job (a
     redelivery racing a slow worker) take turns, and the second finds it done."""
     lock_keys([f"csv-import:{job.pk}"])
-    return ImportJob.objects.filter(pk=job.pk, status=ImportStatus.RUNNING).count() == 1
+    return ImportJob.objects.filter(pk=job.pk, status=ImportStatus.RUNNING).exists()
 
 
 def _finish(job: ImportJob, report: "_Report", heartbeat: _Heartbeat, processed: int, *, applied: bool) -> None:
